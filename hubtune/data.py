@@ -1,0 +1,280 @@
+"""Loading, cleaning and splitting labelled text through ``datasets``.
+
+Nothing is dropped silently: every removed row is counted by split and reason, and those
+counts go to the log and to ``run.json``. Sensitive columns are carried alongside each row
+(for the audits) but are never part of the model input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hubtune.recipe import DataSection
+
+__all__ = ["DataError", "PreparedData", "load_data", "SPLITS"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+
+
+class DataError(ValueError):
+    """The data does not fit the recipe; the message says what and how to fix it."""
+
+
+@dataclass
+class PreparedData:
+    """Clean train/validation/test frames with integer labels."""
+
+    splits: dict[str, pd.DataFrame]
+    label_names: list[str]
+    text_columns: list[str]
+    sensitive_columns: list[str]
+    rows_read: dict[str, int]
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def rows_kept(self) -> dict[str, int]:
+        return {name: len(frame) for name, frame in self.splits.items()}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "label_names": self.label_names,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "dropped": self.dropped,
+            "label_counts": {
+                name: {self.label_names[k]: int(v) for k, v in sorted(Counter(frame["label"]).items())}
+                for name, frame in self.splits.items()
+            },
+        }
+
+
+def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
+    """Read the source with ``datasets`` and return one pandas frame per source split."""
+    import datasets
+
+    source = Path(section.source).expanduser()
+    if source.is_file():
+        fmt = _FORMATS.get(source.suffix.lower())
+        if fmt is None:
+            raise DataError(f"data.source {section.source!r}: unsupported file type; use csv, tsv, jsonl or parquet")
+        data_files: dict[str, Any] = {"train": str(source)}
+    elif source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in _FORMATS)
+        if not files:
+            raise DataError(f"data.source {section.source!r}: no csv/tsv/jsonl/parquet files in this directory")
+        kinds = {_FORMATS[p.suffix.lower()] for p in files}
+        if len(kinds) > 1:
+            raise DataError(f"data.source {section.source!r}: mixed file types {sorted(kinds)}; keep one format")
+        fmt = kinds.pop()
+        data_files = {p.stem: str(p) for p in files} if len(files) > 1 else {"train": str(files[0])}
+    elif section.source.startswith((".", "/", "~")) or Path(section.source).suffix.lower() in _FORMATS:
+        raise DataError(f"data.source {section.source!r} does not exist")
+    else:
+        loaded = datasets.load_dataset(section.source, name=section.config_name, revision=section.revision)
+        return _frames_with_classlabels(loaded)
+    kwargs = {"delimiter": "\t"} if source.suffix.lower() == ".tsv" else {}
+    loaded = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+    return _frames_with_classlabels(loaded)
+
+
+def _frames_with_classlabels(loaded: Any) -> dict[str, pd.DataFrame]:
+    frames = {}
+    for name, split in loaded.items():
+        frame = split.to_pandas()
+        frame.attrs["classlabels"] = {
+            col: feat.names for col, feat in split.features.items() if hasattr(feat, "names") and hasattr(feat, "str2int")
+        }
+        frames[name] = frame
+    return frames
+
+
+def _pick_split(frames: dict[str, pd.DataFrame], wanted: str, section: DataSection) -> str | None:
+    if section.splits is not None:
+        name = section.splits.get(wanted)  # type: ignore[call-overload]
+        if name is not None and name not in frames:
+            raise DataError(f"data.splits.{wanted}: split {name!r} not in the source (it has {sorted(frames)})")
+        return name
+    return next((alias for alias in _SPLIT_ALIASES[wanted] if alias in frames), None)
+
+
+def _is_missing(series: pd.Series) -> pd.Series:
+    return series.isna() | series.astype(str).str.strip().eq("")
+
+
+def _label_names(frames: dict[str, pd.DataFrame], label_col: str, section: DataSection) -> list[str]:
+    if section.labels is not None:
+        return list(section.labels)
+    for frame in frames.values():
+        names = frame.attrs.get("classlabels", {}).get(label_col)
+        if names:
+            return list(names)
+    values = pd.concat([f[label_col] for f in frames.values()]).dropna()
+    distinct = sorted({_label_key(v) for v in values}, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    if len(distinct) < 2:
+        raise DataError(f"label column {label_col!r} has {len(distinct)} distinct value(s); a classifier needs at least 2")
+    return distinct
+
+
+def _label_key(value: Any) -> str:
+    """A label value as text; 1.0 (how pandas stores int labels with gaps) reads as 1."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _encode_labels(column: pd.Series, names: list[str], classlabels: list[str] | None, split: str) -> pd.Series:
+    """Map label values (names, or indices into ``names``) to class indices; refuse unknown ones."""
+    lookup = {name: index for index, name in enumerate(names)}
+    if classlabels is not None:  # a ClassLabel column stores indices into its own names
+        lookup.update({str(i): lookup[n] for i, n in enumerate(classlabels) if n in lookup})
+    elif not any(name.lstrip("-").isdigit() for name in names):
+        lookup.update({str(i): i for i in range(len(names))})  # integer labels with given names
+    keys = column.map(_label_key)
+    encoded = keys.map(lookup)
+    unknown = keys[encoded.isna()]
+    if len(unknown):
+        examples = Counter(unknown).most_common(5)
+        shown = ", ".join(f"{value!r} ({count} rows)" for value, count in examples)
+        raise DataError(
+            f"{split} split: {len(unknown)} rows have label values that are not among the labels "
+            f"{names}: {shown}. Fix the data, or list every label under data.labels "
+            f"(names, or integer indices into that list)."
+        )
+    return encoded.astype("int64")
+
+
+def _stratify(labels: pd.Series) -> pd.Series | None:
+    counts = labels.value_counts()
+    return labels if len(counts) > 1 and counts.min() >= 2 else None
+
+
+def _carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from sklearn.model_selection import train_test_split
+
+    if fraction <= 0 or len(frame) < 2:
+        return frame, frame.iloc[0:0]
+    keep, carved = train_test_split(
+        frame, test_size=fraction, random_state=seed, stratify=_stratify(frame["label"]) if stratify else None
+    )
+    return keep, carved
+
+
+def _subset(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    if len(frame) <= limit:
+        return frame
+    _, kept = _carve(frame, limit / len(frame), seed, stratify=True)
+    return kept
+
+
+def _fingerprint(splits: dict[str, pd.DataFrame], columns: list[str]) -> str:
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        frame = splits[name][columns]
+        digest.update(name.encode())
+        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_data(section: DataSection, *, seed: int) -> PreparedData:
+    """Load, clean, encode and split the data described by the recipe's ``data`` section.
+
+    Args:
+        section: The recipe's data section.
+        seed: Seed for carving missing splits and subsets (same seed, same rows).
+
+    Raises:
+        DataError: missing columns, unknown label values, empty splits.
+    """
+    raw = _load_raw(section)
+    cols = section.columns
+    text_columns = [cols.text] + ([cols.text_pair] if cols.text_pair else [])
+    needed = [*text_columns, cols.label, *cols.sensitive]
+    for name, frame in raw.items():
+        missing = [c for c in needed if c not in frame.columns]
+        if missing:
+            raise DataError(
+                f"split {name!r} has no column(s) {missing}; it has {list(frame.columns)}. "
+                "Map your column names under data.columns (text, label, sensitive)."
+            )
+    chosen = {wanted: _pick_split(raw, wanted, section) for wanted in SPLITS}
+    if chosen["train"] is None:
+        raise DataError(f"no training split found in the source (it has {sorted(raw)}); set data.splits.train")
+    names = _label_names({k: raw[v] for k, v in chosen.items() if v}, cols.label, section)
+
+    rows_read: dict[str, int] = {}
+    dropped: dict[str, dict[str, int]] = {}
+    clean: dict[str, pd.DataFrame] = {}
+    for wanted, source_name in chosen.items():
+        if source_name is None:
+            continue
+        frame = raw[source_name]
+        rows_read[wanted] = len(frame)
+        reasons: dict[str, int] = {}
+        keep = pd.Series(True, index=frame.index)
+        for column in text_columns:
+            gone = _is_missing(frame[column]) & keep
+            if gone.any():
+                reasons[f"missing text ({column})"] = int(gone.sum())
+            keep &= ~gone
+        gone = frame[cols.label].isna() & keep
+        if gone.any():
+            reasons["missing label"] = int(gone.sum())
+        keep &= ~gone
+        frame = frame[keep]
+        out = pd.DataFrame({"row_id": [f"{source_name}:{i}" for i in frame.index]})
+        out["text"] = frame[cols.text].astype(str).to_numpy()
+        if cols.text_pair:
+            out["text_pair"] = frame[cols.text_pair].astype(str).to_numpy()
+        classlabels = raw[source_name].attrs.get("classlabels", {}).get(cols.label)
+        out["label"] = _encode_labels(frame[cols.label].reset_index(drop=True), names, classlabels, wanted).to_numpy()
+        for column in cols.sensitive:
+            # Missing sensitive values stay missing (None): the audit counts them as their own group.
+            values = frame[column].to_numpy(dtype=object)
+            out[column] = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in values]
+        dropped[wanted] = reasons
+        for reason, count in reasons.items():
+            logger.warning("data: dropped %d %s rows: %s", count, wanted, reason)
+        clean[wanted] = out
+
+    train = clean["train"]
+    if "test" not in clean:
+        train, clean["test"] = _carve(train, section.split.test, seed, section.split.stratify)
+    if "validation" not in clean:
+        fraction = section.split.validation / max(1e-9, 1.0 - (section.split.test if chosen["test"] is None else 0.0))
+        train, clean["validation"] = _carve(train, min(fraction, 0.5), seed + 1, section.split.stratify)
+    clean["train"] = train
+    for name, limit in section.limit.items():
+        clean[name] = _subset(clean[name], limit, seed + 2)
+    for name in SPLITS:
+        clean[name] = clean[name].reset_index(drop=True)
+    if len(clean["train"]) == 0:
+        raise DataError("the training split is empty after cleaning")
+    if len(clean["test"]) == 0:
+        raise DataError("the test split is empty; the run must report test metrics. Set data.split.test > 0")
+    present = set(clean["train"]["label"])
+    if len(present) < 2:
+        raise DataError(f"the training split has only label(s) {[names[i] for i in present]} after cleaning")
+    prepared = PreparedData(
+        splits=clean,
+        label_names=names,
+        text_columns=["text"] + (["text_pair"] if cols.text_pair else []),
+        sensitive_columns=list(cols.sensitive),
+        rows_read=rows_read,
+        dropped=dropped,
+    )
+    prepared.fingerprint = _fingerprint(clean, ["row_id", *prepared.text_columns, "label"])
+    return prepared

@@ -1,0 +1,482 @@
+"""Recipes: typed, validated YAML that says what to train on what.
+
+A recipe is loaded in three steps: the YAML text is parsed into a node tree that remembers
+line numbers, ``key.sub=value`` overrides from the command line are applied, and the result
+is validated by the pydantic models below (``extra="forbid"`` everywhere, so a misspelled key
+is an error rather than a silently ignored setting). Every problem is reported at once with
+its field path, its line in the file and a hint on how to fix it.
+
+Example:
+    >>> recipe = load_recipe("recipes/quickstart.yaml", overrides=["train.epochs=2"])
+    >>> recipe.train.epochs
+    2
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "DataSection",
+    "FreezeMethod",
+    "FullMethod",
+    "LoraMethod",
+    "ModelSection",
+    "PrivacySection",
+    "Recipe",
+    "RecipeError",
+    "RecipeIssue",
+    "TrainSection",
+    "apply_overrides",
+    "load_recipe",
+    "recipe_to_yaml",
+]
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    """Which pretrained model to adapt, pinned to a revision."""
+
+    id: str = Field(
+        description=(
+            "Hub repo id (`org/name`), a local directory, or `package:MODULE/SUBDIR` for model "
+            "files shipped inside an installed Python package (used by the offline quickstart)."
+        )
+    )
+    revision: str = Field(
+        "main",
+        description="Branch, tag or 40-character commit SHA; a branch or tag is resolved to its SHA and recorded.",
+    )
+    task: Literal["text-classification"] = "text-classification"
+    allow_pickle: bool = Field(
+        False,
+        description="Allow pickle weights (*.bin/*.pt). Off: only safetensors are loaded, since unpickling runs code.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run modelling code from the repo. Needs `revision` pinned to a commit SHA."
+    )
+    max_length: int = Field(128, ge=8, le=8192, description="Tokenizer truncation length.")
+
+    @model_validator(mode="after")
+    def _remote_code_needs_pinned_sha(self) -> ModelSection:
+        if self.trust_remote_code and not SHA_RE.match(self.revision):
+            raise ValueError(
+                "trust_remote_code: true runs code from the model repo, so it is only allowed with "
+                "`revision` pinned to a 40-character commit SHA (a branch or tag can change under you). "
+                "Set model.revision to the commit you reviewed."
+            )
+        return self
+
+
+class ColumnsSection(_Strict):
+    """Which columns of the data hold the text, the label and the sensitive features."""
+
+    text: str = "text"
+    text_pair: str | None = Field(None, description="Optional second text column (sentence pairs).")
+    label: str = "label"
+    sensitive: list[str] = Field(
+        default_factory=list,
+        description="Columns carried to predictions for audits; never fed to the model.",
+    )
+
+    @model_validator(mode="after")
+    def _sensitive_not_model_input(self) -> ColumnsSection:
+        inputs = {self.text, self.label} | ({self.text_pair} if self.text_pair else set())
+        clash = sorted(inputs & set(self.sensitive))
+        if clash:
+            raise ValueError(
+                f"column(s) {clash} are listed as sensitive and also used as model input or label; "
+                "sensitive columns are kept out of the model, so list them only under `sensitive`."
+            )
+        return self
+
+
+class SplitSection(_Strict):
+    """Seeded split of the training data when the source has no validation/test split."""
+
+    validation: float = Field(0.1, ge=0.0, lt=0.5)
+    test: float = Field(0.2, ge=0.0, lt=0.5)
+    stratify: bool = True
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitSection:
+        if self.validation + self.test >= 0.8:
+            raise ValueError("validation + test must leave at least 20% of the rows for training")
+        return self
+
+
+class DataSection(_Strict):
+    """Where the labelled examples come from and how to read them."""
+
+    source: str = Field(
+        description=(
+            "A Hub data set id, a local csv/jsonl/parquet file, or a directory of such files "
+            "(split named by file stem: train.csv, validation.csv, test.csv; one file = train only)."
+        )
+    )
+    revision: str | None = Field(None, description="Hub data set revision (branch, tag or SHA).")
+    config_name: str | None = Field(None, description="Hub data set configuration name.")
+    columns: ColumnsSection = Field(default_factory=ColumnsSection)
+    labels: list[str] | None = Field(
+        None,
+        description="Label names in class-index order. Omitted: the sorted distinct values of the label column.",
+    )
+    splits: dict[Literal["train", "validation", "test"], str] | None = Field(
+        None, description="Map hubtune split -> split name in the source. Missing ones are carved from train by `split`."
+    )
+    split: SplitSection = Field(default_factory=SplitSection)
+    limit: dict[Literal["train", "validation", "test"], Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Keep at most N rows of a split (a seeded, stratified subset), e.g. to fit a time budget.",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None:
+            if len(labels) < 2:
+                raise ValueError("a classifier needs at least 2 labels")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"labels must be distinct, got {labels}")
+        return labels
+
+
+class FreezeMethod(_Strict):
+    """Feature extraction: freeze the pretrained backbone and train a new head."""
+
+    name: Literal["freeze"]
+    unfreeze_top_k: int = Field(
+        0, ge=0, description="Also train the top K transformer blocks (and the final norm/pooler)."
+    )
+    backbone_lr: float | None = Field(
+        None, gt=0, description="Learning rate of unfrozen blocks; default train.lr / 10."
+    )
+    feature_cache: bool = Field(
+        True,
+        description="With a fully frozen backbone, compute its features once, cache them, and train the head on the cache.",
+    )
+
+
+class LoraMethod(_Strict):
+    """Fine-tuning with LoRA adapters (peft); the classification head is trained too."""
+
+    name: Literal["lora"]
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: the architecture's attention query/value."
+    )
+
+
+class FullMethod(_Strict):
+    """Fine-tune every parameter (use a small learning rate)."""
+
+    name: Literal["full"]
+
+
+Method = Annotated[FreezeMethod | LoraMethod | FullMethod, Field(discriminator="name")]
+
+# Defaults used when train.lr is not given: heads learn fast, full fine-tuning needs care.
+DEFAULT_LR = {"freeze": 1e-3, "lora": 5e-4, "full": 2e-5}
+
+
+class TrainSection(_Strict):
+    """Optimisation settings."""
+
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, description="Per-process batch size.")
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float | None = Field(None, gt=0, description="Default by method: freeze 1e-3, lora 5e-4, full 2e-5.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_with: list[Literal["tensorboard", "all"]] = Field(default_factory=lambda: ["tensorboard"])
+    checkpoint: bool = Field(True, description="Write an atomic checkpoint after each epoch (for --resume).")
+    keep_checkpoints: int = Field(1, ge=1)
+
+
+class PrivacySection(_Strict):
+    """Differential privacy (DP-SGD). Not available in this version; kept so recipes can say `enabled: false`."""
+
+    enabled: bool = False
+
+    @field_validator("enabled")
+    @classmethod
+    def _not_yet(cls, enabled: bool) -> bool:
+        if enabled:
+            raise ValueError(
+                "differential privacy is not available in this hubtune version; refusing rather than "
+                "training without the guarantee you asked for. Remove `privacy` or set enabled: false."
+            )
+        return enabled
+
+
+class Recipe(_Strict):
+    """A complete, validated hubtune recipe."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: outputs go to <output_dir>/<name>/.")
+    description: str | None = None
+    seed: int = 42
+    output_dir: str = "runs"
+    model: ModelSection
+    data: DataSection
+    method: Method
+    train: TrainSection = Field(default_factory=TrainSection)
+    privacy: PrivacySection | None = None
+
+    @property
+    def lr(self) -> float:
+        """The head/adapter learning rate, with the method's default filled in."""
+        return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class RecipeIssue:
+    """One problem in a recipe, located and explained."""
+
+    path: str
+    message: str
+    line: int | None = None
+    hint: str | None = None
+
+    def render(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        text = f"{where}: {self.path or '<root>'}: {self.message}"
+        if self.hint:
+            text += f"\n    hint: {self.hint}"
+        return text
+
+
+class RecipeError(ValueError):
+    """Raised with every problem found in a recipe."""
+
+    def __init__(self, source: str, issues: list[RecipeIssue]):
+        self.source = source
+        self.issues = issues
+        n = len(issues)
+        lines = [f"{source}: {n} problem{'s' if n != 1 else ''} in recipe"]
+        lines += ["  " + i.render(source).replace("\n", "\n  ") for i in issues]
+        super().__init__("\n".join(lines))
+
+
+def _line_map(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, str(key_node.value))
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                item_path = (*path, str(index))
+                lines[item_path] = item.start_mark.line + 1
+                walk(item, item_path)
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
+    """Apply ``key.sub=value`` overrides in place; values are parsed as YAML scalars/lists.
+
+    Returns:
+        The key paths that were set from the command line.
+    """
+    touched: set[tuple[str, ...]] = set()
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(
+                "<command line>",
+                [RecipeIssue(path=item, message="override is not of the form key.sub=value",
+                             hint="e.g. train.epochs=2 or method.r=16")],
+            )
+        key, raw = item.split("=", 1)
+        parts = tuple(p for p in key.strip().split(".") if p)
+        if not parts:
+            raise RecipeError("<command line>", [RecipeIssue(path=item, message="empty key in override")])
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        touched.add(parts)
+    return touched
+
+
+def _model_at(loc: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
+    """The pydantic model class that validates the mapping at ``loc`` (for key suggestions)."""
+    model: Any = Recipe
+    node = data
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        node = node.get(part) if isinstance(node, dict) else None
+        model = _resolve_annotation(field.annotation, node)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _resolve_annotation(annotation: Any, node: Any) -> Any:
+    import typing
+
+    args = typing.get_args(annotation)
+    candidates = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    if not args:
+        return annotation
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates and isinstance(node, dict):  # discriminated union: pick by tag
+        for cand in candidates:
+            tag = cand.model_fields.get("name")
+            if tag is not None and node.get("name") in typing.get_args(tag.annotation):
+                return cand
+    for arg in args:  # Annotated[Union[...], ...]
+        resolved = _resolve_annotation(arg, node)
+        if isinstance(resolved, type) and issubclass(resolved, BaseModel):
+            return resolved
+    return None
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[str, ...]:
+    """Drop the union tags pydantic inserts (e.g. ``method.lora.r`` -> ``method.r``)."""
+    out: list[str] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and part in ("freeze", "lora", "full"):
+            continue
+        out.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
+
+
+def _hint(err: dict[str, Any], loc: tuple[str, ...], data: Any) -> str | None:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1], data)
+        if model is not None:
+            known = list(model.model_fields)
+            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+            if close:
+                return f"did you mean `{close[0]}`? Known keys here: {', '.join(known)}"
+            return f"known keys here: {', '.join(known)}"
+    if kind == "missing":
+        model = _model_at(loc[:-1], data)
+        field = model.model_fields.get(loc[-1]) if model else None
+        if field is not None and field.description:
+            return f"add `{loc[-1]}`: {field.description}"
+        return f"add `{loc[-1]}`"
+    if kind in ("literal_error", "enum"):
+        expected = err.get("ctx", {}).get("expected")
+        return f"use one of: {expected}" if expected else None
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return "set `name` to one of: 'freeze', 'lora', 'full'"
+    if kind.endswith("_parsing") or kind.endswith("_type"):
+        return f"expected {kind.split('_')[0]}; got {err.get('input')!r}"
+    return None
+
+
+def _issues_from_validation(
+    exc: ValidationError, data: Any, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
+) -> list[RecipeIssue]:
+    issues = []
+    for err in exc.errors(include_url=False):
+        loc = _clean_loc(tuple(err["loc"]), data)
+        line = None
+        from_command_line = any(loc[: len(o)] == o for o in overridden)
+        for cut in range(len(loc), 0, -1):  # the nearest key that exists in the file
+            if not from_command_line and loc[:cut] in lines:
+                line = lines[loc[:cut]]
+                break
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if from_command_line:
+            message += " (set on the command line)"
+        issues.append(RecipeIssue(path=".".join(loc), message=message, line=line, hint=_hint(err, loc, data)))
+    return issues
+
+
+def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file.
+
+    Args:
+        source: Path to a YAML recipe, or the name of a recipe shipped with hubtune.
+        overrides: ``key.sub=value`` strings applied before validation.
+
+    Raises:
+        RecipeError: with every problem found (path, line, hint).
+    """
+    path = resolve_recipe_path(source)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        lines = _line_map(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RecipeError(
+            str(path),
+            [RecipeIssue(path="", message=f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                         line=mark.line + 1 if mark else None,
+                         hint="check indentation and that each `key: value` is on its own line")],
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [RecipeIssue(path="", message="a recipe must be a YAML mapping", line=1)])
+    overridden = apply_overrides(data, list(overrides or []))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(str(path), _issues_from_validation(exc, data, lines, overridden)) from None
+
+
+def resolve_recipe_path(source: str | Path) -> Path:
+    """A recipe path as given, or a shipped recipe by name (``quickstart`` -> recipes/quickstart.yaml)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    for folder in (Path.cwd() / "recipes", Path(__file__).parent / "recipes"):
+        if (folder / name).exists() and str(source) in (path.stem, name, str(Path("recipes") / name)):
+            return folder / name
+    raise FileNotFoundError(f"recipe not found: {source} (give a path, or a shipped recipe name such as 'quickstart')")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults filled in) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

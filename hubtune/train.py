@@ -1,0 +1,582 @@
+"""One training run, top to bottom: pull, load data, apply the method, train, evaluate, write.
+
+The loop is our own Accelerate loop (no Trainer), so ``hubtune run RECIPE`` and
+``accelerate launch [--num_processes N] -m hubtune run RECIPE`` run the same code. Only the
+main process writes files; every write is atomic; a checkpoint after each epoch makes
+``--resume`` continue exactly where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from hubtune import __version__
+from hubtune.data import SPLITS, PreparedData, load_data
+from hubtune.hub import ResolvedModel, resolve_model
+from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from hubtune.methods import MethodPlan, apply_method, head_inputs
+from hubtune.model import load_classifier
+from hubtune.recipe import Recipe, recipe_to_yaml
+
+__all__ = ["RunError", "RunResult", "run_recipe", "feature_cache_dir"]
+
+logger = logging.getLogger("hubtune")
+
+RUN_SCHEMA_VERSION = 1
+# Test hook: called on the main process after each epoch's checkpoint (simulates a crash).
+_after_checkpoint: Callable[[int], None] | None = None
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    resumed_from_epoch: int | None = None
+
+
+# --------------------------------------------------------------------------- data sets
+
+
+class _Encoded(Dataset):
+    """Tokenised examples; padding happens per batch in the collator."""
+
+    def __init__(self, encodings: dict[str, list[Any]], labels: np.ndarray):
+        self.encodings = encodings
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {key: values[i] for key, values in self.encodings.items()}
+        item["labels"] = int(self.labels[i])
+        item["idx"] = i
+        return item
+
+
+class _Features(Dataset):
+    """Cached backbone features (the head's input) with labels."""
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray):
+        self.features = features
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"features": self.features[i], "labels": self.labels[i], "idx": i}
+
+
+def _encode(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> _Encoded:
+    pair = frame["text_pair"].tolist() if "text_pair" in frame else None
+    encodings = tokenizer(frame["text"].tolist(), pair, truncation=True, max_length=max_length)
+    return _Encoded(dict(encodings), frame["label"].to_numpy())
+
+
+def _collator(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    from transformers import DataCollatorWithPadding
+
+    pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        idx = torch.tensor([item.pop("idx") for item in items])
+        batch = dict(pad(items))
+        batch["idx"] = idx
+        return batch
+
+    return collate
+
+
+def feature_cache_dir() -> Path:
+    """Where cached backbone features live: ``$HUBTUNE_CACHE_DIR`` or ``~/.cache/hubtune``."""
+    root = os.environ.get("HUBTUNE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hubtune")
+    return Path(root) / "features"
+
+
+def _feature_cache_key(resolved: ResolvedModel, data: PreparedData, recipe: Recipe, head: str, split: str) -> str:
+    # Everything that changes the features: the exact weights, the exact rows, the preprocessing.
+    key = {
+        "version": 1,
+        "model_sha": resolved.sha,
+        "data_fingerprint": data.fingerprint,
+        "split": split,
+        "max_length": recipe.model.max_length,
+        "text_columns": data.text_columns,
+        "head": head,
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cached_features(
+    *, accelerator: Any, model: Any, head: str, dataset: _Encoded, collate: Any, batch_size: int, path: Path
+) -> tuple[torch.Tensor, bool]:
+    """Load the features at ``path``, computing and writing them (main process) if absent."""
+    from safetensors.torch import load_file, save
+
+    hit = path.exists()
+    with accelerator.main_process_first():
+        if not path.exists() and accelerator.is_main_process:
+            model.eval()
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+            chunks = []
+            for batch in _progress(loader, accelerator, f"features {path.stem[:8]}"):
+                batch.pop("idx")
+                batch.pop("labels")
+                chunks.append(head_inputs(model, head, batch).float().cpu())
+            width = max(c.shape[1] for c in chunks) if chunks[0].ndim == 3 else None
+            if width is not None:  # token-level head inputs: pad to one length
+                chunks = [F.pad(c, (0, 0, 0, width - c.shape[1])) for c in chunks]
+            atomic_write_bytes(path, save({"features": torch.cat(chunks)}))
+    return load_file(path)["features"], hit
+
+
+def _progress(iterable: Any, accelerator: Any, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    loss = F.cross_entropy(logits.float(), labels).item()
+    predictions = logits.argmax(-1)
+    return {
+        "loss": loss,
+        "accuracy": (predictions == labels).float().mean().item(),
+        "macro_f1": float(
+            f1_score(labels.numpy(), predictions.numpy(), labels=list(range(num_labels)), average="macro", zero_division=0)
+        ),
+    }
+
+
+@torch.no_grad()
+def _predict(accelerator: Any, model: Any, loader: DataLoader, forward: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for a whole split, gathered from every process, in row order."""
+    model.eval()
+    all_logits, all_labels, all_idx = [], [], []
+    for batch in loader:
+        idx = batch.pop("idx")
+        labels = batch.pop("labels")
+        logits = forward(model, batch)
+        logits, labels, idx = accelerator.gather_for_metrics((logits.float(), labels, idx))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+        all_idx.append(idx.cpu())
+    order = torch.cat(all_idx).argsort()
+    return torch.cat(all_logits)[order], torch.cat(all_labels)[order]
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _recipe_digest(recipe: Recipe) -> str:
+    # train.epochs may grow on resume; everything else must match the checkpoint.
+    payload = recipe.model_dump(mode="json")
+    payload["train"].pop("epochs")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / "checkpoints"
+    done = [p for p in folder.glob("epoch-*") if (p / "trainer_state.json").exists()] if folder.exists() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+        return
+    if resume or not run_dir.exists():
+        return
+    if (run_dir / "run.json").exists():
+        raise RunError(f"{run_dir} already holds a finished run. Use --overwrite to replace it, or change `name`.")
+    if _latest_checkpoint(run_dir) is not None:
+        raise RunError(f"{run_dir} holds an interrupted run. Use --resume to continue it, or --overwrite to start over.")
+
+
+def _hardware(accelerator: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"hubtune": __version__}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "huggingface_hub", "opacus", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _flat_config(recipe: Recipe) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+        elif value is not None:
+            flat[prefix] = str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat
+
+
+def _predictions_frame(
+    data: PreparedData, logits: torch.Tensor, labels: torch.Tensor
+) -> pd.DataFrame:
+    test = data.splits["test"]
+    probs = torch.softmax(logits.float(), dim=-1).numpy()
+    predicted = probs.argmax(-1)
+    names = np.array(data.label_names, dtype=object)
+    frame = pd.DataFrame(
+        {
+            "row_id": test["row_id"].to_numpy(),
+            "label": names[labels.numpy()],
+            "prediction": names[predicted],
+            "label_id": labels.numpy().astype("int64"),
+            "prediction_id": predicted.astype("int64"),
+        }
+    )
+    for k, name in enumerate(data.label_names):
+        frame[f"prob_{name}"] = probs[:, k]
+    for column in data.sensitive_columns:
+        frame[column] = test[column].to_numpy()
+    return frame
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"hubtune": json.dumps(metadata).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_recipe(
+    recipe: Recipe, *, resume: bool = False, overwrite: bool = False, recipe_source: str | None = None
+) -> RunResult:
+    """Train and evaluate a recipe, writing everything to ``<output_dir>/<name>/``.
+
+    Args:
+        recipe: A validated recipe.
+        resume: Continue from the latest checkpoint of an interrupted run.
+        overwrite: Delete an existing run directory of the same name first.
+        recipe_source: Where the recipe came from (recorded in run.json).
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_dir = recipe.run_dir
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=list(recipe.train.log_with) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        # A seedable sampler makes the shuffle order a function of (seed, epoch), so a resumed
+        # run sees exactly the batches an uninterrupted one would.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    main = accelerator.is_main_process
+    if main:
+        _check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        if (run_dir / "run.json").exists():
+            raise RunError(f"{run_dir} is already complete; nothing to resume (use --overwrite to train again)")
+        if main:
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
+    set_seed(recipe.seed)
+
+    # 1. model files, pinned
+    t0 = time.perf_counter()
+    with accelerator.main_process_first():
+        resolved = resolve_model(recipe.model.id, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+    if main:
+        logger.info("model: %s @ %s (%s)", recipe.model.id, resolved.sha, resolved.local_dir)
+    # 2. data
+    with accelerator.main_process_first():
+        data = load_data(recipe.data, seed=recipe.seed)
+    if main:
+        logger.info("data: %s rows kept %s, dropped %s", data.fingerprint[:12], data.rows_kept, data.dropped)
+    # 3. model + method
+    tokenizer, model, newly = load_classifier(resolved, recipe.model, label_names=data.label_names)
+    plan: MethodPlan = apply_method(
+        model,
+        recipe.method,
+        lr=recipe.lr,
+        weight_decay=recipe.train.weight_decay,
+        newly_initialized=newly,
+        base_model_name_or_path=recipe.model.id if resolved.kind == "hub" else str(resolved.local_dir),
+        base_model_revision=resolved.sha if resolved.kind == "hub" else None,
+    )
+    counts = plan.counts
+    if main:
+        logger.info(
+            "method: %s, %s of %s parameters trainable (%.2f%%)",
+            plan.name, f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"],
+        )
+    timings["load_s"] = time.perf_counter() - t0
+
+    # 4. data loaders (cached features when the backbone is frozen)
+    t0 = time.perf_counter()
+    collate = _collator(tokenizer)
+    encoded = {split: _encode(tokenizer, data.splits[split], recipe.model.max_length) for split in SPLITS}
+    cache_info: dict[str, Any] = {"used": plan.cache_features}
+    if plan.cache_features:
+        datasets: dict[str, Dataset] = {}
+        hits = {}
+        for split in SPLITS:
+            path = feature_cache_dir() / f"{_feature_cache_key(resolved, data, recipe, plan.head_name, split)}.safetensors"
+            features, hits[split] = _cached_features(
+                accelerator=accelerator, model=model, head=plan.head_name, dataset=encoded[split],
+                collate=collate, batch_size=recipe.train.eval_batch_size, path=path,
+            )
+            datasets[split] = _Features(features, data.splits[split]["label"].to_numpy())
+        cache_info.update({"dir": str(feature_cache_dir()), "hits": hits})
+        trained_module = getattr(model, plan.head_name)
+        loader_collate = None
+
+        def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return module(batch["features"])
+    else:
+        datasets = dict(encoded)
+        trained_module = plan.model
+        loader_collate = collate
+
+        def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return module(**batch).logits
+    timings["features_s"] = time.perf_counter() - t0
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(
+        datasets["train"], batch_size=recipe.train.batch_size, shuffle=True, collate_fn=loader_collate, generator=generator
+    )
+    eval_loaders = {
+        split: DataLoader(datasets[split], batch_size=recipe.train.eval_batch_size, collate_fn=loader_collate)
+        for split in ("validation", "test")
+    }
+    optimizer = torch.optim.AdamW(plan.param_groups)
+    trained_module, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        trained_module, optimizer, train_loader, eval_loaders["validation"], eval_loaders["test"]
+    )
+    total_steps = recipe.train.epochs * len(train_loader)
+    warmup = int(recipe.train.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    accelerator.register_for_checkpointing(scheduler)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if state["recipe_digest"] != _recipe_digest(recipe):
+            raise RunError(
+                f"--resume: the recipe differs from the one {checkpoint} was trained with (only train.epochs may "
+                "change). Resume with the same recipe, or use --overwrite to start over."
+            )
+        accelerator.load_state(str(checkpoint))
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        if main:
+            logger.info("resumed from %s (epoch %d done)", checkpoint, state["epoch"] + 1)
+    if recipe.train.log_with:
+        accelerator.init_trackers(recipe.name, config=_flat_config(recipe))
+
+    # 5. train
+    t0 = time.perf_counter()
+    num_labels = len(data.label_names)
+    trainable_params = [p for p in trained_module.parameters() if p.requires_grad]
+    step = start_epoch * len(train_loader)
+    for epoch in range(start_epoch, recipe.train.epochs):
+        trained_module.train()
+        train_loader.set_epoch(epoch)
+        running, seen = 0.0, 0
+        bar = _progress(train_loader, accelerator, f"epoch {epoch + 1}/{recipe.train.epochs}")
+        for batch in bar:
+            batch.pop("idx")
+            labels = batch.pop("labels")
+            logits = forward(trained_module, batch)
+            loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise RunError(
+                    f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last good checkpoint is kept "
+                    "(lower train.lr, or check the data)."
+                )
+            accelerator.backward(loss)
+            if recipe.train.max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable_params, recipe.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.item() * len(labels)
+            seen += len(labels)
+            step += 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
+        logits, labels = _predict(accelerator, trained_module, val_loader, forward)
+        val = _metrics(logits, labels, num_labels)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": running / max(1, seen),
+                  **{f"val_{k}": v for k, v in val.items()}}
+        history.append(record)
+        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+        if main:
+            logger.info("epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f",
+                        epoch + 1, record["train_loss"], val["loss"], val["accuracy"], val["macro_f1"])
+        if recipe.train.checkpoint:
+            _save_checkpoint(accelerator, run_dir, epoch, history, recipe)
+    timings["train_s"] = time.perf_counter() - t0
+
+    # 6. test + outputs
+    t0 = time.perf_counter()
+    logits, labels = _predict(accelerator, trained_module, test_loader, forward)
+    test = _metrics(logits, labels, num_labels)
+    train_labels = data.splits["train"]["label"].to_numpy()
+    majority = int(np.bincount(train_labels, minlength=num_labels).argmax())
+    baseline = float((labels.numpy() == majority).mean())
+    timings["test_s"] = time.perf_counter() - t0
+    accelerator.end_training()
+    metrics = {
+        "test": test,
+        "majority_baseline": {"label": data.label_names[majority], "accuracy": baseline},
+        "history": history,
+    }
+    accelerator.wait_for_everyone()
+    if main:
+        unwrapped = accelerator.unwrap_model(trained_module)
+        predictions = _predictions_frame(data, logits, labels)
+        _write_outputs(
+            run_dir=run_dir, recipe=recipe, plan=plan, model=plan.model if plan.cache_features else unwrapped,
+            tokenizer=tokenizer, predictions=predictions, metrics=metrics, data=data,
+        )
+        timings["total_s"] = time.perf_counter() - t_start
+        run_info = {
+            "schema_version": RUN_SCHEMA_VERSION,
+            "status": "completed",
+            "name": recipe.name,
+            "recipe_source": recipe_source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "resumed_from_epoch": start_epoch if checkpoint is not None else None,
+            "versions": _versions(),
+            "base_model": resolved.to_dict(),
+            "data": data.summary(),
+            "method": plan.summary(),
+            "newly_initialized": newly,
+            "feature_cache": cache_info,
+            "outputs": {"model_dir": "adapter" if plan.name == "lora" else "model"},
+            "timings": timings,
+            "hardware": _hardware(accelerator),
+            "test": test,
+            "majority_baseline": metrics["majority_baseline"],
+        }
+        # run.json is written last: its presence marks a complete run.
+        atomic_write_json(run_dir / "run.json", run_info)
+        if (run_dir / "checkpoints").exists() and not recipe.train.checkpoint:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir=run_dir, metrics=metrics, resumed_from_epoch=start_epoch if checkpoint else None)
+
+
+def _save_checkpoint(accelerator: Any, run_dir: Path, epoch: int, history: list[dict[str, Any]], recipe: Recipe) -> None:
+    """Write checkpoints/epoch-N atomically: complete with trainer_state.json, or not at all."""
+    folder = run_dir / "checkpoints"
+    tmp = folder / f".epoch-{epoch + 1}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"epoch": epoch, "history": history, "recipe_digest": _recipe_digest(recipe)}
+        atomic_write_json(tmp / "trainer_state.json", state)
+        final = folder / f"epoch-{epoch + 1}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted((p for p in folder.glob("epoch-*")), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: -recipe.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        if _after_checkpoint is not None:
+            _after_checkpoint(epoch)
+    accelerator.wait_for_everyone()
+
+
+def _write_outputs(
+    *, run_dir: Path, recipe: Recipe, plan: MethodPlan, model: Any, tokenizer: Any,
+    predictions: pd.DataFrame, metrics: dict[str, Any], data: PreparedData,
+) -> None:
+    out_name = "adapter" if plan.name == "lora" else "model"
+    with atomic_dir(run_dir / out_name) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    _write_parquet(run_dir / "predictions.parquet", predictions, {"label_names": data.label_names,
+                                                                  "sensitive_columns": data.sensitive_columns})
+    atomic_write_text(run_dir / "recipe.resolved.yaml", recipe_to_yaml(recipe))
+
+
+def format_summary(result: RunResult) -> str:
+    """The lines the CLI prints at the end of a run."""
+    test = result.metrics["test"]
+    base = result.metrics["majority_baseline"]
+    return "\n".join([
+        f"outputs:   {result.run_dir.resolve()}",
+        f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
+        f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
+        f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
+    ])
+
