@@ -41,6 +41,15 @@ class MethodPlan:
     cache_features: bool = False
     unfrozen_blocks: list[str] = field(default_factory=list)
     lora_target_modules: list[str] | None = None
+    # Frozen sub-modules run in eval mode while the rest trains (feature extraction: the frozen
+    # part is a fixed function, so no dropout there, and BatchNorm statistics stay put).
+    eval_modules: list[str] = field(default_factory=list)
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put ``model`` in training mode, except the frozen parts listed in ``eval_modules``."""
+        model.train()
+        for name in self.eval_modules:
+            model.get_submodule(name).eval()
 
     @property
     def counts(self) -> dict[str, int]:
@@ -220,6 +229,11 @@ def apply_method(
     # fixed function of the example.
     head_only = all(n.split(".")[0] == head for n, p in model.named_parameters() if p.requires_grad)
     plan = _plan("freeze", model, groups, head)
+    plan.eval_modules = frozen_subtrees(model)
+    if head_only:
+        # Pure feature extraction: the head's input is a fixed function of the example, with or
+        # without the cache, so the dropout applied to it outside the head is off as well.
+        plan.eval_modules += [n for n, m in model.named_children() if n != head and not any(True for _ in m.parameters())]
     plan.cache_features = bool(method.feature_cache and not method.unfreeze_top_k and head_only)
     plan.unfrozen_blocks = unfrozen
     return plan
@@ -232,6 +246,19 @@ def _plan(name: str, model: nn.Module, groups: list[dict[str, Any]], head: str) 
         raise MethodError("the method leaves no trainable parameters")
     return MethodPlan(name=name, model=model, param_groups=groups, head_name=head,
                       trainable_names=trainable, frozen_names=frozen)
+
+
+def frozen_subtrees(model: nn.Module, prefix: str = "") -> list[str]:
+    """The largest sub-modules whose parameters are all frozen."""
+    names = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        full = f"{prefix}{name}"
+        if params and not any(p.requires_grad for p in params):
+            names.append(full)
+        elif params:
+            names += frozen_subtrees(child, prefix=f"{full}.")
+    return names
 
 
 @torch.no_grad()

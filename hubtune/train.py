@@ -330,9 +330,14 @@ def run_recipe(
         _check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
     checkpoint = _latest_checkpoint(run_dir) if resume else None
+    if resume and (run_dir / "run.json").exists():
+        done_epochs = int(checkpoint.name.split("-")[1]) if checkpoint is not None else None
+        if done_epochs is None or done_epochs >= recipe.train.epochs:
+            raise RunError(
+                f"{run_dir} is already complete; nothing to resume (raise train.epochs to train on from its "
+                "last checkpoint, or use --overwrite to train again)"
+            )
     if resume and checkpoint is None:
-        if (run_dir / "run.json").exists():
-            raise RunError(f"{run_dir} is already complete; nothing to resume (use --overwrite to train again)")
         if main:
             logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
     set_seed(recipe.seed)
@@ -443,7 +448,10 @@ def run_recipe(
     trainable_params = [p for p in trained_module.parameters() if p.requires_grad]
     step = start_epoch * len(train_loader)
     for epoch in range(start_epoch, recipe.train.epochs):
-        trained_module.train()
+        if plan.cache_features:
+            trained_module.train()
+        else:
+            plan.train_mode(accelerator.unwrap_model(trained_module))
         train_loader.set_epoch(epoch)
         running, seen = 0.0, 0
         bar = _progress(train_loader, accelerator, f"epoch {epoch + 1}/{recipe.train.epochs}")

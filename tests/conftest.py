@@ -1,0 +1,138 @@
+"""Shared fixtures: no network, no user tokens, tiny models built from configs, small data."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Block every non-loopback connection and isolate caches and credentials."""
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self: socket.socket, address: object) -> object:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if isinstance(host, str) and (host.startswith(_LOOPBACK) or self.family == socket.AF_UNIX):
+            return real_connect(self, address)
+        raise RuntimeError(f"network access attempted in a test: {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo(socket.getaddrinfo))
+    home = tmp_path_factory.getbasetemp() / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HUBTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hubtune-cache"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _guarded_getaddrinfo(real):  # type: ignore[no-untyped-def]
+    def guarded(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host is None or str(host).startswith(_LOOPBACK):
+            return real(host, *args, **kwargs)
+        raise RuntimeError(f"DNS lookup attempted in a test: {host!r}")
+
+    return guarded
+
+
+# --------------------------------------------------------------------------- tiny models
+
+WORDS_POS = ["good", "great", "lovely", "fine", "happy", "nice", "superb", "kind"]
+WORDS_NEG = ["bad", "awful", "poor", "sad", "ugly", "nasty", "rude", "grim"]
+WORDS_FILL = ["the", "a", "movie", "day", "food", "was", "is", "very", "so", "quite", "really", "it"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _save_tokenizer(folder: Path) -> None:
+    from transformers import BertTokenizer
+
+    words = SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(folder)
+
+
+def make_tiny_bert(folder: Path, *, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 BERT backbone (no classification head) with a word-level tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = BertConfig(
+        vocab_size=len(SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        initializer_range=0.2,  # larger random weights: informative features without pretraining
+    )
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(folder)
+    return folder
+
+
+def make_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 GPT-2 (Conv1D projections) with the same tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = GPT2Config(vocab_size=len(SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL), n_embd=32, n_layer=2,
+                        n_head=2, n_positions=64, pad_token_id=0)
+    GPT2Model(config).save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def make_sentiment_frame(n: int = 240, *, seed: int = 0) -> pd.DataFrame:
+    """Learnable synthetic reviews: the label follows the sentiment words; a group column rides along."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = WORDS_POS if label else WORDS_NEG
+        text = " ".join(rng.choice(WORDS_FILL) for _ in range(3)) + " " + " ".join(rng.choice(words) for _ in range(2))
+        rows.append({"text": text, "label": "pos" if label else "neg", "group": rng.choice(["a", "b", "c"])})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def sentiment_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "reviews.csv"
+    make_sentiment_frame().to_csv(path, index=False)
+    return path
+
+
+def recipe_dict(model_dir: Path, data_path: Path, out_dir: Path, **method: object) -> dict:
+    """A small recipe as a dict (tests tweak it, then validate with Recipe.model_validate)."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(out_dir),
+        "model": {"id": str(model_dir), "max_length": 32},
+        "data": {
+            "source": str(data_path),
+            "columns": {"text": "text", "label": "label", "sensitive": ["group"]},
+            "labels": ["neg", "pos"],
+        },
+        "method": method or {"name": "freeze"},
+        "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "log_with": []},
+    }

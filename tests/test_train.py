@@ -1,0 +1,228 @@
+"""End-to-end runs on tiny models: what trains, what stays frozen, outputs, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hubtune import train as train_module
+from hubtune.recipe import Recipe
+from hubtune.train import RunError, run_recipe
+
+from .conftest import recipe_dict
+
+OUTPUTS = ("metrics.json", "predictions.parquet", "recipe.resolved.yaml", "run.json")
+
+
+def _run(tiny_bert: Path, csv: Path, out: Path, overrides: dict | None = None, **method: object):
+    spec = recipe_dict(tiny_bert, csv, out, **method)
+    for key, value in (overrides or {}).items():
+        section, field = key.split(".")
+        spec[section][field] = value
+    recipe = Recipe.model_validate(spec)
+    return recipe, run_recipe(recipe)
+
+
+def _base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {f"bert.{k}" if not k.startswith("bert.") else k: v for k, v in load_file(model_dir / "model.safetensors").items()}
+
+
+def test_freeze_with_feature_cache(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    recipe, result = _run(tiny_bert, sentiment_csv, tmp_path / "runs", {"train.epochs": 8, "train.lr": 0.05})
+    run_dir = result.run_dir
+    for name in OUTPUTS:
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["feature_cache"]["used"] is True
+    assert run["feature_cache"]["hits"] == {"train": False, "validation": False, "test": False}
+    # Trainable count is exactly the new head: hidden 32 -> 2 labels.
+    assert run["method"]["trainable_parameters"] == 32 * 2 + 2
+    saved = load_file(run_dir / "model" / "model.safetensors")
+    base = _base_weights(tiny_bert)
+    for name, tensor in base.items():
+        assert torch.equal(saved[name], tensor), f"frozen tensor {name} changed"
+    assert not torch.equal(saved["classifier.weight"], torch.zeros_like(saved["classifier.weight"]))
+    # The frozen backbone learned nothing, but the head did: the synthetic task is learnable.
+    assert result.metrics["test"]["accuracy"] > result.metrics["majority_baseline"]["accuracy"]
+    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    assert list(predictions.columns) == ["row_id", "label", "prediction", "label_id", "prediction_id",
+                                         "prob_neg", "prob_pos", "group"]
+    assert len(predictions) == run["data"]["rows_kept"]["test"]
+    assert (predictions[["prob_neg", "prob_pos"]].sum(axis=1) - 1).abs().max() < 1e-5
+    assert (predictions["prediction_id"] == predictions[["prob_neg", "prob_pos"]].to_numpy().argmax(1)).all()
+    # The saved model, loaded the ordinary way, reproduces the cached-feature predictions.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    data = pd.read_csv(sentiment_csv)
+    texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"][:20]]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
+    probs = torch.softmax(logits, -1)[:, 1].numpy()
+    assert abs(probs - predictions["prob_pos"][:20].to_numpy()).max() < 1e-4
+
+    # Second run: same model SHA, data and preprocessing -> features come from the cache.
+    recipe2 = recipe.model_copy(update={"name": "tiny2"})
+    run_recipe(recipe2)
+    run2 = json.loads((tmp_path / "runs" / "tiny2" / "run.json").read_text())
+    assert run2["feature_cache"]["hits"] == {"train": True, "validation": True, "test": True}
+
+
+def test_cache_and_no_cache_give_the_same_features(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    _, cached = _run(tiny_bert, sentiment_csv, tmp_path / "a", {"train.epochs": 1}, name="freeze", feature_cache=True)
+    _, plain = _run(tiny_bert, sentiment_csv, tmp_path / "b", {"train.epochs": 1}, name="freeze", feature_cache=False)
+    assert json.loads((plain.run_dir / "run.json").read_text())["feature_cache"]["used"] is False
+    # Same seed, same batches, same head init, frozen backbone in eval mode either way: the
+    # head sees the same inputs, so both runs end with the same predictions.
+    a = pd.read_parquet(cached.run_dir / "predictions.parquet")
+    b = pd.read_parquet(plain.run_dir / "predictions.parquet")
+    assert list(a["row_id"]) == list(b["row_id"])
+    assert (a["prob_pos"] - b["prob_pos"]).abs().max() < 1e-4
+
+
+def test_unfreeze_top_k(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    _, result = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1}, name="freeze", unfreeze_top_k=1)
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["feature_cache"]["used"] is False
+    assert run["method"]["unfrozen_blocks"] == ["bert.encoder.layer.1", "bert.pooler"]
+    groups = {g["name"]: g for g in run["method"]["param_groups"]}
+    assert groups["backbone"]["lr"] == pytest.approx(groups["head"]["lr"] / 10)
+    saved = load_file(result.run_dir / "model" / "model.safetensors")
+    base = _base_weights(tiny_bert)
+    layer1 = {k: v for k, v in base.items() if ".layer.1." in k or ".pooler." in k}
+    frozen = {k: v for k, v in base.items() if k not in layer1}
+    for name, tensor in frozen.items():
+        assert torch.equal(saved[name], tensor), f"frozen tensor {name} changed"
+    changed = [k for k, v in layer1.items() if not torch.equal(saved[k], v)]
+    assert len(changed) == len(layer1), f"unfrozen tensors that did not move: {set(layer1) - set(changed)}"
+    expected = sum(v.numel() for v in layer1.values()) + 32 * 2 + 2
+    assert run["method"]["trainable_parameters"] == expected
+
+
+def test_lora_adapter_loads_with_peft_and_reproduces_predictions(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    _, result = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 2, "train.lr": 0.01}, name="lora", r=4, alpha=8)
+    run_dir = result.run_dir
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["method"]["lora_target_modules"] == ["query", "value"]
+    # r*(in+out) per adapted matrix, 2 matrices x 2 layers, plus the head copy.
+    assert run["method"]["trainable_parameters"] == 2 * 2 * 4 * (32 + 32) + (32 * 2 + 2)
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    lora_b = [k for k in adapter if "lora_B" in k]
+    assert lora_b and all(adapter[k].abs().sum() > 0 for k in lora_b), "LoRA B never moved off zero"
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir / "adapter", num_labels=2).eval()
+    base = _base_weights(tiny_bert)
+    merged_state = model.base_model.model.state_dict()
+    for name, tensor in base.items():  # the base weights are untouched by LoRA training
+        key = name.replace("attention.self.query.weight", "attention.self.query.base_layer.weight").replace(
+            "attention.self.value.weight", "attention.self.value.base_layer.weight")
+        key = key.replace("attention.self.query.bias", "attention.self.query.base_layer.bias").replace(
+            "attention.self.value.bias", "attention.self.value.base_layer.bias")
+        assert torch.equal(merged_state[key], tensor), name
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    data = pd.read_csv(sentiment_csv)
+    texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"]]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
+    probs = torch.softmax(logits, -1).numpy()
+    assert abs(probs[:, 1] - predictions["prob_pos"].to_numpy()).max() < 1e-4
+
+
+def test_full_fine_tuning_moves_everything_used(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    _, result = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1, "train.lr": 1e-3}, name="full")
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["method"]["trainable_parameters"] == run["method"]["total_parameters"]
+    saved = load_file(result.run_dir / "model" / "model.safetensors")
+    base = _base_weights(tiny_bert)
+    unchanged = [k for k, v in base.items() if torch.equal(saved[k], v)]
+    # Embedding rows of tokens that never occur have zero gradient but still decay; only
+    # position ids (a buffer) can be identical.
+    assert all("position_ids" in k for k in unchanged), unchanged
+
+
+def test_resume_after_crash_equals_uninterrupted(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    over = {"train.epochs": 3, "train.lr": 1e-3}
+    _, whole = _run(tiny_bert, sentiment_csv, tmp_path / "whole", over, name="freeze", unfreeze_top_k=1)
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch: int) -> None:
+        if epoch == 0:
+            raise Crash
+
+    monkeypatch.setattr(train_module, "_after_checkpoint", crash)
+    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / "broken", name="freeze", unfreeze_top_k=1)
+    spec["train"].update(epochs=3, lr=1e-3)
+    recipe = Recipe.model_validate(spec)
+    with pytest.raises(Crash):
+        run_recipe(recipe)
+    run_dir = recipe.run_dir
+    assert not (run_dir / "run.json").exists()
+    assert (run_dir / "checkpoints" / "epoch-1" / "trainer_state.json").exists()
+    with pytest.raises(RunError, match="--resume"):
+        run_recipe(recipe)
+    monkeypatch.setattr(train_module, "_after_checkpoint", None)
+    resumed = run_recipe(recipe, resume=True)
+    assert resumed.resumed_from_epoch == 1
+    a = load_file(whole.run_dir / "model" / "model.safetensors")
+    b = load_file(run_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [h["train_loss"] for h in whole.metrics["history"]] == [h["train_loss"] for h in resumed.metrics["history"]]
+    # A changed recipe cannot be resumed onto the old checkpoint.
+    with pytest.raises(RunError, match="already complete"):
+        run_recipe(recipe, resume=True)
+
+
+def test_resume_refuses_a_different_recipe(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(epoch: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_after_checkpoint", crash)
+    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path)
+    recipe = Recipe.model_validate(spec)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe)
+    monkeypatch.setattr(train_module, "_after_checkpoint", None)
+    spec["train"]["lr"] = 0.5
+    with pytest.raises(RunError, match="recipe differs"):
+        run_recipe(Recipe.model_validate(spec), resume=True)
+
+
+def test_finished_run_is_not_overwritten_silently(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    recipe, _ = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1})
+    with pytest.raises(RunError, match="--overwrite"):
+        run_recipe(recipe)
+    again = run_recipe(recipe, overwrite=True)
+    assert (again.run_dir / "run.json").exists()
+
+
+def test_gpt2_lora_and_unfreeze(tiny_gpt2: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    spec = recipe_dict(tiny_gpt2, sentiment_csv, tmp_path, name="lora", r=2)
+    spec["train"]["epochs"] = 1
+    result = run_recipe(Recipe.model_validate(spec))
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["method"]["lora_target_modules"] == ["c_attn"]
+    # GPT-2 c_attn is Conv1D 32 -> 96; head "score" has no bias: 32*2.
+    assert run["method"]["trainable_parameters"] == 2 * 2 * (32 + 96) + 32 * 2
+    spec = recipe_dict(tiny_gpt2, sentiment_csv, tmp_path / "u", name="freeze", unfreeze_top_k=1)
+    spec["train"]["epochs"] = 1
+    result = run_recipe(Recipe.model_validate(spec))
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["method"]["unfrozen_blocks"] == ["transformer.h.1", "transformer.ln_f"]
