@@ -82,6 +82,11 @@ def run(
     if resume and overwrite:
         _fail("--resume and --overwrite contradict each other; pick one")
     _setup_logging(verbose)
+    from hubtune.launch import relaunch_on_cpu, requested_cpu_processes
+
+    processes = requested_cpu_processes()
+    if processes > 1:
+        raise typer.Exit(relaunch_on_cpu(processes, sys.argv[1:]))
     from hubtune.data import DataError
     from hubtune.methods import MethodError
     from hubtune.train import RunError, format_summary, run_recipe

