@@ -12,7 +12,9 @@ from hubtune.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
 __all__ = ["Recipe", "RecipeError", "__version__", "load_recipe", "run_recipe"]
 
 
-def __getattr__(name: str):  # lazy: importing torch/transformers is slow, keep `hubtune --help` fast
+def __getattr__(
+    name: str,
+):  # lazy: importing torch/transformers is slow, keep `hubtune --help` fast
     if name == "run_recipe":
         from hubtune.train import run_recipe
 

@@ -19,12 +19,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Prepare the real data sets shipped inside Python packages.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Prepare the real data sets shipped inside Python packages.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="Overrides as key.sub=value, e.g. train.epochs=2 method.r=16", show_default=False),
+    typer.Argument(
+        help="Overrides as key.sub=value, e.g. train.epochs=2 method.r=16", show_default=False
+    ),
 ]
 
 
@@ -50,7 +54,9 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     if verbose:
         level = logging.DEBUG if rank == 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -62,16 +68,22 @@ def validate(
 ) -> None:
     """Check a recipe: every problem at once, with field path, line and a hint."""
     loaded = _load(recipe, overrides)
-    typer.echo(f"{recipe}: ok ({loaded.method.name}, model {loaded.model.id}@{loaded.model.revision}, "
-               f"outputs in {loaded.run_dir})")
+    typer.echo(
+        f"{recipe}: ok ({loaded.method.name}, model {loaded.model.id}@{loaded.model.revision}, "
+        f"outputs in {loaded.run_dir})"
+    )
 
 
 @app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe file (or shipped recipe name).")],
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train and evaluate a recipe; outputs go to <output_dir>/<name>/.
@@ -103,8 +115,15 @@ def run(
 @data_app.command("prepare")
 def data_prepare(
     name: Annotated[str, typer.Argument(help="redditbias | rotten-tomatoes")],
-    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Default: data/<name> (or $HUBTUNE_DATA_DIR/<name>).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if an up-to-date copy exists.")] = False,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir", "-o", help="Default: data/<name> (or $HUBTUNE_DATA_DIR/<name>)."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if an up-to-date copy exists.")
+    ] = False,
 ) -> None:
     """Build a clean data set (text, label[, target_group]) and report what was dropped and why."""
     from hubtune.prepare import prepare
@@ -128,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -25,7 +25,11 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-_SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+_SPLIT_ALIASES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
 
 
 class DataError(ValueError):
@@ -56,7 +60,9 @@ class PreparedData:
             "rows_kept": self.rows_kept,
             "dropped": self.dropped,
             "label_counts": {
-                name: {self.label_names[k]: int(v) for k, v in sorted(Counter(frame["label"]).items())}
+                name: {
+                    self.label_names[k]: int(v) for k, v in sorted(Counter(frame["label"]).items())
+                }
                 for name, frame in self.splits.items()
             },
         }
@@ -70,21 +76,37 @@ def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
     if source.is_file():
         fmt = _FORMATS.get(source.suffix.lower())
         if fmt is None:
-            raise DataError(f"data.source {section.source!r}: unsupported file type; use csv, tsv, jsonl or parquet")
+            raise DataError(
+                f"data.source {section.source!r}: unsupported file type; use csv, tsv, jsonl or parquet"
+            )
         data_files: dict[str, Any] = {"train": str(source)}
     elif source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in _FORMATS)
         if not files:
-            raise DataError(f"data.source {section.source!r}: no csv/tsv/jsonl/parquet files in this directory")
+            raise DataError(
+                f"data.source {section.source!r}: no csv/tsv/jsonl/parquet files in this directory"
+            )
         kinds = {_FORMATS[p.suffix.lower()] for p in files}
         if len(kinds) > 1:
-            raise DataError(f"data.source {section.source!r}: mixed file types {sorted(kinds)}; keep one format")
+            raise DataError(
+                f"data.source {section.source!r}: mixed file types {sorted(kinds)}; keep one format"
+            )
         fmt = kinds.pop()
         data_files = {p.stem: str(p) for p in files} if len(files) > 1 else {"train": str(files[0])}
-    elif section.source.startswith((".", "/", "~")) or Path(section.source).suffix.lower() in _FORMATS:
-        raise DataError(f"data.source {section.source!r} does not exist")
+    elif (
+        section.source.startswith((".", "/", "~"))
+        or Path(section.source).suffix.lower() in _FORMATS
+    ):
+        from hubtune.prepare import PREPARERS
+
+        hint = ""
+        if source.parent.name in PREPARERS:  # e.g. data/redditbias/data.csv
+            hint = f"; build it with: hubtune data prepare {source.parent.name}"
+        raise DataError(f"data.source {section.source!r} does not exist{hint}")
     else:
-        loaded = datasets.load_dataset(section.source, name=section.config_name, revision=section.revision)
+        loaded = datasets.load_dataset(
+            section.source, name=section.config_name, revision=section.revision
+        )
         return _frames_with_classlabels(loaded)
     kwargs = {"delimiter": "\t"} if source.suffix.lower() == ".tsv" else {}
     loaded = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
@@ -96,7 +118,9 @@ def _frames_with_classlabels(loaded: Any) -> dict[str, pd.DataFrame]:
     for name, split in loaded.items():
         frame = split.to_pandas()
         frame.attrs["classlabels"] = {
-            col: feat.names for col, feat in split.features.items() if hasattr(feat, "names") and hasattr(feat, "str2int")
+            col: feat.names
+            for col, feat in split.features.items()
+            if hasattr(feat, "names") and hasattr(feat, "str2int")
         }
         frames[name] = frame
     return frames
@@ -106,7 +130,9 @@ def _pick_split(frames: dict[str, pd.DataFrame], wanted: str, section: DataSecti
     if section.splits is not None:
         name = section.splits.get(wanted)  # type: ignore[call-overload]
         if name is not None and name not in frames:
-            raise DataError(f"data.splits.{wanted}: split {name!r} not in the source (it has {sorted(frames)})")
+            raise DataError(
+                f"data.splits.{wanted}: split {name!r} not in the source (it has {sorted(frames)})"
+            )
         return name
     return next((alias for alias in _SPLIT_ALIASES[wanted] if alias in frames), None)
 
@@ -115,7 +141,9 @@ def _is_missing(series: pd.Series) -> pd.Series:
     return series.isna() | series.astype(str).str.strip().eq("")
 
 
-def _label_names(frames: dict[str, pd.DataFrame], label_col: str, section: DataSection) -> list[str]:
+def _label_names(
+    frames: dict[str, pd.DataFrame], label_col: str, section: DataSection
+) -> list[str]:
     if section.labels is not None:
         return list(section.labels)
     for frame in frames.values():
@@ -123,9 +151,14 @@ def _label_names(frames: dict[str, pd.DataFrame], label_col: str, section: DataS
         if names:
             return list(names)
     values = pd.concat([f[label_col] for f in frames.values()]).dropna()
-    distinct = sorted({_label_key(v) for v in values}, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    distinct = sorted(
+        {_label_key(v) for v in values},
+        key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v),
+    )
     if len(distinct) < 2:
-        raise DataError(f"label column {label_col!r} has {len(distinct)} distinct value(s); a classifier needs at least 2")
+        raise DataError(
+            f"label column {label_col!r} has {len(distinct)} distinct value(s); a classifier needs at least 2"
+        )
     return distinct
 
 
@@ -136,7 +169,9 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
-def _encode_labels(column: pd.Series, names: list[str], classlabels: list[str] | None, split: str) -> pd.Series:
+def _encode_labels(
+    column: pd.Series, names: list[str], classlabels: list[str] | None, split: str
+) -> pd.Series:
     """Map label values (names, or indices into ``names``) to class indices; refuse unknown ones."""
     lookup = {name: index for index, name in enumerate(names)}
     if classlabels is not None:  # a ClassLabel column stores indices into its own names
@@ -162,13 +197,18 @@ def _stratify(labels: pd.Series) -> pd.Series | None:
     return labels if len(counts) > 1 and counts.min() >= 2 else None
 
 
-def _carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _carve(
+    frame: pd.DataFrame, fraction: float, seed: int, stratify: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     from sklearn.model_selection import train_test_split
 
     if fraction <= 0 or len(frame) < 2:
         return frame, frame.iloc[0:0]
     keep, carved = train_test_split(
-        frame, test_size=fraction, random_state=seed, stratify=_stratify(frame["label"]) if stratify else None
+        frame,
+        test_size=fraction,
+        random_state=seed,
+        stratify=_stratify(frame["label"]) if stratify else None,
     )
     return keep, carved
 
@@ -212,7 +252,9 @@ def load_data(section: DataSection, *, seed: int) -> PreparedData:
             )
     chosen = {wanted: _pick_split(raw, wanted, section) for wanted in SPLITS}
     if chosen["train"] is None:
-        raise DataError(f"no training split found in the source (it has {sorted(raw)}); set data.splits.train")
+        raise DataError(
+            f"no training split found in the source (it has {sorted(raw)}); set data.splits.train"
+        )
     names = _label_names({k: raw[v] for k, v in chosen.items() if v}, cols.label, section)
 
     rows_read: dict[str, int] = {}
@@ -240,11 +282,16 @@ def load_data(section: DataSection, *, seed: int) -> PreparedData:
         if cols.text_pair:
             out["text_pair"] = frame[cols.text_pair].astype(str).to_numpy()
         classlabels = raw[source_name].attrs.get("classlabels", {}).get(cols.label)
-        out["label"] = _encode_labels(frame[cols.label].reset_index(drop=True), names, classlabels, wanted).to_numpy()
+        out["label"] = _encode_labels(
+            frame[cols.label].reset_index(drop=True), names, classlabels, wanted
+        ).to_numpy()
         for column in cols.sensitive:
             # Missing sensitive values stay missing (None): the audit counts them as their own group.
             values = frame[column].to_numpy(dtype=object)
-            out[column] = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in values]
+            out[column] = [
+                None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
+                for v in values
+            ]
         dropped[wanted] = reasons
         for reason, count in reasons.items():
             logger.warning("data: dropped %d %s rows: %s", count, wanted, reason)
@@ -254,8 +301,12 @@ def load_data(section: DataSection, *, seed: int) -> PreparedData:
     if "test" not in clean:
         train, clean["test"] = _carve(train, section.split.test, seed, section.split.stratify)
     if "validation" not in clean:
-        fraction = section.split.validation / max(1e-9, 1.0 - (section.split.test if chosen["test"] is None else 0.0))
-        train, clean["validation"] = _carve(train, min(fraction, 0.5), seed + 1, section.split.stratify)
+        fraction = section.split.validation / max(
+            1e-9, 1.0 - (section.split.test if chosen["test"] is None else 0.0)
+        )
+        train, clean["validation"] = _carve(
+            train, min(fraction, 0.5), seed + 1, section.split.stratify
+        )
     clean["train"] = train
     for name, limit in section.limit.items():
         clean[name] = _subset(clean[name], limit, seed + 2)
@@ -264,10 +315,14 @@ def load_data(section: DataSection, *, seed: int) -> PreparedData:
     if len(clean["train"]) == 0:
         raise DataError("the training split is empty after cleaning")
     if len(clean["test"]) == 0:
-        raise DataError("the test split is empty; the run must report test metrics. Set data.split.test > 0")
+        raise DataError(
+            "the test split is empty; the run must report test metrics. Set data.split.test > 0"
+        )
     present = set(clean["train"]["label"])
     if len(present) < 2:
-        raise DataError(f"the training split has only label(s) {[names[i] for i in present]} after cleaning")
+        raise DataError(
+            f"the training split has only label(s) {[names[i] for i in present]} after cleaning"
+        )
     prepared = PreparedData(
         splits=clean,
         label_names=names,

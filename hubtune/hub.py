@@ -16,7 +16,17 @@ __all__ = ["ResolvedModel", "resolve_model", "PICKLE_PATTERNS", "directory_diges
 # Weight formats that unpickle (and so can run arbitrary code when loaded).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 # Formats no PyTorch loader here reads; never worth downloading.
-FOREIGN_PATTERNS = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.mlmodel", "*.gguf", "onnx/*", "openvino/*"]
+FOREIGN_PATTERNS = [
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.ot",
+    "*.tflite",
+    "*.mlmodel",
+    "*.gguf",
+    "onnx/*",
+    "openvino/*",
+]
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,9 @@ class ResolvedModel:
 def directory_digest(folder: Path) -> str:
     """A content digest of every file below ``folder`` (paths and bytes), for local models."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for file in sorted(
+        p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    ):
         digest.update(str(file.relative_to(folder)).encode())
         digest.update(b"\0")
         with file.open("rb") as handle:
@@ -57,7 +69,9 @@ def _package_dir(spec: str) -> Path:
         )
     folder = Path(next(iter(found.submodule_search_locations))) / sub
     if not folder.is_dir():
-        raise FileNotFoundError(f"model {spec!r}: {folder} does not exist inside package {module!r}")
+        raise FileNotFoundError(
+            f"model {spec!r}: {folder} does not exist inside package {module!r}"
+        )
     return folder
 
 
@@ -76,7 +90,9 @@ def _check_weight_formats(folder: Path, *, spec: str, allow_pickle: bool) -> Non
         raise FileNotFoundError(f"model {spec!r}: no weights (*.safetensors) found in {folder}")
 
 
-def resolve_model(spec: str, *, revision: str = "main", allow_pickle: bool = False) -> ResolvedModel:
+def resolve_model(
+    spec: str, *, revision: str = "main", allow_pickle: bool = False
+) -> ResolvedModel:
     """Find or download the model files and pin them to an exact revision.
 
     Args:
@@ -90,11 +106,19 @@ def resolve_model(spec: str, *, revision: str = "main", allow_pickle: bool = Fal
     if spec.startswith("package:"):
         folder = _package_dir(spec)
         _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
-        return ResolvedModel(spec=spec, local_dir=folder, kind="package", revision=None, sha=directory_digest(folder))
+        return ResolvedModel(
+            spec=spec, local_dir=folder, kind="package", revision=None, sha=directory_digest(folder)
+        )
     local = Path(spec).expanduser()
     if local.is_dir():
         _check_weight_formats(local, spec=spec, allow_pickle=allow_pickle)
-        return ResolvedModel(spec=spec, local_dir=local.resolve(), kind="local", revision=None, sha=directory_digest(local))
+        return ResolvedModel(
+            spec=spec,
+            local_dir=local.resolve(),
+            kind="local",
+            revision=None,
+            sha=directory_digest(local),
+        )
     if spec.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model {spec!r}: local directory does not exist")
 

@@ -48,7 +48,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    return atomic_write_text(
+        path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+    )
 
 
 @contextlib.contextmanager

@@ -62,20 +62,33 @@ def requested_cpu_processes() -> int:
     if value is not None:
         return max(1, int(value))
     config = _flag(argv, "--config_file")
-    default = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "accelerate" / "default_config.yaml"
+    default = (
+        Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        / "accelerate"
+        / "default_config.yaml"
+    )
     path = Path(config) if config else default
     return (_config_processes(path) or 1) if path.exists() else 1
 
 
 def relaunch_on_cpu(num_processes: int, argv: list[str]) -> int:
     """Run ``python -m hubtune ARGV`` as ``num_processes`` gloo processes; returns the exit code."""
-    logger.info("accelerate launch --cpu runs one process; starting %d CPU processes (gloo) instead", num_processes)
+    logger.info(
+        "accelerate launch --cpu runs one process; starting %d CPU processes (gloo) instead",
+        num_processes,
+    )
     env = dict(os.environ)
     env["ACCELERATE_USE_CPU"] = "true"
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-        "-m", "hubtune", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={num_processes}",
+        "-m",
+        "hubtune",
+        *argv,
     ]
     return subprocess.call(command, env=env)

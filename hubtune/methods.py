@@ -18,7 +18,14 @@ from torch import nn
 
 from hubtune.recipe import FreezeMethod, FullMethod, LoraMethod
 
-__all__ = ["MethodPlan", "apply_method", "find_head", "find_blocks", "count_parameters", "MethodError"]
+__all__ = [
+    "MethodPlan",
+    "apply_method",
+    "find_head",
+    "find_blocks",
+    "count_parameters",
+    "MethodError",
+]
 
 # Names transformers uses for the classification head of *ForSequenceClassification models.
 HEAD_NAMES = ("classifier", "score", "classification_head", "logits_proj", "head", "fc")
@@ -67,7 +74,10 @@ class MethodPlan:
             "feature_cache": self.cache_features,
             "unfrozen_blocks": self.unfrozen_blocks,
             "lora_target_modules": self.lora_target_modules,
-            "param_groups": [{"name": g["name"], "lr": g["lr"], "tensors": len(g["params"])} for g in self.param_groups],
+            "param_groups": [
+                {"name": g["name"], "lr": g["lr"], "tensors": len(g["params"])}
+                for g in self.param_groups
+            ],
         }
 
 
@@ -108,7 +118,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
-        raise MethodError(f"cannot find the transformer blocks of {type(model).__name__}; use method.name: lora or full")
+        raise MethodError(
+            f"cannot find the transformer blocks of {type(model).__name__}; use method.name: lora or full"
+        )
     return best
 
 
@@ -131,7 +143,9 @@ def _after_blocks(model: nn.Module, blocks_name: str) -> list[str]:
     return names
 
 
-def _group(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def _group(
+    name: str, params: list[nn.Parameter], lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
     # No weight decay on biases and norms: standard practice, and it keeps LayerNorm gains at 1.
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -139,7 +153,9 @@ def _group(name: str, params: list[nn.Parameter], lr: float, weight_decay: float
     if decay:
         groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": weight_decay})
     if no_decay:
-        groups.append({"name": f"{name}/no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+        groups.append(
+            {"name": f"{name}/no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0}
+        )
     return groups
 
 
@@ -178,7 +194,7 @@ def apply_method(
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=method.r,
-            lora_alpha=method.alpha,
+            lora_alpha=method.alpha,  # type: ignore[arg-type]  # peft accepts floats
             lora_dropout=method.dropout,
             target_modules=method.target_modules,
             modules_to_save=[head],
@@ -192,7 +208,7 @@ def apply_method(
                 f"LoRA could not be applied: {exc}. Name the modules to adapt under method.target_modules "
                 "(e.g. [query, value] for BERT, [c_attn] for GPT-2)."
             ) from None
-        targets = sorted(peft_model.peft_config["default"].target_modules or [])
+        targets = sorted(getattr(peft_model.peft_config["default"], "target_modules", None) or [])
         params = [p for p in peft_model.parameters() if p.requires_grad]
         plan = _plan("lora", peft_model, _group("lora+head", params, lr, weight_decay), head)
         plan.lora_target_modules = targets
@@ -216,7 +232,9 @@ def apply_method(
                 f"{len(blocks)} blocks in {blocks_name}; use at most {len(blocks)} (or method.name: full)"
             )
         first = len(blocks) - method.unfreeze_top_k
-        unfrozen = [f"{blocks_name}.{i}" for i in range(first, len(blocks))] + _after_blocks(model, blocks_name)
+        unfrozen = [f"{blocks_name}.{i}" for i in range(first, len(blocks))] + _after_blocks(
+            model, blocks_name
+        )
         backbone_params = []
         for module_name in unfrozen:
             for param in model.get_submodule(module_name).parameters():
@@ -233,7 +251,11 @@ def apply_method(
     if head_only:
         # Pure feature extraction: the head's input is a fixed function of the example, with or
         # without the cache, so the dropout applied to it outside the head is off as well.
-        plan.eval_modules += [n for n, m in model.named_children() if n != head and not any(True for _ in m.parameters())]
+        plan.eval_modules += [
+            n
+            for n, m in model.named_children()
+            if n != head and not any(True for _ in m.parameters())
+        ]
     plan.cache_features = bool(method.feature_cache and not method.unfreeze_top_k and head_only)
     plan.unfrozen_blocks = unfrozen
     return plan
@@ -244,8 +266,14 @@ def _plan(name: str, model: nn.Module, groups: list[dict[str, Any]], head: str) 
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not trainable:
         raise MethodError("the method leaves no trainable parameters")
-    return MethodPlan(name=name, model=model, param_groups=groups, head_name=head,
-                      trainable_names=trainable, frozen_names=frozen)
+    return MethodPlan(
+        name=name,
+        model=model,
+        param_groups=groups,
+        head_name=head,
+        trainable_names=trainable,
+        frozen_names=frozen,
+    )
 
 
 def frozen_subtrees(model: nn.Module, prefix: str = "") -> list[str]:
@@ -285,5 +313,7 @@ def head_inputs(model: nn.Module, head: str, batch: dict[str, torch.Tensor]) -> 
     finally:
         handle.remove()
     if not captured:
-        raise MethodError(f"the model never called its head {head!r}; feature caching cannot be used")
+        raise MethodError(
+            f"the model never called its head {head!r}; feature caching cannot be used"
+        )
     return captured[0]

@@ -13,7 +13,9 @@ __all__ = ["load_classifier"]
 logger = logging.getLogger(__name__)
 
 
-def load_classifier(resolved: ResolvedModel, section: ModelSection, *, label_names: list[str]) -> tuple[Any, Any, list[str]]:
+def load_classifier(
+    resolved: ResolvedModel, section: ModelSection, *, label_names: list[str]
+) -> tuple[Any, Any, list[str]]:
     """Load tokenizer and ``AutoModelForSequenceClassification`` from a resolved folder.
 
     Returns:
@@ -44,6 +46,9 @@ def load_classifier(resolved: ResolvedModel, section: ModelSection, *, label_nam
         output_loading_info=True,
         ignore_mismatched_sizes=True,
     )
-    newly = sorted(set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])})
+    newly = sorted(
+        set(info.get("missing_keys", []))
+        | {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
+    )
     logger.info("model: %s newly initialised tensors: %s", len(newly), newly)
     return tokenizer, model, newly

@@ -65,7 +65,8 @@ class ModelSection(_Strict):
         description="Allow pickle weights (*.bin/*.pt). Off: only safetensors are loaded, since unpickling runs code.",
     )
     trust_remote_code: bool = Field(
-        False, description="Run modelling code from the repo. Needs `revision` pinned to a commit SHA."
+        False,
+        description="Run modelling code from the repo. Needs `revision` pinned to a commit SHA.",
     )
     max_length: int = Field(128, ge=8, le=8192, description="Tokenizer truncation length.")
 
@@ -134,7 +135,8 @@ class DataSection(_Strict):
         description="Label names in class-index order. Omitted: the sorted distinct values of the label column.",
     )
     splits: dict[Literal["train", "validation", "test"], str] | None = Field(
-        None, description="Map hubtune split -> split name in the source. Missing ones are carved from train by `split`."
+        None,
+        description="Map hubtune split -> split name in the source. Missing ones are carved from train by `split`.",
     )
     split: SplitSection = Field(default_factory=SplitSection)
     limit: dict[Literal["train", "validation", "test"], Annotated[int, Field(gt=0)]] = Field(
@@ -177,7 +179,8 @@ class LoraMethod(_Strict):
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; default: the architecture's attention query/value."
+        None,
+        description="Module names to adapt; default: the architecture's attention query/value.",
     )
 
 
@@ -199,13 +202,20 @@ class TrainSection(_Strict):
     epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, description="Per-process batch size.")
     eval_batch_size: int = Field(64, ge=1)
-    lr: float | None = Field(None, gt=0, description="Default by method: freeze 1e-3, lora 5e-4, full 2e-5.")
+    lr: float | None = Field(
+        None, gt=0, description="Default by method: freeze 1e-3, lora 5e-4, full 2e-5."
+    )
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_with: list[Literal["tensorboard", "all"]] = Field(default_factory=lambda: ["tensorboard"])
-    checkpoint: bool = Field(True, description="Write an atomic checkpoint after each epoch (for --resume).")
+    log_with: list[Literal["tensorboard", "all"]] = Field(
+        default_factory=lambda: ["tensorboard"],  # type: ignore[arg-type]
+        description="Accelerate trackers; [] for none.",
+    )
+    checkpoint: bool = Field(
+        True, description="Write an atomic checkpoint after each epoch (for --resume)."
+    )
     keep_checkpoints: int = Field(1, ge=1)
 
 
@@ -228,7 +238,10 @@ class PrivacySection(_Strict):
 class Recipe(_Strict):
     """A complete, validated hubtune recipe."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: outputs go to <output_dir>/<name>/.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name: outputs go to <output_dir>/<name>/.",
+    )
     description: str | None = None
     seed: int = 42
     output_dir: str = "runs"
@@ -313,13 +326,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str
         if "=" not in item:
             raise RecipeError(
                 "<command line>",
-                [RecipeIssue(path=item, message="override is not of the form key.sub=value",
-                             hint="e.g. train.epochs=2 or method.r=16")],
+                [
+                    RecipeIssue(
+                        path=item,
+                        message="override is not of the form key.sub=value",
+                        hint="e.g. train.epochs=2 or method.r=16",
+                    )
+                ],
             )
         key, raw = item.split("=", 1)
         parts = tuple(p for p in key.strip().split(".") if p)
         if not parts:
-            raise RecipeError("<command line>", [RecipeIssue(path=item, message="empty key in override")])
+            raise RecipeError(
+                "<command line>", [RecipeIssue(path=item, message="empty key in override")]
+            )
         value = yaml.safe_load(raw) if raw.strip() else None
         node = data
         for part in parts[:-1]:
@@ -384,7 +404,7 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _hint(err: dict[str, Any], loc: tuple[str, ...], data: Any) -> str | None:
+def _hint(err: Any, loc: tuple[str, ...], data: Any) -> str | None:
     kind = err["type"]
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1], data)
@@ -411,7 +431,10 @@ def _hint(err: dict[str, Any], loc: tuple[str, ...], data: Any) -> str | None:
 
 
 def _issues_from_validation(
-    exc: ValidationError, data: Any, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
+    exc: ValidationError,
+    data: Any,
+    lines: dict[tuple[str, ...], int],
+    overridden: set[tuple[str, ...]],
 ) -> list[RecipeIssue]:
     issues = []
     for err in exc.errors(include_url=False):
@@ -424,10 +447,12 @@ def _issues_from_validation(
                 break
         message = err["msg"]
         if message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+            message = message[len("Value error, ") :]
         if from_command_line:
             message += " (set on the command line)"
-        issues.append(RecipeIssue(path=".".join(loc), message=message, line=line, hint=_hint(err, loc, data)))
+        issues.append(
+            RecipeIssue(path=".".join(loc), message=message, line=line, hint=_hint(err, loc, data))
+        )
     return issues
 
 
@@ -450,19 +475,28 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
         mark = getattr(exc, "problem_mark", None)
         raise RecipeError(
             str(path),
-            [RecipeIssue(path="", message=f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                         line=mark.line + 1 if mark else None,
-                         hint="check indentation and that each `key: value` is on its own line")],
+            [
+                RecipeIssue(
+                    path="",
+                    message=f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                    line=mark.line + 1 if mark else None,
+                    hint="check indentation and that each `key: value` is on its own line",
+                )
+            ],
         ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(str(path), [RecipeIssue(path="", message="a recipe must be a YAML mapping", line=1)])
+        raise RecipeError(
+            str(path), [RecipeIssue(path="", message="a recipe must be a YAML mapping", line=1)]
+        )
     overridden = apply_overrides(data, list(overrides or []))
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(str(path), _issues_from_validation(exc, data, lines, overridden)) from None
+        raise RecipeError(
+            str(path), _issues_from_validation(exc, data, lines, overridden)
+        ) from None
 
 
 def resolve_recipe_path(source: str | Path) -> Path:
@@ -472,9 +506,15 @@ def resolve_recipe_path(source: str | Path) -> Path:
         return path
     name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
     for folder in (Path.cwd() / "recipes", Path(__file__).parent / "recipes"):
-        if (folder / name).exists() and str(source) in (path.stem, name, str(Path("recipes") / name)):
+        if (folder / name).exists() and str(source) in (
+            path.stem,
+            name,
+            str(Path("recipes") / name),
+        ):
             return folder / name
-    raise FileNotFoundError(f"recipe not found: {source} (give a path, or a shipped recipe name such as 'quickstart')")
+    raise FileNotFoundError(
+        f"recipe not found: {source} (give a path, or a shipped recipe name such as 'quickstart')"
+    )
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

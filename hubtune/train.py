@@ -8,6 +8,7 @@ main process writes files; every write is atomic; a checkpoint after each epoch 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from hubtune import __version__
 from hubtune.data import SPLITS, PreparedData, load_data
 from hubtune.hub import ResolvedModel, resolve_model
-from hubtune.launch import use_cpu
 from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from hubtune.launch import use_cpu
 from hubtune.methods import MethodPlan, apply_method, head_inputs
 from hubtune.model import load_classifier
 from hubtune.recipe import Recipe, recipe_to_yaml
@@ -111,11 +112,15 @@ def _collator(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torc
 
 def feature_cache_dir() -> Path:
     """Where cached backbone features live: ``$HUBTUNE_CACHE_DIR`` or ``~/.cache/hubtune``."""
-    root = os.environ.get("HUBTUNE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hubtune")
+    root = os.environ.get("HUBTUNE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "hubtune"
+    )
     return Path(root) / "features"
 
 
-def _feature_cache_key(resolved: ResolvedModel, data: PreparedData, recipe: Recipe, head: str, split: str) -> str:
+def _feature_cache_key(
+    resolved: ResolvedModel, data: PreparedData, recipe: Recipe, head: str, split: str
+) -> str:
     # Everything that changes the features: the exact weights, the exact rows, the preprocessing.
     key = {
         "version": 1,
@@ -131,7 +136,14 @@ def _feature_cache_key(resolved: ResolvedModel, data: PreparedData, recipe: Reci
 
 
 def _cached_features(
-    *, accelerator: Any, model: Any, head: str, dataset: _Encoded, collate: Any, batch_size: int, path: Path
+    *,
+    accelerator: Any,
+    model: Any,
+    head: str,
+    dataset: _Encoded,
+    collate: Any,
+    batch_size: int,
+    path: Path,
 ) -> tuple[torch.Tensor, bool]:
     """Load the features at ``path``, computing and writing them (main process) if absent."""
     from safetensors.torch import load_file, save
@@ -171,13 +183,21 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dic
         "loss": loss,
         "accuracy": (predictions == labels).float().mean().item(),
         "macro_f1": float(
-            f1_score(labels.numpy(), predictions.numpy(), labels=list(range(num_labels)), average="macro", zero_division=0)
+            f1_score(
+                labels.numpy(),
+                predictions.numpy(),
+                labels=list(range(num_labels)),
+                average="macro",
+                zero_division=0,
+            )
         ),
     }
 
 
 @torch.no_grad()
-def _predict(accelerator: Any, model: Any, loader: DataLoader, forward: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict(
+    accelerator: Any, model: Any, loader: DataLoader, forward: Callable[..., torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for a whole split, gathered from every process, in row order."""
     model.eval()
     all_logits, all_labels, all_idx = [], [], []
@@ -205,7 +225,11 @@ def _recipe_digest(recipe: Recipe) -> str:
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     folder = run_dir / "checkpoints"
-    done = [p for p in folder.glob("epoch-*") if (p / "trainer_state.json").exists()] if folder.exists() else []
+    done = (
+        [p for p in folder.glob("epoch-*") if (p / "trainer_state.json").exists()]
+        if folder.exists()
+        else []
+    )
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
@@ -216,9 +240,13 @@ def _check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if resume or not run_dir.exists():
         return
     if (run_dir / "run.json").exists():
-        raise RunError(f"{run_dir} already holds a finished run. Use --overwrite to replace it, or change `name`.")
+        raise RunError(
+            f"{run_dir} already holds a finished run. Use --overwrite to replace it, or change `name`."
+        )
     if _latest_checkpoint(run_dir) is not None:
-        raise RunError(f"{run_dir} holds an interrupted run. Use --resume to continue it, or --overwrite to start over.")
+        raise RunError(
+            f"{run_dir} holds an interrupted run. Use --resume to continue it, or --overwrite to start over."
+        )
 
 
 def _hardware(accelerator: Any) -> dict[str, Any]:
@@ -240,11 +268,18 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"hubtune": __version__}
-    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "huggingface_hub", "opacus", "safetensors"):
-        try:
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "datasets",
+        "huggingface_hub",
+        "opacus",
+        "safetensors",
+    ):
+        with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -292,7 +327,9 @@ def _write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[str, Any]) ->
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"hubtune": json.dumps(metadata).encode()})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"hubtune": json.dumps(metadata).encode()}
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -302,7 +339,11 @@ def _write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[str, Any]) ->
 
 
 def run_recipe(
-    recipe: Recipe, *, resume: bool = False, overwrite: bool = False, recipe_source: str | None = None
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    recipe_source: str | None = None,
 ) -> RunResult:
     """Train and evaluate a recipe, writing everything to ``<output_dir>/<name>/``.
 
@@ -320,10 +361,13 @@ def run_recipe(
     run_dir = recipe.run_dir
     accelerator = Accelerator(
         # Several processes without a GPU: Accelerate only picks gloo/MULTI_CPU when told cpu=True.
-        cpu=use_cpu() or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1),
+        cpu=use_cpu()
+        or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1),
         mixed_precision=recipe.train.mixed_precision,
         log_with=list(recipe.train.log_with) or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "logs")
+        ),
         # A seedable sampler makes the shuffle order a function of (seed, epoch), so a resumed
         # run sees exactly the batches an uninterrupted one would.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -340,22 +384,25 @@ def run_recipe(
                 f"{run_dir} is already complete; nothing to resume (raise train.epochs to train on from its "
                 "last checkpoint, or use --overwrite to train again)"
             )
-    if resume and checkpoint is None:
-        if main:
-            logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
+    if resume and checkpoint is None and main:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
     set_seed(recipe.seed)
 
     # 1. model files, pinned
     t0 = time.perf_counter()
     with accelerator.main_process_first():
-        resolved = resolve_model(recipe.model.id, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle)
+        resolved = resolve_model(
+            recipe.model.id, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle
+        )
     if main:
         logger.info("model: %s @ %s (%s)", recipe.model.id, resolved.sha, resolved.local_dir)
     # 2. data
     with accelerator.main_process_first():
         data = load_data(recipe.data, seed=recipe.seed)
     if main:
-        logger.info("data: %s rows kept %s, dropped %s", data.fingerprint[:12], data.rows_kept, data.dropped)
+        logger.info(
+            "data: %s rows kept %s, dropped %s", data.fingerprint[:12], data.rows_kept, data.dropped
+        )
     # 3. model + method
     tokenizer, model, newly = load_classifier(resolved, recipe.model, label_names=data.label_names)
     plan: MethodPlan = apply_method(
@@ -364,30 +411,45 @@ def run_recipe(
         lr=recipe.lr,
         weight_decay=recipe.train.weight_decay,
         newly_initialized=newly,
-        base_model_name_or_path=recipe.model.id if resolved.kind == "hub" else str(resolved.local_dir),
+        base_model_name_or_path=recipe.model.id
+        if resolved.kind == "hub"
+        else str(resolved.local_dir),
         base_model_revision=resolved.sha if resolved.kind == "hub" else None,
     )
     counts = plan.counts
     if main:
         logger.info(
             "method: %s, %s of %s parameters trainable (%.2f%%)",
-            plan.name, f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"],
+            plan.name,
+            f"{counts['trainable']:,}",
+            f"{counts['total']:,}",
+            100 * counts["trainable"] / counts["total"],
         )
     timings["load_s"] = time.perf_counter() - t0
 
     # 4. data loaders (cached features when the backbone is frozen)
     t0 = time.perf_counter()
     collate = _collator(tokenizer)
-    encoded = {split: _encode(tokenizer, data.splits[split], recipe.model.max_length) for split in SPLITS}
+    encoded = {
+        split: _encode(tokenizer, data.splits[split], recipe.model.max_length) for split in SPLITS
+    }
     cache_info: dict[str, Any] = {"used": plan.cache_features}
     if plan.cache_features:
         datasets: dict[str, Dataset] = {}
         hits = {}
         for split in SPLITS:
-            path = feature_cache_dir() / f"{_feature_cache_key(resolved, data, recipe, plan.head_name, split)}.safetensors"
+            path = (
+                feature_cache_dir()
+                / f"{_feature_cache_key(resolved, data, recipe, plan.head_name, split)}.safetensors"
+            )
             features, hits[split] = _cached_features(
-                accelerator=accelerator, model=model, head=plan.head_name, dataset=encoded[split],
-                collate=collate, batch_size=recipe.train.eval_batch_size, path=path,
+                accelerator=accelerator,
+                model=model,
+                head=plan.head_name,
+                dataset=encoded[split],
+                collate=collate,
+                batch_size=recipe.train.eval_batch_size,
+                path=path,
             )
             datasets[split] = _Features(features, data.splits[split]["label"].to_numpy())
         cache_info.update({"dir": str(feature_cache_dir()), "hits": hits})
@@ -403,14 +465,21 @@ def run_recipe(
 
         def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return module(**batch).logits
+
     timings["features_s"] = time.perf_counter() - t0
 
     generator = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(
-        datasets["train"], batch_size=recipe.train.batch_size, shuffle=True, collate_fn=loader_collate, generator=generator
+        datasets["train"],
+        batch_size=recipe.train.batch_size,
+        shuffle=True,
+        collate_fn=loader_collate,
+        generator=generator,
     )
     eval_loaders = {
-        split: DataLoader(datasets[split], batch_size=recipe.train.eval_batch_size, collate_fn=loader_collate)
+        split: DataLoader(
+            datasets[split], batch_size=recipe.train.eval_batch_size, collate_fn=loader_collate
+        )
         for split in ("validation", "test")
     }
     optimizer = torch.optim.AdamW(plan.param_groups)
@@ -481,13 +550,23 @@ def run_recipe(
                 bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
         logits, labels = _predict(accelerator, trained_module, val_loader, forward)
         val = _metrics(logits, labels, num_labels)
-        record = {"epoch": epoch + 1, "step": step, "train_loss": running / max(1, seen),
-                  **{f"val_{k}": v for k, v in val.items()}}
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": running / max(1, seen),
+            **{f"val_{k}": v for k, v in val.items()},
+        }
         history.append(record)
         accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
         if main:
-            logger.info("epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f",
-                        epoch + 1, record["train_loss"], val["loss"], val["accuracy"], val["macro_f1"])
+            logger.info(
+                "epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f",
+                epoch + 1,
+                record["train_loss"],
+                val["loss"],
+                val["accuracy"],
+                val["macro_f1"],
+            )
         if recipe.train.checkpoint:
             _save_checkpoint(accelerator, run_dir, epoch, history, recipe)
     timings["train_s"] = time.perf_counter() - t0
@@ -510,8 +589,14 @@ def run_recipe(
         unwrapped = accelerator.unwrap_model(trained_module)
         predictions = _predictions_frame(data, logits, labels)
         _write_outputs(
-            run_dir=run_dir, recipe=recipe, plan=plan, model=plan.model if plan.cache_features else unwrapped,
-            tokenizer=tokenizer, predictions=predictions, metrics=metrics, data=data,
+            run_dir=run_dir,
+            recipe=recipe,
+            plan=plan,
+            model=plan.model if plan.cache_features else unwrapped,
+            tokenizer=tokenizer,
+            predictions=predictions,
+            metrics=metrics,
+            data=data,
         )
         timings["total_s"] = time.perf_counter() - t_start
         run_info = {
@@ -539,10 +624,14 @@ def run_recipe(
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and the process group): nothing collective after this
-    return RunResult(run_dir=run_dir, metrics=metrics, resumed_from_epoch=start_epoch if checkpoint else None)
+    return RunResult(
+        run_dir=run_dir, metrics=metrics, resumed_from_epoch=start_epoch if checkpoint else None
+    )
 
 
-def _save_checkpoint(accelerator: Any, run_dir: Path, epoch: int, history: list[dict[str, Any]], recipe: Recipe) -> None:
+def _save_checkpoint(
+    accelerator: Any, run_dir: Path, epoch: int, history: list[dict[str, Any]], recipe: Recipe
+) -> None:
     """Write checkpoints/epoch-N atomically: complete with trainer_state.json, or not at all."""
     folder = run_dir / "checkpoints"
     tmp = folder / f".epoch-{epoch + 1}.tmp"
@@ -567,16 +656,26 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, epoch: int, history: list[
 
 
 def _write_outputs(
-    *, run_dir: Path, recipe: Recipe, plan: MethodPlan, model: Any, tokenizer: Any,
-    predictions: pd.DataFrame, metrics: dict[str, Any], data: PreparedData,
+    *,
+    run_dir: Path,
+    recipe: Recipe,
+    plan: MethodPlan,
+    model: Any,
+    tokenizer: Any,
+    predictions: pd.DataFrame,
+    metrics: dict[str, Any],
+    data: PreparedData,
 ) -> None:
     out_name = "adapter" if plan.name == "lora" else "model"
     with atomic_dir(run_dir / out_name) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     atomic_write_json(run_dir / "metrics.json", metrics)
-    _write_parquet(run_dir / "predictions.parquet", predictions, {"label_names": data.label_names,
-                                                                  "sensitive_columns": data.sensitive_columns})
+    _write_parquet(
+        run_dir / "predictions.parquet",
+        predictions,
+        {"label_names": data.label_names, "sensitive_columns": data.sensitive_columns},
+    )
     atomic_write_text(run_dir / "recipe.resolved.yaml", recipe_to_yaml(recipe))
 
 
@@ -584,10 +683,11 @@ def format_summary(result: RunResult) -> str:
     """The lines the CLI prints at the end of a run."""
     test = result.metrics["test"]
     base = result.metrics["majority_baseline"]
-    return "\n".join([
-        f"outputs:   {result.run_dir.resolve()}",
-        f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
-        f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
-        f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
-    ])
-
+    return "\n".join(
+        [
+            f"outputs:   {result.run_dir.resolve()}",
+            f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
+            f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
+            f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
+        ]
+    )

@@ -11,16 +11,18 @@ from pathlib import Path
 # huggingface_hub, transformers and datasets read these once, at import: set them before any
 # test module imports them, so nothing in the suite can reach a hub or a user's cache or token.
 _HF_HOME = Path(tempfile.mkdtemp(prefix="hubtune-tests-hf-"))
-os.environ.update({
-    "HF_HOME": str(_HF_HOME),
-    "HF_HUB_CACHE": str(_HF_HOME / "hub"),
-    "HF_DATASETS_CACHE": str(_HF_HOME / "datasets"),
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-})
+os.environ.update(
+    {
+        "HF_HOME": str(_HF_HOME),
+        "HF_HUB_CACHE": str(_HF_HOME / "hub"),
+        "HF_DATASETS_CACHE": str(_HF_HOME / "datasets"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
 for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT"):
     os.environ.pop(_name, None)
 
@@ -31,7 +33,7 @@ _LOOPBACK = ("127.", "::1", "localhost")
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Block every non-loopback connection and isolate caches and credentials."""
     real_connect = socket.socket.connect
 
@@ -43,8 +45,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo(socket.getaddrinfo))
-    monkeypatch.setenv("HUBTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hubtune-cache"))
-    monkeypatch.setenv("HUBTUNE_DATA_DIR", str(tmp_path_factory.getbasetemp() / "hubtune-data"))
+    monkeypatch.setenv("HUBTUNE_CACHE_DIR", str(tmp_path / "hubtune-cache"))
+    monkeypatch.setenv("HUBTUNE_DATA_DIR", str(tmp_path / "hubtune-data"))
 
 
 def _guarded_getaddrinfo(real):  # type: ignore[no-untyped-def]
@@ -60,7 +62,20 @@ def _guarded_getaddrinfo(real):  # type: ignore[no-untyped-def]
 
 WORDS_POS = ["good", "great", "lovely", "fine", "happy", "nice", "superb", "kind"]
 WORDS_NEG = ["bad", "awful", "poor", "sad", "ugly", "nasty", "rude", "grim"]
-WORDS_FILL = ["the", "a", "movie", "day", "food", "was", "is", "very", "so", "quite", "really", "it"]
+WORDS_FILL = [
+    "the",
+    "a",
+    "movie",
+    "day",
+    "food",
+    "was",
+    "is",
+    "very",
+    "so",
+    "quite",
+    "really",
+    "it",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -68,7 +83,9 @@ def _save_tokenizer(folder: Path) -> None:
     from transformers import BertTokenizer
 
     words = SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL
-    BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(
+        folder
+    )
 
 
 def make_tiny_bert(folder: Path, *, seed: int = 0) -> Path:
@@ -79,8 +96,12 @@ def make_tiny_bert(folder: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     config = BertConfig(
-        vocab_size=len(SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL), hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
         initializer_range=0.2,  # larger random weights: informative features without pretraining
     )
     BertModel(config).save_pretrained(folder, safe_serialization=True)
@@ -95,8 +116,14 @@ def make_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    config = GPT2Config(vocab_size=len(SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL), n_embd=32, n_layer=2,
-                        n_head=2, n_positions=64, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=len(SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        pad_token_id=0,
+    )
     GPT2Model(config).save_pretrained(folder, safe_serialization=True)
     _save_tokenizer(folder)
     return folder
@@ -119,8 +146,14 @@ def make_sentiment_frame(n: int = 240, *, seed: int = 0) -> pd.DataFrame:
     for i in range(n):
         label = i % 2
         words = WORDS_POS if label else WORDS_NEG
-        text = " ".join(rng.choice(WORDS_FILL) for _ in range(3)) + " " + " ".join(rng.choice(words) for _ in range(2))
-        rows.append({"text": text, "label": "pos" if label else "neg", "group": rng.choice(["a", "b", "c"])})
+        text = (
+            " ".join(rng.choice(WORDS_FILL) for _ in range(3))
+            + " "
+            + " ".join(rng.choice(words) for _ in range(2))
+        )
+        rows.append(
+            {"text": text, "label": "pos" if label else "neg", "group": rng.choice(["a", "b", "c"])}
+        )
     return pd.DataFrame(rows)
 
 

@@ -30,37 +30,59 @@ def _env() -> dict[str, str]:
 
 
 def test_help_lists_commands() -> None:
-    out = subprocess.run([sys.executable, "-m", "hubtune", "--help"], capture_output=True, text=True, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "hubtune", "--help"], capture_output=True, text=True, env=_env()
+    )
     assert out.returncode == 0
     for command in ("run", "validate", "data"):
         assert command in out.stdout
 
 
-def test_run_prints_outputs_and_baseline(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+def test_run_prints_outputs_and_baseline(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
     spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / "runs")
     path = _write_recipe(tmp_path / "r.yaml", spec)
-    out = subprocess.run([sys.executable, "-m", "hubtune", "run", str(path), "train.epochs=1"],
-                         capture_output=True, text=True, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "hubtune", "run", str(path), "train.epochs=1"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "outputs:" in out.stdout and "baseline:" in out.stdout
     resolved = yaml.safe_load((tmp_path / "runs" / "tiny" / "recipe.resolved.yaml").read_text())
     assert resolved["train"]["epochs"] == 1  # the override is what ran, and what is recorded
-    again = subprocess.run([sys.executable, "-m", "hubtune", "run", str(path)], capture_output=True, text=True, env=_env())
+    again = subprocess.run(
+        [sys.executable, "-m", "hubtune", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
 def test_run_reports_data_errors_without_traceback(tiny_bert: Path, tmp_path: Path) -> None:
     csv = tmp_path / "d.csv"
-    pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["x", "y", "z", "x"], "group": "g"}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {"text": ["a", "b", "c", "d"], "label": ["x", "y", "z", "x"], "group": "g"}
+    ).to_csv(csv, index=False)
     spec = recipe_dict(tiny_bert, csv, tmp_path / "runs")
     path = _write_recipe(tmp_path / "r.yaml", spec)
-    out = subprocess.run([sys.executable, "-m", "hubtune", "run", str(path)], capture_output=True, text=True, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "hubtune", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert out.returncode == 1
     assert "not among the labels" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+def test_accelerate_launch_two_cpu_processes(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed next to this Python"
     spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / "runs", name="lora", r=4)
@@ -69,7 +91,10 @@ def test_accelerate_launch_two_cpu_processes(tiny_bert: Path, sentiment_csv: Pat
     path = _write_recipe(tmp_path / "r.yaml", spec)
     out = subprocess.run(
         [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "hubtune", "run", str(path)],
-        capture_output=True, text=True, env=_env(), timeout=600,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.count("outputs:") == 1  # one process speaks
@@ -79,12 +104,22 @@ def test_accelerate_launch_two_cpu_processes(tiny_bert: Path, sentiment_csv: Pat
     assert run["hardware"]["distributed_type"].endswith("MULTI_CPU")
     # One set of outputs: one adapter, one predictions file covering each test row exactly once.
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "adapter", "checkpoints", "logs", "metrics.json", "predictions.parquet", "recipe.resolved.yaml", "run.json"]
+        "adapter",
+        "checkpoints",
+        "logs",
+        "metrics.json",
+        "predictions.parquet",
+        "recipe.resolved.yaml",
+        "run.json",
+    ]
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
     assert len(predictions) == run["data"]["rows_kept"]["test"] and predictions["row_id"].is_unique
     # Both ranks saved their RNG state in the checkpoint (a resumable 2-process run).
     checkpoint = next((run_dir / "checkpoints").iterdir())
-    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
     assert not list(run_dir.rglob("*.tmp"))
     events = list((run_dir / "logs").rglob("events.out.tfevents.*"))
     writers = {p.name.split(".")[-2] for p in events}  # events.out.tfevents.<time>.<host>.<pid>.<n>

@@ -14,7 +14,10 @@ from .conftest import make_sentiment_frame
 
 
 def _section(source: Path, **extra: object) -> DataSection:
-    spec = {"source": str(source), "columns": {"text": "text", "label": "label", "sensitive": ["group"]}}
+    spec = {
+        "source": str(source),
+        "columns": {"text": "text", "label": "label", "sensitive": ["group"]},
+    }
     spec.update(extra)
     return DataSection.model_validate(spec)
 
@@ -62,7 +65,9 @@ def test_labels_inferred_sorted_and_integer_labels_with_names(tmp_path: Path) ->
     assert data.label_names == ["negative", "positive"]
     merged = pd.concat(data.splits.values())
     original = frame.set_index(frame.index.map(lambda i: f"train:{i}"))
-    assert (merged.set_index("row_id")["label"] == original.loc[merged["row_id"], "label"].to_numpy()).all()
+    assert (
+        merged.set_index("row_id")["label"] == original.loc[merged["row_id"], "label"].to_numpy()
+    ).all()
 
 
 def test_seeded_stratified_splits_are_reproducible(tmp_path: Path) -> None:
@@ -84,7 +89,9 @@ def test_directory_of_named_splits_jsonl_and_limit(tmp_path: Path) -> None:
     folder = tmp_path / "ds"
     folder.mkdir()
     for name, n in (("train", 120), ("validation", 30), ("test", 40)):
-        make_sentiment_frame(n, seed=len(name)).to_json(folder / f"{name}.jsonl", orient="records", lines=True)
+        make_sentiment_frame(n, seed=len(name)).to_json(
+            folder / f"{name}.jsonl", orient="records", lines=True
+        )
     data = load_data(_section(folder, limit={"train": 50}), seed=0)
     assert data.rows_read == {"train": 120, "validation": 30, "test": 40}
     assert data.rows_kept == {"train": 50, "validation": 30, "test": 40}
@@ -92,11 +99,14 @@ def test_directory_of_named_splits_jsonl_and_limit(tmp_path: Path) -> None:
 
 
 def test_parquet_and_renamed_columns(tmp_path: Path) -> None:
-    frame = make_sentiment_frame(80).rename(columns={"text": "comment", "label": "y", "group": "region"})
+    frame = make_sentiment_frame(80).rename(
+        columns={"text": "comment", "label": "y", "group": "region"}
+    )
     path = tmp_path / "d.parquet"
     frame.to_parquet(path)
-    section = DataSection.model_validate({"source": str(path), "columns": {"text": "comment", "label": "y",
-                                                                           "sensitive": ["region"]}})
+    section = DataSection.model_validate(
+        {"source": str(path), "columns": {"text": "comment", "label": "y", "sensitive": ["region"]}}
+    )
     data = load_data(section, seed=0)
     assert set(data.splits["train"].columns) == {"row_id", "text", "label", "region"}
 
@@ -115,11 +125,19 @@ def test_real_redditbias_rows(tmp_path: Path) -> None:
     from hubtune.prepare import prepare
 
     report = prepare("redditbias", output_dir=tmp_path / "rb")
-    section = DataSection.model_validate({
-        "source": str(tmp_path / "rb" / "data.csv"),
-        "columns": {"text": "text", "label": "label", "sensitive": ["target_group"]},
-        "labels": ["not_biased", "biased"],
-    })
+    section = DataSection.model_validate(
+        {
+            "source": str(tmp_path / "rb" / "data.csv"),
+            "columns": {"text": "text", "label": "label", "sensitive": ["target_group"]},
+            "labels": ["not_biased", "biased"],
+        }
+    )
     data = load_data(section, seed=42)
     assert sum(data.rows_kept.values()) == report.rows_kept
-    assert set(data.splits["test"]["target_group"]) == {"female", "black", "lgbtq", "jewish", "muslim"}
+    assert set(data.splits["test"]["target_group"]) == {
+        "female",
+        "black",
+        "lgbtq",
+        "jewish",
+        "muslim",
+    }

@@ -25,7 +25,9 @@ def _seed_cache(cache: Path, repo_id: str, tiny_bert: Path) -> None:
     (repo / "refs" / "v1.0").write_text(SHA_OLD)
 
 
-def test_branch_and_tag_resolve_to_commit_through_the_cache(tiny_bert: Path, tmp_path: Path) -> None:
+def test_branch_and_tag_resolve_to_commit_through_the_cache(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
     cache = Path(os.environ["HF_HUB_CACHE"])
     _seed_cache(cache, "org/tiny", tiny_bert)
     main = resolve_model("org/tiny", revision="main")

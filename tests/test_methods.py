@@ -35,7 +35,9 @@ def test_counts_match_independent_arithmetic(tiny_bert: Path) -> None:
     assert plan.counts == {"trainable": total, "total": total} and not plan.cache_features
 
     model = _model(tiny_bert)
-    plan = apply_method(model, LoraMethod(name="lora", r=2, target_modules=["query", "key", "value"]), lr=1e-3)
+    plan = apply_method(
+        model, LoraMethod(name="lora", r=2, target_modules=["query", "key", "value"]), lr=1e-3
+    )
     lora = 3 * 2 * 2 * (32 + 32)  # 3 matrices x 2 layers x r(in + out)
     head_copy = 32 * 3 + 3
     assert plan.counts["trainable"] == lora + head_copy

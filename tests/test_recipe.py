@@ -14,7 +14,11 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
 
 def test_there_are_recipes() -> None:
-    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "quickstart-lora.yaml", "sentiment-rotten-tomatoes.yaml"}
+    assert {p.name for p in RECIPES} >= {
+        "quickstart.yaml",
+        "quickstart-lora.yaml",
+        "sentiment-rotten-tomatoes.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -78,20 +82,33 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     path.write_text("name: x\nmodel:\n  id: [unclosed\n")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
-    assert info.value.issues[0].line is not None and "not valid YAML" in info.value.issues[0].message
+    assert (
+        info.value.issues[0].line is not None and "not valid YAML" in info.value.issues[0].message
+    )
 
 
 def test_overrides_parse_yaml_values_and_nest(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("name: x\nmodel: {id: org/m}\ndata: {source: d.csv}\nmethod: {name: lora}\n")
-    recipe = load_recipe(path, overrides=["train.epochs=7", "method.r=16", "method.target_modules=[query,key]",
-                                          "data.limit.train=100", "train.lr=1e-4"])
+    recipe = load_recipe(
+        path,
+        overrides=[
+            "train.epochs=7",
+            "method.r=16",
+            "method.target_modules=[query,key]",
+            "data.limit.train=100",
+            "train.lr=1e-4",
+        ],
+    )
     assert recipe.train.epochs == 7 and recipe.method.r == 16  # type: ignore[union-attr]
     assert recipe.method.target_modules == ["query", "key"]  # type: ignore[union-attr]
     assert recipe.data.limit == {"train": 100} and recipe.train.lr == 1e-4
     with pytest.raises(RecipeError) as info:
         load_recipe(path, overrides=["train.epochs=0"])
-    assert info.value.issues[0].path == "train.epochs" and "command line" in info.value.issues[0].message
+    assert (
+        info.value.issues[0].path == "train.epochs"
+        and "command line" in info.value.issues[0].message
+    )
     with pytest.raises(RecipeError):
         apply_overrides({}, ["no-equals-sign"])
 
@@ -99,13 +116,22 @@ def test_overrides_parse_yaml_values_and_nest(tmp_path: Path) -> None:
 def test_trust_remote_code_needs_a_pinned_sha() -> None:
     base = {"name": "x", "data": {"source": "d.csv"}, "method": {"name": "full"}}
     with pytest.raises(Exception, match="40-character commit SHA"):
-        Recipe.model_validate({**base, "model": {"id": "org/m", "trust_remote_code": True, "revision": "main"}})
-    ok = Recipe.model_validate({**base, "model": {"id": "org/m", "trust_remote_code": True, "revision": "a" * 40}})
+        Recipe.model_validate(
+            {**base, "model": {"id": "org/m", "trust_remote_code": True, "revision": "main"}}
+        )
+    ok = Recipe.model_validate(
+        {**base, "model": {"id": "org/m", "trust_remote_code": True, "revision": "a" * 40}}
+    )
     assert ok.model.trust_remote_code
 
 
 def test_privacy_is_refused_not_ignored() -> None:
-    base = {"name": "x", "model": {"id": "org/m"}, "data": {"source": "d.csv"}, "method": {"name": "full"}}
+    base = {
+        "name": "x",
+        "model": {"id": "org/m"},
+        "data": {"source": "d.csv"},
+        "method": {"name": "full"},
+    }
     assert Recipe.model_validate({**base, "privacy": {"enabled": False}}).privacy is not None
     with pytest.raises(Exception, match="not available"):
         Recipe.model_validate({**base, "privacy": {"enabled": True}})
@@ -113,13 +139,25 @@ def test_privacy_is_refused_not_ignored() -> None:
 
 def test_sensitive_columns_cannot_be_model_input() -> None:
     with pytest.raises(Exception, match="sensitive"):
-        Recipe.model_validate({"name": "x", "model": {"id": "o/m"}, "method": {"name": "full"},
-                               "data": {"source": "d.csv", "columns": {"text": "t", "sensitive": ["t"]}}})
+        Recipe.model_validate(
+            {
+                "name": "x",
+                "model": {"id": "o/m"},
+                "method": {"name": "full"},
+                "data": {"source": "d.csv", "columns": {"text": "t", "sensitive": ["t"]}},
+            }
+        )
 
 
 def test_method_defaults_and_resolved_yaml_round_trip(tmp_path: Path) -> None:
-    recipe = Recipe.model_validate({"name": "x", "model": {"id": "o/m"}, "data": {"source": "d.csv"},
-                                    "method": {"name": "full"}})
+    recipe = Recipe.model_validate(
+        {
+            "name": "x",
+            "model": {"id": "o/m"},
+            "data": {"source": "d.csv"},
+            "method": {"name": "full"},
+        }
+    )
     assert recipe.lr == 2e-5
     path = tmp_path / "resolved.yaml"
     path.write_text(recipe_to_yaml(recipe))

@@ -29,11 +29,16 @@ def _run(tiny_bert: Path, csv: Path, out: Path, overrides: dict | None = None, *
 
 
 def _base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return {f"bert.{k}" if not k.startswith("bert.") else k: v for k, v in load_file(model_dir / "model.safetensors").items()}
+    return {
+        f"bert.{k}" if not k.startswith("bert.") else k: v
+        for k, v in load_file(model_dir / "model.safetensors").items()
+    }
 
 
 def test_freeze_with_feature_cache(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
-    recipe, result = _run(tiny_bert, sentiment_csv, tmp_path / "runs", {"train.epochs": 8, "train.lr": 0.05})
+    recipe, result = _run(
+        tiny_bert, sentiment_csv, tmp_path / "runs", {"train.epochs": 8, "train.lr": 0.05}
+    )
     run_dir = result.run_dir
     for name in OUTPUTS:
         assert (run_dir / name).is_file(), name
@@ -51,11 +56,21 @@ def test_freeze_with_feature_cache(tiny_bert: Path, sentiment_csv: Path, tmp_pat
     # The frozen backbone learned nothing, but the head did: the synthetic task is learnable.
     assert result.metrics["test"]["accuracy"] > result.metrics["majority_baseline"]["accuracy"]
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
-    assert list(predictions.columns) == ["row_id", "label", "prediction", "label_id", "prediction_id",
-                                         "prob_neg", "prob_pos", "group"]
+    assert list(predictions.columns) == [
+        "row_id",
+        "label",
+        "prediction",
+        "label_id",
+        "prediction_id",
+        "prob_neg",
+        "prob_pos",
+        "group",
+    ]
     assert len(predictions) == run["data"]["rows_kept"]["test"]
     assert (predictions[["prob_neg", "prob_pos"]].sum(axis=1) - 1).abs().max() < 1e-5
-    assert (predictions["prediction_id"] == predictions[["prob_neg", "prob_pos"]].to_numpy().argmax(1)).all()
+    assert (
+        predictions["prediction_id"] == predictions[["prob_neg", "prob_pos"]].to_numpy().argmax(1)
+    ).all()
     # The saved model, loaded the ordinary way, reproduces the cached-feature predictions.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -64,7 +79,9 @@ def test_freeze_with_feature_cache(tiny_bert: Path, sentiment_csv: Path, tmp_pat
     data = pd.read_csv(sentiment_csv)
     texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"][:20]]
     with torch.no_grad():
-        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
+        logits = model(
+            **tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        ).logits
     probs = torch.softmax(logits, -1)[:, 1].numpy()
     assert abs(probs - predictions["prob_pos"][:20].to_numpy()).max() < 1e-4
 
@@ -75,9 +92,25 @@ def test_freeze_with_feature_cache(tiny_bert: Path, sentiment_csv: Path, tmp_pat
     assert run2["feature_cache"]["hits"] == {"train": True, "validation": True, "test": True}
 
 
-def test_cache_and_no_cache_give_the_same_features(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
-    _, cached = _run(tiny_bert, sentiment_csv, tmp_path / "a", {"train.epochs": 1}, name="freeze", feature_cache=True)
-    _, plain = _run(tiny_bert, sentiment_csv, tmp_path / "b", {"train.epochs": 1}, name="freeze", feature_cache=False)
+def test_cache_and_no_cache_give_the_same_features(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
+    _, cached = _run(
+        tiny_bert,
+        sentiment_csv,
+        tmp_path / "a",
+        {"train.epochs": 1},
+        name="freeze",
+        feature_cache=True,
+    )
+    _, plain = _run(
+        tiny_bert,
+        sentiment_csv,
+        tmp_path / "b",
+        {"train.epochs": 1},
+        name="freeze",
+        feature_cache=False,
+    )
     assert json.loads((plain.run_dir / "run.json").read_text())["feature_cache"]["used"] is False
     # Same seed, same batches, same head init, frozen backbone in eval mode either way: the
     # head sees the same inputs, so both runs end with the same predictions.
@@ -88,7 +121,9 @@ def test_cache_and_no_cache_give_the_same_features(tiny_bert: Path, sentiment_cs
 
 
 def test_unfreeze_top_k(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
-    _, result = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1}, name="freeze", unfreeze_top_k=1)
+    _, result = _run(
+        tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1}, name="freeze", unfreeze_top_k=1
+    )
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["feature_cache"]["used"] is False
     assert run["method"]["unfrozen_blocks"] == ["bert.encoder.layer.1", "bert.pooler"]
@@ -101,13 +136,25 @@ def test_unfreeze_top_k(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) ->
     for name, tensor in frozen.items():
         assert torch.equal(saved[name], tensor), f"frozen tensor {name} changed"
     changed = [k for k, v in layer1.items() if not torch.equal(saved[k], v)]
-    assert len(changed) == len(layer1), f"unfrozen tensors that did not move: {set(layer1) - set(changed)}"
+    assert len(changed) == len(layer1), (
+        f"unfrozen tensors that did not move: {set(layer1) - set(changed)}"
+    )
     expected = sum(v.numel() for v in layer1.values()) + 32 * 2 + 2
     assert run["method"]["trainable_parameters"] == expected
 
 
-def test_lora_adapter_loads_with_peft_and_reproduces_predictions(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
-    _, result = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 2, "train.lr": 0.01}, name="lora", r=4, alpha=8)
+def test_lora_adapter_loads_with_peft_and_reproduces_predictions(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
+    _, result = _run(
+        tiny_bert,
+        sentiment_csv,
+        tmp_path,
+        {"train.epochs": 2, "train.lr": 0.01},
+        name="lora",
+        r=4,
+        alpha=8,
+    )
     run_dir = result.run_dir
     run = json.loads((run_dir / "run.json").read_text())
     assert run["method"]["lora_target_modules"] == ["query", "value"]
@@ -121,27 +168,37 @@ def test_lora_adapter_loads_with_peft_and_reproduces_predictions(tiny_bert: Path
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir / "adapter", num_labels=2).eval()
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        run_dir / "adapter", num_labels=2
+    ).eval()
     base = _base_weights(tiny_bert)
     merged_state = model.base_model.model.state_dict()
     for name, tensor in base.items():  # the base weights are untouched by LoRA training
-        key = name.replace("attention.self.query.weight", "attention.self.query.base_layer.weight").replace(
-            "attention.self.value.weight", "attention.self.value.base_layer.weight")
-        key = key.replace("attention.self.query.bias", "attention.self.query.base_layer.bias").replace(
-            "attention.self.value.bias", "attention.self.value.base_layer.bias")
+        key = name.replace(
+            "attention.self.query.weight", "attention.self.query.base_layer.weight"
+        ).replace("attention.self.value.weight", "attention.self.value.base_layer.weight")
+        key = key.replace(
+            "attention.self.query.bias", "attention.self.query.base_layer.bias"
+        ).replace("attention.self.value.bias", "attention.self.value.base_layer.bias")
         assert torch.equal(merged_state[key], tensor), name
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
     data = pd.read_csv(sentiment_csv)
     texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"]]
     with torch.no_grad():
-        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
+        logits = model(
+            **tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        ).logits
     probs = torch.softmax(logits, -1).numpy()
     assert abs(probs[:, 1] - predictions["prob_pos"].to_numpy()).max() < 1e-4
 
 
-def test_full_fine_tuning_moves_everything_used(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
-    _, result = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1, "train.lr": 1e-3}, name="full")
+def test_full_fine_tuning_moves_everything_used(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
+    _, result = _run(
+        tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1, "train.lr": 1e-3}, name="full"
+    )
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["method"]["trainable_parameters"] == run["method"]["total_parameters"]
     saved = load_file(result.run_dir / "model" / "model.safetensors")
@@ -152,10 +209,13 @@ def test_full_fine_tuning_moves_everything_used(tiny_bert: Path, sentiment_csv: 
     assert all("position_ids" in k for k in unchanged), unchanged
 
 
-def test_resume_after_crash_equals_uninterrupted(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_crash_equals_uninterrupted(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     over = {"train.epochs": 3, "train.lr": 1e-3}
-    _, whole = _run(tiny_bert, sentiment_csv, tmp_path / "whole", over, name="freeze", unfreeze_top_k=1)
+    _, whole = _run(
+        tiny_bert, sentiment_csv, tmp_path / "whole", over, name="freeze", unfreeze_top_k=1
+    )
 
     class Crash(Exception):
         pass
@@ -165,7 +225,9 @@ def test_resume_after_crash_equals_uninterrupted(tiny_bert: Path, sentiment_csv:
             raise Crash
 
     monkeypatch.setattr(train_module, "_after_checkpoint", crash)
-    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / "broken", name="freeze", unfreeze_top_k=1)
+    spec = recipe_dict(
+        tiny_bert, sentiment_csv, tmp_path / "broken", name="freeze", unfreeze_top_k=1
+    )
     spec["train"].update(epochs=3, lr=1e-3)
     recipe = Recipe.model_validate(spec)
     with pytest.raises(Crash):
@@ -183,14 +245,17 @@ def test_resume_after_crash_equals_uninterrupted(tiny_bert: Path, sentiment_csv:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [h["train_loss"] for h in whole.metrics["history"]] == [h["train_loss"] for h in resumed.metrics["history"]]
+    assert [h["train_loss"] for h in whole.metrics["history"]] == [
+        h["train_loss"] for h in resumed.metrics["history"]
+    ]
     # A changed recipe cannot be resumed onto the old checkpoint.
     with pytest.raises(RunError, match="already complete"):
         run_recipe(recipe, resume=True)
 
 
-def test_resume_refuses_a_different_recipe(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_refuses_a_different_recipe(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def crash(epoch: int) -> None:
         raise KeyboardInterrupt
 
@@ -205,7 +270,9 @@ def test_resume_refuses_a_different_recipe(tiny_bert: Path, sentiment_csv: Path,
         run_recipe(Recipe.model_validate(spec), resume=True)
 
 
-def test_finished_run_is_not_overwritten_silently(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+def test_finished_run_is_not_overwritten_silently(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
     recipe, _ = _run(tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1})
     with pytest.raises(RunError, match="--overwrite"):
         run_recipe(recipe)
