@@ -500,20 +500,18 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
 
 
 def resolve_recipe_path(source: str | Path) -> Path:
-    """A recipe path as given, or a shipped recipe by name (``quickstart`` -> recipes/quickstart.yaml)."""
+    """A recipe path as given, or a recipe shipped with hubtune by name (``quickstart``)."""
     path = Path(source)
     if path.exists():
         return path
-    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    for folder in (Path.cwd() / "recipes", Path(__file__).parent / "recipes"):
-        if (folder / name).exists() and str(source) in (
-            path.stem,
-            name,
-            str(Path("recipes") / name),
-        ):
-            return folder / name
+    if path.parent == Path("."):
+        name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+        shipped = Path(__file__).parent / "recipes" / name
+        if shipped.exists():
+            return shipped
+    known = sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
     raise FileNotFoundError(
-        f"recipe not found: {source} (give a path, or a shipped recipe name such as 'quickstart')"
+        f"recipe not found: {source} (give a path, or a shipped recipe name: {', '.join(known)})"
     )
 
 

@@ -173,3 +173,12 @@ def test_cli_validate_reports_and_exits_nonzero(tmp_path: Path) -> None:
     good = CliRunner().invoke(app, ["validate", str(RECIPES[0]), "train.epochs=1"])
     assert good.exit_code == 0, good.output
     assert ": ok" in good.output
+
+
+def test_shipped_recipes_found_by_name_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("quickstart").name == "quickstart"
+    with pytest.raises(FileNotFoundError, match="quickstart-lora"):
+        load_recipe("no-such-recipe")

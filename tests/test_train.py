@@ -293,3 +293,33 @@ def test_gpt2_lora_and_unfreeze(tiny_gpt2: Path, sentiment_csv: Path, tmp_path: 
     result = run_recipe(Recipe.model_validate(spec))
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["method"]["unfrozen_blocks"] == ["transformer.h.1", "transformer.ln_f"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = train_module.F.cross_entropy
+    calls = {"n": 0}
+    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path, name="full")
+    spec["train"]["epochs"] = 3
+    recipe = Recipe.model_validate(spec)
+    steps_per_epoch = -(-json_rows_train(recipe) // 16)
+
+    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(logits, labels)
+        # Training losses only (evaluation calls come between epochs); break in epoch 2.
+        return loss * float("nan") if calls["n"] == steps_per_epoch + 2 + 3 else loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    with pytest.raises(RunError, match="non-finite loss at epoch 2"):
+        run_recipe(recipe)
+    checkpoints = sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["epoch-1"]
+    assert not (recipe.run_dir / "run.json").exists()
+
+
+def json_rows_train(recipe: Recipe) -> int:
+    from hubtune.data import load_data
+
+    return len(load_data(recipe.data, seed=recipe.seed).splits["train"])
