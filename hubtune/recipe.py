@@ -220,19 +220,45 @@ class TrainSection(_Strict):
 
 
 class PrivacySection(_Strict):
-    """Differential privacy (DP-SGD). Not available in this version; kept so recipes can say `enabled: false`."""
+    """Differential privacy with Opacus DP-SGD (Poisson sampling, per-example clipping, noise)."""
 
     enabled: bool = False
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Budget ε; σ is chosen so training ends at or under it (the budget guard stops it otherwise).",
+    )
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="Explicit σ instead of target_epsilon."
+    )
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="δ; default min(1e-5, 1/(10 n)). Must be below 1/n."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example clipping bound C.")
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="Accountant of the reported ε; RDP is always reported too."
+    )
+    grad_sample_mode: Literal["hooks", "ghost"] = Field(
+        "hooks",
+        description="hooks: per-example gradients; ghost: ghost clipping (per-example norms only, less memory).",
+    )
+    logical_batch_size: int = Field(
+        256, ge=1, description="Expected Poisson batch: q = 1 / ceil(n / logical_batch_size)."
+    )
+    physical_batch_size: int = Field(
+        32, ge=1, description="Memory cap per forward/backward (Opacus BatchMemoryManager)."
+    )
+    secure_mode: bool = Field(
+        False, description="Cryptographically secure noise and sampling; needs torchcsprng."
+    )
 
-    @field_validator("enabled")
-    @classmethod
-    def _not_yet(cls, enabled: bool) -> bool:
-        if enabled:
+    @model_validator(mode="after")
+    def _budget(self) -> PrivacySection:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError(
-                "differential privacy is not available in this hubtune version; refusing rather than "
-                "training without the guarantee you asked for. Remove `privacy` or set enabled: false."
+                "set exactly one of privacy.target_epsilon (recommended) or privacy.noise_multiplier"
             )
-        return enabled
+        return self
 
 
 class Recipe(_Strict):
@@ -250,6 +276,22 @@ class Recipe(_Strict):
     method: Method
     train: TrainSection = Field(default_factory=TrainSection)
     privacy: PrivacySection | None = None
+
+    @model_validator(mode="after")
+    def _privacy_compatible(self) -> Recipe:
+        if self.privacy is None or not self.privacy.enabled:
+            return self
+        if self.train.mixed_precision == "fp16":
+            raise ValueError(
+                "privacy with train.mixed_precision: fp16 is refused: the fp16 GradScaler rescales and skips steps "
+                "behind the DP optimizer's back. Use bf16 (autocast only) or no."
+            )
+        return self
+
+    @property
+    def dp(self) -> bool:
+        """Whether this recipe trains with differential privacy."""
+        return self.privacy is not None and self.privacy.enabled
 
     @property
     def lr(self) -> float:

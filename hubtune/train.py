@@ -34,6 +34,15 @@ from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic
 from hubtune.launch import use_cpu
 from hubtune.methods import MethodPlan, apply_method, head_inputs
 from hubtune.model import load_classifier
+from hubtune.privacy import (
+    PrivacyError,
+    PrivacyRun,
+    add_position_ids,
+    check_per_sample_gradients,
+    compute_epsilons,
+    forward_takes_position_ids,
+    prepare_private,
+)
 from hubtune.recipe import Recipe, recipe_to_yaml
 
 __all__ = ["RunError", "RunResult", "run_recipe", "feature_cache_dir"]
@@ -41,6 +50,7 @@ __all__ = ["RunError", "RunResult", "run_recipe", "feature_cache_dir"]
 logger = logging.getLogger("hubtune")
 
 RUN_SCHEMA_VERSION = 1
+PRIVACY_FILE = "hubtune_privacy.json"  # the ledger, also stored beside the saved weights
 # Test hook: called on the main process after each epoch's checkpoint (simulates a crash).
 _after_checkpoint: Callable[[int], None] | None = None
 
@@ -469,7 +479,7 @@ def run_recipe(
     timings["features_s"] = time.perf_counter() - t0
 
     generator = torch.Generator().manual_seed(recipe.seed)
-    train_loader = DataLoader(
+    train_loader: Any = DataLoader(
         datasets["train"],
         batch_size=recipe.train.batch_size,
         shuffle=True,
@@ -483,10 +493,65 @@ def run_recipe(
         for split in ("validation", "test")
     }
     optimizer = torch.optim.AdamW(plan.param_groups)
-    trained_module, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        trained_module, optimizer, train_loader, eval_loaders["validation"], eval_loaders["test"]
-    )
-    total_steps = recipe.train.epochs * len(train_loader)
+    dp_run: PrivacyRun | None = None
+    if recipe.dp:
+        assert recipe.privacy is not None
+        # The DP loader must not go through accelerator.prepare: it would re-batch and reshard
+        # the Poisson sampler. Only the (non-private) evaluation loaders are prepared.
+        val_loader, test_loader = accelerator.prepare(
+            eval_loaders["validation"], eval_loaders["test"]
+        )
+        try:
+            dp_run = prepare_private(
+                section=recipe.privacy,
+                model=trained_module,
+                optimizer=optimizer,
+                dataset=datasets["train"],
+                collate=loader_collate,
+                epochs=recipe.train.epochs,
+                num_processes=accelerator.num_processes,
+                device=accelerator.device,
+                prior_history=_prior_privacy_history(resolved),
+            )
+        except PrivacyError as exc:
+            raise RunError(f"privacy: {exc}") from None
+        trained_module, optimizer = dp_run.model, dp_run.optimizer
+        accelerator.register_for_checkpointing(
+            dp_run.model, dp_run.optimizer, dp_run.engine.accountant
+        )
+        steps_per_epoch = round(1 / dp_run.q)
+        needs_position_ids = not plan.cache_features and forward_takes_position_ids(plan.model)
+        _dp_preflight(
+            dp_run,
+            datasets["train"],
+            loader_collate,
+            forward,
+            accelerator.device,
+            needs_position_ids,
+        )
+        if main:
+            logger.info(
+                "privacy: n=%d q=%.5f (expected batch %.1f) sigma=%.4f C=%g delta=%.3g, %d steps planned, budget "
+                "allows %d",
+                dp_run.n,
+                dp_run.q,
+                dp_run.q * dp_run.n,
+                dp_run.sigma,
+                dp_run.max_grad_norm,
+                dp_run.delta,
+                recipe.train.epochs * steps_per_epoch,
+                dp_run.max_steps,
+            )
+    else:
+        trained_module, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+            trained_module,
+            optimizer,
+            train_loader,
+            eval_loaders["validation"],
+            eval_loaders["test"],
+        )
+        steps_per_epoch = len(train_loader)
+    total_steps = recipe.train.epochs * steps_per_epoch
     warmup = int(recipe.train.warmup_ratio * total_steps)
 
     def schedule(step: int) -> float:
@@ -507,6 +572,8 @@ def run_recipe(
                 "change). Resume with the same recipe, or use --overwrite to start over."
             )
         accelerator.load_state(str(checkpoint))
+        if dp_run is not None:
+            _load_dp_rng(dp_run, checkpoint, accelerator.process_index)
         history = state["history"]
         start_epoch = state["epoch"] + 1
         if main:
@@ -518,12 +585,50 @@ def run_recipe(
     t0 = time.perf_counter()
     num_labels = len(data.label_names)
     trainable_params = [p for p in trained_module.parameters() if p.requires_grad]
-    step = start_epoch * len(train_loader)
+    step = start_epoch * steps_per_epoch
+    initial = None
+    if dp_run is not None and checkpoint is None:
+        # Opacus + peft has shipped LoRA weights that never move while ε grows (opacus #820).
+        initial = {
+            n: p.detach().clone() for n, p in trained_module.named_parameters() if p.requires_grad
+        }
     for epoch in range(start_epoch, recipe.train.epochs):
         if plan.cache_features:
             trained_module.train()
         else:
-            plan.train_mode(accelerator.unwrap_model(trained_module))
+            plan.train_mode(plan.model)
+        if dp_run is not None:
+            if dp_run.steps_taken >= dp_run.max_steps:
+                dp_run.stopped_by_budget = dp_run.max_steps < total_steps
+                break
+            running, seen, step = _dp_epoch(
+                accelerator=accelerator,
+                run=dp_run,
+                forward=forward,
+                scheduler=scheduler,
+                epoch=epoch,
+                epochs=recipe.train.epochs,
+                step=step,
+                initial=initial,
+                needs_position_ids=needs_position_ids,
+            )
+            initial = None
+            _finish_epoch(
+                accelerator,
+                trained_module,
+                val_loader,
+                forward,
+                num_labels,
+                epoch,
+                step,
+                running,
+                seen,
+                history,
+                recipe,
+                run_dir,
+                dp_run,
+            )
+            continue
         train_loader.set_epoch(epoch)
         running, seen = 0.0, 0
         bar = _progress(train_loader, accelerator, f"epoch {epoch + 1}/{recipe.train.epochs}")
@@ -548,27 +653,21 @@ def run_recipe(
             step += 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
-        logits, labels = _predict(accelerator, trained_module, val_loader, forward)
-        val = _metrics(logits, labels, num_labels)
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": running / max(1, seen),
-            **{f"val_{k}": v for k, v in val.items()},
-        }
-        history.append(record)
-        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
-        if main:
-            logger.info(
-                "epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f",
-                epoch + 1,
-                record["train_loss"],
-                val["loss"],
-                val["accuracy"],
-                val["macro_f1"],
-            )
-        if recipe.train.checkpoint:
-            _save_checkpoint(accelerator, run_dir, epoch, history, recipe)
+        _finish_epoch(
+            accelerator,
+            trained_module,
+            val_loader,
+            forward,
+            num_labels,
+            epoch,
+            step,
+            running,
+            seen,
+            history,
+            recipe,
+            run_dir,
+            None,
+        )
     timings["train_s"] = time.perf_counter() - t0
 
     # 6. test + outputs
@@ -579,6 +678,12 @@ def run_recipe(
     majority = int(np.bincount(train_labels, minlength=num_labels).argmax())
     baseline = float((labels.numpy() == majority).mean())
     timings["test_s"] = time.perf_counter() - t0
+    if dp_run is not None and dp_run.stopped_by_budget and main:
+        logger.warning(
+            "privacy: the budget guard stopped training after %d steps (epsilon target %s)",
+            dp_run.steps_taken,
+            dp_run.target_epsilon,
+        )
     metrics = {
         "test": test,
         "majority_baseline": {"label": data.label_names[majority], "accuracy": baseline},
@@ -592,11 +697,16 @@ def run_recipe(
             run_dir=run_dir,
             recipe=recipe,
             plan=plan,
-            model=plan.model if plan.cache_features else unwrapped,
+            model=plan.model if (plan.cache_features or dp_run is not None) else unwrapped,
             tokenizer=tokenizer,
             predictions=predictions,
             metrics=metrics,
             data=data,
+            ledger=dp_run.ledger(
+                trained_names=plan.trainable_names, trained_count=counts["trainable"]
+            )
+            if dp_run is not None
+            else None,
         )
         timings["total_s"] = time.perf_counter() - t_start
         run_info = {
@@ -617,6 +727,7 @@ def run_recipe(
             "hardware": _hardware(accelerator),
             "test": test,
             "majority_baseline": metrics["majority_baseline"],
+            "privacy": _privacy_summary(run_dir) if dp_run is not None else {"enabled": False},
         }
         # run.json is written last: its presence marks a complete run.
         atomic_write_json(run_dir / "run.json", run_info)
@@ -629,8 +740,176 @@ def run_recipe(
     )
 
 
+def _finish_epoch(
+    accelerator: Any,
+    model: Any,
+    val_loader: Any,
+    forward: Any,
+    num_labels: int,
+    epoch: int,
+    step: int,
+    running: float,
+    seen: int,
+    history: list[dict[str, Any]],
+    recipe: Recipe,
+    run_dir: Path,
+    dp_run: PrivacyRun | None,
+) -> None:
+    """Evaluate on the validation split, log, and write the epoch's checkpoint."""
+    logits, labels = _predict(accelerator, model, val_loader, forward)
+    val = _metrics(logits, labels, num_labels)
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": step,
+        "train_loss": running / max(1, seen),
+        **{f"val_{k}": v for k, v in val.items()},
+    }
+    if dp_run is not None:
+        record["epsilon"] = compute_epsilons(dp_run.full_history(), dp_run.delta)[dp_run.accountant]
+    history.append(record)
+    accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+    if accelerator.is_main_process:
+        logger.info(
+            "epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f%s",
+            epoch + 1,
+            record["train_loss"],
+            val["loss"],
+            val["accuracy"],
+            val["macro_f1"],
+            f" epsilon {record['epsilon']:.3f}" if "epsilon" in record else "",
+        )
+    if recipe.train.checkpoint:
+        _save_checkpoint(accelerator, run_dir, epoch, history, recipe, dp_run)
+
+
+def _dp_epoch(
+    *,
+    accelerator: Any,
+    run: PrivacyRun,
+    forward: Any,
+    scheduler: Any,
+    epoch: int,
+    epochs: int,
+    step: int,
+    initial: dict[str, torch.Tensor] | None,
+    needs_position_ids: bool,
+) -> tuple[float, int, int]:
+    """One DP-SGD epoch: Poisson logical batches, split into physical ones by BatchMemoryManager."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    running, seen = 0.0, 0
+    model, optimizer = run.model, run.optimizer
+    with BatchMemoryManager(
+        data_loader=run.loader, max_physical_batch_size=run.physical_batch_size, optimizer=optimizer
+    ) as loader:
+        for batch in _progress(loader, accelerator, f"epoch {epoch + 1}/{epochs} (DP)"):
+            if run.steps_taken >= run.max_steps:
+                # Budget guard: one more step would take ε past the target.
+                run.stopped_by_budget = True
+                break
+            batch.pop("idx", None)
+            labels = batch.pop("labels").to(accelerator.device)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            if needs_position_ids:
+                add_position_ids(batch)
+            with accelerator.autocast():
+                logits = forward(model, batch)
+            if run.criterion is not None:
+                loss = run.criterion(logits.float(), labels)
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss.detach()):
+                raise RunError(
+                    f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last good "
+                    "checkpoint is kept (lower train.lr, or check the data)."
+                )
+            loss.backward()
+            optimizer.step()
+            if not optimizer._is_last_step_skipped:  # a logical (Poisson) batch is complete
+                scheduler.step()
+                step += 1
+                if initial is not None:
+                    _check_moved(model, initial)
+                    initial = None
+                bad = [
+                    n
+                    for n, p in model.named_parameters()
+                    if p.requires_grad and not torch.isfinite(p).all()
+                ]
+                if bad:
+                    raise RunError(
+                        f"non-finite weights after step {step} ({', '.join(bad[:3])}); stopped. The "
+                        "last good checkpoint is kept."
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            running += float(loss.detach()) * len(labels)
+            seen += len(labels)
+    return running, seen, step
+
+
+def _check_moved(model: Any, initial: dict[str, torch.Tensor]) -> None:
+    unchanged = [
+        n
+        for n, p in model.named_parameters()
+        if n in initial and torch.equal(p.detach(), initial[n])
+    ]
+    if unchanged:
+        raise RunError(
+            f"DP training left {len(unchanged)} trained tensor(s) unchanged after the first step "
+            f"({', '.join(unchanged[:4])}): their gradients never reach the DP optimizer, so ε would grow "
+            "while they do not learn (cf. opacus #820). Stopped."
+        )
+
+
+def _dp_preflight(
+    run: PrivacyRun,
+    dataset: Dataset,
+    collate: Any,
+    forward: Any,
+    device: torch.device,
+    needs_position_ids: bool,
+) -> None:
+    """On one real batch: every trainable tensor gets a per-example gradient of the batch's size."""
+    size = min(4, len(dataset))  # type: ignore[arg-type]
+    items = [dataset[i] for i in range(size)]
+    batch = collate(items) if collate is not None else torch.utils.data.default_collate(items)
+    batch.pop("idx", None)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if needs_position_ids:
+        add_position_ids(batch)
+    try:
+        check_per_sample_gradients(run, batch, forward)
+    except PrivacyError as exc:
+        raise RunError(f"privacy: {exc}") from None
+
+
+def _prior_privacy_history(resolved: ResolvedModel) -> list[tuple[float, float, int]]:
+    """The DP history of a base model that hubtune trained with DP (its ε keeps counting)."""
+    ledger = resolved.local_dir / PRIVACY_FILE
+    if not ledger.exists():
+        return []
+    data = json.loads(ledger.read_text())
+    history = [tuple(h) for h in data.get("prior_history", []) + data.get("history", [])]
+    logger.info(
+        "privacy: base model was trained with DP (epsilon %.3g); its history is carried on",
+        data.get("epsilon", float("nan")),
+    )
+    return history  # type: ignore[return-value]
+
+
+def _load_dp_rng(run: PrivacyRun, checkpoint: Path, rank: int) -> None:
+    path = checkpoint / f"dp_rng_{rank}.pt"
+    if run.generator_state is not None and path.exists():
+        run.generator_state.load_state_dict(torch.load(path, weights_only=True))
+
+
 def _save_checkpoint(
-    accelerator: Any, run_dir: Path, epoch: int, history: list[dict[str, Any]], recipe: Recipe
+    accelerator: Any,
+    run_dir: Path,
+    epoch: int,
+    history: list[dict[str, Any]],
+    recipe: Recipe,
+    dp_run: PrivacyRun | None = None,
 ) -> None:
     """Write checkpoints/epoch-N atomically: complete with trainer_state.json, or not at all."""
     folder = run_dir / "checkpoints"
@@ -640,6 +919,11 @@ def _save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if dp_run is not None and dp_run.generator_state is not None:
+        # Each process's secret sampling/noise generator: local resumability, never published.
+        torch.save(
+            dp_run.generator_state.state_dict(), tmp / f"dp_rng_{accelerator.process_index}.pt"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"epoch": epoch, "history": history, "recipe_digest": _recipe_digest(recipe)}
@@ -665,11 +949,16 @@ def _write_outputs(
     predictions: pd.DataFrame,
     metrics: dict[str, Any],
     data: PreparedData,
+    ledger: dict[str, Any] | None = None,
 ) -> None:
     out_name = "adapter" if plan.name == "lora" else "model"
     with atomic_dir(run_dir / out_name) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if ledger is not None:  # travels with the weights: further DP training adds to this ε
+            atomic_write_json(tmp / PRIVACY_FILE, ledger)
+    if ledger is not None:
+        atomic_write_json(run_dir / "privacy.json", ledger)
     atomic_write_json(run_dir / "metrics.json", metrics)
     _write_parquet(
         run_dir / "predictions.parquet",
@@ -677,6 +966,35 @@ def _write_outputs(
         {"label_names": data.label_names, "sensitive_columns": data.sensitive_columns},
     )
     atomic_write_text(run_dir / "recipe.resolved.yaml", recipe_to_yaml(recipe))
+
+
+def _privacy_summary(run_dir: Path) -> dict[str, Any]:
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+    keys = (
+        "epsilon",
+        "delta",
+        "accountant",
+        "epsilon_by_accountant",
+        "noise_multiplier",
+        "max_grad_norm",
+        "sample_rate",
+        "steps",
+        "stopped_by_budget",
+    )
+    return {"enabled": True, "ledger": "privacy.json", **{k: ledger[k] for k in keys}}
+
+
+def _privacy_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "privacy.json"
+    if not path.exists():
+        return ["privacy:   trained without differential privacy"]
+    ledger = json.loads(path.read_text())
+    eps = ledger["epsilon_by_accountant"]
+    return [
+        f"privacy:   ({ledger['epsilon']:.3f}, {ledger['delta']:.2g})-DP ({ledger['accountant'].upper()}; "
+        f"RDP epsilon {eps['rdp']:.3f}), sigma {ledger['noise_multiplier']:.3f}, C {ledger['max_grad_norm']:g}, "
+        f"q {ledger['sample_rate']:.4g}, {ledger['steps']} steps; ledger {path}"
+    ]
 
 
 def format_summary(result: RunResult) -> str:
@@ -689,5 +1007,6 @@ def format_summary(result: RunResult) -> str:
             f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
             f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
             f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
+            *_privacy_lines(result.run_dir),
         ]
     )

@@ -1,0 +1,495 @@
+"""Differential privacy (Opacus DP-SGD) that cannot silently break.
+
+An (ε, δ) guarantee holds only when sampling, clipping, noise and accounting match. hubtune
+therefore owns the whole chain and checks it before and during training:
+
+- **Sampling**: Poisson sampling through Opacus' ``DPDataLoader`` with sample rate
+  ``q = 1 / ceil(n / logical_batch_size)`` (an integer number of steps per epoch), the same
+  ``q`` the accountant is given. The DP loader is never handed to ``accelerator.prepare``
+  (which would re-batch or reshard it); with several processes Opacus' distributed Poisson
+  sampler and ``DPDDP`` are used instead of Accelerate's DDP.
+- **Clipping and noise**: Opacus' ``DPOptimizer``; memory is capped by
+  ``BatchMemoryManager`` (physical batches), the only gradient accumulation allowed.
+- **Accounting**: PRV (reported ε, default) and RDP (always reported too), from the
+  optimizer's real step history, carried in checkpoints and in the privacy ledger.
+- **Secrets**: the Poisson sampler and the noise draw from a generator seeded from
+  ``os.urandom`` (or the CSPRNG in ``secure_mode``), never from the recipe's public seed.
+  Its state is saved in checkpoints (local) so ``--resume`` continues exactly, and never in
+  the ledger, cards or resolved recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import inspect
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PrivacyError",
+    "PrivacyRun",
+    "compute_epsilons",
+    "default_delta",
+    "sample_rate_for",
+    "max_steps_within",
+    "LEDGER_SCHEMA_VERSION",
+]
+
+logger = logging.getLogger(__name__)
+
+LEDGER_SCHEMA_VERSION = 1
+# Fixing the DP randomness makes runs reproducible for tests and voids the guarantee.
+TEST_SEED_ENV = "HUBTUNE_UNSAFE_DP_SEED"
+
+
+class PrivacyError(RuntimeError):
+    """DP cannot be applied as asked; the message says why and how to fix it."""
+
+
+def default_delta(n: int) -> float:
+    """A δ well below 1/n: min(1e-5, 1/(10 n))."""
+    return min(1e-5, 1.0 / (10 * n))
+
+
+def sample_rate_for(n: int, logical_batch_size: int) -> float:
+    """Poisson rate q with an integer number of steps per epoch (what Opacus samples with)."""
+    return 1.0 / math.ceil(n / logical_batch_size)
+
+
+def compute_epsilons(history: list[tuple[float, float, int]], delta: float) -> dict[str, float]:
+    """ε at ``delta`` under PRV and RDP for an accountant history [(σ, q, steps), ...]."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    out: dict[str, float] = {}
+    if not history:
+        return {"prv": 0.0, "rdp": 0.0}
+    for name, cls in (("prv", PRVAccountant), ("rdp", RDPAccountant)):
+        accountant = cls()
+        accountant.history = [tuple(h) for h in history]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[name] = float(accountant.get_epsilon(delta=delta))
+    return out
+
+
+def _epsilon(accountant_name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if not history:
+        return 0.0
+    accountant = PRVAccountant() if accountant_name == "prv" else RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def max_steps_within(
+    *,
+    accountant: str,
+    prior: list[tuple[float, float, int]],
+    sigma: float,
+    q: float,
+    delta: float,
+    target: float,
+    upper: int,
+) -> int:
+    """The most steps at (σ, q), after ``prior``, whose ε stays at or below ``target``."""
+
+    def eps(steps: int) -> float:
+        return _epsilon(accountant, [*prior, (sigma, q, steps)] if steps else list(prior), delta)
+
+    if eps(upper) <= target:
+        return upper
+    lo, hi = 0, upper  # eps(lo) <= target < eps(hi)
+    if eps(0) > target:
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if eps(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class _GeneratorState:
+    """Lets a torch.Generator ride along in checkpoints."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
+def _secret_generator(secure_mode: bool) -> tuple[torch.Generator, str]:
+    seed_text = os.environ.get(TEST_SEED_ENV)
+    if seed_text is not None:
+        if secure_mode:
+            raise PrivacyError(
+                f"{TEST_SEED_ENV} fixes the DP randomness and cannot be combined with secure_mode"
+            )
+        generator = torch.Generator().manual_seed(int(seed_text))
+        return generator, f"fixed by {TEST_SEED_ENV} (testing only: NO privacy guarantee)"
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator, "os.urandom"
+
+
+def check_secure_mode() -> None:
+    """secure_mode needs torchcsprng: a hard failure if it is missing, never a fallback."""
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        raise PrivacyError(
+            "privacy.secure_mode: true needs the torchcsprng package (a cryptographically secure RNG for "
+            "the noise and the sampling), and it is not installed. Install a torchcsprng build matching "
+            "your torch, or set secure_mode: false (noise then comes from a generator seeded from os.urandom)."
+        ) from None
+
+
+def check_modules(model: nn.Module) -> None:
+    """Opacus' module validation, with hubtune's explanation for BatchNorm."""
+    from opacus.validators import ModuleValidator
+
+    trainable_bn = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and any(p.requires_grad for p in m.parameters())
+    ]
+    if trainable_bn:
+        raise PrivacyError(
+            f"trainable BatchNorm ({', '.join(trainable_bn[:3])}{'...' if len(trainable_bn) > 3 else ''}) mixes "
+            "the examples of a batch, so per-example gradients (and the DP guarantee) do not exist. Freeze "
+            "these layers (they then run in eval mode) or use a model with LayerNorm/GroupNorm."
+        )
+    # Opacus flags every BatchNorm, also frozen ones; a frozen BatchNorm runs in eval mode (see
+    # methods.MethodPlan.eval_modules) and mixes nothing, so those findings are dropped here.
+    errors = [e for e in ModuleValidator.validate(model, strict=False) if "BatchNorm" not in str(e)]
+    if errors:
+        raise PrivacyError(
+            "Opacus cannot compute per-example gradients for this model: "
+            + "; ".join(map(str, errors))
+        )
+
+
+def forward_takes_position_ids(model: nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def add_position_ids(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-example position ids: broadcast [1, T] ids give per-sample gradients of batch 1 (opacus #841)."""
+    ids = batch.get("input_ids")
+    if ids is not None and "position_ids" not in batch:
+        batch["position_ids"] = (
+            torch.arange(ids.shape[1], device=ids.device)
+            .unsqueeze(0)
+            .expand(ids.shape[0], -1)
+            .contiguous()
+        )
+    return batch
+
+
+@dataclass
+class PrivacyRun:
+    """The DP state of one run: engine, wrapped model/optimizer/loader, budget and ledger."""
+
+    engine: Any
+    model: nn.Module
+    optimizer: Any
+    loader: Any
+    criterion: Any
+    n: int
+    q: float
+    sigma: float
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    grad_sample_mode: str
+    logical_batch_size: int
+    physical_batch_size: int
+    secure_mode: bool
+    noise_source: str
+    target_epsilon: float | None
+    max_steps: int
+    prior_history: list[tuple[float, float, int]] = field(default_factory=list)
+    generator_state: _GeneratorState | None = None
+    num_processes: int = 1
+    stopped_by_budget: bool = False
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [tuple(h) for h in self.engine.accountant.history]  # type: ignore[misc]
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(int(h[2]) for h in self.history)
+
+    def full_history(self) -> list[tuple[float, float, int]]:
+        return [*self.prior_history, *self.history]
+
+    def ledger(self, *, trained_names: list[str], trained_count: int) -> dict[str, Any]:
+        eps = compute_epsilons(self.full_history(), self.delta)
+        versions = {}
+        for name in ("opacus", "torch", "transformers", "peft", "accelerate"):
+            with contextlib.suppress(md.PackageNotFoundError):
+                versions[name] = md.version(name)
+        return {
+            "schema_version": LEDGER_SCHEMA_VERSION,
+            "guarantee": f"({eps[self.accountant]:.4g}, {self.delta:.3g})-DP at the example level",
+            "epsilon": eps[self.accountant],
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "epsilon_by_accountant": eps,
+            "target_epsilon": self.target_epsilon,
+            "stopped_by_budget": self.stopped_by_budget,
+            "noise_multiplier": self.sigma,
+            "max_grad_norm": self.max_grad_norm,
+            "clipping": "flat",
+            "grad_sample_mode": self.grad_sample_mode,
+            "sample_rate": self.q,
+            "sampling": "poisson",
+            "dataset_size": self.n,
+            "expected_batch_size": self.q * self.n,
+            "logical_batch_size": self.logical_batch_size,
+            "physical_batch_size": self.physical_batch_size,
+            "steps": self.steps_taken,
+            "history": [list(h) for h in self.history],
+            "prior_history": [list(h) for h in self.prior_history],
+            "num_processes": self.num_processes,
+            "unit": "example",
+            "secure_mode": self.secure_mode,
+            "noise_source": self.noise_source,
+            "trained_parameters": trained_names,
+            "trained_parameter_count": trained_count,
+            "versions": versions,
+        }
+
+
+def prepare_private(
+    *,
+    section: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: torch.utils.data.Dataset,
+    collate: Any,
+    epochs: int,
+    num_processes: int,
+    device: torch.device,
+    prior_history: list[tuple[float, float, int]] | None = None,
+) -> PrivacyRun:
+    """Wrap model, optimizer and a Poisson data loader with Opacus, and fix the budget.
+
+    Raises:
+        PrivacyError: the configuration would not give the guarantee it claims.
+    """
+    from opacus import PrivacyEngine
+    from opacus.accountants.utils import get_noise_multiplier
+
+    n = len(dataset)  # type: ignore[arg-type]
+    delta = section.delta if section.delta is not None else default_delta(n)
+    if delta >= 1.0 / n:
+        raise PrivacyError(
+            f"privacy.delta = {delta:g} is not below 1/n = {1.0 / n:g} (n = {n} training examples). A δ that "
+            "large allows publishing a whole example; use a δ well below 1/n (default min(1e-5, 1/(10n)))."
+        )
+    if section.secure_mode:
+        check_secure_mode()
+    if section.logical_batch_size > n:
+        raise PrivacyError(
+            f"privacy.logical_batch_size ({section.logical_batch_size}) exceeds the {n} training examples"
+        )
+    if section.logical_batch_size < 16 or n < 500:
+        logger.warning(
+            "privacy: expected batch %d on %d examples is small; DP-SGD noise dominates tiny batches and tiny data "
+            "sets, expect a large accuracy loss",
+            section.logical_batch_size,
+            n,
+        )
+    model.train()  # the training loop puts frozen sub-modules back in eval mode each epoch
+    check_modules(model)
+    q = sample_rate_for(n, section.logical_batch_size)
+    steps_per_epoch = round(1 / q)
+    planned = epochs * steps_per_epoch
+    prior = list(prior_history or [])
+    if section.noise_multiplier is not None:
+        sigma = float(section.noise_multiplier)
+    else:
+        # σ so that the planned steps (after any prior DP training) land at or under the target.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prior_eps = _epsilon(section.accountant, prior, delta) if prior else 0.0
+            if prior_eps >= section.target_epsilon:
+                raise PrivacyError(
+                    f"the base model's earlier DP training already spent ε = {prior_eps:.3g} ≥ target "
+                    f"{section.target_epsilon}; raise privacy.target_epsilon"
+                )
+            sigma = (
+                float(
+                    get_noise_multiplier(
+                        target_epsilon=section.target_epsilon,
+                        target_delta=delta,
+                        sample_rate=q,
+                        steps=planned,
+                        accountant=section.accountant,
+                        epsilon_tolerance=0.01,
+                    )
+                )
+                if not prior
+                else _sigma_after_prior(
+                    section.accountant, prior, q, planned, delta, section.target_epsilon
+                )
+            )
+    target = section.target_epsilon
+    max_steps = planned
+    if target is not None:
+        max_steps = max_steps_within(
+            accountant=section.accountant,
+            prior=prior,
+            sigma=sigma,
+            q=q,
+            delta=delta,
+            target=target,
+            upper=planned,
+        )
+        if max_steps == 0:
+            raise PrivacyError(
+                f"not even one step fits in target ε = {target} at σ = {sigma:g}; raise the target"
+            )
+
+    generator, noise_source = _secret_generator(section.secure_mode)
+    engine = PrivacyEngine(accountant=section.accountant, secure_mode=section.secure_mode)
+    wrapped: nn.Module = model.to(device)
+    if num_processes > 1:
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+        wrapped = DPDDP(wrapped)
+    # batch_size = logical batch only fixes len(loader) = ceil(n / L) -> q; the DP loader then
+    # samples each example independently with probability q.
+    base_loader = torch.utils.data.DataLoader(
+        dataset, batch_size=section.logical_batch_size, collate_fn=collate
+    )
+    kwargs: dict[str, Any] = {}
+    if not section.secure_mode:
+        kwargs["noise_generator"] = generator
+    result = engine.make_private(
+        module=wrapped,
+        optimizer=optimizer,
+        data_loader=base_loader,
+        noise_multiplier=sigma,
+        max_grad_norm=section.max_grad_norm,
+        poisson_sampling=True,
+        clipping="flat",
+        grad_sample_mode=section.grad_sample_mode,
+        criterion=nn.CrossEntropyLoss(),
+        **kwargs,
+    )
+    if section.grad_sample_mode == "ghost":
+        dp_model, dp_optimizer, criterion, loader = result
+    else:
+        dp_model, dp_optimizer, loader = result
+        criterion = None
+    if not section.secure_mode:
+        loader.batch_sampler.generator = generator  # the secret generator, not the public seed
+    sampler_q = getattr(loader.batch_sampler, "sample_rate", None)
+    if sampler_q is None or abs(sampler_q - q) > 1e-12:
+        raise PrivacyError(
+            f"internal check failed: the sampler's rate {sampler_q} is not the accounted q = {q}"
+        )
+    return PrivacyRun(
+        engine=engine,
+        model=dp_model,
+        optimizer=dp_optimizer,
+        loader=loader,
+        criterion=criterion,
+        n=n,
+        q=q,
+        sigma=sigma,
+        delta=delta,
+        max_grad_norm=section.max_grad_norm,
+        accountant=section.accountant,
+        grad_sample_mode=section.grad_sample_mode,
+        logical_batch_size=section.logical_batch_size,
+        physical_batch_size=section.physical_batch_size,
+        secure_mode=section.secure_mode,
+        noise_source=noise_source,
+        target_epsilon=target,
+        max_steps=max_steps,
+        prior_history=prior,
+        generator_state=_GeneratorState(generator),
+        num_processes=num_processes,
+    )
+
+
+def _sigma_after_prior(
+    accountant: str,
+    prior: list[tuple[float, float, int]],
+    q: float,
+    steps: int,
+    delta: float,
+    target: float,
+) -> float:
+    """Smallest σ (to 1%) whose ε after ``prior`` + ``steps`` steps stays under ``target``."""
+    lo, hi = 0.1, 1.0
+    while _epsilon(accountant, [*prior, (hi, q, steps)], delta) > target:
+        hi *= 2
+        if hi > 1e4:
+            raise PrivacyError(
+                "cannot reach the target ε after the base model's earlier DP training"
+            )
+    while hi - lo > 0.01 * hi:
+        mid = (lo + hi) / 2
+        if _epsilon(accountant, [*prior, (mid, q, steps)], delta) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def check_per_sample_gradients(
+    run: PrivacyRun, batch: dict[str, torch.Tensor], forward: Any
+) -> None:
+    """Preflight on one real batch: every trainable tensor gets per-example gradients of batch size B."""
+    model = run.model
+    labels = batch["labels"]
+    size = labels.shape[0]
+    logits = forward(model, {k: v for k, v in batch.items() if k != "labels"})
+    if run.criterion is not None:
+        run.criterion(logits, labels).backward()
+        norms = getattr(model, "per_sample_gradient_norms", None)
+        if norms is None or norms.shape[0] != size:
+            raise PrivacyError(
+                f"preflight: ghost clipping computed per-example norms of shape "
+                f"{None if norms is None else tuple(norms.shape)} for a batch of {size}"
+            )
+    else:
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        bad = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            sample = getattr(param, "grad_sample", None)
+            if sample is None or sample.shape[0] != size:
+                bad.append(f"{name}: {None if sample is None else tuple(sample.shape)}")
+        if bad:
+            raise PrivacyError(
+                "preflight: these trainable tensors get no per-example gradient of batch size "
+                f"{size}, so they cannot be clipped per example: {'; '.join(bad[:5])}"
+            )
+    run.optimizer.zero_grad(set_to_none=True)
