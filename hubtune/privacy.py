@@ -187,6 +187,10 @@ def check_modules(model: nn.Module) -> None:
 
 
 def forward_takes_position_ids(model: nn.Module) -> bool:
+    """Whether the model (for peft: its base model, to which peft passes extra inputs) takes them."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        model = get_base()
     try:
         return "position_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -244,8 +248,18 @@ class PrivacyRun:
     def full_history(self) -> list[tuple[float, float, int]]:
         return [*self.prior_history, *self.history]
 
-    def ledger(self, *, trained_names: list[str], trained_count: int) -> dict[str, Any]:
+    def ledger(
+        self, *, trained_names: list[str], trained_count: int, batch_sizes: list[int] | None = None
+    ) -> dict[str, Any]:
         eps = compute_epsilons(self.full_history(), self.delta)
+        sizes = list(batch_sizes or [])
+        observed = {
+            "steps": len(sizes),
+            "mean": sum(sizes) / len(sizes) if sizes else None,
+            "min": min(sizes) if sizes else None,
+            "max": max(sizes) if sizes else None,
+            "expected": self.q * self.n,
+        }
         versions = {}
         for name in ("opacus", "torch", "transformers", "peft", "accelerate"):
             with contextlib.suppress(md.PackageNotFoundError):
@@ -270,6 +284,7 @@ class PrivacyRun:
             "logical_batch_size": self.logical_batch_size,
             "physical_batch_size": self.physical_batch_size,
             "steps": self.steps_taken,
+            "observed_batch_sizes": observed,
             "history": [list(h) for h in self.history],
             "prior_history": [list(h) for h in self.prior_history],
             "num_processes": self.num_processes,
@@ -466,6 +481,21 @@ def check_per_sample_gradients(
     run: PrivacyRun, batch: dict[str, torch.Tensor], forward: Any
 ) -> None:
     """Preflight on one real batch: every trainable tensor gets per-example gradients of batch size B."""
+    try:
+        _check_per_sample_gradients(run, batch, forward)
+    except PrivacyError:
+        raise
+    except Exception as exc:  # Opacus fails inside its hooks on layers it cannot handle
+        raise PrivacyError(
+            f"preflight: per-example gradients could not be computed on a real batch: {exc!r}"
+        ) from exc
+    finally:
+        run.optimizer.zero_grad(set_to_none=True)
+
+
+def _check_per_sample_gradients(
+    run: PrivacyRun, batch: dict[str, torch.Tensor], forward: Any
+) -> None:
     model = run.model
     labels = batch["labels"]
     size = labels.shape[0]
@@ -492,4 +522,3 @@ def check_per_sample_gradients(
                 "preflight: these trainable tensors get no per-example gradient of batch size "
                 f"{size}, so they cannot be clipped per example: {'; '.join(bad[:5])}"
             )
-    run.optimizer.zero_grad(set_to_none=True)

@@ -601,7 +601,7 @@ def run_recipe(
             if dp_run.steps_taken >= dp_run.max_steps:
                 dp_run.stopped_by_budget = dp_run.max_steps < total_steps
                 break
-            running, seen, step = _dp_epoch(
+            running, seen, step, sizes = _dp_epoch(
                 accelerator=accelerator,
                 run=dp_run,
                 forward=forward,
@@ -627,6 +627,7 @@ def run_recipe(
                 recipe,
                 run_dir,
                 dp_run,
+                extra={"dp_logical_batch_sizes": _sum_over_processes(accelerator, sizes)},
             )
             continue
         train_loader.set_epoch(epoch)
@@ -703,7 +704,9 @@ def run_recipe(
             metrics=metrics,
             data=data,
             ledger=dp_run.ledger(
-                trained_names=plan.trainable_names, trained_count=counts["trainable"]
+                trained_names=plan.trainable_names,
+                trained_count=counts["trainable"],
+                batch_sizes=[b for h in history for b in h.get("dp_logical_batch_sizes", [])],
             )
             if dp_run is not None
             else None,
@@ -754,6 +757,7 @@ def _finish_epoch(
     recipe: Recipe,
     run_dir: Path,
     dp_run: PrivacyRun | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Evaluate on the validation split, log, and write the epoch's checkpoint."""
     logits, labels = _predict(accelerator, model, val_loader, forward)
@@ -764,6 +768,7 @@ def _finish_epoch(
         "train_loss": running / max(1, seen),
         **{f"val_{k}": v for k, v in val.items()},
     }
+    record.update(extra or {})
     if dp_run is not None:
         record["epsilon"] = compute_epsilons(dp_run.full_history(), dp_run.delta)[dp_run.accountant]
     history.append(record)
@@ -793,11 +798,13 @@ def _dp_epoch(
     step: int,
     initial: dict[str, torch.Tensor] | None,
     needs_position_ids: bool,
-) -> tuple[float, int, int]:
+) -> tuple[float, int, int, list[int]]:
     """One DP-SGD epoch: Poisson logical batches, split into physical ones by BatchMemoryManager."""
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     running, seen = 0.0, 0
+    sizes: list[int] = []  # examples in each logical (Poisson) batch, this process
+    current = 0
     model, optimizer = run.model, run.optimizer
     with BatchMemoryManager(
         data_loader=run.loader, max_physical_batch_size=run.physical_batch_size, optimizer=optimizer
@@ -825,7 +832,10 @@ def _dp_epoch(
                 )
             loss.backward()
             optimizer.step()
+            current += len(labels)
             if not optimizer._is_last_step_skipped:  # a logical (Poisson) batch is complete
+                sizes.append(current)
+                current = 0
                 scheduler.step()
                 step += 1
                 if initial is not None:
@@ -844,7 +854,15 @@ def _dp_epoch(
             optimizer.zero_grad(set_to_none=True)
             running += float(loss.detach()) * len(labels)
             seen += len(labels)
-    return running, seen, step
+    return running, seen, step, sizes
+
+
+def _sum_over_processes(accelerator: Any, sizes: list[int]) -> list[int]:
+    """Per-step batch sizes summed over processes (each process samples its own shard)."""
+    if accelerator.num_processes == 1:
+        return sizes
+    tensor = torch.tensor(sizes, dtype=torch.long, device=accelerator.device)
+    return [int(v) for v in accelerator.reduce(tensor, reduction="sum").cpu()]
 
 
 def _check_moved(model: Any, initial: dict[str, torch.Tensor]) -> None:

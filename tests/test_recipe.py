@@ -126,17 +126,34 @@ def test_trust_remote_code_needs_a_pinned_sha() -> None:
 
 
 def test_privacy_section_cross_checks() -> None:
-    base = {"name": "x", "model": {"id": "org/m"}, "data": {"source": "d.csv"}, "method": {"name": "full"}}
+    base = {
+        "name": "x",
+        "model": {"id": "org/m"},
+        "data": {"source": "d.csv"},
+        "method": {"name": "full"},
+    }
     assert not Recipe.model_validate({**base, "privacy": {"enabled": False}}).dp
     with pytest.raises(Exception, match="exactly one of privacy.target_epsilon"):
         Recipe.model_validate({**base, "privacy": {"enabled": True}})
     with pytest.raises(Exception, match="exactly one of privacy.target_epsilon"):
-        Recipe.model_validate({**base, "privacy": {"enabled": True, "target_epsilon": 8, "noise_multiplier": 1.0}})
+        Recipe.model_validate(
+            {**base, "privacy": {"enabled": True, "target_epsilon": 8, "noise_multiplier": 1.0}}
+        )
     with pytest.raises(Exception, match="fp16 GradScaler"):
-        Recipe.model_validate({**base, "privacy": {"enabled": True, "target_epsilon": 8},
-                               "train": {"mixed_precision": "fp16"}})
-    ok = Recipe.model_validate({**base, "privacy": {"enabled": True, "target_epsilon": 8},
-                                "train": {"mixed_precision": "bf16"}})
+        Recipe.model_validate(
+            {
+                **base,
+                "privacy": {"enabled": True, "target_epsilon": 8},
+                "train": {"mixed_precision": "fp16"},
+            }
+        )
+    ok = Recipe.model_validate(
+        {
+            **base,
+            "privacy": {"enabled": True, "target_epsilon": 8},
+            "train": {"mixed_precision": "bf16"},
+        }
+    )
     assert ok.dp and ok.privacy is not None and ok.privacy.accountant == "prv"
 
 

@@ -1,0 +1,340 @@
+"""DP-SGD runs: the ledger is right and recomputable, refusals are clear, nothing silently breaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from hubtune import train as train_module
+from hubtune.privacy import PrivacyError, check_modules, compute_epsilons, max_steps_within
+from hubtune.recipe import Recipe
+from hubtune.train import RunError, run_recipe
+
+from .conftest import make_sentiment_frame, recipe_dict
+
+ROOT = Path(__file__).parents[1]
+DP = {"enabled": True, "target_epsilon": 4.0, "logical_batch_size": 64, "physical_batch_size": 16}
+
+
+@pytest.fixture()
+def dp_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "reviews.csv"
+    make_sentiment_frame(900).to_csv(path, index=False)
+    return path
+
+
+def _spec(
+    model: Path,
+    csv: Path,
+    out: Path,
+    privacy_section: dict | None = None,
+    epochs: int = 2,
+    **method: object,
+) -> dict:
+    spec = recipe_dict(model, csv, out, **method)
+    spec["train"].update(epochs=epochs, lr=0.01)
+    spec["privacy"] = {**DP, **(privacy_section or {})}
+    return spec
+
+
+def _independent_epsilons(history: list[list[float]], delta: float) -> dict[str, float]:
+    """ε from Google's dp_accounting, a library hubtune does not use."""
+    import dp_accounting
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    events = [
+        dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), int(steps)
+        )
+        for sigma, q, steps in history
+    ]
+    rdp = dp_accounting.rdp.RdpAccountant()
+    pld = pld_privacy_accountant.PLDAccountant()
+    for event in events:
+        rdp.compose(event)
+        pld.compose(event)
+    return {"rdp": rdp.get_epsilon(delta), "pld": pld.get_epsilon(delta)}
+
+
+def test_ledger_matches_an_independent_accountant(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    result = run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path)))
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    n = ledger["dataset_size"]
+    assert ledger["sampling"] == "poisson" and ledger["accountant"] == "prv"
+    assert ledger["sample_rate"] == pytest.approx(1 / -(-n // 64))
+    assert ledger["delta"] < 1 / n
+    assert (
+        ledger["steps"]
+        == sum(h[2] for h in ledger["history"])
+        == 2 * round(1 / ledger["sample_rate"])
+    )
+    assert ledger["epsilon"] <= 4.0 and ledger["epsilon"] == ledger["epsilon_by_accountant"]["prv"]
+    independent = _independent_epsilons(ledger["history"], ledger["delta"])
+    assert ledger["epsilon_by_accountant"]["rdp"] == pytest.approx(independent["rdp"], rel=0.01)
+    assert ledger["epsilon_by_accountant"]["prv"] == pytest.approx(independent["pld"], rel=0.02)
+    # Poisson sampling really happened: batch sizes vary around q*n, one per accounted step.
+    observed = ledger["observed_batch_sizes"]
+    assert observed["steps"] == ledger["steps"]
+    assert observed["min"] < observed["max"]
+    assert (
+        abs(observed["mean"] - observed["expected"])
+        < 4 * (observed["expected"] ** 0.5) / observed["steps"] ** 0.5
+    )
+    # The noise seed is secret: neither the ledger nor run.json says what it was.
+    assert ledger["noise_source"] == "os.urandom"
+    text = (result.run_dir / "privacy.json").read_text() + (result.run_dir / "run.json").read_text()
+    assert "noise_seed" not in text
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["privacy"]["enabled"] and run["privacy"]["epsilon"] == ledger["epsilon"]
+    assert (result.run_dir / "model" / "hubtune_privacy.json").exists()
+
+
+def test_lora_weights_move_under_dp_and_adapter_reproduces_logits(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, dp_csv, tmp_path, name="lora", r=4)
+    result = run_recipe(Recipe.model_validate(spec))
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    assert any("lora_A" in n for n in ledger["trained_parameters"])
+    assert any("lora_B" in n for n in ledger["trained_parameters"])
+    adapter = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)  # B starts at zero
+
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        result.run_dir / "adapter", num_labels=2
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "adapter")
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+    data = pd.read_csv(dp_csv)
+    texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"]]
+    with torch.no_grad():
+        logits = model(
+            **tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        ).logits
+    assert (
+        abs(torch.softmax(logits, -1)[:, 1].numpy() - predictions["prob_pos"].to_numpy()).max()
+        < 1e-4
+    )
+
+
+def test_unchanged_trained_tensors_stop_the_run(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opacus #820 failure mode: ε grows while some trained tensor never moves."""
+    real_step = torch.optim.AdamW.step
+
+    def step_skipping_bias(self, closure=None):  # type: ignore[no-untyped-def]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim == 1:
+                    p.grad = None  # as if this tensor's gradient never reached the optimizer
+        return real_step(self, closure)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_skipping_bias)
+    with pytest.raises(RunError, match="unchanged after the first step"):
+        run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path)))
+
+
+def test_budget_guard_stops_before_the_target(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import opacus.accountants.utils as opacus_utils
+
+    real = opacus_utils.get_noise_multiplier
+
+    def too_little_noise(**kwargs):  # type: ignore[no-untyped-def]
+        return real(**kwargs) * 0.8  # a σ that would overshoot the target if all steps ran
+
+    monkeypatch.setattr(opacus_utils, "get_noise_multiplier", too_little_noise)
+    result = run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path, epochs=3)))
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    planned = 3 * round(1 / ledger["sample_rate"])
+    assert ledger["stopped_by_budget"] and ledger["steps"] < planned
+    assert ledger["epsilon"] <= 4.0
+    one_more = compute_epsilons(
+        [[ledger["noise_multiplier"], ledger["sample_rate"], ledger["steps"] + 1]], ledger["delta"]
+    )["prv"]
+    assert one_more > 4.0  # it stopped at the last step that fit
+
+
+def test_max_steps_within_is_the_largest_fitting_count() -> None:
+    steps = max_steps_within(
+        accountant="rdp", prior=[], sigma=1.0, q=0.01, delta=1e-5, target=2.0, upper=10_000
+    )
+    eps = lambda k: compute_epsilons([(1.0, 0.01, k)], 1e-5)["rdp"]  # noqa: E731
+    assert 0 < steps < 10_000 and eps(steps) <= 2.0 < eps(steps + 1)
+
+
+def test_refusals_say_why(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(RunError, match=r"not below 1/n"):
+        run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path / "a", {"delta": 0.01})))
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)  # make sure it is missing
+    with pytest.raises(RunError, match="needs the torchcsprng package"):
+        run_recipe(
+            Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path / "b", {"secure_mode": True}))
+        )
+    with pytest.raises(Exception, match="fp16 GradScaler"):
+        spec = _spec(tiny_bert, dp_csv, tmp_path / "c")
+        spec["train"]["mixed_precision"] = "fp16"
+        Recipe.model_validate(spec)
+
+
+def test_trainable_batchnorm_is_refused_frozen_is_fine() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(PrivacyError, match="BatchNorm.*mixes"):
+        check_modules(model)
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    check_modules(model)
+
+
+def test_preflight_finds_tensors_without_per_example_gradients(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = train_module.prepare_private
+
+    def with_unused_parameter(**kwargs):  # type: ignore[no-untyped-def]
+        # A trainable tensor that the forward pass never uses gets no per-example gradient.
+        kwargs["model"].add_module("orphan", nn.Linear(2, 2))
+        return real(**kwargs)
+
+    monkeypatch.setattr(train_module, "prepare_private", with_unused_parameter)
+    with pytest.raises(RunError, match="per-example gradient"):
+        run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path)))
+
+
+def test_continued_dp_training_adds_to_epsilon(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    first = run_recipe(
+        Recipe.model_validate(
+            _spec(tiny_bert, dp_csv, tmp_path / "one", {"target_epsilon": 2.0}, name="full")
+        )
+    )
+    spec = _spec(
+        first.run_dir / "model", dp_csv, tmp_path / "two", {"target_epsilon": 3.0}, name="full"
+    )
+    second = run_recipe(Recipe.model_validate(spec))
+    one = json.loads((first.run_dir / "privacy.json").read_text())
+    two = json.loads((second.run_dir / "privacy.json").read_text())
+    assert two["prior_history"] == one["history"]
+    assert one["epsilon"] < two["epsilon"] <= 3.0
+    assert two["epsilon"] == pytest.approx(
+        compute_epsilons(two["prior_history"] + two["history"], two["delta"])["prv"]
+    )
+
+
+def test_ghost_clipping_runs_with_lora(tiny_bert: Path, dp_csv: Path, tmp_path: Path) -> None:
+    spec = _spec(
+        tiny_bert, dp_csv, tmp_path, {"grad_sample_mode": "ghost"}, epochs=1, name="lora", r=4
+    )
+    result = run_recipe(Recipe.model_validate(spec))
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    assert ledger["grad_sample_mode"] == "ghost" and ledger["epsilon"] <= 4.0
+
+
+def _hubtune(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hubtune", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_ledger_and_weights(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    import yaml
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HUBTUNE_UNSAFE_DP_SEED="7")
+    paths = {}
+    for name in ("whole", "killed"):
+        spec = _spec(tiny_bert, dp_csv, tmp_path / name, epochs=3, name="full")
+        spec["train"]["log_with"] = []
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(spec))
+    whole = _hubtune("run", str(paths["whole"]), env=env)
+    assert whole.wait(timeout=600) == 0, whole.stdout.read() if whole.stdout else ""
+    killed = _hubtune("run", str(paths["killed"]), env=env)
+    run_dir = tmp_path / "killed" / "tiny"
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoints" / "epoch-1" / "trainer_state.json").exists():
+        assert killed.poll() is None and time.time() < deadline, (
+            "run ended before it could be killed"
+        )
+        time.sleep(0.05)
+    time.sleep(0.5)  # now in the middle of epoch 2
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (run_dir / "run.json").exists()
+    resumed = _hubtune("run", str(paths["killed"]), "--resume", env=env)
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    a = json.loads((tmp_path / "whole" / "tiny" / "privacy.json").read_text())
+    b = json.loads((run_dir / "privacy.json").read_text())
+    for key in ("history", "epsilon", "epsilon_by_accountant", "steps", "observed_batch_sizes"):
+        assert a[key] == b[key], key
+    wa = load_file(tmp_path / "whole" / "tiny" / "model" / "model.safetensors")
+    wb = load_file(run_dir / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_processes_poisson_per_rank_and_one_ledger(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import yaml
+
+    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=2, name="lora", r=4)
+    spec["train"]["log_with"] = []
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate
+    out = subprocess.run(
+        [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "hubtune", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    ledger = json.loads((tmp_path / "tiny" / "privacy.json").read_text())
+    assert ledger["num_processes"] == 2
+    steps_per_epoch = round(1 / ledger["sample_rate"])
+    # Each rank sampled its own shard; the accountant counted exactly the steps taken.
+    assert ledger["steps"] == 2 * steps_per_epoch == ledger["observed_batch_sizes"]["steps"]
+    observed = ledger["observed_batch_sizes"]
+    assert observed["min"] < observed["max"]
+    assert (
+        abs(observed["mean"] - observed["expected"])
+        < 4 * observed["expected"] ** 0.5 / observed["steps"] ** 0.5
+    )
+    assert ledger["epsilon"] <= 4.0
+    assert ledger["epsilon_by_accountant"]["rdp"] == pytest.approx(
+        _independent_epsilons(ledger["history"], ledger["delta"])["rdp"], rel=0.01
+    )
