@@ -1,0 +1,373 @@
+"""GPU throughput and peak memory: non-DP vs DP-SGD (hooks, ghost) for LoRA and full fine-tuning.
+
+Models are built from configs at real sizes (BERT-base, RoBERTa-large, GPT-2) with random
+weights (speed does not depend on the weights), sequence length 128, bf16 autocast, physical
+batch 32. DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``:
+Poisson sampling, Opacus GradSampleModule / ghost clipping, BatchMemoryManager), and, for
+comparison, through a plain hand-written Opacus loop (``PrivacyEngine.make_private`` +
+BatchMemoryManager), back to back on the same device.
+
+Run on a GPU machine (one call, a few minutes):
+    python bench/bench_dp_gpu.py --out bench/results/dp_gpu
+Smoke test anywhere (tiny models, CPU ok):
+    python bench/bench_dp_gpu.py --smoke --out /tmp/dp_gpu_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SEQ = 128
+PHYSICAL = 32
+
+
+def model_config(name: str, smoke: bool) -> Any:
+    from transformers import BertConfig, GPT2Config, RobertaConfig
+
+    if smoke:
+        small = {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+        }
+        if name == "gpt2":
+            return GPT2Config(
+                n_embd=64,
+                n_layer=2,
+                n_head=2,
+                vocab_size=1000,
+                n_positions=256,
+                pad_token_id=0,
+                num_labels=2,
+            )
+        cls = BertConfig if name == "bert-base" else RobertaConfig
+        return cls(vocab_size=1000, max_position_embeddings=300, num_labels=2, **small)
+    if name == "bert-base":
+        return BertConfig(num_labels=2)
+    if name == "roberta-large":
+        return RobertaConfig(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            vocab_size=50265,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            num_labels=2,
+        )
+    return GPT2Config(num_labels=2, pad_token_id=50256)
+
+
+def build(name: str, method: str, smoke: bool, device: torch.device) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    from hubtune.methods import apply_method
+    from hubtune.recipe import FullMethod, LoraMethod
+
+    torch.manual_seed(0)
+    config = model_config(name, smoke)
+    config.hidden_dropout_prob = getattr(config, "hidden_dropout_prob", 0.1)
+    model = AutoModelForSequenceClassification.from_config(config)
+    spec = LoraMethod(name="lora", r=8) if method == "lora" else FullMethod(name="full")
+    plan = apply_method(model, spec, lr=1e-4 if method == "lora" else 2e-5)
+    return plan, config
+
+
+class Synthetic(torch.utils.data.Dataset):
+    """Random token ids; fixed length, so every mode sees the same work per example."""
+
+    def __init__(self, n: int, vocab: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(5, vocab - 1, (n, SEQ), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(SEQ, dtype=torch.long),
+            "labels": self.labels[i],
+        }
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if not items:
+        return {
+            "input_ids": torch.zeros(0, SEQ, dtype=torch.long),
+            "attention_mask": torch.zeros(0, SEQ, dtype=torch.long),
+            "labels": torch.zeros(0, dtype=torch.long),
+        }
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_loss(
+    model: Any, batch: dict[str, torch.Tensor], device: torch.device, criterion: Any = None
+) -> torch.Tensor:
+    from hubtune.privacy import add_position_ids
+
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    add_position_ids(batch)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        logits = model(**batch).logits
+    return (
+        criterion(logits.float(), labels)
+        if criterion is not None
+        else F.cross_entropy(logits.float(), labels)
+    )
+
+
+def run_nondp(
+    plan: Any, dataset: Synthetic, device: torch.device, steps: int, warmup: int
+) -> tuple[float, int]:
+    model = plan.model.to(device).train()
+    optimizer = torch.optim.AdamW(plan.param_groups)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=PHYSICAL, shuffle=True, collate_fn=collate, drop_last=True
+    )
+    it = iter(loader)
+    seen, start = 0, 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        batch = next(it)
+        loss = forward_loss(model, batch, device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            seen += len(batch["labels"])
+    sync(device)
+    return seen / (time.perf_counter() - start), seen
+
+
+def run_dp(
+    plan: Any,
+    dataset: Synthetic,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    mode: str,
+    path: str,
+) -> tuple[float, int]:
+    """DP through hubtune (path='hubtune') or a plain Opacus loop (path='opacus')."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    optimizer = torch.optim.AdamW(plan.param_groups)
+    if path == "hubtune":
+        from hubtune.privacy import prepare_private
+        from hubtune.recipe import PrivacySection
+
+        section = PrivacySection(
+            enabled=True,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            logical_batch_size=PHYSICAL,
+            physical_batch_size=PHYSICAL,
+        )
+        run = prepare_private(
+            section=section,
+            model=plan.model,
+            optimizer=optimizer,
+            dataset=dataset,
+            collate=collate,
+            epochs=1,
+            num_processes=1,
+            device=device,
+        )
+        model, dp_optimizer, loader, criterion = run.model, run.optimizer, run.loader, run.criterion
+    else:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="prv")
+        base = torch.utils.data.DataLoader(dataset, batch_size=PHYSICAL, collate_fn=collate)
+        out = engine.make_private(
+            module=plan.model.to(device),
+            optimizer=optimizer,
+            data_loader=base,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+            criterion=torch.nn.CrossEntropyLoss(),
+        )
+        if mode == "ghost":
+            model, dp_optimizer, criterion, loader = out
+        else:
+            (model, dp_optimizer, loader), criterion = out, None
+    model.train()
+    logical, seen, start = 0, 0, 0.0
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=PHYSICAL, optimizer=dp_optimizer
+    ) as batches:
+        for batch in batches:
+            if logical == warmup and start == 0.0:
+                sync(device)
+                start = time.perf_counter()
+            loss = forward_loss(model, batch, device, criterion)
+            loss.backward()
+            dp_optimizer.step()
+            dp_optimizer.zero_grad(set_to_none=True)
+            if logical >= warmup:
+                seen += len(batch["labels"])
+            if not dp_optimizer._is_last_step_skipped:
+                logical += 1
+                if logical >= warmup + steps:
+                    break
+    sync(device)
+    return seen / (time.perf_counter() - start), seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", required=True, help="results path without suffix (.json and .md are written)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny models, few steps (CPU ok)")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--models", default="bert-base,roberta-large,gpt2")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
+    rows = []
+    for name in args.models.split(","):
+        for method in ("lora", "full"):
+            variants = [
+                ("non-DP", None, None),
+                ("DP hooks", "hooks", "hubtune"),
+                ("DP ghost", "ghost", "hubtune"),
+                ("plain Opacus hooks", "hooks", "opacus"),
+                ("plain Opacus ghost", "ghost", "opacus"),
+            ]
+            for label, mode, path in variants:
+                plan, config = build(name, method, args.smoke, device)
+                dataset = Synthetic(PHYSICAL * 200, config.vocab_size)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    if mode is None:
+                        rate, seen = run_nondp(plan, dataset, device, steps, warmup)
+                    else:
+                        rate, seen = run_dp(
+                            plan, dataset, device, steps, warmup, mode, path or "hubtune"
+                        )
+                    error = None
+                except Exception as exc:  # report, keep measuring the others
+                    rate, seen, error = float("nan"), 0, f"{type(exc).__name__}: {exc}"[:300]
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+                row = {
+                    "model": name,
+                    "method": method,
+                    "variant": label,
+                    "samples_per_s": rate,
+                    "examples": seen,
+                    "peak_gib": peak,
+                    "error": error,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del plan
+    for row in rows:
+        base = next(
+            r
+            for r in rows
+            if r["model"] == row["model"]
+            and r["method"] == row["method"]
+            and r["variant"] == "non-DP"
+        )
+        row["ratio_vs_nondp"] = (
+            row["samples_per_s"] / base["samples_per_s"] if base["samples_per_s"] else None
+        )
+        if base["peak_gib"]:
+            row["memory_vs_nondp"] = (row["peak_gib"] or 0) / base["peak_gib"]
+    import importlib.metadata as md
+
+    machine = {
+        "device": torch.cuda.get_device_name(0)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "versions": {p: md.version(p) for p in ("transformers", "peft", "opacus") if _has(p)},
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {
+            "seq_len": SEQ,
+            "physical_batch": PHYSICAL,
+            "expected_logical_batch": PHYSICAL,
+            "autocast": "bf16",
+            "tf32": device.type == "cuda",
+            "steps": steps,
+            "warmup": warmup,
+            "smoke": args.smoke,
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    lines = [
+        f"# DP throughput on {machine['device']}",
+        "",
+        f"torch {machine['torch']}, {json.dumps(machine['versions'])}; {json.dumps(machine['settings'])}",
+        "",
+        "| model | method | variant | samples/s | × non-DP | peak GiB | × non-DP mem | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = (
+            f"{r['ratio_vs_nondp']:.2f}"
+            if r.get("ratio_vs_nondp") == r.get("ratio_vs_nondp")
+            and r.get("ratio_vs_nondp") is not None
+            else "-"
+        )
+        mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] else "-"
+        memr = f"{r['memory_vs_nondp']:.2f}" if r.get("memory_vs_nondp") else "-"
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['variant']} | {r['samples_per_s']:.1f} | {ratio} | {mem} | {memr} | {r['error'] or ''} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _has(name: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
