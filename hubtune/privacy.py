@@ -122,30 +122,39 @@ def max_steps_within(
 
 
 class _GeneratorState:
-    """Lets a torch.Generator ride along in checkpoints."""
+    """Lets the secret generators (sampling on the CPU, noise on the device) ride along in checkpoints."""
 
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self, *generators: torch.Generator):
+        self.generators = generators
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"state": self.generator.get_state()}
+        return {f"state_{i}": g.get_state() for i, g in enumerate(self.generators)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["state"])
+        for i, generator in enumerate(self.generators):
+            generator.set_state(state[f"state_{i}"])
 
 
-def _secret_generator(secure_mode: bool) -> tuple[torch.Generator, str]:
+def _secret_generators(
+    secure_mode: bool, device: torch.device
+) -> tuple[torch.Generator, torch.Generator, str]:
+    """(sampling generator on the CPU, noise generator on ``device``, where their seeds came from)."""
     seed_text = os.environ.get(TEST_SEED_ENV)
     if seed_text is not None:
         if secure_mode:
             raise PrivacyError(
                 f"{TEST_SEED_ENV} fixes the DP randomness and cannot be combined with secure_mode"
             )
-        generator = torch.Generator().manual_seed(int(seed_text))
-        return generator, f"fixed by {TEST_SEED_ENV} (testing only: NO privacy guarantee)"
-    generator = torch.Generator()
-    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
-    return generator, "os.urandom"
+        seeds = [int(seed_text), int(seed_text) + 1]
+        source = f"fixed by {TEST_SEED_ENV} (testing only: NO privacy guarantee)"
+    else:
+        seeds = [int.from_bytes(os.urandom(8), "little") for _ in range(2)]
+        source = "os.urandom"
+    sampling = torch.Generator().manual_seed(seeds[0])
+    noise = torch.Generator(device=device).manual_seed(
+        seeds[1]
+    )  # noise is drawn where the gradients live
+    return sampling, noise, source
 
 
 def check_secure_mode() -> None:
@@ -388,7 +397,9 @@ def prepare_private(
                 f"not even one step fits in target ε = {target} at σ = {sigma:g}; raise the target"
             )
 
-    generator, noise_source = _secret_generator(section.secure_mode)
+    sampling_generator, noise_generator, noise_source = _secret_generators(
+        section.secure_mode, torch.device(device)
+    )
     engine = PrivacyEngine(accountant=section.accountant, secure_mode=section.secure_mode)
     wrapped: nn.Module = model.to(device)
     if num_processes > 1:
@@ -402,7 +413,7 @@ def prepare_private(
     )
     kwargs: dict[str, Any] = {}
     if not section.secure_mode:
-        kwargs["noise_generator"] = generator
+        kwargs["noise_generator"] = noise_generator
     result = engine.make_private(
         module=wrapped,
         optimizer=optimizer,
@@ -421,7 +432,7 @@ def prepare_private(
         dp_model, dp_optimizer, loader = result
         criterion = None
     if not section.secure_mode:
-        loader.batch_sampler.generator = generator  # the secret generator, not the public seed
+        loader.batch_sampler.generator = sampling_generator  # secret, not the public seed
     sampler_q = getattr(loader.batch_sampler, "sample_rate", None)
     if sampler_q is None or abs(sampler_q - q) > 1e-12:
         raise PrivacyError(
@@ -447,7 +458,7 @@ def prepare_private(
         target_epsilon=target,
         max_steps=max_steps,
         prior_history=prior,
-        generator_state=_GeneratorState(generator),
+        generator_state=_GeneratorState(sampling_generator, noise_generator),
         num_processes=num_processes,
     )
 
