@@ -841,12 +841,14 @@ def _dp_epoch(
                 if initial is not None:
                     _check_moved(model, initial)
                     initial = None
-                bad = [
-                    n
-                    for n, p in model.named_parameters()
-                    if p.requires_grad and not torch.isfinite(p).all()
-                ]
-                if bad:
+                trained = [p for p in model.parameters() if p.requires_grad]
+                # One device sync for all tensors, not one per tensor.
+                if not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):
+                    bad = [
+                        n
+                        for n, p in model.named_parameters()
+                        if p.requires_grad and not torch.isfinite(p).all()
+                    ]
                     raise RunError(
                         f"non-finite weights after step {step} ({', '.join(bad[:3])}); stopped. The "
                         "last good checkpoint is kept."
