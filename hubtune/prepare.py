@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import bz2
-import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -35,12 +34,13 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hubtune.io import atomic_write_bytes
 
 __all__ = [
     "DATA_FILENAME",
@@ -387,37 +387,8 @@ def _sorted_counts(counts: Mapping[str, int]) -> dict[str, int]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file.
-
-    The temporary file lives in the destination directory because ``os.replace`` is only
-    atomic within one file system.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Persist the rename itself; best effort because some platforms cannot open directories.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Write ``data`` so that readers see either the old or the new file (see hubtune.io)."""
+    atomic_write_bytes(path, data)
 
 
 def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[str]]) -> bytes:

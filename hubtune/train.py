@@ -584,7 +584,6 @@ def run_recipe(
     # 5. train
     t0 = time.perf_counter()
     num_labels = len(data.label_names)
-    trainable_params = [p for p in trained_module.parameters() if p.requires_grad]
     step = start_epoch * steps_per_epoch
     initial = None
     if dp_run is not None and checkpoint is None:
@@ -613,47 +612,21 @@ def run_recipe(
                 needs_position_ids=needs_position_ids,
             )
             initial = None
-            _finish_epoch(
-                accelerator,
-                trained_module,
-                val_loader,
-                forward,
-                num_labels,
-                epoch,
-                step,
-                running,
-                seen,
-                history,
-                recipe,
-                run_dir,
-                dp_run,
-                extra={"dp_logical_batch_sizes": _sum_over_processes(accelerator, sizes)},
+            extra = {"dp_logical_batch_sizes": _sum_over_processes(accelerator, sizes)}
+        else:
+            running, seen, step = _plain_epoch(
+                accelerator=accelerator,
+                model=trained_module,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loader=train_loader,
+                forward=forward,
+                epoch=epoch,
+                epochs=recipe.train.epochs,
+                step=step,
+                max_grad_norm=recipe.train.max_grad_norm,
             )
-            continue
-        train_loader.set_epoch(epoch)
-        running, seen = 0.0, 0
-        bar = _progress(train_loader, accelerator, f"epoch {epoch + 1}/{recipe.train.epochs}")
-        for batch in bar:
-            batch.pop("idx")
-            labels = batch.pop("labels")
-            logits = forward(trained_module, batch)
-            loss = F.cross_entropy(logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise RunError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last good checkpoint is kept "
-                    "(lower train.lr, or check the data)."
-                )
-            accelerator.backward(loss)
-            if recipe.train.max_grad_norm is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable_params, recipe.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.item() * len(labels)
-            seen += len(labels)
-            step += 1
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
+            extra = None
         _finish_epoch(
             accelerator,
             trained_module,
@@ -667,7 +640,8 @@ def run_recipe(
             history,
             recipe,
             run_dir,
-            None,
+            dp_run,
+            extra=extra,
         )
     timings["train_s"] = time.perf_counter() - t0
 
@@ -785,6 +759,48 @@ def _finish_epoch(
         )
     if recipe.train.checkpoint:
         _save_checkpoint(accelerator, run_dir, epoch, history, recipe, dp_run)
+
+
+def _plain_epoch(
+    *,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loader: Any,
+    forward: Any,
+    epoch: int,
+    epochs: int,
+    step: int,
+    max_grad_norm: float | None,
+) -> tuple[float, int, int]:
+    """One non-private epoch through the Accelerate-prepared loader."""
+    loader.set_epoch(epoch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    running, seen = 0.0, 0
+    bar = _progress(loader, accelerator, f"epoch {epoch + 1}/{epochs}")
+    for batch in bar:
+        batch.pop("idx")
+        labels = batch.pop("labels")
+        logits = forward(model, batch)
+        loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise RunError(
+                f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last good checkpoint is kept "
+                "(lower train.lr, or check the data)."
+            )
+        accelerator.backward(loss)
+        if max_grad_norm is not None and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.item() * len(labels)
+        seen += len(labels)
+        step += 1
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
+    return running, seen, step
 
 
 def _dp_epoch(
