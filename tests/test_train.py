@@ -323,3 +323,17 @@ def json_rows_train(recipe: Recipe) -> int:
     from hubtune.data import load_data
 
     return len(load_data(recipe.data, seed=recipe.seed).splits["train"])
+
+
+def test_feature_cache_is_per_split(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    """A new training subset recomputes only the training features."""
+    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path)
+    spec["train"]["epochs"] = 1
+    spec["data"]["limit"] = {"train": 100}
+    run_recipe(Recipe.model_validate(spec))
+    spec["name"], spec["data"]["limit"] = "tiny-b", {"train": 120}
+    run_recipe(Recipe.model_validate(spec))
+    run = json.loads((tmp_path / "tiny-b" / "run.json").read_text())
+    assert run["feature_cache"]["hits"] == {"train": False, "validation": True, "test": True}
+    history = json.loads((tmp_path / "tiny-b" / "metrics.json").read_text())["history"]
+    assert history[0]["train_epoch_s"] > 0

