@@ -188,7 +188,8 @@ def _cached_features(
 def _progress(iterable: Any, accelerator: Any, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    quiet = os.environ.get("HUBTUNE_PROGRESS", "1").lower() in ("0", "false", "no", "off")
+    return tqdm(iterable, desc=desc, leave=False, disable=quiet or not accelerator.is_local_main_process)
 
 
 # --------------------------------------------------------------------------- metrics
