@@ -72,6 +72,9 @@ def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
     """Read the source with ``datasets`` and return one pandas frame per source split."""
     import datasets
 
+    # datasets pings a public bucket to count loads of its csv/json/parquet builders even for
+    # local files; a tool for private data sends nothing anywhere it was not asked to.
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     source = Path(section.source).expanduser()
     if source.is_file():
         fmt = _FORMATS.get(source.suffix.lower())

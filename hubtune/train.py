@@ -189,7 +189,9 @@ def _progress(iterable: Any, accelerator: Any, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     quiet = os.environ.get("HUBTUNE_PROGRESS", "1").lower() in ("0", "false", "no", "off")
-    return tqdm(iterable, desc=desc, leave=False, disable=quiet or not accelerator.is_local_main_process)
+    return tqdm(
+        iterable, desc=desc, leave=False, disable=quiet or not accelerator.is_local_main_process
+    )
 
 
 # --------------------------------------------------------------------------- metrics

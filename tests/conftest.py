@@ -6,6 +6,7 @@ import os
 import random
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # huggingface_hub, transformers and datasets read these once, at import: set them before any
@@ -33,29 +34,36 @@ _LOOPBACK = ("127.", "::1", "localhost")
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Block every non-loopback connection and isolate caches and credentials."""
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Block every non-loopback connection and isolate caches and credentials.
+
+    Libraries often swallow connection errors (telemetry, update checks), so attempts are also
+    recorded, and a test that made one fails even if the code under test carried on.
+    """
+    attempts: list[str] = []
     real_connect = socket.socket.connect
+    real_getaddrinfo = socket.getaddrinfo
 
     def guarded_connect(self: socket.socket, address: object) -> object:
         host = address[0] if isinstance(address, tuple) else str(address)
-        if isinstance(host, str) and (host.startswith(_LOOPBACK) or self.family == socket.AF_UNIX):
+        if self.family == socket.AF_UNIX or (isinstance(host, str) and host.startswith(_LOOPBACK)):
             return real_connect(self, address)
+        attempts.append(f"connect {address!r}")
         raise RuntimeError(f"network access attempted in a test: {address!r}")
 
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo(socket.getaddrinfo))
-    monkeypatch.setenv("HUBTUNE_CACHE_DIR", str(tmp_path / "hubtune-cache"))
-    monkeypatch.setenv("HUBTUNE_DATA_DIR", str(tmp_path / "hubtune-data"))
-
-
-def _guarded_getaddrinfo(real):  # type: ignore[no-untyped-def]
-    def guarded(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def guarded_getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
         if host is None or str(host).startswith(_LOOPBACK):
-            return real(host, *args, **kwargs)
+            return real_getaddrinfo(host, *args, **kwargs)
+        attempts.append(f"DNS {host!r}")
         raise RuntimeError(f"DNS lookup attempted in a test: {host!r}")
 
-    return guarded
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    monkeypatch.setenv("HUBTUNE_CACHE_DIR", str(tmp_path / "hubtune-cache"))
+    monkeypatch.setenv("HUBTUNE_DATA_DIR", str(tmp_path / "hubtune-data"))
+    monkeypatch.setenv("HUBTUNE_PROGRESS", "0")
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
 # --------------------------------------------------------------------------- tiny models

@@ -141,3 +141,29 @@ def test_real_redditbias_rows(tmp_path: Path) -> None:
         "jewish",
         "muslim",
     }
+
+
+def test_loading_local_files_makes_no_network_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even with the Hub online, a local csv is read without any lookup (datasets' load counter)."""
+    import socket
+
+    import datasets
+
+    attempts: list[str] = []
+
+    def record(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        attempts.append(str(host))
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", record)  # replaces the conftest guard for this test
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    path = tmp_path / "d.csv"
+    make_sentiment_frame(40).to_csv(path, index=False)
+    load_data(_section(path), seed=0)
+    assert attempts == []
