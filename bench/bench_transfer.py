@@ -969,13 +969,20 @@ def labels_markdown(p: dict[str, Any]) -> str:
                 continue
             hit = reach[key]
             model, method = key.split("+")
-            run = next(r for r in runs if r["model"] == model and r["method"] == method and r["labels"] == "all")
+            run = next(
+                r
+                for r in runs
+                if r["model"] == model and r["method"] == method and r["labels"] == "all"
+            )
             cum = [h.get("cum_train_s") for h in run["history"]]
             per = "-"
             if cum and None not in cum:
                 steps = [b - a for a, b in zip([0.0, *cum[:-1]], cum, strict=True)]
-                per = (", ".join(f"{x:.1f}" for x in steps) + " s" if len(steps) <= 8
-                       else f"{len(steps)} epochs, {min(steps):.1f}-{max(steps):.1f} s each")
+                per = (
+                    ", ".join(f"{x:.1f}" for x in steps) + " s"
+                    if len(steps) <= 8
+                    else f"{len(steps)} epochs, {min(steps):.1f}-{max(steps):.1f} s each"
+                )
             best = f"{run['best_val_accuracy']:.4f} ({run['best_val_epoch']})"
             if hit is None:
                 lines.append(f"| {key} | not reached | - | - | - | {best} | {per} |")
