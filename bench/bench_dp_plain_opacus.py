@@ -26,7 +26,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dp import StepTimer, _rss_mib, atomic_write_text, peak_rss_mib  # noqa: E402
+from bench_dp import (  # noqa: E402
+    StepTimer,
+    _rss_mib,
+    atomic_write_text,
+    fix_poisson_batches,
+    peak_rss_mib,
+)
 
 
 def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +47,8 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if spec.get("poisson_seed") is not None:  # bench_dp --same-batches: hubtune's batches
+        fix_poisson_batches(int(spec["poisson_seed"]))
     rss_after_import = _rss_mib()
     torch.manual_seed(spec["seed"])
     device = torch.device("cpu")
@@ -87,13 +95,6 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
 
     privacy_engine = PrivacyEngine(accountant="prv")
-    extra: dict[str, Any] = {}
-    generator = None
-    if (
-        spec.get("dp_seed") is not None
-    ):  # only to replay hubtune's batches (bench_dp --same-batches)
-        generator = torch.Generator().manual_seed(int(spec["dp_seed"]))
-        extra["noise_generator"] = generator
     model, optimizer, train_loader = privacy_engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -101,10 +102,7 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
         noise_multiplier=spec["sigma"],
         max_grad_norm=spec["max_grad_norm"],
         poisson_sampling=True,
-        **extra,
     )
-    if generator is not None:
-        train_loader.batch_sampler.generator = generator
     # Full fine-tuning trains BERT's position embeddings: give each example its own position
     # ids, otherwise the broadcast [1, T] ids yield per-sample gradients of batch 1.
     per_example_positions = spec["method"] == "full"
