@@ -1072,6 +1072,14 @@ def needs_retry(out: dict[str, Any]) -> bool:
     return (contention_of(out) or 0.0) > CONTENDED
 
 
+def _worst(out: dict[str, Any]) -> float:
+    """Others' cores during the timed window; 9 for a failed measurement."""
+    if "samples_per_s" not in (out.get("timer") or {}):
+        return 9.0
+    value = contention_of(out)
+    return 9.0 if value is None else value
+
+
 def _better(new: dict[str, Any], old: dict[str, Any]) -> bool:
     if needs_retry(old) and not needs_retry(new):
         return True
@@ -1138,6 +1146,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
         _args_from_settings(args, payload["settings"], "logical_batch_dp")
         payload.setdefault("rerun_commands", []).append(command_line())
         payload["settings"]["contended_cores"] = CONTENDED
+        payload.setdefault("notes", []).extend(args.note)
         methods = list(payload["settings"]["methods"])
     else:
         name = args.name or ("dp_throughput_quick" if args.quick else "dp_throughput")
@@ -1169,6 +1178,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
                 "wait_quiet_s": args.wait_quiet,
             },
             "configs": [],
+            "notes": list(args.note),
         }
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     n_train = payload["settings"]["train_rows"]
@@ -1238,6 +1248,7 @@ def _attempts_notes(p: dict[str, Any]) -> list[str]:
         )
     if p.get("rerun_commands"):
         lines.append(f"- Re-measured later with: {'; '.join(p['rerun_commands'])}.")
+    lines += [f"- Note: {n}" for n in p.get("notes") or []]
     return lines
 
 
@@ -1413,6 +1424,7 @@ def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
         args.same_batches = s.get("same_batches")
         payload.setdefault("rerun_commands", []).append(command_line())
         payload["settings"]["contended_cores"] = CONTENDED
+        payload.setdefault("notes", []).extend(args.note)
         models = list(dict.fromkeys(m["model"] for m in payload["measurements"]))
     else:
         name = args.name or ("dp_vs_opacus_quick" if args.quick else "dp_vs_opacus")
@@ -1443,6 +1455,7 @@ def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
                 "contended_cores": CONTENDED,
             },
             "measurements": [],
+            "notes": list(args.note),
         }
     n_train = payload["settings"]["train_rows"]
     previous_wall = payload.get("benchmark_wall_s", 0.0) if args.rerun else 0.0
@@ -1478,18 +1491,16 @@ def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
                 ]
                 tag = f"{model}-{rnd}-retry{attempt}"
                 new = _measure_round(model, rnd, args, work, specs[model], tag)
-                old_worst = max((contention_of(m) or 9.0) for m in old)
-                new_worst = max((contention_of(m) or 9.0) for m in new)
+                old_worst = max(_worst(m) for m in old)
+                new_worst = max(_worst(m) for m in new)
                 keep, drop = (new, old) if new_worst < old_worst else (old, new)
                 for m in keep:
-                    m["replaced_attempts"] = [
-                        *m.get("replaced_attempts", []),
-                        *[
-                            {k: v for k, v in d.items() if k != "replaced_attempts"}
-                            for d in drop
-                            if d["side"] == m["side"]
-                        ],
-                    ]
+                    dropped = []
+                    for d in drop:
+                        if d["side"] == m["side"]:  # carry what the dropped one had dropped
+                            dropped += d.get("replaced_attempts", [])
+                            dropped.append({k: v for k, v in d.items() if k != "replaced_attempts"})
+                    m["replaced_attempts"] = [*m.get("replaced_attempts", []), *dropped]
                 rest = [
                     m for m in payload["measurements"] if (m["model"], m["round"]) != (model, rnd)
                 ]
@@ -1631,6 +1642,7 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
     ]
     if p.get("rerun_commands"):
         lines.append(f"- Re-measured later with: {'; '.join(p['rerun_commands'])}.")
+    lines += [f"- Note: {n}" for n in p.get("notes") or []]
     return "\n".join(lines) + "\n"
 
 
@@ -1640,6 +1652,10 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
 def render(args: argparse.Namespace) -> None:
     path = Path(args.result)
     payload = json.loads(path.read_text())
+    if args.note:  # annotate a saved result (e.g. with a later diagnosis): JSON and markdown
+        holder = payload["settings"] if payload["benchmark"] == "dp_accuracy" else payload
+        holder.setdefault("notes", []).extend(args.note)
+        atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
     markdown = {
         "dp_accuracy": accuracy_markdown,
         "dp_throughput": throughput_markdown,
@@ -1674,6 +1690,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     def speed(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--note", action="append", default=[], help="recorded in the results")
         p.add_argument(
             "--retries",
             type=int,
@@ -1741,6 +1758,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rp = sub.add_parser("render", help="rewrite <name>.md from <name>.json")
     rp.add_argument("result")
+    rp.add_argument("--note", action="append", default=[], help="add a note to the result first")
 
     wk = sub.add_parser("_worker", help=argparse.SUPPRESS)
     wk.add_argument("--spec", required=True)

@@ -12,6 +12,11 @@ CSV of training rows hubtune uses, method lora|full, lr, max_length, batches, si
 warm-up and timed steps) and writes its measurements to ``--out``::
 
     python bench/bench_dp_plain_opacus.py --spec spec.json --out out.json
+
+``--lora-accuracy-sigma SIGMA`` (repeatable) is a separate diagnosis: the LoRA recipe's rows
+trained by a plain loop, test accuracy per epoch (does plain Opacus learn at that noise?)::
+
+    python bench/bench_dp_plain_opacus.py --lora-accuracy-sigma 0.669 --lora-accuracy-sigma 0
 """
 
 from __future__ import annotations
@@ -142,11 +147,120 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def lora_accuracy_check(sigma: float, seed: int, epochs: int = 3) -> None:
+    """Diagnosis: does a plain Opacus + peft LoRA loop learn at noise ``sigma``?
+
+    Trains on exactly the rows of ``recipes/quickstart-dp-lora.yaml`` at ``seed`` (hubtune's
+    split, loaded with ``hubtune.data.load_data``: the only hubtune code used) with the
+    recipe's settings (r 8, alpha 16, lr 0.002, expected batch 128, physical 32, C 1,
+    max_length 64), AdamW, and prints the test accuracy after every epoch as JSON lines.
+    """
+    import numpy as np
+    import torch
+    from bench_dp import RECIPE_LORA_DP, package_model_dir
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+    from peft import LoraConfig, TaskType, get_peft_model
+    from torch.utils.data import DataLoader
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+    )
+    from transformers import logging as hf_logging
+
+    from hubtune import load_recipe
+    from hubtune.data import load_data
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    recipe = load_recipe(RECIPE_LORA_DP, overrides=[f"seed={seed}"])
+    data = load_data(recipe.data, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(package_model_dir())
+
+    def rows(split: str) -> list[dict[str, Any]]:
+        frame = data.splits[split]
+        enc = tokenizer(frame["text"].tolist(), truncation=True, max_length=64)
+        labels = frame["label"].to_numpy()
+        return [
+            {**{k: v[i] for k, v in enc.items()}, "labels": int(y)} for i, y in enumerate(labels)
+        ]
+
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    train, test = rows("train"), rows("test")
+    model = AutoModelForSequenceClassification.from_pretrained(package_model_dir(), num_labels=2)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+    )
+    model = get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.002, weight_decay=0.0)
+    model.train()
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(train, batch_size=128, collate_fn=collate),
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        poisson_sampling=True,
+    )
+    majority = float(np.mean([r["labels"] for r in test]))
+    majority = max(majority, 1 - majority)
+    for epoch in range(epochs):
+        model.train()
+        with BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=32, optimizer=optimizer
+        ) as physical:
+            for batch in physical:
+                optimizer.zero_grad()
+                ids = batch["input_ids"]
+                batch["position_ids"] = (
+                    torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids).contiguous()
+                )
+                model(**batch).loss.backward()
+                optimizer.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for batch in DataLoader(test, batch_size=64, collate_fn=collate):
+                labels = batch.pop("labels")
+                correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        result = {
+            "sigma": sigma,
+            "seed": seed,
+            "epoch": epoch + 1,
+            "test_accuracy": correct / len(test),
+        }
+        print(json.dumps({**result, "majority_share": majority}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="JSON spec written by bench_dp.py")
-    parser.add_argument("--out", required=True, help="where to write the measurements (JSON)")
+    parser.add_argument("--spec", help="JSON spec written by bench_dp.py")
+    parser.add_argument("--out", help="where to write the measurements (JSON)")
+    parser.add_argument(
+        "--lora-accuracy-sigma",
+        type=float,
+        action="append",
+        metavar="SIGMA",
+        help="diagnosis instead: train the LoRA recipe's rows with a plain loop at this noise "
+        "multiplier and print the test accuracy per epoch (repeatable)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="split seed for the diagnosis")
     args = parser.parse_args()
+    if args.lora_accuracy_sigma:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for sigma in args.lora_accuracy_sigma:
+            lora_accuracy_check(sigma, args.seed)
+        return
+    if not (args.spec and args.out):
+        parser.error("--spec and --out are required (or --lora-accuracy-sigma)")
     spec = json.loads(Path(args.spec).read_text())
     t0 = time.perf_counter()
     out = run_plain(spec)

@@ -229,7 +229,9 @@ class PrivacySection(_Strict):
         description="Budget ε; σ is chosen so training ends at or under it (the budget guard stops it otherwise).",
     )
     noise_multiplier: float | None = Field(
-        None, ge=0, description="Explicit σ instead of target_epsilon."
+        None,
+        ge=0.3,
+        description="Explicit σ instead of target_epsilon; at least 0.3 (below that ε is huge and its PRV computation can exhaust memory).",
     )
     delta: float | None = Field(
         None, gt=0, lt=1, description="δ; default min(1e-5, 1/(10 n)). Must be below 1/n."

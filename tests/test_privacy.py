@@ -338,3 +338,19 @@ def test_two_processes_poisson_per_rank_and_one_ledger(
     assert ledger["epsilon_by_accountant"]["rdp"] == pytest.approx(
         _independent_epsilons(ledger["history"], ledger["delta"])["rdp"], rel=0.01
     )
+
+
+def test_tiny_noise_is_refused_and_never_exhausts_memory() -> None:
+    base = {
+        "name": "x",
+        "model": {"id": "o/m"},
+        "data": {"source": "d.csv"},
+        "method": {"name": "full"},
+    }
+    with pytest.raises(Exception, match="greater than or equal to 0.3"):
+        Recipe.model_validate({**base, "privacy": {"enabled": True, "noise_multiplier": 0.01}})
+    # σ = 0.01 made the PRV accountant allocate > 6 GB; now it is reported as unbounded at once.
+    assert compute_epsilons([(0.01, 1 / 16, 16)], 1e-5) == {
+        "prv": float("inf"),
+        "rdp": float("inf"),
+    }

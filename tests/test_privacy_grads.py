@@ -386,8 +386,14 @@ def test_dp_step_without_noise_or_clipping_equals_plain_sgd(tiny_bert: Path) -> 
     for (name, a), (_, b) in zip(private.named_parameters(), plain.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     lr = 0.1
-    section = PrivacySection(
+    # model_construct: σ = 0 is below the recipe's floor on purpose (no privacy, equivalence check).
+    section = PrivacySection.model_construct(
         enabled=True,
+        target_epsilon=None,
+        delta=None,
+        accountant="prv",
+        grad_sample_mode="hooks",
+        secure_mode=False,
         noise_multiplier=0.0,
         max_grad_norm=1e9,
         logical_batch_size=8,
