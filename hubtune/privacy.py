@@ -66,22 +66,7 @@ def sample_rate_for(n: int, logical_batch_size: int) -> float:
 
 def compute_epsilons(history: list[tuple[float, float, int]], delta: float) -> dict[str, float]:
     """ε at ``delta`` under PRV and RDP for an accountant history [(σ, q, steps), ...]."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    out: dict[str, float] = {}
-    if not history:
-        return {"prv": 0.0, "rdp": 0.0}
-    if min(float(h[0]) for h in history) < 0.3:
-        # The PRV accountant's grid grows without bound as σ -> 0 (gigabytes at σ = 0.01); such
-        # a run gives no meaningful guarantee, so report it as unbounded instead of computing it.
-        return {"prv": float("inf"), "rdp": float("inf")}
-    for name, cls in (("prv", PRVAccountant), ("rdp", RDPAccountant)):
-        accountant = cls()
-        accountant.history = [tuple(h) for h in history]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[name] = float(accountant.get_epsilon(delta=delta))
-    return out
+    return {name: _epsilon(name, history, delta) for name in ("prv", "rdp")}
 
 
 def _epsilon(accountant_name: str, history: list[tuple[float, float, int]], delta: float) -> float:
@@ -89,6 +74,10 @@ def _epsilon(accountant_name: str, history: list[tuple[float, float, int]], delt
 
     if not history:
         return 0.0
+    if min(float(h[0]) for h in history) < 0.3:
+        # The PRV accountant's grid grows without bound as σ -> 0 (gigabytes at σ = 0.01); such
+        # a run gives no meaningful guarantee, so report it as unbounded instead of computing it.
+        return float("inf")
     accountant = PRVAccountant() if accountant_name == "prv" else RDPAccountant()
     accountant.history = [tuple(h) for h in history]
     with warnings.catch_warnings():
@@ -476,7 +465,7 @@ def _sigma_after_prior(
     target: float,
 ) -> float:
     """Smallest σ (to 1%) whose ε after ``prior`` + ``steps`` steps stays under ``target``."""
-    lo, hi = 0.1, 1.0
+    lo, hi = 0.3, 1.0  # below 0.3 ε is unbounded for hubtune (see _epsilon)
     while _epsilon(accountant, [*prior, (hi, q, steps)], delta) > target:
         hi *= 2
         if hi > 1e4:

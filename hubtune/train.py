@@ -685,6 +685,15 @@ def run_recipe(
     if main:
         unwrapped = accelerator.unwrap_model(trained_module)
         predictions = _predictions_frame(data, logits, labels)
+        ledger = (
+            dp_run.ledger(
+                trained_names=plan.trainable_names,
+                trained_count=counts["trainable"],
+                batch_sizes=[b for h in history for b in h.get("dp_logical_batch_sizes", [])],
+            )
+            if dp_run is not None
+            else None
+        )
         _write_outputs(
             run_dir=run_dir,
             recipe=recipe,
@@ -694,13 +703,7 @@ def run_recipe(
             predictions=predictions,
             metrics=metrics,
             data=data,
-            ledger=dp_run.ledger(
-                trained_names=plan.trainable_names,
-                trained_count=counts["trainable"],
-                batch_sizes=[b for h in history for b in h.get("dp_logical_batch_sizes", [])],
-            )
-            if dp_run is not None
-            else None,
+            ledger=ledger,
         )
         timings["total_s"] = time.perf_counter() - t_start
         run_info = {
@@ -721,7 +724,7 @@ def run_recipe(
             "hardware": _hardware(accelerator),
             "test": test,
             "majority_baseline": metrics["majority_baseline"],
-            "privacy": _privacy_summary(run_dir) if dp_run is not None else {"enabled": False},
+            "privacy": _privacy_summary(ledger) if ledger is not None else {"enabled": False},
         }
         # run.json is written last: its presence marks a complete run.
         atomic_write_json(run_dir / "run.json", run_info)
@@ -1022,8 +1025,7 @@ def _write_outputs(
     atomic_write_text(run_dir / "recipe.resolved.yaml", recipe_to_yaml(recipe))
 
 
-def _privacy_summary(run_dir: Path) -> dict[str, Any]:
-    ledger = json.loads((run_dir / "privacy.json").read_text())
+def _privacy_summary(ledger: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "epsilon",
         "delta",
