@@ -112,6 +112,59 @@ def run(
         typer.echo(format_summary(result))
 
 
+@app.command()
+def audit(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A complete run directory, e.g. runs/quickstart.")
+    ],
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help="Policy name (default, strict) or path to a policy YAML; default: the recipe's audit.policy.",
+        ),
+    ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare",
+            help="Another run on the same data and split (e.g. RUN-nonprivate): per-group changes.",
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Audit a finished run: per-group fairness (Fairlearn) and membership inference.
+
+    Writes RUN_DIR/audit/{report.html,report.md,audit.json} and the verdict into run.json.
+    Exit status: 0 pass, 3 fail or inconclusive, 2 unusable input.
+    """
+    _setup_logging(verbose)
+    from hubtune.audit import AuditError, PolicyError, run_audit
+
+    try:
+        result = run_audit(run_dir, policy=policy, compare=compare)
+    except (AuditError, PolicyError, ValueError, FileNotFoundError) as exc:
+        _fail(f"hubtune audit: {exc}")
+        return
+    verdict = result["verdict"]
+    typer.echo(f"verdict:   {verdict['status'].upper()} (policy {result['policy']['name']})")
+    for check in verdict["checks"]:
+        mark = {True: "pass", False: "FAIL", None: "n/a "}[check["passed"]]
+        typer.echo(
+            f"  {mark}  {check['check']} [{check['scope']}]: {check['judged_value']!s:.6} {check['rule']}"
+        )
+    membership = result.get("membership") or {}
+    if "auc" in membership:
+        typer.echo(
+            f"membership inference: AUC {membership['auc']['value']:.3f}, empirical epsilon lower bound "
+            f"{membership['epsilon_lower_bound']:.3f}"
+            + (" -- BEATS THE DP BOUND" if membership.get("beats_dp_bound") else "")
+        )
+    typer.echo(f"report:    {(Path(run_dir) / 'audit' / 'report.html').resolve()}")
+    if not verdict["passed"]:
+        raise typer.Exit(3)
+
+
 @data_app.command("prepare")
 def data_prepare(
     name: Annotated[str, typer.Argument(help="redditbias | rotten-tomatoes")],

@@ -19,7 +19,7 @@ import pandas as pd
 
 from hubtune.recipe import DataSection
 
-__all__ = ["DataError", "PreparedData", "load_data", "SPLITS"]
+__all__ = ["DataError", "PreparedData", "load_data", "make_canaries", "SPLITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class PreparedData:
     rows_read: dict[str, int]
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     fingerprint: str = ""
+    # Audit canaries (random text, random label), all of them, with an ``included`` column;
+    # the included ones are also in ``splits["train"]``. None without canaries.
+    canaries: pd.DataFrame | None = None
 
     @property
     def rows_kept(self) -> dict[str, int]:
@@ -55,6 +58,12 @@ class PreparedData:
     def summary(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
+            "canaries": None
+            if self.canaries is None
+            else {
+                "count": len(self.canaries),
+                "in_training": int(self.canaries["included"].sum()),
+            },
             "label_names": self.label_names,
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
@@ -232,12 +241,39 @@ def _fingerprint(splits: dict[str, pd.DataFrame], columns: list[str]) -> str:
     return digest.hexdigest()
 
 
-def load_data(section: DataSection, *, seed: int) -> PreparedData:
+def make_canaries(
+    count: int, *, label_names: list[str], seed: int, pair: bool, sensitive: list[str]
+) -> pd.DataFrame:
+    """Random-text, random-label examples for a one-run privacy audit.
+
+    Each canary is a string of random letter-words (nothing any real comment resembles) with a
+    uniformly random label, and is put into the training set with probability 1/2
+    (``included``), as Steinke, Nasr & Jagielski (2023) require.
+    """
+    rng = np.random.default_rng([seed, 0xCA9A])
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+
+    def text() -> str:
+        return " ".join("".join(rng.choice(letters, size=rng.integers(3, 10))) for _ in range(12))
+
+    frame = pd.DataFrame({"row_id": [f"canary:{i}" for i in range(count)]})
+    frame["text"] = [text() for _ in range(count)]
+    if pair:
+        frame["text_pair"] = [text() for _ in range(count)]
+    frame["label"] = rng.integers(0, len(label_names), size=count)
+    for column in sensitive:
+        frame[column] = None
+    frame["included"] = rng.random(count) < 0.5
+    return frame
+
+
+def load_data(section: DataSection, *, seed: int, canaries: int = 0) -> PreparedData:
     """Load, clean, encode and split the data described by the recipe's ``data`` section.
 
     Args:
         section: The recipe's data section.
         seed: Seed for carving missing splits and subsets (same seed, same rows).
+        canaries: Audit canaries to generate (each trained on with probability 1/2).
 
     Raises:
         DataError: missing columns, unknown label values, empty splits.
@@ -334,5 +370,16 @@ def load_data(section: DataSection, *, seed: int) -> PreparedData:
         rows_read=rows_read,
         dropped=dropped,
     )
+    # The fingerprint identifies the user's data, so it is taken before canaries go in.
     prepared.fingerprint = _fingerprint(clean, ["row_id", *prepared.text_columns, "label"])
+    if canaries:
+        prepared.canaries = make_canaries(
+            canaries,
+            label_names=names,
+            seed=seed,
+            pair=bool(cols.text_pair),
+            sensitive=list(cols.sensitive),
+        )
+        inserted = prepared.canaries[prepared.canaries["included"]].drop(columns="included")
+        clean["train"] = pd.concat([clean["train"], inserted], ignore_index=True)
     return prepared

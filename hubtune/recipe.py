@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "AuditSection",
     "DataSection",
     "FreezeMethod",
     "FullMethod",
@@ -263,6 +264,51 @@ class PrivacySection(_Strict):
         return self
 
 
+class AuditSection(_Strict):
+    """The fairness and privacy audit that runs after training (see audits/README.md)."""
+
+    enabled: bool = Field(True, description="Audit the test predictions after training.")
+    policy: str = Field(
+        "default",
+        description="A shipped policy name (default, strict) or a path to a policy YAML file.",
+    )
+    canaries: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="Random-text, random-label canaries, each trained on with probability 1/2, for a one-run ε lower bound (0: none; at least 4).",
+    )
+    membership_rows: int = Field(
+        5000,
+        ge=10,
+        description="Training rows scored for the membership-inference audit (a seeded sample when there are more).",
+    )
+    compare_nonprivate: bool = Field(
+        False,
+        description="Also train the recipe without privacy (run <name>-nonprivate) and report each group's change.",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_exists(cls, value: str) -> str:
+        from hubtune.audit.policy import PolicyError, load_policy
+
+        try:
+            load_policy(value)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("canaries")
+    @classmethod
+    def _enough_canaries(cls, value: int) -> int:
+        if 0 < value < 4:
+            raise ValueError(
+                "canaries: use 0 (none) or at least 4 (the guesses use the top and bottom quarter)"
+            )
+        return value
+
+
 class Recipe(_Strict):
     """A complete, validated hubtune recipe."""
 
@@ -278,6 +324,7 @@ class Recipe(_Strict):
     method: Method
     train: TrainSection = Field(default_factory=TrainSection)
     privacy: PrivacySection | None = None
+    audit: AuditSection = Field(default_factory=AuditSection)
 
     @model_validator(mode="after")
     def _privacy_compatible(self) -> Recipe:
@@ -287,6 +334,15 @@ class Recipe(_Strict):
             raise ValueError(
                 "privacy with train.mixed_precision: fp16 is refused: the fp16 GradScaler rescales and skips steps "
                 "behind the DP optimizer's back. Use bf16 (autocast only) or no."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _twin_needs_privacy(self) -> Recipe:
+        if self.audit.compare_nonprivate and not self.dp:
+            raise ValueError(
+                "audit.compare_nonprivate compares a private run with its non-private twin; this recipe has no "
+                "privacy.enabled: true. Remove audit.compare_nonprivate, or enable privacy."
             )
         return self
 

@@ -25,10 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from hubtune import __version__
-from hubtune.data import SPLITS, PreparedData, load_data
+from hubtune.audit.runner import MEMBERSHIP_FILE  # per-example losses: local only, never pushed
+from hubtune.data import PreparedData, load_data
 from hubtune.hub import ResolvedModel, resolve_model
 from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from hubtune.launch import use_cpu
@@ -64,6 +65,7 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
     resumed_from_epoch: int | None = None
+    audit: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- data sets
@@ -345,6 +347,57 @@ def _predictions_frame(
     return frame
 
 
+@torch.no_grad()
+def _membership_scores(
+    *,
+    accelerator: Any,
+    model: Any,
+    forward: Callable[..., torch.Tensor],
+    datasets: dict[str, Dataset],
+    data: PreparedData,
+    collate: Any,
+    batch_size: int,
+    max_members: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Per-example losses of training rows (members), held-out rows and canaries.
+
+    Members are a seeded sample of at most ``max_members`` real training rows (canaries are
+    scored separately); non-members are every validation and test row.
+    """
+    train = data.splits["train"]
+    real = np.flatnonzero(~train["row_id"].str.startswith("canary:").to_numpy())
+    if len(real) > max_members:
+        real = np.sort(
+            np.random.default_rng([seed, 0x3E3B]).choice(real, max_members, replace=False)
+        )
+    parts = []
+    sources: list[tuple[str, Dataset, pd.DataFrame]] = [
+        ("train", Subset(datasets["train"], real.tolist()), train.iloc[real]),
+        ("validation", datasets["validation"], data.splits["validation"]),
+        ("test", datasets["test"], data.splits["test"]),
+    ]
+    if data.canaries is not None:
+        sources.append(("canaries", datasets["canaries"], data.canaries))
+    for split, dataset, frame in sources:
+        loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+        logits, labels = _predict(accelerator, model, loader, forward)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none").numpy()
+        part = pd.DataFrame(
+            {
+                "row_id": frame["row_id"].to_numpy(),
+                "split": split,
+                "member": split == "train",
+                "loss": losses.astype("float64"),
+                "predicts_label": (logits.argmax(-1) == labels).numpy(),
+            }
+        )
+        if split == "canaries":
+            part["member"] = frame["included"].to_numpy()
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
 def _write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -421,7 +474,11 @@ def run_recipe(
         logger.info("model: %s @ %s (%s)", recipe.model.id, resolved.sha, resolved.local_dir)
     # 2. data
     with accelerator.main_process_first():
-        data = load_data(recipe.data, seed=recipe.seed)
+        data = load_data(
+            recipe.data,
+            seed=recipe.seed,
+            canaries=recipe.audit.canaries if recipe.audit.enabled else 0,
+        )
     if main:
         logger.info(
             "data: %s rows kept %s, dropped %s", data.fingerprint[:12], data.rows_kept, data.dropped
@@ -453,17 +510,20 @@ def run_recipe(
     # 4. data loaders (cached features when the backbone is frozen)
     t0 = time.perf_counter()
     collate = _collator(tokenizer)
+    frames = dict(data.splits)
+    if data.canaries is not None:
+        frames["canaries"] = data.canaries
     encoded = {
-        split: _encode(tokenizer, data.splits[split], recipe.model.max_length) for split in SPLITS
+        split: _encode(tokenizer, frame, recipe.model.max_length) for split, frame in frames.items()
     }
     cache_info: dict[str, Any] = {"used": plan.cache_features}
     if plan.cache_features:
         datasets: dict[str, Dataset] = {}
         hits = {}
-        for split in SPLITS:
+        for split, frame in frames.items():
             path = (
                 feature_cache_dir()
-                / f"{_feature_cache_key(resolved, data.splits[split], recipe, plan.head_name)}.safetensors"
+                / f"{_feature_cache_key(resolved, frame, recipe, plan.head_name)}.safetensors"
             )
             features, hits[split] = _cached_features(
                 accelerator=accelerator,
@@ -474,7 +534,7 @@ def run_recipe(
                 batch_size=recipe.train.eval_batch_size,
                 path=path,
             )
-            datasets[split] = _Features(features, data.splits[split]["label"].to_numpy())
+            datasets[split] = _Features(features, frame["label"].to_numpy())
         cache_info.update({"dir": str(feature_cache_dir()), "hits": hits})
         trained_module = getattr(model, plan.head_name)
         loader_collate = None
@@ -670,6 +730,21 @@ def run_recipe(
     majority = int(np.bincount(train_labels, minlength=num_labels).argmax())
     baseline = float((labels.numpy() == majority).mean())
     timings["test_s"] = time.perf_counter() - t0
+    membership = None
+    if recipe.audit.enabled:
+        t0 = time.perf_counter()
+        membership = _membership_scores(
+            accelerator=accelerator,
+            model=trained_module,
+            forward=forward,
+            datasets=datasets,
+            data=data,
+            collate=loader_collate,
+            batch_size=recipe.train.eval_batch_size,
+            max_members=recipe.audit.membership_rows,
+            seed=recipe.seed,
+        )
+        timings["membership_s"] = time.perf_counter() - t0
     if dp_run is not None and dp_run.stopped_by_budget and main:
         logger.warning(
             "privacy: the budget guard stopped training after %d steps (epsilon target %s)",
@@ -705,6 +780,14 @@ def run_recipe(
             data=data,
             ledger=ledger,
         )
+        if membership is not None:
+            _write_parquet(
+                run_dir / MEMBERSHIP_FILE,
+                membership,
+                {
+                    "note": "per-example losses for the membership audit; never publish (see audits/README.md)"
+                },
+            )
         timings["total_s"] = time.perf_counter() - t_start
         run_info = {
             "schema_version": RUN_SCHEMA_VERSION,
@@ -732,9 +815,30 @@ def run_recipe(
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and the process group): nothing collective after this
+    audit = _audit_after_run(recipe) if main and recipe.audit.enabled else None
     return RunResult(
-        run_dir=run_dir, metrics=metrics, resumed_from_epoch=start_epoch if checkpoint else None
+        run_dir=run_dir,
+        metrics=metrics,
+        resumed_from_epoch=start_epoch if checkpoint else None,
+        audit=audit,
     )
+
+
+def _audit_after_run(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's audit, on the main process only, after the process group is gone."""
+    from hubtune.audit import AuditError, run_audit, train_nonprivate_twin
+
+    t0 = time.perf_counter()
+    try:
+        twin = train_nonprivate_twin(recipe.run_dir) if recipe.audit.compare_nonprivate else None
+        audit = run_audit(recipe.run_dir, policy=recipe.audit.policy, compare=twin)
+    except (AuditError, ValueError, OSError) as exc:
+        raise RunError(
+            f"training finished and its outputs are in {recipe.run_dir}, but the audit failed: {exc}. "
+            f"Retry it with `hubtune audit {recipe.run_dir}`."
+        ) from exc
+    logger.info("audit: %s in %.1f s", audit["verdict"]["status"], time.perf_counter() - t0)
+    return audit
 
 
 def _finish_epoch(
@@ -1064,5 +1168,26 @@ def format_summary(result: RunResult) -> str:
             f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
             f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
             *_privacy_lines(result.run_dir),
+            *_audit_lines(result),
         ]
     )
+
+
+def _audit_lines(result: RunResult) -> list[str]:
+    if result.audit is None:
+        return []
+    verdict = result.audit["verdict"]
+    detail = "; ".join(verdict["failed"] or verdict["not_evaluable"])
+    membership = result.audit.get("membership") or {}
+    lines = [
+        f"audit:     {verdict['status'].upper()} (policy {result.audit['policy']['name']})"
+        + (f": {detail}" if detail else "")
+        + f"; report {result.run_dir.resolve() / 'audit' / 'report.html'}"
+    ]
+    if "auc" in membership:
+        lines.append(
+            f"membership inference: AUC {membership['auc']['value']:.3f}, empirical epsilon lower bound "
+            f"{membership['epsilon_lower_bound']:.3f}"
+            + (" -- BEATS THE DP BOUND" if membership.get("beats_dp_bound") else "")
+        )
+    return lines

@@ -1,0 +1,494 @@
+"""Run the audit on a finished run directory and write ``RUN_DIR/audit/``.
+
+Inputs (all written by ``hubtune run``): ``run.json`` (a complete run), ``predictions.parquet``
+(test rows: labels, predictions, sensitive columns), ``membership_scores.parquet`` (per-example
+losses, never published), ``privacy.json`` (the DP ledger, when trained with DP) and
+``recipe.resolved.yaml`` (its ``audit`` section names the default policy).
+
+Outputs: ``audit/audit.json`` (machine-readable, schema-versioned), ``audit/report.md``,
+``audit/report.html`` (self-contained) and ``audit/charts/*.png``; the verdict is also
+written into ``run.json`` under ``audit``, where ``hubtune push`` reads it as its gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from hubtune import __version__
+from hubtune.audit.fairness import audit_fairness, compare_fairness
+from hubtune.audit.membership import canary_audit, loss_threshold_attack
+from hubtune.audit.policy import AuditPolicy, load_policy
+from hubtune.io import atomic_dir, atomic_write_json, atomic_write_text
+
+__all__ = ["AUDIT_SCHEMA_VERSION", "AuditError", "audit_gate", "run_audit", "train_nonprivate_twin"]
+
+logger = logging.getLogger(__name__)
+
+AUDIT_SCHEMA_VERSION = 1
+MEMBERSHIP_FILE = "membership_scores.parquet"
+
+
+class AuditError(RuntimeError):
+    """The run directory cannot be audited; the message says why and what to do."""
+
+
+def _read_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    path = run_dir / "predictions.parquet"
+    if not path.exists():
+        raise AuditError(f"{path} is missing; audit a complete run directory (one with run.json)")
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(b"hubtune", b"{}"))
+    return table.to_pandas(), meta
+
+
+def _privacy_section(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "privacy.json"
+    if not path.exists():
+        return {"dp": False, "statement": "trained without differential privacy"}
+    ledger = json.loads(path.read_text())
+    keep = (
+        "epsilon",
+        "delta",
+        "accountant",
+        "epsilon_by_accountant",
+        "target_epsilon",
+        "noise_multiplier",
+        "max_grad_norm",
+        "sample_rate",
+        "sampling",
+        "steps",
+        "unit",
+        "secure_mode",
+        "num_processes",
+        "stopped_by_budget",
+        "trained_parameter_count",
+    )
+    section = {"dp": True, **{k: ledger.get(k) for k in keep}}
+    section["statement"] = (
+        f"({ledger['epsilon']:.3g}, {ledger['delta']:.2g})-differentially private at the "
+        f"{ledger.get('unit', 'example')} level ({str(ledger['accountant']).upper()} accountant; "
+        f"RDP gives ε = {ledger['epsilon_by_accountant']['rdp']:.3g})"
+    )
+    return section
+
+
+def _judge(
+    name: str,
+    *,
+    value: float | None,
+    ci: list[float] | None,
+    threshold: float,
+    kind: str,
+    policy: AuditPolicy,
+    scope: str,
+) -> dict[str, Any]:
+    """One verdict line. ``kind`` is "max" (value must not exceed) or "min"."""
+    judged = value
+    if policy.judge_on == "ci_bound" and value is not None:
+        judged = None if ci is None else (ci[1] if kind == "max" else ci[0])
+    check: dict[str, Any] = {
+        "check": name,
+        "scope": scope,
+        "value": value,
+        "ci": ci,
+        "judged_on": policy.judge_on,
+        "judged_value": judged,
+        "threshold": threshold,
+        "rule": f"{'≤' if kind == 'max' else '≥'} {threshold:g}",
+    }
+    if judged is None or (isinstance(judged, float) and math.isnan(judged)):
+        check.update(passed=None, margin=None, note="not evaluable (too few rows or groups)")
+    else:
+        margin = threshold - judged if kind == "max" else judged - threshold
+        check.update(passed=bool(margin >= 0), margin=margin)
+    return check
+
+
+def _verdict(
+    policy: AuditPolicy,
+    fairness: dict[str, Any],
+    membership: dict[str, Any] | None,
+    canaries: dict[str, Any] | None,
+) -> dict[str, Any]:
+    t = policy.thresholds
+    checks: list[dict[str, Any]] = []
+    notes: list[str] = []
+    if not fairness["slices"]:
+        notes.append(fairness.get("note") or "no sensitive columns declared: no fairness checks")
+    for sl in fairness["slices"]:
+        d = sl["disparities"]
+        scope = sl["name"]
+        for name, kind, limit in (
+            ("demographic_parity_difference", "max", t.max_demographic_parity_difference),
+            ("demographic_parity_ratio", "min", t.min_demographic_parity_ratio),
+            ("equalized_odds_difference", "max", t.max_equalized_odds_difference),
+        ):
+            if limit is None:
+                continue
+            entry = d.get(name) or {}
+            checks.append(
+                _judge(
+                    name.replace("_", " "),
+                    value=entry.get("value"),
+                    ci=entry.get("ci"),
+                    threshold=limit,
+                    kind=kind,
+                    policy=policy,
+                    scope=scope,
+                )
+            )
+        for metric, limit in t.max_metric_gap.items():
+            entry = d.get("largest_gap", {}).get(metric) or {}
+            checks.append(
+                _judge(
+                    f"{metric} gap",
+                    value=entry.get("value"),
+                    ci=entry.get("ci"),
+                    threshold=limit,
+                    kind="max",
+                    policy=policy,
+                    scope=scope,
+                )
+            )
+        for metric, limit in t.min_group_metric.items():
+            for group in sl["groups"]:
+                if group["suppressed"]:
+                    continue
+                entry = group["metrics"].get(metric) or {}
+                checks.append(
+                    _judge(
+                        metric,
+                        value=entry.get("value"),
+                        ci=entry.get("ci"),
+                        threshold=limit,
+                        kind="min",
+                        policy=policy,
+                        scope=f"{scope} = {group['name']}",
+                    )
+                )
+    if membership is not None and "auc" in membership:
+        if t.max_membership_auc is not None:
+            checks.append(
+                _judge(
+                    "membership-inference AUC",
+                    value=membership["auc"]["value"],
+                    ci=membership["auc"]["ci"],
+                    threshold=t.max_membership_auc,
+                    kind="max",
+                    policy=policy,
+                    scope="training rows vs held-out rows",
+                )
+            )
+        if t.fail_if_attack_beats_dp_bound and "beats_dp_bound" in membership:
+            beaten = membership["beats_dp_bound"] or bool(
+                canaries and canaries.get("exceeds_dp_epsilon")
+            )
+            checks.append(
+                {
+                    "check": "attack within the DP bound",
+                    "scope": "membership inference" + (" and canaries" if canaries else ""),
+                    "value": membership["epsilon_lower_bound"],
+                    "ci": None,
+                    "judged_on": "estimate",
+                    "judged_value": membership["epsilon_lower_bound"],
+                    "threshold": membership["dp_epsilon"],
+                    "rule": f"empirical ε lower bound ≤ ε = {membership['dp_epsilon']:.3g} and TPR ≤ e^ε·FPR + δ",
+                    "passed": not beaten,
+                    "margin": membership["dp_epsilon"] - membership["epsilon_lower_bound"],
+                }
+            )
+    failed = [c for c in checks if c["passed"] is False]
+    unknown = [c for c in checks if c["passed"] is None]
+    status = "fail" if failed else ("inconclusive" if unknown else "pass")
+    if status == "pass" and not checks:
+        notes.append("the policy sets no threshold that applies to this run")
+    return {
+        "status": status,
+        "passed": status == "pass",
+        "checks": checks,
+        "failed": [f"{c['check']} ({c['scope']})" for c in failed],
+        "not_evaluable": [f"{c['check']} ({c['scope']})" for c in unknown],
+        "notes": notes,
+    }
+
+
+def _membership(
+    run_dir: Path, policy: AuditPolicy, privacy: dict[str, Any], num_labels: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    if not policy.membership.enabled:
+        return {"skipped": "disabled by the policy"}, None
+    path = run_dir / MEMBERSHIP_FILE
+    if not path.exists():
+        return {
+            "skipped": f"{MEMBERSHIP_FILE} is missing (the run was trained with audit.enabled: false, or by a hubtune older than 0.2)"
+        }, None
+    scores = pd.read_parquet(path)
+    real = scores[scores["split"] != "canaries"]
+    epsilon = privacy.get("epsilon") if privacy["dp"] else None
+    delta = privacy.get("delta") if privacy["dp"] else None
+    membership = loss_threshold_attack(
+        real.loc[real["member"], "loss"].to_numpy(),
+        real.loc[~real["member"], "loss"].to_numpy(),
+        fpr_levels=policy.membership.fpr_levels,
+        epsilon=epsilon,
+        delta=delta,
+        n_boot=policy.n_boot,
+        ci_level=policy.ci_level,
+        seed=policy.seed,
+    )
+    canaries = None
+    marked = scores[scores["split"] == "canaries"]
+    if len(marked):
+        canaries = canary_audit(
+            marked["loss"].to_numpy(),
+            marked["member"].to_numpy(dtype=bool),
+            marked["predicts_label"].to_numpy(dtype=bool),
+            num_labels=num_labels,
+            delta=delta if delta is not None else 1e-5,
+            epsilon=epsilon,
+            confidence=policy.ci_level,
+        )
+    return membership, canaries
+
+
+def run_audit(
+    run_dir: str | Path,
+    *,
+    policy: str | Path | None = None,
+    compare: str | Path | None = None,
+) -> dict[str, Any]:
+    """Audit a finished run: fairness per group, membership inference, canaries, verdict.
+
+    Args:
+        run_dir: A complete run directory (it has run.json).
+        policy: Policy name or path; default: the recipe's ``audit.policy``.
+        compare: Another run of the same data and split (e.g. the non-private twin) whose
+            per-group metrics are compared with this run's.
+
+    Returns:
+        The audit (also written to ``RUN_DIR/audit/audit.json``).
+    """
+    from hubtune.audit.report import render_reports
+
+    run_dir = Path(run_dir)
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        raise AuditError(
+            f"{run_dir} is not a complete run (no run.json); finish or resume the run first"
+        )
+    run_info = json.loads(run_json.read_text())
+    recipe = (
+        yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+        if (run_dir / "recipe.resolved.yaml").exists()
+        else {}
+    )
+    audit_section = (recipe or {}).get("audit") or {}
+    chosen = policy or audit_section.get("policy") or "default"
+    loaded, digest = load_policy(chosen)
+    predictions, meta = _read_predictions(run_dir)
+    label_names = list(meta.get("label_names") or run_info["data"]["label_names"])
+    sensitive = (
+        loaded.sensitive
+        if loaded.sensitive is not None
+        else list(meta.get("sensitive_columns") or [])
+    )
+    t0 = time.perf_counter()
+    fairness = audit_fairness(
+        predictions,
+        label_names=label_names,
+        sensitive=sensitive,
+        metrics=list(loaded.metrics),
+        positive_label=loaded.positive_label,
+        intersections=loaded.intersections,
+        n_boot=loaded.n_boot,
+        ci_level=loaded.ci_level,
+        seed=loaded.seed,
+        min_group_size=loaded.min_group_size,
+        missing_label=loaded.missing_label,
+    )
+    privacy = _privacy_section(run_dir)
+    membership, canaries = _membership(run_dir, loaded, privacy, len(label_names))
+    comparison = None
+    if compare is not None:
+        other_dir = Path(compare)
+        other, _ = _read_predictions(other_dir)
+        comparison = {
+            "other_run": str(other_dir),
+            "other_privacy": _privacy_section(other_dir),
+            **compare_fairness(
+                predictions,
+                other,
+                label_names=label_names,
+                sensitive=sensitive,
+                metrics=list(loaded.metrics),
+                positive_label=loaded.positive_label,
+                intersections=loaded.intersections,
+                n_boot=loaded.n_boot,
+                ci_level=loaded.ci_level,
+                seed=loaded.seed,
+                min_group_size=loaded.min_group_size,
+                missing_label=loaded.missing_label,
+            ),
+        }
+    verdict = _verdict(
+        loaded, fairness, membership if membership and "auc" in membership else None, canaries
+    )
+    audit: dict[str, Any] = {
+        "schema_version": AUDIT_SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hubtune_version": __version__,
+        "run": {
+            "name": run_info.get("name"),
+            "description": (recipe or {}).get("description"),
+            "base_model": (run_info.get("base_model") or {}).get("spec"),
+            "base_model_sha": (run_info.get("base_model") or {}).get("sha"),
+            "method": (run_info.get("method") or {}).get("method"),
+            "test_rows": len(predictions),
+            "test_accuracy": (run_info.get("test") or {}).get("accuracy"),
+        },
+        "policy": {"source": str(chosen), "digest": digest, **loaded.model_dump(mode="json")},
+        "verdict": verdict,
+        "privacy": privacy,
+        "fairness": fairness,
+        "membership": membership,
+        "canaries": canaries,
+        "comparison": comparison,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    audit = _finite(audit)
+    with atomic_dir(run_dir / "audit") as tmp:
+        atomic_write_json(tmp / "audit.json", audit)
+        html, markdown = render_reports(audit, charts_dir=tmp / "charts")
+        atomic_write_text(tmp / "report.md", markdown)
+        atomic_write_text(tmp / "report.html", html)
+    run_info["audit"] = {
+        "status": verdict["status"],
+        "passed": verdict["passed"],
+        "policy": loaded.name,
+        "failed": verdict["failed"],
+        "report": "audit/report.html",
+        "created": audit["created"],
+    }
+    atomic_write_json(run_json, run_info)
+    return audit
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: undefined numbers become null (and inf the string "inf")."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def audit_gate(run_dir: str | Path, *, allow_failing: bool = False) -> dict[str, Any]:
+    """Whether a run may be pushed: its audit passed, or the failure is explicitly overridden.
+
+    Returns:
+        ``{"allowed": bool, "status": ..., "overridden": bool, "reason": str}``; an override
+        is recorded in run.json (``audit.override``) so the card can state it.
+    """
+    run_dir = Path(run_dir)
+    run_info = json.loads((run_dir / "run.json").read_text())
+    audit = run_info.get("audit")
+    if audit is None:
+        status, reason = "missing", "the run has no audit; run `hubtune audit RUN_DIR` first"
+    else:
+        status = audit["status"]
+        reason = (
+            "audit passed"
+            if audit["passed"]
+            else f"audit {status}: " + "; ".join(audit["failed"] or ["see audit/report.html"])
+        )
+    if status == "pass":
+        return {"allowed": True, "status": status, "overridden": False, "reason": reason}
+    if not allow_failing:
+        return {"allowed": False, "status": status, "overridden": False, "reason": reason}
+    run_info.setdefault("audit", {"status": status, "passed": False})["override"] = {
+        "allowed_failing_audit": True,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reason": reason,
+    }
+    atomic_write_json(run_dir / "run.json", run_info)
+    return {"allowed": True, "status": status, "overridden": True, "reason": reason}
+
+
+def train_nonprivate_twin(run_dir: str | Path) -> Path:
+    """Train (or reuse) the recipe's non-private twin for the per-group cost of privacy.
+
+    The twin is the resolved recipe with privacy off, no canaries and no audit, named
+    ``<name>-nonprivate`` beside the run. It trains in a fresh single-process ``hubtune run``
+    so that it works the same after ``accelerate launch`` has torn down its process group.
+    """
+    run_dir = Path(run_dir)
+    recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+    twin = dict(recipe)
+    twin["name"] = f"{recipe['name']}-nonprivate"
+    twin["privacy"] = None
+    twin["audit"] = {
+        **(recipe.get("audit") or {}),
+        "enabled": False,
+        "canaries": 0,
+        "compare_nonprivate": False,
+    }
+    twin["description"] = (
+        f"Non-private twin of {recipe['name']} (for the audit's cost-of-privacy comparison)."
+    )
+    twin_dir = Path(recipe.get("output_dir", "runs")) / twin["name"]
+    twin_file = run_dir / "nonprivate-twin.yaml"
+    text = yaml.safe_dump(twin, sort_keys=False)
+    atomic_write_text(twin_file, text)
+    done = twin_dir / "run.json"
+    if (
+        done.exists()
+        and (twin_dir / "twin-source.yaml").exists()
+        and (twin_dir / "twin-source.yaml").read_text() == text
+    ):
+        logger.info("audit: reusing the non-private twin %s", twin_dir)
+        return twin_dir
+    logger.info("audit: training the non-private twin %s", twin_dir)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
+    }
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK"):
+        env.pop(key, None)
+    if os.environ.get("ACCELERATE_USE_CPU"):
+        env["ACCELERATE_USE_CPU"] = os.environ["ACCELERATE_USE_CPU"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hubtune", "run", str(twin_file), "--overwrite"],
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AuditError(
+            f"the non-private twin failed to train (exit {proc.returncode}); see the log above"
+        )
+    atomic_write_text(twin_dir / "twin-source.yaml", text)
+    return twin_dir
