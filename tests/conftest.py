@@ -187,3 +187,54 @@ def recipe_dict(model_dir: Path, data_path: Path, out_dir: Path, **method: objec
         "method": method or {"name": "freeze"},
         "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "log_with": []},
     }
+
+
+def make_fake_run(
+    run_dir: Path,
+    predictions: pd.DataFrame,
+    *,
+    label_names: list[str],
+    sensitive: list[str],
+    privacy: dict | None = None,
+    membership: pd.DataFrame | None = None,
+) -> Path:
+    """A finished run directory as `hubtune run` leaves it, from given test predictions.
+
+    For audit tests that need exact control over predictions and groups without training.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frame = predictions.copy()
+    if "row_id" not in frame:
+        frame.insert(0, "row_id", [f"test:{i}" for i in range(len(frame))])
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = {"label_names": label_names, "sensitive_columns": sensitive}
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"hubtune": json.dumps(meta).encode()}
+    )
+    pq.write_table(table, run_dir / "predictions.parquet")
+    if membership is not None:
+        membership.to_parquet(run_dir / "membership_scores.parquet", index=False)
+    if privacy is not None:
+        (run_dir / "privacy.json").write_text(json.dumps(privacy))
+    (run_dir / "recipe.resolved.yaml").write_text(
+        f"name: {run_dir.name}\ndescription: a fake run for audit tests\naudit:\n  policy: default\n"
+    )
+    accuracy = float((frame["label_id"] == frame["prediction_id"]).mean())
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "name": run_dir.name,
+                "status": "completed",
+                "base_model": {"spec": "tiny/model", "sha": "0" * 40},
+                "method": {"method": "freeze"},
+                "data": {"label_names": label_names},
+                "test": {"accuracy": accuracy},
+            }
+        )
+    )
+    return run_dir

@@ -7,7 +7,9 @@ Definitions (the report's glossary repeats them in plain words):
   FPR = P(pred = pos | true = neg); FNR = 1 - TPR; precision = P(true = pos | pred = pos);
   F1 = 2·TP / (2·TP + FP + FN). These match Fairlearn's and scikit-learn's with ``pos_label``.
 * Multi-class tasks: each class against the rest. TPR, FPR, FNR, precision and F1 are the
-  unweighted mean over classes (macro average, classes without support skipped); the
+  unweighted mean over classes (macro average); a class whose rate is undefined in a group
+  (no true rows for TPR/FNR, never predicted for precision) is left out of that group's
+  mean, not counted as 0 as scikit-learn's ``zero_division=0`` does; the
   selection rate is reported per class (``selection_rate[label]``). Demographic parity and
   equalized odds take the worst class.
 * Disparities are computed over *reportable* groups only (suppressed groups would leak

@@ -13,8 +13,8 @@ passes may still leak to a stronger attacker; a model whose attack beats the bou
   intervals.
 * **The DP bound**: any attack on an (ε, δ)-DP model satisfies TPR ≤ e^ε·FPR + δ. The
   attack *beats the bound* only when the lower end of its TPR interval is above the bound at
-  the upper end of its FPR interval; the empirical ε lower bound is
-  log((TPR_low - δ) / FPR_high), Bonferroni-corrected over the FPR levels.
+  the upper end of its FPR interval, both Bonferroni-corrected over the FPR levels; the
+  empirical ε lower bound is log((TPR_low - δ) / FPR_high) with the same corrected ends.
 * **Canaries** (Steinke, Nasr & Jagielski 2023, "Privacy auditing with one (1) training
   run"): k random-text, random-label examples, each put into the training set with
   probability 1/2. The auditor guesses "in" for the lowest-loss quarter and "out" for the
@@ -139,18 +139,21 @@ def loss_threshold_attack(
             "members_evaluated": len(m_eval),
             "nonmembers_evaluated": len(n_eval),
         }
-        if epsilon is not None and delta is not None:
-            bound = min(1.0, math.exp(epsilon) * fpr + delta) if math.isfinite(epsilon) else 1.0
-            entry["dp_bound_tpr"] = bound
-            entry["beats_dp_bound"] = bool(
-                math.isfinite(epsilon) and tpr_ci[0] > math.exp(epsilon) * fpr_ci[1] + delta
-            )
-        # Bonferroni-corrected one-sided bounds for the ε lower bound over all levels.
-        tpr_low = clopper_pearson(tp, len(m_eval), 2 * bonferroni)[0]
-        fpr_high = clopper_pearson(fp, len(n_eval), 2 * bonferroni)[1]
+        # Bonferroni-corrected one-sided bounds over all levels: the TPR lower and FPR upper
+        # bound must hold together, so each gets alpha / (2 * levels) (one tail of a two-sided
+        # alpha / levels interval). Both the ε lower bound and the "beats the bound" flag use
+        # them, so a flag is a finding at the stated confidence over every level reported.
+        tpr_low = clopper_pearson(tp, len(m_eval), bonferroni)[0]
+        fpr_high = clopper_pearson(fp, len(n_eval), bonferroni)[1]
         d = delta or 0.0
         if tpr_low - d > 0 and fpr_high > 0:
             eps_lower = max(eps_lower, math.log((tpr_low - d) / fpr_high))
+        if epsilon is not None and delta is not None:
+            finite = math.isfinite(epsilon)
+            entry["dp_bound_tpr"] = min(1.0, math.exp(epsilon) * fpr + delta) if finite else 1.0
+            entry["beats_dp_bound"] = bool(
+                finite and tpr_low > math.exp(epsilon) * fpr_high + delta
+            )
         levels.append(entry)
     result: dict[str, Any] = {
         "attack": "loss threshold (Yeom et al. 2018)",

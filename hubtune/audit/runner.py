@@ -127,8 +127,36 @@ def _verdict(
     t = policy.thresholds
     checks: list[dict[str, Any]] = []
     notes: list[str] = []
+    declared = list(fairness["missing"])  # the sensitive columns that were audited
     if not fairness["slices"]:
         notes.append(fairness.get("note") or "no sensitive columns declared: no fairness checks")
+        if declared:  # groups exist but none can be shown: every fairness limit is unjudgeable
+            limits = [
+                name
+                for name, limit in (
+                    ("demographic parity difference", t.max_demographic_parity_difference),
+                    ("demographic parity ratio", t.min_demographic_parity_ratio),
+                    ("equalized odds difference", t.max_equalized_odds_difference),
+                )
+                if limit is not None
+            ]
+            limits += [f"{m} gap" for m in t.max_metric_gap] + list(t.min_group_metric)
+            for name in limits:
+                checks.append(
+                    {
+                        "check": name,
+                        "scope": " × ".join(declared),
+                        "value": None,
+                        "ci": None,
+                        "judged_on": policy.judge_on,
+                        "judged_value": None,
+                        "threshold": None,
+                        "rule": "needs reportable groups",
+                        "passed": None,
+                        "margin": None,
+                        "note": fairness.get("note"),
+                    }
+                )
     for sl in fairness["slices"]:
         d = sl["disparities"]
         scope = sl["name"]

@@ -1,0 +1,141 @@
+"""report.html in a real browser: self-contained, error-free, verdict and charts visible.
+
+Uses Debian's Chromium (/usr/bin/chromium) through Playwright; no browser is downloaded.
+`bash scripts/setup.sh --with-browser` installs it (README's test command does).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hubtune.audit import run_audit
+
+from .conftest import make_fake_run
+
+CHROMIUM = os.environ.get("HUBTUNE_CHROMIUM", "/usr/bin/chromium")
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():  # type: ignore[no-untyped-def]
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: run `bash scripts/setup.sh --with-browser` "
+            "(installs Debian's chromium) or set HUBTUNE_CHROMIUM"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield launched
+        launched.close()
+
+
+def _failing_dp_run(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for group, n, accuracy in (("a", 400, 0.9), ("b", 300, 0.6), ("c", 200, 0.7), ("d", 12, 0.5)):
+        labels = rng.integers(0, 2, n)
+        right = rng.random(n) < accuracy
+        rows += [
+            {"label_id": int(y), "prediction_id": int(y if ok else 1 - y), "group": group}
+            for y, ok in zip(labels, right, strict=True)
+        ]
+    membership = pd.DataFrame(
+        {
+            "row_id": [f"r{i}" for i in range(2000)],
+            "split": ["train"] * 1000 + ["test"] * 1000,
+            "member": [True] * 1000 + [False] * 1000,
+            "loss": np.concatenate([rng.gamma(2.0, 0.3, 1000), rng.gamma(2.0, 0.32, 1000)]),
+            "predicts_label": True,
+        }
+    )
+    privacy = {
+        "epsilon": 8.0,
+        "delta": 1e-5,
+        "accountant": "prv",
+        "epsilon_by_accountant": {"prv": 8.0, "rdp": 8.9},
+        "noise_multiplier": 0.8,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.03,
+        "sampling": "poisson",
+        "steps": 600,
+        "unit": "example",
+        "secure_mode": False,
+    }
+    run_dir = make_fake_run(
+        root / "runs" / "browser",
+        pd.DataFrame(rows),
+        label_names=["neg", "pos"],
+        sensitive=["group"],
+        privacy=privacy,
+        membership=membership,
+    )
+    run_audit(run_dir, policy="default")
+    return run_dir
+
+
+def _share_near(png: bytes, rgb: tuple[int, int, int], tolerance: int = 12) -> float:
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    close = np.all(np.abs(pixels - np.array(rgb)) <= tolerance, axis=-1)
+    return float(close.mean())
+
+
+def test_report_renders_without_errors_or_network_and_shows_verdict_and_charts(
+    browser, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    run_dir = _failing_dp_run(tmp_path)
+    report = run_dir / "audit" / "report.html"
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    console, errors, requests = [], [], []
+    page.on("console", lambda m: console.append((m.type, m.text)))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(report.as_uri())
+    page.wait_for_load_state("load")
+
+    assert errors == [] and [c for c in console if c[0] in ("error", "warning")] == []
+    assert requests == [report.as_uri()], "the report must not fetch anything"
+    assert page.title() == "Audit: browser — FAIL"
+    verdict = page.locator("#verdict")
+    assert verdict.locator(".big").inner_text() == "FAIL"
+    assert "equalized odds difference (group)" in verdict.inner_text()
+    # The verdict box is drawn in the failing colours (pale red fill, red border) ...
+    shot = verdict.screenshot()
+    assert _share_near(shot, (0xFD, 0xEC, 0xEA)) > 0.5
+    assert _share_near(shot, (0xC6, 0x28, 0x28), tolerance=30) > 0.005
+    # ... the small group is suppressed in the table, and every chart decoded and has bars.
+    assert "suppressed: fewer than 30 test rows" in page.locator("table.groups").inner_text()
+    charts = page.locator("img.chart")
+    assert charts.count() == 2  # per-group metrics and membership inference
+    for i in range(charts.count()):
+        chart = charts.nth(i)
+        assert chart.evaluate("img => img.complete && img.naturalWidth > 200")
+    groups_chart = charts.nth(0).screenshot()
+    assert _share_near(groups_chart, (0x1F, 0x77, 0xB4), tolerance=20) > 0.01  # group "a" bars
+    assert _share_near(groups_chart, (0xFF, 0x7F, 0x0E), tolerance=20) > 0.01  # group "b" bars
+    membership_chart = charts.nth(1).screenshot()
+    assert _share_near(membership_chart, (0xD6, 0x27, 0x28), tolerance=20) > 0.005  # attack TPR
+    # The DP bound sits beside the attack's numbers.
+    table = page.locator("table#mia").inner_text()
+    assert "Largest TPR the DP guarantee allows" in table and "no" in table
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    assert (tmp_path / "report.png").stat().st_size > 50_000
+    page.close()

@@ -1,0 +1,281 @@
+"""Membership audit: the attack's statistics are right, and it tells leaky models from safe ones."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from hubtune.audit.membership import (
+    _p_value_dp_audit,
+    auc,
+    canary_audit,
+    clopper_pearson,
+    epsilon_lower_bound_one_run,
+    loss_threshold_attack,
+)
+
+FEATURES = 32
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_auc_matches_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    for m, n in ((50, 70), (200, 120), (3, 4)):
+        members = np.round(rng.normal(0.3, 1.0, m), 1)  # rounding creates many ties
+        nonmembers = np.round(rng.normal(0.0, 1.0, n), 1)
+        assert len(np.unique(np.concatenate([members, nonmembers]))) < m + n
+        expected = roc_auc_score(
+            np.r_[np.ones(m), np.zeros(n)], np.concatenate([members, nonmembers])
+        )
+        assert auc(members, nonmembers) == pytest.approx(expected, abs=1e-12)
+    assert auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert auc(np.array([1.0, 1.0]), np.array([1.0, 1.0, 1.0])) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "alpha"),
+    [
+        (0, 10, 0.05),
+        (3, 10, 0.05),
+        (10, 10, 0.05),
+        (47, 200, 0.05),
+        (199, 200, 0.01),
+        (5, 1000, 0.1),
+    ],
+)
+def test_clopper_pearson_matches_scipy(successes: int, trials: int, alpha: float) -> None:
+    expected = binomtest(successes, trials).proportion_ci(
+        confidence_level=1 - alpha, method="exact"
+    )
+    lo, hi = clopper_pearson(successes, trials, alpha)
+    assert lo == pytest.approx(expected.low, abs=1e-10)
+    assert hi == pytest.approx(expected.high, abs=1e-10)
+
+
+def test_clopper_pearson_without_trials_is_uninformative() -> None:
+    assert clopper_pearson(0, 0, 0.05) == (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- attacks on models
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The models are tiny: one thread is as fast and does not stall on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random features with random labels: nothing to learn, only to memorise."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, FEATURES, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _train(
+    x: torch.Tensor, y: torch.Tensor, *, classes: int, hidden: int, epochs: int
+) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):  # full batch
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model
+
+
+def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(x), y, reduction="none").numpy()
+
+
+def test_attack_at_chance_for_data_the_model_never_saw() -> None:
+    """Two fresh samples the model never saw are indistinguishable: AUC ~ 0.5, no DP alarm."""
+    x_a, y_a = _data(500, 2, seed=1)
+    model = _train(x_a, y_a, classes=2, hidden=64, epochs=50)
+    x_b, y_b = _data(1000, 2, seed=2)  # labelled "members", but never trained on
+    x_c, y_c = _data(1000, 2, seed=3)
+    result = loss_threshold_attack(
+        _losses(model, x_b, y_b),
+        _losses(model, x_c, y_c),
+        fpr_levels=[0.01, 0.1],
+        epsilon=1.0,
+        delta=1e-5,
+        n_boot=200,
+    )
+    assert 0.45 < result["auc"]["value"] < 0.55
+    lo, hi = result["auc"]["ci"]
+    assert lo < result["auc"]["value"] < hi
+    assert result["beats_dp_bound"] is False
+    assert [e["beats_dp_bound"] for e in result["at_fpr"]] == [False, False]
+    assert result["epsilon_lower_bound"] < 1.0
+    assert (result["members"], result["nonmembers"]) == (1000, 1000)
+    assert result["dp_epsilon"] == 1.0
+    for entry in result["at_fpr"]:
+        assert (entry["members_evaluated"], entry["nonmembers_evaluated"]) == (1000, 500)
+        assert entry["dp_bound_tpr"] == pytest.approx(min(1.0, math.exp(1.0) * entry["fpr"] + 1e-5))
+        assert entry["fpr_ci"][0] <= entry["fpr"] <= entry["fpr_ci"][1]
+        assert entry["tpr_ci"][0] <= entry["tpr"] <= entry["tpr_ci"][1]
+
+
+def test_attack_flags_an_overfitted_model() -> None:
+    """A model that memorised its training rows is caught, and a claimed ε = 0.1 is refuted."""
+    x_in, y_in = _data(200, 4, seed=1)
+    model = _train(x_in, y_in, classes=4, hidden=256, epochs=300)
+    member_losses = _losses(model, x_in, y_in)
+    assert member_losses.mean() < 0.01  # memorised
+    x_out, y_out = _data(200, 4, seed=2)
+    result = loss_threshold_attack(
+        member_losses,
+        _losses(model, x_out, y_out),
+        fpr_levels=[0.01, 0.1],
+        epsilon=0.1,
+        delta=1e-5,
+        n_boot=200,
+    )
+    assert result["auc"]["value"] > 0.8
+    assert result["auc"]["ci"][0] > 0.5
+    assert result["mean_loss"]["members"] < result["mean_loss"]["nonmembers"]
+    assert result["epsilon_lower_bound"] > 0.1
+    assert result["beats_dp_bound"] is True
+    assert any(e["beats_dp_bound"] for e in result["at_fpr"])
+
+    without_dp = loss_threshold_attack(
+        member_losses,
+        _losses(model, x_out, y_out),
+        fpr_levels=[0.1],
+        epsilon=None,
+        delta=None,
+        n_boot=0,
+    )
+    assert without_dp["auc"]["ci"] is None
+    assert without_dp["auc"]["value"] == result["auc"]["value"]
+    assert "beats_dp_bound" not in without_dp and "dp_bound_tpr" not in without_dp["at_fpr"][0]
+    assert without_dp["epsilon_lower_bound"] > 0
+
+
+def test_epsilon_lower_bound_uses_the_reported_confidence() -> None:
+    """With one FPR level, the ε lower bound comes from the same 95% intervals the report shows.
+
+    The bound needs the TPR lower end and the FPR upper end to hold together, so each one-sided
+    bound gets half the error budget; it then agrees with that level's beats_dp_bound flag.
+    """
+    rng = np.random.default_rng(4)
+    members = rng.normal(0.0, 1.0, 400)
+    nonmembers = rng.normal(1.5, 1.0, 400)  # members have lower loss
+    delta = 1e-5
+    for epsilon in (0.5, 1.0, 1.5, 1.8, 2.0, 3.0):
+        result = loss_threshold_attack(
+            members, nonmembers, fpr_levels=[0.1], epsilon=epsilon, delta=delta, n_boot=0
+        )
+        (entry,) = result["at_fpr"]
+        assert entry["tpr_ci"] == list(clopper_pearson(round(entry["tpr"] * 400), 400, 0.05))
+        expected = math.log((entry["tpr_ci"][0] - delta) / entry["fpr_ci"][1])
+        assert result["epsilon_lower_bound"] == pytest.approx(expected, abs=1e-12)
+        assert (result["epsilon_lower_bound"] > epsilon) == entry["beats_dp_bound"]
+        assert result["beats_dp_bound"] == entry["beats_dp_bound"]
+    assert result["epsilon_lower_bound"] > 0.5
+
+
+def test_attack_needs_two_of_each() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        loss_threshold_attack(
+            np.array([0.1]), np.array([1.0, 2.0]), fpr_levels=[0.1], epsilon=None, delta=None
+        )
+
+
+# --------------------------------------------------------------------------- one-run bound
+
+
+def test_epsilon_lower_bound_one_run() -> None:
+    """Zero at chance, grows with right guesses, and δ > 0 can only lower it."""
+    m, r = 1000, 500
+    assert epsilon_lower_bound_one_run(m, r, r // 2, delta=0.0) == 0.0
+    assert epsilon_lower_bound_one_run(m, r, r // 2, delta=1e-5) == 0.0
+    assert epsilon_lower_bound_one_run(m, 0, 0, delta=1e-5) == 0.0
+    bounds = [epsilon_lower_bound_one_run(m, r, v, delta=0.0) for v in (250, 300, 400, 450, 500)]
+    assert bounds[0] == 0.0
+    assert all(a < b for a, b in zip(bounds, bounds[1:], strict=False))
+    # Perfect guesses with δ = 0: P[Bin(r, q) = r] = q^r = 0.05 has a closed form.
+    q = 0.05 ** (1 / r)
+    assert bounds[-1] > 3
+    assert bounds[-1] == pytest.approx(math.log(q / (1 - q)), abs=1e-6)
+    for v in (300, 500):
+        with_delta = epsilon_lower_bound_one_run(m, r, v, delta=1e-5)
+        assert with_delta <= epsilon_lower_bound_one_run(m, r, v, delta=0.0)
+        assert with_delta > 0
+        # It is the largest ε the guesses reject at 95% confidence.
+        assert _p_value_dp_audit(m, r, v, with_delta, 1e-5) < 0.05
+        assert _p_value_dp_audit(m, r, v, with_delta + 1e-3, 1e-5) >= 0.05
+    with pytest.raises(ValueError, match="v <= r <= m"):
+        epsilon_lower_bound_one_run(10, 8, 9, delta=0.0)
+
+
+# --------------------------------------------------------------------------- canaries
+
+
+def test_canary_audit_perfect_separation() -> None:
+    """Included canaries with tiny loss and excluded ones with large loss: every guess right."""
+    m = 200
+    included = np.arange(m) % 2 == 0
+    losses = np.where(included, 0.01, 5.0)
+    result = canary_audit(losses, included, included, num_labels=4, delta=1e-5, epsilon=1.0)
+    assert result["guesses"] == 2 * (m // 4) == 100
+    assert result["right_guesses"] == result["guesses"]
+    assert result["epsilon_lower_bound"] > 1.0
+    assert result["exceeds_dp_epsilon"] is True
+    assert result["memorised"] == {
+        "included_predicted_own_label": 100,
+        "included": 100,
+        "excluded_predicted_own_label": 0,
+        "excluded": 100,
+        "chance_rate": 0.25,
+    }
+    generous = canary_audit(losses, included, included, num_labels=4, delta=1e-5, epsilon=50.0)
+    assert generous["exceeds_dp_epsilon"] is False
+    assert generous["epsilon_lower_bound"] == result["epsilon_lower_bound"]
+
+
+def test_canary_audit_random_losses_give_no_bound() -> None:
+    """Losses unrelated to inclusion: guesses at chance, no evidence of leakage."""
+    rng = np.random.default_rng(0)
+    m = 1000
+    included = rng.random(m) < 0.5
+    result = canary_audit(
+        rng.exponential(1.0, m),
+        included,
+        rng.random(m) < 0.5,
+        num_labels=2,
+        delta=1e-5,
+        epsilon=None,
+    )
+    assert result["guesses"] == 500
+    assert abs(result["right_guesses"] - 250) < 40
+    assert result["epsilon_lower_bound"] < 0.1
+    assert "exceeds_dp_epsilon" not in result
+    assert result["included"] == int(included.sum())
+
+
+def test_canary_audit_needs_four_canaries() -> None:
+    with pytest.raises(ValueError, match="at least 4 canaries"):
+        canary_audit(
+            np.array([0.1, 0.2, 0.3]),
+            np.array([True, False, True]),
+            np.array([True, False, True]),
+            num_labels=2,
+            delta=1e-5,
+            epsilon=1.0,
+        )
