@@ -105,8 +105,10 @@ def test_accelerate_launch_two_cpu_processes(
     # One set of outputs: one adapter, one predictions file covering each test row exactly once.
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "adapter",
+        "audit",
         "checkpoints",
         "logs",
+        "membership_scores.parquet",
         "metrics.json",
         "predictions.parquet",
         "recipe.resolved.yaml",
@@ -114,6 +116,13 @@ def test_accelerate_launch_two_cpu_processes(
     ]
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
     assert len(predictions) == run["data"]["rows_kept"]["test"] and predictions["row_id"].is_unique
+    # The membership scores gathered from both ranks hold every scored row exactly once.
+    scores = pd.read_parquet(run_dir / "membership_scores.parquet")
+    assert scores["row_id"].is_unique
+    assert scores["split"].value_counts().to_dict() == {
+        split: run["data"]["rows_kept"][split] for split in ("train", "test", "validation")
+    }
+    assert run["audit"]["status"] in {"pass", "fail", "inconclusive"}
     # Both ranks saved their RNG state in the checkpoint (a resumable 2-process run).
     checkpoint = next((run_dir / "checkpoints").iterdir())
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {

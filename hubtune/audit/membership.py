@@ -155,6 +155,11 @@ def loss_threshold_attack(
                 finite and tpr_low > math.exp(epsilon) * fpr_high + delta
             )
         levels.append(entry)
+    # The power of this audit: what a perfect attack (every member above the threshold, no
+    # non-member) would prove with these sample sizes. A claimed ε above it cannot be refuted here.
+    best_tpr_low = clopper_pearson(len(m_eval), len(m_eval), bonferroni)[0]
+    best_fpr_high = clopper_pearson(0, len(n_eval), bonferroni)[1]
+    max_provable = math.log(max(best_tpr_low - (delta or 0.0), 1e-300) / best_fpr_high)
     result: dict[str, Any] = {
         "attack": "loss threshold (Yeom et al. 2018)",
         "members": len(members),
@@ -166,12 +171,14 @@ def loss_threshold_attack(
         },
         "at_fpr": levels,
         "epsilon_lower_bound": eps_lower,
+        "max_provable_epsilon": max(0.0, max_provable),
         "confidence": ci_level,
         "interpretation": "a lower bound from one attack: a model that passes may still leak to a stronger attacker",
     }
     if epsilon is not None:
         result["dp_epsilon"] = epsilon
         result["dp_delta"] = delta
+        result["can_refute_dp_epsilon"] = bool(max_provable > epsilon)
         result["beats_dp_bound"] = bool(
             any(x.get("beats_dp_bound") for x in levels) or eps_lower > epsilon
         )
@@ -249,12 +256,14 @@ def canary_audit(
     r = 2 * k
     eps_lb = epsilon_lower_bound_one_run(m, r, right, delta=delta, confidence=confidence)
     own = np.asarray(predicted_own_label, dtype=bool)
+    max_provable = epsilon_lower_bound_one_run(m, r, r, delta=delta, confidence=confidence)
     result: dict[str, Any] = {
         "canaries": m,
         "included": int(included.sum()),
         "guesses": r,
         "right_guesses": right,
         "epsilon_lower_bound": eps_lb,
+        "max_provable_epsilon": max_provable,
         "confidence": confidence,
         "delta": delta,
         "memorised": {

@@ -376,6 +376,8 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
             "members": _fmt(membership["members"]),
             "nonmembers": _fmt(membership["nonmembers"]),
             "eps_lb": _fmt(membership["epsilon_lower_bound"]),
+            "max_provable": _fmt(membership.get("max_provable_epsilon")),
+            "underpowered": membership.get("can_refute_dp_epsilon") is False,
             "beats": membership.get("beats_dp_bound"),
             "dp": "dp_epsilon" in membership,
             "levels": [

@@ -234,7 +234,12 @@ def _verdict(
                     "judged_on": "estimate",
                     "judged_value": membership["epsilon_lower_bound"],
                     "threshold": membership["dp_epsilon"],
-                    "rule": f"empirical ε lower bound ≤ ε = {membership['dp_epsilon']:.3g} and TPR ≤ e^ε·FPR + δ",
+                    "rule": f"empirical ε lower bound ≤ ε = {membership['dp_epsilon']:.3g} and TPR ≤ e^ε·FPR + δ"
+                    + (
+                        f" (weak check: at most ε ≥ {membership['max_provable_epsilon']:.3g} is provable with this many rows)"
+                        if not membership.get("can_refute_dp_epsilon")
+                        else ""
+                    ),
                     "passed": not beaten,
                     "margin": membership["dp_epsilon"] - membership["epsilon_lower_bound"],
                 }
