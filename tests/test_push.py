@@ -1,0 +1,219 @@
+"""Push through the real Hub client to the local endpoint: gated, one commit, nothing private."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, snapshot_download
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from typer.testing import CliRunner
+
+from hubtune.audit import run_audit
+from hubtune.cli import app
+from hubtune.data import load_data
+from hubtune.hub import hub_endpoint
+from hubtune.push import PushError, push_run
+from hubtune.recipe import Recipe
+from hubtune.train import run_recipe
+
+from .conftest import make_fake_run, make_sentiment_frame, recipe_dict
+
+TOKEN = "hf_canaryPUSHtokenNeverWrite0123456789"
+
+
+@pytest.fixture()
+def reviews(tmp_path: Path) -> Path:
+    path = tmp_path / "reviews.csv"
+    make_sentiment_frame(600).to_csv(path, index=False)
+    return path
+
+
+def _all_text(folder: Path) -> str:
+    return "\n".join(
+        p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file()
+    )
+
+
+def test_run_pushes_one_commit_and_the_download_reproduces_the_run(
+    tiny_bert: Path,
+    reviews: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """What a user checks: download the pushed model, get the run's test predictions back."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    caplog.set_level(logging.DEBUG)
+    root = tmp_path / "hub"
+    spec = recipe_dict(tiny_bert, reviews, tmp_path / "runs")
+    spec["train"].update(epochs=3, lr=0.01)
+    spec["hub"] = {"endpoint": "local", "local_root": str(root)}
+    spec["push"] = {
+        "enabled": True,
+        "repo_id": "local-user/tiny",
+        "space_id": "local-user/tiny-demo",
+        "allow_failing_audit": True,
+    }
+    recipe = Recipe.model_validate(spec)
+    result = run_recipe(recipe)
+    assert result.push is not None
+    commit = result.push["commit"]
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+
+    with hub_endpoint("local", local_root=root) as url:
+        api = HfApi(endpoint=url)
+        info = api.model_info("local-user/tiny")
+        assert info.sha == commit and info.private is True
+        files = set(api.list_repo_files("local-user/tiny", revision=commit))
+        assert {"config.json", "model.safetensors", "README.md", "recipe.resolved.yaml"} <= files
+        assert {"audit/report.html", "audit/report.md", "audit/audit.json"} <= files
+        # Never pushed: row-level test data, per-example losses, checkpoints (DP RNG state).
+        assert not {f for f in files if f.endswith(".parquet") or f.startswith("checkpoints")}
+        local = Path(
+            snapshot_download("local-user/tiny", revision=commit, cache_dir=tmp_path / "dl")
+        )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            "local-user/tiny", revision=commit, cache_dir=tmp_path / "dl"
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(
+            "local-user/tiny", revision=commit, cache_dir=tmp_path / "dl"
+        )
+        space = Path(
+            snapshot_download(
+                "local-user/tiny-demo", repo_type="space", cache_dir=tmp_path / "dl-space"
+            )
+        )
+        commits = api.list_repo_commits("local-user/tiny")
+    assert commits[0].commit_id == commit and "hubtune: tiny" in commits[0].title
+
+    test = load_data(recipe.data, seed=recipe.seed).splits["test"]
+    assert list(test["row_id"]) == list(predictions["row_id"])
+    with torch.no_grad():
+        batch = tokenizer(
+            list(test["text"]), padding=True, truncation=True, max_length=32, return_tensors="pt"
+        )
+        probs = torch.softmax(model(**batch).logits, -1).numpy()
+    np.testing.assert_allclose(probs[:, 1], predictions["prob_pos"].to_numpy(), atol=1e-5)
+    assert (probs.argmax(-1) == predictions["prediction_id"].to_numpy()).all()
+
+    card = ModelCard.load(local / "README.md")
+    results = model_index_to_eval_results(card.data.to_dict()["model-index"])[1]
+    accuracy = next(r for r in results if r.metric_type == "accuracy")
+    assert accuracy.metric_value == pytest.approx(result.metrics["test"]["accuracy"], abs=1e-4)
+    assert "without differential privacy" in card.text
+    config = json.loads((space / "space_config.json").read_text())
+    assert config["model_repo_id"] == "local-user/tiny" and config["model_revision"] == commit
+    run_info = json.loads((result.run_dir / "run.json").read_text())
+    assert run_info["pushes"][-1]["commit"] == commit
+
+    # The token never reaches a pushed file, the run directory, or the logs.
+    out, err = capfd.readouterr()
+    for text in (
+        _all_text(local),
+        _all_text(space),
+        _all_text(result.run_dir),
+        caplog.text,
+        out,
+        err,
+    ):
+        assert TOKEN not in text
+
+
+def _fake_pushable_run(tmp_path: Path, tiny_bert: Path, *, fair: bool) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for group, accuracy in (("a", 0.9), ("b", 0.9 if fair else 0.5)):
+        labels = rng.integers(0, 2, 300)
+        right = rng.random(300) < accuracy
+        rows += [
+            {"label_id": int(y), "prediction_id": int(y if ok else 1 - y), "group": group}
+            for y, ok in zip(labels, right, strict=True)
+        ]
+    run_dir = make_fake_run(
+        tmp_path / "runs" / ("fair" if fair else "unfair"),
+        pd.DataFrame(rows),
+        label_names=["neg", "pos"],
+        sensitive=["group"],
+    )
+    shutil.copytree(tiny_bert, run_dir / "model")
+    policy = tmp_path / "eo.yaml"
+    policy.write_text("name: eo\nn_boot: 100\nthresholds: {max_equalized_odds_difference: 0.2}\n")
+    run_audit(run_dir, policy=policy)
+    return run_dir
+
+
+def test_gate_refuses_a_failing_audit_and_records_an_override(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    run_dir = _fake_pushable_run(tmp_path, tiny_bert, fair=False)
+    with hub_endpoint("local", local_root=tmp_path / "hub") as url:
+        with pytest.raises(PushError, match="--allow-failing-audit"):
+            push_run(run_dir, repo_id="org/unfair", endpoint=url)
+        api = HfApi(endpoint=url)
+        assert not api.repo_exists("org/unfair")  # nothing was created
+        pushed = push_run(run_dir, repo_id="org/unfair", endpoint=url, allow_failing_audit=True)
+        readme = api.hf_hub_download(
+            "org/unfair", "README.md", revision=pushed.commit, cache_dir=tmp_path / "c"
+        )
+    run_info = json.loads((run_dir / "run.json").read_text())
+    assert run_info["audit"]["override"]["allowed_failing_audit"] is True
+    assert run_info["pushes"][-1]["audit_overridden"] is True
+    card = ModelCard.load(readme)
+    assert card.data.to_dict()["fairness"]["overridden"] is True
+    assert "published despite a fail fairness audit" in card.text.lower()
+
+
+def test_retry_is_safe_and_a_concurrent_change_is_not_clobbered(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = _fake_pushable_run(tmp_path, tiny_bert, fair=True)
+    with hub_endpoint("local", local_root=tmp_path / "hub") as url:
+        api = HfApi(endpoint=url)
+        first = push_run(run_dir, repo_id="org/fair", endpoint=url)
+        again = push_run(run_dir, repo_id="org/fair", endpoint=url)
+        assert again.already_there and again.commit == first.commit
+        assert len(api.list_repo_commits("org/fair")) == 2  # the initial commit + ours
+
+        # Someone else commits between our look at the head and our commit.
+        original = HfApi.create_commit
+
+        def racing(self, repo_id, operations, **kwargs):  # type: ignore[no-untyped-def]
+            note = CommitOperationAdd(path_in_repo="NOTES.md", path_or_fileobj=b"a note\n")
+            original(api, repo_id, [note], commit_message="a colleague's note")
+            return original(self, repo_id, operations, **kwargs)
+
+        (run_dir / "recipe.resolved.yaml").write_text("name: fair\ndescription: changed\n")
+        monkeypatch.setattr(HfApi, "create_commit", racing)
+        with pytest.raises(PushError, match="changed while pushing"):
+            push_run(run_dir, repo_id="org/fair", endpoint=url)
+        monkeypatch.setattr(HfApi, "create_commit", original)
+        head = api.list_repo_commits("org/fair")[0]
+        assert "NOTES.md" in api.list_repo_files("org/fair", revision=head.commit_id)
+
+
+def test_cli_push_refuses_with_exit_3(tiny_bert: Path, tmp_path: Path) -> None:
+    run_dir = _fake_pushable_run(tmp_path, tiny_bert, fair=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "push",
+            str(run_dir),
+            "--repo-id",
+            "org/unfair",
+            "--endpoint",
+            "local",
+            "--hub-root",
+            str(tmp_path / "hub"),
+        ],
+    )
+    assert result.exit_code == 3 and "audit gate refuses" in result.output
