@@ -102,7 +102,7 @@ def run(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train and evaluate a recipe; outputs go to <output_dir>/<name>/.
+    """Train, evaluate and audit a recipe (and push it, if its push: section says so).
 
     Works the same under `accelerate launch [--num_processes N] -m hubtune run RECIPE`.
     """
