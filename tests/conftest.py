@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -238,3 +240,54 @@ def make_fake_run(
         )
     )
     return run_dir
+
+
+CHROMIUM = os.environ.get("HUBTUNE_CHROMIUM", "/usr/bin/chromium")
+# Debian's Chromium, headless as root, with its background traffic (which this machine's closed
+# network refuses) switched off. Playwright never downloads a browser here.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator:  # type: ignore[type-arg]
+    """A headless Chromium through Playwright; fails (not skips) when the browser is missing."""
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: run `bash scripts/setup.sh --with-browser` "
+            "(installs Debian's chromium) or set HUBTUNE_CHROMIUM"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def synthetic_predictions(
+    sizes: dict[str, int], accuracy: dict[str, float], seed: int = 0
+) -> pd.DataFrame:
+    """Binary test predictions with a given size and accuracy per group (column ``group``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for group, n in sizes.items():
+        labels = rng.integers(0, 2, n)
+        right = rng.random(n) < accuracy[group]
+        predictions = np.where(right, labels, 1 - labels)
+        rows += [
+            {"label_id": int(y), "prediction_id": int(p), "group": group}
+            for y, p in zip(labels, predictions, strict=True)
+        ]
+    return pd.DataFrame(rows)

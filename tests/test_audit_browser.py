@@ -7,8 +7,6 @@ Uses Debian's Chromium (/usr/bin/chromium) through Playwright; no browser is dow
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,33 +15,13 @@ import pytest
 
 from hubtune.audit import run_audit
 
-from .conftest import make_fake_run
-
-CHROMIUM = os.environ.get("HUBTUNE_CHROMIUM", "/usr/bin/chromium")
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from .conftest import chromium, make_fake_run
 
 
 @pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
-    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: run `bash scripts/setup.sh --with-browser` "
-            "(installs Debian's chromium) or set HUBTUNE_CHROMIUM"
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 def _failing_dp_run(root: Path) -> Path:

@@ -16,7 +16,7 @@ from hubtune.cli import app
 from hubtune.recipe import Recipe, RecipeError, load_recipe
 from hubtune.train import run_recipe
 
-from .conftest import make_fake_run, make_sentiment_frame, recipe_dict
+from .conftest import make_fake_run, make_sentiment_frame, recipe_dict, synthetic_predictions
 
 
 @pytest.fixture()
@@ -30,22 +30,6 @@ def _policy(tmp_path: Path, name: str, body: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"name: {name}\n{body}")
     return path
-
-
-def _synthetic_predictions(
-    sizes: dict[str, int], accuracy: dict[str, float], seed: int = 0
-) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for group, n in sizes.items():
-        labels = rng.integers(0, 2, n)
-        right = rng.random(n) < accuracy[group]
-        predictions = np.where(right, labels, 1 - labels)
-        rows += [
-            {"label_id": int(y), "prediction_id": int(p), "group": group}
-            for y, p in zip(labels, predictions, strict=True)
-        ]
-    return pd.DataFrame(rows)
 
 
 def test_run_writes_audit_canaries_and_scores(
@@ -129,7 +113,7 @@ def test_group_metrics_match_fairlearn_recomputed_from_predictions(
 
 
 def test_thresholds_pass_fail_and_inconclusive(tmp_path: Path) -> None:
-    predictions = _synthetic_predictions(
+    predictions = synthetic_predictions(
         {"a": 400, "b": 400}, {"a": 0.9, "b": 0.6}
     )  # a real accuracy gap of about 0.3
     run_dir = make_fake_run(
@@ -177,7 +161,7 @@ def test_thresholds_pass_fail_and_inconclusive(tmp_path: Path) -> None:
 
 
 def test_gate_blocks_a_failing_audit_unless_overridden_and_records_it(tmp_path: Path) -> None:
-    predictions = _synthetic_predictions({"a": 300, "b": 300}, {"a": 0.95, "b": 0.55})
+    predictions = synthetic_predictions({"a": 300, "b": 300}, {"a": 0.95, "b": 0.55})
     run_dir = make_fake_run(
         tmp_path / "runs" / "unfair", predictions, label_names=["neg", "pos"], sensitive=["group"]
     )
@@ -197,7 +181,7 @@ def test_gate_blocks_a_failing_audit_unless_overridden_and_records_it(tmp_path: 
 
     fair = make_fake_run(
         tmp_path / "runs" / "fair",
-        _synthetic_predictions({"a": 300, "b": 300}, {"a": 0.8, "b": 0.8}, seed=3),
+        synthetic_predictions({"a": 300, "b": 300}, {"a": 0.8, "b": 0.8}, seed=3),
         label_names=["neg", "pos"],
         sensitive=["group"],
     )
@@ -207,7 +191,7 @@ def test_gate_blocks_a_failing_audit_unless_overridden_and_records_it(tmp_path: 
 
 
 def test_tiny_group_is_suppressed_in_every_output(tmp_path: Path) -> None:
-    predictions = _synthetic_predictions(
+    predictions = synthetic_predictions(
         {"large": 300, "medium": 120, "tiny": 7}, {"large": 0.8, "medium": 0.7, "tiny": 0.0}
     )
     run_dir = make_fake_run(
@@ -239,7 +223,7 @@ def test_tiny_group_is_suppressed_in_every_output(tmp_path: Path) -> None:
 
 
 def test_cli_audit_exit_codes_and_summary(tmp_path: Path) -> None:
-    predictions = _synthetic_predictions({"a": 300, "b": 300}, {"a": 0.95, "b": 0.55})
+    predictions = synthetic_predictions({"a": 300, "b": 300}, {"a": 0.95, "b": 0.55})
     run_dir = make_fake_run(
         tmp_path / "runs" / "cli", predictions, label_names=["neg", "pos"], sensitive=["group"]
     )

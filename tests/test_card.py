@@ -18,7 +18,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from hubtune.audit import audit_gate, run_audit
 from hubtune.card import CardError, build_card, write_card
 
-from .conftest import make_fake_run
+from .conftest import make_fake_run, synthetic_predictions
 
 MINILM_DIGEST = "sha256:12a627c3b64aa9ea1202ed451f656cc2903fd9f8b21584b2dc30ad133f39c25b"
 TOKEN = "hf_canaryTOKENdoNotLeak0123456789abcdef"
@@ -48,20 +48,6 @@ LEDGER: dict[str, Any] = {
 }
 
 
-def _predictions(sizes: dict[str, int], accuracy: dict[str, float], seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for group, n in sizes.items():
-        labels = rng.integers(0, 2, n)
-        right = rng.random(n) < accuracy[group]
-        predictions = np.where(right, labels, 1 - labels)
-        rows += [
-            {"label_id": int(y), "prediction_id": int(p), "group": group}
-            for y, p in zip(labels, predictions, strict=True)
-        ]
-    return pd.DataFrame(rows)
-
-
 def _membership(n: int = 200, seed: int = 1) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     return pd.DataFrame(
@@ -88,7 +74,7 @@ def make_run(
 ) -> Path:
     """A finished run directory with a realistic run.json, recipe and (optionally) DP and audit."""
     accuracy = {"a": 0.8, "b": 0.8} if fair else {"a": 0.95, "b": 0.55}
-    predictions = _predictions({"a": 150, "b": 150}, accuracy)
+    predictions = synthetic_predictions({"a": 150, "b": 150}, accuracy)
     run_dir = make_fake_run(
         root / "runs" / name,
         predictions,

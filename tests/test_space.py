@@ -30,18 +30,8 @@ from hubtune.space import (
     template_dir,
 )
 
-from .conftest import make_tiny_bert
+from .conftest import chromium, make_tiny_bert
 
-CHROMIUM = os.environ.get("HUBTUNE_CHROMIUM", "/usr/bin/chromium")
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SHA = "0123456789abcdef0123456789abcdef01234567"
 LABELS = ["neg", "pos"]
 PRIVACY = {
@@ -440,17 +430,6 @@ def test_serve_space_runs_a_run_dir_offline(tiny_run: Path) -> None:
 # --------------------------------------------------------------------------- browser
 
 
-def _browser() -> Any:
-    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: run `bash scripts/setup.sh --with-browser` "
-            "(installs Debian's chromium) or set HUBTUNE_CHROMIUM"
-        )
-    from playwright.sync_api import sync_playwright
-
-    return sync_playwright()
-
-
 def test_app_in_a_browser(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     app = load_app()
     real = app.Classifier.probabilities
@@ -469,58 +448,54 @@ def test_app_in_a_browser(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
     url = f"http://127.0.0.1:{port}/"
     foreign: list[str] = []
     try:
-        with _browser() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            try:
-                page = browser.new_page()
-                page.on(
-                    "request",
-                    lambda request: (
-                        None
-                        if request.url.startswith((url, "data:", "blob:"))
-                        else foreign.append(request.url)
-                    ),
-                )
-                page.goto(url)
-                textbox = page.locator("#input-text textarea")
-                button = page.locator("#classify-button")
-                output = page.locator("#prediction")
-                table = page.locator("#probabilities")
+        with chromium() as browser:
+            page = browser.new_page()
+            page.on(
+                "request",
+                lambda request: (
+                    None
+                    if request.url.startswith((url, "data:", "blob:"))
+                    else foreign.append(request.url)
+                ),
+            )
+            page.goto(url)
+            textbox = page.locator("#input-text textarea")
+            button = page.locator("#classify-button")
+            output = page.locator("#prediction")
+            table = page.locator("#probabilities")
 
-                text = "the movie was great and lovely"
-                expected = _softmax(tiny_run, text)
-                textbox.fill(text)
-                button.click()
-                top = max(expected, key=expected.__getitem__)
-                table.get_by_text("probability").wait_for()
-                shown = dict(re.findall(r"(neg|pos)\s+([01]\.\d{4})", table.inner_text()))
-                assert {k: float(v) for k, v in shown.items()} == pytest.approx(expected, abs=5e-5)
-                label_text = output.inner_text()
-                assert top in label_text
-                for name, p in expected.items():
-                    assert f"{round(p * 100)}%" in label_text, (name, label_text)
+            text = "the movie was great and lovely"
+            expected = _softmax(tiny_run, text)
+            textbox.fill(text)
+            button.click()
+            top = max(expected, key=expected.__getitem__)
+            table.get_by_text("probability").wait_for()
+            shown = dict(re.findall(r"(neg|pos)\s+([01]\.\d{4})", table.inner_text()))
+            assert {k: float(v) for k, v in shown.items()} == pytest.approx(expected, abs=5e-5)
+            label_text = output.inner_text()
+            assert top in label_text
+            for name, p in expected.items():
+                assert f"{round(p * 100)}%" in label_text, (name, label_text)
 
-                page.get_by_role("tab", name="Privacy & fairness").click()
-                reports = page.locator("#privacy-fairness")
-                reports.get_by_text("Verdict: FAIL").wait_for()
-                body = reports.inner_text()
-                assert "ε = 3.21" in body and "δ = 1e-05" in body and "PRV" in body
-                assert "equalized odds difference" in body and "tpr" in body
-                page.get_by_role("tab", name="Classify").click()
+            page.get_by_role("tab", name="Privacy & fairness").click()
+            reports = page.locator("#privacy-fairness")
+            reports.get_by_text("Verdict: FAIL").wait_for()
+            body = reports.inner_text()
+            assert "ε = 3.21" in body and "δ = 1e-05" in body and "PRV" in body
+            assert "equalized odds difference" in body and "tpr" in body
+            page.get_by_role("tab", name="Classify").click()
 
-                textbox.fill("x" * 2001)
-                button.click()
-                page.get_by_text("accepts at most 2000").first.wait_for()
-                page.get_by_text("at most 2000").first.wait_for()
+            textbox.fill("x" * 2001)
+            button.click()
+            page.get_by_text("accepts at most 2000").first.wait_for()
+            page.get_by_text("at most 2000").first.wait_for()
 
-                textbox.fill("please explode now")
-                button.click()
-                page.get_by_text(app.GENERIC_ERROR).first.wait_for()
-                content = page.content()
-                assert "secret internal detail" not in content
-                assert "Traceback" not in content and "/srv/weights" not in content
-            finally:
-                browser.close()
+            textbox.fill("please explode now")
+            button.click()
+            page.get_by_text(app.GENERIC_ERROR).first.wait_for()
+            content = page.content()
+            assert "secret internal detail" not in content
+            assert "Traceback" not in content and "/srv/weights" not in content
     finally:
         demo.close()
     assert not foreign, f"the page requested other hosts: {foreign}"

@@ -317,6 +317,57 @@ def _ci(bounds: np.ndarray | None, *index: Any) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+@dataclass
+class _Groups:
+    features: pd.DataFrame  # one column per sensitive column, missing values named
+    slices: list[SliceSpec]
+    hidden: dict[tuple[str, tuple[str, ...]], str]  # (slice, group) -> suppression reason
+    missing: dict[str, int]  # rows with a missing value, per column
+
+
+def _group_features(
+    frame: pd.DataFrame,
+    *,
+    sensitive: list[str],
+    missing_label: str,
+    intersections: bool,
+    min_group_size: int,
+) -> _Groups:
+    """The group of every row in every slice, and which groups must stay hidden."""
+    features = pd.DataFrame(index=frame.index)
+    missing: dict[str, int] = {}
+    for column in sensitive:
+        if column not in frame.columns:
+            raise ValueError(
+                f"sensitive column {column!r} is not in the predictions (it has {list(frame.columns)}); "
+                "declare it under data.columns.sensitive in the recipe"
+            )
+        values = frame[column]
+        is_missing = values.isna() | (values.astype(str).str.strip() == "")
+        missing[column] = int(is_missing.sum())
+        features[column] = np.where(is_missing, missing_label, values.astype(str))
+    slices = [SliceSpec((c,)) for c in sensitive]
+    if intersections and len(sensitive) > 1:
+        slices.append(SliceSpec(tuple(sensitive)))
+    cell_counts = {
+        (k if isinstance(k, tuple) else (k,)): int(v)
+        for k, v in (
+            features.groupby(list(sensitive)).size().to_dict() if sensitive else {}
+        ).items()
+    }
+    hidden = (
+        suppress(
+            cell_counts=cell_counts,
+            slices=slices,
+            all_columns=tuple(sensitive),
+            min_group_size=min_group_size,
+        )
+        if sensitive and len(frame) >= min_group_size
+        else {}
+    )
+    return _Groups(features=features, slices=slices, hidden=hidden, missing=missing)
+
+
 def audit_fairness(
     predictions: pd.DataFrame,
     *,
@@ -360,36 +411,20 @@ def audit_fairness(
     y_pred = predictions["prediction_id"].to_numpy(dtype=np.int64)
     n = len(y_true)
     keys = _expand(metrics, label_names, positive)
-    features = pd.DataFrame(index=predictions.index)
-    missing_counts = {}
-    for column in sensitive:
-        if column not in predictions.columns:
-            raise ValueError(
-                f"sensitive column {column!r} is not in the predictions (it has {list(predictions.columns)}); "
-                "declare it under data.columns.sensitive in the recipe"
-            )
-        values = predictions[column]
-        is_missing = values.isna() | (values.astype(str).str.strip() == "")
-        missing_counts[column] = int(is_missing.sum())
-        features[column] = np.where(is_missing, missing_label, values.astype(str))
-
-    slices = [SliceSpec((c,)) for c in sensitive]
-    if intersections and len(sensitive) > 1:
-        slices.append(SliceSpec(tuple(sensitive)))
-    all_columns = tuple(sensitive)
-    cell_counts = features.groupby(list(all_columns)).size().to_dict() if sensitive else {}
-    cell_counts = {(k if isinstance(k, tuple) else (k,)): int(v) for k, v in cell_counts.items()}
-    too_small = n < min_group_size
-    hidden = (
-        suppress(
-            cell_counts=cell_counts,
-            slices=slices,
-            all_columns=all_columns,
-            min_group_size=min_group_size,
-        )
-        if sensitive and not too_small
-        else {}
+    groups = _group_features(
+        predictions,
+        sensitive=sensitive,
+        missing_label=missing_label,
+        intersections=intersections,
+        min_group_size=min_group_size,
     )
+    features, slices, hidden, missing_counts = (
+        groups.features,
+        groups.slices,
+        groups.hidden,
+        groups.missing,
+    )
+    too_small = n < min_group_size
 
     result: dict[str, Any] = {
         "task": "binary" if positive is not None else "multiclass",
@@ -616,28 +651,14 @@ def compare_fairness(
         (label_names.index(positive_label) if positive_label else 1) if num_labels == 2 else None
     )
     keys = [k for k in _expand(metrics, label_names, positive) if k != "count"]
-    features = pd.DataFrame(index=joined.index)
-    for column in sensitive:
-        values = joined[column]
-        is_missing = values.isna() | (values.astype(str).str.strip() == "")
-        features[column] = np.where(is_missing, missing_label, values.astype(str))
-    slices = [SliceSpec((c,)) for c in sensitive]
-    if intersections and len(sensitive) > 1:
-        slices.append(SliceSpec(tuple(sensitive)))
-    cell_counts = {
-        (k if isinstance(k, tuple) else (k,)): int(v)
-        for k, v in (features.groupby(sensitive).size().to_dict() if sensitive else {}).items()
-    }
-    hidden = (
-        suppress(
-            cell_counts=cell_counts,
-            slices=slices,
-            all_columns=tuple(sensitive),
-            min_group_size=min_group_size,
-        )
-        if sensitive and len(joined) >= min_group_size
-        else {}
+    grouping = _group_features(
+        joined,
+        sensitive=sensitive,
+        missing_label=missing_label,
+        intersections=intersections,
+        min_group_size=min_group_size,
     )
+    features, slices, hidden = grouping.features, grouping.slices, grouping.hidden
     y_true = joined["label_id"].to_numpy(dtype=np.int64)
     preds = {
         "this": joined["prediction_id"].to_numpy(dtype=np.int64),

@@ -340,19 +340,19 @@ def run_audit(
         else list(meta.get("sensitive_columns") or [])
     )
     t0 = time.perf_counter()
-    fairness = audit_fairness(
-        predictions,
-        label_names=label_names,
-        sensitive=sensitive,
-        metrics=list(loaded.metrics),
-        positive_label=loaded.positive_label,
-        intersections=loaded.intersections,
-        n_boot=loaded.n_boot,
-        ci_level=loaded.ci_level,
-        seed=loaded.seed,
-        min_group_size=loaded.min_group_size,
-        missing_label=loaded.missing_label,
-    )
+    group_settings: dict[str, Any] = {
+        "label_names": label_names,
+        "sensitive": sensitive,
+        "metrics": list(loaded.metrics),
+        "positive_label": loaded.positive_label,
+        "intersections": loaded.intersections,
+        "n_boot": loaded.n_boot,
+        "ci_level": loaded.ci_level,
+        "seed": loaded.seed,
+        "min_group_size": loaded.min_group_size,
+        "missing_label": loaded.missing_label,
+    }
+    fairness = audit_fairness(predictions, **group_settings)
     privacy = _privacy_section(run_dir)
     membership, canaries = _membership(run_dir, loaded, privacy, len(label_names))
     comparison = None
@@ -363,20 +363,7 @@ def run_audit(
             # A run name, not a local path: audit.json is published with the model.
             "other_run": other_dir.name,
             "other_privacy": _privacy_section(other_dir),
-            **compare_fairness(
-                predictions,
-                other,
-                label_names=label_names,
-                sensitive=sensitive,
-                metrics=list(loaded.metrics),
-                positive_label=loaded.positive_label,
-                intersections=loaded.intersections,
-                n_boot=loaded.n_boot,
-                ci_level=loaded.ci_level,
-                seed=loaded.seed,
-                min_group_size=loaded.min_group_size,
-                missing_label=loaded.missing_label,
-            ),
+            **compare_fairness(predictions, other, **group_settings),
         }
     verdict = _verdict(
         loaded, fairness, membership if membership and "auc" in membership else None, canaries

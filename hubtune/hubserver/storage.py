@@ -37,6 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hubtune.io import fsync_dir as _fsync_dir
+
 __all__ = [
     "REPO_TYPES",
     "Commit",
@@ -105,15 +107,6 @@ def git_blob_sha1(data: bytes) -> str:
 def _now_iso() -> str:
     """The current time in the Hub's format, e.g. ``2024-05-01T12:00:00.123000Z``."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass(frozen=True)
