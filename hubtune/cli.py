@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -323,13 +324,35 @@ def space_serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 7860,
     endpoint: Annotated[
-        str | None, typer.Option("--endpoint", help="Hub URL for repo ids.")
+        str | None,
+        typer.Option(
+            "--endpoint",
+            help="Hub for a Space repo id and the model it names: a URL, or `local` (default HF_ENDPOINT).",
+        ),
     ] = None,
+    hub_root: Annotated[
+        Path, typer.Option("--hub-root", help="Repos of the local endpoint (--endpoint local).")
+    ] = Path(".hubtune/hub"),
 ) -> None:
-    """Run a run's Gradio Space demo locally (loopback, no share link)."""
-    from hubtune.space import serve_space
+    """Run a Gradio Space demo here (loopback by default, never a public share link).
 
-    serve_space(source=source, host=host, port=port, endpoint=endpoint)
+    A run directory is served offline from its own files; a rendered Space folder or a Space
+    repo id loads the model from its Hub repo at the pinned commit.
+    """
+    _setup_logging(False)
+    from hubtune.hub import hub_endpoint
+    from hubtune.space import SpaceError, serve_space
+
+    with hub_endpoint(endpoint, local_root=hub_root) as url:
+        folder: str | Path = source
+        if not Path(source).exists() and re.match(r"^[\w.-]+/[\w.-]+$", source):
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(source, repo_type="space", endpoint=url)
+        try:
+            serve_space(source=folder, host=host, port=port, endpoint=url)
+        except SpaceError as exc:
+            _fail(f"hubtune space serve: {exc}")
 
 
 @data_app.command("prepare")

@@ -217,3 +217,117 @@ def test_cli_push_refuses_with_exit_3(tiny_bert: Path, tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 3 and "audit gate refuses" in result.output
+
+
+def test_lora_adapter_pushed_and_loaded_by_repo_id_with_peft(
+    tiny_bert: Path, reviews: Path, tmp_path: Path
+) -> None:
+    """A LoRA run on a Hub base model: peft loads base and adapter by repo id, as pushed."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    root = tmp_path / "hub"
+    with hub_endpoint("local", local_root=root) as url:
+        HfApi(endpoint=url).create_repo("org/tiny-base")
+        base_sha = (
+            HfApi(endpoint=url)
+            .upload_folder(
+                folder_path=str(tiny_bert), repo_id="org/tiny-base", commit_message="tiny base"
+            )
+            .oid
+        )
+    spec = recipe_dict(tiny_bert, reviews, tmp_path / "runs", name="lora", r=4, alpha=8)
+    spec["model"].update(id="org/tiny-base", revision=base_sha)
+    spec["train"].update(epochs=2, lr=0.01)
+    spec["hub"] = {"endpoint": "local", "local_root": str(root)}
+    spec["push"] = {"enabled": True, "repo_id": "org/tiny-lora", "allow_failing_audit": True}
+    result = run_recipe(Recipe.model_validate(spec))
+    assert result.push is not None
+    commit = result.push["commit"]
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+    with hub_endpoint("local", local_root=root):
+        config = json.loads(
+            Path(
+                HfApi().hf_hub_download(
+                    "org/tiny-lora",
+                    "adapter_config.json",
+                    revision=commit,
+                    cache_dir=tmp_path / "c",
+                )
+            ).read_text()
+        )
+        assert config["base_model_name_or_path"] == "org/tiny-base"  # not a local folder
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            "org/tiny-lora", revision=commit, num_labels=2, cache_dir=tmp_path / "c"
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(
+            "org/tiny-lora", revision=commit, cache_dir=tmp_path / "c"
+        )
+        recipe = Recipe.model_validate(spec)
+        test = load_data(recipe.data, seed=recipe.seed).splits["test"]
+    with torch.no_grad():
+        batch = tokenizer(
+            list(test["text"]), padding=True, truncation=True, max_length=32, return_tensors="pt"
+        )
+        probs = torch.softmax(model(**batch).logits, -1).numpy()
+    np.testing.assert_allclose(probs[:, 1], predictions["prob_pos"].to_numpy(), atol=1e-5)
+
+
+def test_pushed_space_answers_in_a_browser(
+    tiny_bert: Path, reviews: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pushed Space, from its repo id, loads the pushed model at its commit and answers."""
+    import re
+    import socket
+
+    from hubtune.space import build_space_demo, load_app
+
+    from .conftest import chromium
+
+    root = tmp_path / "hub"
+    spec = recipe_dict(tiny_bert, reviews, tmp_path / "runs")
+    spec["train"].update(epochs=3, lr=0.01)
+    spec["hub"] = {"endpoint": "local", "local_root": str(root)}
+    spec["push"] = {
+        "enabled": True,
+        "repo_id": "local-user/tiny",
+        "space_id": "local-user/tiny-demo",
+        "allow_failing_audit": True,
+    }
+    result = run_recipe(Recipe.model_validate(spec))
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+    recipe = Recipe.model_validate(spec)
+    test = load_data(recipe.data, seed=recipe.seed).splits["test"]
+    text, expected = test["text"].iloc[0], float(predictions["prob_pos"].iloc[0])
+    status = json.loads((result.run_dir / "run.json").read_text())["audit"]["status"].upper()
+
+    with hub_endpoint("local", local_root=root) as url:
+        space = Path(
+            snapshot_download(
+                "local-user/tiny-demo", repo_type="space", cache_dir=tmp_path / "space"
+            )
+        )
+        app = load_app(space / "app.py")
+        demo = build_space_demo(source=space, endpoint=url)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        app.launch(
+            demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+        )
+        try:
+            with chromium() as browser:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.locator("#input-text textarea").fill(text)
+                page.locator("#classify-button").click()
+                table = page.locator("#probabilities")
+                table.get_by_text("probability").wait_for()
+                shown = dict(re.findall(r"(neg|pos)\s+([01]\.\d{4})", table.inner_text()))
+                assert float(shown["pos"]) == pytest.approx(expected, abs=6e-5)
+                page.get_by_role("tab", name="Privacy & fairness").click()
+                reports = page.locator("#privacy-fairness")
+                reports.get_by_text(f"Verdict: {status}").wait_for()
+                assert "without differential privacy" in reports.inner_text()
+        finally:
+            demo.close()
