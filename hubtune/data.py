@@ -210,15 +210,16 @@ def _stratify(labels: pd.Series) -> pd.Series | None:
 
 
 def _carve(
-    frame: pd.DataFrame, fraction: float, seed: int, stratify: bool
+    frame: pd.DataFrame, size: float | int, seed: int, stratify: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off ``size`` rows (an int) or that fraction of them (a float), seeded."""
     from sklearn.model_selection import train_test_split
 
-    if fraction <= 0 or len(frame) < 2:
+    if size <= 0 or len(frame) < 2:
         return frame, frame.iloc[0:0]
     keep, carved = train_test_split(
         frame,
-        test_size=fraction,
+        test_size=size,
         random_state=seed,
         stratify=_stratify(frame["label"]) if stratify else None,
     )
@@ -228,7 +229,14 @@ def _carve(
 def _subset(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
     if len(frame) <= limit:
         return frame
-    _, kept = _carve(frame, limit / len(frame), seed, stratify=True)
+    # An exact row count: a fraction (limit / n) is rounded up by scikit-learn and could keep
+    # limit + 1 rows. Stratified unless one side would be smaller than the number of classes.
+    dropped = len(frame) - limit
+    stratify = min(limit, dropped) >= frame["label"].nunique()
+    if limit <= dropped:
+        _, kept = _carve(frame, int(limit), seed, stratify=stratify)
+    else:
+        kept, _ = _carve(frame, int(dropped), seed, stratify=stratify)
     return kept
 
 

@@ -490,8 +490,16 @@ def check_per_sample_gradients(
     except PrivacyError:
         raise
     except Exception as exc:  # Opacus fails inside its hooks on layers it cannot handle
+        hint = ""
+        if "tying" in str(exc).lower():
+            hint = (
+                ". Ghost clipping cannot handle a trained layer that is called twice in one forward "
+                "pass (GPT-2, for one, embeds token_type_ids with its word embeddings). Use "
+                "privacy.grad_sample_mode: hooks (it sums both calls' per-example gradients), or keep "
+                "that layer frozen (e.g. method.name: lora)"
+            )
         raise PrivacyError(
-            f"preflight: per-example gradients could not be computed on a real batch: {exc!r}"
+            f"preflight: per-example gradients could not be computed on a real batch: {exc!r}{hint}"
         ) from exc
     finally:
         run.optimizer.zero_grad(set_to_none=True)

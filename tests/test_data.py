@@ -167,3 +167,15 @@ def test_loading_local_files_makes_no_network_call(
     make_sentiment_frame(40).to_csv(path, index=False)
     load_data(_section(path), seed=0)
     assert attempts == []
+
+
+def test_limit_keeps_exactly_the_requested_rows() -> None:
+    """A fraction limit / n is rounded up by scikit-learn (1,000 of 2,295 gave 1,001)."""
+    from hubtune.data import _subset
+
+    for n, limit in ((2295, 1000), (8029, 2000), (1147, 500), (301, 7), (1000, 999)):
+        frame = make_sentiment_frame(n).assign(label=lambda f: (f["label"] == "pos").astype(int))
+        kept = _subset(frame, limit, seed=3)
+        assert len(kept) == limit, (n, limit)
+        counts = kept["label"].value_counts()
+        assert abs(counts.get(0, 0) - counts.get(1, 0)) <= 1  # still stratified

@@ -182,6 +182,20 @@ def test_max_steps_within_is_the_largest_fitting_count() -> None:
     assert 0 < steps < 10_000 and eps(steps) <= 2.0 < eps(steps + 1)
 
 
+def test_ghost_clipping_on_a_layer_called_twice_is_refused_with_the_fix(
+    tiny_gpt2: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    """GPT-2 (with a tokenizer that gives token_type_ids) calls wte twice: ghost cannot, hooks can."""
+    spec = _spec(tiny_gpt2, dp_csv, tmp_path / "ghost", {"grad_sample_mode": "ghost"}, epochs=1)
+    spec["method"] = {"name": "full"}
+    with pytest.raises(RunError, match=r"Parameter tying.*grad_sample_mode: hooks"):
+        run_recipe(Recipe.model_validate(spec))
+    spec = _spec(tiny_gpt2, dp_csv, tmp_path / "hooks", {"grad_sample_mode": "hooks"}, epochs=1)
+    spec["method"] = {"name": "full"}
+    result = run_recipe(Recipe.model_validate(spec))
+    assert json.loads((result.run_dir / "privacy.json").read_text())["grad_sample_mode"] == "hooks"
+
+
 def test_refusals_say_why(
     tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
