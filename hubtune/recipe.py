@@ -209,6 +209,11 @@ class TrainSection(_Strict):
         None, gt=0, description="Default by method: freeze 1e-3, lora 5e-4, full 2e-5."
     )
     weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="adamw, or sgd with momentum (under DP, Adam scales pure-noise coordinates up to the full step; SGD does not).",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer: sgd).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -365,6 +370,11 @@ class Recipe(_Strict):
         description="Run name: outputs go to <output_dir>/<name>/.",
     )
     description: str | None = None
+    license: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9.+-]*$",
+        description="Licence of the trained model for its card, as a Hub licence id (e.g. apache-2.0, mit, other); it must respect the base model's and the data's terms.",
+    )
     seed: int = 42
     output_dir: str = "runs"
     model: ModelSection

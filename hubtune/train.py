@@ -607,7 +607,11 @@ def _train(
         )
         for split in ("validation", "test")
     }
-    optimizer = torch.optim.AdamW(plan.param_groups)
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.SGD(plan.param_groups, momentum=recipe.train.momentum)
+        if recipe.train.optimizer == "sgd"
+        else torch.optim.AdamW(plan.param_groups)
+    )
     dp_run: PrivacyRun | None = None
     if recipe.dp:
         assert recipe.privacy is not None
