@@ -368,3 +368,24 @@ def test_tiny_noise_is_refused_and_never_exhausts_memory() -> None:
         "prv": float("inf"),
         "rdp": float("inf"),
     }
+
+
+def test_sgd_optimizer_under_dp_takes_momentum_steps(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.optimizer: sgd reaches the DP optimizer as torch SGD with the recipe's momentum."""
+    seen: list[torch.optim.Optimizer] = []
+    real = train_module.prepare_private
+
+    def spy(**kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["optimizer"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(train_module, "prepare_private", spy)
+    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=1, name="lora", r=4)
+    spec["train"].update(optimizer="sgd", momentum=0.8, lr=0.5)
+    result = run_recipe(Recipe.model_validate(spec))
+    (optimizer,) = seen
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert {group["momentum"] for group in optimizer.param_groups} == {0.8}
+    assert json.loads((result.run_dir / "privacy.json").read_text())["epsilon"] <= 4.0
