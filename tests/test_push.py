@@ -35,6 +35,20 @@ def reviews(tmp_path: Path) -> Path:
     return path
 
 
+def _pushing_spec(model: Path, data: Path, tmp_path: Path, root: Path) -> dict:
+    """A tiny recipe that pulls from and pushes (model and Space) to a local endpoint."""
+    spec = recipe_dict(model, data, tmp_path / "runs")
+    spec["train"].update(epochs=3, lr=0.01)
+    spec["hub"] = {"endpoint": "local", "local_root": str(root)}
+    spec["push"] = {
+        "enabled": True,
+        "repo_id": "local-user/tiny",
+        "space_id": "local-user/tiny-demo",
+        "allow_failing_audit": True,
+    }
+    return spec
+
+
 def _all_text(folder: Path) -> str:
     return "\n".join(
         p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file()
@@ -55,15 +69,7 @@ def test_run_pushes_one_commit_and_the_download_reproduces_the_run(
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     caplog.set_level(logging.DEBUG)
     root = tmp_path / "hub"
-    spec = recipe_dict(tiny_bert, reviews, tmp_path / "runs")
-    spec["train"].update(epochs=3, lr=0.01)
-    spec["hub"] = {"endpoint": "local", "local_root": str(root)}
-    spec["push"] = {
-        "enabled": True,
-        "repo_id": "local-user/tiny",
-        "space_id": "local-user/tiny-demo",
-        "allow_failing_audit": True,
-    }
+    spec = _pushing_spec(tiny_bert, reviews, tmp_path, root)
     recipe = Recipe.model_validate(spec)
     result = run_recipe(recipe)
     assert result.push is not None
@@ -285,15 +291,7 @@ def test_pushed_space_answers_in_a_browser(
     from .conftest import chromium
 
     root = tmp_path / "hub"
-    spec = recipe_dict(tiny_bert, reviews, tmp_path / "runs")
-    spec["train"].update(epochs=3, lr=0.01)
-    spec["hub"] = {"endpoint": "local", "local_root": str(root)}
-    spec["push"] = {
-        "enabled": True,
-        "repo_id": "local-user/tiny",
-        "space_id": "local-user/tiny-demo",
-        "allow_failing_audit": True,
-    }
+    spec = _pushing_spec(tiny_bert, reviews, tmp_path, root)
     result = run_recipe(Recipe.model_validate(spec))
     predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
     recipe = Recipe.model_validate(spec)
