@@ -914,9 +914,10 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
         "sample standard deviation over seeds (n = number of seeds); the range is min-max.",
         "",
     ]
+    lora_r = (p["settings"].get("lora_recipe") or {}).get("r", 8)
     for family, title in (
         ("fe", "Feature extraction (frozen backbone, cached features, head trained)"),
-        ("lora", "LoRA r=8 (query, value) + head"),
+        ("lora", f"LoRA r={lora_r} (query, value) + head"),
     ):
         groups = _group_runs(runs, family)
         if not groups:
