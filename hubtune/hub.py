@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 __all__ = [
     "PICKLE_PATTERNS",
@@ -245,7 +246,8 @@ def hub_endpoint(
     Args:
         endpoint: ``None`` (leave HF_ENDPOINT / huggingface.co alone), ``"local"`` (start
             hubtune's local endpoint in this process on a free loopback port, serving
-            ``local_root``), or a URL.
+            ``local_root``), or a URL. For a loopback endpoint, HF_HUB_OFFLINE is lifted
+            inside the block.
         local_root: The local endpoint's folder of repositories.
 
     Yields:
@@ -259,8 +261,10 @@ def hub_endpoint(
         server = LocalHub(Path(local_root))
         url = server.start()
     saved = _point_clients_at(url)
-    if server is not None:
-        _go_online(saved)  # offline mode would stop the clients asking even the local endpoint
+    if url is not None and urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        # An endpoint on this machine is not the network: offline mode would stop the
+        # clients asking even it.
+        _go_online(saved)
     try:
         yield url
     finally:

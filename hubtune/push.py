@@ -84,7 +84,7 @@ def _public_copies(run_dir: Path, files: dict[str, Path], scratch: Path) -> dict
     """
     import yaml
 
-    from hubtune.card import _base_model, _public_path
+    from hubtune.card import base_model_source, public_path
 
     out = dict(files)
     run_info = json.loads((run_dir / "run.json").read_text())
@@ -92,9 +92,9 @@ def _public_copies(run_dir: Path, files: dict[str, Path], scratch: Path) -> dict
         config = json.loads(files["adapter_config.json"].read_text())
         base = config.get("base_model_name_or_path")
         if base and (Path(base).is_absolute() or Path(base).exists()):
-            config["base_model_name_or_path"] = _base_model(run_info).get("hub_id") or _public_path(
-                base
-            )
+            config["base_model_name_or_path"] = base_model_source(run_info)[
+                "hub_id"
+            ] or public_path(base)
             target = scratch / "adapter_config.json"
             target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             out["adapter_config.json"] = target
@@ -105,7 +105,7 @@ def _public_copies(run_dir: Path, files: dict[str, Path], scratch: Path) -> dict
         if isinstance(value, list):
             return [public(v) for v in value]
         if isinstance(value, str) and (value.startswith(("/", "~")) or ".." in Path(value).parts):
-            return _public_path(value)
+            return public_path(value)
         return value
 
     if "recipe.resolved.yaml" in files:

@@ -152,19 +152,14 @@ def _base_model(
         if not base_model_revision:
             raise SpaceError("base_model_repo_id needs base_model_revision (a commit SHA)")
         return base_model_repo_id, base_model_revision
-    base = info.get("base_model") or {}
-    if base.get("kind") == "hub" and base.get("spec") and _SHA.match(str(base.get("sha"))):
-        return str(base["spec"]), str(base["sha"])
-    try:  # a packaged model that is an exact copy of a Hub model (hubtune.card knows which)
-        from hubtune.card import KNOWN_PACKAGED
+    from hubtune.card import base_model_source
 
-        known = KNOWN_PACKAGED.get(str(base.get("spec")))
-        if known is not None and known.digest == base.get("sha"):
-            return known.hub_id, "main"
-    except ImportError:
-        pass
+    base = base_model_source(info)
+    if base["hub_id"]:  # a Hub repo, or an exact packaged copy of one (then its main)
+        revision = base["revision"]
+        return str(base["hub_id"]), str(revision) if revision and _SHA.match(revision) else "main"
     raise SpaceError(
-        f"the adapter's base model {base.get('spec')!r} is not a Hub repo: pass "
+        f"the adapter's base model {(info.get('base_model') or {}).get('spec')!r} is not a Hub repo: pass "
         "base_model_repo_id and base_model_revision so the Space can download it"
     )
 

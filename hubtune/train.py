@@ -17,7 +17,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -360,11 +360,13 @@ def _membership_scores(
     batch_size: int,
     max_members: int,
     seed: int,
+    test_outputs: tuple[torch.Tensor, torch.Tensor],
 ) -> pd.DataFrame:
     """Per-example losses of training rows (members), held-out rows and canaries.
 
     Members are a seeded sample of at most ``max_members`` real training rows (canaries are
-    scored separately); non-members are every validation and test row.
+    scored separately); non-members are every validation and test row. ``test_outputs`` are
+    the test split's (logits, labels), already computed for the test metrics.
     """
     train = data.splits["train"]
     real = np.flatnonzero(~train["row_id"].str.startswith("canary:").to_numpy())
@@ -381,8 +383,13 @@ def _membership_scores(
     if data.canaries is not None:
         sources.append(("canaries", datasets["canaries"], data.canaries))
     for split, dataset, frame in sources:
-        loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
-        logits, labels = _predict(accelerator, model, loader, forward)
+        if split == "test":
+            logits, labels = test_outputs
+        else:
+            loader = accelerator.prepare(
+                DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+            )
+            logits, labels = _predict(accelerator, model, loader, forward)
         losses = F.cross_entropy(logits.float(), labels, reduction="none").numpy()
         part = pd.DataFrame(
             {
@@ -455,13 +462,7 @@ def _push_after_run(recipe: Recipe) -> dict[str, Any]:
         raise RunError(
             f"training and audit finished (outputs in {recipe.run_dir}), but the push was refused: {exc}"
         ) from None
-    return {
-        "repo_id": pushed.repo_id,
-        "commit": pushed.commit,
-        "url": pushed.url,
-        "space_id": pushed.space_id,
-        "space_commit": pushed.space_commit,
-    }
+    return asdict(pushed)
 
 
 def _train(
@@ -789,6 +790,7 @@ def _train(
             batch_size=recipe.train.eval_batch_size,
             max_members=recipe.audit.membership_rows,
             seed=recipe.seed,
+            test_outputs=(logits, labels),
         )
         timings["membership_s"] = time.perf_counter() - t0
     if dp_run is not None and dp_run.stopped_by_budget and main:

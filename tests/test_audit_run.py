@@ -159,6 +159,18 @@ def test_thresholds_pass_fail_and_inconclusive(tmp_path: Path) -> None:
     assert audit["verdict"]["status"] == "inconclusive"
     assert audit["verdict"]["not_evaluable"] == ["equalized odds difference (group)"]
 
+    # A per-group floor with every group hidden is not evaluable either (never a silent pass),
+    # also when the slice exists but all its groups are suppressed.
+    for size in (1000, 500):
+        floor = _policy(
+            tmp_path,
+            f"floor{size}",
+            f"min_group_size: {size}\nthresholds: {{min_group_metric: {{accuracy: 0.5}}}}\n",
+        )
+        audit = run_audit(run_dir, policy=floor)
+        assert audit["verdict"]["status"] == "inconclusive", size
+        assert audit["verdict"]["not_evaluable"] == ["accuracy (group = (no reportable group))"]
+
 
 def test_gate_blocks_a_failing_audit_unless_overridden_and_records_it(tmp_path: Path) -> None:
     predictions = synthetic_predictions({"a": 300, "b": 300}, {"a": 0.95, "b": 0.55})

@@ -2,13 +2,14 @@
 
 Each test starts its own LocalHub on a loopback port in a tmp folder. The conftest makes the
 suite offline (HF_HUB_OFFLINE, no HF_ENDPOINT) before the libraries are imported, and those
-libraries read both settings once, at import, into module constants: the fixture patches the
-constants (and the environment, for anything that reads it later) to point at the local hub.
+libraries read both settings once, at import, into module constants: the fixtures point them at
+the local hub with hubtune's own switch, ``hubtune.hub.hub_endpoint`` (so it is tested here too).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -18,12 +19,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from hubtune.hub import hub_endpoint
 from hubtune.hubserver import LocalHub
 from hubtune.hubserver.storage import git_blob_sha1
 from tests.conftest import make_sentiment_frame, make_tiny_bert
@@ -31,52 +33,28 @@ from tests.conftest import make_sentiment_frame, make_tiny_bert
 TOKEN = "local-hub-test-token"
 
 
-def _point_clients_at(url: str, monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
-    """Aim huggingface_hub, transformers and datasets at ``url`` and turn offline mode off."""
+@pytest.fixture()
+def aim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """``aim(url, cache)``: point the clients at a hub with hubtune's own switch, until teardown."""
+    import datasets.config as ds_config  # imported first, so hub_endpoint re-aims it too
     import huggingface_hub.constants as hf_constants
 
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(hf_constants, "ENDPOINT", url)
-    monkeypatch.setattr(
-        hf_constants,
-        "HUGGINGFACE_CO_URL_TEMPLATE",
-        url + "/{repo_id}/resolve/{revision}/{filename}",
-    )
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    # A fresh cache per test: repo names repeat across tests, each on its own hub.
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache / "hub"))
-    if "transformers" in sys.modules:
-        import transformers.utils.hub as tf_hub
+    with contextlib.ExitStack() as stack:
 
-        # transformers keeps one HfApi (with the endpoint of its creation) for the process.
-        monkeypatch.setattr(tf_hub, "_hf_api", None, raising=False)
-    if "datasets" in sys.modules:
-        import datasets.config as ds_config
+        def point(url: str, cache: str = "client-cache") -> None:
+            # A fresh client cache per test: repo names repeat across tests, each on its own hub.
+            monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / cache / "hub"))
+            monkeypatch.setattr(ds_config, "HF_DATASETS_CACHE", tmp_path / cache / "datasets")
+            stack.enter_context(hub_endpoint(url))
 
-        monkeypatch.setattr(ds_config, "HF_ENDPOINT", url)
-        monkeypatch.setattr(
-            ds_config, "HUB_DATASETS_URL", url + "/datasets/{repo_id}/resolve/{revision}/{path}"
-        )
-        monkeypatch.setattr(ds_config, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(ds_config, "HF_DATASETS_OFFLINE", False)
-        monkeypatch.setattr(ds_config, "HF_DATASETS_CACHE", cache / "datasets")
-        # Client-side traffic that bypasses HF_ENDPOINT: a download-count HEAD to S3 (env
-        # HF_UPDATE_DOWNLOAD_COUNTS=0 turns it off) and the dataset viewer's parquet export at
-        # "datasets-server.<endpoint host>" (no env switch). Neither is the hub's business.
-        monkeypatch.setattr(ds_config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
-        monkeypatch.setattr(ds_config, "USE_PARQUET_EXPORT", False)
-    from huggingface_hub import HfFileSystem
-
-    HfFileSystem.clear_instance_cache()  # fsspec caches instances with their endpoint
+        yield point
 
 
 @pytest.fixture()
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+def hub(tmp_path: Path, aim: Callable[..., None]) -> Iterator[LocalHub]:
     """An open (tokenless) local hub, with the clients pointed at it."""
     with LocalHub(tmp_path / "hub-root") as server:
-        _point_clients_at(server.url, monkeypatch, tmp_path / "client-cache")
+        aim(server.url)
         yield server
 
 
@@ -313,7 +291,6 @@ def test_transformers_round_trip(hub: LocalHub, api, tmp_path: Path, monkeypatch
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    _point_clients_at(hub.url, monkeypatch, tmp_path / "client-cache")  # transformers now loaded
     local = make_tiny_bert(tmp_path / "tiny-bert")
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(local, num_labels=2)
@@ -338,7 +315,6 @@ def test_datasets_load_dataset_with_revision(
 ) -> None:  # type: ignore[no-untyped-def]
     import datasets
 
-    _point_clients_at(hub.url, monkeypatch, tmp_path / "client-cache")  # datasets now loaded
     api.create_repo("org/reviews", repo_type="dataset")
     frame = make_sentiment_frame(20)
     first = api.create_commit(
@@ -364,14 +340,14 @@ def test_datasets_load_dataset_with_revision(
 
 
 def test_token_protects_writes_and_private_repos(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, aim: Callable[..., None], caplog: pytest.LogCaptureFixture
 ) -> None:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     caplog.set_level(logging.INFO, logger="hubtune.hubserver")
     with LocalHub(tmp_path / "hub-root", token=TOKEN) as server:
-        _point_clients_at(server.url, monkeypatch, tmp_path / "client-cache")
+        aim(server.url)
         owner = HfApi(endpoint=server.url, token=TOKEN)
         anonymous = HfApi(endpoint=server.url, token=False)
         intruder = HfApi(endpoint=server.url, token="wrong-token")
@@ -456,14 +432,14 @@ def _start_server_process(root: Path) -> tuple[subprocess.Popen[str], str]:
 
 @pytest.mark.slow
 def test_server_killed_mid_upload_keeps_previous_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, aim: Callable[..., None]
 ) -> None:
     from huggingface_hub import HfApi, snapshot_download
 
     root = tmp_path / "hub-root"
     proc, url = _start_server_process(root)
     try:
-        _point_clients_at(url, monkeypatch, tmp_path / "client-cache")
+        aim(url)
         api = HfApi(endpoint=url, token=False)
         api.create_repo("org/k")
         before = api.create_commit("org/k", operations=[_add("a.txt", "v1")], commit_message="v1")
@@ -514,7 +490,7 @@ def test_server_killed_mid_upload_keeps_previous_commit(
 
     proc, url = _start_server_process(root)
     try:
-        _point_clients_at(url, monkeypatch, tmp_path / "client-cache-2")
+        aim(url, "client-cache-2")
         api = HfApi(endpoint=url, token=False)
         info = api.model_info("org/k")
         assert info.sha == before.oid

@@ -128,36 +128,12 @@ def _verdict(
     checks: list[dict[str, Any]] = []
     notes: list[str] = []
     declared = list(fairness["missing"])  # the sensitive columns that were audited
-    if not fairness["slices"]:
+    slices = fairness["slices"]
+    if not slices:
         notes.append(fairness.get("note") or "no sensitive columns declared: no fairness checks")
-        if declared:  # groups exist but none can be shown: every fairness limit is unjudgeable
-            limits = [
-                name
-                for name, limit in (
-                    ("demographic parity difference", t.max_demographic_parity_difference),
-                    ("demographic parity ratio", t.min_demographic_parity_ratio),
-                    ("equalized odds difference", t.max_equalized_odds_difference),
-                )
-                if limit is not None
-            ]
-            limits += [f"{m} gap" for m in t.max_metric_gap] + list(t.min_group_metric)
-            for name in limits:
-                checks.append(
-                    {
-                        "check": name,
-                        "scope": " × ".join(declared),
-                        "value": None,
-                        "ci": None,
-                        "judged_on": policy.judge_on,
-                        "judged_value": None,
-                        "threshold": None,
-                        "rule": "needs reportable groups",
-                        "passed": None,
-                        "margin": None,
-                        "note": fairness.get("note"),
-                    }
-                )
-    for sl in fairness["slices"]:
+        if declared:  # groups exist but none can be shown: every limit is judged "not evaluable"
+            slices = [{"name": " × ".join(declared), "disparities": {}, "groups": []}]
+    for sl in slices:
         d = sl["disparities"]
         scope = sl["name"]
         for name, kind, limit in (
@@ -192,10 +168,10 @@ def _verdict(
                     scope=scope,
                 )
             )
+        shown = [g for g in sl["groups"] if not g["suppressed"]]
         for metric, limit in t.min_group_metric.items():
-            for group in sl["groups"]:
-                if group["suppressed"]:
-                    continue
+            # No reportable group at all must not pass silently: judge it as not evaluable.
+            for group in shown or [{"name": "(no reportable group)", "metrics": {}}]:
                 entry = group["metrics"].get(metric) or {}
                 checks.append(
                     _judge(
