@@ -1,4 +1,10 @@
-"""Loading, cleaning and splitting labelled text through ``datasets``.
+"""Loading, cleaning and splitting labelled text or images through ``datasets``.
+
+Text comes from csv/jsonl/parquet files or Hub data sets; images from the same (an
+``Image`` column) or from an image folder (one sub-folder per class, optionally under
+``train/``, ``validation/``, ``test/``, with an optional ``metadata.csv`` of extra columns
+such as sensitive features). Images are kept as their encoded bytes; they are decoded, one
+at a time, when the model needs them.
 
 Nothing is dropped silently: every removed row is counted by split and reason, and those
 counts go to the log and to ``run.json``. Sensitive columns are carried alongside each row
@@ -19,12 +25,21 @@ import pandas as pd
 
 from hubtune.recipe import DataSection
 
-__all__ = ["DataError", "PreparedData", "load_data", "make_canaries", "SPLITS"]
+__all__ = [
+    "DataError",
+    "IMAGE_SUFFIXES",
+    "PreparedData",
+    "decode_image",
+    "load_data",
+    "make_canaries",
+    "SPLITS",
+]
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SPLIT_ALIASES = {
     "train": ("train",),
     "validation": ("validation", "valid", "val", "dev"),
@@ -42,6 +57,7 @@ class PreparedData:
 
     splits: dict[str, pd.DataFrame]
     label_names: list[str]
+    # The model's input columns: ["text"] (+ "text_pair"), or ["image"] (encoded image bytes).
     text_columns: list[str]
     sensitive_columns: list[str]
     rows_read: dict[str, int]
@@ -77,6 +93,76 @@ class PreparedData:
         }
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _is_image_folder(source: Path) -> bool:
+    return not any(p.suffix.lower() in _FORMATS for p in source.iterdir() if p.is_file()) and any(
+        p.is_dir() and _image_files(p) for p in source.iterdir()
+    )
+
+
+def _read_image_split(folder: Path, label_col: str, image_col: str) -> pd.DataFrame:
+    """One split of an image folder: class sub-folders, plus optional ``metadata.csv``."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rows = []
+    for class_dir in classes:
+        for path in _image_files(class_dir):
+            rows.append(
+                {
+                    "file_name": path.relative_to(folder).as_posix(),
+                    image_col: {"bytes": path.read_bytes(), "path": str(path)},
+                    label_col: class_dir.name,
+                }
+            )
+    frame = pd.DataFrame(rows, columns=["file_name", image_col, label_col])
+    metadata = folder / "metadata.csv"
+    if metadata.exists():
+        extra = pd.read_csv(metadata, dtype=str, keep_default_na=False, na_values=[""])
+        if "file_name" not in extra.columns:
+            raise DataError(
+                f"{metadata}: needs a file_name column (image path relative to {folder})"
+            )
+        unknown = sorted(set(extra["file_name"]) - set(frame["file_name"]))
+        if unknown:
+            raise DataError(
+                f"{metadata}: {len(unknown)} file_name value(s) name no image in a class folder, e.g. "
+                f"{unknown[:3]}; paths are relative to {folder}, like cat/001.png"
+            )
+        clash = sorted(set(extra.columns) & {image_col, label_col})
+        if clash:
+            raise DataError(f"{metadata}: column(s) {clash} clash with the image folder's own")
+        frame = frame.merge(extra, on="file_name", how="left", validate="one_to_one")
+    frame.attrs["classlabels"] = {label_col: [p.name for p in classes]}
+    return frame
+
+
+def _load_image_folder(source: Path, section: DataSection) -> dict[str, pd.DataFrame]:
+    cols = section.columns
+    split_dirs = {
+        p.name: p
+        for p in source.iterdir()
+        if p.is_dir() and any(p.name in aliases for aliases in _SPLIT_ALIASES.values())
+    }
+    if not split_dirs:
+        return {"train": _read_image_split(source, cols.label, cols.image)}
+    others = sorted(p.name for p in source.iterdir() if p.is_dir() and p.name not in split_dirs)
+    if others:
+        raise DataError(
+            f"data.source {section.source!r}: mixes split folders {sorted(split_dirs)} with other "
+            f"folders {others}; put class folders inside train/ (validation/, test/)"
+        )
+    frames = {name: _read_image_split(p, cols.label, cols.image) for name, p in split_dirs.items()}
+    # One class list for all splits: a class missing from test is still a class.
+    names = sorted({n for f in frames.values() for n in f.attrs["classlabels"][cols.label]})
+    for frame in frames.values():
+        frame.attrs["classlabels"] = {cols.label: names}
+    return frames
+
+
 def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
     """Read the source with ``datasets`` and return one pandas frame per source split."""
     import datasets
@@ -92,11 +178,14 @@ def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
                 f"data.source {section.source!r}: unsupported file type; use csv, tsv, jsonl or parquet"
             )
         data_files: dict[str, Any] = {"train": str(source)}
+    elif source.is_dir() and _is_image_folder(source):
+        return _load_image_folder(source, section)
     elif source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in _FORMATS)
         if not files:
             raise DataError(
-                f"data.source {section.source!r}: no csv/tsv/jsonl/parquet files in this directory"
+                f"data.source {section.source!r}: no csv/tsv/jsonl/parquet files, and no image "
+                "class folders, in this directory"
             )
         kinds = {_FORMATS[p.suffix.lower()] for p in files}
         if len(kinds) > 1:
@@ -151,6 +240,51 @@ def _pick_split(frames: dict[str, pd.DataFrame], wanted: str, section: DataSecti
 
 def _is_missing(series: pd.Series) -> pd.Series:
     return series.isna() | series.astype(str).str.strip().eq("")
+
+
+def _image_bytes(value: Any, base: Path | None) -> bytes | None:
+    """Encoded image bytes from what ``datasets`` stores: {bytes, path}, bytes, or a path."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+        if not value:
+            return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value) or None
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path.read_bytes() if path.is_file() else None
+
+
+def decode_image(data: bytes) -> Any:
+    """Encoded bytes -> an RGB PIL image (grayscale and palette images are converted)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def _readable(data: bytes | None) -> str | None:
+    """None if the bytes hold an image PIL can read, else why not (header check only)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None:
+        return "missing image"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width < 1 or image.height < 1:
+                return "unreadable image"
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "unreadable image"
+    return None
 
 
 def _label_names(
@@ -240,23 +374,37 @@ def _subset(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
     return kept
 
 
+def digest_bytes(series: pd.Series) -> pd.Series:
+    """sha256 of each value (encoded images), so frames of bytes can be hashed quickly."""
+    return series.map(lambda b: hashlib.sha256(b).hexdigest())
+
+
 def _fingerprint(splits: dict[str, pd.DataFrame], columns: list[str]) -> str:
     digest = hashlib.sha256()
     for name in SPLITS:
-        frame = splits[name][columns]
+        frame = splits[name][columns].copy()
+        if "image" in frame:
+            frame["image"] = digest_bytes(frame["image"])
         digest.update(name.encode())
         digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
     return digest.hexdigest()
 
 
 def make_canaries(
-    count: int, *, label_names: list[str], seed: int, pair: bool, sensitive: list[str]
+    count: int,
+    *,
+    label_names: list[str],
+    seed: int,
+    pair: bool,
+    sensitive: list[str],
+    images: bool = False,
 ) -> pd.DataFrame:
-    """Random-text, random-label examples for a one-run privacy audit.
+    """Random-input, random-label examples for a one-run privacy audit.
 
-    Each canary is a string of random letter-words (nothing any real comment resembles) with a
-    uniformly random label, and is put into the training set with probability 1/2
-    (``included``), as Steinke, Nasr & Jagielski (2023) require.
+    Each canary is a string of random letter-words (nothing any real comment resembles), or for
+    images a 32x32 picture of uniform random noise, with a uniformly random label, and is put
+    into the training set with probability 1/2 (``included``), as Steinke, Nasr & Jagielski
+    (2023) require.
     """
     rng = np.random.default_rng([seed, 0xCA9A])
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -264,8 +412,21 @@ def make_canaries(
     def text() -> str:
         return " ".join("".join(rng.choice(letters, size=rng.integers(3, 10))) for _ in range(12))
 
+    def noise_png() -> bytes:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+        return buffer.getvalue()
+
     frame = pd.DataFrame({"row_id": [f"canary:{i}" for i in range(count)]})
-    frame["text"] = [text() for _ in range(count)]
+    if images:
+        frame["image"] = [noise_png() for _ in range(count)]
+    else:
+        frame["text"] = [text() for _ in range(count)]
     if pair:
         frame["text_pair"] = [text() for _ in range(count)]
     frame["label"] = rng.integers(0, len(label_names), size=count)
@@ -275,27 +436,35 @@ def make_canaries(
     return frame
 
 
-def load_data(section: DataSection, *, seed: int, canaries: int = 0) -> PreparedData:
+def load_data(
+    section: DataSection, *, seed: int, canaries: int = 0, task: str = "text-classification"
+) -> PreparedData:
     """Load, clean, encode and split the data described by the recipe's ``data`` section.
 
     Args:
         section: The recipe's data section.
         seed: Seed for carving missing splits and subsets (same seed, same rows).
         canaries: Audit canaries to generate (each trained on with probability 1/2).
+        task: ``text-classification`` or ``image-classification`` (the input column's kind).
 
     Raises:
         DataError: missing columns, unknown label values, empty splits.
     """
+    images = task == "image-classification"
     raw = _load_raw(section)
     cols = section.columns
-    text_columns = [cols.text] + ([cols.text_pair] if cols.text_pair else [])
+    source_dir = Path(section.source).expanduser()
+    base = source_dir if source_dir.is_dir() else source_dir.parent
+    text_columns = (
+        [cols.image] if images else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
+    )
     needed = [*text_columns, cols.label, *cols.sensitive]
     for name, frame in raw.items():
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise DataError(
                 f"split {name!r} has no column(s) {missing}; it has {list(frame.columns)}. "
-                "Map your column names under data.columns (text, label, sensitive)."
+                f"Map your column names under data.columns ({'image' if images else 'text'}, label, sensitive)."
             )
     chosen = {wanted: _pick_split(raw, wanted, section) for wanted in SPLITS}
     if chosen["train"] is None:
@@ -314,7 +483,13 @@ def load_data(section: DataSection, *, seed: int, canaries: int = 0) -> Prepared
         rows_read[wanted] = len(frame)
         reasons: dict[str, int] = {}
         keep = pd.Series(True, index=frame.index)
-        for column in text_columns:
+        if images:
+            encoded = frame[cols.image].map(lambda v: _image_bytes(v, base))
+            problem = encoded.map(_readable)
+            for reason, count in problem.dropna().value_counts().sort_index().items():
+                reasons[f"{reason} ({cols.image})"] = int(count)
+            keep &= problem.isna()
+        for column in [] if images else text_columns:
             gone = _is_missing(frame[column]) & keep
             if gone.any():
                 reasons[f"missing text ({column})"] = int(gone.sum())
@@ -325,7 +500,10 @@ def load_data(section: DataSection, *, seed: int, canaries: int = 0) -> Prepared
         keep &= ~gone
         frame = frame[keep]
         out = pd.DataFrame({"row_id": [f"{source_name}:{i}" for i in frame.index]})
-        out["text"] = frame[cols.text].astype(str).to_numpy()
+        if images:
+            out["image"] = encoded[keep].to_numpy()
+        else:
+            out["text"] = frame[cols.text].astype(str).to_numpy()
         if cols.text_pair:
             out["text_pair"] = frame[cols.text_pair].astype(str).to_numpy()
         classlabels = raw[source_name].attrs.get("classlabels", {}).get(cols.label)
@@ -373,7 +551,7 @@ def load_data(section: DataSection, *, seed: int, canaries: int = 0) -> Prepared
     prepared = PreparedData(
         splits=clean,
         label_names=names,
-        text_columns=["text"] + (["text_pair"] if cols.text_pair else []),
+        text_columns=["image"] if images else ["text"] + (["text_pair"] if cols.text_pair else []),
         sensitive_columns=list(cols.sensitive),
         rows_read=rows_read,
         dropped=dropped,
@@ -387,6 +565,7 @@ def load_data(section: DataSection, *, seed: int, canaries: int = 0) -> Prepared
             seed=seed,
             pair=bool(cols.text_pair),
             sensitive=list(cols.sensitive),
+            images=images,
         )
         inserted = prepared.canaries[prepared.canaries["included"]].drop(columns="included")
         clean["train"] = pd.concat([clean["train"], inserted], ignore_index=True)

@@ -2,10 +2,16 @@
 
 - ``freeze`` (feature extraction): the pretrained backbone is frozen and only the new head
   (plus any weights the checkpoint did not have) trains. ``unfreeze_top_k`` also trains the top
-  K transformer blocks and whatever the backbone applies after them (final norm, pooler), at a
-  lower learning rate.
-- ``lora``: peft LoRA adapters on the attention projections, and the head.
+  K blocks and whatever the backbone applies after them (final norm, pooler, head conv), at a
+  lower learning rate. A "block" is defined per architecture (:func:`find_blocks`):
+  transformer layers for text models and ViT, stages for ResNet / ConvNeXt / EfficientNet.
+- ``lora``: peft LoRA adapters on the attention projections (or named conv layers), and the head.
 - ``full``: every parameter.
+
+BatchNorm is handled explicitly because it is the one layer whose behaviour depends on the
+other examples of a batch: a frozen BatchNorm always runs in eval mode (its pretrained
+statistics stay put, and it mixes nothing between examples), and ``batchnorm: frozen`` or
+``batchnorm: groupnorm`` choose what happens to the BatchNorm layers a method would train.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ __all__ = [
     "apply_method",
     "find_head",
     "find_blocks",
+    "batchnorm_modules",
     "count_parameters",
     "MethodError",
 ]
@@ -48,6 +55,8 @@ class MethodPlan:
     cache_features: bool = False
     unfrozen_blocks: list[str] = field(default_factory=list)
     lora_target_modules: list[str] | None = None
+    # BatchNorm layers replaced by GroupNorm (method.batchnorm: groupnorm).
+    groupnorm_replaced: list[str] = field(default_factory=list)
     # Frozen sub-modules run in eval mode while the rest trains (feature extraction: the frozen
     # part is a fixed function, so no dropout there, and BatchNorm statistics stay put).
     eval_modules: list[str] = field(default_factory=list)
@@ -74,6 +83,14 @@ class MethodPlan:
             "feature_cache": self.cache_features,
             "unfrozen_blocks": self.unfrozen_blocks,
             "lora_target_modules": self.lora_target_modules,
+            "batchnorm_in_eval_mode": len(
+                [
+                    n
+                    for n in self.eval_modules
+                    if isinstance(self.model.get_submodule(n), nn.modules.batchnorm._BatchNorm)
+                ]
+            ),
+            "groupnorm_replaced": self.groupnorm_replaced,
             "param_groups": [
                 {"name": g["name"], "lr": g["lr"], "tensors": len(g["params"])}
                 for g in self.param_groups
@@ -91,8 +108,30 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
+def under(name: str, prefix: str) -> bool:
+    """Whether the dotted ``name`` is ``prefix`` or inside it."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def find_head(model: nn.Module) -> str:
-    """The attribute name of the classification head of a *ForSequenceClassification model."""
+    """The (dotted) name of the classification head of a *For{Sequence,Image}Classification model.
+
+    transformers' own models keep it at the top (``classifier``, ``score``...); a timm model
+    wrapped by ``TimmWrapperForImageClassification`` keeps it inside ``timm_model`` under the
+    name its ``pretrained_cfg`` gives (``classifier``, ``fc``, ``head.fc``).
+    """
+    timm_model = getattr(model, "timm_model", None)
+    if isinstance(timm_model, nn.Module):
+        cfg = getattr(timm_model, "pretrained_cfg", None) or {}
+        candidates = [str(cfg["classifier"])] if cfg.get("classifier") else []
+        candidates += ["classifier", "fc", "head.fc", "head"]
+        for name in candidates:
+            try:
+                module = timm_model.get_submodule(name)
+            except AttributeError:
+                continue
+            if any(True for _ in module.parameters()):
+                return f"timm_model.{name}"
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
@@ -101,17 +140,43 @@ def find_head(model: nn.Module) -> str:
     )
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The stack of transformer blocks of the backbone (e.g. ``bert.encoder.layer``).
+def find_blocks(model: nn.Module) -> tuple[str, list[str]]:
+    """The backbone's blocks, bottom to top: ``(what they are, their module names)``.
 
-    The longest ``nn.ModuleList`` of same-typed blocks in the backbone is the block stack for
-    every architecture transformers ships (BERT ``encoder.layer``, GPT-2 ``h``, DistilBERT
-    ``transformer.layer``, Llama ``layers``, ViT ``encoder.layer``).
+    Per architecture:
+
+    - timm models (TimmWrapper): ``blocks`` (EfficientNet / MobileNet stages, ViT blocks),
+      ``stages`` (ConvNeXt, RegNet...), or ``layer1``..``layer4`` (ResNet stages);
+    - transformers' CNNs (ResNet, ConvNeXt...): ``encoder.stages``;
+    - transformers' transformers: the longest ``nn.ModuleList`` of same-typed blocks (BERT
+      ``encoder.layer``, GPT-2 ``h``, DistilBERT ``transformer.layer``, Llama ``layers``, ViT
+      ``encoder.layer``).
     """
     head = find_head(model)
+    timm_model = getattr(model, "timm_model", None)
+    if isinstance(timm_model, nn.Module):
+        for attr in ("blocks", "stages"):
+            container = getattr(timm_model, attr, None)
+            if isinstance(container, (nn.Sequential, nn.ModuleList)) and len(container):
+                return f"timm_model.{attr}", [
+                    f"timm_model.{attr}.{i}" for i in range(len(container))
+                ]
+        layers = [
+            n for n, _ in timm_model.named_children() if n.startswith("layer") and n[5:].isdigit()
+        ]
+        if layers:
+            return "timm_model.layer1..", [
+                f"timm_model.{n}" for n in sorted(layers, key=lambda n: int(n[5:]))
+            ]
+        raise MethodError(
+            f"cannot find the blocks of timm model {type(timm_model).__name__}; use method.name: lora or full"
+        )
+    for name, module in model.named_modules():
+        if name.endswith("encoder.stages") and isinstance(module, nn.ModuleList) and len(module):
+            return name, [f"{name}.{i}" for i in range(len(module))]
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if name.split(".")[0] == head or not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if under(name, head) or not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(m) for m in module}) != 1:
             continue
@@ -119,14 +184,18 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             best = (name, module)
     if best is None:
         raise MethodError(
-            f"cannot find the transformer blocks of {type(model).__name__}; use method.name: lora or full"
+            f"cannot find the blocks of {type(model).__name__}; use method.name: lora or full"
         )
-    return best
+    return best[0], [f"{best[0]}.{i}" for i in range(len(best[1]))]
 
 
-def _after_blocks(model: nn.Module, blocks_name: str) -> list[str]:
-    """Modules the backbone applies after its blocks (final norm, pooler), by registration order."""
-    parts = blocks_name.split(".")
+def _after_blocks(model: nn.Module, last_block: str, head: str) -> list[str]:
+    """Modules the backbone applies after its last block (final norm, pooler, head conv).
+
+    Walks up from the last block and takes the later siblings with parameters at each level,
+    by registration order, up to (not including) the model's own top-level children.
+    """
+    parts = last_block.split(".")
     names: list[str] = []
     for depth in range(len(parts) - 1, 0, -1):
         parent_name = ".".join(parts[:depth])
@@ -135,12 +204,64 @@ def _after_blocks(model: nn.Module, blocks_name: str) -> list[str]:
         children = [n for n, _ in parent.named_children()]
         if child in children:
             for later in children[children.index(child) + 1 :]:
+                full = f"{parent_name}.{later}"
                 module = parent.get_submodule(later)
-                if any(True for _ in module.parameters()):
-                    names.append(f"{parent_name}.{later}")
-        if depth == 1:
-            break
+                if not under(full, head) and any(True for _ in module.parameters()):
+                    names.append(full)
     return names
+
+
+def batchnorm_modules(model: nn.Module) -> list[str]:
+    """Names of every BatchNorm layer (1d/2d/3d, also timm's BatchNormAct2d)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _frozen_batchnorms(model: nn.Module) -> list[str]:
+    return [
+        n
+        for n in batchnorm_modules(model)
+        if not any(p.requires_grad for p in model.get_submodule(n).parameters())
+    ]
+
+
+class _Fresh(nn.Module):
+    """Identity that returns a new tensor (safe to modify in place)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def _to_groupnorm(model: nn.Module, names: list[str]) -> list[str]:
+    """Replace the named BatchNorm layers by GroupNorm (trainable), keeping their scale and shift.
+
+    GroupNorm normalises each example on its own, so it is compatible with per-example
+    gradients; the pretrained running statistics have no counterpart and are lost. The affine
+    weights are copied as the starting point. timm's fused BatchNormAct2d keeps its activation.
+    """
+    import math
+
+    replaced = []
+    for name in names:
+        bn: Any = model.get_submodule(name)
+        channels = int(bn.num_features)
+        groups = math.gcd(32, channels)
+        gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=True)
+        if bn.affine:
+            with torch.no_grad():
+                gn.weight.copy_(bn.weight)
+                gn.bias.copy_(bn.bias)
+        act = getattr(bn, "act", None)
+        drop = getattr(bn, "drop", None)
+        after = [m for m in (drop, act) if isinstance(m, nn.Module)]
+        # The last module returns a new tensor: models that add a residual to a norm's output in
+        # place (timm's ResNet: `x += shortcut`) would otherwise modify the output that Opacus'
+        # backward hook holds, which autograd refuses.
+        replacement: nn.Module = nn.Sequential(gn, *after, _Fresh())
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, replacement)
+        replaced.append(name)
+    return replaced
 
 
 def _group(
@@ -183,20 +304,31 @@ def apply_method(
     head = find_head(model)
     new = set(newly_initialized or [])
     if isinstance(method, FullMethod):
+        swapped = (
+            _to_groupnorm(model, batchnorm_modules(model))
+            if method.batchnorm == "groupnorm"
+            else []
+        )
         for param in model.parameters():
             param.requires_grad_(True)
-        groups = _group("all", [p for p in model.parameters()], lr, weight_decay)
-        return _plan("full", model, groups, head)
+        if method.batchnorm == "frozen":
+            for name in batchnorm_modules(model):
+                model.get_submodule(name).requires_grad_(False)
+        groups = _group("all", [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+        plan = _plan("full", model, groups, head)
+        plan.eval_modules = _frozen_batchnorms(model)
+        plan.groupnorm_replaced = swapped
+        return plan
 
     if isinstance(method, LoraMethod):
         from peft import LoraConfig, TaskType, get_peft_model
 
         config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=None if _is_image_model(model) else TaskType.SEQ_CLS,
             r=method.r,
             lora_alpha=method.alpha,  # type: ignore[arg-type]  # peft accepts floats
             lora_dropout=method.dropout,
-            target_modules=method.target_modules,
+            target_modules=method.target_modules or _default_lora_targets(model),
             modules_to_save=[head],
             base_model_name_or_path=base_model_name_or_path,
             revision=base_model_revision,
@@ -206,24 +338,21 @@ def apply_method(
         except ValueError as exc:
             raise MethodError(
                 f"LoRA could not be applied: {exc}. Name the modules to adapt under method.target_modules "
-                "(e.g. [query, value] for BERT, [c_attn] for GPT-2)."
+                "(e.g. [query, value] for BERT or ViT, [c_attn] for GPT-2, [qkv] for timm ViTs, "
+                "[conv_pw, conv_pwl] for EfficientNet)."
             ) from None
         targets = sorted(getattr(peft_model.peft_config["default"], "target_modules", None) or [])
         params = [p for p in peft_model.parameters() if p.requires_grad]
         plan = _plan("lora", peft_model, _group("lora+head", params, lr, weight_decay), head)
         plan.lora_target_modules = targets
+        # BatchNorm stays frozen under LoRA, and a frozen BatchNorm runs in eval mode.
+        plan.eval_modules = _frozen_batchnorms(peft_model)
         return plan
 
     # freeze
-    for param in model.parameters():
-        param.requires_grad_(False)
-    head_params = []
-    for name, param in model.named_parameters():
-        if name.split(".")[0] == head or name in new:
-            param.requires_grad_(True)
-            head_params.append(param)
-    groups = _group("head", head_params, lr, weight_decay)
     unfrozen: list[str] = []
+    replaced: list[str] = []
+    in_unfrozen: list[str] = []
     if method.unfreeze_top_k:
         blocks_name, blocks = find_blocks(model)
         if method.unfreeze_top_k > len(blocks):
@@ -232,12 +361,27 @@ def apply_method(
                 f"{len(blocks)} blocks in {blocks_name}; use at most {len(blocks)} (or method.name: full)"
             )
         first = len(blocks) - method.unfreeze_top_k
-        unfrozen = [f"{blocks_name}.{i}" for i in range(first, len(blocks))] + _after_blocks(
-            model, blocks_name
-        )
+        unfrozen = blocks[first:] + _after_blocks(model, blocks[-1], head)
+        in_unfrozen = [n for n in batchnorm_modules(model) if any(under(n, u) for u in unfrozen)]
+        if (
+            method.batchnorm == "groupnorm"
+        ):  # before freezing, so the new layers freeze/unfreeze too
+            replaced = _to_groupnorm(model, in_unfrozen)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    head_params = []
+    for name, param in model.named_parameters():
+        if under(name, head) or name in new:
+            param.requires_grad_(True)
+            head_params.append(param)
+    groups = _group("head", head_params, lr, weight_decay)
+    if unfrozen:
         backbone_params = []
         for module_name in unfrozen:
-            for param in model.get_submodule(module_name).parameters():
+            for name, param in model.get_submodule(module_name).named_parameters():
+                full = f"{module_name}.{name}"
+                if method.batchnorm == "frozen" and any(under(full, b) for b in in_unfrozen):
+                    continue
                 if not param.requires_grad:
                     param.requires_grad_(True)
                     backbone_params.append(param)
@@ -245,20 +389,60 @@ def apply_method(
         groups += _group("backbone", backbone_params, backbone_lr, weight_decay)
     # Features can be cached when nothing below the head trains: the head's input is then a
     # fixed function of the example.
-    head_only = all(n.split(".")[0] == head for n, p in model.named_parameters() if p.requires_grad)
+    head_only = all(under(n, head) for n, p in model.named_parameters() if p.requires_grad)
     plan = _plan("freeze", model, groups, head)
-    plan.eval_modules = frozen_subtrees(model)
+    plan.groupnorm_replaced = replaced
+    covered = frozen_subtrees(model)
+    plan.eval_modules = covered + [
+        n for n in _frozen_batchnorms(model) if not any(under(n, c) for c in covered)
+    ]
     if head_only:
         # Pure feature extraction: the head's input is a fixed function of the example, with or
         # without the cache, so the dropout applied to it outside the head is off as well.
         plan.eval_modules += [
             n
             for n, m in model.named_children()
-            if n != head and not any(True for _ in m.parameters())
+            if not under(head, n) and not any(True for _ in m.parameters())
         ]
     plan.cache_features = bool(method.feature_cache and not method.unfreeze_top_k and head_only)
     plan.unfrozen_blocks = unfrozen
     return plan
+
+
+def _is_image_model(model: nn.Module) -> bool:
+    return getattr(model, "main_input_name", None) == "pixel_values"
+
+
+# LoRA targets for image models peft has no defaults for: timm models by class, transformers'
+# vision models by model_type. Text models keep peft's own defaults (attention query/value).
+_TIMM_LORA_TARGETS = {
+    "VisionTransformer": ["qkv"],
+    "EfficientNet": ["conv_pw", "conv_pwl"],  # the 1x1 expansion and projection convs
+    "MobileNetV3": ["conv_pw", "conv_pwl"],
+    "ResNet": ["conv1", "conv2", "conv3"],
+    "ConvNeXt": ["fc1", "fc2"],
+}
+# transformers renamed attention projections between versions (ViT: query/value -> q_proj/v_proj),
+# so the first candidate whose modules the model really has is used.
+_HF_IMAGE_LORA_CANDIDATES = (
+    ["q_proj", "v_proj"],
+    ["query", "value"],
+    ["pwconv1", "pwconv2"],  # ConvNeXt
+    ["convolution"],  # ResNet
+)
+
+
+def _default_lora_targets(model: nn.Module) -> list[str] | None:
+    """Our defaults for image models (None: peft's defaults, or its request to name them)."""
+    timm_model = getattr(model, "timm_model", None)
+    if isinstance(timm_model, nn.Module):
+        return _TIMM_LORA_TARGETS.get(type(timm_model).__name__)
+    if _is_image_model(model):
+        leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        for candidate in _HF_IMAGE_LORA_CANDIDATES:
+            if set(candidate) <= leaves:
+                return candidate
+    return None
 
 
 def _plan(name: str, model: nn.Module, groups: list[dict[str, Any]], head: str) -> MethodPlan:
@@ -266,6 +450,12 @@ def _plan(name: str, model: nn.Module, groups: list[dict[str, Any]], head: str) 
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not trainable:
         raise MethodError("the method leaves no trainable parameters")
+    # Invariant: what trains is exactly what the optimizer steps (a trainable tensor outside the
+    # optimizer would silently not learn, and under DP would still be charged for).
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_groups]
+    if outside:
+        raise MethodError(f"internal error: trainable tensors outside the optimizer: {outside[:5]}")
     return MethodPlan(
         name=name,
         model=model,
@@ -305,7 +495,7 @@ def head_inputs(model: nn.Module, head: str, batch: dict[str, torch.Tensor]) -> 
         captured.append(args[0].detach())
         raise _Captured
 
-    handle = getattr(model, head).register_forward_pre_hook(hook)
+    handle = model.get_submodule(head).register_forward_pre_hook(hook)
     try:
         model(**batch)
     except _Captured:

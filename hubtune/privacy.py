@@ -174,9 +174,14 @@ def check_modules(model: nn.Module) -> None:
     ]
     if trainable_bn:
         raise PrivacyError(
-            f"trainable BatchNorm ({', '.join(trainable_bn[:3])}{'...' if len(trainable_bn) > 3 else ''}) mixes "
-            "the examples of a batch, so per-example gradients (and the DP guarantee) do not exist. Freeze "
-            "these layers (they then run in eval mode) or use a model with LayerNorm/GroupNorm."
+            f"{len(trainable_bn)} trainable BatchNorm layer(s) ({', '.join(trainable_bn[:3])}"
+            f"{'...' if len(trainable_bn) > 3 else ''}): in training mode BatchNorm normalises each example "
+            "with statistics of the whole batch, so one example's gradient depends on the others: per-example "
+            "clipping bounds nothing and the DP guarantee does not hold. Options: (1) method.batchnorm: frozen "
+            "keeps the pretrained BatchNorm (scale, shift and statistics) fixed and runs it in eval mode; "
+            "(2) method.batchnorm: groupnorm replaces each BatchNorm by a trainable GroupNorm, which normalises "
+            "each example on its own (its pretrained running statistics are lost, so expect a few epochs of "
+            "recovery); (3) train only the head (method.name: freeze without unfreeze_top_k), or LoRA."
         )
     # Opacus flags every BatchNorm, also frozen ones; a frozen BatchNorm runs in eval mode (see
     # methods.MethodPlan.eval_modules) and mixes nothing, so those findings are dropped here.
@@ -186,6 +191,30 @@ def check_modules(model: nn.Module) -> None:
             "Opacus cannot compute per-example gradients for this model: "
             + "; ".join(map(str, errors))
         )
+
+
+def out_of_place(model: nn.Module) -> int:
+    """Turn off in-place activations (ReLU(inplace=True) and the like); returns how many.
+
+    Opacus captures each trained layer's output through a backward hook, and autograd forbids
+    modifying such an output in place (CNNs such as EfficientNet and ResNet use in-place
+    activations right after their convolutions). The result is the same, at a little memory.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "inplace", None) is True:
+            module.inplace = False  # type: ignore[assignment]
+            changed += 1
+    return changed
+
+
+def batchnorm_in_train_mode(model: nn.Module) -> list[str]:
+    """BatchNorm layers in training mode: under DP each one mixes the examples of a batch."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
 
 
 def forward_takes_position_ids(model: nn.Module) -> bool:
@@ -341,6 +370,7 @@ def prepare_private(
         )
     model.train()  # the training loop puts frozen sub-modules back in eval mode each epoch
     check_modules(model)
+    out_of_place(model)
     q = sample_rate_for(n, section.logical_batch_size)
     steps_per_epoch = round(1 / q)
     planned = epochs * steps_per_epoch

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "AugmentSection",
     "AuditSection",
     "DataSection",
     "FreezeMethod",
@@ -62,7 +63,10 @@ class ModelSection(_Strict):
         "main",
         description="Branch, tag or 40-character commit SHA; a branch or tag is resolved to its SHA and recorded.",
     )
-    task: Literal["text-classification"] = "text-classification"
+    task: Literal["text-classification", "image-classification"] = Field(
+        "text-classification",
+        description="text-classification (AutoModelForSequenceClassification + tokenizer) or image-classification (AutoModelForImageClassification + image processor; ViT, ResNet, ConvNeXt, timm models).",
+    )
     allow_pickle: bool = Field(
         False,
         description="Allow pickle weights (*.bin/*.pt). Off: only safetensors are loaded, since unpickling runs code.",
@@ -72,6 +76,18 @@ class ModelSection(_Strict):
         description="Run modelling code from the repo. Needs `revision` pinned to a commit SHA.",
     )
     max_length: int = Field(128, ge=8, le=8192, description="Tokenizer truncation length.")
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        le=1024,
+        description="Images: resize and crop to this square size instead of the processor's default (smaller is faster; the saved processor records it).",
+    )
+
+    @model_validator(mode="after")
+    def _image_size_needs_images(self) -> ModelSection:
+        if self.image_size is not None and self.task != "image-classification":
+            raise ValueError("model.image_size applies to task: image-classification only")
+        return self
 
     @model_validator(mode="after")
     def _remote_code_needs_pinned_sha(self) -> ModelSection:
@@ -85,10 +101,11 @@ class ModelSection(_Strict):
 
 
 class ColumnsSection(_Strict):
-    """Which columns of the data hold the text, the label and the sensitive features."""
+    """Which columns of the data hold the text or image, the label and the sensitive features."""
 
     text: str = "text"
     text_pair: str | None = Field(None, description="Optional second text column (sentence pairs).")
+    image: str = Field("image", description="Image column (task: image-classification).")
     label: str = "label"
     sensitive: list[str] = Field(
         default_factory=list,
@@ -97,7 +114,9 @@ class ColumnsSection(_Strict):
 
     @model_validator(mode="after")
     def _sensitive_not_model_input(self) -> ColumnsSection:
-        inputs = {self.text, self.label} | ({self.text_pair} if self.text_pair else set())
+        inputs = {self.text, self.image, self.label} | (
+            {self.text_pair} if self.text_pair else set()
+        )
         clash = sorted(inputs & set(self.sensitive))
         if clash:
             raise ValueError(
@@ -121,13 +140,58 @@ class SplitSection(_Strict):
         return self
 
 
+class AugmentSection(_Strict):
+    """Train-only image augmentations, applied before the image processor.
+
+    Each training image gets its own draw, seeded by (seed, epoch, row), so a resumed run sees
+    the same augmented images as an uninterrupted one. Validation and test images are never
+    augmented.
+    """
+
+    horizontal_flip: float = Field(0.0, ge=0, le=1, description="Probability of a left-right flip.")
+    vertical_flip: float = Field(0.0, ge=0, le=1, description="Probability of an up-down flip.")
+    rotation: float = Field(
+        0.0, ge=0, le=180, description="Rotate by a uniform angle in [-r, r] degrees."
+    )
+    crop_scale: tuple[float, float] | None = Field(
+        None,
+        description="Random crop keeping a uniform fraction in [lo, hi] of the area (aspect kept), e.g. [0.8, 1.0].",
+    )
+    brightness: float = Field(
+        0.0, ge=0, lt=1, description="Scale brightness by a uniform factor in [1-b, 1+b]."
+    )
+    contrast: float = Field(
+        0.0, ge=0, lt=1, description="Scale contrast by a uniform factor in [1-c, 1+c]."
+    )
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not (0 < value[0] <= value[1] <= 1):
+            raise ValueError("crop_scale is [lo, hi] with 0 < lo <= hi <= 1, e.g. [0.8, 1.0]")
+        return value
+
+    @property
+    def active(self) -> bool:
+        return bool(
+            self.horizontal_flip
+            or self.vertical_flip
+            or self.rotation
+            or self.crop_scale
+            or self.brightness
+            or self.contrast
+        )
+
+
 class DataSection(_Strict):
     """Where the labelled examples come from and how to read them."""
 
     source: str = Field(
         description=(
             "A Hub data set id, a local csv/jsonl/parquet file, or a directory of such files "
-            "(split named by file stem: train.csv, validation.csv, test.csv; one file = train only)."
+            "(split named by file stem: train.csv, validation.csv, test.csv; one file = train only). "
+            "Images: also an image folder (class sub-folders, optionally under train/validation/test, "
+            "with an optional metadata.csv: file_name plus extra columns)."
         )
     )
     revision: str | None = Field(None, description="Hub data set revision (branch, tag or SHA).")
@@ -145,6 +209,9 @@ class DataSection(_Strict):
     limit: dict[Literal["train", "validation", "test"], Annotated[int, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Keep at most N rows of a split (a seeded, stratified subset), e.g. to fit a time budget.",
+    )
+    augment: AugmentSection | None = Field(
+        None, description="Train-only image augmentations (task: image-classification)."
     )
 
     @field_validator("labels")
@@ -170,7 +237,15 @@ class FreezeMethod(_Strict):
     )
     feature_cache: bool = Field(
         True,
-        description="With a fully frozen backbone, compute its features once, cache them, and train the head on the cache.",
+        description="With a fully frozen backbone (and no augmentation), compute its features once, cache them, and train the head on the cache.",
+    )
+    batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
+        "train",
+        description=(
+            "BatchNorm layers in unfrozen blocks: train (usual fine-tuning; refused under DP), frozen "
+            "(pretrained scale, shift and statistics kept, run in eval mode), or groupnorm (replaced by "
+            "trainable GroupNorm: DP-compatible, but the pretrained statistics are lost)."
+        ),
     )
 
 
@@ -183,7 +258,11 @@ class LoraMethod(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         None,
-        description="Module names to adapt; default: the architecture's attention query/value.",
+        description="Module names to adapt; default: the architecture's attention query/value (ViT too); conv models need them named (e.g. [conv_pw, conv_pwl]).",
+    )
+    batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
+        "frozen",
+        description="BatchNorm layers: frozen (default: pretrained statistics kept, eval mode), train (as modules_to_save; refused under DP) or groupnorm (replaced by trainable GroupNorm).",
     )
 
 
@@ -191,6 +270,10 @@ class FullMethod(_Strict):
     """Fine-tune every parameter (use a small learning rate)."""
 
     name: Literal["full"]
+    batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
+        "train",
+        description="BatchNorm layers: train (refused under DP), frozen (eval mode, pretrained statistics kept) or groupnorm (replaced by trainable GroupNorm).",
+    )
 
 
 Method = Annotated[FreezeMethod | LoraMethod | FullMethod, Field(discriminator="name")]
@@ -395,6 +478,17 @@ class Recipe(_Strict):
                 "privacy with train.mixed_precision: fp16 is refused: the fp16 GradScaler rescales and skips steps "
                 "behind the DP optimizer's back. Use bf16 (autocast only) or no."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> Recipe:
+        images = self.model.task == "image-classification"
+        if images and self.data.columns.text_pair:
+            raise ValueError(
+                "data.columns.text_pair is for text; remove it for image-classification"
+            )
+        if self.data.augment is not None and self.data.augment.active and not images:
+            raise ValueError("data.augment is for images (model.task: image-classification)")
         return self
 
     @model_validator(mode="after")

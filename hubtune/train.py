@@ -34,11 +34,17 @@ from hubtune.hub import ResolvedModel, resolve_model
 from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from hubtune.launch import use_cpu
 from hubtune.methods import MethodPlan, apply_method, head_inputs
-from hubtune.model import load_classifier
+from hubtune.model import (
+    GROUPNORM_FILE,
+    load_classifier,
+    load_image_classifier,
+    save_processor,
+)
 from hubtune.privacy import (
     PrivacyError,
     PrivacyRun,
     add_position_ids,
+    batchnorm_in_train_mode,
     check_per_sample_gradients,
     compute_epsilons,
     forward_takes_position_ids,
@@ -132,29 +138,36 @@ def feature_cache_dir() -> Path:
 
 
 def _feature_cache_key(
-    resolved: ResolvedModel, frame: pd.DataFrame, recipe: Recipe, head: str
+    resolved: ResolvedModel, frame: pd.DataFrame, recipe: Recipe, head: str, processor: Any = None
 ) -> str:
-    """Everything that changes a split's features: the weights, its texts in order, the preprocessing.
+    """Everything that changes a split's features: the weights, its inputs in order, the preprocessing.
 
     Labels and the other splits do not enter, so a new training subset or a relabelled data set
     reuses the features it can.
     """
     import transformers
 
-    columns = ["text"] + (["text_pair"] if "text_pair" in frame else [])
-    texts = hashlib.sha256(
-        pd.util.hash_pandas_object(frame[columns], index=False).to_numpy().tobytes()
+    key: dict[str, Any]
+    if "image" in frame:
+        from hubtune.images import images_digest, processor_digest
+
+        key = {"images": images_digest(frame), "processor": processor_digest(processor)}
+    else:
+        columns = ["text"] + (["text_pair"] if "text_pair" in frame else [])
+        texts = hashlib.sha256(
+            pd.util.hash_pandas_object(frame[columns], index=False).to_numpy().tobytes()
+        )
+        key = {"texts": texts.hexdigest(), "max_length": recipe.model.max_length}
+    key.update(
+        {
+            "version": 3,
+            "model_sha": resolved.sha,
+            "rows": len(frame),
+            "head": head,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
     )
-    key = {
-        "version": 2,
-        "model_sha": resolved.sha,
-        "texts": texts.hexdigest(),
-        "rows": len(frame),
-        "max_length": recipe.model.max_length,
-        "head": head,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -163,7 +176,7 @@ def _cached_features(
     accelerator: Any,
     model: Any,
     head: str,
-    dataset: _Encoded,
+    dataset: Dataset,
     collate: Any,
     batch_size: int,
     path: Path,
@@ -521,13 +534,17 @@ def _train(
             recipe.data,
             seed=recipe.seed,
             canaries=recipe.audit.canaries if recipe.audit.enabled else 0,
+            task=recipe.model.task,
         )
     if main:
         logger.info(
             "data: %s rows kept %s, dropped %s", data.fingerprint[:12], data.rows_kept, data.dropped
         )
     # 3. model + method
-    tokenizer, model, newly = load_classifier(resolved, recipe.model, label_names=data.label_names)
+    images = recipe.model.task == "image-classification"
+    loader_fn = load_image_classifier if images else load_classifier
+    # ``tokenizer`` is the model's preprocessor: a tokenizer, or an image processor.
+    tokenizer, model, newly = loader_fn(resolved, recipe.model, label_names=data.label_names)
     plan: MethodPlan = apply_method(
         model,
         recipe.method,
@@ -552,13 +569,36 @@ def _train(
 
     # 4. data loaders (cached features when the backbone is frozen)
     t0 = time.perf_counter()
-    collate = _collator(tokenizer)
     frames = dict(data.splits)
     if data.canaries is not None:
         frames["canaries"] = data.canaries
-    encoded = {
-        split: _encode(tokenizer, frame, recipe.model.max_length) for split, frame in frames.items()
-    }
+    encoded: dict[str, Dataset]
+    if images:
+        from hubtune.images import ImageExamples, image_collate
+
+        collate: Any = image_collate
+        encoded = {
+            split: ImageExamples(
+                frame["image"],
+                frame["label"].to_numpy(),
+                tokenizer,
+                augment=recipe.data.augment if split == "train" else None,
+                seed=recipe.seed,
+            )
+            for split, frame in frames.items()
+        }
+    else:
+        collate = _collator(tokenizer)
+        encoded = {
+            split: _encode(tokenizer, frame, recipe.model.max_length)
+            for split, frame in frames.items()
+        }
+    augmenting = recipe.data.augment is not None and recipe.data.augment.active
+    if plan.cache_features and augmenting:
+        # Augmented images differ every epoch, so their features cannot be computed once.
+        plan.cache_features = False
+        if main:
+            logger.info("feature cache: off (data.augment makes every epoch's images different)")
     cache_info: dict[str, Any] = {"used": plan.cache_features}
     if plan.cache_features:
         datasets: dict[str, Dataset] = {}
@@ -566,7 +606,7 @@ def _train(
         for split, frame in frames.items():
             path = (
                 feature_cache_dir()
-                / f"{_feature_cache_key(resolved, frame, recipe, plan.head_name)}.safetensors"
+                / f"{_feature_cache_key(resolved, frame, recipe, plan.head_name, tokenizer)}.safetensors"
             )
             features, hits[split] = _cached_features(
                 accelerator=accelerator,
@@ -579,7 +619,7 @@ def _train(
             )
             datasets[split] = _Features(features, frame["label"].to_numpy())
         cache_info.update({"dir": str(feature_cache_dir()), "hits": hits})
-        trained_module = getattr(model, plan.head_name)
+        trained_module = model.get_submodule(plan.head_name)
         loader_collate = None
 
         def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -641,6 +681,10 @@ def _train(
         )
         steps_per_epoch = round(1 / dp_run.q)
         needs_position_ids = not plan.cache_features and forward_takes_position_ids(plan.model)
+        if not plan.cache_features:
+            # Frozen parts (BatchNorm above all) run in eval mode in the preflight too: its one
+            # forward pass must neither mix examples nor move pretrained statistics.
+            plan.train_mode(plan.model)
         _dp_preflight(
             dp_run,
             datasets["train"],
@@ -717,7 +761,16 @@ def _train(
             trained_module.train()
         else:
             plan.train_mode(plan.model)
+        if hasattr(datasets["train"], "set_epoch"):
+            datasets["train"].set_epoch(epoch)  # the epoch's augmentation draws
         if dp_run is not None:
+            mixing = batchnorm_in_train_mode(trained_module)
+            if mixing:
+                raise RunError(
+                    f"privacy: BatchNorm layer(s) in training mode ({', '.join(mixing[:3])}) would mix the "
+                    "examples of a batch and void the DP guarantee; this is a bug in hubtune's method "
+                    "plan, please report it"
+                )
             if dp_run.steps_taken >= dp_run.max_steps:
                 dp_run.stopped_by_budget = dp_run.max_steps < total_steps
                 break
@@ -1163,9 +1216,18 @@ def _write_outputs(
     out_name = "adapter" if plan.name == "lora" else "model"
     with atomic_dir(run_dir / out_name) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_processor(tokenizer, tmp, model)
         if ledger is not None:  # travels with the weights: further DP training adds to this ε
             atomic_write_json(tmp / PRIVACY_FILE, ledger)
+        if plan.groupnorm_replaced:
+            atomic_write_json(
+                tmp / GROUPNORM_FILE,
+                {
+                    "replaced": plan.groupnorm_replaced,
+                    "note": "BatchNorm layers replaced by GroupNorm (method.batchnorm: groupnorm); "
+                    "load with hubtune.model.load_saved_image_model",
+                },
+            )
     if ledger is not None:
         atomic_write_json(run_dir / "privacy.json", ledger)
     atomic_write_json(run_dir / "metrics.json", metrics)

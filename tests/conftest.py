@@ -149,6 +149,147 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+def make_tiny_vit(folder: Path, *, seed: int = 0, image_size: int = 16) -> Path:
+    """A 2-layer, hidden-32 ViT backbone (patch 4) with a ViT image processor."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        initializer_range=0.2,
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def calibrate_batchnorm(model: object, image_size: int, *, seed: int = 0) -> None:
+    """Give a random model's BatchNorm layers the statistics of its own activations.
+
+    Pretrained models have running statistics matched to their weights; a freshly initialised
+    one has mean 0 / variance 1 everywhere, which shrinks its activations to nothing in eval
+    mode. A few forward passes in training mode with a cumulative average fix that.
+    """
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]  # type: ignore[attr-defined]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    generator = torch.Generator().manual_seed(seed)
+    model.train()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.rand(16, 3, image_size, image_size, generator=generator) * 2 - 1)  # type: ignore[operator]
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()  # type: ignore[attr-defined]
+
+
+def make_tiny_resnet(folder: Path, *, seed: int = 0, image_size: int = 16) -> Path:
+    """A 2-stage transformers ResNet (BatchNorm everywhere) with its ConvNeXt-style processor."""
+    import torch
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_channels=3
+    )
+    model = ResNetModel(config)
+    calibrate_batchnorm(model, image_size, seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=1.0).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_timm(folder: Path, architecture: str, *, seed: int = 0, image_size: int = 16) -> Path:
+    """A timm test architecture (test_efficientnet, test_resnet, test_vit...) as a TimmWrapper folder."""
+    import timm
+    import torch
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+    from transformers.models.timm_wrapper import TimmWrapperImageProcessor
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(timm.create_model(architecture).pretrained_cfg)
+    cfg = {k: v for k, v in cfg.items() if k not in ("url", "hf_hub_id")}
+    cfg.update({"input_size": (3, image_size, image_size), "crop_pct": 1.0})
+    model_args = {"img_size": image_size} if architecture.startswith("test_vit") else None
+    config = TimmWrapperConfig(
+        architecture=architecture,
+        pretrained_cfg=cfg,
+        num_labels=5,
+        model_args=model_args,
+    )
+    model = TimmWrapperForImageClassification(config)
+    with (
+        torch.no_grad()
+    ):  # timm zero-initialises some heads and last norms; pretrained ones are not zero
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and name.endswith("bn3.weight") and not param.any():
+                param.fill_(1.0)
+    calibrate_batchnorm(model.timm_model, image_size, seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    TimmWrapperImageProcessor(pretrained_cfg=cfg, architecture=architecture).save_pretrained(folder)
+    return folder
+
+
+def write_digits_folder(
+    folder: Path, *, per_class: int = 30, classes: int = 3, size: int = 16, sensitive: bool = True
+) -> Path:
+    """scikit-learn's handwritten digits as an image folder (train/ and test/, class sub-folders).
+
+    ``metadata.csv`` adds a synthetic ``site`` column (for the audit), a function of the row,
+    never of the label.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows: dict[str, list[str]] = {"train": [], "test": []}
+    for digit in range(classes):
+        images = digits.images[digits.target == digit][: per_class * 2]
+        for i, pixels in enumerate(images):
+            split = "train" if i % 4 else "test"
+            target = folder / split / f"digit{digit}"
+            target.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray((pixels * 255 / 16).astype(np.uint8), mode="L")
+            image.resize((size, size), Image.NEAREST).save(target / f"{i:03d}.png")
+            rows[split].append(f"digit{digit}/{i:03d}.png,{'site' + 'AB'[i % 2]}")
+    if sensitive:
+        for split, lines in rows.items():
+            (folder / split / "metadata.csv").write_text(
+                "file_name,site\n" + "\n".join(lines) + "\n"
+            )
+    return folder
+
+
+def image_recipe_dict(model_dir: Path, data_dir: Path, out_dir: Path, **method: object) -> dict:
+    """A small image-classification recipe as a dict."""
+    return {
+        "name": "tiny-vision",
+        "seed": 0,
+        "output_dir": str(out_dir),
+        "model": {"id": str(model_dir), "task": "image-classification"},
+        "data": {
+            "source": str(data_dir),
+            "columns": {"sensitive": ["site"]},
+        },
+        "method": {"name": "freeze", **method},
+        "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "log_with": []},
+        "audit": {"policy": "default"},
+    }
+
+
 def make_sentiment_frame(n: int = 240, *, seed: int = 0) -> pd.DataFrame:
     """Learnable synthetic reviews: the label follows the sentiment words; a group column rides along."""
     rng = random.Random(seed)
