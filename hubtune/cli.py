@@ -357,7 +357,7 @@ def space_serve(
 
 @data_app.command("prepare")
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="redditbias | rotten-tomatoes")],
+    name: Annotated[str, typer.Argument(help="redditbias | rotten-tomatoes | fashion-mnist")],
     output_dir: Annotated[
         Path | None,
         typer.Option(
@@ -371,14 +371,19 @@ def data_prepare(
         bool,
         typer.Option(
             "--hub/--no-hub",
-            help="redditbias: also publish it and the packaged MiniLM to the local Hub endpoint (the quickstart pulls them from there).",
+            help="redditbias: also publish it and the packaged MiniLM to the local Hub endpoint (the quickstart pulls them from there). fashion-mnist: also publish it and EfficientNet-Lite0 (converted from its PyPI package) there.",
         ),
     ] = True,
     hub_root: Annotated[
         Path, typer.Option("--hub-root", help="The local endpoint's folder.")
     ] = Path(".hubtune/hub"),
 ) -> None:
-    """Build a clean data set (text, label[, target_group]) and report what was dropped and why."""
+    """Build a clean data set and report what was kept, dropped and why.
+
+    Text sets (redditbias, rotten-tomatoes) become data.csv (text, label[, target_group]).
+
+    fashion-mnist becomes train.parquet and test.parquet (image, label), from Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist, or bash scripts/setup.sh --with-vision-data).
+    """
     from hubtune.prepare import prepare
 
     try:
@@ -387,12 +392,21 @@ def data_prepare(
         _fail(str(exc))
         return
     typer.echo(report.summary())
+    shas: dict[str, str] = {}
     if hub and name == "redditbias":
         from hubtune.seed import seed_quickstart
 
         shas = seed_quickstart(root=hub_root, data_dir=report.output_dir)
-        for repo_id, sha in shas.items():
-            typer.echo(f"local hub: {repo_id}@{sha} ({hub_root})")
+    elif hub and name == "fashion-mnist":
+        from hubtune.vision_assets import seed_vision
+
+        try:
+            shas = seed_vision(root=hub_root, data_dir=report.output_dir)
+        except RuntimeError as exc:  # the model package is missing, or the conversion is wrong
+            _fail(f"EfficientNet-Lite0: {exc}")
+            return
+    for repo_id, sha in shas.items():
+        typer.echo(f"local hub: {repo_id}@{sha} ({hub_root})")
 
 
 @app.command()

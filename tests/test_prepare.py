@@ -17,6 +17,7 @@ from hubtune.prepare import (
     PrepareReport,
     default_output_dir,
     prepare,
+    prepare_fashion_mnist,
     prepare_redditbias,
     prepare_rotten_tomatoes,
 )
@@ -195,6 +196,7 @@ def test_preparers_registry() -> None:
     assert registry == {
         "redditbias": prepare_redditbias,
         "rotten-tomatoes": prepare_rotten_tomatoes,
+        "fashion-mnist": prepare_fashion_mnist,
     }
 
 
