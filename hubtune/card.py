@@ -33,6 +33,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hubtune.io import atomic_write_text
+from hubtune.model import GROUPNORM_FILE
 
 __all__ = ["CARD_DIR", "CardError", "base_model_source", "build_card", "public_path", "write_card"]
 
@@ -511,8 +512,22 @@ def _how_to_load(
     base: dict[str, Any],
     label_names: list[str],
     max_length: int,
+    images: bool = False,
+    timm: bool = False,
+    groupnorm: bool = False,
 ) -> str:
-    """A Python snippet that loads the model and classifies a text."""
+    """A Python snippet that loads the model and classifies a text (or an image)."""
+    if images:
+        return _how_to_load_images(
+            run_dir=run_dir,
+            repo_id=repo_id,
+            revision=revision,
+            lora=lora,
+            base=base,
+            label_names=label_names,
+            timm=timm,
+            groupnorm=groupnorm,
+        )
     if repo_id is not None:
         where = f"model_id = {json.dumps(repo_id)}\nrevision = {json.dumps(revision or 'main')}\n"
         kw = ", revision=revision"
@@ -558,6 +573,106 @@ def _how_to_load(
         'texts = ["Replace this with the text to classify."]',
         f"inputs = tokenizer(texts, padding=True, truncation=True, max_length={max_length}, "
         'return_tensors="pt")',
+        "with torch.no_grad():",
+        "    probabilities = model(**inputs).logits.softmax(-1)",
+        "for row in probabilities:",
+        "    print({model.config.id2label[i]: round(float(p), 3) for i, p in enumerate(row)})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _is_timm(folder: Path) -> bool:
+    """Whether a saved model (or adapter) folder holds a timm model's preprocessing."""
+    for name in ("preprocessor_config.json", "config.json"):
+        data = _read_json(folder / name) or {}
+        if (
+            data.get("image_processor_type") == "TimmWrapperImageProcessor"
+            or data.get("model_type") == "timm_wrapper"
+            or ("architecture" in data and "pretrained_cfg" in data)
+        ):
+            return True
+    return False
+
+
+def _how_to_load_images(
+    *,
+    run_dir: Path,
+    repo_id: str | None,
+    revision: str | None,
+    lora: bool,
+    base: dict[str, Any],
+    label_names: list[str],
+    timm: bool,
+    groupnorm: bool,
+) -> str:
+    """The image-classification counterpart of :func:`_how_to_load`."""
+    if repo_id is not None:
+        where = f"model_id = {json.dumps(repo_id)}\nrevision = {json.dumps(revision or 'main')}\n"
+        kw = ", revision=revision"
+    else:
+        folder = "adapter" if lora else "model"
+        local = public_path(str(run_dir)) or run_dir.name
+        where = f"model_id = {json.dumps(str(PurePosixPath(local) / folder))}  # this run's {folder}/ folder\n"
+        kw = ""
+    lines = ["import torch", "from PIL import Image"]
+    if groupnorm:
+        lines += [
+            "from huggingface_hub import snapshot_download",
+            "from hubtune.model import load_saved_image_model  # BatchNorm was replaced by GroupNorm",
+            "",
+            *where.rstrip("\n").split("\n"),
+            f"processor, model = load_saved_image_model(snapshot_download(model_id{kw}))"
+            if repo_id is not None
+            else "processor, model = load_saved_image_model(model_id)",
+        ]
+    else:
+        lines.append("from transformers import AutoImageProcessor, AutoModelForImageClassification")
+        if lora:
+            lines.append("from peft import PeftModel")
+            if timm:
+                lines.append(
+                    "from transformers.models.timm_wrapper import TimmWrapperImageProcessor"
+                )
+            if base.get("kind") == "package":
+                lines.append("from importlib.resources import files")
+        lines += ["", *where.rstrip("\n").split("\n")]
+        if lora:
+            labels = (
+                "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
+            )
+            comment = f"  # {base['comment']}" if base.get("comment") else ""
+            if timm:  # timm keeps preprocessing in config.json; the adapter folder has its own copy
+                lines.append(
+                    f"processor = TimmWrapperImageProcessor.from_pretrained(model_id{kw}, "
+                    'image_processor_filename="preprocessor_config.json")'
+                )
+            else:
+                lines.append(f"processor = AutoImageProcessor.from_pretrained(model_id{kw})")
+            lines += [
+                f"base_dir = {base['load_expr']}{comment}",
+                f"id2label = {labels}",
+                "base = AutoModelForImageClassification.from_pretrained(",
+                "    base_dir,",
+            ]
+            if base.get("load_revision"):
+                lines.append(f"    revision={json.dumps(base['load_revision'])},")
+            lines += [
+                "    num_labels=len(id2label),",
+                "    id2label=id2label,",
+                "    label2id={name: i for i, name in id2label.items()},",
+                "    ignore_mismatched_sizes=True,",
+                ")",
+                f"model = PeftModel.from_pretrained(base, model_id{kw}).eval()",
+            ]
+        else:
+            lines += [
+                f"processor = AutoImageProcessor.from_pretrained(model_id{kw})",
+                f"model = AutoModelForImageClassification.from_pretrained(model_id{kw}).eval()",
+            ]
+    lines += [
+        "",
+        'images = [Image.open("replace-with-your-image.png").convert("RGB")]',
+        'inputs = processor(images=images, return_tensors="pt")',
         "with torch.no_grad():",
         "    probabilities = model(**inputs).logits.softmax(-1)",
         "for row in probabilities:",
@@ -655,8 +770,10 @@ def build_card(
     )
     name = str(run_info.get("name") or recipe.get("name") or run_dir.name)
     model_name = repo_id or name
+    task = str((recipe.get("model") or {}).get("task") or "text-classification")
+    images = task == "image-classification"
 
-    tags = ["hubtune", "text-classification", method_name]
+    tags = ["hubtune", task, method_name]
     if lora:
         tags.append("lora")
     if privacy_block["dp"]:
@@ -665,8 +782,8 @@ def build_card(
         tags.append("fairness-audit")
     eval_results = [
         EvalResult(
-            task_type="text-classification",
-            task_name="Text Classification",
+            task_type=task,
+            task_name="Image Classification" if images else "Text Classification",
             dataset_type=dataset["hub_id"] or "local",
             dataset_name=dataset["name"],
             dataset_config=dataset["config"],
@@ -691,7 +808,7 @@ def build_card(
         eval_results=eval_results or None,
         library_name="peft" if lora else "transformers",
         license=license_name,
-        pipeline_tag="text-classification",
+        pipeline_tag=task,
         tags=tags,
         metrics=["accuracy", "f1"],
         base_model_relation="adapter" if lora else "finetune",
@@ -776,6 +893,9 @@ def build_card(
             base=base,
             label_names=label_names,
             max_length=max_length,
+            images=images,
+            timm=_is_timm(run_dir / ("adapter" if lora else "model")),
+            groupnorm=(run_dir / "model" / GROUPNORM_FILE).exists(),
         ),
         "hardware": {
             "device": _md(hardware.get("gpu") or hardware.get("device") or "unknown"),

@@ -100,9 +100,12 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _is_image_folder(source: Path) -> bool:
-    return not any(p.suffix.lower() in _FORMATS for p in source.iterdir() if p.is_file()) and any(
-        p.is_dir() and _image_files(p) for p in source.iterdir()
-    )
+    data_files = [
+        p
+        for p in source.iterdir()
+        if p.is_file() and p.suffix.lower() in _FORMATS and p.name != "prepare.json"
+    ]
+    return not data_files and any(p.is_dir() and _image_files(p) for p in source.iterdir())
 
 
 def _read_image_split(folder: Path, label_col: str, image_col: str) -> pd.DataFrame:
@@ -181,7 +184,10 @@ def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
     elif source.is_dir() and _is_image_folder(source):
         return _load_image_folder(source, section)
     elif source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in _FORMATS)
+        # prepare.json is the report `hubtune data prepare` writes beside its data files.
+        files = sorted(
+            p for p in source.iterdir() if p.suffix.lower() in _FORMATS and p.name != "prepare.json"
+        )
         if not files:
             raise DataError(
                 f"data.source {section.source!r}: no csv/tsv/jsonl/parquet files, and no image "

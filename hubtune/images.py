@@ -41,7 +41,9 @@ def augment_image(image: Any, section: AugmentSection, rng: np.random.Generator)
         w, h = max(1, round(width * side)), max(1, round(height * side))
         left = int(draws[1] * (width - w + 1))
         top = int(draws[2] * (height - h + 1))
-        image = image.crop((left, top, left + w, top + h)).resize((width, height), Image.Resampling.BILINEAR)
+        image = image.crop((left, top, left + w, top + h)).resize(
+            (width, height), Image.Resampling.BILINEAR
+        )
     if draws[3] < section.horizontal_flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if draws[4] < section.vertical_flip:

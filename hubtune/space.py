@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from hubtune.io import atomic_write_json, atomic_write_text
+from hubtune.model import GROUPNORM_FILE
 
 __all__ = [
     "CONFIG_FILE",
@@ -134,9 +135,17 @@ def _common_config(run_dir: Path, info: dict[str, Any], recipe: dict[str, Any]) 
     labels = (info.get("data") or {}).get("label_names") or (recipe.get("data") or {}).get("labels")
     if not labels:
         raise SpaceError(f"{run_dir}: run.json records no label names")
+    task = str((recipe.get("model") or {}).get("task") or "text-classification")
+    if (run_dir / "model" / GROUPNORM_FILE).exists():
+        raise SpaceError(
+            f"{run_dir}: this model's BatchNorm layers were replaced by GroupNorm (method.batchnorm: "
+            "groupnorm), which only hubtune can rebuild (hubtune.model.load_saved_image_model); the "
+            "Space runs without hubtune. Push without a Space (no push.space_id)."
+        )
     name = str(info.get("name") or run_dir.name)
     return {
         "schema_version": CONFIG_SCHEMA_VERSION,
+        "task": task,
         "title": f"{name} classifier"[:60],
         "labels": [str(label) for label in labels],
         "max_input_chars": DEFAULT_MAX_INPUT_CHARS,
@@ -316,17 +325,23 @@ def render_space(
 
     for name in COPIED_FILES:
         atomic_write_text(target / name, (source / name).read_text(encoding="utf-8"))
+    template = (source / "requirements.txt").read_text(encoding="utf-8")
+    if config.get("task") == "image-classification":
+        # Image processors need Pillow; timm models (TimmWrapper) need timm and a torchvision
+        # built for the same torch: pinned to what the run used when it was recorded.
+        versions = info.get("versions") or {}
+        for package in ("pillow", "timm", "torchvision"):
+            version = str(versions.get(package) or "").split("+", 1)[0]
+            template += f"{package}=={version}\n" if version else f"{package}\n"
     atomic_write_text(
         target / "requirements.txt",
-        _requirements(
-            (source / "requirements.txt").read_text(encoding="utf-8"), info.get("versions") or {}
-        ),
+        _requirements(template, info.get("versions") or {}),
     )
     atomic_write_json(target / CONFIG_FILE, config)
 
     privacy = _privacy_statement(run_dir)
     audit_text, verdict = _audit_statement(run_dir)
-    tags = ["hubtune", "text-classification", "gradio"]
+    tags = ["hubtune", str(config.get("task") or "text-classification"), "gradio"]
     if (run_dir / "privacy.json").exists():
         tags.append("differential-privacy")
     if verdict is not None:

@@ -316,6 +316,9 @@ def _versions() -> dict[str, str]:
         "huggingface_hub",
         "opacus",
         "safetensors",
+        "timm",
+        "torchvision",
+        "pillow",
     ):
         with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)

@@ -215,7 +215,6 @@ def make_tiny_timm(folder: Path, architecture: str, *, seed: int = 0, image_size
     import timm
     import torch
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
-    from transformers.models.timm_wrapper import TimmWrapperImageProcessor
 
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,15 +229,15 @@ def make_tiny_timm(folder: Path, architecture: str, *, seed: int = 0, image_size
         model_args=model_args,
     )
     model = TimmWrapperForImageClassification(config)
-    with (
-        torch.no_grad()
-    ):  # timm zero-initialises some heads and last norms; pretrained ones are not zero
+    # timm zero-initialises the last norm of residual blocks; pretrained ones are not zero.
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 1 and name.endswith("bn3.weight") and not param.any():
                 param.fill_(1.0)
     calibrate_batchnorm(model.timm_model, image_size, seed=seed)
+    # transformers keeps a timm model's preprocessing in config.json (pretrained_cfg): saving
+    # the model saves it; TimmWrapperImageProcessor.save_pretrained is deliberately a no-op.
     model.save_pretrained(folder, safe_serialization=True)
-    TimmWrapperImageProcessor(pretrained_cfg=cfg, architecture=architecture).save_pretrained(folder)
     return folder
 
 

@@ -313,3 +313,41 @@ def test_dp_run_audits_against_its_bound_and_its_nonprivate_twin(
     assert group_a["metrics"]["accuracy"]["other"] == pytest.approx(twin_accuracy)
     html = (result.run_dir / "audit" / "report.html").read_text()
     assert "The cost of privacy per group" in html and "Largest TPR the DP guarantee allows" in html
+
+
+def test_class_recall_and_precision_floors_for_quality_control(tmp_path: Path) -> None:
+    """The qc policy fails a model that misses one class, judged on the pessimistic CI end."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 300)
+    predicted = labels.copy()
+    missed = rng.random(len(labels)) < np.where(labels == 2, 0.5, 0.05)  # class 2: recall ~0.5
+    predicted[missed] = (labels[missed] + 1) % 3
+    names = ["good", "scratch", "dent"]
+    predictions = pd.DataFrame(
+        {
+            "row_id": [f"test:{i}" for i in range(len(labels))],
+            "label": np.array(names)[labels],
+            "prediction": np.array(names)[predicted],
+            "label_id": labels,
+            "prediction_id": predicted,
+        }
+    )
+    run_dir = make_fake_run(tmp_path / "runs" / "qc", predictions, label_names=names, sensitive=[])
+    audit = run_audit(run_dir, policy="qc")
+    recall = {c["scope"]: c for c in audit["verdict"]["checks"] if c["check"] == "class recall"}
+    assert set(recall) == {"class = good", "class = scratch", "class = dent"}
+    dent = recall["class = dent"]
+    assert dent["passed"] is False and dent["judged_value"] == pytest.approx(dent["ci"][0])
+    truth = (labels == 2).sum()
+    assert dent["value"] == pytest.approx(((predicted == 2) & (labels == 2)).sum() / truth)
+    assert recall["class = good"]["passed"] is True
+    assert audit["verdict"]["status"] == "fail"
+    assert "class recall (class = dent)" in audit["verdict"]["failed"]
+    # precision of "good" suffers from the dents predicted as good: (2 + 1) % 3 == 0
+    precision = {
+        c["scope"]: c for c in audit["verdict"]["checks"] if c["check"] == "class precision"
+    }
+    good_predicted = predicted == 0
+    assert precision["class = good"]["value"] == pytest.approx(
+        (good_predicted & (labels == 0)).sum() / good_predicted.sum()
+    )

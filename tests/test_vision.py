@@ -431,3 +431,75 @@ def test_image_size_is_used_and_saved(tmp_path: Path, tiny_effnet: Path, digits:
 
     image = decode_image((sorted((digits / "test").glob("*/*.png"))[0]).read_bytes())
     assert processor(images=image, return_tensors="pt")["pixel_values"].shape == (1, 3, 24, 24)
+
+
+# --------------------------------------------------------------------------- Space
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["timm-lora", "vit-full"])
+def test_space_serves_image_runs(
+    case: str, tmp_path: Path, tiny_effnet: Path, tiny_vit: Path, digits: Path
+) -> None:
+    import gradio as gr
+
+    from hubtune.data import decode_image
+    from hubtune.space import build_space_demo, load_app, local_space_config, render_space
+
+    if case == "timm-lora":
+        raw = image_recipe_dict(tiny_effnet, digits, tmp_path, name="lora", r=2)
+    else:
+        raw = image_recipe_dict(tiny_vit, digits, tmp_path, name="full")
+    raw["train"]["epochs"] = 1
+    recipe = Recipe.model_validate(raw)
+    result = run_recipe(recipe)
+    app = load_app()
+    config = local_space_config(run_dir=result.run_dir)
+    assert config["task"] == "image-classification"
+    classifier = app.load_classifier(config, base_dir=result.run_dir)
+    test = load_data(recipe.data, seed=0, task="image-classification").splits["test"]
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+    for i in (0, 7):
+        probs = classifier.probabilities(decode_image(test["image"][i]))
+        assert probs["digit2"] == pytest.approx(predictions["prob_digit2"][i], abs=1e-5)
+    handler = app.make_predict(classifier, 10, images=True, max_image_pixels=20 * 20)
+    label, table = handler(decode_image(test["image"][0]))
+    assert set(label) == {"digit0", "digit1", "digit2"} and "| class | probability |" in table
+    from PIL import Image
+
+    with pytest.raises(gr.Error, match="upload an image"):
+        handler(None)
+    with pytest.raises(gr.Error, match="at most 400 pixels"):
+        handler(Image.new("RGB", (21, 20)))
+    assert build_space_demo(source=result.run_dir) is not None
+    if case == "vit-full":
+        out = render_space(
+            run_dir=result.run_dir,
+            model_repo_id="me/vit",
+            model_revision="a" * 40,
+            out_dir=tmp_path / "sp",
+        )
+        requirements = (out / "requirements.txt").read_text()
+        assert "timm==" in requirements and "torchvision==" in requirements
+        assert "image-classification" in (out / "README.md").read_text()
+
+
+def test_space_refuses_a_groupnorm_model(tmp_path: Path) -> None:
+    from hubtune.model import GROUPNORM_FILE
+    from hubtune.space import SpaceError, local_space_config
+
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "model" / GROUPNORM_FILE).write_text('{"replaced": ["bn"]}')
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "status": "completed",
+                "name": "gn",
+                "data": {"label_names": ["a", "b"]},
+                "outputs": {"model_dir": "model"},
+            }
+        )
+    )
+    with pytest.raises(SpaceError, match="GroupNorm"):
+        local_space_config(run_dir=run_dir)

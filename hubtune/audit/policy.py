@@ -67,6 +67,18 @@ class Thresholds(_Strict):
         default_factory=dict,
         description="Per metric: the value every reportable group must reach (e.g. accuracy: 0.6).",
     )
+    min_class_recall: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Every class's recall (share of its test rows predicted as it) must reach this: the defects a quality-control model misses.",
+    )
+    min_class_precision: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Every class's precision (share of its predictions that are right) must reach this.",
+    )
     max_membership_auc: float | None = Field(
         None, ge=0.5, le=1, description="Ceiling on the loss-threshold membership-inference AUC."
     )

@@ -184,6 +184,21 @@ def _verdict(
                         scope=f"{scope} = {group['name']}",
                     )
                 )
+    for metric, limit in (("recall", t.min_class_recall), ("precision", t.min_class_precision)):
+        if limit is None:
+            continue
+        for entry in fairness.get("per_class") or []:
+            checks.append(
+                _judge(
+                    f"class {metric}",
+                    value=entry[metric]["value"],
+                    ci=entry[metric]["ci"],
+                    threshold=limit,
+                    kind="min",
+                    policy=policy,
+                    scope=f"class = {entry['label']}",
+                )
+            )
     if membership is not None and "auc" in membership:
         if t.max_membership_auc is not None:
             checks.append(
