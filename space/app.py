@@ -1,4 +1,4 @@
-"""A Gradio Space for a text classifier trained with hubtune.
+"""A Gradio Space for a text or image classifier trained with hubtune.
 
 This file runs on its own (on a Hugging Face Space, hubtune is not installed). It reads
 ``space_config.json`` next to it, which ``hubtune`` renders, in one of two modes:
@@ -10,13 +10,14 @@ This file runs on its own (on a Hugging Face Space, hubtune is not installed). I
 * Local mode: ``{"model_path": "path/to/model", "reports_path": "path/to/run"}`` (paths relative
   to the config file), for ``hubtune space serve RUN_DIR`` without a pushed repo.
 
-Other keys: ``title``, ``labels`` (class names in logit order), ``max_input_chars``,
-``max_length`` (tokenizer truncation), and for LoRA adapters ``base_model_repo_id`` /
+Other keys: ``task`` (``text-classification``, the default, or ``image-classification``),
+``title``, ``labels`` (class names in logit order), ``max_input_chars``, ``max_length``
+(tokenizer truncation), ``max_image_pixels``, and for LoRA adapters ``base_model_repo_id`` /
 ``base_model_revision``.
 
-Safe defaults: no share link, no file access or uploads, an input length limit enforced on the
-server, a bounded queue, and errors that are logged here but shown to visitors as a generic
-message.
+Safe defaults: no share link, no file access, an input size limit (characters, or pixels for
+images) enforced on the server, a bounded queue, and errors that are logged here but shown to
+visitors as a generic message.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ PRIVACY_FILE = "privacy.json"
 AUDIT_FILE = "audit/audit.json"
 DEFAULT_MAX_INPUT_CHARS = 2000
 DEFAULT_MAX_LENGTH = 256
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+IMAGES = "image-classification"
 QUEUE_MAX_SIZE = 32
 CONCURRENCY_LIMIT = 2
 GENERIC_ERROR = "Sorry, something went wrong while classifying this text. Please try again later."
@@ -122,22 +125,28 @@ def _read_report(config: dict[str, Any], name: str, base_dir: Path, endpoint: st
 
 
 class Classifier:
-    """A sequence classifier and its tokenizer, on CPU (or the Space's GPU), in eval mode."""
+    """A classifier and its tokenizer (or image processor), on CPU (or the Space's GPU), in eval mode."""
 
-    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, labels: list[str], max_length: int, images: bool = False
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_length = max_length
+        self.images = images
 
-    def probabilities(self, text: str) -> dict[str, float]:
-        """Softmax class probabilities for one text, by class name."""
+    def probabilities(self, item: Any) -> dict[str, float]:
+        """Softmax class probabilities for one text (or one PIL image), by class name."""
         import torch
 
         device = next(self.model.parameters()).device
-        batch = self.tokenizer(
-            text, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
+        if self.images:
+            batch = self.tokenizer(images=item.convert("RGB"), return_tensors="pt").to(device)
+        else:
+            batch = self.tokenizer(
+                item, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(device)
         with torch.inference_mode():
             logits = self.model(**batch).logits[0].float()
         probs = torch.softmax(logits, dim=-1).tolist()
@@ -161,6 +170,9 @@ def load_classifier(
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    images = config.get("task") == IMAGES
+    if images:
+        from transformers import AutoModelForImageClassification as AutoModelForSequenceClassification
     if config.get("model_repo_id"):
         folder = _download_folder(config["model_repo_id"], config["model_revision"], endpoint)
     else:
@@ -185,18 +197,37 @@ def load_classifier(
                 "id2label": dict(enumerate(labels)),
                 "label2id": {label: i for i, label in enumerate(labels)},
             }
+        if images:  # the base's head has the pretraining classes; the adapter brings its own
+            extra["ignore_mismatched_sizes"] = True
         base_model = AutoModelForSequenceClassification.from_pretrained(
             base, use_safetensors=True, **extra
         )
         model = PeftModel.from_pretrained(base_model, folder)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = _image_processor(folder) if images else AutoTokenizer.from_pretrained(folder)
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
     max_length = int(config.get("max_length") or DEFAULT_MAX_LENGTH)
-    return Classifier(model, tokenizer, _labels(config, model.config), max_length)
+    return Classifier(model, tokenizer, _labels(config, model.config), max_length, images=images)
+
+
+def _image_processor(folder: Path) -> Any:
+    """The image processor saved with the model (timm models: in preprocessor_config.json for
+    adapters, in config.json otherwise)."""
+    from transformers import AutoImageProcessor
+
+    saved = folder / "preprocessor_config.json"
+    if saved.is_file():
+        kind = json.loads(saved.read_text(encoding="utf-8")).get("image_processor_type")
+        if kind == "TimmWrapperImageProcessor":
+            from transformers.models.timm_wrapper import TimmWrapperImageProcessor
+
+            return TimmWrapperImageProcessor.from_pretrained(
+                folder, image_processor_filename="preprocessor_config.json"
+            )
+    return AutoImageProcessor.from_pretrained(folder)
 
 
 # --------------------------------------------------------------------------- text
@@ -335,22 +366,35 @@ def fairness_markdown(audit: dict[str, Any] | None, *, top: int = 5) -> str:
 
 
 def make_predict(
-    classifier: Classifier | Callable[[str], dict[str, float]], max_input_chars: int
-) -> Callable[[str], tuple[dict[str, float], str]]:
-    """The event handler: length check, prediction, and errors that reveal nothing internal."""
+    classifier: Classifier | Callable[[Any], dict[str, float]],
+    max_input_chars: int,
+    *,
+    images: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Callable[[Any], tuple[dict[str, float], str]]:
+    """The event handler: size check, prediction, and errors that reveal nothing internal."""
     predict = classifier.probabilities if isinstance(classifier, Classifier) else classifier
 
-    def classify(text: str | None) -> tuple[dict[str, float], str]:
+    def classify(item: Any) -> tuple[dict[str, float], str]:
         try:
-            text = text or ""
-            if not text.strip():
-                raise InputError("Please type some text to classify.")
-            if len(text) > max_input_chars:
-                raise InputError(
-                    f"Your text is {len(text)} characters long; this demo accepts at most "
-                    f"{max_input_chars}. Please shorten it."
-                )
-            probs = predict(text)
+            if images:
+                if item is None:
+                    raise InputError("Please upload an image to classify.")
+                if item.width * item.height > max_image_pixels:
+                    raise InputError(
+                        f"Your image has {item.width} x {item.height} pixels; this demo accepts at "
+                        f"most {max_image_pixels:,} pixels. Please use a smaller image."
+                    )
+            else:
+                item = item or ""
+                if not item.strip():
+                    raise InputError("Please type some text to classify.")
+                if len(item) > max_input_chars:
+                    raise InputError(
+                        f"Your text is {len(item)} characters long; this demo accepts at most "
+                        f"{max_input_chars}. Please shorten it."
+                    )
+            probs = predict(item)
         except InputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         except Exception:
@@ -370,7 +414,7 @@ def build_demo(
     *,
     base_dir: str | Path | None = None,
     endpoint: str | None = None,
-    classifier: Classifier | Callable[[str], dict[str, float]] | None = None,
+    classifier: Classifier | Callable[[Any], dict[str, float]] | None = None,
 ) -> gr.Blocks:
     """Load the model and its reports and lay out the two tabs (prediction, privacy/fairness).
 
@@ -378,8 +422,8 @@ def build_demo(
         config: The parsed ``space_config.json``.
         base_dir: Folder that relative local paths are resolved against (default: this file's).
         endpoint: Hub endpoint override (default: ``HF_ENDPOINT`` or huggingface.co).
-        classifier: A ready classifier (or a ``text -> {label: probability}`` function) to use
-            instead of loading the model.
+        classifier: A ready classifier (or a ``text or image -> {label: probability}``
+            function) to use instead of loading the model.
     """
     base = Path(base_dir) if base_dir is not None else Path(__file__).parent
     if classifier is None:
@@ -392,7 +436,9 @@ def build_demo(
         logger.exception("could not read the privacy and audit reports")
         reports = "The privacy and fairness reports of this model could not be read."
     max_chars = int(config.get("max_input_chars") or DEFAULT_MAX_INPUT_CHARS)
-    title = str(config.get("title") or "Text classifier")
+    images = config.get("task") == IMAGES
+    max_pixels = int(config.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
+    title = str(config.get("title") or ("Image classifier" if images else "Text classifier"))
     source = (
         f"`{config['model_repo_id']}` at revision `{str(config['model_revision'])[:12]}`"
         if config.get("model_repo_id")
@@ -401,19 +447,32 @@ def build_demo(
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {_md(title)}\n\nModel: {source}. Trained with hubtune.")
         with gr.Tab("Classify"):
-            text = gr.Textbox(
-                label="Text",
-                lines=4,
-                placeholder="Type or paste a comment…",
-                info=f"Up to {max_chars} characters.",
-                elem_id="input-text",
-            )
+            field: Any
+            if images:
+                field = gr.Image(
+                    label="Image",
+                    type="pil",
+                    image_mode="RGB",
+                    sources=["upload", "clipboard"],
+                    elem_id="input-image",
+                )
+            else:
+                field = gr.Textbox(
+                    label="Text",
+                    lines=4,
+                    placeholder="Type or paste a comment…",
+                    info=f"Up to {max_chars} characters.",
+                    elem_id="input-text",
+                )
             button = gr.Button("Classify", variant="primary", elem_id="classify-button")
             label = gr.Label(label="Prediction", elem_id="prediction")
             table = gr.Markdown(elem_id="probabilities")
-            handler = make_predict(classifier, max_chars)
-            button.click(handler, inputs=text, outputs=[label, table], api_name="classify")
-            text.submit(handler, inputs=text, outputs=[label, table], api_visibility="private")
+            handler = make_predict(
+                classifier, max_chars, images=images, max_image_pixels=max_pixels
+            )
+            button.click(handler, inputs=field, outputs=[label, table], api_name="classify")
+            if not images:
+                field.submit(handler, inputs=field, outputs=[label, table], api_visibility="private")
         with gr.Tab("Privacy & fairness"):
             gr.Markdown(reports, elem_id="privacy-fairness")
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
