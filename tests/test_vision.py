@@ -503,3 +503,44 @@ def test_space_refuses_a_groupnorm_model(tmp_path: Path) -> None:
     )
     with pytest.raises(SpaceError, match="GroupNorm"):
         local_space_config(run_dir=run_dir)
+
+
+@pytest.mark.slow
+def test_resume_with_augmentation_gives_the_uninterrupted_weights(
+    tmp_path: Path, tiny_effnet: Path, digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Augmentation draws depend on (seed, epoch, image) only: a resumed run sees the same images."""
+
+    def recipe(out: Path, epochs: int) -> Recipe:
+        raw = image_recipe_dict(tiny_effnet, digits, out, unfreeze_top_k=1, batchnorm="frozen")
+        raw["data"]["augment"] = {"horizontal_flip": 0.5, "rotation": 15, "crop_scale": [0.7, 1.0]}
+        raw["train"]["epochs"] = epochs
+        raw["audit"] = {"enabled": False}
+        return Recipe.model_validate(raw)
+
+    import hubtune.train as train_module
+
+    whole = run_recipe(recipe(tmp_path / "a", 2))
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch: int) -> None:
+        if epoch == 0:
+            raise Crash
+
+    monkeypatch.setattr(train_module, "_after_checkpoint", crash)
+    with pytest.raises(Crash):
+        run_recipe(recipe(tmp_path / "b", 2))
+    monkeypatch.setattr(train_module, "_after_checkpoint", None)
+    resumed = run_recipe(recipe(tmp_path / "b", 2), resume=True)
+    assert resumed.resumed_from_epoch == 1
+    a, b = _tensors(whole.run_dir / "model"), _tensors(resumed.run_dir / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and the augmentation really changed what was trained on
+    plain = recipe(tmp_path / "c", 2).model_copy(deep=True)
+    plain.data.augment = None
+    unaugmented = _tensors(run_recipe(plain).run_dir / "model")
+    assert not all(torch.equal(a[n], unaugmented[n]) for n in a)
