@@ -528,14 +528,7 @@ def _how_to_load(
             timm=timm,
             groupnorm=groupnorm,
         )
-    if repo_id is not None:
-        where = f"model_id = {json.dumps(repo_id)}\nrevision = {json.dumps(revision or 'main')}\n"
-        kw = ", revision=revision"
-    else:
-        folder = "adapter" if lora else "model"
-        local = public_path(str(run_dir)) or run_dir.name
-        where = f"model_id = {json.dumps(str(PurePosixPath(local) / folder))}  # this run's {folder}/ folder\n"
-        kw = ""
+    where, kw = _model_location(run_dir=run_dir, repo_id=repo_id, revision=revision, lora=lora)
     lines = [
         "import torch",
         "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
@@ -547,23 +540,7 @@ def _how_to_load(
     lines += ["", *where.rstrip("\n").split("\n")]
     lines.append(f"tokenizer = AutoTokenizer.from_pretrained(model_id{kw})")
     if lora:
-        labels = "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
-        comment = f"  # {base['comment']}" if base.get("comment") else ""
-        lines += [
-            f"base_dir = {base['load_expr']}{comment}",
-            f"id2label = {labels}",
-            "base = AutoModelForSequenceClassification.from_pretrained(",
-            "    base_dir,",
-        ]
-        if base.get("load_revision"):
-            lines.append(f"    revision={json.dumps(base['load_revision'])},")
-        lines += [
-            "    num_labels=len(id2label),",
-            "    id2label=id2label,",
-            "    label2id={name: i for i, name in id2label.items()},",
-            ")",
-            f"model = PeftModel.from_pretrained(base, model_id{kw}).eval()",
-        ]
+        lines += _lora_base_lines(base, label_names, "AutoModelForSequenceClassification", kw)
     else:
         lines.append(
             f"model = AutoModelForSequenceClassification.from_pretrained(model_id{kw}).eval()"
@@ -579,6 +556,43 @@ def _how_to_load(
         "    print({model.config.id2label[i]: round(float(p), 3) for i, p in enumerate(row)})",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _model_location(
+    *, run_dir: Path, repo_id: str | None, revision: str | None, lora: bool
+) -> tuple[str, str]:
+    """(the snippet lines naming the model, the revision keyword to pass on loading)."""
+    if repo_id is not None:
+        where = f"model_id = {json.dumps(repo_id)}\nrevision = {json.dumps(revision or 'main')}\n"
+        return where, ", revision=revision"
+    folder = "adapter" if lora else "model"
+    local = public_path(str(run_dir)) or run_dir.name
+    where = f"model_id = {json.dumps(str(PurePosixPath(local) / folder))}  # this run's {folder}/ folder\n"
+    return where, ""
+
+
+def _lora_base_lines(
+    base: dict[str, Any], label_names: list[str], auto_class: str, kw: str
+) -> list[str]:
+    """Snippet lines that load the adapter's base model with this run's labels, then the adapter."""
+    labels = "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
+    comment = f"  # {base['comment']}" if base.get("comment") else ""
+    lines = [
+        f"base_dir = {base['load_expr']}{comment}",
+        f"id2label = {labels}",
+        f"base = {auto_class}.from_pretrained(",
+        "    base_dir,",
+    ]
+    if base.get("load_revision"):
+        lines.append(f"    revision={json.dumps(base['load_revision'])},")
+    lines += [
+        "    num_labels=len(id2label),",
+        "    id2label=id2label,",
+        "    label2id={name: i for i, name in id2label.items()},",
+    ]
+    if auto_class == "AutoModelForImageClassification":  # the base's head has its own classes
+        lines.append("    ignore_mismatched_sizes=True,")
+    return [*lines, ")", f"model = PeftModel.from_pretrained(base, model_id{kw}).eval()"]
 
 
 def _is_timm(folder: Path) -> bool:
@@ -606,14 +620,7 @@ def _how_to_load_images(
     groupnorm: bool,
 ) -> str:
     """The image-classification counterpart of :func:`_how_to_load`."""
-    if repo_id is not None:
-        where = f"model_id = {json.dumps(repo_id)}\nrevision = {json.dumps(revision or 'main')}\n"
-        kw = ", revision=revision"
-    else:
-        folder = "adapter" if lora else "model"
-        local = public_path(str(run_dir)) or run_dir.name
-        where = f"model_id = {json.dumps(str(PurePosixPath(local) / folder))}  # this run's {folder}/ folder\n"
-        kw = ""
+    where, kw = _model_location(run_dir=run_dir, repo_id=repo_id, revision=revision, lora=lora)
     lines = ["import torch", "from PIL import Image"]
     if groupnorm:
         lines += [
@@ -637,10 +644,6 @@ def _how_to_load_images(
                 lines.append("from importlib.resources import files")
         lines += ["", *where.rstrip("\n").split("\n")]
         if lora:
-            labels = (
-                "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
-            )
-            comment = f"  # {base['comment']}" if base.get("comment") else ""
             if timm:  # timm keeps preprocessing in config.json; the adapter folder has its own copy
                 lines.append(
                     f"processor = TimmWrapperImageProcessor.from_pretrained(model_id{kw}, "
@@ -648,22 +651,7 @@ def _how_to_load_images(
                 )
             else:
                 lines.append(f"processor = AutoImageProcessor.from_pretrained(model_id{kw})")
-            lines += [
-                f"base_dir = {base['load_expr']}{comment}",
-                f"id2label = {labels}",
-                "base = AutoModelForImageClassification.from_pretrained(",
-                "    base_dir,",
-            ]
-            if base.get("load_revision"):
-                lines.append(f"    revision={json.dumps(base['load_revision'])},")
-            lines += [
-                "    num_labels=len(id2label),",
-                "    id2label=id2label,",
-                "    label2id={name: i for i, name in id2label.items()},",
-                "    ignore_mismatched_sizes=True,",
-                ")",
-                f"model = PeftModel.from_pretrained(base, model_id{kw}).eval()",
-            ]
+            lines += _lora_base_lines(base, label_names, "AutoModelForImageClassification", kw)
         else:
             lines += [
                 f"processor = AutoImageProcessor.from_pretrained(model_id{kw})",

@@ -21,7 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(
-    help="Prepare the real data sets shipped inside Python and Debian packages.", no_args_is_help=True
+    help="Prepare the real data sets shipped inside Python and Debian packages.",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 hub_app = typer.Typer(

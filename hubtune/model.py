@@ -49,10 +49,18 @@ def load_classifier(
         tokenizer.pad_token = tokenizer.eos_token
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    model, info = AutoModelForSequenceClassification.from_pretrained(
+    model, newly = _from_pretrained(AutoModelForSequenceClassification, resolved, config, section)
+    return tokenizer, model, newly
+
+
+def _from_pretrained(
+    auto_class: Any, resolved: ResolvedModel, config: Any, section: ModelSection
+) -> tuple[Any, list[str]]:
+    """The model with the recipe's labels, and the tensors the checkpoint did not have."""
+    model, info = auto_class.from_pretrained(
         resolved.local_dir,
         config=config,
-        trust_remote_code=trust,
+        trust_remote_code=section.trust_remote_code,
         use_safetensors=None if section.allow_pickle else True,
         output_loading_info=True,
         ignore_mismatched_sizes=True,
@@ -62,7 +70,7 @@ def load_classifier(
         | {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
     )
     logger.info("model: %s newly initialised tensors: %s", len(newly), newly)
-    return tokenizer, model, newly
+    return model, newly
 
 
 def load_image_classifier(
@@ -94,19 +102,7 @@ def load_image_classifier(
         processor = resize_processor(processor, section.image_size)
     if (resolved.local_dir / GROUPNORM_FILE).exists():
         return processor, *_load_with_groupnorm(resolved.local_dir, config)
-    model, info = AutoModelForImageClassification.from_pretrained(
-        resolved.local_dir,
-        config=config,
-        trust_remote_code=trust,
-        use_safetensors=None if section.allow_pickle else True,
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,
-    )
-    newly = sorted(
-        set(info.get("missing_keys", []))
-        | {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
-    )
-    logger.info("model: %s newly initialised tensors: %s", len(newly), newly)
+    model, newly = _from_pretrained(AutoModelForImageClassification, resolved, config, section)
     return processor, model, newly
 
 

@@ -19,12 +19,13 @@ run), so the local endpoint's content-addressed commits get the same SHAs everyw
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -691,6 +692,19 @@ def _seed_data(endpoint: str, scratch: Path, data_dir: Path) -> str:
     return _publish(FASHION_MNIST_REPO, "dataset", _DATA_MESSAGE, folder, endpoint)
 
 
+@contextlib.contextmanager
+def _local_hub(root: str | Path) -> Iterator[tuple[str, Path]]:
+    """The local endpoint (started in-process) and a scratch folder for the files to publish."""
+    from hubtune.hub import hub_endpoint
+
+    with (
+        tempfile.TemporaryDirectory(prefix="hubtune-seed-") as tmp,
+        hub_endpoint("local", local_root=root) as url,
+    ):
+        assert url is not None
+        yield url, Path(tmp)
+
+
 def seed_efficientnet_lite0(*, root: str | Path = ".hubtune/hub") -> str:
     """Convert EfficientNet-Lite0 and publish it as ``hubtune-models/efficientnet-lite0``.
 
@@ -702,14 +716,8 @@ def seed_efficientnet_lite0(*, root: str | Path = ".hubtune/hub") -> str:
     Returns:
         The commit SHA of the repo's head.
     """
-    from hubtune.hub import hub_endpoint
-
-    with (
-        tempfile.TemporaryDirectory(prefix="hubtune-seed-") as tmp,
-        hub_endpoint("local", local_root=root) as url,
-    ):
-        assert url is not None
-        return _seed_model(url, Path(tmp))
+    with _local_hub(root) as (url, tmp):
+        return _seed_model(url, tmp)
 
 
 def seed_fashion_mnist(
@@ -724,16 +732,10 @@ def seed_fashion_mnist(
     Returns:
         The commit SHA of the repo's head.
     """
-    from hubtune.hub import hub_endpoint
-
     data_dir = Path(data_dir)
     _check_data_dir(data_dir)
-    with (
-        tempfile.TemporaryDirectory(prefix="hubtune-seed-") as tmp,
-        hub_endpoint("local", local_root=root) as url,
-    ):
-        assert url is not None
-        return _seed_data(url, Path(tmp), data_dir)
+    with _local_hub(root) as (url, tmp):
+        return _seed_data(url, tmp, data_dir)
 
 
 def seed_vision(
@@ -744,16 +746,10 @@ def seed_vision(
     Returns:
         ``{repo_id: commit_sha}`` for the model and the dataset repo.
     """
-    from hubtune.hub import hub_endpoint
-
     data_dir = Path(data_dir)
     _check_data_dir(data_dir)
-    with (
-        tempfile.TemporaryDirectory(prefix="hubtune-seed-") as tmp,
-        hub_endpoint("local", local_root=root) as url,
-    ):
-        assert url is not None
+    with _local_hub(root) as (url, tmp):
         return {
-            EFFICIENTNET_LITE0_REPO: _seed_model(url, Path(tmp)),
-            FASHION_MNIST_REPO: _seed_data(url, Path(tmp), data_dir),
+            EFFICIENTNET_LITE0_REPO: _seed_model(url, tmp),
+            FASHION_MNIST_REPO: _seed_data(url, tmp, data_dir),
         }

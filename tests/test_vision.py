@@ -439,7 +439,12 @@ def test_image_size_is_used_and_saved(tmp_path: Path, tiny_effnet: Path, digits:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["timm-lora", "vit-full"])
 def test_space_serves_image_runs(
-    case: str, tmp_path: Path, tiny_effnet: Path, tiny_vit: Path, digits: Path
+    case: str,
+    tmp_path: Path,
+    tiny_effnet: Path,
+    tiny_vit: Path,
+    digits: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import gradio as gr
 
@@ -472,6 +477,25 @@ def test_space_serves_image_runs(
     with pytest.raises(gr.Error, match="at most 400 pixels"):
         handler(Image.new("RGB", (21, 20)))
     assert build_space_demo(source=result.run_dir) is not None
+    # The card's how-to-load snippet is image code, and (for a local full model) really runs.
+    from hubtune.card import build_card
+
+    card = str(build_card(result.run_dir))
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "how-to-load", "exec")
+    assert (
+        "AutoModelForImageClassification" in code and "pipeline_tag: image-classification" in card
+    )
+    if case == "timm-lora":
+        assert "TimmWrapperImageProcessor.from_pretrained" in code
+    else:
+        decode_image(test["image"][0]).save(tmp_path / "replace-with-your-image.png")
+        monkeypatch.chdir(tmp_path)
+        namespace: dict = {}
+        exec(compile(code, "how-to-load", "exec"), namespace)
+        assert float(namespace["probabilities"][0, 2]) == pytest.approx(
+            predictions["prob_digit2"][0], abs=1e-5
+        )
     if case == "vit-full":
         out = render_space(
             run_dir=result.run_dir,

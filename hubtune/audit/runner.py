@@ -184,15 +184,19 @@ def _verdict(
                         scope=f"{scope} = {group['name']}",
                     )
                 )
-    for metric, limit in (("recall", t.min_class_recall), ("precision", t.min_class_precision)):
+    class_floors: list[tuple[str, float | None]] = [
+        ("recall", t.min_class_recall),
+        ("precision", t.min_class_precision),
+    ]
+    for rate, limit in class_floors:
         if limit is None:
             continue
         for entry in fairness.get("per_class") or []:
             checks.append(
                 _judge(
-                    f"class {metric}",
-                    value=entry[metric]["value"],
-                    ci=entry[metric]["ci"],
+                    f"class {rate}",
+                    value=entry[rate]["value"],
+                    ci=entry[rate]["ci"],
                     threshold=limit,
                     kind="min",
                     policy=policy,
