@@ -456,6 +456,13 @@ def prepare_private(
         criterion = None
     if not section.secure_mode:
         loader.batch_sampler.generator = sampling_generator  # secret, not the public seed
+    wrapper = loader.collate_fn
+    if hasattr(wrapper, "first_batch") and getattr(wrapper, "first_batch", None) is None:
+        # Opacus shapes an empty Poisson batch like the first non-empty one, and only falls back
+        # to a bare list (which no model takes) when the very first batch is empty. Give it the
+        # structure of one example: shapes only, no values of any example are used.
+        template = (collate or torch.utils.data.default_collate)([dataset[0]])
+        wrapper.first_batch = template
     sampler_q = getattr(loader.batch_sampler, "sample_rate", None)
     if sampler_q is None or abs(sampler_q - q) > 1e-12:
         raise PrivacyError(

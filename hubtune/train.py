@@ -1066,7 +1066,11 @@ def _dp_epoch(
                 add_position_ids(batch)
             with accelerator.autocast():
                 logits = forward(model, batch)
-            if run.criterion is not None:
+            if len(labels) == 0:
+                # An empty Poisson batch is a real step of the mechanism: no example, zero
+                # clipped gradient, the noise alone. A mean over no examples would be NaN.
+                loss = logits.float().sum() * 0.0
+            elif run.criterion is not None:
                 loss = run.criterion(logits.float(), labels)
             else:
                 loss = F.cross_entropy(logits.float(), labels)

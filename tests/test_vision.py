@@ -568,3 +568,56 @@ def test_resume_with_augmentation_gives_the_uninterrupted_weights(
     plain.data.augment = None
     unaugmented = _tensors(run_recipe(plain).run_dir / "model")
     assert not all(torch.equal(a[n], unaugmented[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_dp_on_images_with_two_processes(tmp_path: Path, tiny_effnet: Path, digits: Path) -> None:
+    """accelerate launch --num_processes 2 --cpu: Poisson per rank, frozen BatchNorm, one ledger."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = image_recipe_dict(tiny_effnet, digits, tmp_path, name="lora", r=2)
+    raw["privacy"] = {
+        "enabled": True,
+        "target_epsilon": 8,
+        "logical_batch_size": 16,
+        "physical_batch_size": 8,
+    }
+    raw["audit"] = {"enabled": False}
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate
+    out = subprocess.run(
+        [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "hubtune", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+        timeout=600,
+    )
+    errors = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line]
+    assert out.returncode == 0, "\n".join(errors[:20]) + "\n" + out.stderr[-3000:]
+    run_dir = tmp_path / "tiny-vision"
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+    assert ledger["num_processes"] == 2 and ledger["sampling"] == "poisson"
+    assert (
+        ledger["steps"]
+        == 2 * round(1 / ledger["sample_rate"])
+        == ledger["observed_batch_sizes"]["steps"]
+    )
+    assert ledger["epsilon"] <= 8
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["hardware"]["num_processes"] == 2
+    # the frozen BatchNorm statistics never moved, in any process
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_image_model(tiny_effnet), run_dir / "adapter")
+    merged = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    original = _tensors(tiny_effnet)
+    for key, value in merged.items():
+        name = key.split("timm_model.", 1)[1]
+        assert torch.equal(value, original[name]), key
