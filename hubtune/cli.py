@@ -408,6 +408,24 @@ def data_prepare(
             return
     for repo_id, sha in shas.items():
         typer.echo(f"local hub: {repo_id}@{sha} ({hub_root})")
+    if shas and name == "fashion-mnist":
+        _show_sample_predictions(hub_root, shas)
+
+
+def _show_sample_predictions(hub_root: Path, shas: dict[str, str]) -> None:
+    """What the published EfficientNet-Lite0 says about scikit-learn's sample photos."""
+    from huggingface_hub import snapshot_download
+
+    from hubtune.hub import hub_endpoint
+    from hubtune.vision_assets import EFFICIENTNET_LITE0_REPO, check_sample_images
+
+    with hub_endpoint("local", local_root=hub_root) as url:
+        folder = snapshot_download(
+            EFFICIENTNET_LITE0_REPO, revision=shas[EFFICIENTNET_LITE0_REPO], endpoint=url
+        )
+    typer.echo("EfficientNet-Lite0 as published, before any fine-tuning (ImageNet top 3):")
+    for image, top in check_sample_images(folder, top_k=3).items():
+        typer.echo(f"  {image}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
 
 
 @app.command()

@@ -4,6 +4,7 @@ the quality-control ones on the real converted EfficientNet-Lite0 and Debian's F
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +108,39 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         pytest.skip(
             "Debian's dataset-fashion-mnist is not installed (bash scripts/setup.sh --with-vision-data)"
         )
-    from hubtune.prepare import prepare
-    from hubtune.vision_assets import seed_vision
+    import re
+
+    from typer.testing import CliRunner
+
+    from hubtune.cli import app
 
     base = tmp_path_factory.mktemp("fashion")
-    prepare("fashion-mnist", output_dir=base / "data")
-    shas = seed_vision(root=base / "hub", data_dir=base / "data")
-    return {"root": base / "hub", "shas": shas}
+    out = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            "fashion-mnist",
+            "-o",
+            str(base / "data"),
+            "--hub-root",
+            str(base / "hub"),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    shas = dict(re.findall(r"local hub: (\S+)@([0-9a-f]{40})", out.output))
+    return {"root": base / "hub", "shas": shas, "output": out.output}
+
+
+@pytest.mark.slow
+def test_prepare_shows_the_published_model_recognising_the_sample_photos(
+    seeded: dict[str, object],
+) -> None:
+    """`hubtune data prepare fashion-mnist` classifies the sample photos with the published model."""
+    output = str(seeded["output"])
+    assert "kept 70,000 of 70,000 images" in output
+    assert re.search(r"china\.jpg: palace 0\.2\d\d", output), output
+    assert re.search(r"flower\.jpg: daisy 0\.3\d\d", output), output
 
 
 @pytest.mark.slow
