@@ -8,7 +8,9 @@ For N = 100 / 300 / 1,000 / 10,000 labelled training images (``data.limit.train=
 * ``pretrained + freeze``: the converted ImageNet EfficientNet-Lite0 (``hubtune data prepare
   fashion-mnist`` seeds it), frozen, its features cached, a new linear head trained;
 * ``random-init + full``: the same architecture and preprocessing with freshly initialised
-  weights (timm's own init), every weight trained, BatchNorm included.
+  weights (timm's own init), every weight trained, BatchNorm included;
+* ``pretrained + full`` (``--variants finetune``): the ImageNet weights, every weight trained at
+  a lower learning rate: the same trainable network as from scratch, only the start differs.
 
 It reports test accuracy per (model, N), and for each N the wall time each variant needed to
 first reach the from-scratch model's best validation accuracy (feature extraction included for
@@ -55,6 +57,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # head on cached features is cheap at any count.
 SCRATCH_EPOCHS = {100: 60, 300: 40, 1000: 25, 10000: 8}
 HEAD_EPOCHS = {100: 60, 300: 50, 1000: 40, 10000: 30}
+FINETUNE_EPOCHS = {100: 30, 300: 20, 1000: 12, 10000: 4}
+# variant -> (method, pretrained?, lr, epochs per label count)
+VARIANTS = {
+    "freeze": ("freeze", True, 3e-3, HEAD_EPOCHS),
+    "scratch": ("full", False, 1e-3, SCRATCH_EPOCHS),
+    "finetune": ("full", True, 3e-4, FINETUNE_EPOCHS),
+}
+NAMES = {
+    "freeze": "pretrained + freeze (cached features)",
+    "scratch": "random-init + full",
+    "finetune": "pretrained + full",
+}
 
 
 def model_folder(tmp: Path, *, random_init: bool) -> Path:
@@ -79,10 +93,13 @@ def model_folder(tmp: Path, *, random_init: bool) -> Path:
     return out
 
 
-def recipe(model: Path, n: int, *, method: str, epochs: int, lr: float, image_size: int, out: Path) -> Recipe:
+def recipe(
+    model: Path, n: int, *, variant: str, epochs: int, lr: float, image_size: int, out: Path
+) -> Recipe:
+    method = VARIANTS[variant][0]
     return Recipe.model_validate(
         {
-            "name": f"{'scratch' if method == 'full' else 'pretrained'}-{n}",
+            "name": f"{variant}-{n}",
             "seed": 0,
             "output_dir": str(out),
             "model": {"id": str(model), "task": "image-classification", "image_size": image_size},
@@ -105,7 +122,9 @@ def recipe(model: Path, n: int, *, method: str, epochs: int, lr: float, image_si
     )
 
 
-def time_to_reach(run: dict[str, Any], history: list[dict[str, Any]], target: float) -> float | None:
+def time_to_reach(
+    run: dict[str, Any], history: list[dict[str, Any]], target: float
+) -> float | None:
     elapsed = float(run["timings"].get("features_s", 0.0))
     for record in history:
         elapsed += float(record.get("train_epoch_s", 0.0))
@@ -114,19 +133,22 @@ def time_to_reach(run: dict[str, Any], history: list[dict[str, Any]], target: fl
     return None
 
 
-def one(model: Path, n: int, method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    epochs = (SCRATCH_EPOCHS if method == "full" else HEAD_EPOCHS)[n]
+def one(model: Path, n: int, variant: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    method, _, lr, schedule = VARIANTS[variant]
+    epochs = schedule[n]
     if args.quick:
         epochs = max(2, epochs // 10)
-    lr = 1e-3 if method == "full" else 3e-3
     t0 = time.perf_counter()
-    result = run_recipe(recipe(model, n, method=method, epochs=epochs, lr=lr, image_size=args.image_size, out=out))
+    result = run_recipe(
+        recipe(model, n, variant=variant, epochs=epochs, lr=lr, image_size=args.image_size, out=out)
+    )
     wall = time.perf_counter() - t0
     run = json.loads((result.run_dir / "run.json").read_text())
     history = result.metrics["history"]
     best = max(history, key=lambda h: h["val_accuracy"])
     return {
         "labels": n,
+        "variant": variant,
         "method": method,
         "epochs": epochs,
         "lr": lr,
@@ -138,7 +160,11 @@ def one(model: Path, n: int, method: str, args: argparse.Namespace, out: Path) -
         "train_s": run["timings"].get("train_s"),
         "wall_s": wall,
         "history": [
-            {"epoch": h["epoch"], "val_accuracy": h["val_accuracy"], "train_epoch_s": h.get("train_epoch_s")}
+            {
+                "epoch": h["epoch"],
+                "val_accuracy": h["val_accuracy"],
+                "train_epoch_s": h.get("train_epoch_s"),
+            }
             for h in history
         ],
         "run": {"timings": run["timings"]},
@@ -148,7 +174,10 @@ def one(model: Path, n: int, method: str, args: argparse.Namespace, out: Path) -
 def markdown(payload: dict[str, Any]) -> str:
     rows = payload["runs"]
     labels = sorted({r["labels"] for r in rows})
-    by = {(r["method"], r["labels"]): r for r in rows}
+    for r in rows:  # results written before variants existed
+        r.setdefault("variant", "freeze" if r["method"] == "freeze" else "scratch")
+    by = {(r["variant"], r["labels"]): r for r in rows}
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     lines = [
         "# Vision label efficiency: Fashion-MNIST, EfficientNet-Lite0",
         "",
@@ -161,10 +190,13 @@ def markdown(payload: dict[str, Any]) -> str:
         "| model + method | " + " | ".join(f"N={n:,}" for n in labels) + " |",
         "|---|" + "---|" * len(labels),
     ]
-    for method, name in (("freeze", "pretrained + freeze (cached features)"), ("full", "random-init + full")):
+    for variant in variants:
         lines.append(
-            f"| {name} | "
-            + " | ".join(f"{by[(method, n)]['test_accuracy']:.4f}" if (method, n) in by else "-" for n in labels)
+            f"| {NAMES[variant]} | "
+            + " | ".join(
+                f"{by[(variant, n)]['test_accuracy']:.4f}" if (variant, n) in by else "-"
+                for n in labels
+            )
             + " |"
         )
     lines += [
@@ -173,21 +205,33 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "Training wall time (plus feature extraction for the pretrained model; evaluation passes excluded).",
         "",
-        "| N | from-scratch best val acc | from scratch: time to it | pretrained: time to it |",
-        "|---|---|---|---|",
+        "| N | from-scratch best val acc | from scratch: time to it | "
+        + " | ".join(f"{NAMES[v]}: time to it" for v in variants if v != "scratch")
+        + " |",
+        "|---|---|---|" + "---|" * len([v for v in variants if v != "scratch"]),
     ]
     for n in labels:
-        scratch, pre = by.get(("full", n)), by.get(("freeze", n))
-        if scratch is None or pre is None:
+        scratch = by.get(("scratch", n))
+        if scratch is None:
             continue
         target = scratch["best_val_accuracy"]
         ts = time_to_reach(scratch["run"], scratch["history"], target)
-        tp = time_to_reach(pre["run"], pre["history"], target)
-        lines.append(
-            f"| {n:,} | {target:.4f} | {ts:.0f} s | "
-            + (f"{tp:.0f} s" if tp is not None else f"never (best {pre['best_val_accuracy']:.4f})")
-            + " |"
-        )
+        cells = []
+        for v in variants:
+            if v == "scratch":
+                continue
+            pre = by.get((v, n))
+            tp = time_to_reach(pre["run"], pre["history"], target) if pre else None
+            cells.append(
+                "-"
+                if pre is None
+                else (
+                    f"{tp:.0f} s"
+                    if tp is not None
+                    else f"never (best {pre['best_val_accuracy']:.4f})"
+                )
+            )
+        lines.append(f"| {n:,} | {target:.4f} | {ts:.0f} s | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Runs",
@@ -197,36 +241,63 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {'pretrained+freeze' if r['method'] == 'freeze' else 'random-init+full'}@{r['labels']} | {r['epochs']} | "
+            f"| {NAMES[r['variant']]} @{r['labels']} | {r['epochs']} | "
             f"{r['lr']:g} | {r['best_val_accuracy']:.4f} ({r['best_epoch']}) | {r['test_accuracy']:.4f} | "
             f"{r['test_macro_f1']:.4f} | {r['features_s'] or 0:.1f} s | {r['train_s']:.1f} s | {r['wall_s']:.0f} s |"
         )
     machine = payload["machine"]
-    lines += ["", "## Machine", "", "```", json.dumps(machine, indent=2), "```", "", f"Command: `{payload['command']}`", ""]
+    lines += [
+        "",
+        "## Machine",
+        "",
+        "```",
+        json.dumps(machine, indent=2),
+        "```",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1/10 of the epochs, N=100 and 1000 only")
+    parser.add_argument(
+        "--quick", action="store_true", help="1/10 of the epochs, N=100 and 1000 only"
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--labels", default=None, help="comma-separated label counts")
+    parser.add_argument(
+        "--variants", default="freeze,scratch", help="comma-separated: freeze, scratch, finetune"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="add to (or replace in) the existing results"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HUBTUNE_PROGRESS", "0")
     if not (ROOT / "data" / "fashion-mnist" / "train.parquet").exists():
         print("run `hubtune data prepare fashion-mnist` first", file=sys.stderr)
         return 2
-    labels = [int(x) for x in args.labels.split(",")] if args.labels else ([100, 1000] if args.quick else [100, 300, 1000, 10000])
+    labels = (
+        [int(x) for x in args.labels.split(",")]
+        if args.labels
+        else ([100, 1000] if args.quick else [100, 300, 1000, 10000])
+    )
     runs = []
     with tempfile.TemporaryDirectory(prefix="hubtune-bench-vision-") as tmp:
         os.environ["HUBTUNE_CACHE_DIR"] = str(Path(tmp) / "cache")
-        pretrained = model_folder(Path(tmp), random_init=False)
-        scratch = model_folder(Path(tmp), random_init=True)
+        folders = {
+            True: model_folder(Path(tmp), random_init=False),
+            False: model_folder(Path(tmp), random_init=True),
+        }
         for n in labels:
-            for method, model in (("freeze", pretrained), ("full", scratch)):
-                r = one(model, n, method, args, Path(tmp) / "runs")
-                print(f"{method}@{n}: test {r['test_accuracy']:.4f} best val {r['best_val_accuracy']:.4f} wall {r['wall_s']:.0f} s", flush=True)
+            for variant in args.variants.split(","):
+                r = one(folders[VARIANTS[variant][1]], n, variant, args, Path(tmp) / "runs")
+                print(
+                    f"{variant}@{n}: test {r['test_accuracy']:.4f} best val {r['best_val_accuracy']:.4f} wall {r['wall_s']:.0f} s",
+                    flush=True,
+                )
                 runs.append(r)
     payload = {
         "benchmark": "vision_label_efficiency",
@@ -234,9 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "runs": runs,
         "machine": hardware(),
-        "command": "python bench/bench_vision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/bench_vision.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     name = "vision_label_efficiency" + ("_quick" if args.quick else "")
+    previous = RESULTS / f"{name}.json"
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        for r in old["runs"]:
+            r.setdefault("variant", "freeze" if r["method"] == "freeze" else "scratch")
+        new = {(r["variant"], r["labels"]) for r in runs}
+        payload["runs"] = [r for r in old["runs"] if (r["variant"], r["labels"]) not in new] + runs
+        payload["earlier_machine"] = old.get("machine")
+        payload["command"] = old.get("command", "") + " ; then " + payload["command"]
     atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     atomic_write_text(RESULTS / f"{name}.md", markdown(payload))
     print(f"wrote {RESULTS / name}.md")

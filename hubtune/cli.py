@@ -171,6 +171,8 @@ def audit(
         typer.echo(
             f"  {mark}  {check['check']} [{check['scope']}]: {check['judged_value']!s:.6} {check['rule']}"
         )
+    for note in verdict.get("notes") or []:
+        typer.echo(f"  note: {note}")
     membership = result.get("membership") or {}
     if "auc" in membership:
         typer.echo(

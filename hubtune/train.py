@@ -1303,6 +1303,8 @@ def _audit_lines(result: RunResult) -> list[str]:
         return []
     verdict = result.audit["verdict"]
     detail = "; ".join(verdict["failed"] or verdict["not_evaluable"])
+    if not verdict["checks"]:  # a pass with nothing checked must say so
+        detail = "no check applied (" + "; ".join(verdict.get("notes") or []) + ")"
     membership = result.audit.get("membership") or {}
     lines = [
         f"audit:     {verdict['status'].upper()} (policy {result.audit['policy']['name']})"

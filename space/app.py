@@ -168,11 +168,14 @@ def load_classifier(
 ) -> Classifier:
     """Load the model the config names: a full classifier, or a LoRA adapter on its base."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
 
     images = config.get("task") == IMAGES
-    if images:
-        from transformers import AutoModelForImageClassification as AutoModelForSequenceClassification
+    auto_model: Any = (
+        transformers.AutoModelForImageClassification
+        if images
+        else transformers.AutoModelForSequenceClassification
+    )
     if config.get("model_repo_id"):
         folder = _download_folder(config["model_repo_id"], config["model_revision"], endpoint)
     else:
@@ -199,13 +202,13 @@ def load_classifier(
             }
         if images:  # the base's head has the pretraining classes; the adapter brings its own
             extra["ignore_mismatched_sizes"] = True
-        base_model = AutoModelForSequenceClassification.from_pretrained(
-            base, use_safetensors=True, **extra
-        )
+        base_model = auto_model.from_pretrained(base, use_safetensors=True, **extra)
         model = PeftModel.from_pretrained(base_model, folder)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
-    tokenizer = _image_processor(folder) if images else AutoTokenizer.from_pretrained(folder)
+        model = auto_model.from_pretrained(folder, use_safetensors=True)
+    tokenizer = (
+        _image_processor(folder) if images else transformers.AutoTokenizer.from_pretrained(folder)
+    )
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")

@@ -250,7 +250,7 @@ def test_cli_audit_exit_codes_and_summary(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["audit", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "not a complete run" in missing.output
     unknown = runner.invoke(app, ["audit", str(run_dir), "--policy", "nonexistent"])
-    assert unknown.exit_code == 2 and "shipped names ['default', 'strict']" in unknown.output
+    assert unknown.exit_code == 2 and "shipped names ['default', 'qc', 'strict']" in unknown.output
 
 
 def test_recipe_audit_section_is_validated(
