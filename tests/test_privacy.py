@@ -214,7 +214,9 @@ def test_refusals_say_why(
 
 def test_trainable_batchnorm_is_refused_frozen_is_fine() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.raises(PrivacyError, match="BatchNorm.*DP guarantee does not hold.*method.batchnorm: frozen"):
+    with pytest.raises(
+        PrivacyError, match="BatchNorm.*DP guarantee does not hold.*method.batchnorm: frozen"
+    ):
         check_modules(model)
     for p in model[1].parameters():
         p.requires_grad_(False)
