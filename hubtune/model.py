@@ -33,16 +33,10 @@ def load_classifier(
         ``(tokenizer, model, newly_initialized)``: the names of parameters the checkpoint did
         not have (the new head), which the method must train.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     trust = section.trust_remote_code
-    config = AutoConfig.from_pretrained(
-        resolved.local_dir,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        trust_remote_code=trust,
-    )
+    config = _labelled_config(resolved, label_names, trust)
     tokenizer = AutoTokenizer.from_pretrained(resolved.local_dir, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         # Decoder models (GPT-2) have no pad token; reuse end-of-text so batches can be padded.
@@ -51,6 +45,19 @@ def load_classifier(
         config.pad_token_id = tokenizer.pad_token_id
     model, newly = _from_pretrained(AutoModelForSequenceClassification, resolved, config, section)
     return tokenizer, model, newly
+
+
+def _labelled_config(resolved: ResolvedModel, label_names: list[str], trust: bool) -> Any:
+    """The model's config with the recipe's labels as its classes."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        resolved.local_dir,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        trust_remote_code=trust,
+    )
 
 
 def _from_pretrained(
@@ -90,13 +97,7 @@ def load_image_classifier(
     config = AutoConfig.from_pretrained(resolved.local_dir, trust_remote_code=trust)
     if getattr(config, "model_type", None) == "timm_wrapper":
         _require_timm()
-    config = AutoConfig.from_pretrained(
-        resolved.local_dir,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        trust_remote_code=trust,
-    )
+    config = _labelled_config(resolved, label_names, trust)
     processor = AutoImageProcessor.from_pretrained(resolved.local_dir, trust_remote_code=trust)
     if section.image_size is not None:
         processor = resize_processor(processor, section.image_size)
