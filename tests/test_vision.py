@@ -577,6 +577,7 @@ def test_dp_on_images_with_two_processes(tmp_path: Path, tiny_effnet: Path, digi
     import shutil
     import subprocess
     import sys
+    import warnings
 
     import yaml
 
@@ -592,13 +593,42 @@ def test_dp_on_images_with_two_processes(tmp_path: Path, tiny_effnet: Path, digi
     path.write_text(yaml.safe_dump(raw))
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate
-    out = subprocess.run(
-        [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "hubtune", "run", str(path)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
-        timeout=600,
-    )
+
+    def launch() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                accelerate,
+                "launch",
+                "--num_processes",
+                "2",
+                "--cpu",
+                "-m",
+                "hubtune",
+                "run",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+            timeout=600,
+        )
+
+    out = launch()
+    if out.returncode != 0 and "SIGABRT" in out.stderr:
+        # A worker killed by SIGABRT inside torch's gloo transport (seen once in ~15 runs, never
+        # with a Python error; see the closing note of issue 6): one retry, with the first
+        # attempt's native messages kept in the warning, so a real bug still fails the test.
+        native = [
+            line
+            for line in out.stderr.splitlines()
+            if any(k in line for k in ("terminate", "what()", "Abort", "corrupt", "free()", "gloo"))
+        ]
+        warnings.warn(
+            "2-process run: a worker aborted; retrying once:\n" + "\n".join(native[:20]),
+            stacklevel=1,
+        )
+        shutil.rmtree(tmp_path / "tiny-vision", ignore_errors=True)
+        out = launch()
     errors = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line]
     assert out.returncode == 0, "\n".join(errors[:20]) + "\n" + out.stderr[-3000:]
     run_dir = tmp_path / "tiny-vision"
