@@ -53,6 +53,8 @@ class MethodPlan:
     trainable_names: list[str]
     frozen_names: list[str]
     cache_features: bool = False
+    # Cache the frozen bottom blocks' output when only the top blocks train (hubtune.prefix).
+    cache_prefix: bool = False
     unfrozen_blocks: list[str] = field(default_factory=list)
     lora_target_modules: list[str] | None = None
     # BatchNorm layers replaced by GroupNorm (method.batchnorm: groupnorm).
@@ -81,6 +83,7 @@ class MethodPlan:
             "trainable_fraction": counts["trainable"] / max(1, counts["total"]),
             "trainable_tensors": len(self.trainable_names),
             "feature_cache": self.cache_features,
+            "prefix_cache": self.cache_prefix,
             "unfrozen_blocks": self.unfrozen_blocks,
             "lora_target_modules": self.lora_target_modules,
             "batchnorm_in_eval_mode": len(
@@ -323,6 +326,26 @@ def apply_method(
     if isinstance(method, LoraMethod):
         from peft import LoraConfig, TaskType, get_peft_model
 
+        layers: dict[str, Any] = {}
+        if method.adapt_top_k:
+            blocks_name, blocks = find_blocks(model)
+            container = blocks[0].rsplit(".", 1)[0]
+            if method.adapt_top_k > len(blocks) or blocks != [
+                f"{container}.{i}" for i in range(len(blocks))
+            ]:
+                raise MethodError(
+                    f"method.adapt_top_k is {method.adapt_top_k} but {type(model).__name__} has "
+                    f"{len(blocks)} blocks in {blocks_name}"
+                    + (
+                        f"; use at most {len(blocks)}"
+                        if method.adapt_top_k > len(blocks)
+                        else " outside one numbered container; remove adapt_top_k"
+                    )
+                )
+            layers = {
+                "layers_to_transform": list(range(len(blocks) - method.adapt_top_k, len(blocks))),
+                "layers_pattern": container.rsplit(".", 1)[-1],
+            }
         config = LoraConfig(
             task_type=None if _is_image_model(model) else TaskType.SEQ_CLS,
             r=method.r,
@@ -332,6 +355,7 @@ def apply_method(
             modules_to_save=[head],
             base_model_name_or_path=base_model_name_or_path,
             revision=base_model_revision,
+            **layers,
         )
         try:
             peft_model = get_peft_model(model, config)
@@ -345,8 +369,18 @@ def apply_method(
         params = [p for p in peft_model.parameters() if p.requires_grad]
         plan = _plan("lora", peft_model, _group("lora+head", params, lr, weight_decay), head)
         plan.lora_target_modules = targets
+        plan.cache_prefix = method.feature_cache
         # BatchNorm stays frozen under LoRA, and a frozen BatchNorm runs in eval mode.
         plan.eval_modules = _frozen_batchnorms(peft_model)
+        if layers:
+            # The blocks below the adapted ones (and the embeddings) are frozen whole: a fixed
+            # function, as in feature extraction, with or without the prefix cache.
+            adapted = [f"base_model.model.{b}" for b in blocks[len(blocks) - method.adapt_top_k :]]
+            plan.eval_modules += [
+                n
+                for n in frozen_subtrees(peft_model)
+                if not any(under(n, a) for a in adapted) and n not in plan.eval_modules
+            ]
         return plan
 
     # freeze
@@ -405,6 +439,7 @@ def apply_method(
             if not under(head, n) and not any(True for _ in m.parameters())
         ]
     plan.cache_features = bool(method.feature_cache and not method.unfreeze_top_k and head_only)
+    plan.cache_prefix = bool(method.feature_cache and method.unfreeze_top_k)
     plan.unfrozen_blocks = unfrozen
     return plan
 

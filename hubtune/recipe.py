@@ -237,7 +237,12 @@ class FreezeMethod(_Strict):
     )
     feature_cache: bool = Field(
         True,
-        description="With a fully frozen backbone (and no augmentation), compute its features once, cache them, and train the head on the cache.",
+        description=(
+            "Compute what the frozen part of the backbone produces once and train on the cache (not with "
+            "data.augment): with a fully frozen backbone, the head's input features; with "
+            "unfreeze_top_k, the hidden states entering the lowest unfrozen block, so each step runs "
+            "only the top blocks."
+        ),
     )
     batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
         "train",
@@ -259,6 +264,15 @@ class LoraMethod(_Strict):
     target_modules: list[str] | None = Field(
         None,
         description="Module names to adapt; default: the architecture's attention query/value (ViT too); conv models need them named (e.g. [conv_pw, conv_pwl]).",
+    )
+    adapt_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Adapt only the top K blocks (default: every block). The blocks below are then frozen and, with feature_cache, computed once.",
+    )
+    feature_cache: bool = Field(
+        True,
+        description="With adapt_top_k (and no data.augment): compute the hidden states entering the lowest adapted block once, cache them, and run only the top blocks each step.",
     )
     batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
         "frozen",

@@ -33,12 +33,22 @@ from hubtune.data import PreparedData, load_data
 from hubtune.hub import ResolvedModel, resolve_model
 from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from hubtune.launch import use_cpu
-from hubtune.methods import MethodPlan, apply_method, head_inputs
+from hubtune.methods import MethodError, MethodPlan, apply_method, head_inputs
 from hubtune.model import (
     GROUPNORM_FILE,
     load_classifier,
     load_image_classifier,
     save_processor,
+)
+from hubtune.prefix import (
+    PrefixCached,
+    PrefixCut,
+    PrefixExamples,
+    PrefixUnusable,
+    compute_prefix,
+    find_prefix_cut,
+    prefix_collate,
+    probe_prefix,
 )
 from hubtune.privacy import (
     PrivacyError,
@@ -171,34 +181,70 @@ def _feature_cache_key(
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _cached_features(
-    *,
-    accelerator: Any,
-    model: Any,
-    head: str,
-    dataset: Dataset,
-    collate: Any,
-    batch_size: int,
-    path: Path,
-) -> tuple[torch.Tensor, bool]:
-    """Load the features at ``path``, computing and writing them (main process) if absent."""
+def _cached_tensors(
+    *, accelerator: Any, path: Path, compute: Callable[[], dict[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Load the tensors at ``path``, computing and writing them (main process) if absent."""
     from safetensors.torch import load_file, save
 
     hit = path.exists()
     with accelerator.main_process_first():
         if not path.exists() and accelerator.is_main_process:
-            model.eval()
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-            chunks = []
-            for batch in _progress(loader, accelerator, f"features {path.stem[:8]}"):
-                batch.pop("idx")
-                batch.pop("labels")
-                chunks.append(head_inputs(model, head, batch).float().cpu())
-            width = max(c.shape[1] for c in chunks) if chunks[0].ndim == 3 else None
-            if width is not None:  # token-level head inputs: pad to one length
-                chunks = [F.pad(c, (0, 0, 0, width - c.shape[1])) for c in chunks]
-            atomic_write_bytes(path, save({"features": torch.cat(chunks)}))
-    return load_file(path)["features"], hit
+            atomic_write_bytes(path, save(compute()))
+    return load_file(path), hit
+
+
+def _head_features(
+    model: Any, head: str, dataset: Dataset, collate: Any, batch_size: int, accelerator: Any, desc: str
+) -> dict[str, torch.Tensor]:
+    """The backbone's output for every example (what the head sees), in row order."""
+    model.eval()
+    # Its own generator: iterating a loader draws a seed, which must not come from the global
+    # RNG (dropout masks later on would then depend on whether the cache was hit).
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
+    chunks = []
+    for batch in _progress(loader, accelerator, f"features {desc}"):
+        batch.pop("idx")
+        batch.pop("labels")
+        chunks.append(head_inputs(model, head, batch).float().cpu())
+    width = max(c.shape[1] for c in chunks) if chunks[0].ndim == 3 else None
+    if width is not None:  # token-level head inputs: pad to one length
+        chunks = [F.pad(c, (0, 0, 0, width - c.shape[1])) for c in chunks]
+    return {"features": torch.cat(chunks)}
+
+
+def _prefix_cut(
+    plan: MethodPlan, augmenting: bool, train: Dataset, collate: Any, main: bool
+) -> tuple[PrefixCut, bool] | None:
+    """Where to cut the frozen prefix off (and whether it is token-level), or None for no cache."""
+    if not plan.cache_prefix:
+        return None
+    cut = find_prefix_cut(plan.model)
+    if cut is None:
+        return None
+    if augmenting:
+        if main:
+            logger.info("prefix cache: off (data.augment makes every epoch's inputs different)")
+        return None
+    encodings = getattr(train, "encodings", None)
+    tokens = sum(len(ids) for ids in encodings["input_ids"]) if encodings else None
+    try:
+        token_level = probe_prefix(plan.model, cut, train, collate, tokens=tokens)
+    except PrefixUnusable as exc:
+        if main:
+            logger.warning("prefix cache: off, %s", exc)
+        return None
+    except MethodError as exc:
+        raise RunError(f"method: {exc}") from None
+    if main:
+        logger.info("prefix cache: %s computed once; each step runs the rest", cut.describe())
+    return cut, token_level
 
 
 def _progress(iterable: Any, accelerator: Any, desc: str) -> Any:
@@ -603,24 +649,26 @@ def _train(
         if main:
             logger.info("feature cache: off (data.augment makes every epoch's images different)")
     cache_info: dict[str, Any] = {"used": plan.cache_features}
+    cut = _prefix_cut(plan, augmenting, encoded["train"], collate, main)
     if plan.cache_features:
         datasets: dict[str, Dataset] = {}
         hits = {}
         for split, frame in frames.items():
-            path = (
-                feature_cache_dir()
-                / f"{_feature_cache_key(resolved, frame, recipe, plan.head_name, tokenizer)}.safetensors"
-            )
-            features, hits[split] = _cached_features(
+            key = _feature_cache_key(resolved, frame, recipe, plan.head_name, tokenizer)
+            tensors, hits[split] = _cached_tensors(
                 accelerator=accelerator,
-                model=model,
-                head=plan.head_name,
-                dataset=encoded[split],
-                collate=collate,
-                batch_size=recipe.train.eval_batch_size,
-                path=path,
+                path=feature_cache_dir() / f"{key}.safetensors",
+                compute=lambda split=split: _head_features(
+                    model,
+                    plan.head_name,
+                    encoded[split],
+                    collate,
+                    recipe.train.eval_batch_size,
+                    accelerator,
+                    split,
+                ),
             )
-            datasets[split] = _Features(features, frame["label"].to_numpy())
+            datasets[split] = _Features(tensors["features"], frame["label"].to_numpy())
         cache_info.update({"dir": str(feature_cache_dir()), "hits": hits})
         trained_module = model.get_submodule(plan.head_name)
         loader_collate = None
@@ -631,6 +679,37 @@ def _train(
         datasets = dict(encoded)
         trained_module = plan.model
         loader_collate = collate
+        if cut is not None:
+            # Only the trained top blocks run each step; the frozen ones ran once, here.
+            prefix, token_level = cut
+            datasets, hits = {}, {}
+            for split, frame in frames.items():
+                key = _feature_cache_key(resolved, frame, recipe, prefix.key(), tokenizer)
+                tensors, hits[split] = _cached_tensors(
+                    accelerator=accelerator,
+                    path=feature_cache_dir() / f"{key}.safetensors",
+                    compute=lambda split=split: compute_prefix(
+                        plan.model,
+                        prefix,
+                        encoded[split],
+                        collate,
+                        recipe.train.eval_batch_size,
+                        token_level,
+                        progress=lambda it, desc: _progress(it, accelerator, f"{desc} {split}"),
+                    ),
+                )
+                datasets[split] = PrefixExamples(
+                    encoded[split], tensors["hidden"], tensors.get("lengths")
+                )
+            cache_info = {
+                "used": True,
+                "kind": "prefix",
+                "cached": prefix.describe(),
+                "dir": str(feature_cache_dir()),
+                "hits": hits,
+            }
+            trained_module = PrefixCached(plan.model, prefix)
+            loader_collate = prefix_collate(collate, token_level)
 
         def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return module(**batch).logits
@@ -877,7 +956,9 @@ def _train(
             run_dir=run_dir,
             recipe=recipe,
             plan=plan,
-            model=plan.model if (plan.cache_features or dp_run is not None) else unwrapped,
+            model=plan.model
+            if (plan.cache_features or cut is not None or dp_run is not None)
+            else unwrapped,
             tokenizer=tokenizer,
             predictions=predictions,
             metrics=metrics,

@@ -125,7 +125,9 @@ def test_unfreeze_top_k(tiny_bert: Path, sentiment_csv: Path, tmp_path: Path) ->
         tiny_bert, sentiment_csv, tmp_path, {"train.epochs": 1}, name="freeze", unfreeze_top_k=1
     )
     run = json.loads((result.run_dir / "run.json").read_text())
-    assert run["feature_cache"]["used"] is False
+    # The frozen block 0 ran once, into the prefix cache (tests/test_prefix.py checks it is exact).
+    assert run["feature_cache"]["used"] is True and run["feature_cache"]["kind"] == "prefix"
+    assert run["method"]["prefix_cache"] is True
     assert run["method"]["unfrozen_blocks"] == ["bert.encoder.layer.1", "bert.pooler"]
     groups = {g["name"]: g for g in run["method"]["param_groups"]}
     assert groups["backbone"]["lr"] == pytest.approx(groups["head"]["lr"] / 10)
