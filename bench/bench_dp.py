@@ -725,6 +725,7 @@ def _lora_recipe_summary() -> dict[str, Any]:
         "logical_batch": recipe.privacy.logical_batch_size,
         "physical_batch": recipe.privacy.physical_batch_size,
         "max_length": recipe.model.max_length,
+        "adapt_top_k": method.get("adapt_top_k"),
     }
 
 
@@ -745,7 +746,12 @@ def _lora_note(s: dict[str, Any]) -> str:
     optimizer = r["optimizer"] + (f" (momentum {r['momentum']})" if r.get("momentum") else "")
     return (
         f"- LoRA: `recipes/quickstart-dp-lora.yaml` as it was then (r {r['r']}, α {r['alpha']}, "
-        f"{optimizer}, lr {r['lr']}, {r['epochs']} epochs, expected batch {r['logical_batch']}, "
+        + (
+            f"adapters on the top {r['adapt_top_k']} block(s) with the frozen blocks below cached, "
+            if r.get("adapt_top_k")
+            else ""
+        )
+        + f"{optimizer}, lr {r['lr']}, {r['epochs']} epochs, expected batch {r['logical_batch']}, "
         f"physical {r['physical_batch']}, max_length {r['max_length']}) with limits "
         f"{s['lora_limits']}, epochs {s['lora_epochs']} and extra overrides "
         f"{s.get('lora_overrides') or 'none'} (these replace the recipe values given here); the "
@@ -816,7 +822,8 @@ def accuracy_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
                     }
                 )
     if not args.skip_lora:
-        logical = 64 if args.quick else 128
+        # The twin takes the DP recipe's expected batch as its fixed batch.
+        logical = 64 if args.quick else _lora_recipe_summary()["logical_batch"]
         for seed in lora_seeds:
             if not args.no_nonprivate:
                 runs.append(
@@ -915,9 +922,11 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
         "",
     ]
     lora_r = (p["settings"].get("lora_recipe") or {}).get("r", 8)
+    top = (p["settings"].get("lora_recipe") or {}).get("adapt_top_k")
+    where = f" on the top {top} block{'s' if top > 1 else ''}" if top else ""
     for family, title in (
         ("fe", "Feature extraction (frozen backbone, cached features, head trained)"),
-        ("lora", f"LoRA r={lora_r} (query, value) + head"),
+        ("lora", f"LoRA r={lora_r} (query, value){where} + head"),
     ):
         groups = _group_runs(runs, family)
         if not groups:

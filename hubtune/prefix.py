@@ -43,7 +43,10 @@ __all__ = [
     "PrefixCached",
     "find_prefix_cut",
     "capture_prefix",
+    "compute_prefix",
+    "example_lengths",
     "prefix_collate",
+    "probe_prefix",
 ]
 
 logger = logging.getLogger("hubtune")
@@ -377,17 +380,21 @@ def compute_prefix(
     from torch.utils.data import DataLoader
 
     model.eval()
-    chunks: list[torch.Tensor] = []
-    lengths: list[torch.Tensor] = []
+    n = len(dataset)  # type: ignore[arg-type]
+    # Text is computed in order of length (batches of similar lengths pad little), then put
+    # back in row order.
+    lengths = example_lengths(dataset) if token_level else None
+    order = sorted(range(n), key=lengths.__getitem__) if lengths is not None else list(range(n))
     # Its own generator: iterating a loader draws a seed, which must not come from the global
     # RNG (dropout masks later on would then depend on whether the cache was hit).
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=False,
+        sampler=order,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(0),
     )
+    pieces: list[torch.Tensor] = []
     for batch in progress(loader, "prefix cache"):
         batch.pop("idx", None)
         batch.pop("labels", None)
@@ -395,11 +402,24 @@ def compute_prefix(
         if hidden.dtype in (torch.float16, torch.bfloat16):
             hidden = hidden.float()
         if token_level:
-            flat, n = ragged(hidden, batch)
-            chunks.append(flat)
-            lengths.append(n)
+            flat, counts = ragged(hidden, batch)
+            pieces += list(flat.split(counts.tolist()))
         else:
-            chunks.append(hidden)
+            pieces += list(hidden)
+    rows: list[torch.Tensor] = [torch.empty(0)] * n
+    for position, row in zip(order, pieces, strict=True):
+        rows[position] = row
     if token_level:
-        return {"hidden": torch.cat(chunks), "lengths": torch.cat(lengths)}
-    return {"hidden": torch.cat(chunks)}
+        return {
+            "hidden": torch.cat(rows),
+            "lengths": torch.tensor([len(r) for r in rows], dtype=torch.long),
+        }
+    return {"hidden": torch.stack(rows)}
+
+
+def example_lengths(dataset: Dataset) -> list[int] | None:
+    """Token counts of a text data set (also one with a cached prefix); None for other inputs."""
+    encodings = getattr(getattr(dataset, "base", dataset), "encodings", None)
+    if not encodings or "input_ids" not in encodings:
+        return None
+    return [len(ids) for ids in encodings["input_ids"]]

@@ -46,6 +46,7 @@ from hubtune.prefix import (
     PrefixExamples,
     PrefixUnusable,
     compute_prefix,
+    example_lengths,
     find_prefix_cut,
     prefix_collate,
     probe_prefix,
@@ -762,6 +763,7 @@ def _train(
             dp_run.model, dp_run.optimizer, dp_run.engine.accountant
         )
         steps_per_epoch = round(1 / dp_run.q)
+        lengths = example_lengths(datasets["train"])
         needs_position_ids = not plan.cache_features and forward_takes_position_ids(plan.model)
         if not plan.cache_features:
             # Frozen parts (BatchNorm above all) run in eval mode in the preflight too: its one
@@ -866,6 +868,7 @@ def _train(
                 step=step,
                 initial=initial,
                 needs_position_ids=needs_position_ids,
+                lengths=lengths,
             )
             initial = None
             extra = {
@@ -1124,16 +1127,30 @@ def _dp_epoch(
     step: int,
     initial: dict[str, torch.Tensor] | None,
     needs_position_ids: bool,
+    lengths: list[int] | None = None,
 ) -> tuple[float, int, int, list[int]]:
-    """One DP-SGD epoch: Poisson logical batches, split into physical ones by BatchMemoryManager."""
+    """One DP-SGD epoch: Poisson logical batches, split into physical ones by BatchMemoryManager.
+
+    With ``lengths`` (text), each logical batch is ordered by length before it is split, so the
+    physical batches pad less. The logical batch (the examples the mechanism sampled) and its
+    clipped-gradient sum, noise and accounting are unchanged.
+    """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     running, seen = 0.0, 0
     sizes: list[int] = []  # examples in each logical (Poisson) batch, this process
     current = 0
     model, optimizer = run.model, run.optimizer
+    source = run.loader
+    if lengths is not None:
+        source = DataLoader(
+            source.dataset,
+            batch_sampler=_LengthSorted(source.batch_sampler, lengths),
+            collate_fn=source.collate_fn,
+            generator=source.generator,
+        )
     with BatchMemoryManager(
-        data_loader=run.loader, max_physical_batch_size=run.physical_batch_size, optimizer=optimizer
+        data_loader=source, max_physical_batch_size=run.physical_batch_size, optimizer=optimizer
     ) as loader:
         for batch in _progress(loader, accelerator, f"epoch {epoch + 1}/{epochs} (DP)"):
             if run.steps_taken >= run.max_steps:
@@ -1187,6 +1204,21 @@ def _dp_epoch(
             running += float(loss.detach()) * len(labels)
             seen += len(labels)
     return running, seen, step, sizes
+
+
+class _LengthSorted:
+    """A Poisson batch sampler whose batches come out ordered by example length (same examples)."""
+
+    def __init__(self, sampler: Any, lengths: list[int]):
+        self.sampler = sampler
+        self.lengths = lengths
+
+    def __iter__(self) -> Any:
+        for batch in self.sampler:
+            yield sorted(batch, key=lambda i: self.lengths[i])  # stable: deterministic order
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def _sum_over_processes(accelerator: Any, sizes: list[int]) -> list[int]:

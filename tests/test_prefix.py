@@ -268,3 +268,62 @@ def test_runs_with_and_without_the_cache_agree(
     # (the top block's dropout masks would differ otherwise).
     c = load_file(again.run_dir / folder / name)
     assert all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_length_sorted_poisson_batches_keep_their_examples() -> None:
+    from hubtune.train import _LengthSorted
+
+    batches = [[5, 1, 3, 0], [], [2, 4]]
+    lengths = [7, 3, 9, 3, 1, 5]
+    out = list(_LengthSorted(batches, lengths))
+    assert len(_LengthSorted(batches, lengths)) == 3
+    assert [sorted(b) for b in out] == [sorted(b) for b in batches]  # same examples per step
+    assert out == [[1, 3, 5, 0], [], [4, 2]]  # by length, ties in sampled order
+
+
+def test_dp_lora_on_the_cache_spends_what_the_ledger_says_and_the_adapter_reproduces_it(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from peft import AutoPeftModelForSequenceClassification
+
+    from .conftest import make_sentiment_frame
+    from .test_privacy import _independent_epsilons
+
+    csv = tmp_path / "reviews.csv"
+    make_sentiment_frame(900).to_csv(csv, index=False)
+    spec = recipe_dict(tiny_bert, csv, tmp_path, name="lora", r=4, adapt_top_k=1)
+    spec["train"].update(epochs=2, lr=0.5, optimizer="sgd")
+    spec["privacy"] = {
+        "enabled": True,
+        "target_epsilon": 4.0,
+        "logical_batch_size": 64,
+        "physical_batch_size": 16,
+    }
+    result = run_recipe(Recipe.model_validate(spec))
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["feature_cache"]["kind"] == "prefix"
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    assert ledger["epsilon"] <= 4.0
+    independent = _independent_epsilons(ledger["history"], ledger["delta"])
+    assert ledger["epsilon_by_accountant"]["rdp"] == pytest.approx(independent["rdp"], rel=0.01)
+    assert ledger["steps"] == 2 * round(1 / ledger["sample_rate"])
+    observed = ledger["observed_batch_sizes"]
+    assert observed["steps"] == ledger["steps"] and observed["min"] < observed["max"]
+    trained = ledger["trained_parameters"]
+    assert trained and all(".layer.1." in n or "classifier" in n for n in trained)
+    adapter = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)  # B starts at 0
+    # The adapter, reloaded by plain peft (no cache), gives the probabilities of the run.
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        result.run_dir / "adapter", num_labels=2
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(result.run_dir / "adapter")
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+    data = pd.read_csv(csv)
+    texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"]]
+    with torch.no_grad():
+        logits = model(
+            **tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        ).logits
+    probs = torch.softmax(logits, -1)[:, 1].numpy()
+    assert abs(probs - predictions["prob_pos"].to_numpy()).max() < 1e-4

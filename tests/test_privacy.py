@@ -318,14 +318,15 @@ def test_kill_9_then_resume_gives_the_uninterrupted_ledger_and_weights(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("top", [None, 1], ids=["lora", "lora-top1-prefix-cache"])
 def test_two_processes_poisson_per_rank_and_one_ledger(
-    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, top: int | None
 ) -> None:
     import shutil
 
     import yaml
 
-    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=2, name="lora", r=4)
+    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=2, name="lora", r=4, adapt_top_k=top)
     spec["train"]["log_with"] = []
     path = tmp_path / "dp.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -341,6 +342,8 @@ def test_two_processes_poisson_per_rank_and_one_ledger(
     assert out.returncode == 0, out.stderr[-4000:]
     ledger = json.loads((tmp_path / "tiny" / "privacy.json").read_text())
     assert ledger["num_processes"] == 2
+    cache = json.loads((tmp_path / "tiny" / "run.json").read_text())["feature_cache"]
+    assert cache["used"] is (top is not None)
     steps_per_epoch = round(1 / ledger["sample_rate"])
     # Each rank sampled its own shard; the accountant counted exactly the steps taken.
     assert ledger["steps"] == 2 * steps_per_epoch == ledger["observed_batch_sizes"]["steps"]
