@@ -2,13 +2,14 @@
 
 Models are built from configs at real sizes (BERT-base, RoBERTa-large, GPT-2) with random
 weights (speed does not depend on the weights), sequence length 128, bf16 autocast, physical
-batch 32. DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``:
+batch 32 (``--physical``). DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``:
 Poisson sampling, Opacus GradSampleModule / ghost clipping, BatchMemoryManager), and, for
 comparison, through a plain hand-written Opacus loop (``PrivacyEngine.make_private`` +
 BatchMemoryManager), back to back on the same device.
 
 Run on a GPU machine (one call, a few minutes):
     python bench/bench_dp_gpu.py --out bench/results/dp_gpu
+    python bench/bench_dp_gpu.py --methods lora --physical 128 --out bench/results/dp_gpu_b128
 Smoke test anywhere (tiny models, CPU ok):
     python bench/bench_dp_gpu.py --smoke --out /tmp/dp_gpu_smoke
 """
@@ -251,7 +252,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", default="bert-base,roberta-large,gpt2")
+    parser.add_argument("--methods", default="lora,full", help="lora and/or full")
+    parser.add_argument(
+        "--physical",
+        type=int,
+        default=PHYSICAL,
+        help="physical batch = expected Poisson batch (the DP overhead per step is largely fixed, "
+        "so larger batches amortise it)",
+    )
     args = parser.parse_args()
+    global PHYSICAL
+    PHYSICAL = args.physical
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -259,7 +270,7 @@ def main() -> None:
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
     rows = []
     for name in args.models.split(","):
-        for method in ("lora", "full"):
+        for method in args.methods.split(","):
             variants = [
                 ("non-DP", None, None),
                 ("DP hooks", "hooks", "hubtune"),

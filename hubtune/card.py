@@ -116,6 +116,14 @@ def _round(value: Any, digits: int = 4) -> Any:
     return value
 
 
+def _optimizer_text(train: dict[str, Any]) -> str:
+    """The optimizer as the recipe ran it (AdamW is the default)."""
+    if train.get("optimizer") == "sgd":
+        momentum = train.get("momentum")
+        return f"SGD (momentum {momentum})" if momentum else "SGD"
+    return "AdamW"
+
+
 def _md(text: Any) -> str:
     """A value safe inside a Markdown table cell or inline text (no pipes, no raw HTML, one line)."""
     return (
@@ -834,6 +842,11 @@ def build_card(
         else "–",
         "unfrozen_blocks": method.get("unfrozen_blocks") or [],
         "lora_targets": method.get("lora_target_modules") or [],
+        "lora_top_k": (recipe.get("method") or {}).get("adapt_top_k"),
+        "optimizer": _optimizer_text(recipe.get("train") or {}),
+        "prefix_cached": (run_info.get("feature_cache") or {}).get("cached")
+        if (run_info.get("feature_cache") or {}).get("kind") == "prefix"
+        else None,
         "base": base,
         "dataset": dataset,
         "label_names": [_md(n) for n in label_names],

@@ -375,7 +375,7 @@ def apply_method(
         if layers:
             # The blocks below the adapted ones (and the embeddings) are frozen whole: a fixed
             # function, as in feature extraction, with or without the prefix cache.
-            adapted = [f"base_model.model.{b}" for b in blocks[len(blocks) - method.adapt_top_k :]]
+            adapted = [f"base_model.model.{b}" for b in blocks[layers["layers_to_transform"][0] :]]
             plan.eval_modules += [
                 n
                 for n in frozen_subtrees(peft_model)

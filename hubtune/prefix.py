@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ __all__ = [
     "capture_prefix",
     "compute_prefix",
     "example_lengths",
+    "inference_loader",
     "prefix_collate",
     "probe_prefix",
 ]
@@ -58,7 +59,7 @@ class PrefixCut:
     def __init__(self, model: nn.Module, container: str, first: int):
         self.container = container
         self.first = first
-        self.total = len(model.get_submodule(container))
+        self.total = len(cast(nn.ModuleList, model.get_submodule(container)))
         self.block = f"{container}.{first}"
 
     def key(self) -> str:
@@ -163,7 +164,9 @@ def capture_prefix(
     return captured[0]
 
 
-def ragged(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged(
+    hidden: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token hidden states without padding: ``(tokens [N, H], per-example lengths [B])``.
 
     Only text batches (an attention mask of the hidden states' [B, T] shape) are stored this way.
@@ -223,7 +226,9 @@ def prefix_collate(
         if hidden:
             lengths = torch.tensor([len(h) for h in hidden])
             if not torch.equal(lengths, mask.sum(dim=1)):
-                raise ValueError("cached prefix: lengths differ from the attention mask (stale cache)")
+                raise ValueError(
+                    "cached prefix: lengths differ from the attention mask (stale cache)"
+                )
             padded[mask] = torch.cat(hidden)
         batch["hidden"] = padded
         return batch
@@ -245,7 +250,7 @@ class PrefixCached(nn.Module):
         self.model = model
         self.cut = cut
         parent_name, _, self._attr = cut.container.rpartition(".")
-        full = model.get_submodule(cut.container)
+        full = cast(nn.ModuleList, model.get_submodule(cut.container))
         # Kept out of the module tree (a tuple), so parameters are not listed twice.
         self._parent_and_lists = (
             model.get_submodule(parent_name) if parent_name else model,
@@ -377,23 +382,13 @@ def compute_prefix(
     Text: ``{"hidden": [tokens, H] (padding dropped), "lengths": [rows]}``; otherwise
     ``{"hidden": [rows, ...]}``.
     """
-    from torch.utils.data import DataLoader
-
     model.eval()
     n = len(dataset)  # type: ignore[arg-type]
     # Text is computed in order of length (batches of similar lengths pad little), then put
     # back in row order.
     lengths = example_lengths(dataset) if token_level else None
     order = sorted(range(n), key=lengths.__getitem__) if lengths is not None else list(range(n))
-    # Its own generator: iterating a loader draws a seed, which must not come from the global
-    # RNG (dropout masks later on would then depend on whether the cache was hit).
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=order,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = inference_loader(dataset, batch_size, collate, order)
     pieces: list[torch.Tensor] = []
     for batch in progress(loader, "prefix cache"):
         batch.pop("idx", None)
@@ -415,6 +410,25 @@ def compute_prefix(
             "lengths": torch.tensor([len(r) for r in rows], dtype=torch.long),
         }
     return {"hidden": torch.stack(rows)}
+
+
+def inference_loader(
+    dataset: Dataset, batch_size: int, collate: Any, order: list[int] | None = None
+) -> Any:
+    """A loader over ``dataset`` in row order (or ``order``) that leaves the global RNG alone.
+
+    Iterating a DataLoader draws a seed; from the global RNG, a cache computed on a miss would
+    shift every later dropout mask, so a run would depend on whether the cache was hit.
+    """
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def example_lengths(dataset: Dataset) -> list[int] | None:

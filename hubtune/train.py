@@ -9,6 +9,7 @@ main process writes files; every write is atomic; a checkpoint after each epoch 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ from hubtune.prefix import (
     compute_prefix,
     example_lengths,
     find_prefix_cut,
+    inference_loader,
     prefix_collate,
     probe_prefix,
 )
@@ -196,19 +198,17 @@ def _cached_tensors(
 
 
 def _head_features(
-    model: Any, head: str, dataset: Dataset, collate: Any, batch_size: int, accelerator: Any, desc: str
+    model: Any,
+    head: str,
+    dataset: Dataset,
+    collate: Any,
+    batch_size: int,
+    accelerator: Any,
+    desc: str,
 ) -> dict[str, torch.Tensor]:
     """The backbone's output for every example (what the head sees), in row order."""
     model.eval()
-    # Its own generator: iterating a loader draws a seed, which must not come from the global
-    # RNG (dropout masks later on would then depend on whether the cache was hit).
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = inference_loader(dataset, batch_size, collate)
     chunks = []
     for batch in _progress(loader, accelerator, f"features {desc}"):
         batch.pop("idx")
@@ -246,6 +246,10 @@ def _prefix_cut(
     if main:
         logger.info("prefix cache: %s computed once; each step runs the rest", cut.describe())
     return cut, token_level
+
+
+def _split_progress(accelerator: Any, split: str, iterable: Any, desc: str) -> Any:
+    return _progress(iterable, accelerator, f"{desc} {split}")
 
 
 def _progress(iterable: Any, accelerator: Any, desc: str) -> Any:
@@ -659,7 +663,8 @@ def _train(
             tensors, hits[split] = _cached_tensors(
                 accelerator=accelerator,
                 path=feature_cache_dir() / f"{key}.safetensors",
-                compute=lambda split=split: _head_features(
+                compute=functools.partial(
+                    _head_features,
                     model,
                     plan.head_name,
                     encoded[split],
@@ -689,14 +694,15 @@ def _train(
                 tensors, hits[split] = _cached_tensors(
                     accelerator=accelerator,
                     path=feature_cache_dir() / f"{key}.safetensors",
-                    compute=lambda split=split: compute_prefix(
+                    compute=functools.partial(
+                        compute_prefix,
                         plan.model,
                         prefix,
                         encoded[split],
                         collate,
                         recipe.train.eval_batch_size,
                         token_level,
-                        progress=lambda it, desc: _progress(it, accelerator, f"{desc} {split}"),
+                        progress=functools.partial(_split_progress, accelerator, split),
                     ),
                 )
                 datasets[split] = PrefixExamples(

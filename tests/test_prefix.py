@@ -55,7 +55,11 @@ opacus = pytest.importorskip("opacus")
 transformers = pytest.importorskip("transformers")
 
 CASES = {
-    "lora-top1-bert": ("tiny_bert", "bert", LoraMethod(name="lora", r=4, dropout=0.0, adapt_top_k=1)),
+    "lora-top1-bert": (
+        "tiny_bert",
+        "bert",
+        LoraMethod(name="lora", r=4, dropout=0.0, adapt_top_k=1),
+    ),
     "freeze-top1-bert": ("tiny_bert", "bert", FreezeMethod(name="freeze", unfreeze_top_k=1)),
     "lora-top1-gpt2": (
         "tiny_gpt2",
@@ -161,7 +165,9 @@ def test_a_trainable_module_below_the_cut_is_refused(tiny_bert: Path) -> None:
     model.bert.embeddings.LayerNorm.weight.requires_grad_(True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
     batch = dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
-    with pytest.raises(MethodError, match=r"bert\.embeddings\.LayerNorm run before bert\.encoder\.layer\.1"):
+    with pytest.raises(
+        MethodError, match=r"bert\.embeddings\.LayerNorm run before bert\.encoder\.layer\.1"
+    ):
         capture_prefix(model, cut, batch, check=True)
     # Block 0 trainable: nothing below the lowest trained block is left to cache.
     model.bert.encoder.layer[0].output.dense.weight.requires_grad_(True)
@@ -238,7 +244,9 @@ def test_runs_with_and_without_the_cache_agree(
     info = json.loads((cached.run_dir / "run.json").read_text())["feature_cache"]
     assert info["used"] is True and info["kind"] == "prefix"
     assert info["cached"] == "blocks 0-0 of 2 in " + (
-        "bert.encoder.layer" if method["name"] == "freeze" else "base_model.model.bert.encoder.layer"
+        "bert.encoder.layer"
+        if method["name"] == "freeze"
+        else "base_model.model.bert.encoder.layer"
     )
     assert set(info["hits"]) == {"train", "validation", "test"}
     assert json.loads((plain.run_dir / "run.json").read_text())["feature_cache"]["used"] is False
@@ -284,10 +292,8 @@ def test_length_sorted_poisson_batches_keep_their_examples() -> None:
 def test_dp_lora_on_the_cache_spends_what_the_ledger_says_and_the_adapter_reproduces_it(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
-    from peft import AutoPeftModelForSequenceClassification
-
     from .conftest import make_sentiment_frame
-    from .test_privacy import _independent_epsilons
+    from .test_privacy import _independent_epsilons, assert_adapter_reproduces_predictions
 
     csv = tmp_path / "reviews.csv"
     make_sentiment_frame(900).to_csv(csv, index=False)
@@ -314,16 +320,14 @@ def test_dp_lora_on_the_cache_spends_what_the_ledger_says_and_the_adapter_reprod
     adapter = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
     assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)  # B starts at 0
     # The adapter, reloaded by plain peft (no cache), gives the probabilities of the run.
-    model = AutoPeftModelForSequenceClassification.from_pretrained(
-        result.run_dir / "adapter", num_labels=2
-    ).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(result.run_dir / "adapter")
-    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
-    data = pd.read_csv(csv)
-    texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"]]
-    with torch.no_grad():
-        logits = model(
-            **tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-        ).logits
-    probs = torch.softmax(logits, -1)[:, 1].numpy()
-    assert abs(probs - predictions["prob_pos"].to_numpy()).max() < 1e-4
+    assert_adapter_reproduces_predictions(result.run_dir, csv)
+    # The model card says what ran: SGD, adapters in the top block, the cached frozen blocks.
+    from hubtune.card import build_card
+
+    text = " ".join(build_card(result.run_dir).text.split())
+    assert "with SGD (momentum 0.9) under DP-SGD (Opacus)" in text
+    assert "in the top 1 block(s) only" in text
+    assert (
+        "the frozen blocks below the adapters (blocks 0-0 of 2 in "
+        "base_model.model.bert.encoder.layer) were run once" in text
+    )

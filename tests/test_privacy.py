@@ -113,16 +113,20 @@ def test_lora_weights_move_under_dp_and_adapter_reproduces_logits(
     assert any("lora_B" in n for n in ledger["trained_parameters"])
     adapter = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
     assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)  # B starts at zero
+    assert_adapter_reproduces_predictions(result.run_dir, dp_csv)
 
+
+def assert_adapter_reproduces_predictions(run_dir: Path, csv: Path) -> None:
+    """The saved adapter, reloaded by plain peft, gives the run's test probabilities."""
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
     model = AutoPeftModelForSequenceClassification.from_pretrained(
-        result.run_dir / "adapter", num_labels=2
+        run_dir / "adapter", num_labels=2
     ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "adapter")
-    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
-    data = pd.read_csv(dp_csv)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    data = pd.read_csv(csv)
     texts = [data.loc[int(r.split(":")[1]), "text"] for r in predictions["row_id"]]
     with torch.no_grad():
         logits = model(
