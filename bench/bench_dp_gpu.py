@@ -1,15 +1,16 @@
 """GPU throughput and peak memory: non-DP vs DP-SGD (hooks, ghost) for LoRA and full fine-tuning.
 
 Models are built from configs at real sizes (BERT-base, RoBERTa-large, GPT-2) with random
-weights (speed does not depend on the weights), sequence length 128, bf16 autocast, physical
-batch 32 (``--physical``). DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``:
+weights (speed does not depend on the weights), sequence length 128, bf16 autocast, batch 32
+(``--batch``: the non-DP batch and the DP expected Poisson batch; ``--physical`` caps DP's
+physical batches). DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``:
 Poisson sampling, Opacus GradSampleModule / ghost clipping, BatchMemoryManager), and, for
 comparison, through a plain hand-written Opacus loop (``PrivacyEngine.make_private`` +
 BatchMemoryManager), back to back on the same device.
 
 Run on a GPU machine (one call, a few minutes):
     python bench/bench_dp_gpu.py --out bench/results/dp_gpu
-    python bench/bench_dp_gpu.py --methods lora --physical 128 --out bench/results/dp_gpu_b128
+    python bench/bench_dp_gpu.py --methods lora --batch 128 --physical 192 --out bench/results/dp_gpu_b128
 Smoke test anywhere (tiny models, CPU ok):
     python bench/bench_dp_gpu.py --smoke --out /tmp/dp_gpu_smoke
 """
@@ -17,6 +18,7 @@ Smoke test anywhere (tiny models, CPU ok):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SEQ = 128
-PHYSICAL = 32
+PHYSICAL = 32  # DP physical batch cap (BatchMemoryManager)
+BATCH = 32  # non-DP batch = DP expected (Poisson) batch
 
 
 def model_config(name: str, smoke: bool) -> Any:
@@ -144,7 +147,7 @@ def run_nondp(
     model = plan.model.to(device).train()
     optimizer = torch.optim.AdamW(plan.param_groups)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=PHYSICAL, shuffle=True, collate_fn=collate, drop_last=True
+        dataset, batch_size=BATCH, shuffle=True, collate_fn=collate, drop_last=True
     )
     it = iter(loader)
     seen, start = 0, 0.0
@@ -185,7 +188,7 @@ def run_dp(
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             grad_sample_mode=mode,
-            logical_batch_size=PHYSICAL,
+            logical_batch_size=BATCH,
             physical_batch_size=PHYSICAL,
         )
         run = prepare_private(
@@ -203,7 +206,7 @@ def run_dp(
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="prv")
-        base = torch.utils.data.DataLoader(dataset, batch_size=PHYSICAL, collate_fn=collate)
+        base = torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate)
         out = engine.make_private(
             module=plan.model.to(device),
             optimizer=optimizer,
@@ -242,6 +245,7 @@ def run_dp(
 
 
 def main() -> None:
+    global PHYSICAL, BATCH
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -254,15 +258,23 @@ def main() -> None:
     parser.add_argument("--models", default="bert-base,roberta-large,gpt2")
     parser.add_argument("--methods", default="lora,full", help="lora and/or full")
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=BATCH,
+        help="non-DP batch and DP expected Poisson batch (the DP overhead per step is largely "
+        "fixed, so larger batches amortise it)",
+    )
+    parser.add_argument(
         "--physical",
         type=int,
-        default=PHYSICAL,
-        help="physical batch = expected Poisson batch (the DP overhead per step is largely fixed, "
-        "so larger batches amortise it)",
+        default=None,
+        help="DP physical batch cap (default: --batch). A Poisson batch larger than the cap is "
+        "split into two physical steps, which at a cap equal to the expected batch happens on "
+        "about half the steps; a cap of ~1.5x the batch avoids that at a little memory",
     )
     args = parser.parse_args()
-    global PHYSICAL
-    PHYSICAL = args.physical
+    BATCH = args.batch
+    PHYSICAL = args.physical or args.batch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -279,11 +291,16 @@ def main() -> None:
                 ("plain Opacus ghost", "ghost", "opacus"),
             ]
             for label, mode, path in variants:
-                plan, config = build(name, method, args.smoke, device)
-                dataset = Synthetic(PHYSICAL * 200, config.vocab_size)
+                # Free the previous variant's model (Opacus hooks and autograd graphs form
+                # reference cycles) so that its weights do not count in this variant's peak.
+                gc.collect()
+                baseline = 0
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
+                    baseline = torch.cuda.memory_allocated()
+                plan, config = build(name, method, args.smoke, device)
+                dataset = Synthetic(BATCH * 200, config.vocab_size)
                 try:
                     if mode is None:
                         rate, seen = run_nondp(plan, dataset, device, steps, warmup)
@@ -294,7 +311,11 @@ def main() -> None:
                     error = None
                 except Exception as exc:  # report, keep measuring the others
                     rate, seen, error = float("nan"), 0, f"{type(exc).__name__}: {exc}"[:300]
-                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+                peak = (
+                    (torch.cuda.max_memory_allocated() - baseline) / 2**30
+                    if device.type == "cuda"
+                    else None
+                )
                 row = {
                     "model": name,
                     "method": method,
@@ -334,7 +355,8 @@ def main() -> None:
         "settings": {
             "seq_len": SEQ,
             "physical_batch": PHYSICAL,
-            "expected_logical_batch": PHYSICAL,
+            "expected_logical_batch": BATCH,
+            "memory": "peak allocated during the run minus what was allocated before the model was built",
             "autocast": "bf16",
             "tf32": device.type == "cuda",
             "steps": steps,
