@@ -13,6 +13,9 @@ Run on a GPU machine (one call, a few minutes):
     python bench/bench_dp_gpu.py --methods lora --batch 128 --physical 192 --out bench/results/dp_gpu_b128
 Smoke test anywhere (tiny models, CPU ok):
     python bench/bench_dp_gpu.py --smoke --out /tmp/dp_gpu_smoke
+Fixed per-step cost (real depth, width 16; CPU):
+    python bench/bench_dp_gpu.py --overhead --models bert-base --methods lora --steps 60 \
+        --physical 48 --out bench/results/dp_overhead_cpu_p48
 """
 
 from __future__ import annotations
@@ -37,20 +40,25 @@ PHYSICAL = 32  # DP physical batch cap (BatchMemoryManager)
 BATCH = 32  # non-DP batch = DP expected (Poisson) batch
 
 
-def model_config(name: str, smoke: bool) -> Any:
+def model_config(name: str, size: str) -> Any:
+    """The model's config: ``real`` sizes, ``smoke`` (2 tiny layers) or ``overhead``.
+
+    ``overhead`` keeps each model's real depth (so the same number of layers, hooks and
+    parameter tensors) at width 16, so compute is negligible and a step's time is its fixed
+    cost: Python, hooks and per-tensor operations, which is what dominates a GPU step at small
+    batches.
+    """
     from transformers import BertConfig, GPT2Config, RobertaConfig
 
-    if smoke:
-        small = {
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 128,
-        }
+    if size in ("smoke", "overhead"):
+        width = 64 if size == "smoke" else 16
+        depth = (
+            {"bert-base": 12, "roberta-large": 24, "gpt2": 12}[name] if size == "overhead" else 2
+        )
         if name == "gpt2":
             return GPT2Config(
-                n_embd=64,
-                n_layer=2,
+                n_embd=width,
+                n_layer=depth,
                 n_head=2,
                 vocab_size=1000,
                 n_positions=256,
@@ -58,7 +66,15 @@ def model_config(name: str, smoke: bool) -> Any:
                 num_labels=2,
             )
         cls = BertConfig if name == "bert-base" else RobertaConfig
-        return cls(vocab_size=1000, max_position_embeddings=300, num_labels=2, **small)
+        return cls(
+            vocab_size=1000,
+            max_position_embeddings=300,
+            num_labels=2,
+            hidden_size=width,
+            num_hidden_layers=depth,
+            num_attention_heads=2,
+            intermediate_size=2 * width,
+        )
     if name == "bert-base":
         return BertConfig(num_labels=2)
     if name == "roberta-large":
@@ -75,14 +91,14 @@ def model_config(name: str, smoke: bool) -> Any:
     return GPT2Config(num_labels=2, pad_token_id=50256)
 
 
-def build(name: str, method: str, smoke: bool, device: torch.device) -> Any:
+def build(name: str, method: str, size: str, device: torch.device) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     from hubtune.methods import apply_method
     from hubtune.recipe import FullMethod, LoraMethod
 
     torch.manual_seed(0)
-    config = model_config(name, smoke)
+    config = model_config(name, size)
     config.hidden_dropout_prob = getattr(config, "hidden_dropout_prob", 0.1)
     model = AutoModelForSequenceClassification.from_config(config)
     spec = LoraMethod(name="lora", r=8) if method == "lora" else FullMethod(name="full")
@@ -132,7 +148,10 @@ def forward_loss(
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     labels = batch.pop("labels")
     add_position_ids(batch)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+    # bf16 autocast on GPUs (as users train there); on a CPU bf16 matmuls are emulated and slow.
+    with torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    ):
         logits = model(**batch).logits
     return (
         criterion(logits.float(), labels)
@@ -245,7 +264,7 @@ def run_dp(
 
 
 def main() -> None:
-    global PHYSICAL, BATCH
+    global PHYSICAL, BATCH, SEQ
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -253,6 +272,11 @@ def main() -> None:
         "--out", required=True, help="results path without suffix (.json and .md are written)"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny models, few steps (CPU ok)")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="real depth at width 16 and sequence 16: times the fixed per-step cost (CPU ok)",
+    )
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", default="bert-base,roberta-large,gpt2")
@@ -279,6 +303,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    size = "smoke" if args.smoke else "overhead" if args.overhead else "real"
+    if args.overhead:
+        SEQ = 16
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
     rows = []
     for name in args.models.split(","):
@@ -299,7 +326,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                     baseline = torch.cuda.memory_allocated()
-                plan, config = build(name, method, args.smoke, device)
+                plan, config = build(name, method, size, device)
                 dataset = Synthetic(BATCH * 200, config.vocab_size)
                 try:
                     if mode is None:
@@ -357,18 +384,23 @@ def main() -> None:
             "physical_batch": PHYSICAL,
             "expected_logical_batch": BATCH,
             "memory": "peak allocated during the run minus what was allocated before the model was built",
-            "autocast": "bf16",
+            "autocast": "bf16" if device.type == "cuda" else "none (CPU)",
             "tf32": device.type == "cuda",
             "steps": steps,
             "warmup": warmup,
-            "smoke": args.smoke,
+            "size": size,
         },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     lines = [
-        f"# DP throughput on {machine['device']}",
+        f"# DP throughput on {machine['device']}"
+        + (
+            " (fixed per-step cost: real depth, width 16, sequence 16)"
+            if size == "overhead"
+            else ""
+        ),
         "",
         f"torch {machine['torch']}, {json.dumps(machine['versions'])}; {json.dumps(machine['settings'])}",
         "",

@@ -159,14 +159,14 @@ def test_unchanged_trained_tensors_stop_the_run(
 def test_budget_guard_stops_before_the_target(
     tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import opacus.accountants.utils as opacus_utils
+    from hubtune import privacy
 
-    real = opacus_utils.get_noise_multiplier
+    real = privacy.sigma_for_target
 
     def too_little_noise(**kwargs):  # type: ignore[no-untyped-def]
         return real(**kwargs) * 0.8  # a σ that would overshoot the target if all steps ran
 
-    monkeypatch.setattr(opacus_utils, "get_noise_multiplier", too_little_noise)
+    monkeypatch.setattr(privacy, "sigma_for_target", too_little_noise)
     result = run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path, epochs=3)))
     ledger = json.loads((result.run_dir / "privacy.json").read_text())
     planned = 3 * round(1 / ledger["sample_rate"])
@@ -176,6 +176,81 @@ def test_budget_guard_stops_before_the_target(
         [[ledger["noise_multiplier"], ledger["sample_rate"], ledger["steps"] + 1]], ledger["delta"]
     )["prv"]
     assert one_more > 4.0  # it stopped at the last step that fit
+
+
+@pytest.mark.parametrize(
+    ("accountant", "q", "steps", "target"),
+    [
+        ("prv", 0.1, 20, 4.0),
+        ("prv", 1 / 8, 64, 1.0),
+        ("prv", 1 / 32, 64, 8.0),
+        ("rdp", 0.1, 20, 4.0),
+    ],
+)
+def test_sigma_for_target_lands_just_under_the_target_in_few_evaluations(
+    monkeypatch: pytest.MonkeyPatch, accountant: str, q: float, steps: int, target: float
+) -> None:
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from hubtune import privacy
+
+    seen: list[float] = []
+    real = privacy._epsilon
+
+    def counting(name: str, history: list, delta: float) -> float:  # type: ignore[type-arg]
+        seen.append(history[-1][0])
+        return real(name, history, delta)
+
+    monkeypatch.setattr(privacy, "_epsilon", counting)
+    sigma = privacy.sigma_for_target(
+        accountant=accountant, prior=[], q=q, steps=steps, delta=1e-5, target=target
+    )
+    eps = real(accountant, [(sigma, q, steps)], 1e-5)
+    assert target - 0.01 <= eps <= target
+    assert len(seen) <= 8 and min(seen) >= privacy.MIN_SIGMA
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_noise_multiplier(
+            target_epsilon=target,
+            target_delta=1e-5,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+        )
+    assert sigma == pytest.approx(theirs, rel=0.01)  # Opacus' bisection, same tolerance
+
+
+def test_sigma_for_target_after_prior_training_and_at_the_floor() -> None:
+    from hubtune import privacy
+
+    prior = [(1.0, 0.1, 20)]
+    sigma = privacy.sigma_for_target(
+        accountant="prv", prior=prior, q=0.05, steps=40, delta=1e-5, target=6.0
+    )
+    assert 5.99 <= compute_epsilons([*prior, (sigma, 0.05, 40)], 1e-5)["prv"] <= 6.0
+    # A target that even σ = MIN_SIGMA stays under: the floor, never a σ hubtune cannot account.
+    assert (
+        privacy.sigma_for_target(
+            accountant="rdp", prior=[], q=0.01, steps=10, delta=1e-5, target=1e4
+        )
+        == privacy.MIN_SIGMA
+    )
+
+
+def test_memoized_rdp_orders_equal_the_library_values() -> None:
+    from opacus.accountants.analysis import rdp
+
+    from hubtune.privacy import _memoize_rdp_orders
+
+    _memoize_rdp_orders()
+    _memoize_rdp_orders()  # idempotent: wrapped once
+    original = rdp._compute_rdp.__wrapped__
+    assert not hasattr(original, "cache_info")
+    for q, sigma, alpha in [(0.1, 0.9, 1.5), (0.01, 2.0, 32), (1 / 32, 0.8, 7.3), (0.5, 0.4, 2.0)]:
+        assert rdp._compute_rdp(q, sigma, alpha) == original(q, sigma, alpha)
+        assert rdp._compute_rdp(q, sigma, alpha) == original(q, sigma, alpha)  # from the cache
 
 
 def test_max_steps_within_is_the_largest_fitting_count() -> None:
