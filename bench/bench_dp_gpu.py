@@ -373,7 +373,7 @@ def main() -> None:
             row["memory_vs_nondp"] = (row["peak_gib"] or 0) / base["peak_gib"]
     import importlib.metadata as md
 
-    machine = {
+    machine: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0)
         if device.type == "cuda"
         else platform.processor() or "cpu",
@@ -381,6 +381,7 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "versions": {p: md.version(p) for p in ("transformers", "peft", "opacus") if _has(p)},
         "python": platform.python_version(),
+        "host": _host(),
         "date": time.strftime("%Y-%m-%d"),
         "settings": {
             "seq_len": SEQ,
@@ -423,8 +424,21 @@ def main() -> None:
             f"| {r['model']} | {r['method']} | {r['variant']} | {r['samples_per_s']:.1f} | {ratio} "
             f"| {r['physical_steps'] / steps:.2f} | {mem} | {memr} | {r['error'] or ''} |"
         )
+    lines += ["", "## Machine", "", *(f"- {k}: {v}" for k, v in machine["host"].items())]
+    lines += ["", "## Command", "", "```", "python " + " ".join(sys.argv), "```"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _host() -> dict[str, Any]:
+    """CPU, cores, RAM, platform, git commit and date (bench/benchlib.py), or the basics."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from benchlib import hardware
+
+        return hardware()
+    except Exception:  # the device machine may lack something benchlib reads
+        return {"cpu_count": os.cpu_count(), "platform": platform.platform()}
 
 
 def _has(name: str) -> bool:
