@@ -364,8 +364,6 @@ def prepare_private(
     """
     from opacus import PrivacyEngine
 
-    _memoize_rdp_orders()
-
     n = len(dataset)  # type: ignore[arg-type]
     delta = section.delta if section.delta is not None else default_delta(n)
     if delta >= 1.0 / n:
@@ -556,9 +554,9 @@ def sigma_for_target(
             if f > 0:
                 lo, f_lo = sigma, f
                 break
-    side = 0
+    side, true_hi = 0, f_hi  # Illinois halves f_hi/f_lo; the stop test needs hi's real ε
     for _ in range(100):
-        if target - target * math.exp(f_hi) <= tolerance or hi - lo <= 1e-6 * hi:
+        if target - target * math.exp(true_hi) <= tolerance or hi - lo <= 1e-6 * hi:
             break
         a, b = math.log(lo), math.log(hi)
         guess = b - f_hi * (b - a) / (f_hi - f_lo) if math.isfinite(f_hi) else (a + b) / 2
@@ -572,7 +570,7 @@ def sigma_for_target(
                 f_hi /= 2  # Illinois: keep the stale end from pinning the secant
             side = -1
         else:
-            hi, f_hi = sigma, f
+            hi, f_hi, true_hi = sigma, f, f
             if side == 1:
                 f_lo /= 2
             side = 1
