@@ -471,6 +471,7 @@ def prepare_private(
         # structure of one example: shapes only, no values of any example are used.
         template = (collate or torch.utils.data.default_collate)([dataset[0]])
         wrapper.first_batch = template
+    _scale_grad_in_linear_time(dp_optimizer)
     sampler_q = getattr(loader.batch_sampler, "sample_rate", None)
     if sampler_q is None or abs(sampler_q - q) > 1e-12:
         raise PrivacyError(
@@ -499,6 +500,34 @@ def prepare_private(
         generator_state=_GeneratorState(sampling_generator, noise_generator),
         num_processes=num_processes,
     )
+
+
+def _scale_grad_in_linear_time(optimizer: Any) -> None:
+    """Make Opacus' ``scale_grad`` evaluate its divisor once per step instead of once per tensor.
+
+    Opacus 1.6's ``DPOptimizer.scale_grad`` divides each gradient by
+    ``expected_batch_size * accumulated_iterations``, and ``accumulated_iterations`` is a
+    property that walks every parameter: O(P²) per step in the number P of trained tensors.
+    Measured on 2 CPU cores: 0.2 s per step for RoBERTa-large (~390 tensors), more than its
+    forward and backward at small width. The replacement computes the same divisor once and
+    divides the same gradients by it (the same arithmetic, bit for bit), with one fused
+    ``_foreach_div_`` (one kernel launch on a GPU instead of one per tensor). Subclasses that
+    define their own ``scale_grad`` are left alone.
+    """
+    from opacus.optimizers import DPOptimizer
+
+    if type(optimizer).scale_grad is not DPOptimizer.scale_grad:
+        return
+
+    def scale_grad() -> None:
+        if optimizer.loss_reduction != "mean":
+            return
+        divisor = optimizer.expected_batch_size * optimizer.accumulated_iterations
+        grads = [p.grad for p in optimizer.params]
+        if grads:
+            torch._foreach_div_(grads, divisor)
+
+    optimizer.scale_grad = scale_grad
 
 
 MIN_SIGMA = 0.3  # below it hubtune reports ε as unbounded (see _epsilon)
