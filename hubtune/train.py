@@ -1143,10 +1143,16 @@ def _dp_epoch(
     """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    running, seen = 0.0, 0
+    seen = 0
     sizes: list[int] = []  # examples in each logical (Poisson) batch, this process
     current = 0
     model, optimizer = run.model, run.optimizer
+    # The loss sum and a non-finite-loss flag stay on the device: the host reads them once per
+    # logical step (with the weights check) instead of twice per physical pass, so a GPU's
+    # queue is not drained between passes.
+    running = torch.zeros((), device=accelerator.device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    trained = [p for p in model.parameters() if p.requires_grad]
     source = run.loader
     if lengths is not None:
         source = DataLoader(
@@ -1178,11 +1184,9 @@ def _dp_epoch(
                 loss = run.criterion(logits.float(), labels)
             else:
                 loss = F.cross_entropy(logits.float(), labels)
-            if not torch.isfinite(loss.detach()):
-                raise RunError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last good "
-                    "checkpoint is kept (lower train.lr, or check the data)."
-                )
+            detached = loss.detach()
+            nonfinite |= ~torch.isfinite(detached)
+            running += detached.float() * len(labels)
             loss.backward()
             optimizer.step()
             current += len(labels)
@@ -1191,25 +1195,45 @@ def _dp_epoch(
                 current = 0
                 scheduler.step()
                 step += 1
-                if initial is not None:
-                    _check_moved(model, initial)
-                    initial = None
-                trained = [p for p in model.parameters() if p.requires_grad]
-                # One device sync for all tensors, not one per tensor.
-                if not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):
+                # One device sync per logical step for the loss flag and every trained tensor.
+                # A non-finite loss reaches the weights only through this step's update, which
+                # is discarded: the run stops before anything is saved.
+                if bool(torch.stack([nonfinite, _any_nonfinite(trained, nonfinite.device)]).any()):
+                    if bool(nonfinite):
+                        raise RunError(
+                            f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last "
+                            "good checkpoint is kept (lower train.lr, or check the data)."
+                        )
                     bad = [
                         n
                         for n, p in model.named_parameters()
                         if p.requires_grad and not torch.isfinite(p).all()
                     ]
-                    raise RunError(
-                        f"non-finite weights after step {step} ({', '.join(bad[:3])}); stopped. The "
-                        "last good checkpoint is kept."
-                    )
+                    if bad:  # else a finite tensor's norm overflowed: nothing is wrong
+                        raise RunError(
+                            f"non-finite weights after step {step} ({', '.join(bad[:3])}); "
+                            "stopped. The last good checkpoint is kept."
+                        )
+                if initial is not None:
+                    _check_moved(model, initial)
+                    initial = None
             optimizer.zero_grad(set_to_none=True)
-            running += float(loss.detach()) * len(labels)
             seen += len(labels)
-    return running, seen, step, sizes
+    return float(running), seen, step, sizes
+
+
+@torch.no_grad()
+def _any_nonfinite(tensors: list[torch.Tensor], device: Any = None) -> torch.Tensor:
+    """A device-side flag: does any tensor hold a NaN or an infinity?
+
+    One fused norm over all tensors (a single kernel launch per device and dtype on a GPU)
+    instead of two reductions per tensor: a NaN or inf makes its tensor's norm non-finite. The
+    converse can fail only when a finite tensor's norm overflows, so a caller that sees the flag
+    names the culprits with an exact per-tensor check.
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return torch.stack(torch._foreach_norm(tensors)).isfinite().all().logical_not()
 
 
 class _LengthSorted:

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 
 from hubtune import train as train_module
 from hubtune.privacy import PrivacyError, check_modules, compute_epsilons, max_steps_within
@@ -475,6 +477,75 @@ def test_sgd_optimizer_under_dp_takes_momentum_steps(
     assert json.loads((result.run_dir / "privacy.json").read_text())["epsilon"] <= 4.0
 
 
+def test_non_finite_loss_under_dp_stops_and_keeps_the_last_good_checkpoint(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN loss in a physical pass (not the last of its logical step) stops the DP run.
+
+    The loss is checked on the device and read once per logical step, so the NaN first reaches
+    the weights through that step's update; the run must still stop there, name the loss, and
+    leave only the last epoch's checkpoint (no run.json).
+    """
+    spec = _spec(tiny_bert, dp_csv, tmp_path)  # logical 64, physical 16: ~4 passes per step
+    recipe = Recipe.model_validate(spec)
+    first = recipe.run_dir / "checkpoints" / "epoch-1"
+    real = train_module.F.cross_entropy
+    after = {"n": 0}
+
+    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = real(logits, labels)
+        if logits.requires_grad and first.exists():  # training passes of epoch 2
+            after["n"] += 1
+            if after["n"] == 6:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    with pytest.raises(RunError, match="non-finite loss at epoch 2, step [0-9]+; stopped"):
+        run_recipe(recipe)
+    assert after["n"] >= 6
+    checkpoints = sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["epoch-1"]
+    assert not (recipe.run_dir / "run.json").exists()
+
+
+def test_non_finite_gradients_under_dp_stop_the_run(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite loss with NaN gradients (d√u at u = 0, times 0) stops the run at that step."""
+    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=1)
+    recipe = Recipe.model_validate(spec)
+    real = train_module.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = real(logits, labels)
+        if logits.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == 5:  # the value is unchanged, the gradient is NaN
+                return loss + 0.0 * torch.sqrt(logits - logits.detach()).sum()
+        return loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    with pytest.raises(RunError, match=r"non-finite weights after step [0-9]+ \(.+\); stopped"):
+        run_recipe(recipe)
+    assert calls["n"] >= 5
+    assert not (recipe.run_dir / "run.json").exists()
+
+
+def test_the_fused_finiteness_check_flags_nan_and_inf_and_never_misses() -> None:
+    from hubtune.train import _any_nonfinite
+
+    finite = [torch.ones(3), torch.zeros(2, 2, dtype=torch.bfloat16), torch.full((2,), -7.0)]
+    assert not bool(_any_nonfinite(finite))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert bool(_any_nonfinite([*finite, torch.tensor([0.5, bad])]))
+    assert not bool(_any_nonfinite([]))
+    # A finite tensor whose norm overflows is flagged too: the caller then checks each tensor
+    # exactly, so the fused check may over-report but never misses a NaN or inf.
+    assert bool(_any_nonfinite([torch.full((4,), 3e38)]))
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_an_empty_poisson_batch_is_a_noise_only_step(mode: str) -> None:
     """Poisson sampling can draw no example: that step still happens, with noise and accounting."""
@@ -537,3 +608,80 @@ def test_runs_with_many_empty_poisson_batches_complete(
     observed = ledger["observed_batch_sizes"]
     assert observed["min"] == 0  # q = 1/n: about a third of the steps drew no example
     assert ledger["steps"] == observed["steps"] == round(1 / ledger["sample_rate"])
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_gradient_scaling_is_linear_in_tensors_and_equals_opacus(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opacus' scale_grad walks every parameter once per parameter (O(P²)); hubtune's walks once.
+
+    Same divisor, same gradients, bit for bit; and one DP step reads ``accumulated_iterations``
+    a constant number of times however many tensors train (40 here).
+    """
+    from opacus.optimizers import DPOptimizer
+
+    from hubtune.privacy import prepare_private
+    from hubtune.recipe import PrivacySection
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> dict:
+            return {"features": torch.full((4,), float(i % 7)), "labels": i % 2}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(19)], nn.Linear(4, 2))
+    section = PrivacySection(
+        enabled=True,
+        noise_multiplier=1.0,
+        logical_batch_size=16,
+        physical_batch_size=64,
+        grad_sample_mode=mode,
+    )
+    run = prepare_private(
+        section=section,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dataset=Rows(),
+        collate=None,
+        epochs=1,
+        num_processes=1,
+        device=torch.device("cpu"),
+    )
+    optimizer = run.optimizer
+    assert optimizer.scale_grad is not None and "scale_grad" in vars(optimizer)
+    grads = [torch.randn_like(p) for p in optimizer.params]
+    for p, g in zip(optimizer.params, grads, strict=True):
+        p.grad = g.clone()
+        p.grad_sample = torch.zeros(3, *p.shape)  # what accumulated_iterations reads
+    optimizer.scale_grad()
+    ours = [p.grad.clone() for p in optimizer.params]
+    for p, g in zip(optimizer.params, grads, strict=True):
+        p.grad = g.clone()
+    DPOptimizer.scale_grad(optimizer)  # Opacus' own
+    assert all(torch.equal(a, p.grad) for a, p in zip(ours, optimizer.params, strict=True))
+    assert not all(torch.equal(a, g) for a, g in zip(ours, grads, strict=True))  # it did divide
+
+    reads = 0
+    original = type(optimizer).accumulated_iterations
+
+    def counting(self: Any) -> int:
+        nonlocal reads
+        reads += 1
+        return original.fget(self)
+
+    monkeypatch.setattr(type(optimizer), "accumulated_iterations", property(counting))
+    optimizer.zero_grad(set_to_none=True)
+    batch = next(iter(run.loader))
+    logits = run.model(batch["features"])
+    loss = (
+        run.criterion(logits, batch["labels"])
+        if run.criterion is not None
+        else F.cross_entropy(logits, batch["labels"])
+    )
+    loss.backward()
+    optimizer.step()
+    assert run.steps_taken == 1
+    assert reads <= 2, reads  # once for the divisor, once for the accountant; Opacus: 40 + 1
