@@ -3,8 +3,9 @@
 Models are built from configs at real sizes (BERT-base, RoBERTa-large, GPT-2) with random
 weights (speed does not depend on the weights), sequence length 128, bf16 autocast, batch 32
 (``--batch``: the non-DP batch and the DP expected Poisson batch; ``--physical`` caps DP's
-physical batches). DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``:
-Poisson sampling, Opacus GradSampleModule / ghost clipping, BatchMemoryManager), and, for
+physical batches). DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``
+and the training loop's ``train._dp_epoch``: Poisson sampling, Opacus GradSampleModule / ghost
+clipping, BatchMemoryManager, hubtune's checks), and, for
 comparison, through a plain hand-written Opacus loop (``PrivacyEngine.make_private`` +
 BatchMemoryManager), back to back on the same device.
 
@@ -25,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SEQ = 128
 PHYSICAL = 32  # DP physical batch cap (BatchMemoryManager)
 BATCH = 32  # non-DP batch = DP expected (Poisson) batch
+VARIANTS: dict[str, tuple[str | None, str | None]] = {  # label: (grad_sample_mode, path)
+    "non-DP": (None, None),
+    "DP hooks": ("hooks", "hubtune"),
+    "DP ghost": ("ghost", "hubtune"),
+    "plain Opacus hooks": ("hooks", "opacus"),
+    "plain Opacus ghost": ("ghost", "opacus"),
+}
 
 
 def model_config(name: str, size: str) -> Any:
@@ -220,7 +229,10 @@ def run_dp(
             num_processes=1,
             device=device,
         )
-        model, dp_optimizer, loader, criterion = run.model, run.optimizer, run.loader, run.criterion
+        from hubtune.privacy import forward_takes_position_ids
+
+        position_ids = forward_takes_position_ids(plan.model)  # the model, not Opacus' wrapper
+        return _run_hubtune_epochs(run, optimizer, device, steps, warmup, position_ids)
     else:
         from opacus import PrivacyEngine
 
@@ -264,6 +276,124 @@ def run_dp(
     return seen / (time.perf_counter() - start), seen, physical
 
 
+def _run_hubtune_epochs(
+    run: Any,
+    optimizer: Any,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    needs_position_ids: bool,
+) -> tuple[float, int, int]:
+    """Time hubtune's own DP epoch loop (``train._dp_epoch``), as ``hubtune run`` drives it.
+
+    That is everything a training step costs there: the Accelerate autocast, position ids, the
+    length-sorted Poisson batches split by BatchMemoryManager, the loss and weights checks, the
+    scheduler. The budget guard (``max_steps``) ends the warm-up and then the timed window.
+    """
+    from accelerate import Accelerator
+
+    from hubtune.train import _dp_epoch
+
+    os.environ.setdefault("HUBTUNE_PROGRESS", "0")
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model = run.model.train()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def epoch(initial: Any) -> tuple[int, list[int]]:
+        _, seen, _, sizes = _dp_epoch(
+            accelerator=accelerator,
+            run=run,
+            forward=lambda module, batch: module(**batch).logits,
+            scheduler=scheduler,
+            epoch=0,
+            epochs=1,
+            step=run.steps_taken,
+            initial=initial,
+            needs_position_ids=needs_position_ids,
+        )
+        return seen, sizes
+
+    run.max_steps = warmup
+    epoch(initial)
+    sync(device)
+    start = time.perf_counter()
+    run.max_steps = warmup + steps
+    seen, sizes = epoch(None)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    passes = sum(max(1, -(-size // PHYSICAL)) for size in sizes)  # BatchMemoryManager's split
+    return seen / elapsed, seen, passes
+
+
+def measure(
+    name: str,
+    method: str,
+    label: str,
+    mode: str | None,
+    path: str | None,
+    size: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """One timed run of one variant, on a freshly built model."""
+    # Free the previous variant's model (Opacus hooks and autograd graphs form reference
+    # cycles) so that its weights do not count in this variant's peak.
+    gc.collect()
+    baseline = 0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    plan, config = build(name, method, size, device)
+    dataset = Synthetic(BATCH * 200, config.vocab_size)
+    try:
+        if mode is None:
+            rate, seen, passes = run_nondp(plan, dataset, device, steps, warmup)
+        else:
+            rate, seen, passes = run_dp(
+                plan, dataset, device, steps, warmup, mode, path or "hubtune"
+            )
+        error = None
+    except Exception as exc:  # report, keep measuring the others
+        rate, seen, passes = float("nan"), 0, 0
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30 if device.type == "cuda" else None
+    return {
+        "model": name,
+        "method": method,
+        "variant": label,
+        "samples_per_s": rate,
+        "examples": seen,
+        "physical_steps": passes,  # forward/backward passes in the timed window
+        "peak_gib": peak,
+        "error": error,
+    }
+
+
+def _key(run: dict[str, Any]) -> tuple[str, str, str]:
+    return run["model"], run["method"], run["variant"]
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A variant's repeats as one row: median throughput, its range, worst-case memory."""
+    rates = sorted(r["samples_per_s"] for r in runs)
+    peaks = [r["peak_gib"] for r in runs if r["peak_gib"] is not None]
+    errors = [r["error"] for r in runs if r["error"]]
+    return {
+        **{k: runs[0][k] for k in ("model", "method", "variant")},
+        "samples_per_s": statistics.median(rates),
+        "samples_per_s_runs": [r["samples_per_s"] for r in runs],
+        "examples": sum(r["examples"] for r in runs),
+        "physical_steps": sum(r["physical_steps"] for r in runs) / len(runs),
+        "peak_gib": max(peaks) if peaks else None,
+        "error": errors[0] if errors else None,
+    }
+
+
 def main() -> None:
     global PHYSICAL, BATCH, SEQ
     parser = argparse.ArgumentParser(
@@ -278,7 +408,18 @@ def main() -> None:
         action="store_true",
         help="real depth at width 16 and sequence 16: times the fixed per-step cost (CPU ok)",
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of: " + ", ".join(VARIANTS) + " (non-DP always runs)",
+    )
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time each variant this many times, round-robin; rows give the median and range",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", default="bert-base,roberta-large,gpt2")
     parser.add_argument("--methods", default="lora,full", help="lora and/or full")
@@ -298,6 +439,9 @@ def main() -> None:
         "about half the steps; a cap of ~1.5x the batch avoids that at a little memory",
     )
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     BATCH = args.batch
     PHYSICAL = args.physical or args.batch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -308,56 +452,22 @@ def main() -> None:
     if args.overhead:
         SEQ = 16
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
-    rows = []
+    runs = []
     for name in args.models.split(","):
         for method in args.methods.split(","):
-            variants = [
-                ("non-DP", None, None),
-                ("DP hooks", "hooks", "hubtune"),
-                ("DP ghost", "ghost", "hubtune"),
-                ("plain Opacus hooks", "hooks", "opacus"),
-                ("plain Opacus ghost", "ghost", "opacus"),
-            ]
-            for label, mode, path in variants:
-                # Free the previous variant's model (Opacus hooks and autograd graphs form
-                # reference cycles) so that its weights do not count in this variant's peak.
-                gc.collect()
-                baseline = 0
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    baseline = torch.cuda.memory_allocated()
-                plan, config = build(name, method, size, device)
-                dataset = Synthetic(BATCH * 200, config.vocab_size)
-                try:
-                    if mode is None:
-                        rate, seen, passes = run_nondp(plan, dataset, device, steps, warmup)
-                    else:
-                        rate, seen, passes = run_dp(
-                            plan, dataset, device, steps, warmup, mode, path or "hubtune"
-                        )
-                    error = None
-                except Exception as exc:  # report, keep measuring the others
-                    rate, seen, passes = float("nan"), 0, 0
-                    error = f"{type(exc).__name__}: {exc}"[:300]
-                peak = (
-                    (torch.cuda.max_memory_allocated() - baseline) / 2**30
-                    if device.type == "cuda"
-                    else None
-                )
-                row = {
-                    "model": name,
-                    "method": method,
-                    "variant": label,
-                    "samples_per_s": rate,
-                    "examples": seen,
-                    "physical_steps": passes,  # forward/backward passes in the timed window
-                    "peak_gib": peak,
-                    "error": error,
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                del plan
+            wanted = {"non-DP", *args.variants.split(",")}
+            # Repeats go round the variants (A B C, A B C, ...), so a slow spell of a shared
+            # machine lands on every variant rather than on one.
+            for _ in range(args.repeats):
+                for label, (mode, path) in VARIANTS.items():
+                    if label not in wanted:
+                        continue
+                    run = measure(name, method, label, mode, path, size, device, steps, warmup)
+                    runs.append(run)
+                    print(json.dumps(run), flush=True)
+    rows = [
+        _median_row([r for r in runs if _key(r) == key]) for key in dict.fromkeys(map(_key, runs))
+    ]
     for row in rows:
         base = next(
             r
@@ -393,11 +503,14 @@ def main() -> None:
             "steps": steps,
             "warmup": warmup,
             "size": size,
+            "repeats": args.repeats,
         },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps({"machine": machine, "rows": rows, "runs": runs}, indent=2)
+    )
     lines = [
         f"# DP throughput on {machine['device']}"
         + (
@@ -408,7 +521,9 @@ def main() -> None:
         "",
         f"torch {machine['torch']}, {json.dumps(machine['versions'])}; {json.dumps(machine['settings'])}",
         "",
-        "| model | method | variant | samples/s | × non-DP | passes / step | peak GiB | × non-DP mem | note |",
+        "| model | method | variant | samples/s"
+        + (" (median, range)" if args.repeats > 1 else "")
+        + " | × non-DP | passes / step | peak GiB | × non-DP mem | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -420,8 +535,13 @@ def main() -> None:
         )
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] else "-"
         memr = f"{r['memory_vs_nondp']:.2f}" if r.get("memory_vs_nondp") else "-"
+        rate = f"{r['samples_per_s']:.1f}"
+        if len(r["samples_per_s_runs"]) > 1:
+            rate += " ({:.0f}-{:.0f})".format(
+                min(r["samples_per_s_runs"]), max(r["samples_per_s_runs"])
+            )
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['variant']} | {r['samples_per_s']:.1f} | {ratio} "
+            f"| {r['model']} | {r['method']} | {r['variant']} | {rate} | {ratio} "
             f"| {r['physical_steps'] / steps:.2f} | {mem} | {memr} | {r['error'] or ''} |"
         )
     lines += ["", "## Machine", "", *(f"- {k}: {v}" for k, v in machine["host"].items())]

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check for DP (issue 3), prepared to run as ONE call on a lent device machine
+# (H100 or H200, ~5-7 minutes; nothing is downloaded: models are built from configs):
+#
+#     run(command="bash bench/gpu_check.sh", timeout_s=540)
+#
+# Results land in $OUT (the device tool brings them back; at most 8 files) or, without $OUT,
+# in bench/results/. Copy the .md/.json pairs into bench/results/ and commit them.
+#
+# What it measures (bench/bench_dp_gpu.py; bf16 autocast, sequence 128):
+#   dp_gpu_lora_b512   LoRA, expected Poisson batch 512, the batch sizes DP-SGD trains with,
+#                      physical cap 1.1x (563): BERT-base and GPT-2, non-DP vs hubtune hooks /
+#                      ghost vs a plain Opacus loop. The issue's target: DP-LoRA >= 0.9x non-DP
+#                      throughput at <= 1.1x peak memory.
+#   dp_gpu_lora_rl256  the same for RoBERTa-large at batch 256 (cap 282), which fits in 78 GiB.
+#   dp_gpu_b32         batch 32 (cap 48), LoRA and full fine-tuning, all three models: the
+#                      small-batch regime, where the fixed per-step cost dominates.
+# Before them, a CUDA run of the DP correctness tests (per-example gradients, steps, ledger).
+#
+# GPU_CHECK_SMOKE=1 runs the same script with tiny models on any machine (a syntax check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/results}
+mkdir -p "$out"
+smoke=()
+if [[ ${GPU_CHECK_SMOKE:-0} == 1 ]]; then
+    smoke=(--smoke)
+    out=${OUT:-/tmp/gpu_check_smoke}
+    mkdir -p "$out"
+fi
+status=0
+
+{
+    date -u
+    git rev-parse --short HEAD 2>/dev/null || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+    python -c "import torch, transformers, peft, opacus; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); print('transformers', transformers.__version__, 'peft', peft.__version__, 'opacus', opacus.__version__)"
+    if [[ ${#smoke[@]} == 0 ]]; then
+        HUBTUNE_PROGRESS=0 timeout 150 python -m pytest -q -p no:cacheprovider \
+            tests/test_privacy_grads.py tests/test_privacy.py -m "not slow" -k "not kill_9 and not two_processes" 2>&1 | tail -5
+    fi
+} >"$out/gpu_check_env.txt" 2>&1 || status=1
+cat "$out/gpu_check_env.txt"
+
+bench() {
+    local name=$1
+    shift
+    echo "== $name: $*"
+    timeout 170 python bench/bench_dp_gpu.py "${smoke[@]}" --out "$out/$name" "$@" >"$out/$name.log" 2>&1 || {
+        status=1
+        tail -20 "$out/$name.log"
+    }
+    grep '^|' "$out/$name.log" || true
+    rm -f "$out/$name.log"
+}
+
+bench dp_gpu_lora_b512 --models bert-base,gpt2 --methods lora --batch 512 --physical 563 \
+    --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
+bench dp_gpu_lora_rl256 --models roberta-large --methods lora --batch 256 --physical 282 \
+    --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
+bench dp_gpu_b32 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
+    --physical 48 --steps 30 --warmup 5
+exit $status
