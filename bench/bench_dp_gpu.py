@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -452,35 +453,6 @@ def main() -> None:
     if args.overhead:
         SEQ = 16
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
-    runs = []
-    for name in args.models.split(","):
-        for method in args.methods.split(","):
-            wanted = {"non-DP", *args.variants.split(",")}
-            # Repeats go round the variants (A B C, A B C, ...), so a slow spell of a shared
-            # machine lands on every variant rather than on one.
-            for _ in range(args.repeats):
-                for label, (mode, path) in VARIANTS.items():
-                    if label not in wanted:
-                        continue
-                    run = measure(name, method, label, mode, path, size, device, steps, warmup)
-                    runs.append(run)
-                    print(json.dumps(run), flush=True)
-    rows = [
-        _median_row([r for r in runs if _key(r) == key]) for key in dict.fromkeys(map(_key, runs))
-    ]
-    for row in rows:
-        base = next(
-            r
-            for r in rows
-            if r["model"] == row["model"]
-            and r["method"] == row["method"]
-            and r["variant"] == "non-DP"
-        )
-        row["ratio_vs_nondp"] = (
-            row["samples_per_s"] / base["samples_per_s"] if base["samples_per_s"] else None
-        )
-        if base["peak_gib"]:
-            row["memory_vs_nondp"] = (row["peak_gib"] or 0) / base["peak_gib"]
     import importlib.metadata as md
 
     machine: dict[str, Any] = {
@@ -503,26 +475,63 @@ def main() -> None:
             "steps": steps,
             "warmup": warmup,
             "size": size,
-            "repeats": args.repeats,
+            "repeats": args.repeats,  # per variant, round-robin
         },
     }
-    out = Path(args.out)
+    runs = []
+    for name in args.models.split(","):
+        for method in args.methods.split(","):
+            wanted = {"non-DP", *args.variants.split(",")}
+            # Repeats go round the variants (A B C, A B C, ...), so a slow spell of a shared
+            # machine lands on every variant rather than on one.
+            for _ in range(args.repeats):
+                for label, (mode, path) in VARIANTS.items():
+                    if label not in wanted:
+                        continue
+                    run = measure(name, method, label, mode, path, size, device, steps, warmup)
+                    runs.append(run)
+                    print(json.dumps(run), flush=True)
+                    write_results(Path(args.out), runs, machine, steps, args.repeats)
+    print(write_results(Path(args.out), runs, machine, steps, args.repeats))
+
+
+def write_results(
+    out: Path, runs: list[dict[str, Any]], machine: dict[str, Any], steps: int, repeats: int
+) -> str:
+    """Write <out>.json and <out>.md from the runs so far (after every run: a timeout keeps them)."""
+    rows = [
+        _median_row([r for r in runs if _key(r) == key]) for key in dict.fromkeys(map(_key, runs))
+    ]
+    for row in rows:
+        base = next(
+            r
+            for r in rows
+            if r["model"] == row["model"]
+            and r["method"] == row["method"]
+            and r["variant"] == "non-DP"
+        )
+        row["ratio_vs_nondp"] = (
+            row["samples_per_s"] / base["samples_per_s"] if base["samples_per_s"] else None
+        )
+        if base["peak_gib"]:
+            row["memory_vs_nondp"] = (row["peak_gib"] or 0) / base["peak_gib"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"machine": machine, "rows": rows, "runs": runs}, indent=2)
+    _write_atomic(
+        out.with_suffix(".json"),
+        json.dumps({"machine": machine, "rows": rows, "runs": runs}, indent=2),
     )
     lines = [
         f"# DP throughput on {machine['device']}"
         + (
             " (fixed per-step cost: real depth, width 16, sequence 16)"
-            if size == "overhead"
+            if machine["settings"]["size"] == "overhead"
             else ""
         ),
         "",
         f"torch {machine['torch']}, {json.dumps(machine['versions'])}; {json.dumps(machine['settings'])}",
         "",
         "| model | method | variant | samples/s"
-        + (" (median, range)" if args.repeats > 1 else "")
+        + (" (median, range)" if repeats > 1 else "")
         + " | × non-DP | passes / step | peak GiB | × non-DP mem | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -545,9 +554,15 @@ def main() -> None:
             f"| {r['physical_steps'] / steps:.2f} | {mem} | {memr} | {r['error'] or ''} |"
         )
     lines += ["", "## Machine", "", *(f"- {k}: {v}" for k, v in machine["host"].items())]
-    lines += ["", "## Command", "", "```", "python " + " ".join(sys.argv), "```"]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", "## Command", "", "```", "python " + shlex.join(sys.argv), "```"]
+    _write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _host() -> dict[str, Any]:

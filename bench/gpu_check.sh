@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check for DP (issue 3), prepared to run as ONE call on a lent device machine
-# (H100 or H200, ~5-7 minutes; nothing is downloaded: models are built from configs):
+# (H100 or H200, at most ~9 minutes; nothing is downloaded: models are built from configs):
 #
-#     run(command="bash bench/gpu_check.sh", timeout_s=540)
+#     run(command="bash bench/gpu_check.sh", timeout_s=600)
 #
 # Results land in $OUT (the device tool brings them back; at most 8 files) or, without $OUT,
 # in bench/results/. Copy the .md/.json pairs into bench/results/ and commit them.
@@ -16,8 +16,11 @@
 #   dp_gpu_b32         batch 32 (cap 48), LoRA and full fine-tuning, all three models: the
 #                      small-batch regime, where the fixed per-step cost dominates.
 # Before them, a CUDA run of the DP correctness tests (per-example gradients, steps, ledger).
+# Each part has its own time limit; the benchmark rewrites its result files after every run,
+# so a part cut off by its limit still leaves the rows it measured.
 #
-# GPU_CHECK_SMOKE=1 runs the same script with tiny models on any machine (a syntax check).
+# GPU_CHECK_SMOKE=1 runs the same script with tiny models on any machine (a syntax check);
+# PYTHON picks the interpreter (default: python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
@@ -29,24 +32,25 @@ if [[ ${GPU_CHECK_SMOKE:-0} == 1 ]]; then
     mkdir -p "$out"
 fi
 status=0
+py=${PYTHON:-python}
 
 {
     date -u
     git rev-parse --short HEAD 2>/dev/null || true
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
-    python -c "import torch, transformers, peft, opacus; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); print('transformers', transformers.__version__, 'peft', peft.__version__, 'opacus', opacus.__version__)"
+    "$py" -c "import torch, transformers, peft, opacus; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); print('transformers', transformers.__version__, 'peft', peft.__version__, 'opacus', opacus.__version__)"
     if [[ ${#smoke[@]} == 0 ]]; then
-        HUBTUNE_PROGRESS=0 timeout 150 python -m pytest -q -p no:cacheprovider \
+        HUBTUNE_PROGRESS=0 timeout 120 "$py" -m pytest -q -p no:cacheprovider \
             tests/test_privacy_grads.py tests/test_privacy.py -m "not slow" -k "not kill_9 and not two_processes" 2>&1 | tail -5
     fi
 } >"$out/gpu_check_env.txt" 2>&1 || status=1
 cat "$out/gpu_check_env.txt"
 
 bench() {
-    local name=$1
-    shift
+    local name=$1 limit=$2
+    shift 2
     echo "== $name: $*"
-    timeout 170 python bench/bench_dp_gpu.py "${smoke[@]}" --out "$out/$name" "$@" >"$out/$name.log" 2>&1 || {
+    timeout "$limit" "$py" bench/bench_dp_gpu.py "${smoke[@]}" --out "$out/$name" "$@" >"$out/$name.log" 2>&1 || {
         status=1
         tail -20 "$out/$name.log"
     }
@@ -54,10 +58,10 @@ bench() {
     rm -f "$out/$name.log"
 }
 
-bench dp_gpu_lora_b512 --models bert-base,gpt2 --methods lora --batch 512 --physical 563 \
+bench dp_gpu_lora_b512 120 --models bert-base,gpt2 --methods lora --batch 512 --physical 563 \
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
-bench dp_gpu_lora_rl256 --models roberta-large --methods lora --batch 256 --physical 282 \
+bench dp_gpu_lora_rl256 100 --models roberta-large --methods lora --batch 256 --physical 282 \
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
-bench dp_gpu_b32 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
+bench dp_gpu_b32 210 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
     --physical 48 --steps 30 --warmup 5
 exit $status
