@@ -17,7 +17,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -1223,7 +1223,7 @@ def _dp_epoch(
 
 
 @torch.no_grad()
-def _any_nonfinite(tensors: list[torch.Tensor], device: Any = None) -> torch.Tensor:
+def _any_nonfinite(tensors: Sequence[torch.Tensor], device: Any = None) -> torch.Tensor:
     """A device-side flag: does any tensor hold a NaN or an infinity?
 
     One fused norm over all tensors (a single kernel launch per device and dtype on a GPU)
@@ -1233,7 +1233,7 @@ def _any_nonfinite(tensors: list[torch.Tensor], device: Any = None) -> torch.Ten
     """
     if not tensors:
         return torch.zeros((), dtype=torch.bool, device=device)
-    return torch.stack(torch._foreach_norm(tensors)).isfinite().all().logical_not()
+    return torch.stack(torch._foreach_norm(list(tensors))).isfinite().all().logical_not()
 
 
 class _LengthSorted:
