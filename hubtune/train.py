@@ -1147,12 +1147,12 @@ def _dp_epoch(
     sizes: list[int] = []  # examples in each logical (Poisson) batch, this process
     current = 0
     model, optimizer = run.model, run.optimizer
-    # The loss sum and a non-finite-loss flag stay on the device: the host reads them once per
-    # logical step (with the weights check) instead of twice per physical pass, so a GPU's
-    # queue is not drained between passes.
+    # The loss sum and a non-finite-loss flag stay on the device: the host never waits for a
+    # pass to finish (it used to read the loss twice per physical pass, draining a GPU's queue).
     running = torch.zeros((), device=accelerator.device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
     trained = [p for p in model.parameters() if p.requires_grad]
+    pending: tuple[Callable[[], list[bool]], int, int] | None = None  # the last step's checks
     source = run.loader
     if lengths is not None:
         source = DataLoader(
@@ -1170,8 +1170,9 @@ def _dp_epoch(
                 run.stopped_by_budget = True
                 break
             batch.pop("idx", None)
-            labels = batch.pop("labels").to(accelerator.device)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            # non_blocking: a blocking host-to-GPU copy waits for all queued work first.
+            labels = batch.pop("labels").to(accelerator.device, non_blocking=True)
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             if needs_position_ids:
                 add_position_ids(batch)
             with accelerator.autocast():
@@ -1195,31 +1196,61 @@ def _dp_epoch(
                 current = 0
                 scheduler.step()
                 step += 1
-                # One device sync per logical step for the loss flag and every trained tensor.
-                # A non-finite loss reaches the weights only through this step's update, which
-                # is discarded: the run stops before anything is saved.
-                if bool(torch.stack([nonfinite, _any_nonfinite(trained, nonfinite.device)]).any()):
-                    if bool(nonfinite):
-                        raise RunError(
-                            f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last "
-                            "good checkpoint is kept (lower train.lr, or check the data)."
-                        )
-                    bad = [
-                        n
-                        for n, p in model.named_parameters()
-                        if p.requires_grad and not torch.isfinite(p).all()
-                    ]
-                    if bad:  # else a finite tensor's norm overflowed: nothing is wrong
-                        raise RunError(
-                            f"non-finite weights after step {step} ({', '.join(bad[:3])}); "
-                            "stopped. The last good checkpoint is kept."
-                        )
+                # The loss flag and every trained tensor's finiteness, copied to the host
+                # without waiting; the copy is read at the next logical step (long done by
+                # then), so the GPU queue never drains for it. A NaN reaches only weights that
+                # are discarded: the run stops here or at the loop's end, before any save.
+                flags = torch.stack([nonfinite, _any_nonfinite(trained, nonfinite.device)])
+                previous, pending = pending, (_read_later(flags), epoch, step)
+                if previous is not None:
+                    _stop_if_nonfinite(model, *previous)
                 if initial is not None:
                     _check_moved(model, initial)
                     initial = None
             optimizer.zero_grad(set_to_none=True)
             seen += len(labels)
+    if pending is not None:
+        _stop_if_nonfinite(model, *pending)
     return float(running), seen, step, sizes
+
+
+def _read_later(flags: torch.Tensor) -> Callable[[], list[bool]]:
+    """Start copying a small device tensor to the host; the returned function waits for it.
+
+    On a GPU the copy goes to pinned memory behind a CUDA event, so neither starting it nor
+    reading it a step later stalls the host on the work queued in between.
+    """
+    if flags.device.type == "cuda":
+        host = flags.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def read() -> list[bool]:
+            done.synchronize()
+            return host.tolist()
+
+        return read
+    return flags.tolist
+
+
+def _stop_if_nonfinite(model: Any, read: Callable[[], list[bool]], epoch: int, step: int) -> None:
+    loss_bad, weights_bad = read()
+    if loss_bad:
+        raise RunError(
+            f"non-finite loss at epoch {epoch + 1}, step {step}; stopped. The last good "
+            "checkpoint is kept (lower train.lr, or check the data)."
+        )
+    if weights_bad:
+        bad = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and not torch.isfinite(p).all()
+        ]
+        if bad:  # else a finite tensor's norm overflowed: nothing is wrong
+            raise RunError(
+                f"non-finite weights after step {step} ({', '.join(bad[:3])}); stopped. The "
+                "last good checkpoint is kept."
+            )
 
 
 @torch.no_grad()

@@ -533,6 +533,38 @@ def test_non_finite_gradients_under_dp_stop_the_run(
     assert not (recipe.run_dir / "run.json").exists()
 
 
+def test_a_nan_in_the_last_pass_of_a_run_is_caught_before_anything_is_saved(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks of a logical step are read one step later; the last step's at the loop's end.
+
+    A first run (fixed DP seed: the same Poisson batches) counts the training passes; the second
+    poisons the very last one, whose step has no next step to read its checks.
+    """
+    monkeypatch.setenv("HUBTUNE_UNSAFE_DP_SEED", "11")
+    real = train_module.F.cross_entropy
+    calls = {"n": 0, "poison": 0}
+
+    def counted(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        loss = real(logits, labels, **kwargs)
+        if logits.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == calls["poison"]:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", counted)
+    first = run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path / "a", epochs=1)))
+    steps = json.loads((first.run_dir / "privacy.json").read_text())["steps"]
+    calls.update(poison=calls["n"], n=0)
+    recipe = Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path / "b", epochs=1))
+    with pytest.raises(RunError, match=f"non-finite loss at epoch 1, step {steps}; stopped"):
+        run_recipe(recipe)
+    assert calls["n"] == calls["poison"]
+    assert not (recipe.run_dir / "run.json").exists()
+    assert not list((recipe.run_dir / "checkpoints").glob("epoch-*"))
+
+
 def test_the_fused_finiteness_check_flags_nan_and_inf_and_never_misses() -> None:
     from hubtune.train import _any_nonfinite
 
