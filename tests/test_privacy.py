@@ -578,38 +578,59 @@ def test_the_fused_finiteness_check_flags_nan_and_inf_and_never_misses() -> None
     assert bool(_any_nonfinite([torch.full((4,), 3e38)]))
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_an_empty_poisson_batch_is_a_noise_only_step(mode: str) -> None:
-    """Poisson sampling can draw no example: that step still happens, with noise and accounting."""
+class _Rows(torch.utils.data.Dataset):
+    """Four features per row (row i holds i), alternating labels; optionally the row index."""
+
+    def __init__(self, n: int, index: bool):
+        self.n, self.index = n, index
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        row = {"features": torch.full((4,), float(i)), "labels": i % 2}
+        return {**row, "idx": i} if self.index else row
+
+
+def _private_on_rows(
+    model: nn.Module,
+    mode: str,
+    *,
+    rows: int,
+    logical: int,
+    physical: int,
+    lr: float,
+    index: bool = False,
+) -> Any:
+    """hubtune's DP setup (σ = 1, SGD) for ``model`` on ``rows`` rows of _Rows."""
     from hubtune.privacy import prepare_private
     from hubtune.recipe import PrivacySection
 
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 100
-
-        def __getitem__(self, i: int) -> dict:
-            return {"features": torch.full((4,), float(i)), "labels": i % 2, "idx": i}
-
-    torch.manual_seed(0)
-    model = nn.Linear(4, 2)
     section = PrivacySection(
         enabled=True,
         noise_multiplier=1.0,
-        logical_batch_size=10,
-        physical_batch_size=10,
+        logical_batch_size=logical,
+        physical_batch_size=physical,
         grad_sample_mode=mode,
     )
-    run = prepare_private(
+    return prepare_private(
         section=section,
         model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        dataset=Rows(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        dataset=_Rows(rows, index),
         collate=None,
         epochs=1,
         num_processes=1,
         device=torch.device("cpu"),
     )
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_an_empty_poisson_batch_is_a_noise_only_step(mode: str) -> None:
+    """Poisson sampling can draw no example: that step still happens, with noise and accounting."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    run = _private_on_rows(model, mode, rows=100, logical=10, physical=10, lr=1.0, index=True)
     # Opacus shapes an empty batch like the first one; hubtune primes that template, so even a
     # first batch that is empty has the dict structure the model takes.
     empty = run.loader.collate_fn([])
@@ -653,35 +674,9 @@ def test_gradient_scaling_is_linear_in_tensors_and_equals_opacus(
     """
     from opacus.optimizers import DPOptimizer
 
-    from hubtune.privacy import prepare_private
-    from hubtune.recipe import PrivacySection
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 64
-
-        def __getitem__(self, i: int) -> dict:
-            return {"features": torch.full((4,), float(i % 7)), "labels": i % 2}
-
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(19)], nn.Linear(4, 2))
-    section = PrivacySection(
-        enabled=True,
-        noise_multiplier=1.0,
-        logical_batch_size=16,
-        physical_batch_size=64,
-        grad_sample_mode=mode,
-    )
-    run = prepare_private(
-        section=section,
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        dataset=Rows(),
-        collate=None,
-        epochs=1,
-        num_processes=1,
-        device=torch.device("cpu"),
-    )
+    run = _private_on_rows(model, mode, rows=64, logical=16, physical=64, lr=0.1)
     optimizer = run.optimizer
     assert optimizer.scale_grad is not None and "scale_grad" in vars(optimizer)
     grads = [torch.randn_like(p) for p in optimizer.params]
