@@ -508,9 +508,9 @@ def _scale_grad_in_linear_time(optimizer: Any) -> None:
     Opacus 1.6's ``DPOptimizer.scale_grad`` divides each gradient by
     ``expected_batch_size * accumulated_iterations``, and ``accumulated_iterations`` is a
     property that walks every parameter: O(P²) per step in the number P of trained tensors.
-    Measured on 2 CPU cores: 0.2 s per step for RoBERTa-large (~390 tensors), more than its
-    forward and backward at small width. The replacement computes the same divisor once and
-    divides the same gradients by it (the same arithmetic, bit for bit), with one fused
+    Measured on 2 CPU cores: 77 ms per step for RoBERTa-large full fine-tuning (393 tensors),
+    20 ms for BERT-base (201). The replacement computes the same divisor once and divides the
+    same gradients by it (the same arithmetic; bit for bit on CPU, as tested), with one fused
     ``_foreach_div_`` (one kernel launch on a GPU instead of one per tensor). Subclasses that
     define their own ``scale_grad`` are left alone.
     """
