@@ -205,54 +205,28 @@ def run_dp(
     path: str,
 ) -> tuple[float, int, int]:
     """DP through hubtune (path='hubtune') or a plain Opacus loop (path='opacus')."""
+    from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     optimizer = torch.optim.AdamW(plan.param_groups)
     if path == "hubtune":
-        from hubtune.privacy import prepare_private
-        from hubtune.recipe import PrivacySection
-
-        section = PrivacySection(
-            enabled=True,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            grad_sample_mode=mode,
-            logical_batch_size=BATCH,
-            physical_batch_size=PHYSICAL,
-        )
-        run = prepare_private(
-            section=section,
-            model=plan.model,
-            optimizer=optimizer,
-            dataset=dataset,
-            collate=collate,
-            epochs=1,
-            num_processes=1,
-            device=device,
-        )
-        from hubtune.privacy import forward_takes_position_ids
-
-        position_ids = forward_takes_position_ids(plan.model)  # the model, not Opacus' wrapper
-        return _run_hubtune_epochs(run, optimizer, device, steps, warmup, position_ids)
+        return _run_hubtune(plan, optimizer, dataset, device, steps, warmup, mode)
+    engine = PrivacyEngine(accountant="prv")
+    base = torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate)
+    out = engine.make_private(
+        module=plan.model.to(device),
+        optimizer=optimizer,
+        data_loader=base,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=True,
+        grad_sample_mode=mode,
+        criterion=torch.nn.CrossEntropyLoss(),
+    )
+    if mode == "ghost":
+        model, dp_optimizer, criterion, loader = out
     else:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant="prv")
-        base = torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate)
-        out = engine.make_private(
-            module=plan.model.to(device),
-            optimizer=optimizer,
-            data_loader=base,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=True,
-            grad_sample_mode=mode,
-            criterion=torch.nn.CrossEntropyLoss(),
-        )
-        if mode == "ghost":
-            model, dp_optimizer, criterion, loader = out
-        else:
-            (model, dp_optimizer, loader), criterion = out, None
+        (model, dp_optimizer, loader), criterion = out, None
     model.train()
     logical, seen, start, physical = 0, 0, 0.0, 0
     with BatchMemoryManager(
@@ -277,15 +251,16 @@ def run_dp(
     return seen / (time.perf_counter() - start), seen, physical
 
 
-def _run_hubtune_epochs(
-    run: Any,
+def _run_hubtune(
+    plan: Any,
     optimizer: Any,
+    dataset: Synthetic,
     device: torch.device,
     steps: int,
     warmup: int,
-    needs_position_ids: bool,
+    mode: str,
 ) -> tuple[float, int, int]:
-    """Time hubtune's own DP epoch loop (``train._dp_epoch``), as ``hubtune run`` drives it.
+    """Time hubtune's DP setup and its own epoch loop (``train._dp_epoch``), as ``hubtune run``.
 
     That is everything a training step costs there: the Accelerate autocast, position ids, the
     length-sorted Poisson batches split by BatchMemoryManager, the loss and weights checks, the
@@ -293,8 +268,29 @@ def _run_hubtune_epochs(
     """
     from accelerate import Accelerator
 
+    from hubtune.privacy import forward_takes_position_ids, prepare_private
+    from hubtune.recipe import PrivacySection
     from hubtune.train import _dp_epoch
 
+    section = PrivacySection(
+        enabled=True,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+        logical_batch_size=BATCH,
+        physical_batch_size=PHYSICAL,
+    )
+    run = prepare_private(
+        section=section,
+        model=plan.model,
+        optimizer=optimizer,
+        dataset=dataset,
+        collate=collate,
+        epochs=1,
+        num_processes=1,
+        device=device,
+    )
+    needs_position_ids = forward_takes_position_ids(plan.model)  # the model, not Opacus' wrapper
     os.environ.setdefault("HUBTUNE_PROGRESS", "0")
     accelerator = Accelerator(
         cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"

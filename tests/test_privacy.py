@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -477,30 +478,51 @@ def test_sgd_optimizer_under_dp_takes_momentum_steps(
     assert json.loads((result.run_dir / "privacy.json").read_text())["epsilon"] <= 4.0
 
 
+def _poison_training_loss(
+    monkeypatch: pytest.MonkeyPatch, poison: Callable[[int], bool], grad_only: bool = False
+) -> dict[str, int]:
+    """Wrap the loss hubtune trains with; ``poison(n)`` says whether training pass n breaks.
+
+    A chosen pass returns ``loss * nan``, or with ``grad_only``, the same value with NaN
+    gradients (d√u at u = 0, times 0). Returns the live count of training passes, ``["n"]``.
+    """
+    real = train_module.F.cross_entropy
+    calls = {"n": 0}
+
+    def wrapped(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        loss = real(logits, labels, **kwargs)
+        if not logits.requires_grad:  # evaluation
+            return loss
+        calls["n"] += 1
+        if not poison(calls["n"]):
+            return loss
+        if grad_only:
+            return loss + 0.0 * torch.sqrt(logits - logits.detach()).sum()
+        return loss * float("nan")
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", wrapped)
+    return calls
+
+
 def test_non_finite_loss_under_dp_stops_and_keeps_the_last_good_checkpoint(
     tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A NaN loss in a physical pass (not the last of its logical step) stops the DP run.
 
-    The loss is checked on the device and read once per logical step, so the NaN first reaches
-    the weights through that step's update; the run must still stop there, name the loss, and
-    leave only the last epoch's checkpoint (no run.json).
+    The loss is checked on the device and read a logical step later, so the NaN first reaches
+    the weights through that step's update; the run must still stop, name the loss, and leave
+    only the last epoch's checkpoint (no run.json).
     """
     spec = _spec(tiny_bert, dp_csv, tmp_path)  # logical 64, physical 16: ~4 passes per step
     recipe = Recipe.model_validate(spec)
     first = recipe.run_dir / "checkpoints" / "epoch-1"
-    real = train_module.F.cross_entropy
-    after = {"n": 0}
+    after = {"n": 0}  # training passes of epoch 2
 
-    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = real(logits, labels)
-        if logits.requires_grad and first.exists():  # training passes of epoch 2
-            after["n"] += 1
-            if after["n"] == 6:
-                return loss * float("nan")
-        return loss
+    def sixth_of_epoch_2(n: int) -> bool:
+        after["n"] += first.exists()
+        return first.exists() and after["n"] == 6
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    _poison_training_loss(monkeypatch, sixth_of_epoch_2)
     with pytest.raises(RunError, match="non-finite loss at epoch 2, step [0-9]+; stopped"):
         run_recipe(recipe)
     assert after["n"] >= 6
@@ -513,20 +535,8 @@ def test_non_finite_gradients_under_dp_stop_the_run(
     tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A finite loss with NaN gradients (d√u at u = 0, times 0) stops the run at that step."""
-    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=1)
-    recipe = Recipe.model_validate(spec)
-    real = train_module.F.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = real(logits, labels)
-        if logits.requires_grad:
-            calls["n"] += 1
-            if calls["n"] == 5:  # the value is unchanged, the gradient is NaN
-                return loss + 0.0 * torch.sqrt(logits - logits.detach()).sum()
-        return loss
-
-    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    recipe = Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path, epochs=1))
+    calls = _poison_training_loss(monkeypatch, lambda n: n == 5, grad_only=True)
     with pytest.raises(RunError, match=r"non-finite weights after step [0-9]+ \(.+\); stopped"):
         run_recipe(recipe)
     assert calls["n"] >= 5
@@ -542,25 +552,15 @@ def test_a_nan_in_the_last_pass_of_a_run_is_caught_before_anything_is_saved(
     poisons the very last one, whose step has no next step to read its checks.
     """
     monkeypatch.setenv("HUBTUNE_UNSAFE_DP_SEED", "11")
-    real = train_module.F.cross_entropy
-    calls = {"n": 0, "poison": 0}
-
-    def counted(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        loss = real(logits, labels, **kwargs)
-        if logits.requires_grad:
-            calls["n"] += 1
-            if calls["n"] == calls["poison"]:
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(train_module.F, "cross_entropy", counted)
+    last = {"pass": 0}
+    calls = _poison_training_loss(monkeypatch, lambda n: n == last["pass"])
     first = run_recipe(Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path / "a", epochs=1)))
     steps = json.loads((first.run_dir / "privacy.json").read_text())["steps"]
-    calls.update(poison=calls["n"], n=0)
+    last["pass"], calls["n"] = calls["n"], 0
     recipe = Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path / "b", epochs=1))
     with pytest.raises(RunError, match=f"non-finite loss at epoch 1, step {steps}; stopped"):
         run_recipe(recipe)
-    assert calls["n"] == calls["poison"]
+    assert calls["n"] == last["pass"]
     assert not (recipe.run_dir / "run.json").exists()
     assert not list((recipe.run_dir / "checkpoints").glob("epoch-*"))
 
