@@ -32,8 +32,10 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hubtune.audit.public import not_covered_by_dp, public_audit
 from hubtune.io import atomic_write_text
 from hubtune.model import GROUPNORM_FILE
+from hubtune.privacy import guarantee_is_void
 
 __all__ = ["CARD_DIR", "CardError", "base_model_source", "build_card", "public_path", "write_card"]
 
@@ -264,7 +266,9 @@ def _privacy(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if ledger.get("prior_history"):
         block["includes_base_model_dp_history"] = True
     source = str(ledger.get("noise_source") or "")
-    if source and source not in ("os.urandom",) and not ledger.get("secure_mode"):
+    if guarantee_is_void(source) or (
+        source and source not in ("os.urandom",) and not ledger.get("secure_mode")
+    ):
         block["guarantee_void"] = True  # noise fixed for testing: no privacy at all
     return block, ledger
 
@@ -423,6 +427,7 @@ def _membership(audit: dict[str, Any] | None) -> dict[str, Any] | None:
     if "auc" in membership:
         view.update(
             attack=_md(membership.get("attack", "loss threshold")),
+            withheld=membership.get("withheld"),
             members=_num(membership.get("members")),
             nonmembers=_num(membership.get("nonmembers")),
             auc=_ci(membership.get("auc")),
@@ -456,6 +461,7 @@ def _membership(audit: dict[str, Any] | None) -> dict[str, Any] | None:
             "included": _num(canaries.get("included")),
             "guesses": _num(canaries.get("guesses")),
             "right": _num(canaries.get("right_guesses")),
+            "withheld": canaries.get("withheld"),
             "epsilon_lb": _num(canaries.get("epsilon_lower_bound")),
             "max_provable": _num(canaries.get("max_provable_epsilon")),
             "exceeds": bool(canaries.get("exceeds_dp_epsilon")),
@@ -719,6 +725,7 @@ def build_card(
     repo_id: str | None = None,
     revision: str | None = None,
     allow_failing_audit: bool = False,
+    include_membership_audit: bool = False,
 ) -> ModelCard:
     """Build the Hub model card of a finished run.
 
@@ -730,6 +737,8 @@ def build_card(
             default ``main``).
         allow_failing_audit: The model is published although its audit did not pass; the
             card says so prominently (as it does when run.json records an override).
+        include_membership_audit: Show the membership audit's details (computed on training
+            rows without DP); by default the card carries its aggregates only.
 
     Returns:
         The card: ``card.data`` is the parsed YAML header, ``str(card)`` the README text.
@@ -752,6 +761,8 @@ def build_card(
         else {}
     )
     audit = _read_json(run_dir / "audit" / "audit.json")
+    if audit is not None:  # a card is public: it shows what a public repository may carry
+        audit = public_audit(audit, include_membership=include_membership_audit)
     method = run_info.get("method") or {}
     method_name = str(method.get("method") or (recipe.get("method") or {}).get("name") or "freeze")
     lora = method_name == "lora" or (run_info.get("outputs") or {}).get("model_dir") == "adapter"
@@ -878,7 +889,10 @@ def build_card(
         "eps": _num(privacy_block.get("epsilon")),
         "eps_rdp": _num(privacy_block.get("epsilon_rdp")),
         "delta": _num(privacy_block.get("delta"), 2),
-        "sigma": _num(privacy_block.get("noise_multiplier"), 4),
+        # One σ, or how it changed over the run (a resume that grew train.epochs re-plans it).
+        "sigma": _num(privacy_block.get("noise_multiplier"), 4)
+        if privacy_block.get("noise_multiplier") is not None
+        else _md(str((ledger or {}).get("noise") or "").removeprefix("σ ")),
         "clip": _num(privacy_block.get("max_grad_norm")),
         "q": _num(privacy_block.get("sample_rate"), 4),
         "steps": _num(privacy_block.get("steps")),
@@ -886,6 +900,8 @@ def build_card(
         "stopped_by_budget": bool((ledger or {}).get("stopped_by_budget")),
         "fairness": fairness_view,
         "membership": _membership(audit),
+        "not_covered": (audit or {}).get("publication", {}).get("not_covered_by_dp")
+        or not_covered_by_dp({"privacy": privacy_block}),
         "code": _how_to_load(
             run_dir=run_dir,
             repo_id=repo_id,
@@ -948,6 +964,7 @@ def write_card(
     repo_id: str | None = None,
     revision: str | None = None,
     allow_failing_audit: bool = False,
+    include_membership_audit: bool = False,
 ) -> Path:
     """Build the card and write it atomically to ``RUN_DIR/card/README.md``.
 
@@ -956,6 +973,7 @@ def write_card(
         repo_id: See :func:`build_card`.
         revision: See :func:`build_card`.
         allow_failing_audit: See :func:`build_card`.
+        include_membership_audit: See :func:`build_card`.
 
     Returns:
         The path of the written ``README.md``.
@@ -965,5 +983,6 @@ def write_card(
         repo_id=repo_id,
         revision=revision,
         allow_failing_audit=allow_failing_audit,
+        include_membership_audit=include_membership_audit,
     )
     return atomic_write_text(Path(run_dir) / CARD_DIR / "README.md", str(card))

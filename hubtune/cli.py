@@ -219,6 +219,14 @@ def push(
             help="Push although the audit did not pass (recorded in run.json and the card).",
         ),
     ] = False,
+    include_membership_audit: Annotated[
+        bool,
+        typer.Option(
+            "--include-membership-audit",
+            help="Also publish the membership audit's details and the non-private twin's figures "
+            "(statistics of training rows the DP guarantee does not cover).",
+        ),
+    ] = False,
     endpoint: Annotated[
         str | None,
         typer.Option(
@@ -232,6 +240,9 @@ def push(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Push a run: one commit with weights, card, audit/, privacy.json and the recipe.
+
+    The public copy of the audit carries the verdict and aggregate figures; privacy.json goes
+    out without the exact training-set size. A run whose DP noise seed was fixed is refused.
 
     The token comes from HF_TOKEN or the huggingface_hub login and is never written anywhere.
     Refused (exit 3) when the audit did not pass, unless --allow-failing-audit.
@@ -248,6 +259,7 @@ def push(
                 private=private,
                 space_id=space_id,
                 allow_failing_audit=allow_failing_audit,
+                include_membership_audit=include_membership_audit,
                 endpoint=url,
             )
     except PushError as exc:

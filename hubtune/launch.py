@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["requested_cpu_processes", "relaunch_on_cpu", "use_cpu"]
+__all__ = ["requested_cpu_processes", "relaunch_on_cpu", "resolve_mixed_precision", "use_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,3 +92,32 @@ def relaunch_on_cpu(num_processes: int, argv: list[str]) -> int:
         *argv,
     ]
     return subprocess.call(command, env=env)
+
+
+def resolve_mixed_precision(recipe_value: str | None, *, dp: bool) -> str:
+    """The precision a run uses: the recipe's, else the launcher's, else "no".
+
+    ``accelerate launch --mixed_precision X`` tells the job through ``ACCELERATE_MIXED_PRECISION``.
+    The launcher writes "no" also when nothing was asked, so only a launcher value other than
+    "no" counts as a choice; a recipe that sets a different one is a conflict, not a silent
+    override.
+
+    Raises:
+        ValueError: the recipe and the launcher disagree, or fp16 was asked for under DP.
+    """
+    launcher = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "").lower() or None
+    if launcher == "no":
+        launcher = None
+    if recipe_value is not None and launcher is not None and recipe_value != launcher:
+        raise ValueError(
+            f"train.mixed_precision is {recipe_value!r} in the recipe but the launcher asked for "
+            f"{launcher!r} (accelerate launch --mixed_precision / ACCELERATE_MIXED_PRECISION). Remove one, "
+            "or make them agree."
+        )
+    chosen = recipe_value or launcher or "no"
+    if dp and chosen == "fp16":
+        raise ValueError(
+            "privacy with fp16 (from accelerate launch --mixed_precision fp16) is refused: the fp16 "
+            "GradScaler rescales and skips steps behind the DP optimizer's back. Use bf16 or no."
+        )
+    return chosen

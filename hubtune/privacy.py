@@ -36,6 +36,13 @@ from torch import nn
 __all__ = [
     "PrivacyError",
     "PrivacyRun",
+    "NoisePlan",
+    "SpentBudget",
+    "plan_noise",
+    "refuse_trainable_batchnorm",
+    "describe_noise",
+    "guarantee_is_void",
+    "noise_segments",
     "compute_epsilons",
     "default_delta",
     "sample_rate_for",
@@ -55,8 +62,11 @@ class PrivacyError(RuntimeError):
 
 
 def default_delta(n: int) -> float:
-    """A δ well below 1/n: min(1e-5, 1/(10 n))."""
-    return min(1e-5, 1.0 / (10 * n))
+    """A δ well below 1/n: min(1e-5, 1/(10 n)) rounded down to a power of ten.
+
+    The rounding keeps the published δ from stating the training-set size exactly.
+    """
+    return min(1e-5, 10.0 ** math.floor(math.log10(1.0 / (10 * n))))
 
 
 def sample_rate_for(n: int, logical_batch_size: int) -> float:
@@ -131,6 +141,181 @@ def max_steps_within(
     return lo
 
 
+History = list[tuple[float, float, int]]
+
+
+@dataclass(frozen=True)
+class SpentBudget:
+    """What an interrupted DP run spent, as its checkpoint records it.
+
+    ``history`` is the accountant's history of the run so far (not the base model's prior);
+    ``sigma`` and ``planned_steps`` are the plan it was trained under, so a resume that plans
+    the same total continues with exactly the same noise.
+    """
+
+    history: History
+    sigma: float
+    planned_steps: int
+    max_steps: int
+
+    @property
+    def steps(self) -> int:
+        return sum(int(h[2]) for h in self.history)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "history": [list(h) for h in self.history],
+            "noise_multiplier": self.sigma,
+            "planned_steps": self.planned_steps,
+            "max_steps": self.max_steps,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SpentBudget:
+        return cls(
+            history=[(float(s), float(q), int(k)) for s, q, k in data["history"]],
+            sigma=float(data["noise_multiplier"]),
+            planned_steps=int(data["planned_steps"]),
+            max_steps=int(data["max_steps"]),
+        )
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The noise of the steps still to take, and how many steps (in all) the budget allows."""
+
+    sigma: float
+    planned_steps: int  # this run's steps in all, spent ones included
+    max_steps: int  # the most steps of this run, spent ones included, that fit in the target
+
+
+def plan_noise(
+    *,
+    section: Any,
+    prior: History,
+    spent: SpentBudget | None,
+    q: float,
+    planned_steps: int,
+    delta: float,
+) -> NoisePlan:
+    """Plan σ for the steps still to take, from the privacy already spent.
+
+    ``prior`` is the base model's earlier DP training; ``spent`` what this run spent before it
+    was interrupted. A resumed run whose plan is unchanged keeps its σ (it continues exactly);
+    one whose ``train.epochs`` grew plans σ for the remaining steps given the history actually
+    spent, so the final ε never exceeds the target.
+
+    Raises:
+        PrivacyError: the target is already spent, or cannot cover the remaining steps.
+    """
+    if spent is not None and spent.planned_steps == planned_steps:
+        return NoisePlan(spent.sigma, spent.planned_steps, spent.max_steps)
+    if spent is not None and any(abs(h[1] - q) > 1e-12 for h in spent.history):
+        raise PrivacyError(
+            f"the checkpoint's DP steps were sampled at rates {sorted({h[1] for h in spent.history})}, "
+            f"this run samples at q = {q}: the data or batch size changed; use --overwrite"
+        )
+    done = spent.steps if spent is not None else 0
+    before = [*prior, *(spent.history if spent is not None else [])]
+    remaining = planned_steps - done
+    if remaining <= 0:
+        raise PrivacyError(
+            f"this run already took {done} DP steps; {planned_steps} are planned. Raise train.epochs "
+            "to train on, or use --overwrite to start over."
+        )
+    if section.noise_multiplier is not None:  # no target: ε is whatever these steps spend
+        return NoisePlan(float(section.noise_multiplier), planned_steps, planned_steps)
+    target = float(section.target_epsilon)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spent_eps = _epsilon(section.accountant, before, delta) if before else 0.0
+    if spent_eps >= target:
+        raise PrivacyError(_spent_message(spent, spent_eps, target, section.accountant))
+    try:
+        sigma = sigma_for_target(
+            accountant=section.accountant,
+            prior=before,
+            q=q,
+            steps=remaining,
+            delta=delta,
+            target=target,
+        )
+    except PrivacyError:
+        if spent is None:
+            raise
+        fits = max_steps_within(
+            accountant=section.accountant,
+            prior=before,
+            sigma=spent.sigma,
+            q=q,
+            delta=delta,
+            target=target,
+            upper=remaining,
+        )
+        raise PrivacyError(
+            f"{_spent_message(spent, spent_eps, target, section.accountant)}; no noise multiplier up "
+            f"to 1e5 fits {remaining} more steps in the rest. At the σ used so far ({spent.sigma:.4g}) "
+            f"{fits} more step(s) fit. Keep train.epochs at what the checkpoint planned, or start over "
+            "with --overwrite so σ is planned for all epochs at once."
+        ) from None
+    fits = max_steps_within(
+        accountant=section.accountant,
+        prior=before,
+        sigma=sigma,
+        q=q,
+        delta=delta,
+        target=target,
+        upper=remaining,
+    )
+    if fits == 0:
+        raise PrivacyError(
+            f"not even one step fits in target ε = {target} at σ = {sigma:g}; raise the target"
+        )
+    return NoisePlan(sigma, planned_steps, done + fits)
+
+
+def _spent_message(
+    spent: SpentBudget | None, spent_eps: float, target: float, accountant: str
+) -> str:
+    if spent is None:
+        return (
+            f"the base model's earlier DP training already spent ε = {spent_eps:.3g} ≥ target {target}; "
+            "raise privacy.target_epsilon"
+        )
+    return (
+        f"the resumed run (with any earlier training of its base model) has already spent ε = "
+        f"{spent_eps:.4g} ({accountant.upper()}) of its target {target} in {spent.steps} steps"
+    )
+
+
+def noise_segments(history: History) -> list[dict[str, Any]]:
+    """The accountant history as one record per stretch of steps at one (σ, q)."""
+    return [
+        {"noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps)}
+        for sigma, q, steps in history
+    ]
+
+
+def describe_noise(history: History) -> str:
+    """σ as it was spent: "σ 0.949" or "σ 0.949 for 20 steps, then 1.09 for 20 steps"."""
+    segments = noise_segments(history)
+    if len({s["noise_multiplier"] for s in segments}) <= 1:
+        return f"σ {segments[0]['noise_multiplier']:.4g}" if segments else "no DP step"
+    parts = [f"{s['noise_multiplier']:.4g} for {s['steps']} steps" for s in segments]
+    return "σ " + ", then ".join(parts) + " (re-planned when the run was resumed)"
+
+
+VOID_REASON = (
+    f"{TEST_SEED_ENV} fixed the DP sampling and noise (testing only); anyone who knows the seed "
+    "can remove the noise, so this model has no privacy guarantee"
+)
+
+
+def guarantee_is_void(noise_source: str | None) -> bool:
+    """Whether a ledger's noise came from a fixed (public) seed: then no (ε, δ) holds."""
+    return str(noise_source or "").startswith("fixed by")
+
+
 class _GeneratorState:
     """Lets the secret generators (sampling on the CPU, noise on the device) ride along in checkpoints."""
 
@@ -183,6 +368,19 @@ def check_modules(model: nn.Module) -> None:
     """Opacus' module validation, with hubtune's explanation for BatchNorm."""
     from opacus.validators import ModuleValidator
 
+    refuse_trainable_batchnorm(model)
+    # Opacus flags every BatchNorm, also frozen ones; a frozen BatchNorm runs in eval mode (see
+    # methods.MethodPlan.eval_modules) and mixes nothing, so those findings are dropped here.
+    errors = [e for e in ModuleValidator.validate(model, strict=False) if "BatchNorm" not in str(e)]
+    if errors:
+        raise PrivacyError(
+            "Opacus cannot compute per-example gradients for this model: "
+            + "; ".join(map(str, errors))
+        )
+
+
+def refuse_trainable_batchnorm(model: nn.Module) -> None:
+    """Refuse a trainable BatchNorm under DP (cheap: the run's preflight calls it before any work)."""
     trainable_bn = [
         name
         for name, m in model.named_modules()
@@ -199,14 +397,6 @@ def check_modules(model: nn.Module) -> None:
             "(2) method.batchnorm: groupnorm replaces each BatchNorm by a trainable GroupNorm, which normalises "
             "each example on its own (its pretrained running statistics are lost, so expect a few epochs of "
             "recovery); (3) train only the head (method.name: freeze without unfreeze_top_k), or LoRA."
-        )
-    # Opacus flags every BatchNorm, also frozen ones; a frozen BatchNorm runs in eval mode (see
-    # methods.MethodPlan.eval_modules) and mixes nothing, so those findings are dropped here.
-    errors = [e for e in ModuleValidator.validate(model, strict=False) if "BatchNorm" not in str(e)]
-    if errors:
-        raise PrivacyError(
-            "Opacus cannot compute per-example gradients for this model: "
-            + "; ".join(map(str, errors))
         )
 
 
@@ -280,6 +470,7 @@ class PrivacyRun:
     noise_source: str
     target_epsilon: float | None
     max_steps: int
+    planned_steps: int = 0
     prior_history: list[tuple[float, float, int]] = field(default_factory=list)
     generator_state: _GeneratorState | None = None
     num_processes: int = 1
@@ -295,6 +486,10 @@ class PrivacyRun:
 
     def full_history(self) -> list[tuple[float, float, int]]:
         return [*self.prior_history, *self.history]
+
+    def spent_budget(self) -> SpentBudget:
+        """What this run has spent so far and the plan it is under (for its checkpoints)."""
+        return SpentBudget(self.history, self.sigma, self.planned_steps, self.max_steps)
 
     def ledger(
         self, *, trained_names: list[str], trained_count: int, batch_sizes: list[int] | None = None
@@ -312,16 +507,27 @@ class PrivacyRun:
         for name in ("opacus", "torch", "transformers", "peft", "accelerate"):
             with contextlib.suppress(md.PackageNotFoundError):
                 versions[name] = md.version(name)
+        spent = self.history
+        sigmas = sorted({float(h[0]) for h in spent})
+        void = guarantee_is_void(self.noise_source)
+        guarantee = f"({eps[self.accountant]:.4g}, {self.delta:.3g})-DP at the example level"
         return {
             "schema_version": LEDGER_SCHEMA_VERSION,
-            "guarantee": f"({eps[self.accountant]:.4g}, {self.delta:.3g})-DP at the example level",
+            "guarantee": f"NONE: {VOID_REASON} (the accounting below would give {guarantee})"
+            if void
+            else guarantee,
+            "guarantee_void": void,
             "epsilon": eps[self.accountant],
             "delta": self.delta,
             "accountant": self.accountant,
             "epsilon_by_accountant": eps,
             "target_epsilon": self.target_epsilon,
             "stopped_by_budget": self.stopped_by_budget,
-            "noise_multiplier": self.sigma,
+            # From the history that was spent: one σ, or None with the segments below when it
+            # changed within the run (a resume that grew train.epochs re-plans the rest).
+            "noise_multiplier": sigmas[0] if len(sigmas) == 1 else (None if sigmas else self.sigma),
+            "noise_segments": noise_segments(spent),
+            "noise": describe_noise(spent) if spent else f"σ {self.sigma:.4g} (no step taken)",
             "max_grad_norm": self.max_grad_norm,
             "clipping": "flat",
             "grad_sample_mode": self.grad_sample_mode,
@@ -356,8 +562,14 @@ def prepare_private(
     num_processes: int,
     device: torch.device,
     prior_history: list[tuple[float, float, int]] | None = None,
+    spent: SpentBudget | None = None,
 ) -> PrivacyRun:
     """Wrap model, optimizer and a Poisson data loader with Opacus, and fix the budget.
+
+    Args:
+        prior_history: The base model's earlier DP training (its ε keeps counting).
+        spent: What an interrupted run being resumed already spent (its checkpoint's record);
+            the noise for the remaining steps is planned from it, never from the first plan.
 
     Raises:
         PrivacyError: the configuration would not give the guarantee it claims.
@@ -388,45 +600,14 @@ def prepare_private(
     check_modules(model)
     out_of_place(model)
     q = sample_rate_for(n, section.logical_batch_size)
-    steps_per_epoch = round(1 / q)
-    planned = epochs * steps_per_epoch
-    prior = list(prior_history or [])
-    if section.noise_multiplier is not None:
-        sigma = float(section.noise_multiplier)
-    else:
-        # σ so that the planned steps (after any prior DP training) land at or under the target.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prior_eps = _epsilon(section.accountant, prior, delta) if prior else 0.0
-            if prior_eps >= section.target_epsilon:
-                raise PrivacyError(
-                    f"the base model's earlier DP training already spent ε = {prior_eps:.3g} ≥ target "
-                    f"{section.target_epsilon}; raise privacy.target_epsilon"
-                )
-            sigma = sigma_for_target(
-                accountant=section.accountant,
-                prior=prior,
-                q=q,
-                steps=planned,
-                delta=delta,
-                target=section.target_epsilon,
-            )
-    target = section.target_epsilon
-    max_steps = planned
-    if target is not None:
-        max_steps = max_steps_within(
-            accountant=section.accountant,
-            prior=prior,
-            sigma=sigma,
-            q=q,
-            delta=delta,
-            target=target,
-            upper=planned,
-        )
-        if max_steps == 0:
-            raise PrivacyError(
-                f"not even one step fits in target ε = {target} at σ = {sigma:g}; raise the target"
-            )
+    plan = plan_noise(
+        section=section,
+        prior=list(prior_history or []),
+        spent=spent,
+        q=q,
+        planned_steps=epochs * round(1 / q),
+        delta=delta,
+    )
 
     sampling_generator, noise_generator, noise_source = _secret_generators(
         section.secure_mode, torch.device(device)
@@ -449,7 +630,7 @@ def prepare_private(
         module=wrapped,
         optimizer=optimizer,
         data_loader=base_loader,
-        noise_multiplier=sigma,
+        noise_multiplier=plan.sigma,
         max_grad_norm=section.max_grad_norm,
         poisson_sampling=True,
         clipping="flat",
@@ -485,7 +666,7 @@ def prepare_private(
         criterion=criterion,
         n=n,
         q=q,
-        sigma=sigma,
+        sigma=plan.sigma,
         delta=delta,
         max_grad_norm=section.max_grad_norm,
         accountant=section.accountant,
@@ -494,9 +675,10 @@ def prepare_private(
         physical_batch_size=section.physical_batch_size,
         secure_mode=section.secure_mode,
         noise_source=noise_source,
-        target_epsilon=target,
-        max_steps=max_steps,
-        prior_history=prior,
+        target_epsilon=section.target_epsilon,
+        max_steps=plan.max_steps,
+        planned_steps=plan.planned_steps,
+        prior_history=list(prior_history or []),
         generator_state=_GeneratorState(sampling_generator, noise_generator),
         num_processes=num_processes,
     )

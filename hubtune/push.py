@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hubtune.io import atomic_write_json
+from hubtune.rundir import PRIVACY_FILE
 
 __all__ = ["PushError", "PushResult", "push_run", "pushed_files"]
 
@@ -74,19 +75,22 @@ def pushed_files(run_dir: Path) -> dict[str, Path]:
     return files
 
 
-def _public_copies(run_dir: Path, files: dict[str, Path], scratch: Path) -> dict[str, Path]:
-    """Replace files that record local paths with copies that do not.
+def _public_copies(
+    run_dir: Path, files: dict[str, Path], scratch: Path, *, include_membership: bool = False
+) -> dict[str, Path]:
+    """Replace files that record local paths or private statistics with copies that do not.
 
     peft writes the base model's local folder into ``adapter_config.json``, and a resolved
     recipe names local data files and folders: published as they are, they would tell the
     world how the machine is laid out, and the adapter would point at a folder nobody else
-    has. The adapter is pointed at the base model's Hub id when there is one.
+    has. The adapter is pointed at the base model's Hub id when there is one. The privacy
+    ledgers and the audit go out as their public versions (:mod:`hubtune.audit.public`).
     """
     import yaml
 
     from hubtune.card import base_model_source, public_path
 
-    out = dict(files)
+    out = _public_audit_files(run_dir, dict(files), scratch, include_membership=include_membership)
     run_info = json.loads((run_dir / "run.json").read_text())
     if "adapter_config.json" in files:
         config = json.loads(files["adapter_config.json"].read_text())
@@ -114,6 +118,35 @@ def _public_copies(run_dir: Path, files: dict[str, Path], scratch: Path) -> dict
         target.write_text(yaml.safe_dump(public(recipe), sort_keys=False))
         out["recipe.resolved.yaml"] = target
     return out
+
+
+def _public_audit_files(
+    run_dir: Path, files: dict[str, Path], scratch: Path, *, include_membership: bool
+) -> dict[str, Path]:
+    """The public ledgers and a public audit (re-rendered) in place of the run's own."""
+    from hubtune.audit.public import public_audit, public_ledger
+    from hubtune.audit.report import render_reports
+
+    for name in ("privacy.json", PRIVACY_FILE):
+        if name in files:
+            target = scratch / "ledgers" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(target, public_ledger(json.loads(files[name].read_text())))
+            files[name] = target
+    audit_json = run_dir / "audit" / "audit.json"
+    if not audit_json.exists():
+        return files
+    audit = public_audit(json.loads(audit_json.read_text()), include_membership=include_membership)
+    folder = scratch / "audit"
+    html, markdown = render_reports(audit, charts_dir=folder / "charts")
+    atomic_write_json(folder / "audit.json", audit)
+    (folder / "report.html").write_text(html, encoding="utf-8")
+    (folder / "report.md").write_text(markdown, encoding="utf-8")
+    files = {k: v for k, v in files.items() if not k.startswith("audit/")}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            files[f"audit/{path.relative_to(folder).as_posix()}"] = path
+    return files
 
 
 def _push_id(files: dict[str, Path]) -> str:
@@ -186,6 +219,19 @@ def _commit(
     raise AssertionError("unreachable")
 
 
+def _refuse_void_guarantee(run_dir: Path) -> None:
+    """A model that claims DP while its noise came from a public seed is never published."""
+    from hubtune.privacy import VOID_REASON, guarantee_is_void
+
+    path = run_dir / "privacy.json"
+    if path.exists() and guarantee_is_void(json.loads(path.read_text()).get("noise_source")):
+        raise PushError(
+            f"{run_dir} was trained with {VOID_REASON}. Pushing it would publish a privacy claim that "
+            "does not hold; train again without HUBTUNE_UNSAFE_DP_SEED. (--allow-failing-audit does not "
+            "override this.)"
+        )
+
+
 def push_run(
     run_dir: str | Path,
     *,
@@ -193,6 +239,7 @@ def push_run(
     private: bool = True,
     space_id: str | None = None,
     allow_failing_audit: bool = False,
+    include_membership_audit: bool = False,
     endpoint: str | None = None,
     token: str | None = None,
 ) -> PushResult:
@@ -204,7 +251,11 @@ def push_run(
         private: Create the repositories private (the default).
         space_id: Also render and push the Gradio Space demo to this Space repository.
         allow_failing_audit: Push although the audit did not pass; recorded in run.json and
-            stated in the model card.
+            stated in the model card. It never overrides a void DP guarantee.
+        include_membership_audit: Also publish the membership audit's details (loss means,
+            rates per level, canary hits) and the non-private twin's per-group figures, all
+            computed on training rows without DP. Off by default: the card and report then
+            carry the verdict and aggregate figures only.
         endpoint: Hub URL; default ``HF_ENDPOINT`` or huggingface.co.
         token: Hub token; default ``HF_TOKEN`` or the huggingface_hub login. Never written
             anywhere.
@@ -220,6 +271,7 @@ def push_run(
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
         raise PushError(f"{run_dir} is not a complete run (no run.json)")
+    _refuse_void_guarantee(run_dir)
     gate = audit_gate(run_dir, allow_failing=allow_failing_audit)
     if not gate["allowed"]:
         raise PushError(
@@ -230,7 +282,12 @@ def push_run(
         logger.warning("push: audit %s overridden by --allow-failing-audit", gate["status"])
     token = token or get_token()
     api = HfApi(endpoint=endpoint, token=token)
-    write_card(run_dir, repo_id=repo_id, allow_failing_audit=gate["overridden"])
+    write_card(
+        run_dir,
+        repo_id=repo_id,
+        allow_failing_audit=gate["overridden"],
+        include_membership_audit=include_membership_audit,
+    )
     scratch = Path(tempfile.mkdtemp(prefix="hubtune-push-"))
     try:
         return _push(
@@ -241,7 +298,12 @@ def push_run(
             space_id=space_id,
             gate=gate,
             token=token,
-            files=_public_copies(run_dir, pushed_files(run_dir), scratch),
+            files=_public_copies(
+                run_dir,
+                pushed_files(run_dir),
+                scratch,
+                include_membership=include_membership_audit,
+            ),
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -313,7 +313,11 @@ class TrainSection(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer: sgd).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None,
+        description="Autocast precision. Unset: what `accelerate launch --mixed_precision` chose (else no); "
+        "set: it must agree with the launcher's choice.",
+    )
     log_with: list[Literal["tensorboard", "all"]] = Field(
         default_factory=lambda: ["tensorboard"],  # type: ignore[arg-type]
         description="Accelerate trackers; [] for none.",
@@ -339,7 +343,10 @@ class PrivacySection(_Strict):
         description="Explicit σ instead of target_epsilon; at least 0.3 (below that ε is huge and its PRV computation can exhaust memory).",
     )
     delta: float | None = Field(
-        None, gt=0, lt=1, description="δ; default min(1e-5, 1/(10 n)). Must be below 1/n."
+        None,
+        gt=0,
+        lt=1,
+        description="δ; default min(1e-5, 1/(10 n)) rounded down to a power of ten. Must be below 1/n.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Per-example clipping bound C.")
     accountant: Literal["prv", "rdp"] = Field(
@@ -450,6 +457,12 @@ class PushSection(_Strict):
     allow_failing_audit: bool = Field(
         False,
         description="Push even if the audit did not pass (recorded in run.json and the card).",
+    )
+    include_membership_audit: bool = Field(
+        False,
+        description="Also publish the membership audit's details (loss means, rates per level, canary "
+        "hits) and the non-private twin's per-group figures: statistics of the training rows that the DP "
+        "guarantee does not cover. Off: the card and audit/ carry the verdict and aggregates only.",
     )
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ from hubtune.audit.runner import MEMBERSHIP_FILE  # per-example losses: local on
 from hubtune.data import PreparedData, load_data
 from hubtune.hub import ResolvedModel, resolve_model
 from hubtune.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
-from hubtune.launch import use_cpu
+from hubtune.launch import resolve_mixed_precision, use_cpu
 from hubtune.methods import MethodError, MethodPlan, apply_method, head_inputs
 from hubtune.model import (
     GROUPNORM_FILE,
@@ -54,23 +54,27 @@ from hubtune.prefix import (
     probe_prefix,
 )
 from hubtune.privacy import (
+    VOID_REASON,
     PrivacyError,
     PrivacyRun,
+    SpentBudget,
     add_position_ids,
     batchnorm_in_train_mode,
     check_per_sample_gradients,
     compute_epsilons,
     forward_takes_position_ids,
+    guarantee_is_void,
     prepare_private,
+    refuse_trainable_batchnorm,
 )
 from hubtune.recipe import Recipe, recipe_to_yaml
+from hubtune.rundir import PRIVACY_FILE
 
 __all__ = ["RunError", "RunResult", "run_recipe", "feature_cache_dir"]
 
 logger = logging.getLogger("hubtune")
 
 RUN_SCHEMA_VERSION = 1
-PRIVACY_FILE = "hubtune_privacy.json"  # the ledger, also stored beside the saved weights
 # Test hook: called on the main process after each epoch's checkpoint (simulates a crash).
 _after_checkpoint: Callable[[int], None] | None = None
 
@@ -524,6 +528,7 @@ def _push_after_run(recipe: Recipe) -> dict[str, Any]:
             private=recipe.push.private,
             space_id=recipe.push.space_id,
             allow_failing_audit=recipe.push.allow_failing_audit,
+            include_membership_audit=recipe.push.include_membership_audit,
         )
     except PushError as exc:
         raise RunError(
@@ -545,6 +550,8 @@ def _train(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     run_dir = recipe.run_dir
+    # The precision actually used is recorded in the resolved recipe (and so in the card).
+    recipe.train.mixed_precision = _mixed_precision(recipe)  # type: ignore[assignment]
     accelerator = Accelerator(
         # Several processes without a GPU: Accelerate only picks gloo/MULTI_CPU when told cpu=True.
         cpu=use_cpu()
@@ -572,6 +579,7 @@ def _train(
             )
     if resume and checkpoint is None and main:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
+    state, spent = _checkpoint_state(checkpoint, recipe) if checkpoint is not None else ({}, None)
     set_seed(recipe.seed)
 
     # 1. model files, pinned
@@ -611,6 +619,12 @@ def _train(
         base_model_revision=resolved.sha if resolved.kind == "hub" else None,
     )
     counts = plan.counts
+    if recipe.dp:
+        # Refusals that need only the model come before any expensive work (feature caches).
+        try:
+            refuse_trainable_batchnorm(plan.model)
+        except PrivacyError as exc:
+            raise RunError(f"privacy: {exc}") from None
     if main:
         logger.info(
             "method: %s, %s of %s parameters trainable (%.2f%%)",
@@ -761,6 +775,7 @@ def _train(
                 num_processes=accelerator.num_processes,
                 device=accelerator.device,
                 prior_history=_prior_privacy_history(resolved),
+                spent=spent,
             )
         except PrivacyError as exc:
             raise RunError(f"privacy: {exc}") from None
@@ -819,15 +834,10 @@ def _train(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if checkpoint is not None:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if state["recipe_digest"] != _recipe_digest(recipe):
-            raise RunError(
-                f"--resume: the recipe differs from the one {checkpoint} was trained with (only train.epochs may "
-                "change). Resume with the same recipe, or use --overwrite to start over."
-            )
         accelerator.load_state(str(checkpoint))
         if dp_run is not None:
             _load_dp_rng(dp_run, checkpoint, accelerator.process_index)
+            _check_restored_budget(dp_run, spent)
         history = state["history"]
         start_epoch = state["epoch"] + 1
         if main:
@@ -1340,6 +1350,53 @@ def _prior_privacy_history(resolved: ResolvedModel) -> list[tuple[float, float, 
     return history  # type: ignore[return-value]
 
 
+def _mixed_precision(recipe: Recipe) -> str:
+    try:
+        return resolve_mixed_precision(recipe.train.mixed_precision, dp=recipe.dp)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _checkpoint_state(
+    checkpoint: Path, recipe: Recipe
+) -> tuple[dict[str, Any], SpentBudget | None]:
+    """The checkpoint's trainer state and, under DP, the budget it spent; checked against the recipe.
+
+    Read before anything is planned: a resumed DP run plans its remaining noise from what the
+    checkpoint spent, never from the plan of the first run.
+    """
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state["recipe_digest"] != _recipe_digest(recipe):
+        raise RunError(
+            f"--resume: the recipe differs from the one {checkpoint} was trained with (only train.epochs may "
+            "change). Resume with the same recipe, or use --overwrite to start over."
+        )
+    if not recipe.dp:
+        return state, None
+    if "dp" not in state:
+        raise RunError(
+            f"--resume: {checkpoint} was written by an older hubtune that did not record the DP budget it "
+            "spent, so the rest of the budget cannot be planned safely. Use --overwrite to train again."
+        )
+    return state, SpentBudget.from_json(state["dp"])
+
+
+def _check_restored_budget(run: PrivacyRun, spent: SpentBudget | None) -> None:
+    """The accountant and optimizer restored from the checkpoint agree with the budget planned from it."""
+    restored = [(float(s), float(q), int(k)) for s, q, k in run.history]
+    if spent is None or restored != spent.history:
+        raise RunError(
+            f"--resume: the restored accountant history {restored} differs from the checkpoint's record "
+            f"{None if spent is None else spent.history}; refusing to train on a budget that cannot be "
+            "trusted. Use --overwrite."
+        )
+    if run.optimizer.noise_multiplier != run.sigma:
+        raise RunError(
+            f"internal check failed: the DP optimizer adds noise σ = {run.optimizer.noise_multiplier} "
+            f"but σ = {run.sigma} was planned"
+        )
+
+
 def _load_dp_rng(run: PrivacyRun, checkpoint: Path, rank: int) -> None:
     path = checkpoint / f"dp_rng_{rank}.pt"
     if run.generator_state is not None and path.exists():
@@ -1370,6 +1427,8 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"epoch": epoch, "history": history, "recipe_digest": _recipe_digest(recipe)}
+        if dp_run is not None:  # a resume plans the rest of the budget from what was spent
+            state["dp"] = dp_run.spent_budget().to_json()
         atomic_write_json(tmp / "trainer_state.json", state)
         final = folder / f"epoch-{epoch + 1}"
         shutil.rmtree(final, ignore_errors=True)
@@ -1427,12 +1486,15 @@ def _privacy_summary(ledger: dict[str, Any]) -> dict[str, Any]:
         "accountant",
         "epsilon_by_accountant",
         "noise_multiplier",
+        "noise",
         "max_grad_norm",
         "sample_rate",
         "steps",
         "stopped_by_budget",
+        "guarantee",
+        "guarantee_void",
     )
-    return {"enabled": True, "ledger": "privacy.json", **{k: ledger[k] for k in keys}}
+    return {"enabled": True, "ledger": "privacy.json", **{k: ledger.get(k) for k in keys}}
 
 
 def _privacy_lines(run_dir: Path) -> list[str]:
@@ -1441,10 +1503,15 @@ def _privacy_lines(run_dir: Path) -> list[str]:
         return ["privacy:   trained without differential privacy"]
     ledger = json.loads(path.read_text())
     eps = ledger["epsilon_by_accountant"]
+    mechanism = (
+        f"{ledger.get('noise') or 'σ ' + format(ledger['noise_multiplier'], '.3f')}, C {ledger['max_grad_norm']:g}, "
+        f"q {ledger['sample_rate']:.4g}, {ledger['steps']} steps; ledger {path}"
+    )
+    if guarantee_is_void(ledger.get("noise_source")):
+        return [f"privacy:   NO GUARANTEE: {VOID_REASON}", f"           ({mechanism})"]
     return [
         f"privacy:   ({ledger['epsilon']:.3f}, {ledger['delta']:.2g})-DP ({ledger['accountant'].upper()}; "
-        f"RDP epsilon {eps['rdp']:.3f}), sigma {ledger['noise_multiplier']:.3f}, C {ledger['max_grad_norm']:g}, "
-        f"q {ledger['sample_rate']:.4g}, {ledger['steps']} steps; ledger {path}"
+        f"RDP epsilon {eps['rdp']:.3f}), {mechanism}"
     ]
 
 

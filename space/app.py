@@ -269,6 +269,12 @@ def privacy_markdown(ledger: dict[str, Any] | None, audit: dict[str, Any] | None
             )
         return "\n".join(lines)
     eps, delta = ledger.get("epsilon"), ledger.get("delta")
+    if ledger.get("guarantee_void") or str(ledger.get("noise_source") or "").startswith("fixed by"):
+        lines.append(
+            "This model **has no privacy guarantee**: its DP noise and sampling were drawn from a "
+            "fixed, known seed (testing only), so the ε its accounting gives does not hold."
+        )
+        return "\n".join(lines)
     accountant = str(ledger.get("accountant") or "unknown").upper()
     unit = ledger.get("unit") or "example"
     lines.append(
@@ -293,7 +299,9 @@ def privacy_markdown(ledger: dict[str, Any] | None, audit: dict[str, Any] | None
         ("sample_rate", "sampling rate q"),
         ("steps", "steps"),
     ):
-        if key in ledger:
+        if key == "noise_multiplier" and ledger.get(key) is None and ledger.get("noise"):
+            lines.append(f"| {label} | {_md(str(ledger['noise']).removeprefix('σ '))} |")
+        elif key in ledger:
             lines.append(f"| {label} | {_num(ledger[key], 4) if key != 'steps' else ledger[key]} |")
     lines += [
         "",

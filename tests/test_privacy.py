@@ -99,6 +99,9 @@ def test_ledger_matches_an_independent_accountant(
     )
     # The noise seed is secret: neither the ledger nor run.json says what it was.
     assert ledger["noise_source"] == "os.urandom"
+    assert ledger["guarantee_void"] is False and ledger["guarantee"].endswith(
+        "-DP at the example level"
+    )
     text = (result.run_dir / "privacy.json").read_text() + (result.run_dir / "run.json").read_text()
     assert "noise_seed" not in text
     run = json.loads((result.run_dir / "run.json").read_text())
@@ -394,6 +397,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_ledger_and_weights(
     b = json.loads((run_dir / "privacy.json").read_text())
     for key in ("history", "epsilon", "epsilon_by_accountant", "steps", "observed_batch_sizes"):
         assert a[key] == b[key], key
+    # The fixed seed that makes this comparable voids the guarantee, and the ledger says so.
+    assert b["guarantee_void"] is True and b["guarantee"].startswith("NONE: HUBTUNE_UNSAFE_DP_SEED")
+    assert "NO GUARANTEE" in out
     wa = load_file(tmp_path / "whole" / "tiny" / "model" / "model.safetensors")
     wb = load_file(run_dir / "model" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -712,3 +718,92 @@ def test_gradient_scaling_is_linear_in_tensors_and_equals_opacus(
     optimizer.step()
     assert run.steps_taken == 1
     assert reads <= 2, reads  # once for the divisor, once for the accountant; Opacus: 40 + 1
+
+
+# --------------------------------------------------------------------------- resume and the budget
+
+
+def test_resume_with_more_epochs_plans_the_rest_and_never_exceeds_the_target(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    """The review's overrun: 2 epochs at target ε = 4, then train.epochs=4 --resume reached ε = 4.69.
+
+    The resumed run must plan σ for the remaining steps from the history actually spent, and
+    every figure shown must come from that history (two σ segments here).
+    """
+    from hubtune.train import format_summary
+
+    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=2, name="full")
+    spec["train"]["log_with"] = []
+    first = run_recipe(Recipe.model_validate(spec))
+    before = json.loads((first.run_dir / "privacy.json").read_text())
+    assert before["epsilon"] <= 4.0
+    spec["train"]["epochs"] = 4
+    result = run_recipe(Recipe.model_validate(spec), resume=True)
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    steps_per_epoch = round(1 / ledger["sample_rate"])
+    assert ledger["steps"] == 4 * steps_per_epoch and not ledger["stopped_by_budget"]
+    assert ledger["epsilon"] <= 4.0
+    independent = _independent_epsilons(ledger["history"], ledger["delta"])
+    assert independent["pld"] <= 4.0 * 1.01 and ledger["epsilon_by_accountant"]["rdp"] == (
+        pytest.approx(independent["rdp"], rel=0.01)
+    )
+    # The first two epochs kept their σ; the last two were planned from what was spent.
+    (s1, q1, k1), (s2, q2, k2) = ledger["history"]
+    assert [s1, q1, k1] == before["history"][0] and k2 == 2 * steps_per_epoch and q2 == q1
+    assert s2 > s1  # less budget left per step
+    assert ledger["noise_multiplier"] is None
+    assert ledger["noise_segments"] == [
+        {"noise_multiplier": s, "sample_rate": q, "steps": k} for s, q, k in ledger["history"]
+    ]
+    assert f"{s1:.4g} for {k1} steps, then {s2:.4g} for {k2} steps" in ledger["noise"]
+    summary = format_summary(result)
+    assert ledger["noise"] in summary and "sigma 0." not in summary
+    report = (result.run_dir / "audit" / "report.md").read_text()
+    assert ledger["noise"] in report
+
+
+def test_resume_with_unchanged_epochs_keeps_the_planned_noise(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from hubtune.privacy import SpentBudget, plan_noise
+
+    section = SimpleNamespace(noise_multiplier=None, target_epsilon=4.0, accountant="rdp")
+    spent = SpentBudget(history=[(1.1, 0.1, 20)], sigma=1.1, planned_steps=60, max_steps=57)
+    same = plan_noise(section=section, prior=[], spent=spent, q=0.1, planned_steps=60, delta=1e-5)
+    assert (same.sigma, same.max_steps) == (1.1, 57)  # an interrupted run continues exactly
+    grown = plan_noise(section=section, prior=[], spent=spent, q=0.1, planned_steps=80, delta=1e-5)
+    eps = compute_epsilons([(1.1, 0.1, 20), (grown.sigma, 0.1, 60)], 1e-5)["rdp"]
+    assert 4.0 - 0.011 <= eps <= 4.0 and grown.max_steps == 80
+
+
+def test_resume_refuses_when_the_budget_is_already_spent() -> None:
+    from types import SimpleNamespace
+
+    from hubtune.privacy import SpentBudget, plan_noise
+
+    section = SimpleNamespace(noise_multiplier=None, target_epsilon=1.0, accountant="rdp")
+    spent = SpentBudget(history=[(0.6, 0.1, 200)], sigma=0.6, planned_steps=200, max_steps=200)
+    with pytest.raises(PrivacyError, match=r"already spent ε = .* of its target 1\.0 in 200 steps"):
+        plan_noise(section=section, prior=[], spent=spent, q=0.1, planned_steps=400, delta=1e-5)
+    with pytest.raises(PrivacyError, match="data or batch size changed"):
+        plan_noise(section=section, prior=[], spent=spent, q=0.05, planned_steps=400, delta=1e-5)
+
+
+def test_a_checkpoint_without_its_dp_record_is_not_resumed(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=1, name="full")
+    spec["train"]["log_with"] = []
+    first = run_recipe(Recipe.model_validate(spec))
+    state_path = next((first.run_dir / "checkpoints").glob("epoch-*")) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert (
+        state["dp"]["history"]
+        == json.loads((first.run_dir / "privacy.json").read_text())["history"]
+    )
+    del state["dp"]  # as an older hubtune wrote it
+    state_path.write_text(json.dumps(state))
+    spec["train"]["epochs"] = 2
+    with pytest.raises(RunError, match="did not record the DP budget it spent.*--overwrite"):
+        run_recipe(Recipe.model_validate(spec), resume=True)

@@ -499,3 +499,19 @@ def test_app_in_a_browser(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         demo.close()
     assert not foreign, f"the page requested other hosts: {foreign}"
+
+
+def test_space_privacy_text_for_a_void_guarantee_and_a_re_planned_noise() -> None:
+    app = load_app()
+    void = {**PRIVACY, "noise_source": "fixed by HUBTUNE_UNSAFE_DP_SEED (testing only)"}
+    text = app.privacy_markdown(void, AUDIT)
+    assert "has no privacy guarantee" in text and "ε = 3.2" not in text
+    segments = {
+        **PRIVACY,
+        "noise_multiplier": None,
+        "noise": "σ 0.9 for 20 steps, then 1.1 for 20 steps",
+    }
+    assert (
+        "| noise multiplier σ | 0.9 for 20 steps, then 1.1 for 20 steps |"
+        in app.privacy_markdown(segments, AUDIT)
+    )

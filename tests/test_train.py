@@ -339,3 +339,59 @@ def test_feature_cache_is_per_split(tiny_bert: Path, sentiment_csv: Path, tmp_pa
     assert run["feature_cache"]["hits"] == {"train": False, "validation": True, "test": True}
     history = json.loads((tmp_path / "tiny-b" / "metrics.json").read_text())["history"]
     assert history[0]["train_epoch_s"] > 0
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize(
+    ("recipe_value", "launcher", "dp", "expected"),
+    [
+        (None, None, False, "no"),
+        (None, "no", False, "no"),
+        (None, "bf16", False, "bf16"),  # accelerate launch --mixed_precision bf16 applies
+        (None, "bf16", True, "bf16"),
+        ("bf16", None, False, "bf16"),
+        ("bf16", "no", False, "bf16"),  # the launcher writes "no" when nothing was asked
+        ("bf16", "bf16", True, "bf16"),
+        ("no", "bf16", False, "conflict"),
+        ("fp16", "bf16", False, "conflict"),
+        (None, "fp16", True, "fp16 .*is refused"),
+    ],
+)
+def test_the_launchers_precision_applies_unless_the_recipe_conflicts(
+    monkeypatch: pytest.MonkeyPatch,
+    recipe_value: str | None,
+    launcher: str | None,
+    dp: bool,
+    expected: str,
+) -> None:
+    from hubtune.launch import resolve_mixed_precision
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    if expected in ("no", "bf16"):
+        assert resolve_mixed_precision(recipe_value, dp=dp) == expected
+        return
+    pattern = (
+        f"train.mixed_precision is '{recipe_value}' in the recipe but the launcher asked for '{launcher}'"
+        if expected == "conflict"
+        else expected
+    )
+    with pytest.raises(ValueError, match=pattern):
+        resolve_mixed_precision(recipe_value, dp=dp)
+
+
+def test_a_run_under_accelerate_launch_bf16_trains_in_bf16(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    _, result = _run(tiny_bert, sentiment_csv, tmp_path / "runs", {"train.epochs": 1})
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["hardware"]["mixed_precision"] == "bf16"
+    resolved = (result.run_dir / "recipe.resolved.yaml").read_text()
+    assert "mixed_precision: bf16" in resolved
+    with pytest.raises(RunError, match="'no' in the recipe but the launcher asked for 'bf16'"):
+        _run(tiny_bert, sentiment_csv, tmp_path / "b", {"train.mixed_precision": "no"})

@@ -651,3 +651,20 @@ def test_dp_on_images_with_two_processes(tmp_path: Path, tiny_effnet: Path, digi
     for key, value in merged.items():
         name = key.split("timm_model.", 1)[1]
         assert torch.equal(value, original[name]), key
+
+
+def test_dp_refuses_trainable_batchnorm_before_any_cache_is_computed(
+    tmp_path: Path, tiny_effnet: Path, digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal needs only the model: it comes before the prefix cache runs over every split."""
+    from hubtune import train as train_module
+
+    def no_work(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("expensive work started before the BatchNorm refusal")
+
+    monkeypatch.setattr(train_module, "compute_prefix", no_work)
+    monkeypatch.setattr(train_module, "_head_features", no_work)
+    recipe = _recipe(tiny_effnet, digits, tmp_path, privacy={}, unfreeze_top_k=1)
+    with pytest.raises(RunError, match="BatchNorm.*method.batchnorm: frozen"):
+        run_recipe(recipe)
+    assert not list((tmp_path / "hubtune-cache").rglob("*.safetensors"))

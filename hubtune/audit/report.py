@@ -291,8 +291,10 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
             "scope": c["scope"],
             "value": _fmt(c["value"]) + (f" ({_fmt_ci(c['ci'])})" if c.get("ci") else ""),
             "judged": _fmt(c["judged_value"]),
-            "rule": c["rule"],
-            "result": {True: "pass", False: "FAIL", None: "not evaluable"}[c["passed"]],
+            "rule": c["rule"] + (f" ({c['note']})" if c.get("note") else ""),
+            "result": "not informative"
+            if c.get("informative") is False
+            else {True: "pass", False: "FAIL", None: "not evaluable"}[c["passed"]],
             "margin": "" if c["margin"] is None else f"{c['margin']:+.3f}",
             "passed": c["passed"],
         }
@@ -352,14 +354,20 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
             }
         )
     privacy = audit["privacy"]
-    if privacy["dp"]:
+    if privacy["dp"] and privacy.get("guarantee_void"):
+        privacy_plain = (
+            f"This model claims differential privacy, but it has NONE: {privacy['statement'].split(': ', 1)[-1]}. "
+            f"The accounting would have given ε = {_fmt(privacy['epsilon'])}; that number does not hold. "
+            "Do not publish this model as private."
+        )
+    elif privacy["dp"]:
         eps = privacy["epsilon"]
         factor = math.exp(eps) if eps is not None and eps < 50 else None
         privacy_plain = (
             f"This model was trained with differential privacy: {privacy['statement']}. In plain words: "
             f"adding or removing any one training example changes the probability of any outcome of training "
             f"by at most a factor of {_fmt(factor, 1) if factor else 'e^ε'}, except with probability "
-            f"δ = {privacy['delta']:.1g}. Noise multiplier σ = {_fmt(privacy['noise_multiplier'])}, clipping "
+            f"δ = {privacy['delta']:.1g}. Noise multiplier {privacy.get('noise') or 'σ ' + _fmt(privacy['noise_multiplier'])}, clipping "
             f"bound C = {_fmt(privacy['max_grad_norm'])}, {privacy['sampling']} sampling with rate "
             f"q = {_fmt(privacy['sample_rate'], 4)}, {_fmt(privacy['steps'])} steps."
         )
@@ -380,6 +388,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
             "underpowered": membership.get("can_refute_dp_epsilon") is False,
             "beats": membership.get("beats_dp_bound"),
             "dp": "dp_epsilon" in membership,
+            "withheld": membership.get("withheld"),
             "levels": [
                 {
                     "target": f"{lv['target_fpr']:g}",
@@ -392,7 +401,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
                         lv.get("beats_dp_bound")
                     ],
                 }
-                for lv in membership["at_fpr"]
+                for lv in membership.get("at_fpr", [])
             ],
         }
     comparison = None

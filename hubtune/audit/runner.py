@@ -31,6 +31,7 @@ from hubtune.audit.fairness import audit_fairness, compare_fairness
 from hubtune.audit.membership import canary_audit, loss_threshold_attack
 from hubtune.audit.policy import AuditPolicy, load_policy
 from hubtune.io import atomic_dir, atomic_write_json, atomic_write_text
+from hubtune.privacy import VOID_REASON, guarantee_is_void
 
 __all__ = ["AUDIT_SCHEMA_VERSION", "AuditError", "audit_gate", "run_audit", "train_nonprivate_twin"]
 
@@ -67,6 +68,8 @@ def _privacy_section(run_dir: Path) -> dict[str, Any]:
         "epsilon_by_accountant",
         "target_epsilon",
         "noise_multiplier",
+        "noise",
+        "noise_segments",
         "max_grad_norm",
         "sample_rate",
         "sampling",
@@ -78,6 +81,10 @@ def _privacy_section(run_dir: Path) -> dict[str, Any]:
         "trained_parameter_count",
     )
     section = {"dp": True, **{k: ledger.get(k) for k in keep}}
+    section["guarantee_void"] = guarantee_is_void(ledger.get("noise_source"))
+    if section["guarantee_void"]:
+        section["statement"] = f"NO privacy guarantee: {VOID_REASON}"
+        return section
     section["statement"] = (
         f"({ledger['epsilon']:.3g}, {ledger['delta']:.2g})-differentially private at the "
         f"{ledger.get('unit', 'example')} level ({str(ledger['accountant']).upper()} accountant; "
@@ -123,10 +130,28 @@ def _verdict(
     fairness: dict[str, Any],
     membership: dict[str, Any] | None,
     canaries: dict[str, Any] | None,
+    privacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     t = policy.thresholds
     checks: list[dict[str, Any]] = []
     notes: list[str] = []
+    if privacy is not None and privacy.get("guarantee_void"):
+        # Whatever else passes, a model that claims DP with a public noise seed must not.
+        checks.append(
+            {
+                "check": "DP guarantee in force",
+                "scope": "privacy ledger",
+                "value": None,
+                "ci": None,
+                "judged_on": "ledger",
+                "judged_value": None,
+                "threshold": None,
+                "rule": "DP sampling and noise drawn from a secret seed",
+                "passed": False,
+                "margin": None,
+                "note": VOID_REASON,
+            }
+        )
     declared = list(fairness["missing"])  # the sensitive columns that were audited
     slices = fairness["slices"]
     if not slices:
@@ -217,41 +242,61 @@ def _verdict(
                 )
             )
         if t.fail_if_attack_beats_dp_bound and "beats_dp_bound" in membership:
-            beaten = membership["beats_dp_bound"] or bool(
-                canaries and canaries.get("exceeds_dp_epsilon")
-            )
-            checks.append(
-                {
-                    "check": "attack within the DP bound",
-                    "scope": "membership inference" + (" and canaries" if canaries else ""),
-                    "value": membership["epsilon_lower_bound"],
-                    "ci": None,
-                    "judged_on": "estimate",
-                    "judged_value": membership["epsilon_lower_bound"],
-                    "threshold": membership["dp_epsilon"],
-                    "rule": f"empirical ε lower bound ≤ ε = {membership['dp_epsilon']:.3g} and TPR ≤ e^ε·FPR + δ"
-                    + (
-                        f" (weak check: at most ε ≥ {membership['max_provable_epsilon']:.3g} is provable with this many rows)"
-                        if not membership.get("can_refute_dp_epsilon")
-                        else ""
-                    ),
-                    "passed": not beaten,
-                    "margin": membership["dp_epsilon"] - membership["epsilon_lower_bound"],
-                }
-            )
+            checks.append(_dp_bound_check(membership, canaries))
     failed = [c for c in checks if c["passed"] is False]
-    unknown = [c for c in checks if c["passed"] is None]
+    # A check too weak to fail (its attack could not prove the claimed ε) is reported, never
+    # counted as a pass, and does not make the verdict inconclusive either.
+    uninformative = [c for c in checks if c.get("informative") is False and c["passed"] is None]
+    unknown = [c for c in checks if c["passed"] is None and c not in uninformative]
     status = "fail" if failed else ("inconclusive" if unknown else "pass")
-    if status == "pass" and not checks:
+    if status == "pass" and len(checks) == len(uninformative):
         notes.append("the policy sets no threshold that applies to this run")
+    for c in uninformative:
+        notes.append(f"{c['check']}: not informative ({c['note']})")
     return {
         "status": status,
         "passed": status == "pass",
         "checks": checks,
         "failed": [f"{c['check']} ({c['scope']})" for c in failed],
         "not_evaluable": [f"{c['check']} ({c['scope']})" for c in unknown],
+        "not_informative": [f"{c['check']} ({c['scope']})" for c in uninformative],
         "notes": notes,
     }
+
+
+def _dp_bound_check(membership: dict[str, Any], canaries: dict[str, Any] | None) -> dict[str, Any]:
+    """Did the attacks prove more privacy loss than the claimed ε, and could they have?
+
+    An attack can refute a claimed ε only if it could prove an ε above it with these sample
+    sizes (its power: what a perfect attack would prove). When neither the loss attack nor the
+    canaries have that power, staying under the bound says nothing: the check is labelled
+    "not informative" instead of "pass". A bound actually beaten fails whatever the power.
+    """
+    claimed = membership["dp_epsilon"]
+    attacks = [("loss attack", membership)] + ([("canaries", canaries)] if canaries else [])
+    beaten = membership["beats_dp_bound"] or bool(canaries and canaries.get("exceeds_dp_epsilon"))
+    power = {name: float(a.get("max_provable_epsilon") or 0.0) for name, a in attacks}
+    lower = max(float(a.get("epsilon_lower_bound") or 0.0) for _, a in attacks)
+    informative = beaten or max(power.values()) > claimed
+    power_text = ", ".join(
+        f"{name} could prove at most ε ≥ {value:.3g}" for name, value in power.items()
+    )
+    check: dict[str, Any] = {
+        "check": "attack within the DP bound",
+        "scope": "membership inference" + (" and canaries" if canaries else ""),
+        "value": lower,
+        "ci": None,
+        "judged_on": "estimate",
+        "judged_value": lower,
+        "threshold": claimed,
+        "rule": f"empirical ε lower bound ≤ ε = {claimed:.3g} and TPR ≤ e^ε·FPR + δ",
+        "power": power,
+        "informative": informative,
+        "note": f"{power_text} with these sample sizes; claimed ε = {claimed:.3g}",
+        "margin": claimed - lower,
+    }
+    check["passed"] = (not beaten) if informative else None
+    return check
 
 
 def _membership(
@@ -361,7 +406,11 @@ def run_audit(
             **compare_fairness(predictions, other, **group_settings),
         }
     verdict = _verdict(
-        loaded, fairness, membership if membership and "auc" in membership else None, canaries
+        loaded,
+        fairness,
+        membership if membership and "auc" in membership else None,
+        canaries,
+        privacy,
     )
     audit: dict[str, Any] = {
         "schema_version": AUDIT_SCHEMA_VERSION,
