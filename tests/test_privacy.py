@@ -25,6 +25,7 @@ from hubtune.recipe import Recipe
 from hubtune.train import RunError, run_recipe
 
 from .conftest import make_sentiment_frame, recipe_dict
+from .dp_spy import DPSpy, assert_steps_match, read_rank_steps, sitecustomize_dir
 
 ROOT = Path(__file__).parents[1]
 DP = {"enabled": True, "target_epsilon": 4.0, "logical_batch_size": 64, "physical_batch_size": 16}
@@ -344,13 +345,26 @@ def test_continued_dp_training_adds_to_epsilon(
     )
 
 
-def test_ghost_clipping_runs_with_lora(tiny_bert: Path, dp_csv: Path, tmp_path: Path) -> None:
+def test_ghost_clipping_runs_with_lora(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = DPSpy()
+    spy.install(monkeypatch)
     spec = _spec(
-        tiny_bert, dp_csv, tmp_path, {"grad_sample_mode": "ghost"}, epochs=1, name="lora", r=4
+        tiny_bert,
+        dp_csv,
+        tmp_path,
+        {"grad_sample_mode": "ghost", "max_grad_norm": 0.5},
+        epochs=1,
+        name="lora",
+        r=4,
     )
     result = run_recipe(Recipe.model_validate(spec))
     ledger = json.loads((result.run_dir / "privacy.json").read_text())
     assert ledger["grad_sample_mode"] == "ghost" and ledger["epsilon"] <= 4.0
+    assert ledger["max_grad_norm"] == 0.5
+    spy.assert_matches(ledger, n=ledger["dataset_size"])
+    assert all(step["module_C"] == 0.5 for step in spy.steps)  # the module clips (ghost)
 
 
 def _hubtune(*args: str, env: dict[str, str]) -> subprocess.Popen:
@@ -420,11 +434,13 @@ def test_two_processes_poisson_per_rank_and_one_ledger(
     path.write_text(yaml.safe_dump(spec))
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate
+    sink = tmp_path / "spy"
+    site = sitecustomize_dir(tmp_path / "site", sink)
     out = subprocess.run(
         [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "hubtune", "run", str(path)],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}", HUBTUNE_TEST_DP_SPY=str(sink)),
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-4000:]
@@ -445,6 +461,12 @@ def test_two_processes_poisson_per_rank_and_one_ledger(
     assert ledger["epsilon_by_accountant"]["rdp"] == pytest.approx(
         _independent_epsilons(ledger["history"], ledger["delta"])["rdp"], rel=0.01
     )
+    # What each rank's Opacus applied, step by step, is what the one ledger says.
+    ranks = read_rank_steps(sink)
+    assert sorted(ranks) == ["rank-0", "rank-1"], sorted(ranks)
+    for name, steps in ranks.items():
+        assert_steps_match(steps, ledger)
+        assert all(step["expected_batch_size"] > 0 for step in steps), name
 
 
 def test_tiny_noise_is_refused_and_never_exhausts_memory() -> None:
@@ -724,7 +746,7 @@ def test_gradient_scaling_is_linear_in_tensors_and_equals_opacus(
 
 
 def test_resume_with_more_epochs_plans_the_rest_and_never_exceeds_the_target(
-    tiny_bert: Path, dp_csv: Path, tmp_path: Path
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The review's overrun: 2 epochs at target ε = 4, then train.epochs=4 --resume reached ε = 4.69.
 
@@ -733,10 +755,13 @@ def test_resume_with_more_epochs_plans_the_rest_and_never_exceeds_the_target(
     """
     from hubtune.train import format_summary
 
+    spy = DPSpy()
+    spy.install(monkeypatch)
     spec = _spec(tiny_bert, dp_csv, tmp_path, epochs=2, name="full")
     spec["train"]["log_with"] = []
     first = run_recipe(Recipe.model_validate(spec))
     before = json.loads((first.run_dir / "privacy.json").read_text())
+    spy.assert_matches(before, n=before["dataset_size"])
     assert before["epsilon"] <= 4.0
     spec["train"]["epochs"] = 4
     result = run_recipe(Recipe.model_validate(spec), resume=True)
@@ -761,6 +786,8 @@ def test_resume_with_more_epochs_plans_the_rest_and_never_exceeds_the_target(
     assert ledger["noise"] in summary and "sigma 0." not in summary
     report = (result.run_dir / "audit" / "report.md").read_text()
     assert ledger["noise"] in report
+    # What Opacus applied, step by step, in both runs: σ per segment, C, q, secret generators.
+    spy.assert_matches(ledger, n=ledger["dataset_size"])
 
 
 def test_resume_with_unchanged_epochs_keeps_the_planned_noise(tmp_path: Path) -> None:
@@ -807,3 +834,32 @@ def test_a_checkpoint_without_its_dp_record_is_not_resumed(
     spec["train"]["epochs"] = 2
     with pytest.raises(RunError, match="did not record the DP budget it spent.*--overwrite"):
         run_recipe(Recipe.model_validate(spec), resume=True)
+
+
+def _head_run(tiny_bert: Path, dp_csv: Path, out: Path) -> tuple[list[int], torch.Tensor]:
+    """A cheap DP run (head on cached features): its Poisson batch sizes and trained head."""
+    spec = _spec(tiny_bert, dp_csv, out, epochs=1)
+    spec["train"]["log_with"] = []
+    spec["train"]["checkpoint"] = False
+    result = run_recipe(Recipe.model_validate(spec))
+    sizes = [b for h in result.metrics["history"] for b in h["dp_logical_batch_sizes"]]
+    return sizes, load_file(result.run_dir / "model" / "model.safetensors")["classifier.weight"]
+
+
+def test_sampling_and_noise_are_secret_unless_the_unsafe_seed_fixes_them(
+    tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By behaviour, not by the name of a seed source: the recipe's public seed must not decide
+    which examples a step samples or the noise it adds."""
+    monkeypatch.delenv("HUBTUNE_UNSAFE_DP_SEED", raising=False)
+    sizes_a, head_a = _head_run(tiny_bert, dp_csv, tmp_path / "a")
+    sizes_b, head_b = _head_run(tiny_bert, dp_csv, tmp_path / "b")
+    assert len(sizes_a) == len(sizes_b) >= 10
+    assert sizes_a != sizes_b  # P(same 10+ Poisson batch sizes by chance) is negligible
+    assert not torch.equal(head_a, head_b)
+    monkeypatch.setenv("HUBTUNE_UNSAFE_DP_SEED", "5")
+    sizes_c, head_c = _head_run(tiny_bert, dp_csv, tmp_path / "c")
+    sizes_d, head_d = _head_run(tiny_bert, dp_csv, tmp_path / "d")
+    assert sizes_c == sizes_d and torch.equal(head_c, head_d)
+    ledger = json.loads((tmp_path / "d" / "tiny" / "privacy.json").read_text())
+    assert ledger["guarantee_void"] and ledger["guarantee"].startswith("NONE")
