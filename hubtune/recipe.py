@@ -47,7 +47,10 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field refuses inf, -inf and nan (YAML .inf/.nan, or
+    # "inf" from an override). An infinite ε or clipping bound passes a `gt=0` check and then
+    # trains with no privacy at all, or fails much later with a misleading message.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Strict):
@@ -699,6 +702,12 @@ def _hint(err: Any, loc: tuple[str, ...], data: Any) -> str | None:
     if kind in ("literal_error", "enum"):
         expected = err.get("ctx", {}).get("expected")
         return f"use one of: {expected}" if expected else None
+    if kind == "finite_number":
+        return (
+            f"give `{'.'.join(loc)}` a finite number; inf, -inf and nan (also .inf and .nan) are refused "
+            "everywhere in a recipe. To switch a setting off, remove it or use its own switch "
+            "(e.g. privacy.enabled: false)"
+        )
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
         return "set `name` to one of: 'freeze', 'lora', 'full'"
     if kind.endswith("_parsing") or kind.endswith("_type"):
