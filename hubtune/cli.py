@@ -319,6 +319,22 @@ def hub_add(
     typer.echo(f"{repo_type} {repo_id}@{sha}")
 
 
+@hub_app.command("digest")
+def hub_digest(
+    folder: Annotated[Path, typer.Argument(help="A local model folder.")],
+) -> None:
+    """Print a folder's content digest, for `model.revision: sha256:<digest>`.
+
+    The digest covers every file's path and bytes, so a recipe that pins it refuses the folder
+    once anything in it changes (needed with trust_remote_code, which runs its Python files).
+    """
+    from hubtune.hub import directory_digest
+
+    if not folder.is_dir():
+        _fail(f"hubtune hub digest: {folder} is not a folder")
+    typer.echo(directory_digest(folder))
+
+
 @space_app.command("serve")
 def space_serve(
     source: Annotated[

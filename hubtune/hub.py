@@ -10,19 +10,31 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hubtune.errors import InputError
+
 __all__ = [
+    "DIGEST_RE",
     "PICKLE_PATTERNS",
+    "ModelNotFoundError",
+    "ModelRefusedError",
     "ResolvedModel",
     "directory_digest",
     "hub_endpoint",
+    "model_kind",
     "publish_folder",
     "resolve_model",
+    "revision_problem",
 ]
+
+# What directory_digest returns: pins a local or packaged folder by content.
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 # Weight formats that unpickle (and so can run arbitrary code when loaded).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
@@ -38,6 +50,14 @@ FOREIGN_PATTERNS = [
     "onnx/*",
     "openvino/*",
 ]
+
+
+class ModelNotFoundError(InputError, FileNotFoundError):
+    """The model, its revision, or a file every model needs (config.json, weights) is not there."""
+
+
+class ModelRefusedError(InputError, PermissionError):
+    """The model is there, but hubtune will not load it as asked (pickle only, pin mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,77 @@ def directory_digest(folder: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def model_kind(spec: str) -> str:
+    """How ``resolve_model`` reads a ``model.id``: ``"package"``, ``"local"`` or ``"hub"``."""
+    if spec.startswith("package:"):
+        return "package"
+    if spec.startswith((".", "/", "~")) or Path(spec).expanduser().is_dir():
+        return "local"
+    return "hub"
+
+
+def revision_problem(spec: str, revision: str, *, trust_remote_code: bool) -> str | None:
+    """Why ``revision`` cannot pin the model ``spec`` (None if it can), with what to do.
+
+    A Hub repo is pinned by a branch, tag or commit SHA (only a commit SHA pins the code that
+    ``trust_remote_code`` runs). A local or packaged folder has no history: only its content
+    digest pins it, and only a pinned folder may run its own code.
+    """
+    kind = model_kind(spec)
+    if revision.startswith("sha256:") and not DIGEST_RE.match(revision):
+        return (
+            f"revision {revision!r} is not a content digest: that is sha256: followed by 64 hex "
+            f"digits, as `hubtune hub digest FOLDER` prints it"
+        )
+    if kind == "hub":
+        if DIGEST_RE.match(revision):
+            return (
+                f"revision {revision!r} is a content digest, which pins a local or package: folder; "
+                "a Hub repo is pinned by a branch, tag or 40-character commit SHA"
+            )
+        if trust_remote_code and not SHA_RE.match(revision):
+            return (
+                "trust_remote_code: true runs code from the model repo, so it is only allowed with "
+                "`revision` pinned to a 40-character commit SHA (a branch or tag can change under you). "
+                "Set model.revision to the commit you reviewed."
+            )
+        return None
+    if DIGEST_RE.match(revision):
+        return None
+    if trust_remote_code:
+        return (
+            f"trust_remote_code: true runs the Python code in the {kind} folder {spec!r}, and no "
+            "branch, tag or commit SHA pins a folder: its code could change between your review "
+            "and the run. Pin its content: review its *.py files, then set model.revision: "
+            f"sha256:<digest> to what `hubtune hub digest {spec}` prints (a changed folder is then "
+            f"refused). Or publish the reviewed folder (`hubtune hub add {spec} --repo-id org/name`, "
+            "to the local endpoint or a Hub) and pin that repo's 40-character commit SHA."
+        )
+    if revision != "main":
+        return (
+            f"model {spec!r} is a {kind} folder, which has no branches, tags or commits: revision "
+            f"{revision!r} would be recorded and pin nothing. Use revision: main (the folder as it "
+            "is; its content digest is recorded in run.json), or revision: sha256:<digest> "
+            f"(`hubtune hub digest {spec}`) to refuse the folder if its content changes."
+        )
+    return None
+
+
+def _pinned_digest(spec: str, folder: Path, revision: str) -> str:
+    """The folder's content digest, after checking it against a ``sha256:`` revision."""
+    problem = revision_problem(spec, revision, trust_remote_code=False)
+    if problem is not None:
+        raise ModelRefusedError(f"model {spec!r}: {problem}")
+    digest = directory_digest(folder)
+    if DIGEST_RE.match(revision) and digest != revision:
+        raise ModelRefusedError(
+            f"model {spec!r}: the folder changed since it was pinned: its content digest is "
+            f"{digest}, model.revision pins {revision}. Review what changed (with "
+            "trust_remote_code its Python files run), then set model.revision to the new digest."
+        )
+    return digest
 
 
 def _package_dir(spec: str) -> Path:
@@ -108,7 +199,8 @@ def resolve_model(
 
     Args:
         spec: Hub repo id, local directory, or ``package:MODULE/SUBDIR``.
-        revision: Branch, tag or commit SHA (Hub only).
+        revision: Branch, tag or commit SHA (Hub); ``main`` or a ``sha256:`` content digest
+            (a local or packaged folder, refused if its content differs).
         allow_pickle: Also fetch and accept pickle weights.
 
     Returns:
@@ -118,7 +210,11 @@ def resolve_model(
         folder = _package_dir(spec)
         _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
         return ResolvedModel(
-            spec=spec, local_dir=folder, kind="package", revision=None, sha=directory_digest(folder)
+            spec=spec,
+            local_dir=folder,
+            kind="package",
+            revision=None,
+            sha=_pinned_digest(spec, folder, revision),
         )
     local = Path(spec).expanduser()
     if local.is_dir():
@@ -128,7 +224,7 @@ def resolve_model(
             local_dir=local.resolve(),
             kind="local",
             revision=None,
-            sha=directory_digest(local),
+            sha=_pinned_digest(spec, local, revision),
         )
     if spec.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model {spec!r}: local directory does not exist")

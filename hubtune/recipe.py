@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hubtune.hub import revision_problem
+
 __all__ = [
     "AugmentSection",
     "AuditSection",
@@ -43,8 +45,6 @@ __all__ = [
     "recipe_to_yaml",
 ]
 
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-
 
 class _Strict(BaseModel):
     # allow_inf_nan=False: every float field refuses inf, -inf and nan (YAML .inf/.nan, or
@@ -64,7 +64,12 @@ class ModelSection(_Strict):
     )
     revision: str = Field(
         "main",
-        description="Branch, tag or 40-character commit SHA; a branch or tag is resolved to its SHA and recorded.",
+        description=(
+            "Hub repo: branch, tag or 40-character commit SHA; a branch or tag is resolved to its SHA "
+            "and recorded. Local or package: folder: `main` (as it is; its content digest is recorded) "
+            "or `sha256:<digest>` (`hubtune hub digest FOLDER`), which refuses the folder if its "
+            "content changed."
+        ),
     )
     task: Literal["text-classification", "image-classification"] = Field(
         "text-classification",
@@ -93,13 +98,12 @@ class ModelSection(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _remote_code_needs_pinned_sha(self) -> ModelSection:
-        if self.trust_remote_code and not SHA_RE.match(self.revision):
-            raise ValueError(
-                "trust_remote_code: true runs code from the model repo, so it is only allowed with "
-                "`revision` pinned to a 40-character commit SHA (a branch or tag can change under you). "
-                "Set model.revision to the commit you reviewed."
-            )
+    def _revision_pins_the_model(self) -> ModelSection:
+        # A Hub repo is pinned by its commit SHA; a local or package: folder has no history,
+        # so only its content digest pins it (checked again against the folder when it loads).
+        problem = revision_problem(self.id, self.revision, trust_remote_code=self.trust_remote_code)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 
