@@ -40,7 +40,7 @@ class Inputs:
 
     tmp: Path
     model: Path
-    hub_root: Path  # a local endpoint's repositories: org/tiny (the tiny model), at main
+    hub_root: Path  # a local endpoint's repositories: bad-input/tiny (the tiny model), at main
 
     @property
     def run_dir(self) -> Path:
@@ -219,6 +219,16 @@ def unknown_model_offline(i: Inputs) -> list[str]:
     return i.recipe(model={"id": "org/absent"})
 
 
+def unknown_branch_offline(i: Inputs) -> list[str]:
+    """The repo is in the Hub cache (at main), the branch is not; offline, the cache decides."""
+    repo = Path(os.environ["HF_HUB_CACHE"]) / "models--bad-input--cached"
+    if not repo.exists():
+        shutil.copytree(i.model, repo / "snapshots" / ("3" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("3" * 40)
+    return i.recipe(model={"id": "bad-input/cached", "revision": "no-such-branch"})
+
+
 def invalid_model_id(i: Inputs) -> list[str]:
     return i.recipe(model={"id": "not a/valid id"})
 
@@ -228,11 +238,11 @@ def unknown_model_on_endpoint(i: Inputs) -> list[str]:
 
 
 def unknown_branch_on_endpoint(i: Inputs) -> list[str]:
-    return i.recipe(model={"id": "org/tiny", "revision": "no-such-branch"}, local_hub=True)
+    return i.recipe(model={"id": "bad-input/tiny", "revision": "no-such-branch"}, local_hub=True)
 
 
 def unknown_sha_on_endpoint(i: Inputs) -> list[str]:
-    return i.recipe(model={"id": "org/tiny", "revision": "b" * 40}, local_hub=True)
+    return i.recipe(model={"id": "bad-input/tiny", "revision": "b" * 40}, local_hub=True)
 
 
 def remote_code_from_folder_pinned_by_sha(i: Inputs) -> list[str]:
@@ -284,10 +294,11 @@ ROWS: list[Row] = [
     *both("model-id-is-a-file", model_id_is_a_file, r"model '\S+config\.json' is a file; model\.id names the folder"),
     *both("pickle-only-model", pickle_only_model, r"model '\S+model' has only pickle weights \(pytorch_model\.bin\).*model\.allow_pickle: true"),
     *both("unknown-model-offline", unknown_model_offline, r"model 'org/absent' at revision 'main' is not in the local Hub cache \(.*the cache has no copy of it\), and HF_HUB_OFFLINE is set"),
+    *both("unknown-branch-offline", unknown_branch_offline, r"model 'bad-input/cached' at revision 'no-such-branch' is not in the local Hub cache \(.*; the cache has it at main\), and HF_HUB_OFFLINE is set"),
     *both("invalid-model-id", invalid_model_id, r"model 'not a/valid id': no such folder here \(.*\), and not a valid Hub repo id"),
     *both("unknown-model-on-endpoint", unknown_model_on_endpoint, r"model 'org/absent': no such folder here \(.*\), and no model repository of that id on http://127\.0\.0\.1:\d+"),
-    *both("unknown-branch-on-endpoint", unknown_branch_on_endpoint, r"model 'org/tiny' has no revision 'no-such-branch' on http://127\.0\.0\.1:\d+\. Set model\.revision to an existing branch"),
-    *both("unknown-sha-on-endpoint", unknown_sha_on_endpoint, r"model 'org/tiny' has no revision 'b{40}' on http://127\.0\.0\.1:\d+"),
+    *both("unknown-branch-on-endpoint", unknown_branch_on_endpoint, r"model 'bad-input/tiny' has no revision 'no-such-branch' on http://127\.0\.0\.1:\d+\. Set model\.revision to an existing branch"),
+    *both("unknown-sha-on-endpoint", unknown_sha_on_endpoint, r"model 'bad-input/tiny' has no revision 'b{40}' on http://127\.0\.0\.1:\d+"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
 ]  # fmt: skip
 
@@ -296,7 +307,7 @@ ROWS: list[Row] = [
 def hub_root(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
     root = tmp_path_factory.mktemp("hub")
     with hub_endpoint("local", local_root=root) as url:
-        publish_folder(tiny_bert, repo_id="org/tiny", endpoint=url)
+        publish_folder(tiny_bert, repo_id="bad-input/tiny", endpoint=url)
     return root
 
 
@@ -384,8 +395,8 @@ def test_validate_inputs_says_what_it_found(
     tiny_bert: Path, hub_root: Path, tmp_path: Path
 ) -> None:
     inputs = Inputs(tmp=tmp_path, model=tiny_bert, hub_root=hub_root)
-    args = inputs.recipe(model={"id": "org/tiny"}, local_hub=True)
+    args = inputs.recipe(model={"id": "bad-input/tiny"}, local_hub=True)
     result = CliRunner().invoke(app, ["validate", "--inputs", *args])
     assert result.exit_code == 0, result.output
-    assert re.search(r"model org/tiny@main: commit [0-9a-f]{40}", result.output)
+    assert re.search(r"model bad-input/tiny@main: commit [0-9a-f]{40}", result.output)
     assert "1 csv file(s) (train), columns ['text', 'label', 'group'] present" in result.output
