@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from hubtune import __version__
+
+if TYPE_CHECKING:
+    from hubtune.recipe import Recipe
 
 app = typer.Typer(
     name="hubtune",
@@ -41,20 +46,47 @@ Overrides = Annotated[
 ]
 
 
+# Exit statuses of `validate` and `run`: whose move it is.
+EXIT_STOPPED = 1  # the run started and stopped (data values, method, training, run folder taken)
+EXIT_INPUT = 2  # the recipe, or a file, folder, model or revision it names, cannot be used as given
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(message, err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 
-def _load(recipe: str, overrides: list[str] | None):
-    from hubtune.recipe import RecipeError, load_recipe
+@contextlib.contextmanager
+def _reported(command: str, *, stopped: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Report the errors a user can fix as one message and an exit status, never a traceback.
+
+    The one place that turns known error types into messages: an invalid recipe
+    (``RecipeError``, which names its file and lines) or an input it names that cannot be used
+    (``InputError``: data source, model, revision, recipe file) exits with ``EXIT_INPUT``;
+    the ``stopped`` types exit with ``EXIT_STOPPED``. Anything else is a bug and keeps its
+    traceback.
+
+    Args:
+        command: Prefix of the message, e.g. ``hubtune run``.
+        stopped: Error types that mean the run started and stopped.
+    """
+    from hubtune.errors import InputError
+    from hubtune.recipe import RecipeError
 
     try:
-        return load_recipe(recipe, overrides=list(overrides or []))
+        yield
     except RecipeError as exc:
-        _fail(str(exc))
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+        _fail(str(exc), code=EXIT_INPUT)
+    except InputError as exc:
+        _fail(f"{command}: {exc}", code=EXIT_INPUT)
+    except stopped as exc:
+        _fail(f"{command}: {exc}", code=EXIT_STOPPED)
+
+
+def _load(recipe: str, overrides: list[str] | None):
+    from hubtune.recipe import load_recipe
+
+    return load_recipe(recipe, overrides=list(overrides or []))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -83,13 +115,37 @@ def _setup_logging(verbose: bool) -> None:
 def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe file (or shipped recipe name).")],
     overrides: Overrides = None,
+    inputs: Annotated[
+        bool,
+        typer.Option(
+            "--inputs",
+            help="Also check what the recipe names, as `run` does first: the data files exist, "
+            "read (UTF-8, JSON, Parquet) and have the recipe's columns; the model and revision "
+            "exist, with a config.json (no weights downloaded; label values are checked by run).",
+        ),
+    ] = False,
 ) -> None:
-    """Check a recipe: every problem at once, with field path, line and a hint."""
-    loaded = _load(recipe, overrides)
+    """Check a recipe: every problem at once, with field path, line and a hint.
+
+    Exit status: 0 ok, 2 problems found. Without --inputs only the recipe is checked, so recipes validate where their data and models are not.
+    """
+    with _reported("hubtune validate"):
+        loaded = _load(recipe, overrides)
+        found = _check_inputs(loaded) if inputs else []
     typer.echo(
         f"{recipe}: ok ({loaded.method.name}, model {loaded.model.id}@{loaded.model.revision}, "
         f"outputs in {loaded.run_dir})"
     )
+    for line in found:
+        typer.echo(f"  {line}")
+
+
+def _check_inputs(recipe: Recipe) -> list[str]:
+    from hubtune.hub import hub_endpoint
+    from hubtune.inputs import check_inputs
+
+    with hub_endpoint(recipe.hub.endpoint, local_root=recipe.hub.local_root):
+        return check_inputs(recipe)
 
 
 @app.command()
@@ -107,8 +163,11 @@ def run(
     """Train, evaluate and audit a recipe (and push it, if its push: section says so).
 
     Works the same under `accelerate launch [--num_processes N] -m hubtune run RECIPE`.
+
+    Exit status: 0 done; 2 the recipe, or a file, folder, model or revision it names, cannot be used (checked before anything starts, as `validate --inputs` does); 1 the run started and stopped (e.g. label values outside data.labels, a training failure).
     """
-    loaded = _load(recipe, overrides)
+    with _reported("hubtune run"):
+        loaded = _load(recipe, overrides)
     if resume and overwrite:
         _fail("--resume and --overwrite contradict each other; pick one")
     _setup_logging(verbose)
@@ -121,11 +180,9 @@ def run(
     from hubtune.methods import MethodError
     from hubtune.train import RunError, format_summary, run_recipe
 
-    try:
+    stopped = (RunError, DataError, MethodError, PermissionError, FileNotFoundError)
+    with _reported("hubtune run", stopped=stopped):
         result = run_recipe(loaded, resume=resume, overwrite=overwrite, recipe_source=str(recipe))
-    except (RunError, DataError, MethodError, PermissionError, FileNotFoundError) as exc:
-        _fail(f"hubtune run: {exc}", code=1)
-        return
     if int(os.environ.get("RANK", "0") or 0) == 0:
         typer.echo(format_summary(result))
 
@@ -329,6 +386,22 @@ def hub_add(
             folder, repo_id=repo_id, repo_type=repo_type, endpoint=url, private=private
         )
     typer.echo(f"{repo_type} {repo_id}@{sha}")
+
+
+@hub_app.command("digest")
+def hub_digest(
+    folder: Annotated[Path, typer.Argument(help="A local model folder.")],
+) -> None:
+    """Print a folder's content digest, for `model.revision: sha256:<digest>`.
+
+    The digest covers every file's path and bytes, so a recipe that pins it refuses the folder
+    once anything in it changes (needed with trust_remote_code, which runs its Python files).
+    """
+    from hubtune.hub import directory_digest
+
+    if not folder.is_dir():
+        _fail(f"hubtune hub digest: {folder} is not a folder")
+    typer.echo(directory_digest(folder))
 
 
 @space_app.command("serve")

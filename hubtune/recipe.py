@@ -23,6 +23,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hubtune.errors import InputError
+from hubtune.hub import revision_problem
+
 __all__ = [
     "AugmentSection",
     "AuditSection",
@@ -37,17 +40,19 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RecipeIssue",
+    "RecipeNotFoundError",
     "TrainSection",
     "apply_overrides",
     "load_recipe",
     "recipe_to_yaml",
 ]
 
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field refuses inf, -inf and nan (YAML .inf/.nan, or
+    # "inf" from an override). An infinite ε or clipping bound passes a `gt=0` check and then
+    # trains with no privacy at all, or fails much later with a misleading message.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Strict):
@@ -61,7 +66,12 @@ class ModelSection(_Strict):
     )
     revision: str = Field(
         "main",
-        description="Branch, tag or 40-character commit SHA; a branch or tag is resolved to its SHA and recorded.",
+        description=(
+            "Hub repo: branch, tag or 40-character commit SHA; a branch or tag is resolved to its SHA "
+            "and recorded. Local or package: folder: `main` (as it is; its content digest is recorded) "
+            "or `sha256:<digest>` (`hubtune hub digest FOLDER`), which refuses the folder if its "
+            "content changed."
+        ),
     )
     task: Literal["text-classification", "image-classification"] = Field(
         "text-classification",
@@ -90,13 +100,12 @@ class ModelSection(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _remote_code_needs_pinned_sha(self) -> ModelSection:
-        if self.trust_remote_code and not SHA_RE.match(self.revision):
-            raise ValueError(
-                "trust_remote_code: true runs code from the model repo, so it is only allowed with "
-                "`revision` pinned to a 40-character commit SHA (a branch or tag can change under you). "
-                "Set model.revision to the commit you reviewed."
-            )
+    def _revision_pins_the_model(self) -> ModelSection:
+        # A Hub repo is pinned by its commit SHA; a local or package: folder has no history,
+        # so only its content digest pins it (checked again against the folder when it loads).
+        problem = revision_problem(self.id, self.revision, trust_remote_code=self.trust_remote_code)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 
@@ -712,6 +721,12 @@ def _hint(err: Any, loc: tuple[str, ...], data: Any) -> str | None:
     if kind in ("literal_error", "enum"):
         expected = err.get("ctx", {}).get("expected")
         return f"use one of: {expected}" if expected else None
+    if kind == "finite_number":
+        return (
+            f"give `{'.'.join(loc)}` a finite number; inf, -inf and nan (also .inf and .nan) are refused "
+            "everywhere in a recipe. To switch a setting off, remove it or use its own switch "
+            "(e.g. privacy.enabled: false)"
+        )
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
         return "set `name` to one of: 'freeze', 'lora', 'full'"
     if kind.endswith("_parsing") or kind.endswith("_type"):
@@ -754,9 +769,10 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
 
     Raises:
         RecipeError: with every problem found (path, line, hint).
+        RecipeNotFoundError: no such file, and no shipped recipe of that name.
     """
     path = resolve_recipe_path(source)
-    text = path.read_text(encoding="utf-8")
+    text = _read_recipe_text(path)
     try:
         data = yaml.safe_load(text)
         lines = _line_map(text)
@@ -777,7 +793,15 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(
-            str(path), [RecipeIssue(path="", message="a recipe must be a YAML mapping", line=1)]
+            str(path),
+            [
+                RecipeIssue(
+                    path="",
+                    message=f"a recipe must be a YAML mapping, not a {type(data).__name__}",
+                    line=1,
+                    hint="write `key: value` pairs at the top level: name:, model:, data:, method:",
+                )
+            ],
         )
     overridden = apply_overrides(data, list(overrides or []))
     try:
@@ -786,6 +810,37 @@ def load_recipe(source: str | Path, *, overrides: list[str] | None = None) -> Re
         raise RecipeError(
             str(path), _issues_from_validation(exc, data, lines, overridden)
         ) from None
+
+
+def _read_recipe_text(path: Path) -> str:
+    if path.is_dir():
+        raise RecipeError(
+            str(path),
+            [
+                RecipeIssue(
+                    path="", message="is a folder, not a recipe file", hint="give a .yaml file"
+                )
+            ],
+        )
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            str(path),
+            [
+                RecipeIssue(
+                    path="",
+                    message=f"not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+                    line=raw.count(b"\n", 0, exc.start) + 1,
+                    hint="save the recipe as UTF-8",
+                )
+            ],
+        ) from None
+
+
+class RecipeNotFoundError(InputError, FileNotFoundError):
+    """No recipe file at the path given, and no shipped recipe of that name."""
 
 
 def resolve_recipe_path(source: str | Path) -> Path:
@@ -799,7 +854,7 @@ def resolve_recipe_path(source: str | Path) -> Path:
         if shipped.exists():
             return shipped
     known = sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
-    raise FileNotFoundError(
+    raise RecipeNotFoundError(
         f"recipe not found: {source} (give a path, or a shipped recipe name: {', '.join(known)})"
     )
 

@@ -507,10 +507,18 @@ def run_recipe(
         resume: Continue from the latest checkpoint of an interrupted run.
         overwrite: Delete an existing run directory of the same name first.
         recipe_source: Where the recipe came from (recorded in run.json).
+
+    Raises:
+        InputError: the model or data source cannot be used as given (nothing was started).
+        RunError: the run started and stopped; see also DataError and MethodError.
     """
     from hubtune.hub import hub_endpoint
+    from hubtune.inputs import check_inputs
 
     with hub_endpoint(recipe.hub.endpoint, local_root=recipe.hub.local_root):
+        # Before the run folder is touched: a missing file or unknown model neither starts a
+        # run nor, with --overwrite, deletes the previous one.
+        check_inputs(recipe)
         result = _train(recipe, resume=resume, overwrite=overwrite, recipe_source=recipe_source)
         if result.audit is not None and recipe.push.enabled:
             result.push = _push_after_run(recipe)
