@@ -51,11 +51,14 @@ _SPLIT_ALIASES = {
 }
 
 
-class DataError(ValueError):
-    """The data does not fit the recipe; the message says what and how to fix it."""
+class DataError(ValueError, InputError):
+    """The data does not fit the recipe; the message says what and how to fix it.
+
+    An input error (exit status 2): found while the data is read, before anything trains.
+    """
 
 
-class DataSourceError(DataError, InputError):
+class DataSourceError(DataError):
     """The data source cannot be read as given (missing, empty, not UTF-8, corrupt, columns).
 
     ``check_source`` finds these before a run starts, except a fault deeper in a file than it

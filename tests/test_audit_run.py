@@ -351,3 +351,13 @@ def test_class_recall_and_precision_floors_for_quality_control(tmp_path: Path) -
     assert precision["class = good"]["value"] == pytest.approx(
         (good_predicted & (labels == 0)).sum() / good_predicted.sum()
     )
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_a_policy_limit_must_be_a_finite_number(tmp_path: Path, value: str) -> None:
+    """`.inf` as a limit would make a check that can never fail: refused with its field path."""
+    from hubtune.audit.policy import PolicyError, load_policy
+
+    path = _policy(tmp_path, "bad", f"thresholds: {{max_equalized_odds_difference: {value}}}\n")
+    with pytest.raises(PolicyError, match=r"thresholds\.max_equalized_odds_difference: .*finite"):
+        load_policy(path)

@@ -3,10 +3,11 @@
 Each row of ``ROWS`` is one kind of input a user can get wrong. A new kind of bad input is one
 new row: its setup writes the recipe (and whatever it names) and returns the arguments.
 
-Exit status 2: the recipe, or a file, folder, model or revision it names, cannot be used as
-given; `run` checks these first (as `validate --inputs` does), so nothing is started. Exit
-status 1: the run started and stopped (label values outside data.labels, a single class):
-`validate --inputs` reads no values, so it passes those (exit 0), and the row says so.
+Exit status 2: the recipe, or a file, folder, model or revision it names, or the values in
+the data (labels outside data.labels, a single class), cannot be used as given; `run` checks
+the inputs first (as `validate --inputs` does) and reads the values before anything trains, so
+no run folder is left. `validate --inputs` reads no values, so it passes those (exit 0), and
+the row says so.
 """
 
 from __future__ import annotations
@@ -272,9 +273,9 @@ ROWS: list[Row] = [
     *both("non-utf8-csv", non_utf8_csv, r"data file \S+data\.csv: line 12 is not UTF-8 text \(byte 0xe9 at column 4.*Save the file as UTF-8"),
     *both("malformed-csv-row", malformed_csv_row, r"data file \S+data\.csv cannot be parsed as CSV: .*Expected 3 fields in line 12, saw 4.*Quote fields"),
     *both("missing-label-column", missing_label_column, r"data file \S+data\.csv has no column\(s\) \['label'\]; it has \['text', 'group'\]\. Name the file's columns under data\.columns"),
-    Row("label-not-in-labels", label_not_in_labels, "run", 1, r"2 rows have label values that are not among the labels \['neg', 'pos'\]: 'meh' \(2 rows\).*data\.labels"),
+    Row("label-not-in-labels", label_not_in_labels, "run", 2, r"2 rows have label values that are not among the labels \['neg', 'pos'\]: 'meh' \(2 rows\).*data\.labels"),
     Row("label-not-in-labels", label_not_in_labels, "validate", 0, r": ok \(freeze"),
-    Row("single-class", single_class, "run", 1, r"label column 'label' has 1 distinct value\(s\); a classifier needs at least 2"),
+    Row("single-class", single_class, "run", 2, r"label column 'label' has 1 distinct value\(s\); a classifier needs at least 2"),
     Row("single-class", single_class, "validate", 0, r": ok \(freeze"),
     *both("missing-data-file", missing_data_file, r"data\.source '\S+no-such-file\.csv' does not exist \(looked for \S+\); fix data\.source"),
     *both("folder-without-data-files", folder_without_data_files, r"data\.source '\S+data': no csv/tsv/jsonl/parquet files, and no image class folders"),

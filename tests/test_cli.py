@@ -75,7 +75,7 @@ def test_run_reports_data_errors_without_traceback(tiny_bert: Path, tmp_path: Pa
         text=True,
         env=_env(),
     )
-    assert out.returncode == 1
+    assert out.returncode == 2  # bad input (was 1 before the review asked for 2)
     assert "not among the labels" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -41,7 +41,8 @@ class PolicyError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf or nan as a limit would make a check that can never fail (or never pass).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Thresholds(_Strict):
