@@ -60,6 +60,14 @@ GLOSSARY: list[tuple[str, str]] = [
         "The range the metric would likely fall in on another test set of the same size (bootstrap over test examples). Wide intervals mean few examples: do not read much into the point value.",
     ),
     (
+        "Judged value",
+        "The number a check's rule is applied to: the point estimate, or, when the policy judges on confidence intervals, the end of the interval least favourable to the model.",
+    ),
+    (
+        "Margin",
+        "How far the judged value is from the rule's limit: positive means the check passed with that much room to spare, negative means it failed by that much (e.g. −0.204 for an equalized odds difference of 0.304 against a limit of 0.1).",
+    ),
+    (
         "Suppressed group",
         "A group too small to report without risking re-identification and without being misleading. When one group is hidden, another may be hidden too, so that the first cannot be worked out by subtracting the others from the total.",
     ),
@@ -128,13 +136,18 @@ def _fmt_ci(ci: list[float] | None) -> str:
     return f"{_fmt(ci[0])}–{_fmt(ci[1])}" if ci else ""
 
 
-def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+def _cell_parts(entry: dict[str, Any] | None, metric: str) -> tuple[str, str]:
+    """(value, confidence interval or "") of one table cell."""
     if not entry:
-        return "n/a"
+        return "n/a", ""
     if metric == "count":
-        return _fmt(int(entry["value"])) if entry["value"] is not None else "n/a"
-    ci = _fmt_ci(entry.get("ci"))
-    return f"{_fmt(entry['value'])} ({ci})" if ci else _fmt(entry["value"])
+        return (_fmt(int(entry["value"])) if entry["value"] is not None else "n/a"), ""
+    return _fmt(entry["value"]), _fmt_ci(entry.get("ci"))
+
+
+def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+    value, ci = _cell_parts(entry, metric)
+    return f"{value} ({ci})" if ci else value
 
 
 # --------------------------------------------------------------------------- charts
@@ -281,6 +294,14 @@ def _comparison_chart(sl: dict[str, Any], metric: str) -> bytes | None:
 # --------------------------------------------------------------------------- context
 
 
+def _beats_cell(level: dict[str, Any]) -> str:
+    """The "Beats the bound?" cell of one FPR level: never blank, a blank reads as "no"."""
+    beats = level.get("beats_dp_bound")
+    if beats is None:
+        return "n/a: not computed" if "dp_bound_tpr" in level else "n/a: trained without DP"
+    return "YES: guarantee broken" if beats else "no"
+
+
 def _context(audit: dict[str, Any]) -> dict[str, Any]:
     fairness = audit["fairness"]
     metrics = fairness["metrics"]
@@ -316,6 +337,8 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
                         "suppressed": False,
                         "why": "",
                         "cells": [_cell(g["metrics"].get(m), m) for m in metrics],
+                        # The HTML puts each interval under its value, so the table fits a page.
+                        "parts": [_cell_parts(g["metrics"].get(m), m) for m in metrics],
                     }
                 )
         disparities = []
@@ -388,9 +411,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
                     "bound": _fmt(lv.get("dp_bound_tpr"), 4)
                     if "dp_bound_tpr" in lv
                     else "no DP: no bound",
-                    "beats": {True: "YES: guarantee broken", False: "no", None: ""}[
-                        lv.get("beats_dp_bound")
-                    ],
+                    "beats": _beats_cell(lv),
                 }
                 for lv in membership["at_fpr"]
             ],
@@ -444,7 +465,12 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
         "slices": slices,
         "fairness": fairness,
         "overall": [
-            {"name": _label(m), "value": _cell(fairness["overall"].get(m), m)} for m in metrics
+            {
+                "name": _label(m),
+                "value": _cell(fairness["overall"].get(m), m),
+                "parts": _cell_parts(fairness["overall"].get(m), m),
+            }
+            for m in metrics
         ],
         "per_class": [
             {
