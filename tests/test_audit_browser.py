@@ -7,6 +7,7 @@ Uses Debian's Chromium (/usr/bin/chromium) through Playwright; no browser is dow
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -193,4 +194,29 @@ def test_report_fits_the_window_and_explains_itself(browser, tmp_path: Path, wid
         if run_dir.name == "nodp":
             assert beats == ["n/a: trained without DP"] * 2
         page.screenshot(path=str(tmp_path / f"{run_dir.name}-{width}.png"), full_page=True)
+        page.close()
+
+
+def test_zero_rates_are_visible_on_the_log_scale_membership_chart(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A rate of 0 cannot be a bar on a log axis: it is a marker on the floor, with a note."""
+    for run_dir, zeros in (
+        (_failing_dp_run(tmp_path), ("fpr",)),
+        (_non_dp_run(tmp_path), ("tpr", "fpr")),
+    ):
+        audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+        first = audit["membership"]["at_fpr"][0]  # target FPR 0.001: the left group of bars
+        assert all(first[rate] == 0 for rate in zeros), first
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((run_dir / "audit" / "report.html").as_uri())
+        chart = page.locator("img.chart").nth(1).screenshot()
+        # Inside the plot, around the left group of bars (the legend is on the right; the
+        # box leaves out the tick labels, whose anti-aliased edges are grey too), each 0 shows.
+        left_group = (0.1, 0.15, 0.4, 0.85)
+        if "fpr" in zeros:
+            assert _share_near(chart, (0x7F, 0x7F, 0x7F), 8, box=left_group) > 5e-4
+        if "tpr" in zeros:
+            assert _share_near(chart, (0xD6, 0x27, 0x28), 8, box=left_group) > 5e-4
+        assert page.locator("#floor-note").count() == 1
+        note = page.locator("#floor-note").inner_text()
+        assert "cannot show 0" in note and "0.0001" in note
         page.close()

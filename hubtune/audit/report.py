@@ -211,36 +211,86 @@ def _slice_chart(sl: dict[str, Any], metrics: list[str]) -> bytes | None:
     return _figure_png(fig)
 
 
+# The membership chart's lowest rate (0.01%). A log axis cannot show 0, so a rate below this
+# (often exactly 0, e.g. no false positive at a 0.1% target) is drawn as a marker on this floor.
+_LOG_FLOOR = 1e-4
+_FLOOR_MARKER = "v"
+
+
+def _drawable(values: list[float]) -> list[float]:
+    """Bar heights for a log axis: values under the floor become gaps (they get a marker)."""
+    return [v if v >= _LOG_FLOOR else math.nan for v in values]
+
+
+def _mark_floor(ax: Any, x: list[float], values: list[float], color: str) -> bool:
+    """Put a marker on the axis floor for each value below it; whether there was any."""
+    low = [xi for xi, v in zip(x, values, strict=True) if v < _LOG_FLOOR]
+    if low:
+        ax.scatter(
+            low,
+            [_LOG_FLOOR] * len(low),
+            marker=_FLOOR_MARKER,
+            s=110,
+            color=color,
+            edgecolors="#222",
+            linewidths=0.8,
+            zorder=4,
+        )
+    return bool(low)
+
+
+def _below_log_floor(membership: dict[str, Any]) -> bool:
+    """Whether the membership chart draws any rate (or DP bound) on its floor marker."""
+    return any(
+        value is not None and value < _LOG_FLOOR
+        for lv in membership.get("at_fpr") or []
+        for value in (lv.get("tpr"), lv.get("fpr"), lv.get("dp_bound_tpr"))
+    )
+
+
 def _membership_chart(membership: dict[str, Any]) -> bytes | None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    import numpy as np
 
     levels = membership.get("at_fpr") or []
     if not levels:
         return None
     fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    x = np.arange(len(levels))
-    tpr = [max(lv["tpr"], 1e-4) for lv in levels]
-    err = [
-        [lv["tpr"] - lv["tpr_ci"][0] for lv in levels],
-        [lv["tpr_ci"][1] - lv["tpr"] for lv in levels],
-    ]
-    ax.bar(x - 0.2, tpr, 0.4, yerr=err, capsize=3, color="#d62728", label="attack TPR (95% CI)")
+    left = [i - 0.2 for i in range(len(levels))]
+    right = [i + 0.2 for i in range(len(levels))]
+    tpr = [lv["tpr"] for lv in levels]
+    fpr = [lv["fpr"] for lv in levels]
+    shown_tpr = [max(v, _LOG_FLOOR) for v in tpr]
+    ax.bar(left, _drawable(tpr), 0.4, color="#d62728", label="attack TPR (95% CI)")
+    ax.errorbar(
+        left,
+        shown_tpr,
+        yerr=[
+            [y - lv["tpr_ci"][0] for y, lv in zip(shown_tpr, levels, strict=True)],
+            [max(0.0, lv["tpr_ci"][1] - y) for y, lv in zip(shown_tpr, levels, strict=True)],
+        ],
+        fmt="none",
+        capsize=3,
+        ecolor="#222",
+        elinewidth=1,
+    )
     ax.bar(
-        x + 0.2,
-        [lv["fpr"] for lv in levels],
+        right,
+        _drawable(fpr),
         0.4,
         color="#7f7f7f",
         label="measured FPR (what a coin-toss attacker would reach)",
     )
+    floored = _mark_floor(ax, left, tpr, "#d62728")
+    floored = _mark_floor(ax, right, fpr, "#7f7f7f") or floored
     bounds = [lv.get("dp_bound_tpr") for lv in levels]
     if all(b is not None for b in bounds):
+        drawn = [(xi, b) for xi, b in zip(left, bounds, strict=True) if b >= _LOG_FLOOR]
         ax.scatter(
-            x - 0.2,
-            bounds,
+            [xi for xi, _ in drawn],
+            [b for _, b in drawn],
             marker="_",
             s=600,
             color="#2ca02c",
@@ -248,9 +298,21 @@ def _membership_chart(membership: dict[str, Any]) -> bytes | None:
             label="DP bound on TPR",
             zorder=3,
         )
-    ax.set_xticks(x, [f"target FPR {lv['target_fpr']:g}" for lv in levels])
+        floored = _mark_floor(ax, left, bounds, "#2ca02c") or floored
+    if floored:
+        ax.axhline(_LOG_FLOOR, color="#222", linewidth=0.7, linestyle=":")
+        ax.scatter(
+            [],
+            [],
+            marker=_FLOOR_MARKER,
+            s=60,
+            color="white",
+            edgecolors="#222",
+            label=f"0 or below {_LOG_FLOOR:g}: drawn on the dotted floor",
+        )
+    ax.set_xticks(range(len(levels)), [f"target FPR {lv['target_fpr']:g}" for lv in levels])
     ax.set_yscale("log")  # the interesting rates are small: 0.1% and 1% false positives
-    ax.set_ylim(1e-4, 1.5)
+    ax.set_ylim(_LOG_FLOOR / 3, 1.5)  # room under the floor for its markers
     ax.set_title("Membership inference: attack vs what the DP guarantee allows")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -403,6 +465,8 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
             "underpowered": membership.get("can_refute_dp_epsilon") is False,
             "beats": membership.get("beats_dp_bound"),
             "dp": "dp_epsilon" in membership,
+            "below_floor": _below_log_floor(membership),
+            "floor": f"{_LOG_FLOOR:g}",
             "levels": [
                 {
                     "target": f"{lv['target_fpr']:g}",
