@@ -17,7 +17,7 @@ from typing import Any
 
 from hubtune.io import atomic_write_bytes
 
-__all__ = ["GLOSSARY", "render_reports"]
+__all__ = ["GLOSSARY", "metric_label", "render_reports"]
 
 GLOSSARY: list[tuple[str, str]] = [
     (
@@ -112,10 +112,19 @@ _METRIC_LABELS = {
 }
 
 
-def _label(metric: str) -> str:
+def metric_label(metric: str) -> str:
+    """The display name of an audit metric (``selection_rate[pos]`` -> ``Selection rate (pos)``).
+
+    The one source of metric names: the reports use it, and :mod:`hubtune.space` writes its
+    names into ``space_config.json`` for the Space, which runs without hubtune.
+    """
     if metric.startswith("selection_rate["):
         return f"Selection rate ({metric[len('selection_rate[') : -1]})"
     return _METRIC_LABELS.get(metric, metric)
+
+
+# The short name this module's code uses.
+_label = metric_label
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
