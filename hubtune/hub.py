@@ -9,20 +9,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
     "PICKLE_PATTERNS",
     "ResolvedModel",
+    "card_license",
+    "current_endpoint",
     "directory_digest",
     "hub_endpoint",
     "publish_folder",
     "resolve_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Weight formats that unpickle (and so can run arbitrary code when loaded).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
@@ -49,8 +55,12 @@ class ResolvedModel:
     kind: str  # "hub" | "local" | "package"
     revision: str | None  # what the recipe asked for (hub only)
     sha: str  # hub commit SHA, or "sha256:<digest>" of a local folder's files
+    # The licence the model's own card declares (see card_license); None: it declares none.
+    license: dict[str, str] | None = None
+    # The Hub endpoint it was pulled from (hub only): the model card links there, not elsewhere.
+    endpoint: str | None = None
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["local_dir"] = str(self.local_dir)
         return out
@@ -68,6 +78,41 @@ def directory_digest(folder: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def card_license(folder: Path) -> dict[str, str] | None:
+    """The licence a repo's own card (``README.md`` metadata) declares.
+
+    Returns:
+        ``{"id": "apache-2.0"}``, plus ``name`` and ``link`` when the card gives
+        ``license_name`` / ``license_link`` (for ``license: other``); None when the folder has
+        no card, or the card names no licence.
+    """
+    from huggingface_hub.repocard import metadata_load
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        meta = metadata_load(readme) or {}
+    except (ValueError, OSError, UnicodeDecodeError) as exc:  # yaml errors are ValueErrors
+        logger.warning("%s: cannot read its card metadata (%s)", readme, exc)
+        return None
+    declared = meta.get("license")
+    if not declared:
+        return None
+    found = {"id": ", ".join(map(str, declared)) if isinstance(declared, list) else str(declared)}
+    for key, field in (("name", "license_name"), ("link", "license_link")):
+        if meta.get(field):
+            found[key] = str(meta[field])
+    return found
+
+
+def current_endpoint() -> str:
+    """The Hub endpoint huggingface_hub talks to now (``HF_ENDPOINT``, or huggingface.co)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT).rstrip("/")
 
 
 def _package_dir(spec: str) -> Path:
@@ -118,7 +163,12 @@ def resolve_model(
         folder = _package_dir(spec)
         _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
         return ResolvedModel(
-            spec=spec, local_dir=folder, kind="package", revision=None, sha=directory_digest(folder)
+            spec=spec,
+            local_dir=folder,
+            kind="package",
+            revision=None,
+            sha=directory_digest(folder),
+            license=card_license(folder),
         )
     local = Path(spec).expanduser()
     if local.is_dir():
@@ -129,6 +179,7 @@ def resolve_model(
             kind="local",
             revision=None,
             sha=directory_digest(local),
+            license=card_license(local),
         )
     if spec.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model {spec!r}: local directory does not exist")
@@ -141,7 +192,15 @@ def resolve_model(
     folder = Path(snapshot_download(repo_id=spec, revision=revision, ignore_patterns=ignore))
     sha = folder.name
     _check_weight_formats(folder, spec=spec, allow_pickle=allow_pickle)
-    return ResolvedModel(spec=spec, local_dir=folder, kind="hub", revision=revision, sha=sha)
+    return ResolvedModel(
+        spec=spec,
+        local_dir=folder,
+        kind="hub",
+        revision=revision,
+        sha=sha,
+        license=card_license(folder),
+        endpoint=current_endpoint(),
+    )
 
 
 # --------------------------------------------------------------------------- endpoints
