@@ -687,6 +687,35 @@ def _how_to_load(
     return "\n".join(lines) + "\n"
 
 
+def _pipeline_code(*, repo_id: str, label_names: list[str]) -> str:
+    """A ``transformers.pipeline`` call for a pushed LoRA adapter that names the labels.
+
+    The pipeline takes an adapter repo's configuration from its base model, which has no
+    labels of this run (it would answer ``LABEL_1``, or fail to fit a head of another size):
+    ``model_kwargs`` gives them to the base model's configuration.
+    """
+    id2label = "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
+    return (
+        "\n".join(
+            [
+                "from transformers import pipeline",
+                "",
+                f"id2label = {id2label}",
+                "classifier = pipeline(",
+                '    "text-classification",',
+                f"    model={json.dumps(repo_id)},",
+                "    model_kwargs={",
+                '        "id2label": id2label,',
+                '        "label2id": {name: i for i, name in id2label.items()},',
+                "    },",
+                ")",
+                'print(classifier("Replace this with the text to classify."))',
+            ]
+        )
+        + "\n"
+    )
+
+
 def _model_location(
     *, run_dir: Path, repo_id: str | None, revision: str | None, lora: bool
 ) -> tuple[str, str]:
@@ -1011,6 +1040,9 @@ def build_card(
         "stopped_by_budget": bool((ledger or {}).get("stopped_by_budget")),
         "fairness": fairness_view,
         "membership": _membership(audit),
+        "pipeline_code": _pipeline_code(repo_id=repo_id, label_names=label_names)
+        if lora and repo_id is not None and not images and base["hub_id"]
+        else None,
         "code": _how_to_load(
             run_dir=run_dir,
             repo_id=repo_id,
