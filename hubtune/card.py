@@ -48,7 +48,7 @@ _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 # An absolute or home-relative POSIX path of at least two parts (not a URL, not a relative path).
 _ABS_PATH = re.compile(r"(?<![\w:/.~])(?:~/|/)(?:[\w.@+-]+/)+[\w.@+-]*")
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
-HF_ENDPOINT = "https://huggingface.co"
+_HUGGINGFACE_CO = "https://huggingface.co"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -164,7 +164,7 @@ def _repo_url(repo_id: str, *, endpoint: str | None, dataset: bool = False) -> s
     """
     if endpoint == "local":  # a recipe's hub.endpoint: local
         return None
-    base = (endpoint or HF_ENDPOINT).rstrip("/")
+    base = (endpoint or _HUGGINGFACE_CO).rstrip("/")
     host = urlsplit(base).hostname
     if host is None or host in _LOOPBACK:
         return None
@@ -183,8 +183,10 @@ def _repo_text(repo_id: str, *, endpoint: str | None, dataset: bool = False) -> 
 
 
 def _recipe_endpoint(recipe: dict[str, Any]) -> str | None:
-    """The endpoint a run's recipe named (``local``, a URL or None), for runs whose run.json
-    predates recording the endpoint each source was pulled from."""
+    """The endpoint a run's recipe named (``local``, a URL or None).
+
+    For runs whose run.json predates recording the endpoint each source was pulled from.
+    """
     endpoint = (recipe.get("hub") or {}).get("endpoint")
     return str(endpoint) if endpoint else None
 
@@ -195,11 +197,11 @@ def _license_text(entry: dict[str, Any], what: str) -> str:
         return "unknown (this run did not record it)"
     declared = entry["license"]
     if not declared:
-        return f"unknown (its {what} card declares none)"
+        return f"unknown (no {what} card of its own declares one)"
     text = f"`{_md(declared.get('id'))}`"
     if declared.get("name"):
         text += f" (`{_md(declared['name'])}`"
-        text += f", {declared['link']})" if declared.get("link") else ")"
+        text += f", {_md(declared['link'])})" if declared.get("link") else ")"
     return f"{text}, as its {what} card declares"
 
 

@@ -55,7 +55,7 @@ class ResolvedModel:
     kind: str  # "hub" | "local" | "package"
     revision: str | None  # what the recipe asked for (hub only)
     sha: str  # hub commit SHA, or "sha256:<digest>" of a local folder's files
-    # The licence the model's own card declares (see card_license); None: it declares none.
+    # The licence the model's own card declares (see card_license); None: no card declares one.
     license: dict[str, str] | None = None
     # The Hub endpoint it was pulled from (hub only): the model card links there, not elsewhere.
     endpoint: str | None = None
@@ -88,6 +88,7 @@ def card_license(folder: Path) -> dict[str, str] | None:
         ``license_name`` / ``license_link`` (for ``license: other``); None when the folder has
         no card, or the card names no licence.
     """
+    import yaml
     from huggingface_hub.repocard import metadata_load
 
     readme = folder / "README.md"
@@ -95,7 +96,7 @@ def card_license(folder: Path) -> dict[str, str] | None:
         return None
     try:
         meta = metadata_load(readme) or {}
-    except (ValueError, OSError, UnicodeDecodeError) as exc:  # yaml errors are ValueErrors
+    except (yaml.YAMLError, ValueError, OSError) as exc:  # a broken card claims nothing
         logger.warning("%s: cannot read its card metadata (%s)", readme, exc)
         return None
     declared = meta.get("license")

@@ -435,8 +435,8 @@ def test_unknown_licences_and_unrecorded_endpoints_are_said_honestly(tmp_path: P
     info["data"]["source"]["license"] = None
     (silent / "run.json").write_text(json.dumps(info))
     sources = _sources(build_card(silent))
-    assert "Licence: unknown (its model card declares none)" in sources
-    assert "Licence: unknown (its dataset card declares none)" in sources
+    assert "Licence: unknown (no model card of its own declares one)" in sources
+    assert "Licence: unknown (no dataset card of its own declares one)" in sources
     local = _sources(build_card(make_run(tmp_path, name="local")))
     assert "Licence: unknown (local data files carry no data set card)" in local
 
