@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -49,6 +50,8 @@ _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 # An absolute or home-relative POSIX path of at least two parts (not a URL, not a relative path).
 _ABS_PATH = re.compile(r"(?<![\w:/.~])(?:~/|/)(?:[\w.@+-]+/)+[\w.@+-]*")
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+_HUGGINGFACE_CO = "https://huggingface.co"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -155,11 +158,67 @@ def public_path(value: str | None) -> str | None:
 # --------------------------------------------------------------------------- sources
 
 
-def base_model_source(run_info: dict[str, Any]) -> dict[str, Any]:
+def _repo_url(repo_id: str, *, endpoint: str | None, dataset: bool = False) -> str | None:
+    """The page of a repo on the endpoint it was pulled from; None when that has no public page.
+
+    A loopback endpoint (``hub.endpoint: local``) lives on the training machine only, and the
+    same repo id on huggingface.co may be another repo or none at all: no link beats a wrong one.
+    """
+    if endpoint == "local":  # a recipe's hub.endpoint: local
+        return None
+    base = (endpoint or _HUGGINGFACE_CO).rstrip("/")
+    host = urlsplit(base).hostname
+    if host is None or host in _LOOPBACK:
+        return None
+    return f"{base}/{'datasets/' if dataset else ''}{repo_id}"
+
+
+def _repo_text(repo_id: str, *, endpoint: str | None, dataset: bool = False) -> str:
+    """A repo named as a link to where it was pulled from, or unlinked with a note why."""
+    url = _repo_url(repo_id, endpoint=endpoint, dataset=dataset)
+    if url is not None:
+        return f"[`{repo_id}`]({url})"
+    return (
+        f"`{repo_id}` (pulled from a Hub endpoint on the training machine, such as hubtune's "
+        "local endpoint, not from huggingface.co: no public link)"
+    )
+
+
+def _recipe_endpoint(recipe: dict[str, Any]) -> str | None:
+    """The endpoint a run's recipe named (``local``, a URL or None).
+
+    For runs whose run.json predates recording the endpoint each source was pulled from.
+    """
+    endpoint = (recipe.get("hub") or {}).get("endpoint")
+    return str(endpoint) if endpoint else None
+
+
+def _license_text(entry: dict[str, Any], what: str) -> str:
+    """A source's licence as its own card declares it, or an honest "unknown"."""
+    if "license" not in entry:
+        return "unknown (this run did not record it)"
+    declared = entry["license"]
+    if not declared:
+        return f"unknown (no {what} card of its own declares one)"
+    text = f"`{_md(declared.get('id'))}`"
+    if declared.get("name"):
+        text += f" (`{_md(declared['name'])}`"
+        text += f", {_md(declared['link'])})" if declared.get("link") else ")"
+    return f"{text}, as its {what} card declares"
+
+
+def base_model_source(
+    run_info: dict[str, Any], *, fallback_endpoint: str | None = None
+) -> dict[str, Any]:
     """Where a run's base model came from, as it may be published.
 
     ``hub_id``/``revision`` name it on the Hub when it is a Hub repo, or an exact packaged copy
     of one (``revision`` None then); otherwise ``hub_id`` is None.
+
+    Args:
+        run_info: The run's ``run.json``.
+        fallback_endpoint: The endpoint to link to when run.json does not record the one the
+            model was pulled from (default huggingface.co).
     """
     base = run_info.get("base_model") or {}
     spec = str(base.get("spec") or "")
@@ -168,11 +227,13 @@ def base_model_source(run_info: dict[str, Any]) -> dict[str, Any]:
     info: dict[str, Any] = {"kind": kind, "sha": sha, "hub_id": None, "revision": None}
     if kind is None and spec and _HUB_ID.match(spec) and not Path(spec).expanduser().exists():
         kind = info["kind"] = "hub"
+    info["license"] = _license_text(_base_license(base), "model")
     if kind == "hub":
+        endpoint = base.get("endpoint") or fallback_endpoint
         info.update(
             hub_id=spec,
             revision=sha,
-            text=f"[`{spec}`](https://huggingface.co/{spec}) at commit `{sha}`",
+            text=f"{_repo_text(spec, endpoint=endpoint)} at commit `{sha}`",
             load_expr=json.dumps(spec),
             load_revision=sha,
             comment=None,
@@ -209,9 +270,30 @@ def base_model_source(run_info: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def _dataset(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The training data's source: a Hub data set id, or a local file named without its location."""
+def _base_license(base: dict[str, Any]) -> dict[str, Any]:
+    """``{"license": ...}`` as run.json records it; for older runs, read from the card on disk."""
+    if "license" in base:
+        return {"license": base["license"]}
+    folder = Path(str(base.get("local_dir") or ""))
+    if base.get("local_dir") and (folder / "README.md").is_file():
+        from hubtune.hub import card_license
+
+        return {"license": card_license(folder)}
+    return {}
+
+
+def _dataset(
+    recipe: dict[str, Any], run_info: dict[str, Any], *, fallback_endpoint: str | None = None
+) -> dict[str, Any]:
+    """The training data's source: a Hub data set id, or a local file named without its location.
+
+    Args:
+        recipe: The resolved recipe.
+        run_info: The run's ``run.json`` (``data.source`` records the endpoint and licence).
+        fallback_endpoint: The endpoint to link to when run.json does not record one.
+    """
     data = recipe.get("data") or {}
+    recorded = (run_info.get("data") or {}).get("source") or {}
     source = str(data.get("source") or "")
     looks_local = (
         not source
@@ -220,15 +302,17 @@ def _dataset(recipe: dict[str, Any]) -> dict[str, Any]:
         or Path(source).expanduser().exists()
     )
     if source and not looks_local and _HUB_ID.match(source):
-        revision = data.get("revision")
+        revision = data.get("revision") or recorded.get("sha")
+        endpoint = recorded.get("endpoint") or fallback_endpoint
         return {
             "hub_id": source,
             "name": source,
             "config": data.get("config_name"),
             "revision": revision,
-            "text": f"[`{source}`](https://huggingface.co/datasets/{source})"
+            "text": _repo_text(source, endpoint=endpoint, dataset=True)
             + (f" (configuration `{data['config_name']}`)" if data.get("config_name") else "")
             + (f" at revision `{revision}`" if revision else ""),
+            "license": _license_text(recorded, "dataset"),
         }
     name = public_path(source) or "local data"
     return {
@@ -237,6 +321,45 @@ def _dataset(recipe: dict[str, Any]) -> dict[str, Any]:
         "config": None,
         "revision": None,
         "text": f"local data `{_md(name)}` (not on the Hub)",
+        "license": _license_text(recorded, "dataset")
+        if "license" in recorded
+        else "unknown (local data files carry no data set card)",
+    }
+
+
+def _test_split(recipe: dict[str, Any], run_info: dict[str, Any]) -> dict[str, Any]:
+    """How the test split was made: the source's own split, or a seeded hold-out of its train.
+
+    The ``model-index`` must not claim a ``test`` split that the data set does not have.
+
+    Returns:
+        ``text`` for the card; ``split`` and ``args`` for the EvalResult: the source's split
+        name (args None), or ``test``, hubtune's hold-out, with args naming the source split it
+        was carved from and how.
+    """
+    data = recipe.get("data") or {}
+    recorded = run_info.get("data") or {}
+    named = data.get("splits") or {}
+    source_splits = recorded.get("source_splits") or {}
+    if "source_splits" in recorded:
+        own = source_splits.get("test")
+    else:  # older run.json: a split read from the source is counted under rows_read
+        own = (named.get("test") or "test") if "test" in (recorded.get("rows_read") or {}) else None
+    limit = (data.get("limit") or {}).get("test")
+    subset = f", then a seeded subset of {_num(int(limit))} rows" if limit else ""
+    if own is not None:
+        return {"text": f"the source's own `{_md(own)}` split{subset}", "split": own, "args": None}
+    train = str(source_splits.get("train") or named.get("train") or "train")
+    split = data.get("split") or {}
+    fraction = float(split.get("test", 0.2))
+    how = "stratified (by label)" if split.get("stratify", True) else "random"
+    seed = recipe.get("seed")
+    plain = f"{fraction * 100:g}% seeded {how} hold-out of the source's {train} split, seed {seed}"
+    return {
+        "text": f"{fraction * 100:g}% seeded {how} hold-out of the source's `{_md(train)}` split, "
+        f"seed {seed}{subset} (the source has no test split)",
+        "split": "test",
+        "args": {"source_split": train, "test_split": plain + subset},
     }
 
 
@@ -572,6 +695,35 @@ def _how_to_load(
     return "\n".join(lines) + "\n"
 
 
+def _pipeline_code(*, repo_id: str, label_names: list[str]) -> str:
+    """A ``transformers.pipeline`` call for a pushed LoRA adapter that names the labels.
+
+    The pipeline takes an adapter repo's configuration from its base model, which has no
+    labels of this run (it would answer ``LABEL_1``, or fail to fit a head of another size):
+    ``model_kwargs`` gives them to the base model's configuration.
+    """
+    id2label = "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
+    return (
+        "\n".join(
+            [
+                "from transformers import pipeline",
+                "",
+                f"id2label = {id2label}",
+                "classifier = pipeline(",
+                '    "text-classification",',
+                f"    model={json.dumps(repo_id)},",
+                "    model_kwargs={",
+                '        "id2label": id2label,',
+                '        "label2id": {name: i for i, name in id2label.items()},',
+                "    },",
+                ")",
+                'print(classifier("Replace this with the text to classify."))',
+            ]
+        )
+        + "\n"
+    )
+
+
 def _model_location(
     *, run_dir: Path, repo_id: str | None, revision: str | None, lora: bool
 ) -> tuple[str, str]:
@@ -769,8 +921,10 @@ def build_card(
     data = run_info.get("data") or {}
     label_names = [str(n) for n in data.get("label_names") or []]
     test = run_info.get("test") or {}
-    base = base_model_source(run_info)
-    dataset = _dataset(recipe)
+    endpoint = _recipe_endpoint(recipe)
+    base = base_model_source(run_info, fallback_endpoint=endpoint)
+    dataset = _dataset(recipe, run_info, fallback_endpoint=endpoint)
+    test_split = _test_split(recipe, run_info)
     privacy_block, ledger = _privacy(run_dir)
     fairness_block, fairness_view = _fairness(
         audit, run_info.get("audit"), allow_failing=allow_failing_audit
@@ -795,7 +949,8 @@ def build_card(
             dataset_name=dataset["name"],
             dataset_config=dataset["config"],
             dataset_revision=dataset["revision"],
-            dataset_split="test",
+            dataset_split=test_split["split"],
+            dataset_args=test_split["args"],
             metric_type=metric,
             metric_name=label,
             metric_value=float(test[key]),
@@ -860,6 +1015,7 @@ def build_card(
         else None,
         "base": base,
         "dataset": dataset,
+        "test_split": test_split["text"],
         "label_names": [_md(n) for n in label_names],
         "fingerprint": data.get("fingerprint"),
         "splits": [
@@ -902,6 +1058,9 @@ def build_card(
         "membership": _membership(audit),
         "not_covered": (audit or {}).get("publication", {}).get("not_covered_by_dp")
         or not_covered_by_dp({"privacy": privacy_block}),
+        "pipeline_code": _pipeline_code(repo_id=repo_id, label_names=label_names)
+        if lora and repo_id is not None and not images and base["hub_id"]
+        else None,
         "code": _how_to_load(
             run_dir=run_dir,
             repo_id=repo_id,

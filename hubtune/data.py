@@ -81,6 +81,10 @@ class PreparedData:
     # Audit canaries (random text, random label), all of them, with an ``included`` column;
     # the included ones are also in ``splits["train"]``. None without canaries.
     canaries: pd.DataFrame | None = None
+    # Where the rows came from (see _source_info), and which split of the source each of ours
+    # was read from (None: carved from the training data), so the model card can say so.
+    source: dict[str, Any] = field(default_factory=dict)
+    source_splits: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def rows_kept(self) -> dict[str, int]:
@@ -96,6 +100,8 @@ class PreparedData:
                 "in_training": int(self.canaries["included"].sum()),
             },
             "label_names": self.label_names,
+            "source": self.source,
+            "source_splits": self.source_splits,
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
             "dropped": self.dropped,
@@ -484,6 +490,48 @@ def _load_hub_dataset(section: DataSection) -> dict[str, pd.DataFrame]:
     return _frames_with_classlabels(loaded)
 
 
+def _source_info(section: DataSection) -> dict[str, Any]:
+    """Where the data came from, as the model card cites it.
+
+    A Hub data set repo: its id, revision, the endpoint it was pulled from and the licence its
+    card declares. Local files: the licence of a data set card (README.md) inside a source
+    folder; a single file has no card of its own, so nothing is claimed for it.
+    """
+    from hubtune.hub import card_license, current_endpoint
+
+    source = Path(section.source).expanduser()
+    if source.is_dir():
+        return {"kind": "local", "license": card_license(source)}
+    if source.exists() or section.source.startswith((".", "/", "~")):
+        return {"kind": "local"}
+    return {
+        "kind": "hub",
+        "repo_id": section.source,
+        "revision": section.revision,
+        "endpoint": current_endpoint(),
+        **_hub_dataset_card(section.source, section.revision),
+    }
+
+
+def _hub_dataset_card(repo_id: str, revision: str | None) -> dict[str, Any]:
+    """The commit and card licence of a Hub data set (``{}`` when its card cannot be fetched)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    from hubtune.hub import card_license
+
+    try:
+        card = Path(hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=revision))
+    except RemoteEntryNotFoundError:
+        return {"license": None}  # no card: the repo declares no licence
+    except OSError as exc:  # offline without a cached card, or the endpoint refused
+        logger.warning(
+            "data: cannot read the card of %s (%s); its licence is not recorded", repo_id, exc
+        )
+        return {}
+    return {"sha": card.parent.name, "license": card_license(card.parent)}
+
+
 def _frames_with_classlabels(loaded: Any) -> dict[str, pd.DataFrame]:
     frames = {}
     for name, split in loaded.items():
@@ -826,6 +874,8 @@ def load_data(
         sensitive_columns=list(cols.sensitive),
         rows_read=rows_read,
         dropped=dropped,
+        source=_source_info(section),
+        source_splits=dict(chosen),
     )
     # The fingerprint identifies the user's data, so it is taken before canaries go in.
     prepared.fingerprint = _fingerprint(clean, ["row_id", *prepared.text_columns, "label"])

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from hubtune.errors import InputError
@@ -24,6 +26,8 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRefusedError",
     "ResolvedModel",
+    "card_license",
+    "current_endpoint",
     "check_model",
     "directory_digest",
     "hub_endpoint",
@@ -32,6 +36,8 @@ __all__ = [
     "resolve_model",
     "revision_problem",
 ]
+
+logger = logging.getLogger(__name__)
 
 # What directory_digest returns: pins a local or packaged folder by content.
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -70,8 +76,12 @@ class ResolvedModel:
     kind: str  # "hub" | "local" | "package"
     revision: str | None  # what the recipe asked for (hub only)
     sha: str  # hub commit SHA, or "sha256:<digest>" of a local folder's files
+    # The licence the model's own card declares (see card_license); None: no card declares one.
+    license: dict[str, str] | None = None
+    # The Hub endpoint it was pulled from (hub only): the model card links there, not elsewhere.
+    endpoint: str | None = None
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["local_dir"] = str(self.local_dir)
         return out
@@ -89,6 +99,42 @@ def directory_digest(folder: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def card_license(folder: Path) -> dict[str, str] | None:
+    """The licence a repo's own card (``README.md`` metadata) declares.
+
+    Returns:
+        ``{"id": "apache-2.0"}``, plus ``name`` and ``link`` when the card gives
+        ``license_name`` / ``license_link`` (for ``license: other``); None when the folder has
+        no card, or the card names no licence.
+    """
+    import yaml
+    from huggingface_hub.repocard import metadata_load
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        meta = metadata_load(readme) or {}
+    except (yaml.YAMLError, ValueError, OSError) as exc:  # a broken card claims nothing
+        logger.warning("%s: cannot read its card metadata (%s)", readme, exc)
+        return None
+    declared = meta.get("license")
+    if not declared:
+        return None
+    found = {"id": ", ".join(map(str, declared)) if isinstance(declared, list) else str(declared)}
+    for key, field in (("name", "license_name"), ("link", "license_link")):
+        if meta.get(field):
+            found[key] = str(meta[field])
+    return found
+
+
+def current_endpoint() -> str:
+    """The Hub endpoint huggingface_hub talks to now (``HF_ENDPOINT``, or huggingface.co)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT).rstrip("/")
 
 
 def model_kind(spec: str) -> str:
@@ -339,6 +385,7 @@ def resolve_model(
             kind=kind,
             revision=None,
             sha=_pinned_digest(spec, folder, revision),
+            license=card_license(folder),
         )
     from huggingface_hub import snapshot_download
 
@@ -349,7 +396,15 @@ def resolve_model(
         folder = Path(snapshot_download(repo_id=spec, revision=revision, ignore_patterns=ignore))
     sha = folder.name
     _check_model_folder(folder, spec=spec, allow_pickle=allow_pickle)
-    return ResolvedModel(spec=spec, local_dir=folder, kind="hub", revision=revision, sha=sha)
+    return ResolvedModel(
+        spec=spec,
+        local_dir=folder,
+        kind="hub",
+        revision=revision,
+        sha=sha,
+        license=card_license(folder),
+        endpoint=current_endpoint(),
+    )
 
 
 # --------------------------------------------------------------------------- endpoints

@@ -9,8 +9,8 @@ repo's ``privacy.json`` and ``audit/audit.json``. :func:`render_space` writes, f
   gradio is left to the Space SDK),
 * ``README.md`` whose YAML header comes from :class:`huggingface_hub.SpaceCardData`
   (``sdk: gradio``, ``sdk_version``, ``app_file``, ``models: [repo]``, ...),
-* ``space_config.json``: repo id, commit SHA, labels, limits and title; never a token or a
-  path of this machine.
+* ``space_config.json``: repo id, commit SHA, labels, limits, title and the audit report's
+  display names of the audit's metrics; never a token or a path of this machine.
 
 :func:`serve_space` runs the same app here, from a rendered folder (Hub mode) or straight from
 a run directory (local mode, offline: the model folder and reports are read from disk).
@@ -150,7 +150,28 @@ def _common_config(run_dir: Path, info: dict[str, Any], recipe: dict[str, Any]) 
         "labels": [str(label) for label in labels],
         "max_input_chars": DEFAULT_MAX_INPUT_CHARS,
         "max_length": int((recipe.get("model") or {}).get("max_length") or 128),
+        "metric_names": _metric_names(run_dir),
     }
+
+
+def _metric_names(run_dir: Path) -> dict[str, str]:
+    """Display names of the metrics the run's audit.json names, as the audit report shows them.
+
+    The Space runs without hubtune, so it cannot call the report's naming helper: the names
+    travel in ``space_config.json`` instead, computed by that helper.
+    """
+    from hubtune.audit.report import metric_label
+
+    audit = _read_json(run_dir / "audit" / "audit.json")
+    if not isinstance(audit, dict):
+        return {}
+    fairness = audit.get("fairness") or {}
+    keys = {str(metric) for metric in fairness.get("metrics") or []}
+    for slice_ in fairness.get("slices") or []:
+        disparities = slice_.get("disparities") or {}
+        keys.update(str(name) for name in disparities if name != "largest_gap")
+        keys.update(str(metric) for metric in disparities.get("largest_gap") or {})
+    return {key: metric_label(key) for key in sorted(keys)}
 
 
 def _base_model(

@@ -12,7 +12,8 @@ This file runs on its own (on a Hugging Face Space, hubtune is not installed). I
 
 Other keys: ``task`` (``text-classification``, the default, or ``image-classification``),
 ``title``, ``labels`` (class names in logit order), ``max_input_chars``, ``max_length``
-(tokenizer truncation), ``max_image_pixels``, and for LoRA adapters ``base_model_repo_id`` /
+(tokenizer truncation), ``max_image_pixels``, ``metric_names`` (audit metric -> the display
+name hubtune's audit report uses), and for LoRA adapters ``base_model_repo_id`` /
 ``base_model_revision``.
 
 Safe defaults: no share link, no file access, an input size limit (characters, or pixels for
@@ -312,8 +313,40 @@ def privacy_markdown(ledger: dict[str, Any] | None, audit: dict[str, Any] | None
     return "\n".join(lines)
 
 
-def fairness_markdown(audit: dict[str, Any] | None, *, top: int = 5) -> str:
-    """The audit verdict, its checks and the largest gaps between groups."""
+def _name(metric: Any, names: dict[str, str] | None) -> str:
+    """A metric's display name from ``space_config.json`` (the audit report's).
+
+    Without one (a caller that passes no names), the key with spaces for underscores, as
+    audit.json names its checks.
+    """
+    return str((names or {}).get(str(metric)) or str(metric).replace("_", " "))
+
+
+def _with_ci(entry: dict[str, Any]) -> str:
+    """``0.304 (0.256–0.402)``: a value and its confidence interval, as the audit report writes it."""
+    ci = entry.get("ci")
+    text = _num(entry.get("value"))
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+        text += f" ({_num(ci[0])}–{_num(ci[1])})"
+    return text
+
+
+def _ci_percent(audit: dict[str, Any]) -> str:
+    level = (audit.get("fairness") or {}).get("ci_level")
+    return f"{round(float(level) * 100)}% " if isinstance(level, (int, float)) else ""
+
+
+def fairness_markdown(
+    audit: dict[str, Any] | None, *, top: int = 5, metric_names: dict[str, str] | None = None
+) -> str:
+    """The audit verdict, its checks and the largest gaps between groups.
+
+    Args:
+        audit: The model's ``audit/audit.json`` (None: not audited).
+        top: How many of each slice's largest gaps to show.
+        metric_names: Display names of the audit's metrics (``space_config.json``); metrics
+            without one are shown by their key.
+    """
     lines = ["### Fairness audit", ""]
     if not audit:
         lines.append("No fairness audit was published with this model.")
@@ -349,19 +382,22 @@ def fairness_markdown(audit: dict[str, Any] | None, *, top: int = 5) -> str:
         if not rows:
             lines.append(_md(slice_.get("disparities_note") or "No reportable gaps."))
             continue
-        lines += ["| metric | gap | highest | lowest |", "|---|---|---|---|"]
+        lines += [
+            f"| metric | gap ({_ci_percent(audit)}confidence interval) | highest | lowest |",
+            "|---|---|---|---|",
+        ]
         for metric, gap in rows:
             lines.append(
-                f"| {_md(metric)} | {_num(gap['value'])} | {_md(gap.get('highest', ''))} | "
-                f"{_md(gap.get('lowest', ''))} |"
+                f"| {_md(_name(metric, metric_names))} | {_with_ci(gap)} | "
+                f"{_md(gap.get('highest', ''))} | {_md(gap.get('lowest', ''))} |"
             )
-        eod = (disparities.get("equalized_odds_difference") or {}).get("value")
-        dpd = (disparities.get("demographic_parity_difference") or {}).get("value")
-        if eod is not None or dpd is not None:
-            lines += [
-                "",
-                f"Equalized odds difference {_num(eod)}; demographic parity difference {_num(dpd)}.",
-            ]
+        summary = [
+            f"{_md(_name(key, metric_names))} {_with_ci(disparities[key])}"
+            for key in ("equalized_odds_difference", "demographic_parity_difference")
+            if (disparities.get(key) or {}).get("value") is not None
+        ]
+        if summary:
+            lines += ["", ". ".join(summary) + "."]
     membership = audit.get("membership") or {}
     auc = (membership.get("auc") or {}).get("value") if isinstance(membership, dict) else None
     if auc is not None:
@@ -373,7 +409,94 @@ def fairness_markdown(audit: dict[str, Any] | None, *, top: int = 5) -> str:
     return "\n".join(lines)
 
 
+_VERDICT_HEADINGS = {
+    "pass": "✅ Fairness audit: PASS",
+    "fail": "⚠️ Fairness audit: FAIL",
+    "inconclusive": "⚠️ Fairness audit: INCONCLUSIVE",
+}
+_LIMITS = {"≤": "the policy allows at most", "≥": "the policy requires at least"}
+
+
+def _check_name(check: str, names: dict[str, str] | None) -> str:
+    """A check's display name: audit.json writes ``equalized odds difference``, ``tpr gap``."""
+    names = names or {}
+    key = check.replace(" ", "_")
+    if key in names:
+        return names[key]
+    if check.endswith(" gap") and check[: -len(" gap")] in names:
+        return f"Largest {names[check[: -len(' gap')]]} gap"
+    return check[:1].upper() + check[1:]
+
+
+def _check_sentence(check: dict[str, Any], names: dict[str, str] | None) -> str:
+    """One check in plain words: what was measured, where, and what the policy allows."""
+    name = _check_name(str(check.get("check") or "check"), names)
+    text = f"{_md(name)} ({_md(check.get('scope', ''))}) is {_with_ci(check)}"
+    judged = check.get("judged_value")
+    if check.get("judged_on") == "ci_bound" and judged is not None:
+        text += f", judged on its interval's least favourable end, {_num(judged)}"
+    rule = str(check.get("rule") or "")
+    limit = _LIMITS.get(rule[:1])
+    if limit and isinstance(check.get("threshold"), (int, float)):
+        return f"{text}; {limit} {_num(check['threshold'])}."
+    return f"{text}; the rule: {_md(rule)}."
+
+
+def verdict_markdown(
+    audit: dict[str, Any] | None, *, metric_names: dict[str, str] | None = None
+) -> str:
+    """The fairness verdict shown beside each prediction, with any failed checks in plain words.
+
+    Args:
+        audit: The model's ``audit/audit.json`` (None: not audited).
+        metric_names: Display names of the audit's metrics (``space_config.json``).
+    """
+    if not audit:
+        return (
+            "### Fairness audit: none\n\nNo fairness audit was published with this model: "
+            "nothing is known about how its mistakes differ between groups of people."
+        )
+    verdict = audit.get("verdict") or {}
+    status = str(verdict.get("status") or "unknown").lower()
+    policy = _md((audit.get("policy") or {}).get("name", "unknown"))
+    checks = verdict.get("checks") or []
+    lines = [f"### {_VERDICT_HEADINGS.get(status, 'Fairness audit: ' + _md(status.upper()))}", ""]
+    if status == "fail":
+        lines.append(
+            f"This model **failed** its fairness audit (policy {policy}): weigh that before "
+            "relying on its predictions, above all in decisions about people."
+        )
+        items = [_check_sentence(c, metric_names) for c in checks if c.get("passed") is False]
+        items = items or [_md(item) for item in verdict.get("failed") or []]
+        lines += ["", "Failed checks:", ""] + [f"- {item}" for item in items]
+    elif status == "inconclusive":
+        lines.append(
+            f"No check of the {policy} policy failed, but these could not be evaluated "
+            "(too few test rows or groups):"
+        )
+        items = [
+            f"{_md(_check_name(str(c.get('check') or 'check'), metric_names))} "
+            f"({_md(c.get('scope', ''))})"
+            for c in checks
+            if c.get("passed") is None
+        ]
+        items = items or [_md(item) for item in verdict.get("not_evaluable") or []]
+        lines += [""] + [f"- {item}" for item in items]
+    elif status == "pass":
+        lines.append(
+            f"Every check of the {policy} policy passed on the test data. That is no guarantee "
+            "of fair predictions on other data."
+        )
+    lines += ["", "The *Privacy & fairness* tab has the details."]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- app
+
+
+def _cleared() -> tuple[None, str]:
+    """Empty prediction outputs: after an error, no earlier result may stay on screen."""
+    return None, ""
 
 
 def make_predict(
@@ -439,13 +562,20 @@ def build_demo(
     base = Path(base_dir) if base_dir is not None else Path(__file__).parent
     if classifier is None:
         classifier = load_classifier(config, base_dir=base, endpoint=endpoint)
+    names = config.get("metric_names") or {}
     try:
         ledger = _read_report(config, PRIVACY_FILE, base, endpoint)
         audit = _read_report(config, AUDIT_FILE, base, endpoint)
-        reports = privacy_markdown(ledger, audit) + "\n\n" + fairness_markdown(audit)
+        reports = (
+            privacy_markdown(ledger, audit) + "\n\n" + fairness_markdown(audit, metric_names=names)
+        )
+        verdict = verdict_markdown(audit, metric_names=names)
     except Exception:
         logger.exception("could not read the privacy and audit reports")
         reports = "The privacy and fairness reports of this model could not be read."
+        verdict = (
+            "### Fairness audit: unknown\n\nThe fairness audit of this model could not be read."
+        )
     max_chars = int(config.get("max_input_chars") or DEFAULT_MAX_INPUT_CHARS)
     images = config.get("task") == IMAGES
     max_pixels = int(config.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
@@ -476,14 +606,29 @@ def build_demo(
                     elem_id="input-text",
                 )
             button = gr.Button("Classify", variant="primary", elem_id="classify-button")
-            label = gr.Label(label="Prediction", elem_id="prediction")
-            table = gr.Markdown(elem_id="probabilities")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    label = gr.Label(label="Prediction", elem_id="prediction")
+                    table = gr.Markdown(elem_id="probabilities")
+                with gr.Column(scale=2):
+                    # Beside every prediction: a confident answer says nothing about fairness.
+                    gr.Markdown(verdict, elem_id="audit-verdict")
             handler = make_predict(
                 classifier, max_chars, images=images, max_image_pixels=max_pixels
             )
-            button.click(handler, inputs=field, outputs=[label, table], api_name="classify")
+            events = [
+                button.click(handler, inputs=field, outputs=[label, table], api_name="classify")
+            ]
             if not images:
-                field.submit(handler, inputs=field, outputs=[label, table], api_visibility="private")
+                events.append(
+                    field.submit(
+                        handler, inputs=field, outputs=[label, table], api_visibility="private"
+                    )
+                )
+            for event in events:
+                event.failure(
+                    _cleared, outputs=[label, table], api_visibility="private", queue=False
+                )
         with gr.Tab("Privacy & fairness"):
             gr.Markdown(reports, elem_id="privacy-fairness")
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)

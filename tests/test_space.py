@@ -8,6 +8,7 @@ the page's own requests are checked to stay on the loopback server).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -82,6 +83,29 @@ AUDIT = {
     },
     "membership": {"auc": {"value": 0.512}},
 }
+
+
+def _audit_with_intervals() -> dict[str, Any]:
+    """AUDIT as `hubtune audit` writes it: with its metrics list and confidence intervals."""
+    audit = copy.deepcopy(AUDIT)
+    audit["verdict"]["checks"][0].update(ci=[0.25, 0.37], threshold=0.1, judged_on="estimate")
+    fairness = audit["fairness"]
+    fairness.update(
+        metrics=["accuracy", "selection_rate", "tpr", "fpr", "count"],
+        ci_level=0.95,
+    )
+    disparities = fairness["slices"][0]["disparities"]
+    disparities["demographic_parity_difference"]["ci"] = [0.12, 0.3]
+    disparities["equalized_odds_difference"]["ci"] = [0.25, 0.37]
+    disparities["largest_gap"]["accuracy"]["ci"] = [0.05, 0.2]
+    disparities["largest_gap"]["tpr"]["ci"] = [0.2, 0.42]
+    disparities["largest_gap"]["selection_rate"] = {
+        "value": 0.22,
+        "ci": [0.12, 0.3],
+        "highest": "b",
+        "lowest": "c",
+    }
+    return audit
 
 
 def _make_run(root: Path, tiny_bert: Path, *, dp: bool = True, audit: bool = True) -> Path:
@@ -302,6 +326,63 @@ def test_input_limits_and_errors_are_enforced_server_side() -> None:
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+def test_config_carries_the_reports_metric_names(tiny_run: Path, tmp_path: Path) -> None:
+    """One source of display names: the audit report's helper, shipped in space_config.json."""
+    from hubtune.audit.report import metric_label
+
+    out = render_space(
+        run_dir=tiny_run, model_repo_id="me/tiny-run", model_revision=SHA, out_dir=tmp_path / "sp"
+    )
+    names = json.loads((out / CONFIG_FILE).read_text())["metric_names"]
+    keys = {"accuracy", "tpr", "demographic_parity_difference", "equalized_odds_difference"}
+    assert names == {key: metric_label(key) for key in keys}
+    assert names["tpr"] == "TPR" and names["equalized_odds_difference"] == (
+        "Equalized odds difference"
+    )
+    assert local_space_config(run_dir=tiny_run)["metric_names"] == names
+
+
+def test_gap_table_has_the_reports_names_and_the_audits_intervals() -> None:
+    from hubtune.audit.report import metric_label
+
+    app = load_app()
+    audit = _audit_with_intervals()
+    names = {key: metric_label(key) for key in ("accuracy", "selection_rate", "tpr")}
+    names["equalized_odds_difference"] = metric_label("equalized_odds_difference")
+    text = app.fairness_markdown(audit, metric_names=names)
+    assert "| metric | gap (95% confidence interval) | highest | lowest |" in text
+    assert "| TPR | 0.310 (0.200–0.420) | b | a |" in text
+    assert "| Selection rate | 0.220 (0.120–0.300) | b | c |" in text
+    assert "| Accuracy | 0.125 (0.050–0.200) | a | c |" in text
+    assert "| tpr |" not in text and "selection_rate" not in text
+    assert "Equalized odds difference 0.310 (0.250–0.370)" in text
+
+
+def test_verdict_in_plain_words() -> None:
+    from hubtune.audit.report import metric_label
+
+    app = load_app()
+    names = {"equalized_odds_difference": metric_label("equalized_odds_difference")}
+    failing = app.verdict_markdown(_audit_with_intervals(), metric_names=names)
+    assert "Fairness audit: FAIL" in failing and "**failed**" in failing
+    assert (
+        "- Equalized odds difference (group) is 0.310 (0.250–0.370); "
+        "the policy allows at most 0.100." in failing
+    )
+    passing = {"verdict": {"status": "pass", "checks": []}, "policy": {"name": "default"}}
+    assert "Fairness audit: PASS" in app.verdict_markdown(passing)
+    unsure = {
+        "verdict": {
+            "status": "inconclusive",
+            "checks": [{"check": "tpr gap", "scope": "group", "passed": None}],
+        },
+        "policy": {"name": "strict"},
+    }
+    text = app.verdict_markdown(unsure, metric_names={"tpr": "TPR"})
+    assert "Fairness audit: INCONCLUSIVE" in text and "- Largest TPR gap (group)" in text
+    assert "No fairness audit was published" in app.verdict_markdown(None)
+
+
 def test_rendered_space_needs_its_pinned_repo_offline(tiny_run: Path, tmp_path: Path) -> None:
     """Hub mode really goes to the Hub: offline and uncached, it fails instead of guessing."""
     out = render_space(
@@ -482,7 +563,7 @@ def test_app_in_a_browser(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
             reports.get_by_text("Verdict: FAIL").wait_for()
             body = reports.inner_text()
             assert "ε = 3.21" in body and "δ = 1e-05" in body and "PRV" in body
-            assert "equalized odds difference" in body and "tpr" in body
+            assert "equalized odds difference" in body and "TPR" in body
             page.get_by_role("tab", name="Classify").click()
 
             textbox.fill("x" * 2001)
@@ -515,3 +596,62 @@ def test_space_privacy_text_for_a_void_guarantee_and_a_re_planned_noise() -> Non
         "| noise multiplier σ | 0.9 for 20 steps, then 1.1 for 20 steps |"
         in app.privacy_markdown(segments, AUDIT)
     )
+
+
+def test_classify_tab_shows_the_verdict_and_clears_after_errors(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside each prediction, the audit verdict; after an error, no stale probabilities."""
+    run_dir = _make_run(tmp_path, tiny_bert)
+    (run_dir / "audit" / "audit.json").write_text(json.dumps(_audit_with_intervals()))
+    app = load_app()
+    real = app.Classifier.probabilities
+
+    def probabilities(self: Any, text: str) -> dict[str, float]:
+        if "explode" in text:
+            raise RuntimeError("model failure")
+        return real(self, text)
+
+    monkeypatch.setattr(app.Classifier, "probabilities", probabilities)
+    demo = build_space_demo(source=run_dir)
+    port = _free_port()
+    app.launch(
+        demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+    )
+    try:
+        with chromium() as browser:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            verdict = page.locator("#audit-verdict")
+            verdict.get_by_text("Fairness audit: FAIL").wait_for()
+            assert verdict.is_visible()  # on the Classify tab, without opening another
+            assert (
+                "Equalized odds difference (group) is 0.310 (0.250–0.370); the policy allows "
+                "at most 0.100." in verdict.inner_text()
+            )
+            textbox = page.locator("#input-text textarea")
+            button = page.locator("#classify-button")
+            table = page.locator("#probabilities")
+            output = page.locator("#prediction")
+            for bad_input, message in (("   ", "type some text"), ("explode", app.GENERIC_ERROR)):
+                textbox.fill("a great and lovely day")
+                button.click()
+                table.get_by_text("probability").wait_for()
+                assert "%" in output.inner_text()
+                textbox.fill(bad_input)
+                button.click()
+                page.get_by_text(message).first.wait_for()
+                page.wait_for_function(
+                    "() => !document.querySelector('#probabilities').innerText.trim()"
+                )
+                assert "probability" not in table.inner_text()
+                assert "%" not in output.inner_text(), (bad_input, output.inner_text())
+                page.screenshot(path=str(tmp_path / f"after-error-{len(bad_input)}.png"))
+            page.get_by_role("tab", name="Privacy & fairness").click()
+            reports = page.locator("#privacy-fairness")
+            reports.get_by_text("Verdict: FAIL").wait_for()
+            body = reports.inner_text()
+            assert "TPR" in body and "0.310 (0.200–0.420)" in body and "Selection rate" in body
+            assert "selection_rate" not in body
+    finally:
+        demo.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 from hubtune.io import atomic_write_bytes
 
-__all__ = ["GLOSSARY", "render_reports"]
+__all__ = ["GLOSSARY", "metric_label", "render_reports"]
 
 GLOSSARY: list[tuple[str, str]] = [
     (
@@ -58,6 +58,14 @@ GLOSSARY: list[tuple[str, str]] = [
     (
         "Confidence interval",
         "The range the metric would likely fall in on another test set of the same size (bootstrap over test examples). Wide intervals mean few examples: do not read much into the point value.",
+    ),
+    (
+        "Judged value",
+        "The number a check's rule is applied to: the point estimate, or, when the policy judges on confidence intervals, the end of the interval least favourable to the model.",
+    ),
+    (
+        "Margin",
+        "How far the judged value is from the rule's limit: positive means the check passed with that much room to spare, negative means it failed by that much (e.g. −0.204 for an equalized odds difference of 0.304 against a limit of 0.1).",
     ),
     (
         "Suppressed group",
@@ -104,10 +112,19 @@ _METRIC_LABELS = {
 }
 
 
-def _label(metric: str) -> str:
+def metric_label(metric: str) -> str:
+    """The display name of an audit metric (``selection_rate[pos]`` -> ``Selection rate (pos)``).
+
+    The one source of metric names: the reports use it, and :mod:`hubtune.space` writes its
+    names into ``space_config.json`` for the Space, which runs without hubtune.
+    """
     if metric.startswith("selection_rate["):
         return f"Selection rate ({metric[len('selection_rate[') : -1]})"
     return _METRIC_LABELS.get(metric, metric)
+
+
+# The short name this module's code uses.
+_label = metric_label
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -128,13 +145,18 @@ def _fmt_ci(ci: list[float] | None) -> str:
     return f"{_fmt(ci[0])}–{_fmt(ci[1])}" if ci else ""
 
 
-def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+def _cell_parts(entry: dict[str, Any] | None, metric: str) -> tuple[str, str]:
+    """(value, confidence interval or "") of one table cell."""
     if not entry:
-        return "n/a"
+        return "n/a", ""
     if metric == "count":
-        return _fmt(int(entry["value"])) if entry["value"] is not None else "n/a"
-    ci = _fmt_ci(entry.get("ci"))
-    return f"{_fmt(entry['value'])} ({ci})" if ci else _fmt(entry["value"])
+        return (_fmt(int(entry["value"])) if entry["value"] is not None else "n/a"), ""
+    return _fmt(entry["value"]), _fmt_ci(entry.get("ci"))
+
+
+def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+    value, ci = _cell_parts(entry, metric)
+    return f"{value} ({ci})" if ci else value
 
 
 # --------------------------------------------------------------------------- charts
@@ -198,36 +220,86 @@ def _slice_chart(sl: dict[str, Any], metrics: list[str]) -> bytes | None:
     return _figure_png(fig)
 
 
+# The membership chart's lowest rate (0.01%). A log axis cannot show 0, so a rate below this
+# (often exactly 0, e.g. no false positive at a 0.1% target) is drawn as a marker on this floor.
+_LOG_FLOOR = 1e-4
+_FLOOR_MARKER = "v"
+
+
+def _drawable(values: list[float]) -> list[float]:
+    """Bar heights for a log axis: values under the floor become gaps (they get a marker)."""
+    return [v if v >= _LOG_FLOOR else math.nan for v in values]
+
+
+def _mark_floor(ax: Any, x: list[float], values: list[float], color: str) -> bool:
+    """Put a marker on the axis floor for each value below it; whether there was any."""
+    low = [xi for xi, v in zip(x, values, strict=True) if v < _LOG_FLOOR]
+    if low:
+        ax.scatter(
+            low,
+            [_LOG_FLOOR] * len(low),
+            marker=_FLOOR_MARKER,
+            s=110,
+            color=color,
+            edgecolors="#222",
+            linewidths=0.8,
+            zorder=4,
+        )
+    return bool(low)
+
+
+def _below_log_floor(membership: dict[str, Any]) -> bool:
+    """Whether the membership chart draws any rate (or DP bound) on its floor marker."""
+    return any(
+        value is not None and value < _LOG_FLOOR
+        for lv in membership.get("at_fpr") or []
+        for value in (lv.get("tpr"), lv.get("fpr"), lv.get("dp_bound_tpr"))
+    )
+
+
 def _membership_chart(membership: dict[str, Any]) -> bytes | None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    import numpy as np
 
     levels = membership.get("at_fpr") or []
     if not levels:
         return None
     fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    x = np.arange(len(levels))
-    tpr = [max(lv["tpr"], 1e-4) for lv in levels]
-    err = [
-        [lv["tpr"] - lv["tpr_ci"][0] for lv in levels],
-        [lv["tpr_ci"][1] - lv["tpr"] for lv in levels],
-    ]
-    ax.bar(x - 0.2, tpr, 0.4, yerr=err, capsize=3, color="#d62728", label="attack TPR (95% CI)")
+    left = [i - 0.2 for i in range(len(levels))]
+    right = [i + 0.2 for i in range(len(levels))]
+    tpr = [lv["tpr"] for lv in levels]
+    fpr = [lv["fpr"] for lv in levels]
+    shown_tpr = [max(v, _LOG_FLOOR) for v in tpr]
+    ax.bar(left, _drawable(tpr), 0.4, color="#d62728", label="attack TPR (95% CI)")
+    ax.errorbar(
+        left,
+        shown_tpr,
+        yerr=[
+            [y - lv["tpr_ci"][0] for y, lv in zip(shown_tpr, levels, strict=True)],
+            [max(0.0, lv["tpr_ci"][1] - y) for y, lv in zip(shown_tpr, levels, strict=True)],
+        ],
+        fmt="none",
+        capsize=3,
+        ecolor="#222",
+        elinewidth=1,
+    )
     ax.bar(
-        x + 0.2,
-        [lv["fpr"] for lv in levels],
+        right,
+        _drawable(fpr),
         0.4,
         color="#7f7f7f",
         label="measured FPR (what a coin-toss attacker would reach)",
     )
+    floored = _mark_floor(ax, left, tpr, "#d62728")
+    floored = _mark_floor(ax, right, fpr, "#7f7f7f") or floored
     bounds = [lv.get("dp_bound_tpr") for lv in levels]
     if all(b is not None for b in bounds):
+        drawn = [(xi, b) for xi, b in zip(left, bounds, strict=True) if b >= _LOG_FLOOR]
         ax.scatter(
-            x - 0.2,
-            bounds,
+            [xi for xi, _ in drawn],
+            [b for _, b in drawn],
             marker="_",
             s=600,
             color="#2ca02c",
@@ -235,9 +307,21 @@ def _membership_chart(membership: dict[str, Any]) -> bytes | None:
             label="DP bound on TPR",
             zorder=3,
         )
-    ax.set_xticks(x, [f"target FPR {lv['target_fpr']:g}" for lv in levels])
+        floored = _mark_floor(ax, left, bounds, "#2ca02c") or floored
+    if floored:
+        ax.axhline(_LOG_FLOOR, color="#222", linewidth=0.7, linestyle=":")
+        ax.scatter(
+            [],
+            [],
+            marker=_FLOOR_MARKER,
+            s=60,
+            color="white",
+            edgecolors="#222",
+            label=f"0 or below {_LOG_FLOOR:g}: drawn on the dotted floor",
+        )
+    ax.set_xticks(range(len(levels)), [f"target FPR {lv['target_fpr']:g}" for lv in levels])
     ax.set_yscale("log")  # the interesting rates are small: 0.1% and 1% false positives
-    ax.set_ylim(1e-4, 1.5)
+    ax.set_ylim(_LOG_FLOOR / 3, 1.5)  # room under the floor for its markers
     ax.set_title("Membership inference: attack vs what the DP guarantee allows")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -281,6 +365,14 @@ def _comparison_chart(sl: dict[str, Any], metric: str) -> bytes | None:
 # --------------------------------------------------------------------------- context
 
 
+def _beats_cell(level: dict[str, Any]) -> str:
+    """The "Beats the bound?" cell of one FPR level: never blank, a blank reads as "no"."""
+    beats = level.get("beats_dp_bound")
+    if beats is None:
+        return "n/a: not computed" if "dp_bound_tpr" in level else "n/a: trained without DP"
+    return "YES: guarantee broken" if beats else "no"
+
+
 def _context(audit: dict[str, Any]) -> dict[str, Any]:
     fairness = audit["fairness"]
     metrics = fairness["metrics"]
@@ -318,6 +410,8 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
                         "suppressed": False,
                         "why": "",
                         "cells": [_cell(g["metrics"].get(m), m) for m in metrics],
+                        # The HTML puts each interval under its value, so the table fits a page.
+                        "parts": [_cell_parts(g["metrics"].get(m), m) for m in metrics],
                     }
                 )
         disparities = []
@@ -389,6 +483,8 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
             "beats": membership.get("beats_dp_bound"),
             "dp": "dp_epsilon" in membership,
             "withheld": membership.get("withheld"),
+            "below_floor": _below_log_floor(membership),
+            "floor": f"{_LOG_FLOOR:g}",
             "levels": [
                 {
                     "target": f"{lv['target_fpr']:g}",
@@ -397,9 +493,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
                     "bound": _fmt(lv.get("dp_bound_tpr"), 4)
                     if "dp_bound_tpr" in lv
                     else "no DP: no bound",
-                    "beats": {True: "YES: guarantee broken", False: "no", None: ""}[
-                        lv.get("beats_dp_bound")
-                    ],
+                    "beats": _beats_cell(lv),
                 }
                 for lv in membership.get("at_fpr", [])
             ],
@@ -453,7 +547,12 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
         "slices": slices,
         "fairness": fairness,
         "overall": [
-            {"name": _label(m), "value": _cell(fairness["overall"].get(m), m)} for m in metrics
+            {
+                "name": _label(m),
+                "value": _cell(fairness["overall"].get(m), m),
+                "parts": _cell_parts(fairness["overall"].get(m), m),
+            }
+            for m in metrics
         ],
         "per_class": [
             {
