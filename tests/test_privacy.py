@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
@@ -292,7 +293,7 @@ def test_refusals_say_why(
         run_recipe(
             Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path / "b", {"secure_mode": True}))
         )
-    with pytest.raises(Exception, match="fp16 GradScaler"):
+    with pytest.raises(ValidationError, match="fp16 GradScaler"):
         spec = _spec(tiny_bert, dp_csv, tmp_path / "c")
         spec["train"]["mixed_precision"] = "fp16"
         Recipe.model_validate(spec)
@@ -476,7 +477,7 @@ def test_tiny_noise_is_refused_and_never_exhausts_memory() -> None:
         "data": {"source": "d.csv"},
         "method": {"name": "full"},
     }
-    with pytest.raises(Exception, match="greater than or equal to 0.3"):
+    with pytest.raises(ValidationError, match="greater than or equal to 0.3"):
         Recipe.model_validate({**base, "privacy": {"enabled": True, "noise_multiplier": 0.01}})
     # σ = 0.01 made the PRV accountant allocate > 6 GB; now it is reported as unbounded at once.
     assert compute_epsilons([(0.01, 1 / 16, 16)], 1e-5) == {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from hubtune.cli import app
@@ -116,7 +117,7 @@ def test_overrides_parse_yaml_values_and_nest(tmp_path: Path) -> None:
 
 def test_trust_remote_code_needs_a_pinned_sha() -> None:
     base = {"name": "x", "data": {"source": "d.csv"}, "method": {"name": "full"}}
-    with pytest.raises(Exception, match="40-character commit SHA"):
+    with pytest.raises(ValidationError, match="40-character commit SHA"):
         Recipe.model_validate(
             {**base, "model": {"id": "org/m", "trust_remote_code": True, "revision": "main"}}
         )
@@ -134,13 +135,13 @@ def test_privacy_section_cross_checks() -> None:
         "method": {"name": "full"},
     }
     assert not Recipe.model_validate({**base, "privacy": {"enabled": False}}).dp
-    with pytest.raises(Exception, match="exactly one of privacy.target_epsilon"):
+    with pytest.raises(ValidationError, match="exactly one of privacy.target_epsilon"):
         Recipe.model_validate({**base, "privacy": {"enabled": True}})
-    with pytest.raises(Exception, match="exactly one of privacy.target_epsilon"):
+    with pytest.raises(ValidationError, match="exactly one of privacy.target_epsilon"):
         Recipe.model_validate(
             {**base, "privacy": {"enabled": True, "target_epsilon": 8, "noise_multiplier": 1.0}}
         )
-    with pytest.raises(Exception, match="fp16 GradScaler"):
+    with pytest.raises(ValidationError, match="fp16 GradScaler"):
         Recipe.model_validate(
             {
                 **base,
@@ -159,7 +160,7 @@ def test_privacy_section_cross_checks() -> None:
 
 
 def test_sensitive_columns_cannot_be_model_input() -> None:
-    with pytest.raises(Exception, match="sensitive"):
+    with pytest.raises(ValidationError, match="sensitive"):
         Recipe.model_validate(
             {
                 "name": "x",
