@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -350,7 +351,13 @@ def test_multiclass_macro_rates_and_per_class_selection() -> None:
     assert gap["value"] == pytest.approx(31 / 70 - 16 / 70, abs=EXACT)
     assert (gap["highest"], gap["lowest"]) == ("g2", "g3")
 
-    with pytest.raises(ValueError, match="binary"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "positive_label applies to binary tasks only; this task has 3 labels "
+            "['low', 'mid', 'high']: remove positive_label from the audit policy"
+        ),
+    ):
         audit_fairness(
             frame,
             label_names=LABELS3,
@@ -411,9 +418,26 @@ def test_positive_label_choice_flips_the_positive_class() -> None:
     assert dd["demographic_parity_ratio"]["value"] == pytest.approx(0.30 / 0.60, abs=EXACT)
     assert fd["demographic_parity_ratio"]["value"] == pytest.approx(0.40 / 0.70, abs=EXACT)
 
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "positive_label 'unknown' is not one of the run's labels ['not_biased', 'biased']; "
+            "set the audit policy's positive_label to one of them, or remove it to use 'biased'"
+        ),
+    ):
         audit_fairness(
             frame,
+            label_names=labels,
+            sensitive=["group"],
+            metrics=ALL_METRICS,
+            positive_label="unknown",
+            n_boot=0,
+        )
+    with pytest.raises(ValueError, match=re.escape("positive_label 'unknown' is not one of")):
+        runs = frame.assign(row_id=np.arange(len(frame)))
+        compare_fairness(
+            runs,
+            runs,
             label_names=labels,
             sensitive=["group"],
             metrics=ALL_METRICS,

@@ -380,6 +380,26 @@ def _group_features(
     return _Groups(features=features, slices=slices, hidden=hidden, missing=missing)
 
 
+def _positive_index(label_names: list[str], positive_label: str | None) -> int | None:
+    """The positive class's id for a binary task (default the second label); None if multi-class."""
+    if len(label_names) != 2:
+        if positive_label:
+            raise ValueError(
+                f"positive_label applies to binary tasks only; this task has {len(label_names)} "
+                f"labels {label_names}: remove positive_label from the audit policy"
+            )
+        return None
+    if not positive_label:
+        return 1
+    if positive_label not in label_names:
+        raise ValueError(
+            f"positive_label {positive_label!r} is not one of the run's labels {label_names}; "
+            "set the audit policy's positive_label to one of them, or remove it to use "
+            f"{label_names[1]!r}"
+        )
+    return label_names.index(positive_label)
+
+
 def audit_fairness(
     predictions: pd.DataFrame,
     *,
@@ -414,11 +434,7 @@ def audit_fairness(
         The ``fairness`` part of audit.json.
     """
     num_labels = len(label_names)
-    positive: int | None = None
-    if num_labels == 2:
-        positive = label_names.index(positive_label) if positive_label else 1
-    elif positive_label:
-        raise ValueError("positive_label applies to binary tasks only")
+    positive = _positive_index(label_names, positive_label)
     y_true = predictions["label_id"].to_numpy(dtype=np.int64)
     y_pred = predictions["prediction_id"].to_numpy(dtype=np.int64)
     n = len(y_true)
@@ -659,9 +675,7 @@ def compare_fairness(
     if not (joined["label_id"] == joined["label_id_other"]).all():
         raise ValueError("the two runs disagree on the true labels of the same rows")
     num_labels = len(label_names)
-    positive = (
-        (label_names.index(positive_label) if positive_label else 1) if num_labels == 2 else None
-    )
+    positive = _positive_index(label_names, positive_label)
     keys = [k for k in _expand(metrics, label_names, positive) if k != "count"]
     grouping = _group_features(
         joined,
