@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -18,14 +20,17 @@ from fairlearn.metrics import (
     selection_rate,
     true_positive_rate,
 )
+from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
+from hubtune.audit import fairness
 from hubtune.audit.fairness import (
     SliceSpec,
     _bootstrap,
     _interval,
     audit_fairness,
     class_rates,
+    compare_fairness,
     group_metrics,
     suppress,
 )
@@ -346,7 +351,13 @@ def test_multiclass_macro_rates_and_per_class_selection() -> None:
     assert gap["value"] == pytest.approx(31 / 70 - 16 / 70, abs=EXACT)
     assert (gap["highest"], gap["lowest"]) == ("g2", "g3")
 
-    with pytest.raises(ValueError, match="binary"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "positive_label applies to binary tasks only; this task has 3 labels "
+            "['low', 'mid', 'high']: remove positive_label from the audit policy"
+        ),
+    ):
         audit_fairness(
             frame,
             label_names=LABELS3,
@@ -407,9 +418,26 @@ def test_positive_label_choice_flips_the_positive_class() -> None:
     assert dd["demographic_parity_ratio"]["value"] == pytest.approx(0.30 / 0.60, abs=EXACT)
     assert fd["demographic_parity_ratio"]["value"] == pytest.approx(0.40 / 0.70, abs=EXACT)
 
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "positive_label 'unknown' is not one of the run's labels ['not_biased', 'biased']; "
+            "set the audit policy's positive_label to one of them, or remove it to use 'biased'"
+        ),
+    ):
         audit_fairness(
             frame,
+            label_names=labels,
+            sensitive=["group"],
+            metrics=ALL_METRICS,
+            positive_label="unknown",
+            n_boot=0,
+        )
+    with pytest.raises(ValueError, match=re.escape("positive_label 'unknown' is not one of")):
+        runs = frame.assign(row_id=np.arange(len(frame)))
+        compare_fairness(
+            runs,
+            runs,
             label_names=labels,
             sensitive=["group"],
             metrics=ALL_METRICS,
@@ -442,8 +470,53 @@ def test_bootstrap_interval_coverage() -> None:
     assert ((coverage >= 0.88) & (coverage <= 0.99)).all(), coverage
 
 
+def test_resamples_draw_every_row_uniformly_with_replacement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The resampler draws n of the n rows, uniformly with replacement (as pandas' sample in
+    Fairlearn does), and _bootstrap counts exactly the rows it drew."""
+    n, n_boot = 50, 2_000
+    rows = np.concatenate(list(fairness._resampled_rows(n, n_boot=n_boot, seed=3)))
+    assert rows.shape == (n_boot, n)
+    assert rows.min() >= 0 and rows.max() < n
+    again = np.concatenate(list(fairness._resampled_rows(n, n_boot=n_boot, seed=3)))
+    assert (again == rows).all()  # the seed fixes the resamples
+    assert not (
+        np.concatenate(list(fairness._resampled_rows(n, n_boot=n_boot, seed=4))) == rows
+    ).all()
+    # Each row is drawn n_boot times on average; Pearson's χ² over the 50 rows has 49 degrees
+    # of freedom if the draws are uniform. A seeded draw, so no flakiness; the 99.9% quantile
+    # (85.4) leaves a uniform resampler a 1-in-1000 chance of failing for an unlucky seed,
+    # while "never draw the last row" gives χ² ≥ 2000.
+    frequency = np.bincount(rows.ravel(), minlength=n)
+    chi2 = float(np.sum((frequency - n_boot) ** 2 / n_boot))
+    assert chi2 < stats.chi2.ppf(0.999, n - 1), chi2
+    # Repeats within one resample: a draw without replacement would have none.
+    assert np.mean([len(np.unique(r)) for r in rows]) == pytest.approx(
+        n * (1 - (1 - 1 / n) ** n), rel=0.01
+    )
+
+    codes = np.random.default_rng(0).integers(0, 8, n)
+    drawn: list[np.ndarray] = []
+    real = fairness._resampled_rows
+
+    def recording(size: int, *, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+        for chunk in real(size, n_boot=n_boot, seed=seed):
+            drawn.append(chunk)
+            yield chunk
+
+    monkeypatch.setattr(fairness, "_resampled_rows", recording)
+    boot = _bootstrap(codes, cells=2, num_labels=2, n_boot=250, seed=5)
+    assert [len(c) for c in drawn] == [100, 100, 50]
+    for b, r in enumerate(np.concatenate(drawn)):
+        assert (boot[b].ravel() == np.bincount(codes[r], minlength=8)).all()
+
+
 def test_audit_intervals_match_the_bootstrap_helpers() -> None:
-    """audit_fairness reports the intervals the (coverage-tested) helpers give."""
+    """audit_fairness reports the intervals the helpers give on the same seed, exactly.
+
+    The overall row is resampled with the audit's seed, slice k with seed + 1 + k.
+    """
     rng = np.random.default_rng(5)
     n = 800
     group = rng.integers(0, 2, n)
@@ -452,51 +525,243 @@ def test_audit_intervals_match_the_bootstrap_helpers() -> None:
     frame = pd.DataFrame(
         {"label_id": y, "prediction_id": pred, "group": np.where(group == 0, "a", "b")}
     )
+    seed = 41
     result = audit_fairness(
-        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=2000
+        frame,
+        label_names=BINARY,
+        sensitive=["group"],
+        metrics=["accuracy"],
+        n_boot=2000,
+        seed=seed,
     )
-    boot = _bootstrap((group * 2 + y) * 2 + pred, cells=2, num_labels=2, n_boot=2000, seed=99)
+    boot = _bootstrap((group * 2 + y) * 2 + pred, cells=2, num_labels=2, n_boot=2000, seed=seed + 1)
     lo, hi = _interval(group_metrics(boot, positive=1, label_names=BINARY)["accuracy"], 0.95)
     groups = _groups(result)
     for i, name in enumerate(["a", "b"]):
         ci = groups[name]["metrics"]["accuracy"]["ci"]
-        assert ci == pytest.approx([lo[i], hi[i]], abs=0.01)
+        assert ci == [float(lo[i]), float(hi[i])]
         assert ci[0] < groups[name]["metrics"]["accuracy"]["value"] < ci[1]
+    overall = _bootstrap(y * 2 + pred, cells=1, num_labels=2, n_boot=2000, seed=seed)[:, 0]
+    expected = _interval(group_metrics(overall, positive=1, label_names=BINARY)["accuracy"], 0.95)
+    assert result["overall"]["accuracy"]["ci"] == [float(expected[0]), float(expected[1])]
     assert result["ci_level"] == 0.95
     assert result["n_boot"] == 2000
 
 
-def test_bootstrap_agrees_with_fairlearn() -> None:
-    """The vectorised bootstrap gives the same intervals as Fairlearn's MetricFrame(n_boot=...)."""
+def test_bootstrap_agrees_with_fairlearn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the rows Fairlearn's MetricFrame(n_boot=...) resampled, the vectorised bootstrap gives
+    Fairlearn's intervals, per group and overall, to floating point.
+
+    The two draw rows from different random streams (Fairlearn: pandas' ``sample`` seeded per
+    resample; hubtune: one numpy Generator), so with their own draws they agree only up to
+    Monte Carlo error. Here hubtune is handed the very rows Fairlearn drew (read back through
+    a sample parameter), so any difference is in the counting, the metrics or the quantiles.
+    The only tolerance is rounding: both divide the same integers, possibly in another order.
+    """
     rng = np.random.default_rng(0)
-    n = 1000
+    n, n_boot = 1000, 100
     group = rng.choice(["a", "b"], size=n)
     y = rng.integers(0, 2, n)
     pred = np.where(rng.random(n) < np.where(group == "a", 0.7, 0.85), y, 1 - y)
     frame = pd.DataFrame({"label_id": y, "prediction_id": pred, "group": group})
+    seen: list[np.ndarray] = []
+
+    def rows(y_true: object, y_pred: object, row_id: object) -> float:
+        seen.append(np.asarray(row_id))
+        return 0.0
+
     reference = MetricFrame(
-        metrics={"accuracy": accuracy_score, "tpr": true_positive_rate},
+        metrics={"accuracy": accuracy_score, "tpr": true_positive_rate, "rows": rows},
         y_true=y,
         y_pred=pred,
         sensitive_features=frame["group"],
-        n_boot=200,
+        sample_params={"rows": {"row_id": np.arange(n)}},
+        n_boot=n_boot,
         ci_quantiles=[0.025, 0.975],
         random_state=0,
     )
+    # One call on all n rows per evaluation: the data as given, then each resample.
+    whole = [r for r in seen if len(r) == n]
+    assert len(whole) == 1 + n_boot
+    assert (whole[0] == np.arange(n)).all()
+    resamples = np.stack(whole[1:])
+    assert len({r.tobytes() for r in resamples}) == n_boot
+
+    def fairlearn_rows(size: int, *, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+        assert (n_boot, size) == resamples.shape
+        for start in range(0, n_boot, 30):  # any chunking gives the same counts
+            yield resamples[start : start + 30]
+
+    monkeypatch.setattr(fairness, "_resampled_rows", fairlearn_rows)
     result = audit_fairness(
-        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy", "tpr"], n_boot=2000
+        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy", "tpr"], n_boot=n_boot
     )
     groups = _groups(result)
     low, high = reference.by_group_ci
     for name in ("a", "b"):
         for metric in ("accuracy", "tpr"):
             ci = groups[name]["metrics"][metric]["ci"]
-            assert ci == pytest.approx([low.loc[name, metric], high.loc[name, metric]], abs=0.02)
+            assert ci == pytest.approx([low.loc[name, metric], high.loc[name, metric]], abs=EXACT)
     overall_low, overall_high = reference.overall_ci
     for metric in ("accuracy", "tpr"):
         assert result["overall"][metric]["ci"] == pytest.approx(
-            [overall_low[metric], overall_high[metric]], abs=0.02
+            [overall_low[metric], overall_high[metric]], abs=EXACT
         )
+
+
+# Interval ends at the declared level, checked exactly. The resamples 0, 1, ..., 10000 (in
+# random order) have the q-quantile 10000·q under linear interpolation (numpy's default, and
+# Fairlearn's), so each end of an interval names the level it was taken at: a 93% interval
+# labelled 95% is off by 0.01·10000 = 100 units, not by sampling noise.
+LEVELS = [0.8, 0.9, 0.95, 0.99]
+KNOWN_B = 10_001
+
+
+@pytest.mark.parametrize("ci_level", LEVELS)
+def test_interval_ends_are_the_declared_quantiles(ci_level: float) -> None:
+    alpha = (1 - ci_level) / 2
+    scale = KNOWN_B - 1
+    rng = np.random.default_rng(0)
+    values = rng.permutation(KNOWN_B).astype(float)
+    expected = [scale * alpha, scale * (1 - alpha)]
+    assert _interval(values, ci_level) == pytest.approx(expected, abs=1e-9)
+    # Over axis 0, column by column.
+    bounds = _interval(np.stack([values, 3 * values[::-1] - 7], axis=1), ci_level)
+    assert bounds.shape == (2, 2)
+    assert bounds[:, 0] == pytest.approx(expected, abs=1e-9)
+    assert bounds[:, 1] == pytest.approx([3 * e - 7 for e in expected], abs=1e-9)
+    # Resamples in which the metric is undefined (NaN) are left out, not counted, while they
+    # are fewer than 10%; beyond that there is no interval.
+    few = rng.permutation(np.concatenate([values, np.full(1_000, np.nan)]))  # 9.1%
+    assert _interval(few, ci_level) == pytest.approx(expected, abs=1e-9)
+    many = rng.permutation(np.concatenate([values, np.full(1_200, np.nan)]))  # 10.7%
+    assert np.isnan(_interval(many, ci_level)).all()
+
+
+def _known_bootstrap(
+    codes: np.ndarray, *, cells: int, num_labels: int, n_boot: int, seed: int
+) -> np.ndarray:
+    """A stand-in for ``_bootstrap`` with a known distribution in every resample.
+
+    A cell with at least one correct prediction gets accuracy v_b = 0, 1/10000, ..., 1 over
+    the resamples (in random order): all its rows are truly positive, v_b of them predicted
+    so. Its accuracy, TPR and selection rate are v_b, its FNR 1 - v_b, its precision 1. A
+    cell whose predictions are all wrong gets accuracy 0 in every resample, so its gap to a
+    v_b cell is v_b.
+    """
+    assert (num_labels, n_boot) == (2, KNOWN_B)
+    label, pred = (codes // 2) % 2, codes % 2
+    cell = codes // 4
+    learns = np.bincount(cell[label == pred], minlength=cells) > 0
+    right = np.random.default_rng(seed).permutation(KNOWN_B)
+    out = np.zeros((KNOWN_B, cells, 2, 2), dtype=np.int64)
+    out[:, :, 1, 0] = KNOWN_B - 1
+    out[:, learns, 1, 1] = right[:, None]
+    out[:, learns, 1, 0] = KNOWN_B - 1 - right[:, None]
+    return out
+
+
+@pytest.mark.parametrize("ci_level", LEVELS)
+def test_reported_intervals_are_the_declared_quantiles(
+    monkeypatch: pytest.MonkeyPatch, ci_level: float
+) -> None:
+    """Every interval audit_fairness and compare_fairness report (group, overall, per class,
+    disparities, gaps, changes) is the pair of (1 ∓ ci_level)/2 quantiles of its resamples."""
+    monkeypatch.setattr(fairness, "_bootstrap", _known_bootstrap)
+    alpha = (1 - ci_level) / 2
+    expected = [alpha, 1 - alpha]
+    frame = _binary_frame({"a": (30, 10, 5, 55), "b": (0, 20, 30, 0)})  # b: all wrong
+    result = audit_fairness(
+        frame,
+        label_names=BINARY,
+        sensitive=["group"],
+        metrics=ALL_METRICS,
+        n_boot=KNOWN_B,
+        ci_level=ci_level,
+    )
+    assert result["ci_level"] == ci_level
+    groups = _groups(result)
+    for metrics in (result["overall"], groups["a"]["metrics"]):
+        for k in ("accuracy", "selection_rate", "tpr", "fnr"):
+            assert metrics[k]["ci"] == pytest.approx(expected, abs=EXACT), k
+        assert metrics["precision"]["ci"] == [1.0, 1.0]
+        assert metrics["fpr"]["ci"] is None  # no true negatives in any resample
+    assert groups["b"]["metrics"]["accuracy"]["ci"] == [0.0, 0.0]
+    per_class = {c["label"]: c for c in result["per_class"]}
+    assert per_class["pos"]["recall"]["ci"] == pytest.approx(expected, abs=EXACT)
+    disparities = result["slices"][0]["disparities"]
+    for k in ("demographic_parity_difference", "equalized_odds_difference"):
+        assert disparities[k]["ci"] == pytest.approx(expected, abs=EXACT), k
+    for k in ("accuracy", "selection_rate", "tpr", "fnr"):
+        assert disparities["largest_gap"][k]["ci"] == pytest.approx(expected, abs=EXACT), k
+
+    # compare_fairness: the change from a run that is always wrong is v_b in group a.
+    this = frame.assign(row_id=np.arange(len(frame)))
+    other = this.assign(prediction_id=1 - this["label_id"])
+    compared = compare_fairness(
+        this,
+        other,
+        label_names=BINARY,
+        sensitive=["group"],
+        metrics=["accuracy", "tpr"],
+        n_boot=KNOWN_B,
+        ci_level=ci_level,
+    )
+    assert compared["ci_level"] == ci_level
+    changes = {g["name"]: g["metrics"] for g in compared["slices"][0]["groups"]}
+    for k in ("accuracy", "tpr"):
+        assert changes["a"][k]["ci"] == pytest.approx(expected, abs=EXACT), k
+        assert changes["b"][k]["ci"] == [0.0, 0.0]
+
+
+def test_interval_coverage_is_the_declared_level() -> None:
+    """95% intervals cover the true per-group accuracy 95% of the time, to within ±0.8 points.
+
+    Tight enough to tell a 93% interval labelled 95% (the coarse test above cannot). 5,000
+    seeded test sets of 100,000 rows, two groups each (10,000 intervals), 400 resamples each.
+    Resampling n rows with replacement gives cell counts Multinomial(n, counts / n), which is
+    drawn directly here (what _bootstrap computes row by row, 5,000 times too slow); the
+    intervals are the audit's own (_interval).
+
+    The expected coverage is not exactly 0.95 with B resamples: for a continuous statistic
+    whose bootstrap spread matches its sampling spread (with 50,000 rows per group accuracy is
+    that, to well under 0.1 point), the linearly interpolated α-quantile of B draws misses a
+    fresh draw with probability (α·(B - 1) + 1) / (B + 1) per side, so coverage is
+    1 - 2·(α·(B - 1) + 1) / (B + 1): 0.9453 at 95% with B = 400, 0.9254 at 93%, 0.8955 at 90%
+    (a simulation of 80,000 intervals gave 0.9449, 0.9252, 0.8953).
+
+    The band: 10,000 intervals have a binomial standard error of √(0.945·0.055 / 10,000) =
+    0.0023 at the right coverage and √(0.925·0.075 / 10,000) = 0.0026 at 93%. ±0.008 is 3.5
+    standard errors for the right level (a correct interval fails for fewer than 1 seed in
+    2,000), and the 93% interval's expected coverage is 0.012 = 4.6 of its standard errors
+    below the band (it passes for fewer than 1 seed in 200,000). The seed is fixed, so the
+    outcome is deterministic either way.
+    """
+    true = np.array([0.70, 0.85])
+    sets, n_boot, n = 5_000, 400, 100_000
+    # Cells (group, correct): a row is in either group with probability 1/2.
+    cell_p = np.stack([0.5 * (1 - true), 0.5 * true], axis=1).ravel()
+    rng = np.random.default_rng(2024)
+    data = rng.multinomial(n, cell_p, size=sets)
+    boot = rng.multinomial(n, data[:, None, :] / n, size=(sets, n_boot))
+    boot = boot.reshape(sets, n_boot, 2, 2)
+    accuracy = np.moveaxis(boot[..., 1] / boot.sum(-1), 1, 0)  # [n_boot, sets, groups]
+
+    def coverage(ci_level: float) -> float:
+        lo, hi = _interval(accuracy, ci_level)
+        return float(np.mean((lo <= true) & (true <= hi)))
+
+    def expected(ci_level: float) -> float:
+        alpha = (1 - ci_level) / 2
+        return 1 - 2 * (alpha * (n_boot - 1) + 1) / (n_boot + 1)
+
+    assert expected(0.95) == pytest.approx(0.94526, abs=1e-5)
+    assert expected(0.93) == pytest.approx(0.92536, abs=1e-5)
+    band = 0.008
+    covered = coverage(0.95)
+    assert abs(covered - expected(0.95)) <= band, covered
+    # The band has teeth: intervals really at 93% fall below it.
+    assert coverage(0.93) < expected(0.95) - band
 
 
 def test_no_interval_when_metric_is_mostly_undefined() -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from hubtune.audit import membership
 from hubtune.audit.membership import (
     _p_value_dp_audit,
     auc,
@@ -191,10 +194,163 @@ def test_epsilon_lower_bound_uses_the_reported_confidence() -> None:
 
 
 def test_attack_needs_two_of_each() -> None:
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(
+        ValueError, match="^the membership audit needs at least 2 members and 2 non-members$"
+    ):
         loss_threshold_attack(
             np.array([0.1]), np.array([1.0, 2.0]), fpr_levels=[0.1], epsilon=None, delta=None
         )
+
+
+# --------------------------------------------------------------------------- Bonferroni
+
+
+def _one_sided(tp: int, m: int, fp: int, n: int, tail: float) -> tuple[float, float]:
+    """TPR lower and FPR upper Clopper-Pearson bounds, each missing with probability ``tail``."""
+    return float(stats.beta.ppf(tail, tp, m - tp + 1)), float(stats.beta.isf(tail, fp + 1, n - fp))
+
+
+# Members: 240 of 300 at loss 0.1, 60 at loss 5; non-members: 400 at loss 1. Whatever half of
+# the non-members sets the threshold, it is at loss 1, so at every FPR level the attack has
+# TP = 240 of 300 members and FP = 0 of the 200 held-out non-members.
+TIED_MEMBERS = np.r_[np.full(240, 0.1), np.full(60, 5.0)]
+TIED_NONMEMBERS = np.full(400, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("fpr_levels", "ci_level"),
+    [([0.1], 0.95), ([0.05, 0.1], 0.95), ([0.01, 0.05, 0.1], 0.95), ([0.05, 0.1], 0.9)],
+)
+def test_epsilon_bounds_are_bonferroni_corrected(fpr_levels: list[float], ci_level: float) -> None:
+    """With L FPR levels, the TPR lower and FPR upper ends behind the ε lower bound, the
+    beats-the-bound flags and max_provable_epsilon are one-sided Clopper-Pearson bounds at
+    (1 - ci_level) / (2·L) each, so all 2·L of them hold together at ci_level."""
+    delta = 1e-5
+    levels = len(fpr_levels)
+    tail = (1 - ci_level) / (2 * levels)
+    tpr_low, fpr_high = _one_sided(240, 300, 0, 200, tail)
+    assert fpr_high == pytest.approx(1 - tail ** (1 / 200), rel=1e-12)  # no false positive
+    epsilon_lower = math.log((tpr_low - delta) / fpr_high)
+    # A perfect attack (300 of 300, 0 of 200): closed-form Clopper-Pearson ends.
+    max_provable = math.log((tail ** (1 / 300) - delta) / (1 - tail ** (1 / 200)))
+    # Without the correction (each end at (1 - ci_level) / 2) both would be larger.
+    uncorrected_low, uncorrected_high = _one_sided(240, 300, 0, 200, (1 - ci_level) / 2)
+    uncorrected = math.log((uncorrected_low - delta) / uncorrected_high)
+
+    result = loss_threshold_attack(
+        TIED_MEMBERS,
+        TIED_NONMEMBERS,
+        fpr_levels=fpr_levels,
+        epsilon=None,
+        delta=delta,
+        n_boot=0,
+        ci_level=ci_level,
+    )
+    for entry in result["at_fpr"]:
+        assert (entry["tpr"], entry["fpr"]) == (0.8, 0.0)
+        assert (entry["members_evaluated"], entry["nonmembers_evaluated"]) == (300, 200)
+        # The intervals shown are the uncorrected two-sided ones, at ci_level.
+        assert entry["tpr_ci"][0] == pytest.approx(uncorrected_low, rel=1e-12)
+        assert entry["fpr_ci"][1] == pytest.approx(uncorrected_high, rel=1e-12)
+    assert result["epsilon_lower_bound"] == pytest.approx(epsilon_lower, rel=1e-12)
+    assert result["max_provable_epsilon"] == pytest.approx(max_provable, rel=1e-12)
+    if levels == 1:  # one level: the bound is the one the reported interval ends give
+        assert epsilon_lower == pytest.approx(uncorrected, rel=1e-12)
+    else:
+        assert epsilon_lower < uncorrected - 0.05
+
+    # The flags use the same corrected ends: a claimed ε just under the corrected ε lower
+    # bound is refuted, one just over it is not; likewise for the audit's power.
+    for claimed, beats in ((epsilon_lower - 1e-6, True), (epsilon_lower + 1e-6, False)):
+        flagged = loss_threshold_attack(
+            TIED_MEMBERS,
+            TIED_NONMEMBERS,
+            fpr_levels=fpr_levels,
+            epsilon=claimed,
+            delta=delta,
+            n_boot=0,
+            ci_level=ci_level,
+        )
+        assert [e["beats_dp_bound"] for e in flagged["at_fpr"]] == [beats] * levels
+        assert flagged["beats_dp_bound"] is beats
+    for claimed, can in ((max_provable - 1e-6, True), (max_provable + 1e-6, False)):
+        powered = loss_threshold_attack(
+            TIED_MEMBERS,
+            TIED_NONMEMBERS,
+            fpr_levels=fpr_levels,
+            epsilon=claimed,
+            delta=delta,
+            n_boot=0,
+            ci_level=ci_level,
+        )
+        assert powered["can_refute_dp_epsilon"] is can
+
+
+def test_epsilon_lower_bound_is_corrected_at_every_level() -> None:
+    """Overlapping losses, so each level has its own TP and FP (false positives included): the
+    ε lower bound is the best level's, from ends at alpha / (2·levels), and a claimed ε
+    between the corrected and the uncorrected bound is not refuted."""
+    rng = np.random.default_rng(4)
+    members = rng.normal(0.0, 1.0, 400)
+    nonmembers = rng.normal(1.5, 1.0, 400)
+    delta, fpr_levels = 1e-5, [0.05, 0.2]
+
+    def attack(epsilon: float | None) -> dict:
+        return loss_threshold_attack(
+            members, nonmembers, fpr_levels=fpr_levels, epsilon=epsilon, delta=delta, n_boot=0
+        )
+
+    def bound(entry: dict, tail: float) -> float:
+        tp = round(entry["tpr"] * entry["members_evaluated"])
+        fp = round(entry["fpr"] * entry["nonmembers_evaluated"])
+        low, high = _one_sided(
+            tp, entry["members_evaluated"], fp, entry["nonmembers_evaluated"], tail
+        )
+        return math.log((low - delta) / high)
+
+    result = attack(None)
+    entries = result["at_fpr"]
+    counts = [(round(e["tpr"] * 400), round(e["fpr"] * 200)) for e in entries]
+    assert counts[0] != counts[1] and all(fp > 0 for _, fp in counts)
+    corrected = max(bound(e, 0.05 / 4) for e in entries)
+    uncorrected = max(bound(e, 0.05 / 2) for e in entries)
+    assert result["epsilon_lower_bound"] == pytest.approx(corrected, rel=1e-12)
+    assert corrected < uncorrected - 0.05
+    between = attack((corrected + uncorrected) / 2)
+    assert between["beats_dp_bound"] is False
+    assert [e["beats_dp_bound"] for e in between["at_fpr"]] == [False, False]
+    below = attack(corrected - 1e-6)
+    assert below["beats_dp_bound"] is True
+
+
+def test_auc_interval_ends_are_the_declared_quantiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AUC interval is the (1 ∓ ci_level)/2 quantile pair of the bootstrap AUCs.
+
+    The stand-in bootstrap gives 0, 1/10000, ..., 1 in random order, whose q-quantile is q.
+    """
+    known = np.random.default_rng(0).permutation(10_001) / 10_000
+
+    def bootstrap_auc(
+        members: np.ndarray, nonmembers: np.ndarray, *, n_boot: int, seed: int
+    ) -> np.ndarray:
+        assert n_boot == len(known)
+        return known
+
+    monkeypatch.setattr(membership, "_bootstrap_auc", bootstrap_auc)
+    rng = np.random.default_rng(1)
+    for ci_level in (0.8, 0.9, 0.95, 0.99):
+        result = loss_threshold_attack(
+            rng.normal(0, 1, 50),
+            rng.normal(1, 1, 50),
+            fpr_levels=[0.1],
+            epsilon=None,
+            delta=None,
+            n_boot=len(known),
+            ci_level=ci_level,
+        )
+        alpha = (1 - ci_level) / 2
+        assert result["auc"]["ci"] == pytest.approx([alpha, 1 - alpha], abs=1e-12)
+        assert result["confidence"] == ci_level
 
 
 # --------------------------------------------------------------------------- one-run bound
@@ -220,7 +376,7 @@ def test_epsilon_lower_bound_one_run() -> None:
         # It is the largest ε the guesses reject at 95% confidence.
         assert _p_value_dp_audit(m, r, v, with_delta, 1e-5) < 0.05
         assert _p_value_dp_audit(m, r, v, with_delta + 1e-3, 1e-5) >= 0.05
-    with pytest.raises(ValueError, match="v <= r <= m"):
+    with pytest.raises(ValueError, match=re.escape("need 0 <= v <= r <= m, got v=9 r=8 m=10")):
         epsilon_lower_bound_one_run(10, 8, 9, delta=0.0)
 
 
@@ -270,7 +426,7 @@ def test_canary_audit_random_losses_give_no_bound() -> None:
 
 
 def test_canary_audit_needs_four_canaries() -> None:
-    with pytest.raises(ValueError, match="at least 4 canaries"):
+    with pytest.raises(ValueError, match="^the canary audit needs at least 4 canaries$"):
         canary_audit(
             np.array([0.1, 0.2, 0.3]),
             np.array([True, False, True]),

@@ -21,7 +21,8 @@ bootstrap intervals over test rows, resampled exactly as ``MetricFrame(n_boot=..
 (whole rows with replacement, every metric recomputed per resample), but vectorised over
 confusion-matrix counts: Fairlearn's own loop costs about 45 ms per resample here, so 1,000
 resamples of one slice would take 45 s; this takes well under a second. A test checks both
-give the same intervals.
+give the same intervals from the same resampled rows (the two draw rows from different
+random streams, so with their own draws they differ by Monte Carlo error).
 
 Suppression: a group with fewer than ``min_group_size`` test rows is not shown. Because the
 overall numbers and the other groups are shown, one hidden group could be recovered by
@@ -32,6 +33,7 @@ combination of what is published (checked exactly, across all slices and interse
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,6 +271,16 @@ def _fairlearn_point_estimates(
     return by_group, {k: float(v) for k, v in frame.overall.items()}
 
 
+def _resampled_rows(n: int, *, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of the bootstrap resamples, ``[chunk, n]`` at a time (``_BOOT_CHUNK`` rows).
+
+    Each resample draws ``n`` of the ``n`` test rows uniformly with replacement.
+    """
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, _BOOT_CHUNK):
+        yield rng.integers(0, n, size=(min(_BOOT_CHUNK, n_boot - start), n))
+
+
 def _bootstrap(
     codes: np.ndarray, *, cells: int, num_labels: int, n_boot: int, seed: int
 ) -> np.ndarray:
@@ -277,17 +289,17 @@ def _bootstrap(
     Rows are resampled with replacement from all test rows (group sizes vary between
     resamples), as Fairlearn's MetricFrame does.
     """
-    rng = np.random.default_rng(seed)
     n = len(codes)
     per = cells * num_labels * num_labels
     out = np.empty((n_boot, per), dtype=np.int64)
-    for start in range(0, n_boot, _BOOT_CHUNK):
-        chunk = min(_BOOT_CHUNK, n_boot - start)
-        idx = rng.integers(0, n, size=(chunk, n))
+    start = 0
+    for idx in _resampled_rows(n, n_boot=n_boot, seed=seed):
+        chunk = len(idx)
         flat = codes[idx] + (np.arange(chunk) * per)[:, None]
         out[start : start + chunk] = np.bincount(flat.ravel(), minlength=chunk * per).reshape(
             chunk, per
         )
+        start += chunk
     return out.reshape(n_boot, cells, num_labels, num_labels)
 
 
@@ -368,6 +380,26 @@ def _group_features(
     return _Groups(features=features, slices=slices, hidden=hidden, missing=missing)
 
 
+def _positive_index(label_names: list[str], positive_label: str | None) -> int | None:
+    """The positive class's id for a binary task (default the second label); None if multi-class."""
+    if len(label_names) != 2:
+        if positive_label:
+            raise ValueError(
+                f"positive_label applies to binary tasks only; this task has {len(label_names)} "
+                f"labels {label_names}: remove positive_label from the audit policy"
+            )
+        return None
+    if not positive_label:
+        return 1
+    if positive_label not in label_names:
+        raise ValueError(
+            f"positive_label {positive_label!r} is not one of the run's labels {label_names}; "
+            "set the audit policy's positive_label to one of them, or remove it to use "
+            f"{label_names[1]!r}"
+        )
+    return label_names.index(positive_label)
+
+
 def audit_fairness(
     predictions: pd.DataFrame,
     *,
@@ -402,11 +434,7 @@ def audit_fairness(
         The ``fairness`` part of audit.json.
     """
     num_labels = len(label_names)
-    positive: int | None = None
-    if num_labels == 2:
-        positive = label_names.index(positive_label) if positive_label else 1
-    elif positive_label:
-        raise ValueError("positive_label applies to binary tasks only")
+    positive = _positive_index(label_names, positive_label)
     y_true = predictions["label_id"].to_numpy(dtype=np.int64)
     y_pred = predictions["prediction_id"].to_numpy(dtype=np.int64)
     n = len(y_true)
@@ -647,9 +675,7 @@ def compare_fairness(
     if not (joined["label_id"] == joined["label_id_other"]).all():
         raise ValueError("the two runs disagree on the true labels of the same rows")
     num_labels = len(label_names)
-    positive = (
-        (label_names.index(positive_label) if positive_label else 1) if num_labels == 2 else None
-    )
+    positive = _positive_index(label_names, positive_label)
     keys = [k for k in _expand(metrics, label_names, positive) if k != "count"]
     grouping = _group_features(
         joined,
