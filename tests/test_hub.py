@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hubtune.hub import directory_digest, resolve_model
+from hubtune.hub import ModelNotFoundError, directory_digest, resolve_model
 
 SHA_MAIN = "1" * 40
 SHA_OLD = "2" * 40
@@ -40,7 +40,11 @@ def test_branch_and_tag_resolve_to_commit_through_the_cache(
 
 
 def test_unknown_repo_offline_fails_clearly() -> None:
-    with pytest.raises(Exception, match="(?i)offline|cannot find|not found|local"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"model 'org/absent' at revision 'main' is not in the local Hub cache .*HF_HUB_OFFLINE "
+        r"is set, so nothing is downloaded\. Download it once online",
+    ):
         resolve_model("org/absent", revision="main")
 
 
@@ -75,7 +79,7 @@ def test_packaged_minilm_resolves() -> None:
 
 
 def test_missing_local_dir() -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelNotFoundError, match=r"local directory does not exist .*fix model\.id"):
         resolve_model("./does/not/exist")
 
 

@@ -111,7 +111,9 @@ def test_overrides_parse_yaml_values_and_nest(tmp_path: Path) -> None:
         info.value.issues[0].path == "train.epochs"
         and "command line" in info.value.issues[0].message
     )
-    with pytest.raises(RecipeError):
+    with pytest.raises(
+        RecipeError, match=r"no-equals-sign: override is not of the form key\.sub=value"
+    ):
         apply_overrides({}, ["no-equals-sign"])
 
 
