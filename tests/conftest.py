@@ -32,7 +32,7 @@ for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOIN
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-_LOOPBACK = ("127.", "::1", "localhost")
+from tests.netguard import guarded  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -43,22 +43,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     recorded, and a test that made one fails even if the code under test carried on.
     """
     attempts: list[str] = []
-    real_connect = socket.socket.connect
-    real_getaddrinfo = socket.getaddrinfo
-
-    def guarded_connect(self: socket.socket, address: object) -> object:
-        host = address[0] if isinstance(address, tuple) else str(address)
-        if self.family == socket.AF_UNIX or (isinstance(host, str) and host.startswith(_LOOPBACK)):
-            return real_connect(self, address)
-        attempts.append(f"connect {address!r}")
-        raise RuntimeError(f"network access attempted in a test: {address!r}")
-
-    def guarded_getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if host is None or str(host).startswith(_LOOPBACK):
-            return real_getaddrinfo(host, *args, **kwargs)
-        attempts.append(f"DNS {host!r}")
-        raise RuntimeError(f"DNS lookup attempted in a test: {host!r}")
-
+    guarded_connect, guarded_getaddrinfo = guarded(attempts)
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
     monkeypatch.setenv("HUBTUNE_CACHE_DIR", str(tmp_path / "hubtune-cache"))

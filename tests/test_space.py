@@ -33,6 +33,7 @@ from hubtune.space import (
 )
 
 from .conftest import chromium, make_tiny_bert
+from .netguard import ATTEMPT_MARK, CHILD_PREAMBLE
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 LABELS = ["neg", "pos"]
@@ -480,8 +481,9 @@ def test_serve_space_runs_a_run_dir_offline(tiny_run: Path) -> None:
     import urllib.request
 
     port = _free_port()
+    # The child runs under the same network guard as the tests (loopback only).
     code = (
-        "import sys; from hubtune.space import serve_space; "
+        CHILD_PREAMBLE + "import sys; from hubtune.space import serve_space; "
         f"serve_space(source=sys.argv[1], port={port})"
     )
     proc = subprocess.Popen(
@@ -506,7 +508,8 @@ def test_serve_space_runs_a_run_dir_offline(tiny_run: Path) -> None:
         assert "Privacy & fairness" in labels and "Prediction" in labels
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        output = proc.communicate(timeout=20)[0]
+    assert ATTEMPT_MARK not in output, output[-3000:]
 
 
 # --------------------------------------------------------------------------- browser

@@ -250,7 +250,7 @@ def test_resume_after_crash_equals_uninterrupted(
     assert [h["train_loss"] for h in whole.metrics["history"]] == [
         h["train_loss"] for h in resumed.metrics["history"]
     ]
-    # A changed recipe cannot be resumed onto the old checkpoint.
+    # A finished run has nothing left to resume (a changed recipe: the next test).
     with pytest.raises(RunError, match="already complete"):
         run_recipe(recipe, resume=True)
 
