@@ -529,3 +529,65 @@ def _request(
         return response.status, data, {k.lower(): v for k, v in response.getheaders()}
     finally:
         conn.close()
+
+
+def _raw(base_url: str, data: bytes, *, timeout: float = 10) -> bytes:
+    """Send raw bytes (one request, ``Connection: close``) and read the whole raw response."""
+    import socket
+
+    parts = urlsplit(base_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _raw_status(response: bytes) -> int:
+    """The status code of a raw response (0 if there is none: connection dropped)."""
+    if not response.startswith(b"HTTP/1."):
+        return 0
+    return int(response.split(b" ", 2)[1])
+
+
+def _raw_get(base_url: str, target: str, *, headers: str = "") -> bytes:
+    host = urlsplit(base_url).netloc
+    request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+    return _raw(base_url, request.encode("latin-1"))
+
+
+# --------------------------------------------------------------------------- response headers
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/org/h/resolve/main/x%0dX-Injected:%20yes",  # CR in the path
+        "/org/h/resolve/main/x%0aX-Injected:%20yes",  # LF in the path
+        "/org/h/resolve/main/x%0d%0aX-Injected:%20yes",
+        "/org/h/resolve/main%0dX-Injected:%20yes/x.txt",  # CR in the revision
+        "/api/models/org/h/revision/main%0d%0aX-Injected:%20yes",
+        "/api/models/org/h/tree/main%0bv%7f%00/x",  # other control characters
+        "/org/h/resolve/main/%E2%82%AC%0d.txt",  # and a character latin-1 cannot encode
+    ],
+)
+def test_control_characters_never_reach_response_headers(hub: LocalHub, api, target: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/h")
+    response = _raw_get(hub.url, target)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert _raw_status(response) in (400, 404), response[:300]
+    lines = head.split(b"\r\n")
+    # Every header line is one CRLF-terminated line of printable characters: no line was split
+    # off by a CR or LF taken from the request, and no control character survives.
+    for line in lines:
+        assert all(32 <= byte < 127 or byte == 9 for byte in line), line
+    assert not any(line.lower().startswith(b"x-injected") for line in lines)
+    assert b"\n" not in head.replace(b"\r\n", b"")
+    assert json.loads(body)["error"]  # the JSON body still says what went wrong

@@ -49,6 +49,15 @@ _DRAIN_LIMIT = 8 << 20  # unread request bytes worth discarding to keep a connec
 _SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
 _TYPE_FROM_PLURAL = {f"{t}s": t for t in REPO_TYPES}
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# C0 controls and DEL: a CR or LF copied from a request into a header would end the header
+# early and let the request write headers of its own (response splitting).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_safe(value: str) -> str:
+    """A header value that cannot split a response: controls become spaces, and characters
+    outside ASCII become backslash escapes (http.server encodes headers as latin-1)."""
+    return _CONTROL_RE.sub(" ", value).encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _is_true(value: str | None) -> bool:
@@ -174,7 +183,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Route http.server's access log through logging. Only the request line and status are
         # logged, never headers, so Authorization never reaches the log.
-        logger.info("%s - %s", self.address_string(), format % args)
+        # Control characters escaped as http.server does, so a request cannot forge log lines.
+        message = _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", format % args)
+        logger.info("%s - %s", self.address_string(), message)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        # The one place every response header passes (http.server's own included), so no
+        # caller has to remember to clean a value that holds request data.
+        super().send_header(keyword, header_safe(str(value)))
 
     def _send(
         self,
@@ -199,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode(), headers=headers)
 
     def _error(self, err: HubError) -> None:
-        headers = {"X-Error-Message": err.message.replace("\n", " ")[:500], **err.headers}
+        headers = {"X-Error-Message": err.message[:500], **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
         self._json(err.status, {"error": err.message}, headers=headers)
