@@ -591,3 +591,258 @@ def test_control_characters_never_reach_response_headers(hub: LocalHub, api, tar
     assert not any(line.lower().startswith(b"x-injected") for line in lines)
     assert b"\n" not in head.replace(b"\r\n", b"")
     assert json.loads(body)["error"]  # the JSON body still says what went wrong
+
+
+# --------------------------------------------------------------------------- malformed requests
+
+
+def _ndjson(*items: object) -> bytes:
+    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
+
+
+_HEADER_LINE = {"key": "header", "value": {"summary": "s"}}
+_JSON = "Content-Type: application/json\r\n"
+_NDJSON = "Content-Type: application/x-ndjson\r\n"
+
+# (id, method, target, extra header lines, body (None: no Content-Length), message fragment)
+_MALFORMED: list[tuple[str, str, str, str, bytes | None, str]] = [
+    (
+        "commit value not an object",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE, {"key": "file", "value": "x"}),
+        "line 2",
+    ),
+    (
+        "commit header value not an object",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson({"key": "header", "value": [1]}),
+        "header",
+    ),
+    (
+        "commit line not an object",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE, [1, 2]),
+        "line 2",
+    ),
+    (
+        "commit line not UTF-8",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE) + b'{"key": "file", "value": {"path": "\xff"}}\n',
+        "line 2",
+    ),
+    (
+        "commit line invalid JSON",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE) + b'{"key": "file", \n',
+        "line 2",
+    ),
+    (
+        "commit path not a string",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE, {"key": "deletedFile", "value": {"path": 5}}),
+        "path",
+    ),
+    (
+        "commit summary not a string",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson({"key": "header", "value": {"summary": {"a": 1}}}),
+        "summary",
+    ),
+    (
+        "commit parentCommit not a commit id",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson({"key": "header", "value": {"summary": "s", "parentCommit": 5}}),
+        "parentCommit",
+    ),
+    (
+        "chunk size zz",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON + "Transfer-Encoding: chunked\r\n",
+        b"zz\r\nabc\r\n0\r\n\r\n",
+        "chunk",
+    ),
+    (
+        "chunk size huge",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON + "Transfer-Encoding: chunked\r\n",
+        b"ffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        "chunk",
+    ),
+    (
+        "chunk without its CRLF",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON + "Transfer-Encoding: chunked\r\n",
+        b"3\r\nabcXY\r\n0\r\n\r\n",
+        "chunk",
+    ),
+    (
+        "Content-Length abc",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: abc\r\n",
+        b"",
+        "Content-Length",
+    ),
+    (
+        "Content-Length negative",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: -5\r\n",
+        b"",
+        "Content-Length",
+    ),
+    (
+        "Content-Length signed",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: +2\r\n",
+        b"{}",
+        "Content-Length",
+    ),
+    (
+        "Content-Length huge",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: 99999999999999999999999999\r\n",
+        b"",
+        "Content-Length",
+    ),
+    (
+        "Content-Length twice, different",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: 2\r\nContent-Length: 3\r\n",
+        b"{}",
+        "Content-Length",
+    ),
+    (
+        "Content-Length and chunked",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"0\r\n\r\n",
+        "Transfer-Encoding",
+    ),
+    (
+        "Transfer-Encoding gzip",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Transfer-Encoding: gzip\r\n",
+        b"",
+        "Transfer-Encoding",
+    ),
+    (
+        "GET with Content-Length abc",
+        "GET",
+        "/api/models/org/bad",
+        "Content-Length: abc\r\n",
+        b"",
+        "Content-Length",
+    ),
+    ("create: invalid JSON", "POST", "/api/repos/create", _JSON, b'{"name": ', "JSON"),
+    ("create: JSON not an object", "POST", "/api/repos/create", _JSON, b"[1]", "JSON object"),
+    ("create: name not a string", "POST", "/api/repos/create", _JSON, b'{"name": 5}', "name"),
+    (
+        "create: organization not a string",
+        "POST",
+        "/api/repos/create",
+        _JSON,
+        b'{"name": "x", "organization": ["a"]}',
+        "organization",
+    ),
+    (
+        "paths-info: invalid JSON",
+        "POST",
+        "/api/models/org/bad/paths-info/main",
+        _JSON,
+        b"{nope",
+        "JSON",
+    ),
+    (
+        "paths-info: paths not a list",
+        "POST",
+        "/api/models/org/bad/paths-info/main",
+        _JSON,
+        b'{"paths": 5}',
+        "paths",
+    ),
+    (
+        "paths-info: form not UTF-8",
+        "POST",
+        "/api/models/org/bad/paths-info/main",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+        b"paths=\xff",
+        "UTF-8",
+    ),
+    (
+        "preupload: file not an object",
+        "POST",
+        "/api/models/org/bad/preupload/main",
+        _JSON,
+        b'{"files": [1]}',
+        "files",
+    ),
+    (
+        "preupload: path not a string",
+        "POST",
+        "/api/models/org/bad/preupload/main",
+        _JSON,
+        b'{"files": [{"path": 5}]}',
+        "path",
+    ),
+    (
+        "preupload: size not a number",
+        "POST",
+        "/api/models/org/bad/preupload/main",
+        _JSON,
+        b'{"files": [{"path": "a", "size": "x"}]}',
+        "size",
+    ),
+    (
+        "settings: private not a boolean",
+        "PUT",
+        "/api/models/org/bad/settings",
+        _JSON,
+        b'{"private": "no"}',
+        "private",
+    ),
+    ("tree: bad cursor", "GET", "/api/models/org/bad/tree/main?cursor=x", "", None, "cursor"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "extra", "body", "fragment"),
+    [pytest.param(*case[1:], id=case[0]) for case in _MALFORMED],
+)
+def test_malformed_requests_get_a_400_with_a_clear_message(
+    hub: LocalHub, api, method: str, target: str, extra: str, body: bytes | None, fragment: str
+) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/bad")
+    head = f"{method} {target} HTTP/1.1\r\nHost: {urlsplit(hub.url).netloc}\r\n{extra}"
+    if body is not None and "Content-Length" not in extra and "Transfer-Encoding" not in extra:
+        head += f"Content-Length: {len(body)}\r\n"
+    response = _raw(hub.url, (head + "Connection: close\r\n\r\n").encode() + (body or b""))
+    assert _raw_status(response) == 400, response[:400]
+    message = json.loads(response.partition(b"\r\n\r\n")[2])["error"]
+    assert fragment.lower() in message.lower(), message
+    # The server is still fine, and the repo unchanged.
+    assert [c.title for c in api.list_repo_commits("org/bad")] == ["initial commit"]

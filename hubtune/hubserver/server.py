@@ -9,13 +9,11 @@ import base64
 import binascii
 import contextlib
 import hmac
-import io
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +22,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import yaml
 
+from hubtune.hubserver.body import BodyReader, Framing, parse_framing
 from hubtune.hubserver.storage import (
     DEFAULT_BRANCH,
     REPO_TYPES,
@@ -45,6 +44,7 @@ _TREE_PAGE = 1000  # entries per page, as the Hub (50 when expanded)
 _TREE_PAGE_EXPANDED = 50
 _COMMITS_PAGE = 50
 _COPY_CHUNK = 1 << 20
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _DRAIN_LIMIT = 8 << 20  # unread request bytes worth discarding to keep a connection alive
 _SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
 _TYPE_FROM_PLURAL = {f"{t}s": t for t in REPO_TYPES}
@@ -78,86 +78,112 @@ def _card_data(readme: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-class _BodyReader:
-    """A request body as a stream: ``Content-Length`` bounded, or ``chunked`` decoded.
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """A JSON object request body (an empty body is ``{}``).
 
-    Reading stops at the declared end, so a keep-alive connection stays usable; a body cut short
-    (client gone, server shutting down) raises ``ConnectionError`` instead of looking complete.
+    Raises:
+        HubError: 400 for invalid JSON or JSON that is not an object.
     """
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes not UTF-8
+        raise HubError(400, f"Invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise HubError(400, f"Expected a JSON object, got {type(data).__name__}")
+    return data
 
-    def __init__(self, rfile: io.BufferedIOBase, *, length: int | None, chunked: bool) -> None:
-        self._rfile = rfile
-        self._remaining = length if length is not None else 0
-        self._chunked = chunked
-        self._done = not chunked and self._remaining == 0
-        self._buffer = b""
 
-    def _fill(self) -> bool:
-        """Read more bytes into the buffer; False once the body is exhausted."""
-        if self._done:
-            return False
-        if self._chunked:
-            size_line = self._rfile.readline(1024)
-            if not size_line:
-                raise ConnectionError("request body ended early")
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while self._rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                self._done = True
-                return False
-            data = self._rfile.read(size)
-            self._rfile.readline(16)  # CRLF after the chunk
-            if len(data) < size:
-                raise ConnectionError("request body ended early")
-        else:
-            # read1: whatever has arrived (up to the limit), so lines are handled as they come
-            # instead of after a full megabyte.
-            data = self._rfile.read1(min(self._remaining, _COPY_CHUNK))
-            if not data:
-                raise ConnectionError("request body ended early")
-            self._remaining -= len(data)
-            self._done = self._remaining == 0
-        self._buffer += data
-        return True
+def _opt_str(payload: dict[str, Any], name: str, *, where: str = "") -> str | None:
+    """``payload[name]`` if it is a string, ``None`` if absent or null.
 
-    @property
-    def done(self) -> bool:
-        """Whether the whole body has been read."""
-        return self._done
+    Raises:
+        HubError: 400 if it is anything else.
+    """
+    value = payload.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise HubError(400, f"{where}'{name}' must be a string, got {type(value).__name__}")
 
-    @property
-    def remaining(self) -> int | None:
-        """Bytes still unread (``None`` if unknown: chunked)."""
-        return None if self._chunked else self._remaining
 
-    def lines(self) -> Iterator[bytes]:
-        """Yield the body line by line (NDJSON), without holding more than one line."""
-        while True:
-            newline = self._buffer.find(b"\n")
-            if newline >= 0:
-                line, self._buffer = self._buffer[:newline], self._buffer[newline + 1 :]
-                yield line
-                continue
-            if not self._fill():
-                if self._buffer:
-                    yield self._buffer
-                    self._buffer = b""
-                return
+def _opt_bool(payload: dict[str, Any], name: str) -> bool | None:
+    """``payload[name]`` if it is a boolean, ``None`` if absent or null (else a 400)."""
+    value = payload.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise HubError(400, f"'{name}' must be a boolean, got {type(value).__name__}")
 
-    def read_all(self, *, limit: int = 64 << 20) -> bytes:
-        """The whole body (for small JSON/form requests)."""
-        while self._fill():
-            if len(self._buffer) > limit:
-                raise HubError(413, "Request body too large")
-        data, self._buffer = self._buffer, b""
-        return data
 
-    def drain(self) -> None:
-        """Discard the rest of the body so the connection can serve the next request."""
-        with contextlib.suppress(ConnectionError, ValueError, OSError):
-            while self._fill():
-                self._buffer = b""
+def _opt_size(payload: dict[str, Any], name: str, *, where: str = "") -> int | None:
+    """``payload[name]`` if it is a non-negative integer, ``None`` if absent (else a 400)."""
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise HubError(400, f"{where}'{name}' must be a non-negative integer, got {value!r:.40}")
+    return value
+
+
+def _commit_line(raw: bytes, number: int) -> tuple[str, dict[str, Any]]:
+    """One NDJSON commit line as ``(key, value)``.
+
+    Raises:
+        HubError: 400 unless the line is a JSON object with a string ``key`` and an object
+            ``value``.
+    """
+    try:
+        item = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes not UTF-8
+        raise HubError(400, f"Invalid NDJSON commit line {number}: {exc}") from None
+    if not isinstance(item, dict):
+        raise HubError(400, f"Invalid commit line {number}: expected a JSON object")
+    key, value = item.get("key"), item.get("value")
+    if not isinstance(key, str):
+        raise HubError(400, f"Invalid commit line {number}: 'key' must be a string")
+    if not isinstance(value, dict):
+        raise HubError(
+            400, f"Invalid commit line {number}: the {key!r:.40} 'value' must be an object"
+        )
+    return key, value
+
+
+def _line_path(value: dict[str, Any], number: int, *, folder: bool = False) -> str:
+    """The validated repo path of a commit line (a folder's without its trailing slash)."""
+    path = _opt_str(value, "path", where=f"commit line {number}: ") or ""
+    return validate_repo_path(path.rstrip("/") if folder else path)
+
+
+def _inline_content(value: dict[str, Any], path: str) -> bytes:
+    """The bytes of a ``file`` commit line (base64, or UTF-8 text)."""
+    encoding = _opt_str(value, "encoding") or "base64"
+    content = _opt_str(value, "content") or ""
+    if encoding == "base64":
+        try:
+            return base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise HubError(400, f"Invalid base64 content for {path}") from None
+    if encoding.lower() in ("utf-8", "utf8"):
+        return content.encode()
+    raise HubError(400, f"Unsupported encoding {encoding!r} for {path}: base64 or utf-8")
+
+
+def _commit_header(header: dict[str, Any]) -> tuple[str, str, str | None]:
+    """The summary, description and optional parent commit of a commit's header line.
+
+    Raises:
+        HubError: 400 for a missing summary or fields of the wrong type.
+    """
+    summary = (_opt_str(header, "summary", where="header: ") or "").strip()
+    if not summary:
+        raise HubError(400, "The commit summary is required")
+    description = _opt_str(header, "description", where="header: ") or ""
+    parent = _opt_str(header, "parentCommit", where="header: ")
+    if parent and not _SHA_RE.match(parent):
+        raise HubError(
+            400, f"header: 'parentCommit' must be a 40-hex commit id, got {parent!r:.60}"
+        )
+    return summary, description, parent or None
 
 
 class _HubHTTPServer(ThreadingHTTPServer):
@@ -174,7 +200,8 @@ class _Handler(BaseHTTPRequestHandler):
     """One request: route, check access, answer JSON or file bytes."""
 
     server: _HubHTTPServer
-    _reader: _BodyReader | None = None  # this request's body, once something started reading it
+    _reader: BodyReader | None = None  # this request's body, once something started reading it
+    _framing: Framing | None = None  # this request's body framing, once checked
     protocol_version = "HTTP/1.1"  # keep-alive: the clients reuse connections
     server_version = "hubtune-localhub"
 
@@ -220,27 +247,25 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Error-Code"] = err.code
         self._json(err.status, {"error": err.message}, headers=headers)
 
-    def _body(self) -> _BodyReader:
-        self._reader = self._make_body_reader()
+    def _body(self) -> BodyReader:
+        if self._reader is None:
+            assert self._framing is not None  # checked before routing
+            self._reader = BodyReader(self.rfile, self._framing)
         return self._reader
-
-    def _make_body_reader(self) -> _BodyReader:
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        length = self.headers.get("Content-Length")
-        if not chunked and length is None:
-            return _BodyReader(self.rfile, length=0, chunked=False)
-        try:
-            size = int(length) if length is not None else None
-        except ValueError:
-            raise HubError(400, "Invalid Content-Length") from None
-        return _BodyReader(self.rfile, length=size, chunked=chunked)
 
     def _settle_body(self) -> None:
         """Before an early answer: read away a small unread body, or close the connection.
 
-        An unread body would be parsed as the next request on this keep-alive connection.
+        An unread body would be parsed as the next request on this keep-alive connection, and
+        a body whose framing is broken cannot be told apart from that next request at all.
         """
-        reader = self._reader or self._make_body_reader()
+        if self._framing is None:
+            self.close_connection = True
+            return
+        reader = self._body()
+        if reader.broken:
+            self.close_connection = True
+            return
         if reader.done:
             return
         remaining = reader.remaining
@@ -251,16 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _json_body(self) -> dict[str, Any]:
-        raw = self._body().read_all()
-        if not raw:
-            return {}
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise HubError(400, f"Invalid JSON body: {exc}") from None
-        if not isinstance(data, dict):
-            raise HubError(400, "Expected a JSON object")
-        return data
+        return _json_object(self._body().read_all())
 
     def _base_url(self) -> str:
         # The Host header is how the client reached us (e.g. a 0.0.0.0 bind seen as an address).
@@ -323,7 +339,9 @@ class _Handler(BaseHTTPRequestHandler):
         segments = [unquote(s) for s in split.path.split("/")[1:]]
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         self._reader = None
+        self._framing = None
         try:
+            self._framing = parse_framing(self.headers)
             self._route(segments, query)
         except HubError as err:
             self._settle_body()
@@ -426,12 +444,20 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _repo_from_payload(self, payload: dict[str, Any]) -> RepoRef:
-        repo_type = payload.get("type") or "model"
-        name = payload.get("name")
-        if not isinstance(name, str) or not name:
+        repo_type = _opt_str(payload, "type") or "model"
+        name = _opt_str(payload, "name")
+        if not name:
             raise HubError(400, "Missing repo name")
-        org = payload.get("organization") or LOCAL_USER
-        return self.server.store.locate(str(repo_type), f"{org}/{name}")
+        org = _opt_str(payload, "organization") or LOCAL_USER
+        return self.server.store.locate(repo_type, f"{org}/{name}")
+
+    @staticmethod
+    def _private_from_payload(payload: dict[str, Any]) -> bool | None:
+        """The requested privacy: ``visibility`` wins over ``private``; None if neither."""
+        visibility = _opt_str(payload, "visibility")
+        if visibility is not None:
+            return visibility != "public"
+        return _opt_bool(payload, "private")
 
     def _repo_url(self, repo: RepoRef) -> str:
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
@@ -441,9 +467,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_write()
         payload = self._json_body()
         repo = self._repo_from_payload(payload)
-        visibility = payload.get("visibility")
-        private = bool(payload.get("private")) if visibility is None else visibility != "public"
-        sdk = payload.get("sdk")
+        private = bool(self._private_from_payload(payload))
+        sdk = _opt_str(payload, "sdk")
         if repo.repo_type == "space":
             if sdk not in _SPACE_SDKS:
                 raise HubError(400, f"Invalid space sdk {sdk!r}: one of {', '.join(_SPACE_SDKS)}")
@@ -477,13 +502,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_write()
         repo = self._visible_repo(repo_type, repo_id)
         payload = self._json_body()
-        changes: dict[str, Any] = {}
-        if "visibility" in payload:
-            changes["private"] = payload["visibility"] != "public"
-        elif "private" in payload:
-            changes["private"] = bool(payload["private"])
-        if changes:
-            self.server.store.update_settings(repo, **changes)
+        private = self._private_from_payload(payload)
+        if private is not None:
+            self.server.store.update_settings(repo, private=private)
         self._json(200, {})
 
     def _validate_yaml(self) -> None:
@@ -674,17 +695,7 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.store
         repo = self._visible_repo(repo_type, repo_id)
         commit = store.resolve(repo, revision)
-        raw = self._body().read_all()
-        content_type = self.headers.get("Content-Type", "")
-        paths: list[str]
-        if "json" in content_type:
-            data = json.loads(raw or b"{}")
-            paths = [str(p) for p in data.get("paths", [])]
-            expand = bool(data.get("expand"))
-        else:  # huggingface_hub posts a form: paths=a&paths=b&expand=False
-            form = parse_qs(raw.decode(), keep_blank_values=True)
-            paths = form.get("paths", [])
-            expand = _is_true((form.get("expand") or ["false"])[-1])
+        paths, expand = self._paths_info_request(self._body().read_all())
         wanted: list[tuple[str, str]] = []
         for path in paths:
             path = path.strip("/")
@@ -694,6 +705,22 @@ class _Handler(BaseHTTPRequestHandler):
                 wanted.append(("directory", path))
             # Missing paths are left out, as the Hub does.
         self._json(200, self._entries(repo, commit, wanted, expand=expand))
+
+    def _paths_info_request(self, raw: bytes) -> tuple[list[str], bool]:
+        """The ``paths`` and ``expand`` of a paths-info request (JSON, or the client's form)."""
+        if "json" in self.headers.get("Content-Type", ""):
+            data = _json_object(raw)
+            paths = data.get("paths", [])
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise HubError(400, "'paths' must be a list of strings")
+            return paths, bool(data.get("expand"))
+        # huggingface_hub posts a form: paths=a&paths=b&expand=False
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HubError(400, "The form body is not UTF-8") from None
+        form = parse_qs(text, keep_blank_values=True)
+        return form.get("paths", []), _is_true((form.get("expand") or ["false"])[-1])
 
     def _commits(self, repo_type: str, repo_id: str, revision: str, query: dict[str, str]) -> None:
         store = self.server.store
@@ -807,11 +834,12 @@ class _Handler(BaseHTTPRequestHandler):
         commit = store.resolve(repo, branch)
         payload = self._json_body()
         files = payload.get("files")
-        if not isinstance(files, list):
-            raise HubError(400, "Expected 'files': a list")
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            raise HubError(400, "Expected 'files': a list of objects")
         answer = []
         for item in files:
-            path = validate_repo_path(str(item.get("path", "")))
+            path = validate_repo_path(_opt_str(item, "path", where="files: ") or "")
+            _opt_size(item, "size", where="files: ")
             existing = commit.files.get(path)
             answer.append(
                 {
@@ -839,35 +867,22 @@ class _Handler(BaseHTTPRequestHandler):
         for number, line in enumerate(body.lines(), start=1):
             if not line.strip():
                 continue
-            try:
-                item = json.loads(line)
-                key, value = item["key"], item["value"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise HubError(400, f"Invalid NDJSON commit line {number}") from None
+            key, value = _commit_line(line, number)
             if key == "header":
                 header = value
             elif header is None:
                 raise HubError(400, "The commit payload must start with a 'header' line")
             elif key == "file":
-                path = validate_repo_path(str(value.get("path", "")))
-                encoding = value.get("encoding", "base64")
-                content = value.get("content", "")
-                try:
-                    data = (
-                        base64.b64decode(content, validate=True)
-                        if encoding == "base64"
-                        else str(content).encode()
-                    )
-                except (binascii.Error, ValueError):
-                    raise HubError(400, f"Invalid base64 content for {path}") from None
+                path = _line_path(value, number)
+                data = _inline_content(value, path)
                 # Blobs are content-addressed and invisible until a commit lists them, so
                 # writing them now (before the body is complete) cannot expose partial state.
                 oid = store.store_blob(repo, data)
                 additions[path] = FileEntry(oid=oid, size=len(data))
             elif key == "deletedFile":
-                deleted_files.append(validate_repo_path(str(value.get("path", ""))))
+                deleted_files.append(_line_path(value, number))
             elif key == "deletedFolder":
-                deleted_folders.append(validate_repo_path(str(value.get("path", "")).rstrip("/")))
+                deleted_folders.append(_line_path(value, number, folder=True))
             elif key == "lfsFile":
                 raise HubError(
                     400,
@@ -879,10 +894,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(400, f"Unsupported commit operation: {key!r}")
         if header is None:
             raise HubError(400, "Empty commit payload")
-        summary = str(header.get("summary") or "").strip()
-        if not summary:
-            raise HubError(400, "The commit summary is required")
-        parent = header.get("parentCommit")
+        summary, description, parent = _commit_header(header)
         commit = store.apply_commit(
             repo,
             branch=branch,
@@ -890,8 +902,8 @@ class _Handler(BaseHTTPRequestHandler):
             deleted_files=deleted_files,
             deleted_folders=deleted_folders,
             title=summary,
-            message=str(header.get("description") or ""),
-            parent_commit=str(parent) if parent else None,
+            message=description,
+            parent_commit=parent,
             author=LOCAL_USER,
         )
         logger.info(
