@@ -207,6 +207,7 @@ def test_lfs_commit_lines_are_refused_clearly(hub: LocalHub, api) -> None:  # ty
         "POST",
         "/api/models/org/l/commit/main",
         b"".join(json.dumps(x).encode() + b"\n" for x in lines),
+        headers={"Content-Type": "application/x-ndjson"},  # as huggingface_hub sends it
     )
     assert status == 400 and "not supported" in json.loads(body)["error"]
 
@@ -846,3 +847,231 @@ def test_malformed_requests_get_a_400_with_a_clear_message(
     assert fragment.lower() in message.lower(), message
     # The server is still fine, and the repo unchanged.
     assert [c.title for c in api.list_repo_commits("org/bad")] == ["initial commit"]
+
+
+# --------------------------------------------------------------------------- cross-origin writes
+
+
+def _post_raw(
+    base_url: str,
+    target: str,
+    body: bytes,
+    *,
+    headers: dict[str, str],
+    host: str | None = None,
+    method: str = "POST",
+) -> tuple[int, str]:
+    """A raw request with exactly these headers (and Host); returns (status, JSON error or '')."""
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        f"Host: {urlsplit(base_url).netloc if host is None else host}",
+    ]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    response = _raw(base_url, "\r\n".join(lines).encode() + body)
+    payload = response.partition(b"\r\n\r\n")[2]
+    try:
+        error = json.loads(payload).get("error", "")
+    except (ValueError, AttributeError):
+        error = ""
+    return _raw_status(response), str(error)
+
+
+_CREATE = json.dumps({"name": "csrf", "organization": "local-user"}).encode()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # The reviewer's curl: a form-like simple request no browser preflights.
+        {"Origin": "http://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "http://evil.example", "Content-Type": "application/json"},
+        {"Origin": "null", "Content-Type": "application/json"},  # file:// pages, sandboxes
+        {"Origin": "http://127.0.0.1:1", "Content-Type": "application/json"},  # other port
+        {"Origin": "https://127.0.0.1", "Content-Type": "application/json"},
+        {"Referer": "http://evil.example/page.html", "Content-Type": "application/json"},
+        {"Referer": "file:///tmp/page.html", "Content-Type": "application/json"},
+    ],
+    ids=["text-plain", "json", "null", "other-port", "https-no-port", "referer", "file-referer"],
+)
+def test_cross_origin_writes_are_refused(hub: LocalHub, api, headers: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    status, error = _post_raw(hub.url, "/api/repos/create", _CREATE, headers=headers)
+    assert status == 403, error
+    assert "origin" in error.lower() or "referer" in error.lower()
+    assert not api.repo_exists("local-user/csrf")
+    # A commit and a delete from another origin are refused the same way.
+    api.create_repo("org/target")
+    commit = _ndjson({"key": "header", "value": {"summary": "x"}}) + _ndjson(
+        {"key": "file", "value": {"path": "pwned.txt", "content": "eA==", "encoding": "base64"}}
+    )
+    ndjson_headers = {**headers, "Content-Type": "application/x-ndjson"}
+    status, _ = _post_raw(
+        hub.url, "/api/models/org/target/commit/main", commit, headers=ndjson_headers
+    )
+    assert status == 403
+    delete = json.dumps({"name": "target", "organization": "org"}).encode()
+    status, _ = _post_raw(
+        hub.url,
+        "/api/repos/delete",
+        delete,
+        headers=headers | {"Content-Type": "application/json"},
+        method="DELETE",
+    )
+    assert status == 403
+    assert api.list_repo_files("org/target") == [".gitattributes"]
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:{port}", "http://localhost:{port}"])
+def test_same_origin_writes_are_allowed(hub: LocalHub, api, origin: str) -> None:  # type: ignore[no-untyped-def]
+    port = urlsplit(hub.url).port
+    headers = {"Origin": origin.format(port=port), "Content-Type": "application/json"}
+    status, error = _post_raw(hub.url, "/api/repos/create", _CREATE, headers=headers)
+    assert status == 200, error
+    assert api.repo_exists("local-user/csrf")
+
+
+@pytest.mark.parametrize(
+    ("target", "content_type", "body"),
+    [
+        ("/api/repos/create", "text/plain", _CREATE),
+        ("/api/repos/create", "application/x-www-form-urlencoded", _CREATE),
+        ("/api/repos/create", "multipart/form-data; boundary=x", _CREATE),
+        ("/api/repos/create", None, _CREATE),  # fetch() with a Blob body sends none
+        ("/api/models/org/ct/commit/main", "application/json", b""),
+        ("/api/models/org/ct/commit/main", "text/plain", b""),
+        ("/api/models/org/ct/preupload/main", "text/plain", b'{"files": []}'),
+        ("/api/models/org/ct/settings", "text/plain", b'{"private": true}'),
+        ("/api/repos/delete", "text/plain", b'{"name": "ct", "organization": "org"}'),
+    ],
+)
+def test_writes_need_the_content_type_the_clients_send(
+    hub: LocalHub, api, target: str, content_type: str | None, body: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/ct")
+    if target.endswith("/commit/main"):
+        body = _ndjson({"key": "header", "value": {"summary": "x"}}) + _ndjson(
+            {"key": "file", "value": {"path": "f.txt", "content": "eA==", "encoding": "base64"}}
+        )
+    method = {"settings": "PUT", "delete": "DELETE"}.get(target.rsplit("/", 1)[-1], "POST")
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    status, error = _post_raw(hub.url, target, body, headers=headers, method=method)
+    assert status == 403, error
+    assert "content-type" in error.lower()
+    assert not api.repo_exists("local-user/csrf")
+    assert api.list_repo_files("org/ct") == [".gitattributes"]
+    assert api.model_info("org/ct").private is False
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example:{port}",  # DNS rebinding: a name the attacker controls, pointing here
+        "evil.example",
+        "127.0.0.1:1",  # the right address, another port
+        "localhost.evil.example:{port}",
+        "",
+    ],
+)
+def test_requests_for_other_hosts_are_refused(hub: LocalHub, api, host: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/private-data")
+    host = host.format(port=urlsplit(hub.url).port)
+    status, error = _post_raw(
+        hub.url,
+        "/api/repos/create",
+        _CREATE,
+        headers={"Content-Type": "application/json"},
+        host=host,
+    )
+    assert status in (400, 403) and "host" in error.lower(), error
+    assert not api.repo_exists("local-user/csrf")
+    status, error = _post_raw(
+        hub.url, "/api/models/org/private-data", b"", headers={}, host=host, method="GET"
+    )
+    assert status in (400, 403) and "host" in error.lower(), error
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST:{port}"])
+def test_loopback_host_names_are_accepted(hub: LocalHub, api, host: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/ok")
+    host = host.format(port=urlsplit(hub.url).port)
+    status, error = _post_raw(
+        hub.url, "/api/models/org/ok", b"", headers={}, host=host, method="GET"
+    )
+    assert status == 200, error
+
+
+def _serve_page(folder: Path) -> tuple[Callable[[], None], str]:
+    """Serve ``folder`` on another loopback port (another origin); returns (stop, base URL)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return stop, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+_ATTACK_JS = """async (hub) => {
+  const results = [];
+  const attempt = async (label, url, init) => {
+    try { const r = await fetch(url, init); results.push(label + ':' + r.status); }
+    catch (e) { results.push(label + ':blocked'); }
+  };
+  const create = JSON.stringify({name: 'csrf', organization: 'local-user'});
+  await attempt('text', hub + '/api/repos/create', {method: 'POST', body: create,
+      headers: {'Content-Type': 'text/plain'}});
+  await attempt('no-cors', hub + '/api/repos/create', {method: 'POST', mode: 'no-cors',
+      body: new Blob([create])});
+  const commit = JSON.stringify({key: 'header', value: {summary: 'pwned'}}) + '\\n' +
+      JSON.stringify({key: 'file', value: {path: 'pwned.txt', content: 'eA==', encoding: 'base64'}});
+  await attempt('commit', hub + '/api/models/org/victim/commit/main', {method: 'POST',
+      mode: 'no-cors', body: commit, headers: {'Content-Type': 'text/plain'}});
+  await attempt('json', hub + '/api/repos/create', {method: 'POST', body: create,
+      headers: {'Content-Type': 'application/json'}});
+  // A classic form post, too: navigation, no CORS at all.
+  const form = document.createElement('form');
+  form.method = 'POST'; form.action = hub + '/api/repos/create'; form.enctype = 'text/plain';
+  const input = document.createElement('input');
+  input.name = '{"name": "csrf-form", "organization": "local-user", "x": "';
+  input.value = '"}';
+  form.appendChild(input); document.body.appendChild(form);
+  return results;
+}"""
+
+
+@pytest.mark.parametrize("page_origin", ["file", "other-port"])
+def test_a_browser_page_elsewhere_cannot_write(
+    hub: LocalHub, api, tmp_path: Path, page_origin: str
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import chromium
+
+    api.create_repo("org/victim")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "attack.html").write_text("<!doctype html><title>attack</title><body></body>")
+    stop: Callable[[], None] = lambda: None  # noqa: E731
+    if page_origin == "file":
+        page_url = (site / "attack.html").as_uri()
+    else:
+        stop, base = _serve_page(site)
+        page_url = f"{base}/attack.html"
+    try:
+        with chromium() as browser:
+            page = browser.new_page()
+            page.goto(page_url)
+            results = page.evaluate(_ATTACK_JS, hub.url)
+            with page.expect_navigation(timeout=10_000):
+                page.evaluate("() => document.forms[0].submit()")
+            page.close()
+    finally:
+        stop()
+    # Whatever the browser let through, the hub refused it: nothing was created or committed.
+    assert not api.repo_exists("local-user/csrf"), results
+    assert not api.repo_exists("local-user/csrf-form"), results
+    assert api.list_repo_files("org/victim") == [".gitattributes"], results

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 import yaml
 
 from hubtune.hubserver.body import BodyReader, Framing, parse_framing
+from hubtune.hubserver.guard import HostPolicy, check_media_type
 from hubtune.hubserver.storage import (
     DEFAULT_BRANCH,
     REPO_TYPES,
@@ -47,6 +48,11 @@ _COPY_CHUNK = 1 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _DRAIN_LIMIT = 8 << 20  # unread request bytes worth discarding to keep a connection alive
 _SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
+# The media types huggingface_hub sends (httpx ``json=`` for the JSON routes, an explicit
+# header for commits, a form for paths-info); anything else on a write is refused (guard.py).
+_JSON_TYPES = ("application/json",)
+_NDJSON_TYPES = ("application/x-ndjson",)
+_PATHS_INFO_TYPES = ("application/x-www-form-urlencoded", "application/json")
 _TYPE_FROM_PLURAL = {f"{t}s": t for t in REPO_TYPES}
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # C0 controls and DEL: a CR or LF copied from a request into a header would end the header
@@ -190,10 +196,21 @@ class _HubHTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not keep the process alive at shutdown
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], store: RepoStore, token: str | None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        store: RepoStore,
+        token: str | None,
+        *,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(address, _Handler)
         self.store = store
         self.token = token
+        # Built after binding: with port 0 the real port is only known now.
+        self.policy = HostPolicy(
+            bound_host=address[0], port=self.server_address[1], allowed_hosts=allowed_hosts
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -275,7 +292,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self.close_connection = True
 
-    def _json_body(self) -> dict[str, Any]:
+    def _require_body_type(self, allowed: tuple[str, ...]) -> None:
+        """Refuse a body whose Content-Type the Hub clients never send to this route."""
+        assert self._framing is not None  # checked before routing
+        if self._framing.has_body:
+            check_media_type(self.headers.get("Content-Type"), allowed)
+
+    def _json_body(self, *, allowed: tuple[str, ...] = _JSON_TYPES) -> dict[str, Any]:
+        self._require_body_type(allowed)
         return _json_object(self._body().read_all())
 
     def _base_url(self) -> str:
@@ -284,6 +308,16 @@ class _Handler(BaseHTTPRequestHandler):
         return f"http://{host}"
 
     # ------------------------------------------------------------------ access control
+
+    def _check_caller(self) -> None:
+        """Host on every request (DNS rebinding), Origin/Referer on every non-read request."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise HubError(400, "More than one Host header")
+        policy = self.server.policy
+        policy.check_host(hosts[0] if hosts else None)
+        if self.command not in ("GET", "HEAD"):
+            policy.check_origin(self.headers.get("Origin"), self.headers.get("Referer"))
 
     def _presented_token(self) -> str | None:
         auth = self.headers.get("Authorization", "")
@@ -333,6 +367,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch()
 
+    def do_OPTIONS(self) -> None:
+        # CORS preflights land here and are never approved (no Access-Control-Allow-* header),
+        # so browsers never send a cross-origin JSON/NDJSON write at all.
+        self._dispatch()
+
     def _dispatch(self) -> None:
         split = urlsplit(self.path)
         # Split before unquoting: a revision like 'refs%2Fpr%2F1' is one segment.
@@ -342,6 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._framing = None
         try:
             self._framing = parse_framing(self.headers)
+            self._check_caller()
             self._route(segments, query)
         except HubError as err:
             self._settle_body()
@@ -695,6 +735,7 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.store
         repo = self._visible_repo(repo_type, repo_id)
         commit = store.resolve(repo, revision)
+        self._require_body_type(_PATHS_INFO_TYPES)
         paths, expand = self._paths_info_request(self._body().read_all())
         wanted: list[tuple[str, str]] = []
         for path in paths:
@@ -859,6 +900,7 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.store
         repo = self._visible_repo(repo_type, repo_id)
         branch = self._writable_branch(repo, revision, query)
+        self._require_body_type(_NDJSON_TYPES)
         body = self._body()
         header: dict[str, Any] | None = None
         additions: dict[str, FileEntry] = {}
@@ -936,6 +978,10 @@ class LocalHub:
         port: Port to bind; 0 picks a free one.
         token: If set, writes need ``Authorization: Bearer <token>`` and private repos are
             only visible with it. If ``None``, anyone who can connect may write.
+        allowed_hosts: Host names (besides loopback names and addresses, and the bound
+            address) clients may use in ``Host``/``Origin``; anything else is refused, which
+            stops DNS rebinding. A hub bound to every interface also accepts any IP address
+            and this machine's host name.
 
     Example:
         >>> with LocalHub(Path("hub-data")) as hub:
@@ -949,11 +995,13 @@ class LocalHub:
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
     ) -> None:
         self.root = Path(root)
         self.host = host
         self.port = port
         self.token = token
+        self.allowed_hosts = tuple(allowed_hosts)
         self._server: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -983,7 +1031,9 @@ class LocalHub:
         if self._server is not None:
             return self.url
         store = RepoStore(self.root)
-        self._server = _HubHTTPServer((self.host, self.port), store, self.token)
+        self._server = _HubHTTPServer(
+            (self.host, self.port), store, self.token, allowed_hosts=self.allowed_hosts
+        )
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.1},
@@ -1024,6 +1074,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     token: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     """Serve a local hub in the foreground until interrupted (Ctrl-C).
 
@@ -1032,8 +1083,9 @@ def serve(
         host: Address to bind; loopback by default (pass ``0.0.0.0`` deliberately, with a token).
         port: Port to bind.
         token: Optional write/private-read token (see :class:`LocalHub`).
+        allowed_hosts: Extra host names clients may use (see :class:`LocalHub`).
     """
-    hub = LocalHub(root, host=host, port=port, token=token)
+    hub = LocalHub(root, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
     url = hub.start()
     logger.info("HF_ENDPOINT=%s", url)
     try:
