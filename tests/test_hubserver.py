@@ -1075,3 +1075,120 @@ def test_a_browser_page_elsewhere_cannot_write(
     assert not api.repo_exists("local-user/csrf"), results
     assert not api.repo_exists("local-user/csrf-form"), results
     assert api.list_repo_files("org/victim") == [".gitattributes"], results
+
+
+# --------------------------------------------------------------------------- resource bounds
+
+
+def _stored_blobs(root: Path, repo: str) -> set[str]:
+    objects = root / "repos" / "models" / repo / "objects"
+    return {p.parent.name + p.name for p in objects.glob("*/*")}
+
+
+def test_refused_commits_leave_no_blobs_behind(hub: LocalHub, api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import CommitOperationDelete
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    api.create_repo("org/gc")
+    head = api.model_info("org/gc").sha
+    api.create_commit("org/gc", operations=[_add("kept.txt", "kept")], commit_message="one")
+    before = _stored_blobs(hub.root, "org/gc")
+    with pytest.raises(HfHubHTTPError) as err:  # stale parent: 412
+        api.create_commit(
+            "org/gc",
+            operations=[_add("new.txt", "never committed"), _add("again.txt", "kept")],
+            commit_message="stale",
+            parent_commit=head,
+        )
+    assert err.value.response.status_code == 412
+    with pytest.raises(EntryNotFoundError):  # a missing file to delete: 404
+        api.create_commit(
+            "org/gc",
+            operations=[_add("other.txt", "also never"), CommitOperationDelete("missing.txt")],
+            commit_message="bad delete",
+        )
+    # The refused commits' new blobs are gone; a blob a real commit uses ("kept") stays.
+    assert _stored_blobs(hub.root, "org/gc") == before
+    assert git_blob_sha1(b"kept") in before
+    assert git_blob_sha1(b"never committed") not in before
+    path = api.hf_hub_download("org/gc", "kept.txt")
+    assert Path(path).read_text() == "kept"
+
+
+def _closed_by_server(sock: object, *, within: float) -> bool:
+    """Whether the server closes ``sock`` (EOF or reset) within ``within`` seconds."""
+    import socket
+
+    assert isinstance(sock, socket.socket)
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass  # an error answer before the close is fine
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_idle_connections_time_out_and_extra_ones_get_a_503(tmp_path: Path) -> None:
+    import socket
+
+    with LocalHub(tmp_path / "hub-root", read_timeout_s=1.0, max_connections=4) as server:
+        parts = urlsplit(server.url)
+        address = (parts.hostname, parts.port)
+        idle = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        half = socket.create_connection(address, timeout=10)
+        half.sendall(b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x")  # a request never finished
+        time.sleep(0.3)  # let the server take all four
+        try:
+            # A fifth connection is over the cap: answered 503 at once, not queued or held.
+            started = time.monotonic()
+            extra = _raw_get(server.url, "/api/whoami-v2")
+            assert _raw_status(extra) == 503, extra[:200]
+            assert time.monotonic() - started < 1.0
+            assert b"Retry-After" in extra
+            # The idle and half-open connections are closed by the server after the read
+            # timeout, freeing their slots.
+            for sock in [*idle, half]:
+                assert _closed_by_server(sock, within=5.0)
+        finally:
+            for sock in [*idle, half]:
+                sock.close()
+        time.sleep(0.2)
+        assert _raw_status(_raw_get(server.url, "/api/whoami-v2")) == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "fragment"),
+    [
+        ({"summary": "s" * 1001}, 400, "summary"),
+        ({"summary": "s", "description": "d" * 65_537}, 400, "description"),
+        ({"summary": "s", "description": "d" * (2 << 20)}, 413, "header"),  # the line itself
+    ],
+    ids=["summary", "description", "header-line"],
+)
+def test_commit_messages_are_bounded(
+    hub: LocalHub, api, header: dict[str, str], status: int, fragment: str
+) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/msg")
+    body = _ndjson(
+        {"key": "header", "value": header},
+        {"key": "file", "value": {"path": "a.txt", "content": "eA==", "encoding": "base64"}},
+    )
+    got, error = _post_raw(
+        hub.url,
+        "/api/models/org/msg/commit/main",
+        body,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert got == status and fragment in error.lower(), error
+    assert api.list_repo_files("org/msg") == [".gitattributes"]
+    # Right at the limits, a commit is fine.
+    info = api.create_commit(
+        "org/msg",
+        operations=[_add("a.txt", "x")],
+        commit_message="s" * 1000,
+        commit_description="d" * 65_536,
+    )
+    assert api.list_repo_commits("org/msg")[0].commit_id == info.oid

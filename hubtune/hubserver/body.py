@@ -176,11 +176,12 @@ class BodyReader:
         """Bytes still unread (``None`` if unknown: chunked)."""
         return None if self._chunked else self._remaining
 
-    def next_line(self, *, limit: int | None = None) -> bytes | None:
+    def next_line(self, *, limit: int | None = None, what: str = "line") -> bytes | None:
         """The next line (without its newline), or ``None`` at the end of the body.
 
         Args:
             limit: Refuse (413) a line longer than this many bytes, before reading all of it.
+            what: What the line is, for the 413's message.
 
         Only the part of the buffer not searched yet is searched again after each read, so a
         long line costs linear time, not quadratic.
@@ -194,7 +195,7 @@ class BodyReader:
                 return line
             self._scanned = len(self._buffer)
             if limit is not None and len(self._buffer) > limit:
-                raise HubError(413, f"Request line longer than {limit} bytes")
+                raise HubError(413, f"The {what} is longer than {limit} bytes")
             if not self._fill():
                 if not self._buffer:
                     return None

@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +28,7 @@ from hubtune.hubserver.guard import HostPolicy, check_media_type
 from hubtune.hubserver.storage import (
     DEFAULT_BRANCH,
     REPO_TYPES,
+    BlobBatch,
     Commit,
     FileEntry,
     HubError,
@@ -40,6 +42,8 @@ __all__ = ["LocalHub", "serve"]
 
 logger = logging.getLogger("hubtune.hubserver")
 
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_READ_TIMEOUT_S = 60.0
 LOCAL_USER = "local"  # the single user the hub knows; also the namespace of 'name'-only repos
 _TREE_PAGE = 1000  # entries per page, as the Hub (50 when expanded)
 _TREE_PAGE_EXPANDED = 50
@@ -48,6 +52,11 @@ _COPY_CHUNK = 1 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _DRAIN_LIMIT = 8 << 20  # unread request bytes worth discarding to keep a connection alive
 _SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
+# Commit messages are stored in every commit record and returned by every history page: bound
+# them (git itself does not, but a hub that keeps them in memory per request must).
+_MAX_SUMMARY = 1000
+_MAX_DESCRIPTION = 65_536
+_MAX_HEADER_LINE = 1 << 20  # the header line's bytes (escaping can make JSON 6x longer)
 # The media types huggingface_hub sends (httpx ``json=`` for the JSON routes, an explicit
 # header for commits, a form for paths-info); anything else on a write is refused (guard.py).
 _JSON_TYPES = ("application/json",)
@@ -183,7 +192,11 @@ def _commit_header(header: dict[str, Any]) -> tuple[str, str, str | None]:
     summary = (_opt_str(header, "summary", where="header: ") or "").strip()
     if not summary:
         raise HubError(400, "The commit summary is required")
+    if len(summary) > _MAX_SUMMARY:
+        raise HubError(400, f"The commit summary is longer than {_MAX_SUMMARY} characters")
     description = _opt_str(header, "description", where="header: ") or ""
+    if len(description) > _MAX_DESCRIPTION:
+        raise HubError(400, f"The commit description is longer than {_MAX_DESCRIPTION} characters")
     parent = _opt_str(header, "parentCommit", where="header: ")
     if parent and not _SHA_RE.match(parent):
         raise HubError(
@@ -192,25 +205,73 @@ def _commit_header(header: dict[str, Any]) -> tuple[str, str, str | None]:
     return summary, description, parent or None
 
 
+_BUSY_BODY = json.dumps({"error": "The local hub has too many open connections; retry"}).encode()
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(_BUSY_BODY)
+) + _BUSY_BODY
+
+
 class _HubHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` of them at once."""
+
     daemon_threads = True  # a stuck client must not keep the process alive at shutdown
     allow_reuse_address = True
+    request_queue_size = 64
 
     def __init__(
         self,
         address: tuple[str, int],
         store: RepoStore,
-        token: str | None,
         *,
-        allowed_hosts: tuple[str, ...] = (),
+        token: str | None,
+        allowed_hosts: tuple[str, ...],
+        max_connections: int,
+        read_timeout_s: float,
     ) -> None:
         super().__init__(address, _Handler)
         self.store = store
         self.token = token
+        self.read_timeout_s = read_timeout_s
+        self.max_connections = max_connections
+        self._active = 0
+        self._active_lock = threading.Lock()
         # Built after binding: with port 0 the real port is only known now.
         self.policy = HostPolicy(
             bound_host=address[0], port=self.server_address[1], allowed_hosts=allowed_hosts
         )
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            admitted = self._active < self.max_connections
+            if admitted:
+                self._active += 1
+        if not admitted:
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+    def _refuse_busy(self, request: Any) -> None:
+        """Answer 503 on the accepting thread without ever blocking it, then close."""
+        logger.warning("refusing a connection: %d open (the limit)", self.max_connections)
+        with contextlib.suppress(OSError):
+            request.setblocking(False)  # a fresh socket's buffer takes these few bytes
+            request.send(_BUSY)
+        self.shutdown_request(request)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -221,6 +282,12 @@ class _Handler(BaseHTTPRequestHandler):
     _framing: Framing | None = None  # this request's body framing, once checked
     protocol_version = "HTTP/1.1"  # keep-alive: the clients reuse connections
     server_version = "hubtune-localhub"
+
+    def setup(self) -> None:
+        # Every read and write on the socket gives up after this long, so an idle keep-alive
+        # connection or a request that never finishes frees its thread and connection slot.
+        super().setup()
+        self.connection.settimeout(self.server.read_timeout_s)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -901,61 +968,30 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._visible_repo(repo_type, repo_id)
         branch = self._writable_branch(repo, revision, query)
         self._require_body_type(_NDJSON_TYPES)
-        body = self._body()
-        header: dict[str, Any] | None = None
-        additions: dict[str, FileEntry] = {}
-        deleted_files: list[str] = []
-        deleted_folders: list[str] = []
-        for number, line in enumerate(body.lines(), start=1):
-            if not line.strip():
-                continue
-            key, value = _commit_line(line, number)
-            if key == "header":
-                header = value
-            elif header is None:
-                raise HubError(400, "The commit payload must start with a 'header' line")
-            elif key == "file":
-                path = _line_path(value, number)
-                data = _inline_content(value, path)
-                # Blobs are content-addressed and invisible until a commit lists them, so
-                # writing them now (before the body is complete) cannot expose partial state.
-                oid = store.store_blob(repo, data)
-                additions[path] = FileEntry(oid=oid, size=len(data))
-            elif key == "deletedFile":
-                deleted_files.append(_line_path(value, number))
-            elif key == "deletedFolder":
-                deleted_folders.append(_line_path(value, number, folder=True))
-            elif key == "lfsFile":
-                raise HubError(
-                    400,
-                    "LFS/Xet files are not supported by the local hub: it answers 'regular' to "
-                    "preupload so clients send content inline; got an lfsFile for "
-                    f"{value.get('path')!r}",
-                )
-            else:
-                raise HubError(400, f"Unsupported commit operation: {key!r}")
-        if header is None:
-            raise HubError(400, "Empty commit payload")
-        summary, description, parent = _commit_header(header)
-        commit = store.apply_commit(
-            repo,
-            branch=branch,
-            additions=additions,
-            deleted_files=deleted_files,
-            deleted_folders=deleted_folders,
-            title=summary,
-            message=description,
-            parent_commit=parent,
-            author=LOCAL_USER,
-        )
+        # Blobs are stored as their lines arrive (one line in memory at a time) and removed
+        # again if the commit is refused (stale parent, missing path) or the client goes away.
+        with store.staging(repo) as staged:
+            ops = _read_commit(self._body(), staged)
+            summary, description, parent = _commit_header(ops.header)
+            commit = store.apply_commit(
+                repo,
+                branch=branch,
+                additions=ops.additions,
+                deleted_files=ops.deleted_files,
+                deleted_folders=ops.deleted_folders,
+                title=summary,
+                message=description,
+                parent_commit=parent,
+                author=LOCAL_USER,
+            )
         logger.info(
             "commit %s to %s %s@%s (%d added, %d deleted)",
             commit.id[:12],
             repo_type,
             repo_id,
             branch,
-            len(additions),
-            len(deleted_files) + len(deleted_folders),
+            len(ops.additions),
+            len(ops.deleted_files) + len(ops.deleted_folders),
         )
         self._json(
             200,
@@ -967,6 +1003,56 @@ class _Handler(BaseHTTPRequestHandler):
                 "hookOutput": "",
             },
         )
+
+
+@dataclass
+class _CommitOps:
+    """What an NDJSON commit body asks for."""
+
+    header: dict[str, Any]
+    additions: dict[str, FileEntry] = field(default_factory=dict)
+    deleted_files: list[str] = field(default_factory=list)
+    deleted_folders: list[str] = field(default_factory=list)
+
+
+def _read_header(body: BodyReader) -> dict[str, Any]:
+    """The first line of a commit body, which must be its header (bounded in size)."""
+    while (line := body.next_line(limit=_MAX_HEADER_LINE, what="commit header line")) is not None:
+        if line.strip():
+            key, value = _commit_line(line, 1)
+            if key != "header":
+                raise HubError(400, "The commit payload must start with a 'header' line")
+            return value
+    raise HubError(400, "Empty commit payload")
+
+
+def _read_commit(body: BodyReader, staged: BlobBatch) -> _CommitOps:
+    """Parse a commit body line by line, storing inline file contents as they come."""
+    ops = _CommitOps(header=_read_header(body))
+    for number, line in enumerate(body.lines(), start=2):
+        if not line.strip():
+            continue
+        key, value = _commit_line(line, number)
+        if key == "file":
+            path = _line_path(value, number)
+            data = _inline_content(value, path)
+            ops.additions[path] = FileEntry(oid=staged.add(data), size=len(data))
+        elif key == "deletedFile":
+            ops.deleted_files.append(_line_path(value, number))
+        elif key == "deletedFolder":
+            ops.deleted_folders.append(_line_path(value, number, folder=True))
+        elif key == "lfsFile":
+            raise HubError(
+                400,
+                "LFS/Xet files are not supported by the local hub: it answers 'regular' to "
+                "preupload so clients send content inline; got an lfsFile for "
+                f"{value.get('path')!r}",
+            )
+        elif key == "header":
+            raise HubError(400, f"Commit line {number}: a second 'header' line")
+        else:
+            raise HubError(400, f"Unsupported commit operation: {key!r}")
+    return ops
 
 
 class LocalHub:
@@ -982,6 +1068,10 @@ class LocalHub:
             address) clients may use in ``Host``/``Origin``; anything else is refused, which
             stops DNS rebinding. A hub bound to every interface also accepts any IP address
             and this machine's host name.
+        max_connections: Connections served at once; more are answered 503 and closed (each
+            connection holds a thread; the clients use a handful each).
+        read_timeout_s: Seconds a connection may stay silent (idle keep-alive, a request or
+            body that stops arriving, a client that stops reading) before it is closed.
 
     Example:
         >>> with LocalHub(Path("hub-data")) as hub:
@@ -996,12 +1086,16 @@ class LocalHub:
         port: int = 0,
         token: str | None = None,
         allowed_hosts: tuple[str, ...] = (),
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ) -> None:
         self.root = Path(root)
         self.host = host
         self.port = port
         self.token = token
         self.allowed_hosts = tuple(allowed_hosts)
+        self.max_connections = max_connections
+        self.read_timeout_s = read_timeout_s
         self._server: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -1032,7 +1126,12 @@ class LocalHub:
             return self.url
         store = RepoStore(self.root)
         self._server = _HubHTTPServer(
-            (self.host, self.port), store, self.token, allowed_hosts=self.allowed_hosts
+            (self.host, self.port),
+            store,
+            token=self.token,
+            allowed_hosts=self.allowed_hosts,
+            max_connections=self.max_connections,
+            read_timeout_s=self.read_timeout_s,
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever,

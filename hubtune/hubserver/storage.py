@@ -16,10 +16,13 @@ Layout under the root folder::
 Crash safety: a commit writes its blobs and its record first, then replaces the ref file with
 ``os.replace`` (after fsync). A process killed at any point leaves the ref at either the old or
 the new commit, and blobs or records not reachable from a ref are never listed or served.
+Blobs that a refused commit stored (a stale parent, a missing file to delete) are removed again
+unless a commit or another request in flight uses them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -41,6 +44,7 @@ from hubtune.io import fsync_dir as _fsync_dir
 
 __all__ = [
     "REPO_TYPES",
+    "BlobBatch",
     "Commit",
     "FileEntry",
     "HubError",
@@ -205,6 +209,9 @@ class RepoStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Blobs that requests in flight have stored or found, per (repo folder, oid): a refused
+        # commit must not remove a blob that a concurrent commit is about to reference.
+        self._pins: collections.Counter[tuple[str, str]] = collections.Counter()
         self._clean_stale_tmp()
 
     # ------------------------------------------------------------------ locking and files
@@ -369,14 +376,75 @@ class RepoStore:
 
     def _store_blob_at(self, repo_path: Path, data: bytes) -> str:
         oid = git_blob_sha1(data)
-        target = repo_path / "objects" / oid[:2] / oid[2:]
-        if not target.exists():  # content-addressed: an existing blob already holds these bytes
-            self._write_atomic(target, data)
+        self._write_blob(repo_path, oid, data)
         return oid
+
+    def _write_blob(self, repo_path: Path, oid: str, data: bytes) -> bool:
+        """Write a blob unless it exists; True if this call created it."""
+        target = repo_path / "objects" / oid[:2] / oid[2:]
+        if target.exists():  # content-addressed: an existing blob already holds these bytes
+            return False
+        self._write_atomic(target, data)
+        return True
 
     def store_blob(self, repo: RepoRef, data: bytes) -> str:
         """Store file content (idempotent) and return its git blob sha1."""
         return self._store_blob_at(repo.path, data)
+
+    @contextlib.contextmanager
+    def staging(self, repo: RepoRef) -> Iterator[BlobBatch]:
+        """Blobs for one commit: stored as they arrive, removed again if the commit fails.
+
+        If the block raises (a refused commit, a client gone mid-body), the blobs it created
+        are deleted unless a commit of the repo or another request in flight uses them.
+        """
+        batch = BlobBatch(self, repo)
+        try:
+            yield batch
+        except BaseException:
+            self._unpin(repo, batch.pinned)
+            batch.pinned = []
+            self._discard(repo, batch.created)
+            raise
+        finally:
+            self._unpin(repo, batch.pinned)
+
+    def _pin(self, repo: RepoRef, oid: str) -> None:
+        with self._locks_guard:
+            self._pins[(repo.path.as_posix(), oid)] += 1
+
+    def _unpin(self, repo: RepoRef, oids: list[str]) -> None:
+        with self._locks_guard:
+            for oid in oids:
+                key = (repo.path.as_posix(), oid)
+                self._pins[key] -= 1
+                if self._pins[key] <= 0:
+                    del self._pins[key]
+
+    def _referenced_oids(self, repo: RepoRef) -> set[str]:
+        """Every blob id any commit of the repo lists (refused commits are rare: a full scan)."""
+        oids: set[str] = set()
+        for record in (repo.path / "commits").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                oids.update(e["oid"] for e in json.loads(record.read_text())["files"].values())
+        return oids
+
+    def _discard(self, repo: RepoRef, oids: list[str]) -> None:
+        """Delete blobs a failed request created, unless referenced or pinned by another."""
+        if not oids:
+            return
+        with self._locked(repo.path / ".lock", repo.path.as_posix()):  # no commit lands meanwhile
+            referenced = self._referenced_oids(repo)
+            for oid in oids:
+                if oid in referenced:
+                    continue
+                # Checked and deleted under the pin lock: a request that pins the blob after
+                # this finds it gone and writes it again.
+                with self._locks_guard:
+                    if self._pins.get((repo.path.as_posix(), oid)):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        self.blob_path(repo, oid).unlink()
 
     def blob_path(self, repo: RepoRef, oid: str) -> Path:
         """Where a blob's bytes are stored."""
@@ -520,6 +588,11 @@ class RepoStore:
                     )
                 for path in doomed:
                     del files[path]
+            for path, entry in additions.items():
+                if not self.blob_path(repo, entry.oid).is_file():
+                    # Only when another server process's refused commit removed a blob this
+                    # one found already stored: never commit a manifest without its bytes.
+                    raise HubError(409, f"The content of {path!r} was removed meanwhile; retry")
             files.update(additions)
             for path in additions:  # a file and a folder cannot share a name
                 if any(p.startswith(path + "/") for p in files):
@@ -549,6 +622,27 @@ class RepoStore:
             if not wanted:
                 break
         return found
+
+
+class BlobBatch:
+    """The blobs one commit request stores (see :meth:`RepoStore.staging`)."""
+
+    def __init__(self, store: RepoStore, repo: RepoRef) -> None:
+        self._store = store
+        self._repo = repo
+        self.created: list[str] = []  # blobs this request wrote (candidates for removal)
+        self.pinned: list[str] = []  # blobs this request uses (protected while it runs)
+
+    def add(self, data: bytes) -> str:
+        """Store file content (idempotent); returns its git blob sha1."""
+        oid = git_blob_sha1(data)
+        # Pin before looking: a concurrent refusal then either sees the pin or has already
+        # removed the file, which this call then writes again.
+        self._store._pin(self._repo, oid)
+        self.pinned.append(oid)
+        if self._store._write_blob(self._repo.path, oid, data):
+            self.created.append(oid)
+        return oid
 
 
 def _parents(path: str) -> list[str]:
