@@ -1192,3 +1192,168 @@ def test_commit_messages_are_bounded(
         commit_description="d" * 65_536,
     )
     assert api.list_repo_commits("org/msg")[0].commit_id == info.oid
+
+
+# --------------------------------------------------------------------------- branches, tags, refs
+
+
+def test_branches_commits_and_downloads(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import BadRequestError, HfHubHTTPError, RevisionNotFoundError
+
+    api.create_repo("org/b")
+    first = api.create_commit("org/b", operations=[_add("a.txt", "v1")], commit_message="v1")
+    refs = api.list_repo_refs("org/b")
+    assert [(r.name, r.ref, r.target_commit) for r in refs.branches] == [
+        ("main", "refs/heads/main", first.oid)
+    ]
+    assert refs.tags == [] and refs.converts == []
+    assert api.list_repo_refs("org/b", include_pull_requests=True).pull_requests == []
+
+    api.create_branch("org/b", branch="dev")
+    with pytest.raises(HfHubHTTPError) as err:
+        api.create_branch("org/b", branch="dev")
+    assert err.value.response.status_code == 409
+    api.create_branch("org/b", branch="dev", exist_ok=True)
+    on_dev = api.upload_file(
+        path_or_fileobj=b"dev only", path_in_repo="b.txt", repo_id="org/b", revision="dev"
+    )
+    assert api.list_repo_files("org/b") == [".gitattributes", "a.txt"]  # main untouched
+    assert api.list_repo_files("org/b", revision="dev") == [".gitattributes", "a.txt", "b.txt"]
+    assert api.model_info("org/b", revision="dev").sha == on_dev.oid
+    assert Path(hf_hub_download("org/b", "b.txt", revision="dev")).read_text() == "dev only"
+    snapshot = Path(snapshot_download("org/b", revision="dev"))
+    assert (snapshot / "b.txt").read_text() == "dev only"
+    assert [c.title for c in api.list_repo_commits("org/b", revision="dev")][:2] == [
+        "Upload b.txt with huggingface_hub",
+        "v1",
+    ]
+
+    # A branch with a slash, from an older commit; then a commit on it with parent_commit.
+    api.create_branch("org/b", branch="feature/x", revision=first.oid)
+    feature = api.create_commit(
+        "org/b",
+        operations=[_add("c.txt", "c")],
+        commit_message="feature",
+        revision="feature/x",
+        parent_commit=first.oid,
+    )
+    branches = {r.name: r.target_commit for r in api.list_repo_refs("org/b").branches}
+    assert branches == {"main": first.oid, "dev": on_dev.oid, "feature/x": feature.oid}
+    assert Path(hf_hub_download("org/b", "c.txt", revision="feature/x")).read_text() == "c"
+
+    with pytest.raises(BadRequestError):
+        api.create_branch("org/b", branch="refs/pr/1")
+    with pytest.raises(BadRequestError):
+        api.create_branch("org/b", branch="bad..name")
+    with pytest.raises(RevisionNotFoundError):
+        api.create_branch("org/b", branch="from-nowhere", revision="no-such-branch")
+    with pytest.raises(RevisionNotFoundError):
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="org/b", revision="nope")
+
+    api.delete_branch("org/b", branch="dev")
+    assert {r.name for r in api.list_repo_refs("org/b").branches} == {"main", "feature/x"}
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("org/b", revision="dev")
+    with pytest.raises(HfHubHTTPError) as err:
+        api.delete_branch("org/b", branch="dev")
+    assert err.value.response.status_code == 404
+    with pytest.raises(HfHubHTTPError) as err:
+        api.delete_branch("org/b", branch="main")
+    assert err.value.response.status_code in (400, 403)
+    assert "default branch" in str(err.value)
+
+
+def test_tags_and_short_shas_are_revisions(api, hub: LocalHub) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+
+    api.create_repo("org/t")
+    v1 = api.create_commit("org/t", operations=[_add("a.txt", "one")], commit_message="v1")
+    v2 = api.create_commit("org/t", operations=[_add("a.txt", "two")], commit_message="v2")
+    api.create_tag("org/t", tag="v1.0", revision=v1.oid, tag_message="first release")
+    api.create_tag("org/t", tag="latest")  # main, by default
+    with pytest.raises(HfHubHTTPError) as err:
+        api.create_tag("org/t", tag="v1.0")
+    assert err.value.response.status_code == 409
+    api.create_tag("org/t", tag="v1.0", exist_ok=True)
+    tags = {r.name: (r.ref, r.target_commit) for r in api.list_repo_refs("org/t").tags}
+    assert tags == {"v1.0": ("refs/tags/v1.0", v1.oid), "latest": ("refs/tags/latest", v2.oid)}
+
+    assert api.model_info("org/t", revision="v1.0").sha == v1.oid
+    assert api.list_repo_commits("org/t", revision="v1.0")[0].commit_id == v1.oid
+    assert Path(hf_hub_download("org/t", "a.txt", revision="v1.0")).read_text() == "one"
+    assert api.model_info("org/t", revision="refs/tags/v1.0").sha == v1.oid
+    assert api.model_info("org/t", revision="refs/heads/main").sha == v2.oid
+    # Tags are not branches: no commits onto them.
+    with pytest.raises(RevisionNotFoundError):
+        api.create_commit("org/t", operations=[_add("x", "x")], commit_message="x", revision="v1.0")
+
+    # Short SHAs: a unique prefix of 7 or more hex digits.
+    for prefix in (v1.oid[:7], v1.oid[:12], v1.oid[:39]):
+        assert api.model_info("org/t", revision=prefix).sha == v1.oid
+    assert Path(hf_hub_download("org/t", "a.txt", revision=v1.oid[:8])).read_text() == "one"
+    status, _, headers = _request(hub.url, "HEAD", f"/org/t/resolve/{v1.oid[:7]}/a.txt")
+    assert status == 200 and headers["x-repo-commit"] == v1.oid
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("org/t", revision=v1.oid[:6])  # too short to mean a commit
+    # An ambiguous prefix names no commit.
+    commits = hub.root / "repos/models/org/t/commits"
+    twin = commits / (v1.oid[:7] + "f" * 33 + ".json")
+    if not twin.exists():
+        twin.write_bytes((commits / f"{v1.oid}.json").read_bytes())
+        with pytest.raises(RevisionNotFoundError, match="ambiguous"):
+            api.model_info("org/t", revision=v1.oid[:7])
+        twin.unlink()
+
+    api.delete_tag("org/t", tag="v1.0")
+    assert [r.name for r in api.list_repo_refs("org/t").tags] == ["latest"]
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("org/t", revision="v1.0")
+
+
+def test_list_repos_with_author_and_search(api) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/bert-small")
+    api.create_repo("org/bert-large")
+    api.create_repo("other/gpt-tiny")
+    api.create_repo("org/reviews", repo_type="dataset")
+    api.create_repo("other/bert-data", repo_type="dataset")
+    api.create_repo("org/demo", repo_type="space", space_sdk="gradio")
+    api.upload_file(
+        path_or_fileobj=b"---\ntags: [hubtune]\n---\n",
+        path_in_repo="README.md",
+        repo_id="org/bert-small",
+    )
+
+    def ids(items) -> list[str]:  # type: ignore[no-untyped-def]
+        return sorted(i.id for i in items)
+
+    assert ids(api.list_models()) == ["org/bert-large", "org/bert-small", "other/gpt-tiny"]
+    assert ids(api.list_models(author="org")) == ["org/bert-large", "org/bert-small"]
+    assert ids(api.list_models(search="bert")) == ["org/bert-large", "org/bert-small"]
+    assert ids(api.list_models(search="GPT")) == ["other/gpt-tiny"]  # case-insensitive
+    assert ids(api.list_models(author="other", search="bert")) == []
+    assert len(list(api.list_models(limit=1))) == 1
+    assert ids(api.list_models(filter="hubtune")) == ["org/bert-small"]
+    (small,) = [m for m in api.list_models(author="org", full=True) if m.id == "org/bert-small"]
+    assert small.sha == api.model_info("org/bert-small").sha
+    assert {s.rfilename for s in small.siblings or []} == {".gitattributes", "README.md"}
+    assert ids(api.list_datasets(author="org")) == ["org/reviews"]
+    assert ids(api.list_datasets(search="bert")) == ["other/bert-data"]
+    assert ids(api.list_spaces(author="org")) == ["org/demo"]
+    assert ids(api.list_spaces(search="nothing")) == []
+
+
+def test_pull_requests_are_refused_clearly(api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub.errors import BadRequestError
+
+    api.create_repo("org/pr")
+    with pytest.raises(BadRequestError, match="[Pp]ull requests are not supported by the local"):
+        api.create_pull_request("org/pr", title="please merge")
+    with pytest.raises(BadRequestError, match="[Pp]ull requests are not supported by the local"):
+        api.create_commit(
+            "org/pr", operations=[_add("a.txt", "a")], commit_message="pr", create_pr=True
+        )
+    with pytest.raises(BadRequestError, match="not supported by the local"):
+        api.create_discussion("org/pr", title="a question")
+    assert api.list_repo_files("org/pr") == [".gitattributes"]

@@ -54,6 +54,10 @@ _DRAIN_LIMIT = 8 << 20  # unread request bytes worth discarding to keep a connec
 _SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
 # Commit messages are stored in every commit record and returned by every history page: bound
 # them (git itself does not, but a hub that keeps them in memory per request must).
+_NO_PULL_REQUESTS = (
+    "Pull requests are not supported by the local hub endpoint: commit to a branch instead "
+    "(create_branch, then revision=<branch>)"
+)
 _MAX_SUMMARY = 1000
 _MAX_DESCRIPTION = 65_536
 _MAX_HEADER_LINE = 1 << 20  # the header line's bytes (escaping can make JSON 6x longer)
@@ -478,6 +482,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._delete_repo()
             if rest == ["validate-yaml"] and method == "POST":
                 return self._validate_yaml()
+            if len(rest) == 1 and rest[0] in _TYPE_FROM_PLURAL and method == "GET":
+                return self._list_repos(_TYPE_FROM_PLURAL[rest[0]], query)
             if len(rest) >= 3 and rest[0] in _TYPE_FROM_PLURAL:
                 repo_type = _TYPE_FROM_PLURAL[rest[0]]
                 repo_id = f"{rest[1]}/{rest[2]}"
@@ -520,6 +526,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._commit(repo_type, repo_id, "/".join(args), query)
         elif method == "PUT" and action == "settings" and not args:
             self._settings(repo_type, repo_id)
+        elif method == "GET" and action == "refs" and not args:
+            self._refs(repo_type, repo_id, query)
+        elif action in ("branch", "tag") and args and method in ("POST", "DELETE"):
+            self._change_ref(repo_type, repo_id, action, "/".join(args))
+        elif method == "POST" and action == "discussions" and not args:
+            self._refuse_discussion()
         else:
             return False
         return True
@@ -643,8 +655,13 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         store = self.server.store
         repo = self._visible_repo(repo_type, repo_id)
+        self._json(200, self._info(repo, store.resolve(repo, revision)))
+
+    def _info(self, repo: RepoRef, commit: Commit) -> dict[str, Any]:
+        """A repo's info at a commit, in the Hub's JSON shape."""
+        repo_type, repo_id = repo.repo_type, repo.repo_id
+        store = self.server.store
         settings = store.settings(repo)
-        commit = store.resolve(repo, revision)
         card = None
         if "README.md" in commit.files:
             with store.open_blob(repo, commit.files["README.md"].oid) as handle:
@@ -688,7 +705,90 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             info["sdk"] = settings.get("sdk") or (card or {}).get("sdk")
             info["subdomain"] = repo_id.replace("/", "-").lower()
-        self._json(200, info)
+        return info
+
+    def _list_repos(self, repo_type: str, query: dict[str, str]) -> None:
+        """``list_models``/``list_datasets``/``list_spaces``: ``author`` (the namespace),
+        ``search`` (case-insensitive substring of the id), ``filter`` (tags, all required),
+        ``limit``, and ``full`` (with files). Other filters and sorting are not supported."""
+        author = query.get("author", "").lower()
+        search = query.get("search", "").lower()
+        # 'filter' repeats (filter=a&filter=b); the parsed query keeps one value per name.
+        wanted_tags = set(parse_qs(urlsplit(self.path).query).get("filter") or [])
+        full = _is_true(query.get("full"))
+        limit = self._cursor({"cursor": query.get("limit", "0")}) or None
+        store = self.server.store
+        items = []
+        for repo in store.list_repos(repo_type):
+            org = repo.repo_id.split("/")[0].lower()
+            if (author and org != author) or search not in repo.repo_id.lower():
+                continue
+            try:
+                self._visible_repo(repo_type, repo.repo_id)
+                info = self._info(repo, store.resolve(repo, DEFAULT_BRANCH))
+            except HubError:
+                continue  # private without the token, or deleted meanwhile
+            if not wanted_tags <= set(info["tags"]):
+                continue
+            if not full:
+                for key in ("siblings", "cardData", "config"):
+                    info.pop(key, None)
+            items.append(info)
+        items = items[:limit]
+        start = self._cursor(query)
+        page = items[start : start + _TREE_PAGE]
+        self._send_page(page, start=start, total=len(items), query=query)
+
+    # ------------------------------------------------------------------ branches and tags
+
+    def _refs(self, repo_type: str, repo_id: str, query: dict[str, str]) -> None:
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+
+        def listing(kind: str) -> list[dict[str, str]]:
+            return [
+                {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha}
+                for name, sha in store.refs(repo, kind).items()
+            ]
+
+        answer: dict[str, Any] = {
+            "branches": listing("heads"),
+            "converts": [],
+            "tags": listing("tags"),
+        }
+        if _is_true(query.get("include_prs")):
+            answer["pullRequests"] = []  # pull requests are not supported
+        self._json(200, answer)
+
+    def _change_ref(self, repo_type: str, repo_id: str, action: str, name: str) -> None:
+        """``create_branch``/``delete_branch`` (POST/DELETE ``branch/{name}``, body
+        ``startingPoint``) and ``create_tag``/``delete_tag`` (POST ``tag/{revision}`` with
+        body ``tag``; DELETE ``tag/{tag}``)."""
+        self._require_write()
+        store = self.server.store
+        repo = self._visible_repo(repo_type, repo_id)
+        kind = "heads" if action == "branch" else "tags"
+        if self.command == "DELETE":
+            store.delete_ref(repo, kind, name)
+            logger.info("deleted %s %s of %s %s", action, name, repo_type, repo_id)
+            self._json(200, {})
+            return
+        payload = self._json_body()
+        if kind == "heads":
+            start = _opt_str(payload, "startingPoint") or DEFAULT_BRANCH
+            ref_name = name
+        else:
+            start, ref_name = name, _opt_str(payload, "tag") or ""
+            _opt_str(payload, "message")  # accepted; tags here are lightweight
+        store.create_ref(repo, kind, ref_name, store.resolve(repo, start))
+        logger.info("created %s %s of %s %s at %s", action, ref_name, repo_type, repo_id, start)
+        self._json(200, {})
+
+    def _refuse_discussion(self) -> None:
+        payload = self._json_body()
+        if payload.get("pullRequest"):
+            raise HubError(400, _NO_PULL_REQUESTS)
+        raise HubError(400, "Discussions are not supported by the local hub endpoint")
 
     def _small_json(self, repo: RepoRef, commit: Commit, path: str) -> dict[str, Any] | None:
         entry = commit.files.get(path)
@@ -923,7 +1023,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _writable_branch(self, repo: RepoRef, revision: str, query: dict[str, str]) -> str:
         if _is_true(query.get("create_pr")):
-            raise HubError(400, "Pull requests are not supported by the local hub")
+            raise HubError(400, _NO_PULL_REQUESTS)
+        revision = revision.removeprefix("refs/heads/")
         if self.server.store.head(repo, revision) is None:
             raise HubError(
                 404,

@@ -5,7 +5,8 @@ Layout under the root folder::
 
     repos/{models,datasets,spaces}/<org>/<name>/
         repo.json                  settings: private flag, space sdk, creation date
-        refs/heads/main            the branch head: a 40-hex commit id (replaced atomically)
+        refs/heads/<branch>        a branch head: a 40-hex commit id (replaced atomically)
+        refs/tags/<tag>            a tag: the 40-hex commit id it names
         commits/<sha>.json         one immutable record per commit: parents, message, date and
                                    the full file manifest {path: {"oid": git-blob-sha1, "size"}}
         objects/<oid[:2]>/<oid[2:]> file contents, named by their git blob sha1
@@ -57,7 +58,9 @@ DEFAULT_BRANCH = "main"
 # Names as the Hub accepts them: letters, digits, '-', '_', '.', not starting with a dot.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_SHORT_SHA_RE = re.compile(r"^[0-9a-f]{7,39}$")  # git's shortest default abbreviation is 7
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+REF_KINDS = ("heads", "tags")
 # The Hub's initial commit of every new repo: a default .gitattributes routing large binary
 # formats to LFS. Kept for fidelity (clients see a non-empty first commit with a real sha).
 GITATTRIBUTES = b"""*.7z filter=lfs diff=lfs merge=lfs -text
@@ -168,6 +171,29 @@ class RepoRef:
     repo_type: str
     repo_id: str
     path: Path
+
+
+def validate_ref_name(name: str) -> str:
+    """Check a new branch or tag name (git's rules, simplified, and no pull-request refs).
+
+    Raises:
+        HubError: 400 naming the problem.
+    """
+    parts = name.split("/")
+    if (
+        not _BRANCH_RE.match(name)
+        or ".." in name
+        or name.startswith("refs/")
+        or _SHA_RE.match(name)
+        or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)
+        or name.endswith(".")
+    ):
+        raise HubError(
+            400,
+            f"Invalid reference name {name!r}: letters, digits, '-', '_', '.', '/' (no '..', "
+            "no 'refs/' prefix, not a commit id)",
+        )
+    return name
 
 
 def validate_repo_path(path: str) -> str:
@@ -486,13 +512,72 @@ class RepoStore:
 
     def head(self, repo: RepoRef, branch: str = DEFAULT_BRANCH) -> str | None:
         """The commit id a branch points to, or ``None`` if the branch does not exist."""
-        if not _BRANCH_RE.match(branch) or ".." in branch:
+        return self._ref(repo, "heads", branch)
+
+    def _ref(self, repo: RepoRef, kind: str, name: str) -> str | None:
+        if not _BRANCH_RE.match(name) or ".." in name:
             return None
         try:
-            sha = (repo.path / "refs" / "heads" / branch).read_text().strip()
+            sha = (repo.path / "refs" / kind / name).read_text().strip()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         return sha if _SHA_RE.match(sha) else None
+
+    def refs(self, repo: RepoRef, kind: str) -> dict[str, str]:
+        """Every branch (``heads``) or tag (``tags``) of the repo: name -> commit id."""
+        self.settings(repo)
+        folder = repo.path / "refs" / kind
+        found = {}
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            name = path.relative_to(folder).as_posix()
+            sha = self._ref(repo, kind, name) if path.is_file() else None
+            if sha is not None:
+                found[name] = sha
+        return found
+
+    def create_ref(self, repo: RepoRef, kind: str, name: str, target: Commit) -> None:
+        """Create a branch or tag pointing at ``target``.
+
+        Raises:
+            HubError: 400 for an invalid name, 409 if it exists (or clashes with a ref
+                that has it as a folder, like ``a`` and ``a/b``, which git cannot hold either).
+        """
+        validate_ref_name(name)
+        with self._locked(repo.path / ".lock", repo.path.as_posix()):
+            self.settings(repo)
+            ref_file = repo.path / "refs" / kind / name
+            if ref_file.is_file():
+                what = "Branch" if kind == "heads" else "Tag"
+                raise HubError(409, f"{what} {name!r} already exists")
+            if ref_file.exists():
+                raise HubError(409, f"{name!r} clashes with existing refs under {name + '/'!r}")
+            try:
+                self._write_atomic(ref_file, target.id.encode())
+            except (NotADirectoryError, FileExistsError, IsADirectoryError):
+                raise HubError(409, f"{name!r} clashes with an existing ref") from None
+
+    def delete_ref(self, repo: RepoRef, kind: str, name: str) -> None:
+        """Delete a branch or tag (never the default branch).
+
+        Raises:
+            HubError: 400 for the default branch, 404 if there is no such ref.
+        """
+        if kind == "heads" and name == DEFAULT_BRANCH:
+            raise HubError(400, f"Cannot delete the default branch {DEFAULT_BRANCH!r}")
+        with self._locked(repo.path / ".lock", repo.path.as_posix()):
+            self.settings(repo)
+            if self._ref(repo, kind, name) is None:
+                what = "Branch" if kind == "heads" else "Tag"
+                raise HubError(404, f"{what} {name!r} not found", code="RevisionNotFound")
+            ref_file = repo.path / "refs" / kind / name
+            ref_file.unlink()
+            # Empty folders left by 'a/b' style names would block a later ref named 'a'.
+            folder = ref_file.parent
+            while folder != repo.path / "refs" / kind:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+                folder = folder.parent
+            _fsync_dir(ref_file.parent)
 
     def commit(self, repo: RepoRef, sha: str) -> Commit | None:
         """Load a commit record, or ``None`` if there is none with this id."""
@@ -504,21 +589,57 @@ class RepoStore:
             return None
 
     def resolve(self, repo: RepoRef, revision: str) -> Commit:
-        """Resolve a branch name or full commit sha to its commit.
+        """Resolve a revision to its commit.
+
+        A revision is, in this order: a branch, a tag, ``refs/heads/<branch>`` or
+        ``refs/tags/<tag>``, a full commit id, or a unique prefix of one (7 hex digits or more).
 
         Raises:
-            HubError: 404 ``RepoNotFound`` or ``RevisionNotFound``.
+            HubError: 404 ``RepoNotFound`` or ``RevisionNotFound`` (also for an ambiguous prefix).
         """
         self.settings(repo)  # 404 RepoNotFound first, like the Hub
-        sha = self.head(repo, revision)
+        sha = self._ref_sha(repo, revision)
         if sha is None and _SHA_RE.match(revision):
             sha = revision
+        if sha is None and _SHORT_SHA_RE.match(revision):
+            sha = self._expand_short_sha(repo, revision)
         commit = self.commit(repo, sha) if sha is not None else None
         if commit is None:
             raise HubError(
                 404, f"Invalid rev id: {revision}", code="RevisionNotFound"
             )  # the Hub's own wording
         return commit
+
+    def _ref_sha(self, repo: RepoRef, revision: str) -> str | None:
+        for kind in REF_KINDS:
+            prefix = f"refs/{kind}/"
+            if revision.startswith(prefix):
+                return self._ref(repo, kind, revision[len(prefix) :])
+        return self._ref(repo, "heads", revision) or self._ref(repo, "tags", revision)
+
+    def _expand_short_sha(self, repo: RepoRef, prefix: str) -> str | None:
+        """The one commit id starting with ``prefix`` (only hex digits: safe in a glob)."""
+        matches = [p.stem for p in (repo.path / "commits").glob(f"{prefix}*.json")]
+        matches = [m for m in matches if _SHA_RE.match(m)]
+        if len(matches) > 1:
+            raise HubError(
+                404,
+                f"Invalid rev id: {prefix} is ambiguous ({len(matches)} commits start with it)",
+                code="RevisionNotFound",
+            )
+        return matches[0] if matches else None
+
+    def list_repos(self, repo_type: str) -> list[RepoRef]:
+        """Every repo of a type, sorted by id."""
+        if repo_type not in REPO_TYPES:
+            raise HubError(400, f"Invalid repo type: {repo_type!r}")
+        folder = self.repos_dir / f"{repo_type}s"
+        found = []
+        for settings in sorted(folder.glob("*/*/repo.json")):
+            org, name = settings.parent.parent.name, settings.parent.name
+            if _NAME_RE.match(org) and _NAME_RE.match(name):
+                found.append(RepoRef(repo_type, f"{org}/{name}", settings.parent))
+        return found
 
     def history(self, repo: RepoRef, start: Commit) -> Iterator[Commit]:
         """Commits reachable from ``start``, newest first (first-parent history)."""
