@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 from hubtune.hub import hub_endpoint
@@ -1357,3 +1358,243 @@ def test_pull_requests_are_refused_clearly(api) -> None:  # type: ignore[no-unty
     with pytest.raises(BadRequestError, match="not supported by the local"):
         api.create_discussion("org/pr", title="a question")
     assert api.list_repo_files("org/pr") == [".gitattributes"]
+
+
+# --------------------------------------------------------------------------- Git LFS
+
+
+def _lfs_records(root: Path, repo: str) -> dict[str, dict[str, object]]:
+    """The manifest of a repo's head commit, as stored (server-side record of LFS files)."""
+    folder = root / "repos" / "models" / repo
+    head = (folder / "refs" / "heads" / "main").read_text().strip()
+    files: dict[str, dict[str, object]] = json.loads(
+        (folder / "commits" / f"{head}.json").read_text()
+    )["files"]
+    return files
+
+
+def test_large_files_go_through_lfs_and_download_bit_identical(
+    hub: LocalHub, api, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    caplog.set_level(logging.INFO, logger="hubtune.hubserver")
+    api.create_repo("org/big")
+    rng = np.random.default_rng(0)
+    big = rng.bytes((10 << 20) + 1)  # just above the 10 MiB threshold
+    weights = rng.bytes(4096)  # small, but *.safetensors: LFS by .gitattributes
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "data.txt").write_bytes(big)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "notes.txt").write_text("small and inline")
+    info = api.upload_folder(repo_id="org/big", folder_path=folder)
+
+    records = _lfs_records(hub.root, "org/big")
+    assert records["data.txt"]["lfs"] == hashlib.sha256(big).hexdigest()
+    assert records["model.safetensors"]["lfs"] == hashlib.sha256(weights).hexdigest()
+    assert "lfs" not in records["notes.txt"]
+    # Through the LFS batch API and one plain PUT per object (no multipart), never inline.
+    puts = [
+        r.getMessage()
+        for r in caplog.records
+        if '"PUT /org/big.git/info/lfs/objects/' in r.getMessage()
+    ]
+    assert len(puts) == 2
+    assert all("signature=<redacted>" in put for put in puts)  # the link's authority stays out
+    assert sum("LFS upload of" in r.getMessage() for r in caplog.records) == 2
+    assert not (hub.root / "repos/models/org/big/objects" / git_blob_sha1(big)[:2]).exists()
+
+    # The clients see what the Hub shows for LFS files...
+    entries = {e.path: e for e in api.list_repo_tree("org/big")}
+    assert entries["data.txt"].lfs.sha256 == hashlib.sha256(big).hexdigest()
+    assert entries["data.txt"].size == len(big) and entries["notes.txt"].lfs is None
+    sibling = {s.rfilename: s for s in api.model_info("org/big").siblings or []}["data.txt"]
+    assert sibling.lfs is not None and sibling.lfs.size == len(big)
+    status, _, headers = _request(hub.url, "HEAD", "/org/big/resolve/main/data.txt")
+    assert status == 200
+    assert headers["x-linked-etag"] == headers["etag"] == f'"{hashlib.sha256(big).hexdigest()}"'
+    assert headers["x-linked-size"] == headers["content-length"] == str(len(big))
+    # ... and download the same bytes, whole, in ranges, and in a snapshot.
+    assert Path(hf_hub_download("org/big", "data.txt")).read_bytes() == big
+    status, body, _ = _request(
+        hub.url, "GET", "/org/big/resolve/main/data.txt", headers={"Range": "bytes=1000-1999"}
+    )
+    assert status == 206 and body == big[1000:2000]
+    snapshot = Path(snapshot_download("org/big", revision=info.oid))
+    assert (snapshot / "model.safetensors").read_bytes() == weights
+    assert (snapshot / "notes.txt").read_text() == "small and inline"
+
+    # Uploading the same content again skips the transfer (the object is already stored).
+    again = api.upload_file(path_or_fileobj=big, path_in_repo="copy.txt", repo_id="org/big")
+    assert _lfs_records(hub.root, "org/big")["copy.txt"]["lfs"] == records["data.txt"]["lfs"]
+    assert sum("LFS upload of" in r.getMessage() for r in caplog.records) == 2
+    assert api.model_info("org/big").sha == again.oid
+
+
+def _lfs_batch(
+    hub: LocalHub, repo: str, oid: str, size: int, headers: dict[str, str] | None = None
+):  # type: ignore[no-untyped-def]
+    payload = {
+        "operation": "upload",
+        "transfers": ["basic", "multipart"],
+        "objects": [{"oid": oid, "size": size}],
+        "hash_algo": "sha256",
+    }
+    return _request(
+        hub.url,
+        "POST",
+        f"/{repo}.git/info/lfs/objects/batch",
+        json.dumps(payload).encode(),
+        headers={"Content-Type": "application/vnd.git-lfs+json", **(headers or {})},
+    )
+
+
+def test_corrupt_or_forged_lfs_uploads_store_nothing(hub: LocalHub, api) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    api.create_repo("org/lfs")
+    data = os.urandom(100_000)
+    oid = hashlib.sha256(data).hexdigest()
+    status, body, _ = _lfs_batch(hub, "org/lfs", oid, len(data))
+    assert status == 200
+    (answer,) = json.loads(body)["objects"]
+    href = urlsplit(answer["actions"]["upload"]["href"])
+    assert "chunk_size" not in answer["actions"]["upload"].get("header", {})  # no multipart
+    target = f"{href.path}?{href.query}"
+    lfs_dir = hub.root / "repos/models/org/lfs/lfs"
+
+    def stored() -> list[Path]:
+        return [p for p in [*lfs_dir.rglob("*"), *(hub.root / "tmp").rglob("*")] if p.is_file()]
+
+    corrupt = bytearray(data)
+    corrupt[500] ^= 0xFF
+    status, body, _ = _request(hub.url, "PUT", target, bytes(corrupt))
+    assert status == 400 and "sha256" in json.loads(body)["error"]
+    status, body, _ = _request(hub.url, "PUT", target, data + b"extra")
+    assert status == 400
+    status, body, _ = _request(hub.url, "PUT", target.replace("signature=", "signature=0"), data)
+    assert status == 403
+    forged = target.replace(f"size={len(data)}", f"size={len(data) + 1}")
+    status, body, _ = _request(hub.url, "PUT", forged, data + b"x")
+    assert status == 403
+    assert stored() == []
+    # A commit cannot reference the object that never arrived.
+    commit = _ndjson(
+        {"key": "header", "value": {"summary": "x"}},
+        {
+            "key": "lfsFile",
+            "value": {"path": "w.bin", "algo": "sha256", "oid": oid, "size": len(data)},
+        },
+    )
+    status, body, _ = _request(
+        hub.url,
+        "POST",
+        "/api/models/org/lfs/commit/main",
+        commit,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert status == 400 and "not uploaded" in json.loads(body)["error"]
+    # The right bytes are taken, verified, and then committable.
+    status, _, _ = _request(hub.url, "PUT", target, data)
+    assert status == 200
+    verify = json.dumps({"oid": oid, "size": len(data)}).encode()
+    status, _, _ = _request(
+        hub.url,
+        "POST",
+        "/org/lfs.git/info/lfs/verify",
+        verify,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 200
+    status, body, _ = _request(
+        hub.url,
+        "POST",
+        "/api/models/org/lfs/commit/main",
+        commit,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert status == 200, body
+    assert Path(api.hf_hub_download("org/lfs", "w.bin")).read_bytes() == data
+
+
+def test_lfs_writes_need_the_token(tmp_path: Path, aim: Callable[..., None]) -> None:
+    import hashlib
+
+    from huggingface_hub import HfApi
+
+    with LocalHub(tmp_path / "hub-root", token=TOKEN) as server:
+        aim(server.url)
+        owner = HfApi(endpoint=server.url, token=TOKEN)
+        owner.create_repo("org/open-lfs")  # public: only the token check can refuse
+        data = os.urandom(1000)
+        oid = hashlib.sha256(data).hexdigest()
+        verify = json.dumps({"oid": oid, "size": len(data)}).encode()
+        for auth in ({}, {"Authorization": "Bearer wrong"}):
+            status, _, _ = _lfs_batch(server, "org/open-lfs", oid, len(data), headers=auth)  # type: ignore[arg-type]
+            assert status == 401
+            status, _, _ = _request(
+                server.url,
+                "POST",
+                "/org/open-lfs.git/info/lfs/verify",
+                verify,
+                headers={"Content-Type": "application/json", **auth},
+            )
+            assert status == 401
+        # The owner's upload goes through (the signed PUT carries no token, as on the Hub),
+        # also to a private repo.
+        owner.create_repo("org/secret-lfs", private=True)
+        owner.upload_file(
+            path_or_fileobj=data, path_in_repo="w.safetensors", repo_id="org/secret-lfs"
+        )
+        path = owner.hf_hub_download("org/secret-lfs", "w.safetensors")
+        assert Path(path).read_bytes() == data
+        status, _, _ = _request(server.url, "GET", "/org/secret-lfs/resolve/main/w.safetensors")
+        assert status == 404  # private: no token, no file
+
+
+def test_xet_clients_are_told_how_to_use_lfs(hub: LocalHub) -> None:
+    status, body, headers = _request(hub.url, "GET", "/api/models/org/any/xet-write-token/main")
+    assert status == 400
+    assert "HF_HUB_DISABLE_XET=1" in json.loads(body)["error"]
+
+
+def test_lfs_can_be_turned_off(tmp_path: Path, aim: Callable[..., None]) -> None:
+    from huggingface_hub import HfApi
+
+    with LocalHub(tmp_path / "hub-root", lfs_threshold=None) as server:
+        aim(server.url)
+        api = HfApi(endpoint=server.url, token=False)
+        api.create_repo("org/inline")
+        data = os.urandom(50_000)
+        api.upload_file(path_or_fileobj=data, path_in_repo="w.safetensors", repo_id="org/inline")
+        files = _lfs_records(server.root, "org/inline")
+        assert files["w.safetensors"] == {"oid": git_blob_sha1(data), "size": len(data)}
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "expected"),
+    [
+        ("small.txt", 10, False),
+        ("big.txt", 10 << 20, True),
+        ("nested/dir/model.safetensors", 10, True),
+        ("weights.bin", 1, True),
+        ("empty.safetensors", 0, False),  # empty files are always inline
+        ("data/train.parquet", 100, True),
+        ("only/here.md", 5, True),  # a pattern with a slash matches the whole path
+        ("elsewhere/only/here.md", 5, False),
+        ("unset.bin.txt", 5, False),
+    ],
+)
+def test_which_files_go_through_lfs(path: str, size: int, expected: bool) -> None:
+    from hubtune.hubserver.lfs import lfs_patterns, wants_lfs
+    from hubtune.hubserver.storage import GITATTRIBUTES
+
+    patterns = lfs_patterns(
+        GITATTRIBUTES
+        + b"/only/here.md filter=lfs\n# comment\n*.bin.txt filter=lfs\n*.bin.txt -filter\n"
+    )
+    assert wants_lfs(path, size, patterns=patterns, threshold=10 << 20) is expected
+    assert wants_lfs(path, size, patterns=patterns, threshold=None) is False

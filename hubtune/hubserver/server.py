@@ -25,6 +25,7 @@ import yaml
 
 from hubtune.hubserver.body import BodyReader, Framing, parse_framing
 from hubtune.hubserver.guard import HostPolicy, check_media_type
+from hubtune.hubserver.lfs import DEFAULT_LFS_THRESHOLD, UploadSigner, lfs_patterns, wants_lfs
 from hubtune.hubserver.storage import (
     DEFAULT_BRANCH,
     REPO_TYPES,
@@ -35,6 +36,8 @@ from hubtune.hubserver.storage import (
     RepoRef,
     RepoStore,
     folder_oid,
+    lfs_entry,
+    lfs_pointer,
     validate_repo_path,
 )
 
@@ -58,6 +61,10 @@ _NO_PULL_REQUESTS = (
     "Pull requests are not supported by the local hub endpoint: commit to a branch instead "
     "(create_branch, then revision=<branch>)"
 )
+_NO_XET = (
+    "Xet storage is not supported by the local hub endpoint: set HF_HUB_DISABLE_XET=1 so "
+    "huggingface_hub uploads large files through Git LFS (or serve with --no-lfs)"
+)
 _MAX_SUMMARY = 1000
 _MAX_DESCRIPTION = 65_536
 _MAX_HEADER_LINE = 1 << 20  # the header line's bytes (escaping can make JSON 6x longer)
@@ -66,11 +73,18 @@ _MAX_HEADER_LINE = 1 << 20  # the header line's bytes (escaping can make JSON 6x
 _JSON_TYPES = ("application/json",)
 _NDJSON_TYPES = ("application/x-ndjson",)
 _PATHS_INFO_TYPES = ("application/x-www-form-urlencoded", "application/json")
+# LFS: the batch API takes git-lfs's own JSON type (huggingface_hub sends it too), verify
+# gets httpx's JSON, and the upload PUT carries raw bytes (huggingface_hub sends no type).
+_LFS_JSON_TYPES = ("application/vnd.git-lfs+json", "application/json")
+_LFS_PUT_TYPES: tuple[str | None, ...] = (None, "application/octet-stream")
+_LFS_BATCH_MAX = 1000  # objects per batch request
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _TYPE_FROM_PLURAL = {f"{t}s": t for t in REPO_TYPES}
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # C0 controls and DEL: a CR or LF copied from a request into a header would end the header
 # early and let the request write headers of its own (response splitting).
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_SIGNATURE_RE = re.compile(r"signature=[^&\s]+")
 
 
 def header_safe(value: str) -> str:
@@ -187,6 +201,44 @@ def _inline_content(value: dict[str, Any], path: str) -> bytes:
     raise HubError(400, f"Unsupported encoding {encoding!r} for {path}: base64 or utf-8")
 
 
+def _lfs_line(value: dict[str, Any], path: str, repo: RepoRef, store: RepoStore) -> FileEntry:
+    """The manifest entry of an ``lfsFile`` commit line, whose object must be stored."""
+    if (_opt_str(value, "algo") or "sha256") != "sha256":
+        raise HubError(400, f"lfsFile {path!r}: only sha256 object ids are supported")
+    oid = _opt_str(value, "oid") or ""
+    if not _SHA256_RE.match(oid):
+        raise HubError(400, f"lfsFile {path!r}: 'oid' must be 64 hex digits")
+    size = _opt_size(value, "size")
+    stored = store.lfs_size(repo, oid)
+    if stored is None:
+        raise HubError(
+            400,
+            f"lfsFile {path!r}: LFS object {oid} was not uploaded to this repo (upload it "
+            "through the LFS batch API first; objects stored elsewhere are not supported)",
+        )
+    if size is not None and size != stored:
+        raise HubError(400, f"lfsFile {path!r}: size {size}, but the object has {stored} bytes")
+    return lfs_entry(oid, stored)
+
+
+def _lfs_error(oid: str, size: Any, code: int, message: str) -> dict[str, Any]:
+    """An LFS batch answer for one object that cannot be uploaded."""
+    return {
+        "oid": oid,
+        "size": size if isinstance(size, int) else 0,
+        "error": {"code": code, "message": message},
+    }
+
+
+def _sibling(path: str, entry: FileEntry) -> dict[str, Any]:
+    """A repo info ``siblings`` item."""
+    item: dict[str, Any] = {"rfilename": path, "size": entry.size, "blobId": entry.oid}
+    if entry.lfs:
+        pointer_size = len(lfs_pointer(entry.lfs, entry.size))
+        item["lfs"] = {"sha256": entry.lfs, "size": entry.size, "pointerSize": pointer_size}
+    return item
+
+
 def _commit_header(header: dict[str, Any]) -> tuple[str, str, str | None]:
     """The summary, description and optional parent commit of a commit's header line.
 
@@ -232,10 +284,13 @@ class _HubHTTPServer(ThreadingHTTPServer):
         allowed_hosts: tuple[str, ...],
         max_connections: int,
         read_timeout_s: float,
+        lfs_threshold: int | None,
     ) -> None:
         super().__init__(address, _Handler)
         self.store = store
         self.token = token
+        self.lfs_threshold = lfs_threshold
+        self.signer = UploadSigner()
         self.read_timeout_s = read_timeout_s
         self.max_connections = max_connections
         self._active = 0
@@ -300,6 +355,8 @@ class _Handler(BaseHTTPRequestHandler):
         # logged, never headers, so Authorization never reaches the log.
         # Control characters escaped as http.server does, so a request cannot forge log lines.
         message = _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", format % args)
+        # An LFS upload link's signature authorises a write, like a token: not for the log.
+        message = _SIGNATURE_RE.sub("signature=<redacted>", message)
         logger.info("%s - %s", self.address_string(), message)
 
     def send_header(self, keyword: str, value: str) -> None:
@@ -363,7 +420,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self.close_connection = True
 
-    def _require_body_type(self, allowed: tuple[str, ...]) -> None:
+    def _require_body_type(self, allowed: tuple[str | None, ...]) -> None:
         """Refuse a body whose Content-Type the Hub clients never send to this route."""
         assert self._framing is not None  # checked before routing
         if self._framing.has_body:
@@ -497,9 +554,25 @@ class _Handler(BaseHTTPRequestHandler):
                 repo_type, rest = _TYPE_FROM_PLURAL[seg[0]], seg[1:]
             if len(rest) >= 5 and rest[2] == "resolve" and method in ("GET", "HEAD"):
                 return self._resolve(repo_type, f"{rest[0]}/{rest[1]}", rest[3], "/".join(rest[4:]))
+            is_lfs = len(rest) >= 5 and rest[1].endswith(".git") and rest[2:4] == ["info", "lfs"]
+            if is_lfs and self._lfs_api(
+                method, self._lfs_repo(repo_type, rest[0], rest[1]), rest[4:], query
+            ):
+                return None
         # Missing API surface must be obvious: say what was asked for.
         logger.warning("unsupported endpoint: %s %s", method, urlsplit(self.path).path)
         raise HubError(404, f"Not supported by the local hub: {method} {urlsplit(self.path).path}")
+
+    def _lfs_api(self, method: str, repo: RepoRef, rest: list[str], query: dict[str, str]) -> bool:
+        if method == "POST" and rest == ["objects", "batch"]:
+            self._lfs_batch(repo)
+        elif method == "PUT" and len(rest) == 2 and rest[0] == "objects":
+            self._lfs_upload(repo, rest[1], query)
+        elif method == "POST" and rest == ["verify"]:
+            self._lfs_verify(repo)
+        else:
+            return False
+        return True
 
     def _repo_api(
         self,
@@ -532,6 +605,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._change_ref(repo_type, repo_id, action, "/".join(args))
         elif method == "POST" and action == "discussions" and not args:
             self._refuse_discussion()
+        elif action in ("xet-write-token", "xet-read-token"):
+            # hf_xet shows only the status and URL to its user: say it here, too.
+            logger.warning("%s %s: a client tried Xet storage. %s", repo_type, repo_id, _NO_XET)
+            raise HubError(400, _NO_XET)
         else:
             return False
         return True
@@ -664,7 +741,7 @@ class _Handler(BaseHTTPRequestHandler):
         settings = store.settings(repo)
         card = None
         if "README.md" in commit.files:
-            with store.open_blob(repo, commit.files["README.md"].oid) as handle:
+            with store.open_entry(repo, commit.files["README.md"]) as handle:
                 card = _card_data(handle.read(1 << 20))
         org = repo_id.split("/")[0]
         tags = [str(t) for t in (card or {}).get("tags") or [] if isinstance(t, str | int)]
@@ -682,10 +759,7 @@ class _Handler(BaseHTTPRequestHandler):
             "likes": 0,
             "tags": tags,
             "usedStorage": sum(e.size for e in commit.files.values()),
-            "siblings": [
-                {"rfilename": path, "size": entry.size, "blobId": entry.oid}
-                for path, entry in sorted(commit.files.items())
-            ],
+            "siblings": [_sibling(path, entry) for path, entry in sorted(commit.files.items())],
         }
         if card is not None:
             info["cardData"] = card
@@ -794,7 +868,7 @@ class _Handler(BaseHTTPRequestHandler):
         entry = commit.files.get(path)
         if entry is None or entry.size > 1 << 20:
             return None
-        with self.server.store.open_blob(repo, entry.oid) as handle:
+        with self.server.store.open_entry(repo, entry) as handle:
             try:
                 data = json.loads(handle.read())
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -823,6 +897,12 @@ class _Handler(BaseHTTPRequestHandler):
                     "size": entry.size,
                     "path": path,
                 }
+                if entry.lfs:
+                    item["lfs"] = {
+                        "oid": entry.lfs,
+                        "size": entry.size,
+                        "pointerSize": len(lfs_pointer(entry.lfs, entry.size)),
+                    }
             else:
                 item = {
                     "type": "directory",
@@ -964,8 +1044,15 @@ class _Handler(BaseHTTPRequestHandler):
             )
         headers = {
             "X-Repo-Commit": commit.id,
-            # Small files on the Hub: ETag is the git blob sha1, quoted.
-            "ETag": f'"{entry.oid}"',
+            # Small files on the Hub: ETag is the git blob sha1, quoted. LFS files: the sha256,
+            # also as X-Linked-Etag/X-Linked-Size (what the Hub sends beside its CDN redirect,
+            # and what huggingface_hub prefers), served here directly without the redirect.
+            "ETag": f'"{entry.lfs or entry.oid}"',
+            **(
+                {"X-Linked-Etag": f'"{entry.lfs}"', "X-Linked-Size": str(entry.size)}
+                if entry.lfs
+                else {}
+            ),
             "Accept-Ranges": "bytes",
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}",
         }
@@ -991,7 +1078,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD" or length == 0:
             return
-        with store.open_blob(repo, entry.oid) as handle:
+        with store.open_entry(repo, entry) as handle:
             handle.seek(start)
             remaining = length
             while remaining:
@@ -1045,23 +1132,117 @@ class _Handler(BaseHTTPRequestHandler):
         files = payload.get("files")
         if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
             raise HubError(400, "Expected 'files': a list of objects")
+        patterns = self._lfs_patterns(repo, commit)
         answer = []
         for item in files:
             path = validate_repo_path(_opt_str(item, "path", where="files: ") or "")
-            _opt_size(item, "size", where="files: ")
+            size = _opt_size(item, "size", where="files: ") or 0
+            lfs = wants_lfs(path, size, patterns=patterns, threshold=self.server.lfs_threshold)
             existing = commit.files.get(path)
             answer.append(
                 {
                     "path": path,
-                    # Regular for every file: content comes inline (base64) in the commit, so the
-                    # client never needs LFS or Xet storage, which this hub does not provide.
-                    "uploadMode": "regular",
+                    # Large and binary files through LFS (streamed, hashed, never inline).
+                    "uploadMode": "lfs" if lfs else "regular",
                     "shouldIgnore": False,
-                    # The current blob id lets the client skip unchanged files.
-                    "oid": existing.oid if existing else None,
+                    # The current content id lets the client skip unchanged files: the sha256
+                    # for LFS files, the git blob id for others (what the client compares).
+                    "oid": (existing.lfs or existing.oid) if existing else None,
                 }
             )
         self._json(200, {"files": answer, "commitOid": commit.id})
+
+    def _lfs_patterns(self, repo: RepoRef, commit: Commit) -> list[str]:
+        entry = commit.files.get(".gitattributes")
+        if entry is None or entry.size > 1 << 20:
+            return []
+        with self.server.store.open_entry(repo, entry) as handle:
+            return lfs_patterns(handle.read())
+
+    # ------------------------------------------------------------------ Git LFS
+
+    def _lfs_repo(self, repo_type: str, org: str, name_git: str) -> RepoRef:
+        """The repo of an LFS URL (``{org}/{name}.git/info/lfs/...``)."""
+        return self.server.store.locate(repo_type, f"{org}/{name_git.removesuffix('.git')}")
+
+    def _lfs_batch(self, repo: RepoRef) -> None:
+        """The LFS batch API: upload instructions (basic transfer) for objects not stored yet.
+
+        Only ``upload`` is offered; downloads go through ``resolve/``. No ``chunk_size`` in
+        the upload header, so huggingface_hub never uses its multipart transfer.
+        """
+        self._require_write()
+        self._visible_repo(repo.repo_type, repo.repo_id)
+        payload = self._json_body(allowed=_LFS_JSON_TYPES)
+        if payload.get("operation") != "upload":
+            raise HubError(400, "Only LFS uploads are supported; download through resolve/")
+        if payload.get("hash_algo", "sha256") != "sha256":
+            raise HubError(400, "Only sha256 LFS object ids are supported")
+        transfers = payload.get("transfers", ["basic"])
+        if not isinstance(transfers, list) or "basic" not in transfers:
+            raise HubError(400, "Only the 'basic' LFS transfer is supported")
+        objects = payload.get("objects")
+        if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
+            raise HubError(400, "Expected 'objects': a list of objects")
+        if len(objects) > _LFS_BATCH_MAX:
+            raise HubError(413, f"More than {_LFS_BATCH_MAX} objects in one LFS batch")
+        answers = [self._lfs_batch_object(repo, item) for item in objects]
+        body = json.dumps({"transfer": "basic", "objects": answers, "hash_algo": "sha256"})
+        self._send(200, body.encode(), content_type="application/vnd.git-lfs+json")
+
+    def _lfs_batch_object(self, repo: RepoRef, item: dict[str, Any]) -> dict[str, Any]:
+        oid, size = item.get("oid"), item.get("size")
+        if not isinstance(oid, str) or not _SHA256_RE.match(oid):
+            return _lfs_error(str(oid)[:80], size, 422, "Invalid object id: 64 hex digits")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return _lfs_error(oid, 0, 422, "Invalid object size")
+        stored = self.server.store.lfs_size(repo, oid)
+        if stored is not None:
+            if stored != size:
+                return _lfs_error(oid, size, 422, f"Object stored with size {stored}")
+            return {"oid": oid, "size": size}  # no actions: nothing to upload
+        prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
+        base = f"{self._base_url()}/{prefix}{repo.repo_id}.git/info/lfs"
+        query = self.server.signer.query(
+            repo_type=repo.repo_type, repo_id=repo.repo_id, oid=oid, size=size
+        )
+        return {
+            "oid": oid,
+            "size": size,
+            "authenticated": True,
+            "actions": {
+                "upload": {"href": f"{base}/objects/{oid}?{query}", "expires_in": 86400},
+                "verify": {"href": f"{base}/verify", "expires_in": 86400},
+            },
+        }
+
+    def _lfs_upload(self, repo: RepoRef, oid: str, query: dict[str, str]) -> None:
+        """The basic transfer: a PUT of the object's bytes, streamed to disk and verified."""
+        size = self.server.signer.check(
+            repo_type=repo.repo_type, repo_id=repo.repo_id, oid=oid, query=query
+        )
+        self.server.store.settings(repo)  # 404 if the repo was deleted meanwhile
+        self._require_body_type(_LFS_PUT_TYPES)
+        assert self._framing is not None
+        if not self._framing.chunked and self._framing.length != size:
+            raise HubError(400, f"Content-Length {self._framing.length} is not the {size} bytes")
+        body = self._body()
+        self.server.store.write_lfs_object(
+            repo, sha256=oid, size=size, chunks=iter(body.read_chunk, b"")
+        )
+        logger.info("LFS upload of %s (%d bytes) to %s %s", oid, size, repo.repo_type, repo.repo_id)
+        self._send(200, b"")
+
+    def _lfs_verify(self, repo: RepoRef) -> None:
+        self._require_write()
+        self._visible_repo(repo.repo_type, repo.repo_id)
+        payload = self._json_body(allowed=_LFS_JSON_TYPES)
+        oid = _opt_str(payload, "oid") or ""
+        size = _opt_size(payload, "size")
+        stored = self.server.store.lfs_size(repo, oid) if _SHA256_RE.match(oid) else None
+        if stored is None or stored != size:
+            raise HubError(404, f"LFS object {oid[:80]!r} of {size} bytes is not stored")
+        self._json(200, {"message": "Object verified"})
 
     def _commit(self, repo_type: str, repo_id: str, revision: str, query: dict[str, str]) -> None:
         self._require_write()
@@ -1072,7 +1253,7 @@ class _Handler(BaseHTTPRequestHandler):
         # Blobs are stored as their lines arrive (one line in memory at a time) and removed
         # again if the commit is refused (stale parent, missing path) or the client goes away.
         with store.staging(repo) as staged:
-            ops = _read_commit(self._body(), staged)
+            ops = _read_commit(self._body(), staged, store)
             summary, description, parent = _commit_header(ops.header)
             commit = store.apply_commit(
                 repo,
@@ -1127,7 +1308,7 @@ def _read_header(body: BodyReader) -> dict[str, Any]:
     raise HubError(400, "Empty commit payload")
 
 
-def _read_commit(body: BodyReader, staged: BlobBatch) -> _CommitOps:
+def _read_commit(body: BodyReader, staged: BlobBatch, store: RepoStore) -> _CommitOps:
     """Parse a commit body line by line, storing inline file contents as they come."""
     ops = _CommitOps(header=_read_header(body))
     for number, line in enumerate(body.lines(), start=2):
@@ -1143,12 +1324,8 @@ def _read_commit(body: BodyReader, staged: BlobBatch) -> _CommitOps:
         elif key == "deletedFolder":
             ops.deleted_folders.append(_line_path(value, number, folder=True))
         elif key == "lfsFile":
-            raise HubError(
-                400,
-                "LFS/Xet files are not supported by the local hub: it answers 'regular' to "
-                "preupload so clients send content inline; got an lfsFile for "
-                f"{value.get('path')!r}",
-            )
+            path = _line_path(value, number)
+            ops.additions[path] = _lfs_line(value, path, staged.repo, store)
         elif key == "header":
             raise HubError(400, f"Commit line {number}: a second 'header' line")
         else:
@@ -1173,6 +1350,11 @@ class LocalHub:
             connection holds a thread; the clients use a handful each).
         read_timeout_s: Seconds a connection may stay silent (idle keep-alive, a request or
             body that stops arriving, a client that stops reading) before it is closed.
+        lfs_threshold: Files of at least this many bytes (and files ``.gitattributes`` routes
+            to LFS) are uploaded through Git LFS: streamed to disk, never inline in the
+            commit. ``None``: every file inline, for clients that cannot use LFS (e.g.
+            huggingface_hub with Xet enabled: it uploads "lfs" files through Xet, which
+            this hub does not speak; ``HF_HUB_DISABLE_XET=1`` makes it use LFS).
 
     Example:
         >>> with LocalHub(Path("hub-data")) as hub:
@@ -1189,6 +1371,7 @@ class LocalHub:
         allowed_hosts: tuple[str, ...] = (),
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        lfs_threshold: int | None = DEFAULT_LFS_THRESHOLD,
     ) -> None:
         self.root = Path(root)
         self.host = host
@@ -1197,6 +1380,7 @@ class LocalHub:
         self.allowed_hosts = tuple(allowed_hosts)
         self.max_connections = max_connections
         self.read_timeout_s = read_timeout_s
+        self.lfs_threshold = lfs_threshold
         self._server: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -1233,6 +1417,7 @@ class LocalHub:
             allowed_hosts=self.allowed_hosts,
             max_connections=self.max_connections,
             read_timeout_s=self.read_timeout_s,
+            lfs_threshold=self.lfs_threshold,
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever,

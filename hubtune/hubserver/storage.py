@@ -9,7 +9,9 @@ Layout under the root folder::
         refs/tags/<tag>            a tag: the 40-hex commit id it names
         commits/<sha>.json         one immutable record per commit: parents, message, date and
                                    the full file manifest {path: {"oid": git-blob-sha1, "size"}}
-        objects/<oid[:2]>/<oid[2:]> file contents, named by their git blob sha1
+                                   (plus "lfs": sha256 for files uploaded through Git LFS)
+        objects/<oid[:2]>/<oid[2:]> file contents sent inline, named by their git blob sha1
+        lfs/<sha[:2]>/<sha[2:]>    file contents uploaded through Git LFS, named by their sha256
         .lock                      fcntl lock file: commits to one repo are serialised
     tmp/                           temporary files, renamed into place once complete
     .lock                          fcntl lock for creating and deleting repos
@@ -18,7 +20,8 @@ Crash safety: a commit writes its blobs and its record first, then replaces the 
 ``os.replace`` (after fsync). A process killed at any point leaves the ref at either the old or
 the new commit, and blobs or records not reachable from a ref are never listed or served.
 Blobs that a refused commit stored (a stale parent, a missing file to delete) are removed again
-unless a commit or another request in flight uses them.
+unless a commit or another request in flight uses them. LFS objects are written by streaming
+to a temporary file while hashing, checked against their sha256, then renamed into place.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ __all__ = [
     "HubError",
     "RepoStore",
     "git_blob_sha1",
+    "lfs_entry",
+    "lfs_pointer",
 ]
 
 REPO_TYPES = ("model", "dataset", "space")
@@ -59,8 +64,10 @@ DEFAULT_BRANCH = "main"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHORT_SHA_RE = re.compile(r"^[0-9a-f]{7,39}$")  # git's shortest default abbreviation is 7
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 REF_KINDS = ("heads", "tags")
+_LFS_SPEC = "https://git-lfs.github.com/spec/v1"
 # The Hub's initial commit of every new repo: a default .gitattributes routing large binary
 # formats to LFS. Kept for fidelity (clients see a non-empty first commit with a real sha).
 GITATTRIBUTES = b"""*.7z filter=lfs diff=lfs merge=lfs -text
@@ -108,7 +115,20 @@ class HubError(Exception):
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob, which the Hub uses as a small file's ETag and ``oid``."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+    # Two updates instead of one concatenation: no second copy of a large blob.
+    digest = hashlib.sha1(b"blob %d\0" % len(data), usedforsecurity=False)
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The Git LFS pointer file that stands in a git tree for an LFS file."""
+    return f"version {_LFS_SPEC}\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def lfs_entry(sha256: str, size: int) -> FileEntry:
+    """The manifest entry of an LFS file: its ``oid`` is the pointer's blob id, as on the Hub."""
+    return FileEntry(oid=git_blob_sha1(lfs_pointer(sha256, size)), size=size, lfs=sha256)
 
 
 def _now_iso() -> str:
@@ -120,8 +140,9 @@ def _now_iso() -> str:
 class FileEntry:
     """One file of a commit's manifest."""
 
-    oid: str  # git blob sha1 of the content
+    oid: str  # git blob sha1 of the content (inline files) or of the LFS pointer (LFS files)
     size: int
+    lfs: str | None = None  # sha256 of the content, for files uploaded through Git LFS
 
 
 @dataclass(frozen=True)
@@ -145,7 +166,7 @@ class Commit:
             "message": self.message,
             "date": self.date,
             "author": self.author,
-            "files": {p: {"oid": e.oid, "size": e.size} for p, e in sorted(self.files.items())},
+            "files": {p: _entry_json(e) for p, e in sorted(self.files.items())},
         }
 
     @classmethod
@@ -159,9 +180,17 @@ class Commit:
             date=data["date"],
             author=data["author"],
             files={
-                p: FileEntry(oid=e["oid"], size=int(e["size"])) for p, e in data["files"].items()
+                p: FileEntry(oid=e["oid"], size=int(e["size"]), lfs=e.get("lfs"))
+                for p, e in data["files"].items()
             },
         )
+
+
+def _entry_json(entry: FileEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"oid": entry.oid, "size": entry.size}
+    if entry.lfs is not None:
+        out["lfs"] = entry.lfs
+    return out
 
 
 @dataclass(frozen=True)
@@ -480,6 +509,74 @@ class RepoStore:
         """Open a blob for reading."""
         return open(self.blob_path(repo, oid), "rb")
 
+    def content_path(self, repo: RepoRef, entry: FileEntry) -> Path:
+        """Where a manifest entry's bytes are stored (an inline blob or an LFS object)."""
+        return self.lfs_path(repo, entry.lfs) if entry.lfs else self.blob_path(repo, entry.oid)
+
+    def open_entry(self, repo: RepoRef, entry: FileEntry) -> BinaryIO:
+        """Open a manifest entry's content for reading."""
+        return open(self.content_path(repo, entry), "rb")
+
+    # ------------------------------------------------------------------ LFS objects
+
+    def lfs_path(self, repo: RepoRef, sha256: str) -> Path:
+        """Where an LFS object's bytes are stored."""
+        if not _SHA256_RE.match(sha256):
+            raise HubError(400, f"Invalid LFS object id {sha256[:80]!r}: expected 64 hex digits")
+        return repo.path / "lfs" / sha256[:2] / sha256[2:]
+
+    def lfs_size(self, repo: RepoRef, sha256: str) -> int | None:
+        """The size of a stored LFS object, or ``None`` if the repo has none with this id."""
+        try:
+            return self.lfs_path(repo, sha256).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write_lfs_object(
+        self, repo: RepoRef, *, sha256: str, size: int, chunks: Iterator[bytes]
+    ) -> None:
+        """Stream an LFS object to disk: hashed as it arrives, kept only if it is what was
+        announced (size and sha256), renamed into place complete.
+
+        Memory use is one chunk, whatever the object's size.
+
+        Raises:
+            HubError: 400 if the bytes are more or fewer than ``size`` or do not hash to
+                ``sha256``; nothing is stored then.
+        """
+        target = self.lfs_path(repo, sha256)
+        digest = hashlib.sha256()
+        received = 0
+        fd, tmp = tempfile.mkstemp(prefix="lfs-", suffix=".tmp", dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunks:
+                    received += len(chunk)
+                    if received > size:
+                        raise HubError(400, f"Upload of {sha256} is longer than its {size} bytes")
+                    digest.update(chunk)
+                    handle.write(chunk)
+                if received != size:
+                    raise HubError(400, f"Upload of {sha256}: {received} bytes, not {size}")
+                if digest.hexdigest() != sha256:
+                    raise HubError(
+                        400,
+                        f"Upload corrupt: its sha256 is {digest.hexdigest()}, not {sha256}; "
+                        "nothing was stored",
+                    )
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Content-addressed and verified: a concurrent upload of the same object renames
+            # identical bytes, so either rename may win.
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(target.parent)
+
     def _make_commit(
         self,
         *,
@@ -710,7 +807,7 @@ class RepoStore:
                 for path in doomed:
                     del files[path]
             for path, entry in additions.items():
-                if not self.blob_path(repo, entry.oid).is_file():
+                if not self.content_path(repo, entry).is_file():
                     # Only when another server process's refused commit removed a blob this
                     # one found already stored: never commit a manifest without its bytes.
                     raise HubError(409, f"The content of {path!r} was removed meanwhile; retry")
@@ -750,7 +847,7 @@ class BlobBatch:
 
     def __init__(self, store: RepoStore, repo: RepoRef) -> None:
         self._store = store
-        self._repo = repo
+        self.repo = repo
         self.created: list[str] = []  # blobs this request wrote (candidates for removal)
         self.pinned: list[str] = []  # blobs this request uses (protected while it runs)
 
@@ -759,9 +856,9 @@ class BlobBatch:
         oid = git_blob_sha1(data)
         # Pin before looking: a concurrent refusal then either sees the pin or has already
         # removed the file, which this call then writes again.
-        self._store._pin(self._repo, oid)
+        self._store._pin(self.repo, oid)
         self.pinned.append(oid)
-        if self._store._write_blob(self._repo.path, oid, data):
+        if self._store._write_blob(self.repo.path, oid, data):
             self.created.append(oid)
         return oid
 
