@@ -1460,6 +1460,7 @@ def serve(
     port: int = 8765,
     token: str | None = None,
     allowed_hosts: tuple[str, ...] = (),
+    lfs_threshold: int | None = DEFAULT_LFS_THRESHOLD,
 ) -> None:
     """Serve a local hub in the foreground until interrupted (Ctrl-C).
 
@@ -1469,8 +1470,17 @@ def serve(
         port: Port to bind.
         token: Optional write/private-read token (see :class:`LocalHub`).
         allowed_hosts: Extra host names clients may use (see :class:`LocalHub`).
+        lfs_threshold: Size from which files go through Git LFS; ``None``: never (see
+            :class:`LocalHub`).
     """
-    hub = LocalHub(root, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
+    hub = LocalHub(
+        root,
+        host=host,
+        port=port,
+        token=token,
+        allowed_hosts=allowed_hosts,
+        lfs_threshold=lfs_threshold,
+    )
     url = hub.start()
     logger.info("HF_ENDPOINT=%s", url)
     try:
