@@ -1598,3 +1598,276 @@ def test_which_files_go_through_lfs(path: str, size: int, expected: bool) -> Non
     )
     assert wants_lfs(path, size, patterns=patterns, threshold=10 << 20) is expected
     assert wants_lfs(path, size, patterns=patterns, threshold=None) is False
+
+
+# --------------------------------------------------------------------------- path validation
+
+# Paths that could leave the repo (or the storage root) once a client or a server joins them
+# to a folder, or that git itself refuses. JSON bodies carry them as they are; URLs carry them
+# percent-encoded, and once more encoded, since a second decoding is a classic bypass.
+_BAD_PATHS = [
+    "../../escape.txt",
+    "..",
+    "a/../../escape.txt",
+    "/etc/escape.txt",
+    ".git/config",
+    "sub/.git/hooks/x",
+    "%2e%2e/%2e%2e/escape.txt",
+    "%2E%2E%2Fescape.txt",
+    "..\\..\\escape.txt",
+    "a\\b.txt",
+    "nul\x00.txt",
+    "cr\r.txt",
+    "a//b.txt",
+    "./a.txt",
+]
+
+
+def _assert_nothing_escaped(tmp_path: Path, root: Path) -> None:
+    outside = [
+        p
+        for p in tmp_path.rglob("*escape*")
+        if root not in p.parents and "client-cache" not in p.parts
+    ]
+    assert outside == [], outside
+
+
+@pytest.mark.parametrize("bad", _BAD_PATHS)
+@pytest.mark.parametrize("key", ["file", "lfsFile", "deletedFile", "deletedFolder"])
+def test_commit_paths_are_validated(hub: LocalHub, api, tmp_path: Path, key: str, bad: str) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    api.create_repo("org/paths")
+    value: dict[str, object] = {"path": bad}
+    if key == "file":
+        value |= {"content": base64.b64encode(b"escaped").decode(), "encoding": "base64"}
+    elif key == "lfsFile":  # an object that is stored, so only the path can be refused
+        api.upload_file(
+            path_or_fileobj=b"weights", path_in_repo="ok.safetensors", repo_id="org/paths"
+        )
+        value |= {"algo": "sha256", "oid": hashlib.sha256(b"weights").hexdigest(), "size": 7}
+    body = _ndjson({"key": "header", "value": {"summary": "escape"}}, {"key": key, "value": value})
+    before = api.list_repo_files("org/paths")
+    status, error = _post_raw(
+        hub.url,
+        "/api/models/org/paths/commit/main",
+        body,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert status == 400 and "path" in error.lower(), (status, error)
+    assert api.list_repo_files("org/paths") == before
+    _assert_nothing_escaped(tmp_path, hub.root)
+
+
+@pytest.mark.parametrize("bad", _BAD_PATHS)
+def test_preupload_paths_are_validated(hub: LocalHub, api, bad: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/paths")
+    body = json.dumps({"files": [{"path": bad, "size": 1, "sample": ""}]}).encode()
+    status, error = _post_raw(
+        hub.url,
+        "/api/models/org/paths/preupload/main",
+        body,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400 and "path" in error.lower(), (status, error)
+
+
+@pytest.mark.parametrize("bad", _BAD_PATHS)
+@pytest.mark.parametrize("route", ["resolve", "tree", "paths-info"])
+def test_read_paths_are_validated(hub: LocalHub, api, route: str, bad: str) -> None:  # type: ignore[no-untyped-def]
+    from urllib.parse import quote
+
+    api.create_repo("org/paths")
+    api.create_commit("org/paths", operations=[_add("dir/a.txt", "a")], commit_message="a")
+    for encoded in {
+        quote(bad, safe="/"),
+        quote(quote(bad, safe="/"), safe="/"),
+        quote(bad, safe=""),
+    }:
+        if route == "paths-info":
+            form = f"paths={quote(bad, safe='')}&expand=false".encode()
+            status, error = _post_raw(
+                hub.url,
+                "/api/models/org/paths/paths-info/main",
+                form,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+        else:
+            prefix = (
+                "/org/paths/resolve/main/"
+                if route == "resolve"
+                else "/api/models/org/paths/tree/main/"
+            )
+            status, error = _post_raw(hub.url, prefix + encoded, b"", headers={}, method="GET")
+        assert status == 400 and "path" in error.lower(), (encoded, status, error)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def _token_hub(tmp_path: Path, aim: Callable[..., None]):  # type: ignore[no-untyped-def]
+    """A hub with a token, a public repo (org/pub: branch dev, tag v0) and a private one."""
+    from huggingface_hub import HfApi
+
+    server = LocalHub(tmp_path / "hub-root", token=TOKEN)
+    server.start()
+    aim(server.url)
+    owner = HfApi(endpoint=server.url, token=TOKEN)
+    owner.create_repo("org/pub")
+    owner.create_branch("org/pub", branch="dev")
+    owner.create_tag("org/pub", tag="v0")
+    owner.create_repo("org/priv", private=True)
+    owner.create_commit("org/priv", operations=[_add("s.txt", "secret")], commit_message="s")
+    return server, owner
+
+
+_PUB_COMMIT = _ndjson(
+    {"key": "header", "value": {"summary": "x"}},
+    {"key": "file", "value": {"path": "x.txt", "content": "eA==", "encoding": "base64"}},
+)
+_JSON_CT = {"Content-Type": "application/json"}
+_LFS_CT = {"Content-Type": "application/vnd.git-lfs+json"}
+_LFS_BATCH_BODY = json.dumps(
+    {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": "a" * 64, "size": 1}]}
+).encode()
+
+# (method, target, headers, body) of every write route, on the public repo.
+_WRITES: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("POST", "/api/repos/create", _JSON_CT, b'{"name": "new", "organization": "org"}'),
+    ("DELETE", "/api/repos/delete", _JSON_CT, b'{"name": "pub", "organization": "org"}'),
+    ("PUT", "/api/models/org/pub/settings", _JSON_CT, b'{"private": true}'),
+    (
+        "POST",
+        "/api/models/org/pub/preupload/main",
+        _JSON_CT,
+        b'{"files": [{"path": "x.txt", "size": 1}]}',
+    ),
+    (
+        "POST",
+        "/api/models/org/pub/commit/main",
+        {"Content-Type": "application/x-ndjson"},
+        _PUB_COMMIT,
+    ),
+    ("POST", "/api/models/org/pub/branch/new", _JSON_CT, b"{}"),
+    ("DELETE", "/api/models/org/pub/branch/dev", {}, b""),
+    ("POST", "/api/models/org/pub/tag/main", _JSON_CT, b'{"tag": "v1"}'),
+    ("DELETE", "/api/models/org/pub/tag/v0", {}, b""),
+    ("POST", "/org/pub.git/info/lfs/objects/batch", _LFS_CT, _LFS_BATCH_BODY),
+    (
+        "POST",
+        "/org/pub.git/info/lfs/verify",
+        _JSON_CT,
+        json.dumps({"oid": "a" * 64, "size": 1}).encode(),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "auth", [{}, {"Authorization": "Bearer wrong-token"}], ids=["missing", "wrong"]
+)
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "body"), _WRITES, ids=[f"{m} {t}" for m, t, _, _ in _WRITES]
+)
+def test_every_write_needs_the_token(
+    tmp_path: Path,
+    aim: Callable[..., None],
+    auth: dict[str, str],
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    server, owner = _token_hub(tmp_path, aim)
+    try:
+        state = (
+            owner.list_repo_files("org/pub"),
+            owner.list_repo_refs("org/pub"),
+            owner.model_info("org/pub").private,
+        )
+        status, error = _post_raw(server.url, target, body, headers=headers | auth, method=method)
+        assert status == 401, (status, error)
+        assert owner.repo_exists("org/pub") and not owner.repo_exists("org/new")
+        after = (
+            owner.list_repo_files("org/pub"),
+            owner.list_repo_refs("org/pub"),
+            owner.model_info("org/pub").private,
+        )
+        assert after == state
+        # The owner's token is accepted on the same route (not a 401).
+        status, error = _post_raw(
+            server.url,
+            target,
+            body,
+            headers=headers | {"Authorization": f"Bearer {TOKEN}"},
+            method=method,
+        )
+        assert status != 401, error
+    finally:
+        server.stop()
+
+
+_PRIVATE_READS: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("GET", "/api/models/org/priv", {}, b""),
+    ("GET", "/api/models/org/priv/revision/main", {}, b""),
+    ("GET", "/api/models/org/priv/tree/main", {}, b""),
+    (
+        "POST",
+        "/api/models/org/priv/paths-info/main",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        b"paths=s.txt",
+    ),
+    ("GET", "/api/models/org/priv/commits/main", {}, b""),
+    ("GET", "/api/models/org/priv/refs", {}, b""),
+    ("GET", "/org/priv/resolve/main/s.txt", {}, b""),
+    ("HEAD", "/org/priv/resolve/main/s.txt", {}, b""),
+]
+
+
+@pytest.mark.parametrize(
+    "auth", [{}, {"Authorization": "Bearer wrong-token"}], ids=["missing", "wrong"]
+)
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "body"),
+    _PRIVATE_READS,
+    ids=[f"{m} {t}" for m, t, _, _ in _PRIVATE_READS],
+)
+def test_private_repos_need_the_token_on_every_read(
+    tmp_path: Path,
+    aim: Callable[..., None],
+    auth: dict[str, str],
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    server, _ = _token_hub(tmp_path, aim)
+    try:
+        status, error = _post_raw(server.url, target, body, headers=headers | auth, method=method)
+        assert status == 404, (status, error)
+        status, error = _post_raw(
+            server.url,
+            target,
+            body,
+            headers=headers | {"Authorization": f"Bearer {TOKEN}"},
+            method=method,
+        )
+        assert status == 200, (status, error)
+    finally:
+        server.stop()
+
+
+def test_private_repos_are_not_listed_without_the_token(
+    tmp_path: Path, aim: Callable[..., None]
+) -> None:
+    from huggingface_hub import HfApi
+
+    server, owner = _token_hub(tmp_path, aim)
+    try:
+        for client in (
+            HfApi(endpoint=server.url, token=False),
+            HfApi(endpoint=server.url, token="wrong"),
+        ):
+            assert sorted(m.id for m in client.list_models(author="org")) == ["org/pub"]
+        assert sorted(m.id for m in owner.list_models(author="org")) == ["org/priv", "org/pub"]
+    finally:
+        server.stop()

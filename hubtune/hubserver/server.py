@@ -945,9 +945,11 @@ class _Handler(BaseHTTPRequestHandler):
         self, repo_type: str, repo_id: str, revision: str, path: str, query: dict[str, str]
     ) -> None:
         store = self.server.store
+        path = path.rstrip("/")  # a folder may be named with its trailing slash
+        if path:
+            validate_repo_path(path)
         repo = self._visible_repo(repo_type, repo_id)
         commit = store.resolve(repo, revision)
-        path = path.strip("/")
         recursive = _is_true(query.get("recursive"))
         expand = _is_true(query.get("expand"))
         prefix = f"{path}/" if path else ""
@@ -986,7 +988,7 @@ class _Handler(BaseHTTPRequestHandler):
         paths, expand = self._paths_info_request(self._body().read_all())
         wanted: list[tuple[str, str]] = []
         for path in paths:
-            path = path.strip("/")
+            path = validate_repo_path(path.rstrip("/"))
             if path in commit.files:
                 wanted.append(("file", path))
             elif any(p.startswith(path + "/") for p in commit.files):
@@ -1031,6 +1033,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_type: str, repo_id: str, revision: str, path: str) -> None:
         store = self.server.store
+        validate_repo_path(path)
         repo = self._visible_repo(repo_type, repo_id)
         commit = store.resolve(repo, revision)
         entry = commit.files.get(path)

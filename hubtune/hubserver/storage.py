@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import unquote
 
 from hubtune.io import fsync_dir as _fsync_dir
 
@@ -68,6 +69,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 REF_KINDS = ("heads", "tags")
 _LFS_SPEC = "https://git-lfs.github.com/spec/v1"
+_PATH_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # The Hub's initial commit of every new repo: a default .gitattributes routing large binary
 # formats to LFS. Kept for fidelity (clients see a non-empty first commit with a real sha).
 GITATTRIBUTES = b"""*.7z filter=lfs diff=lfs merge=lfs -text
@@ -226,7 +228,12 @@ def validate_ref_name(name: str) -> str:
 
 
 def validate_repo_path(path: str) -> str:
-    """Check a file path inside a repo (no absolute paths, ``..``, empty parts or ``.git``).
+    """Check a file path inside a repo: relative, ``/``-separated, no ``.``/``..``/empty parts,
+    no ``.git``, no backslash or control character, and none of these once percent-decoded
+    (as often as decoding changes it).
+
+    The decoded forms are checked too because a path is often put into a URL or a file name by
+    something that decodes it again (``%2e%2e`` is ``..`` to a second decoder).
 
     Args:
         path: The path as the client sent it.
@@ -237,16 +244,25 @@ def validate_repo_path(path: str) -> str:
     Raises:
         HubError: 400 if the path could escape the repo or is not a plain relative path.
     """
-    parts = path.split("/")
-    if (
+    current = path
+    for _ in range(8):  # each round peels one layer of encoding; 8 is more than any client uses
+        if not _plain_path(current):
+            raise HubError(400, f"Invalid path in repo: {path[:200]!r}")
+        decoded = unquote(current)
+        if decoded == current:
+            return path
+        current = decoded
+    raise HubError(400, f"Invalid path in repo (encoded too often): {path[:200]!r}")
+
+
+def _plain_path(path: str) -> bool:
+    return not (
         not path
         or path.startswith("/")
         or "\\" in path
-        or "\0" in path
-        or any(part in ("", ".", "..", ".git") for part in parts)
-    ):
-        raise HubError(400, f"Invalid path in repo: {path!r}")
-    return path
+        or _PATH_CONTROL_RE.search(path)
+        or any(part in ("", ".", "..", ".git") for part in path.split("/"))
+    )
 
 
 class RepoStore:
