@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hub_upload")
     parser.add_argument("--note", action="append", default=[], help="a line for the report")
     args = parser.parse_args()
+    # A plain kill must still stop the server and client processes (the finally blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     inline_sizes = [int(s) for s in args.inline_sizes_mib.split(",") if s]

@@ -1871,3 +1871,27 @@ def test_private_repos_are_not_listed_without_the_token(
         assert sorted(m.id for m in owner.list_models(author="org")) == ["org/priv", "org/pub"]
     finally:
         server.stop()
+
+
+def test_commit_ids_do_not_depend_on_lfs(tmp_path: Path, aim: Callable[..., None]) -> None:
+    """Recipes pin commit SHAs of seeded repos: a file must count by its content, not by how it
+    was uploaded (LFS or inline), or every pin made before LFS breaks."""
+    from huggingface_hub import HfApi
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(1).bytes(50_000))
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    shas = []
+    for threshold in (10 << 20, None):
+        with LocalHub(tmp_path / f"hub-{threshold}", lfs_threshold=threshold) as server:
+            aim(server.url, f"cache-{threshold}")
+            api = HfApi(endpoint=server.url, token=False)
+            api.create_repo("org/pinned")
+            shas.append(
+                api.upload_folder(repo_id="org/pinned", folder_path=folder, commit_message="m").oid
+            )
+            stored = _lfs_records(server.root, "org/pinned")["model.safetensors"]
+            assert ("lfs" in stored) is (threshold is not None)
+            assert stored["oid"] == git_blob_sha1((folder / "model.safetensors").read_bytes())
+    assert shas[0] == shas[1]

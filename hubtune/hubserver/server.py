@@ -35,8 +35,8 @@ from hubtune.hubserver.storage import (
     HubError,
     RepoRef,
     RepoStore,
+    api_oid,
     folder_oid,
-    lfs_entry,
     lfs_pointer,
     validate_repo_path,
 )
@@ -218,7 +218,7 @@ def _lfs_line(value: dict[str, Any], path: str, repo: RepoRef, store: RepoStore)
         )
     if size is not None and size != stored:
         raise HubError(400, f"lfsFile {path!r}: size {size}, but the object has {stored} bytes")
-    return lfs_entry(oid, stored)
+    return FileEntry(oid=store.lfs_git_oid(repo, oid), size=stored, lfs=oid)
 
 
 def _lfs_error(oid: str, size: Any, code: int, message: str) -> dict[str, Any]:
@@ -232,7 +232,7 @@ def _lfs_error(oid: str, size: Any, code: int, message: str) -> dict[str, Any]:
 
 def _sibling(path: str, entry: FileEntry) -> dict[str, Any]:
     """A repo info ``siblings`` item."""
-    item: dict[str, Any] = {"rfilename": path, "size": entry.size, "blobId": entry.oid}
+    item: dict[str, Any] = {"rfilename": path, "size": entry.size, "blobId": api_oid(entry)}
     if entry.lfs:
         pointer_size = len(lfs_pointer(entry.lfs, entry.size))
         item["lfs"] = {"sha256": entry.lfs, "size": entry.size, "pointerSize": pointer_size}
@@ -893,7 +893,7 @@ class _Handler(BaseHTTPRequestHandler):
                 entry = commit.files[path]
                 item: dict[str, Any] = {
                     "type": "file",
-                    "oid": entry.oid,
+                    "oid": api_oid(entry),
                     "size": entry.size,
                     "path": path,
                 }

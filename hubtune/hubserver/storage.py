@@ -12,6 +12,7 @@ Layout under the root folder::
                                    (plus "lfs": sha256 for files uploaded through Git LFS)
         objects/<oid[:2]>/<oid[2:]> file contents sent inline, named by their git blob sha1
         lfs/<sha[:2]>/<sha[2:]>    file contents uploaded through Git LFS, named by their sha256
+                                   (and <sha[2:]>.gitoid: the same content's git blob sha1)
         .lock                      fcntl lock file: commits to one repo are serialised
     tmp/                           temporary files, renamed into place once complete
     .lock                          fcntl lock for creating and deleting repos
@@ -55,7 +56,7 @@ __all__ = [
     "HubError",
     "RepoStore",
     "git_blob_sha1",
-    "lfs_entry",
+    "api_oid",
     "lfs_pointer",
 ]
 
@@ -66,6 +67,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHORT_SHA_RE = re.compile(r"^[0-9a-f]{7,39}$")  # git's shortest default abbreviation is 7
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_COPY_CHUNK = 1 << 20
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 REF_KINDS = ("heads", "tags")
 _LFS_SPEC = "https://git-lfs.github.com/spec/v1"
@@ -128,9 +130,9 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version {_LFS_SPEC}\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
-def lfs_entry(sha256: str, size: int) -> FileEntry:
-    """The manifest entry of an LFS file: its ``oid`` is the pointer's blob id, as on the Hub."""
-    return FileEntry(oid=git_blob_sha1(lfs_pointer(sha256, size)), size=size, lfs=sha256)
+def api_oid(entry: FileEntry) -> str:
+    """The blob id the Hub API shows for a file: for an LFS file, its pointer's blob id."""
+    return git_blob_sha1(lfs_pointer(entry.lfs, entry.size)) if entry.lfs else entry.oid
 
 
 def _now_iso() -> str:
@@ -142,7 +144,10 @@ def _now_iso() -> str:
 class FileEntry:
     """One file of a commit's manifest."""
 
-    oid: str  # git blob sha1 of the content (inline files) or of the LFS pointer (LFS files)
+    # The git blob sha1 of the content, however it was uploaded: commit ids hash it, so the
+    # same files give the same commit whether they came inline or through LFS (recipes pin
+    # such ids). What the API shows for LFS files, the pointer's id, is ``api_oid``.
+    oid: str
     size: int
     lfs: str | None = None  # sha256 of the content, for files uploaded through Git LFS
 
@@ -541,6 +546,20 @@ class RepoStore:
             raise HubError(400, f"Invalid LFS object id {sha256[:80]!r}: expected 64 hex digits")
         return repo.path / "lfs" / sha256[:2] / sha256[2:]
 
+    def lfs_git_oid(self, repo: RepoRef, sha256: str) -> str:
+        """The git blob sha1 of a stored LFS object's content (what manifests record)."""
+        path = self.lfs_path(repo, sha256)
+        with contextlib.suppress(FileNotFoundError):
+            oid = path.with_name(path.name + ".gitoid").read_text().strip()
+            if _SHA_RE.match(oid):
+                return oid
+        # Not recorded (an interrupted upload between the two renames): hash it again.
+        digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size, usedforsecurity=False)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(_COPY_CHUNK), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
     def lfs_size(self, repo: RepoRef, sha256: str) -> int | None:
         """The size of a stored LFS object, or ``None`` if the repo has none with this id."""
         try:
@@ -562,6 +581,8 @@ class RepoStore:
         """
         target = self.lfs_path(repo, sha256)
         digest = hashlib.sha256()
+        # The git blob id too, in the same pass: manifests record it (see FileEntry.oid).
+        git_digest = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
         received = 0
         fd, tmp = tempfile.mkstemp(prefix="lfs-", suffix=".tmp", dir=self.tmp_dir)
         try:
@@ -571,6 +592,7 @@ class RepoStore:
                     if received > size:
                         raise HubError(400, f"Upload of {sha256} is longer than its {size} bytes")
                     digest.update(chunk)
+                    git_digest.update(chunk)
                     handle.write(chunk)
                 if received != size:
                     raise HubError(400, f"Upload of {sha256}: {received} bytes, not {size}")
@@ -583,7 +605,10 @@ class RepoStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o644)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            # The id first, the object last: an object that exists always has its id beside it.
+            self._write_atomic(
+                target.with_name(target.name + ".gitoid"), git_digest.hexdigest().encode()
+            )
             # Content-addressed and verified: a concurrent upload of the same object renames
             # identical bytes, so either rename may win.
             os.replace(tmp, target)
