@@ -189,8 +189,14 @@ class BodyReader:
         while True:
             newline = self._buffer.find(b"\n", self._scanned)
             if newline >= 0:
-                line = bytes(self._buffer[:newline])
-                del self._buffer[: newline + 1]  # cheap: bytearray drops a prefix in place
+                with memoryview(self._buffer) as view:
+                    line = bytes(view[:newline])  # one copy (a bytearray slice would be two)
+                if newline > COPY_CHUNK:
+                    # After a long line (an inline file), keep only the rest: the buffer would
+                    # otherwise hold its largest size until the request ends.
+                    self._buffer = bytearray(self._buffer[newline + 1 :])
+                else:
+                    del self._buffer[: newline + 1]  # cheap: bytearray drops a prefix in place
                 self._scanned = 0
                 return line
             self._scanned = len(self._buffer)

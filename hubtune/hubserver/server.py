@@ -158,7 +158,15 @@ def _opt_size(payload: dict[str, Any], name: str, *, where: str = "") -> int | N
     return value
 
 
-def _commit_line(raw: bytes, number: int) -> tuple[str, dict[str, Any]]:
+def _line_text(raw: bytes, number: int) -> str:
+    """A commit line as text (UTF-8, as NDJSON is)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HubError(400, f"Invalid NDJSON commit line {number}: not UTF-8 ({exc})") from None
+
+
+def _commit_line(raw: bytes | str, number: int) -> tuple[str, dict[str, Any]]:
     """One NDJSON commit line as ``(key, value)``.
 
     Raises:
@@ -191,6 +199,7 @@ def _inline_content(value: dict[str, Any], path: str) -> bytes:
     """The bytes of a ``file`` commit line (base64, or UTF-8 text)."""
     encoding = _opt_str(value, "encoding") or "base64"
     content = _opt_str(value, "content") or ""
+    value.pop("content", None)  # the only reference left is ``content``, gone after decoding
     if encoding == "base64":
         try:
             return base64.b64decode(content, validate=True)
@@ -1314,10 +1323,18 @@ def _read_header(body: BodyReader) -> dict[str, Any]:
 def _read_commit(body: BodyReader, staged: BlobBatch, store: RepoStore) -> _CommitOps:
     """Parse a commit body line by line, storing inline file contents as they come."""
     ops = _CommitOps(header=_read_header(body))
-    for number, line in enumerate(body.lines(), start=2):
+    number = 1
+    while (line := body.next_line()) is not None:
+        number += 1
         if not line.strip():
             continue
-        key, value = _commit_line(line, number)
+        # An inline file's line is as large as its base64: each form (bytes, text, the parsed
+        # content, the decoded file) is dropped as soon as the next exists, so at most two
+        # are held at once.
+        text = _line_text(line, number)
+        del line
+        key, value = _commit_line(text, number)
+        del text
         if key == "file":
             path = _line_path(value, number)
             data = _inline_content(value, path)
