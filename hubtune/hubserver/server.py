@@ -55,8 +55,6 @@ _COPY_CHUNK = 1 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _DRAIN_LIMIT = 8 << 20  # unread request bytes worth discarding to keep a connection alive
 _SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
-# Commit messages are stored in every commit record and returned by every history page: bound
-# them (git itself does not, but a hub that keeps them in memory per request must).
 _NO_PULL_REQUESTS = (
     "Pull requests are not supported by the local hub endpoint: commit to a branch instead "
     "(create_branch, then revision=<branch>)"
@@ -65,6 +63,8 @@ _NO_XET = (
     "Xet storage is not supported by the local hub endpoint: set HF_HUB_DISABLE_XET=1 so "
     "huggingface_hub uploads large files through Git LFS (or serve with --no-lfs)"
 )
+# Commit messages are stored in every commit record and returned by every history page: bound
+# them (git itself does not, but a hub that keeps them in memory per request must).
 _MAX_SUMMARY = 1000
 _MAX_DESCRIPTION = 65_536
 _MAX_HEADER_LINE = 1 << 20  # the header line's bytes (escaping can make JSON 6x longer)
@@ -87,7 +87,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _SIGNATURE_RE = re.compile(r"signature=[^&\s]+")
 
 
-def header_safe(value: str) -> str:
+def _header_safe(value: str) -> str:
     """A header value that cannot split a response: controls become spaces, and characters
     outside ASCII become backslash escapes (http.server encodes headers as latin-1)."""
     return _CONTROL_RE.sub(" ", value).encode("ascii", "backslashreplace").decode("ascii")
@@ -371,7 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
     def send_header(self, keyword: str, value: str) -> None:
         # The one place every response header passes (http.server's own included), so no
         # caller has to remember to clean a value that holds request data.
-        super().send_header(keyword, header_safe(str(value)))
+        super().send_header(keyword, _header_safe(str(value)))
 
     def _send(
         self,
