@@ -1135,7 +1135,7 @@ def _closed_by_server(sock: object, *, within: float) -> bool:
 def test_idle_connections_time_out_and_extra_ones_get_a_503(tmp_path: Path) -> None:
     import socket
 
-    with LocalHub(tmp_path / "hub-root", read_timeout_s=1.0, max_connections=4) as server:
+    with LocalHub(tmp_path / "hub-root", read_timeout_s=2.5, max_connections=4) as server:
         parts = urlsplit(server.url)
         address = (parts.hostname, parts.port)
         idle = [socket.create_connection(address, timeout=10) for _ in range(3)]
