@@ -346,18 +346,42 @@ def hub_serve(
             help="Require this environment variable's value as Bearer token for writes and private repos.",
         ),
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="A host name clients use to reach the hub (besides loopback names and "
+            "addresses); repeatable. Other Host headers are refused (DNS rebinding).",
+        ),
+    ] = None,
+    no_lfs: Annotated[
+        bool,
+        typer.Option(
+            "--no-lfs",
+            help="Take every file inline in the commit (no Git LFS), for clients that cannot "
+            "turn Xet off.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the Hub HTTP API from local files; point clients at it with HF_ENDPOINT."""
     _setup_logging(False)
     from hubtune.hubserver import serve
+    from hubtune.hubserver.lfs import DEFAULT_LFS_THRESHOLD
 
     token = os.environ.get(token_env) if token_env else None
     if token_env and not token:
         _fail(f"hubtune hub serve: ${token_env} is empty")
-    typer.echo(
-        f"serving {root.resolve()} at http://{host}:{port} (HF_ENDPOINT=http://{host}:{port})"
+    # huggingface_hub sends the files the hub routes to LFS through Xet unless told not to.
+    client_env = f"HF_ENDPOINT=http://{host}:{port}" + ("" if no_lfs else " HF_HUB_DISABLE_XET=1")
+    typer.echo(f"serving {root.resolve()} at http://{host}:{port} (clients: {client_env})")
+    serve(
+        root,
+        host=host,
+        port=port,
+        token=token,
+        allowed_hosts=tuple(allowed_host or ()),
+        lfs_threshold=None if no_lfs else DEFAULT_LFS_THRESHOLD,
     )
-    serve(root, host=host, port=port, token=token)
 
 
 @hub_app.command("add")

@@ -489,6 +489,25 @@ def _go_online(saved: list[tuple[object, str, object]]) -> None:
             setattr(module, attribute, False)
 
 
+# Hosts that speak Xet storage. huggingface_hub (with hf_xet, a dependency since 1.0) uploads
+# every file a Hub answers "lfs" for through Xet, and hubtune's local endpoint speaks Git LFS,
+# not Xet: for any other endpoint the clients use LFS, which the Hub still takes as well.
+_XET_HOSTS = ("huggingface.co", "hf.co")
+
+
+def _disable_xet(saved: list[tuple[object, str, object]]) -> None:
+    """Make huggingface_hub upload large files through Git LFS instead of Xet."""
+    import sys
+
+    saved.append((os.environ, "HF_HUB_DISABLE_XET", os.environ.get("HF_HUB_DISABLE_XET")))
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    # huggingface_hub reads the variable once, at import, into this constant.
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and hasattr(constants, "HF_HUB_DISABLE_XET"):
+        saved.append((constants, "HF_HUB_DISABLE_XET", getattr(constants, "HF_HUB_DISABLE_XET")))  # noqa: B009
+        setattr(constants, "HF_HUB_DISABLE_XET", True)  # noqa: B010
+
+
 def _restore_clients(saved: list[tuple[object, str, object]]) -> None:
     for target, attribute, value in reversed(saved):
         if target is os.environ:
@@ -510,7 +529,8 @@ def hub_endpoint(
         endpoint: ``None`` (leave HF_ENDPOINT / huggingface.co alone), ``"local"`` (start
             hubtune's local endpoint in this process on a free loopback port, serving
             ``local_root``), or a URL. For a loopback endpoint, HF_HUB_OFFLINE is lifted
-            inside the block.
+            inside the block; for any endpoint but huggingface.co, Xet uploads are turned
+            off (HF_HUB_DISABLE_XET), so large files go through Git LFS.
         local_root: The local endpoint's folder of repositories.
 
     Yields:
@@ -528,6 +548,8 @@ def hub_endpoint(
         # An endpoint on this machine is not the network: offline mode would stop the
         # clients asking even it.
         _go_online(saved)
+    if url is not None and urlsplit(url).hostname not in _XET_HOSTS:
+        _disable_xet(saved)
     try:
         yield url
     finally:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 from hubtune.hub import hub_endpoint
@@ -207,6 +208,7 @@ def test_lfs_commit_lines_are_refused_clearly(hub: LocalHub, api) -> None:  # ty
         "POST",
         "/api/models/org/l/commit/main",
         b"".join(json.dumps(x).encode() + b"\n" for x in lines),
+        headers={"Content-Type": "application/x-ndjson"},  # as huggingface_hub sends it
     )
     assert status == 400 and "not supported" in json.loads(body)["error"]
 
@@ -529,3 +531,1367 @@ def _request(
         return response.status, data, {k.lower(): v for k, v in response.getheaders()}
     finally:
         conn.close()
+
+
+def _raw(base_url: str, data: bytes, *, timeout: float = 10) -> bytes:
+    """Send raw bytes (one request, ``Connection: close``) and read the whole raw response."""
+    import socket
+
+    parts = urlsplit(base_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _raw_status(response: bytes) -> int:
+    """The status code of a raw response (0 if there is none: connection dropped)."""
+    if not response.startswith(b"HTTP/1."):
+        return 0
+    return int(response.split(b" ", 2)[1])
+
+
+def _raw_get(base_url: str, target: str, *, headers: str = "") -> bytes:
+    host = urlsplit(base_url).netloc
+    request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+    return _raw(base_url, request.encode("latin-1"))
+
+
+# --------------------------------------------------------------------------- response headers
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/org/h/resolve/main/x%0dX-Injected:%20yes",  # CR in the path
+        "/org/h/resolve/main/x%0aX-Injected:%20yes",  # LF in the path
+        "/org/h/resolve/main/x%0d%0aX-Injected:%20yes",
+        "/org/h/resolve/main%0dX-Injected:%20yes/x.txt",  # CR in the revision
+        "/api/models/org/h/revision/main%0d%0aX-Injected:%20yes",
+        "/api/models/org/h/tree/main%0bv%7f%00/x",  # other control characters
+        "/org/h/resolve/main/%E2%82%AC%0d.txt",  # and a character latin-1 cannot encode
+    ],
+)
+def test_control_characters_never_reach_response_headers(hub: LocalHub, api, target: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/h")
+    response = _raw_get(hub.url, target)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert _raw_status(response) in (400, 404), response[:300]
+    lines = head.split(b"\r\n")
+    # Every header line is one CRLF-terminated line of printable characters: no line was split
+    # off by a CR or LF taken from the request, and no control character survives.
+    for line in lines:
+        assert all(32 <= byte < 127 or byte == 9 for byte in line), line
+    assert not any(line.lower().startswith(b"x-injected") for line in lines)
+    assert b"\n" not in head.replace(b"\r\n", b"")
+    assert json.loads(body)["error"]  # the JSON body still says what went wrong
+
+
+# --------------------------------------------------------------------------- malformed requests
+
+
+def _ndjson(*items: object) -> bytes:
+    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
+
+
+_HEADER_LINE = {"key": "header", "value": {"summary": "s"}}
+_JSON = "Content-Type: application/json\r\n"
+_NDJSON = "Content-Type: application/x-ndjson\r\n"
+
+# (id, method, target, extra header lines, body (None: no Content-Length), message fragment)
+_MALFORMED: list[tuple[str, str, str, str, bytes | None, str]] = [
+    (
+        "commit value not an object",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE, {"key": "file", "value": "x"}),
+        "line 2",
+    ),
+    (
+        "commit header value not an object",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson({"key": "header", "value": [1]}),
+        "header",
+    ),
+    (
+        "commit line not an object",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE, [1, 2]),
+        "line 2",
+    ),
+    (
+        "commit line not UTF-8",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE) + b'{"key": "file", "value": {"path": "\xff"}}\n',
+        "line 2",
+    ),
+    (
+        "commit line invalid JSON",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE) + b'{"key": "file", \n',
+        "line 2",
+    ),
+    (
+        "commit path not a string",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson(_HEADER_LINE, {"key": "deletedFile", "value": {"path": 5}}),
+        "path",
+    ),
+    (
+        "commit summary not a string",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson({"key": "header", "value": {"summary": {"a": 1}}}),
+        "summary",
+    ),
+    (
+        "commit parentCommit not a commit id",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON,
+        _ndjson({"key": "header", "value": {"summary": "s", "parentCommit": 5}}),
+        "parentCommit",
+    ),
+    (
+        "chunk size zz",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON + "Transfer-Encoding: chunked\r\n",
+        b"zz\r\nabc\r\n0\r\n\r\n",
+        "chunk",
+    ),
+    (
+        "chunk size huge",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON + "Transfer-Encoding: chunked\r\n",
+        b"ffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        "chunk",
+    ),
+    (
+        "chunk without its CRLF",
+        "POST",
+        "/api/models/org/bad/commit/main",
+        _NDJSON + "Transfer-Encoding: chunked\r\n",
+        b"3\r\nabcXY\r\n0\r\n\r\n",
+        "chunk",
+    ),
+    (
+        "Content-Length abc",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: abc\r\n",
+        b"",
+        "Content-Length",
+    ),
+    (
+        "Content-Length negative",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: -5\r\n",
+        b"",
+        "Content-Length",
+    ),
+    (
+        "Content-Length signed",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: +2\r\n",
+        b"{}",
+        "Content-Length",
+    ),
+    (
+        "Content-Length huge",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: 99999999999999999999999999\r\n",
+        b"",
+        "Content-Length",
+    ),
+    (
+        "Content-Length twice, different",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: 2\r\nContent-Length: 3\r\n",
+        b"{}",
+        "Content-Length",
+    ),
+    (
+        "Content-Length and chunked",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"0\r\n\r\n",
+        "Transfer-Encoding",
+    ),
+    (
+        "Transfer-Encoding gzip",
+        "POST",
+        "/api/repos/create",
+        _JSON + "Transfer-Encoding: gzip\r\n",
+        b"",
+        "Transfer-Encoding",
+    ),
+    (
+        "GET with Content-Length abc",
+        "GET",
+        "/api/models/org/bad",
+        "Content-Length: abc\r\n",
+        b"",
+        "Content-Length",
+    ),
+    ("create: invalid JSON", "POST", "/api/repos/create", _JSON, b'{"name": ', "JSON"),
+    ("create: JSON not an object", "POST", "/api/repos/create", _JSON, b"[1]", "JSON object"),
+    ("create: name not a string", "POST", "/api/repos/create", _JSON, b'{"name": 5}', "name"),
+    (
+        "create: organization not a string",
+        "POST",
+        "/api/repos/create",
+        _JSON,
+        b'{"name": "x", "organization": ["a"]}',
+        "organization",
+    ),
+    (
+        "paths-info: invalid JSON",
+        "POST",
+        "/api/models/org/bad/paths-info/main",
+        _JSON,
+        b"{nope",
+        "JSON",
+    ),
+    (
+        "paths-info: paths not a list",
+        "POST",
+        "/api/models/org/bad/paths-info/main",
+        _JSON,
+        b'{"paths": 5}',
+        "paths",
+    ),
+    (
+        "paths-info: form not UTF-8",
+        "POST",
+        "/api/models/org/bad/paths-info/main",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+        b"paths=\xff",
+        "UTF-8",
+    ),
+    (
+        "preupload: file not an object",
+        "POST",
+        "/api/models/org/bad/preupload/main",
+        _JSON,
+        b'{"files": [1]}',
+        "files",
+    ),
+    (
+        "preupload: path not a string",
+        "POST",
+        "/api/models/org/bad/preupload/main",
+        _JSON,
+        b'{"files": [{"path": 5}]}',
+        "path",
+    ),
+    (
+        "preupload: size not a number",
+        "POST",
+        "/api/models/org/bad/preupload/main",
+        _JSON,
+        b'{"files": [{"path": "a", "size": "x"}]}',
+        "size",
+    ),
+    (
+        "settings: private not a boolean",
+        "PUT",
+        "/api/models/org/bad/settings",
+        _JSON,
+        b'{"private": "no"}',
+        "private",
+    ),
+    ("tree: bad cursor", "GET", "/api/models/org/bad/tree/main?cursor=x", "", None, "cursor"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "extra", "body", "fragment"),
+    [pytest.param(*case[1:], id=case[0]) for case in _MALFORMED],
+)
+def test_malformed_requests_get_a_400_with_a_clear_message(
+    hub: LocalHub, api, method: str, target: str, extra: str, body: bytes | None, fragment: str
+) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/bad")
+    head = f"{method} {target} HTTP/1.1\r\nHost: {urlsplit(hub.url).netloc}\r\n{extra}"
+    if body is not None and "Content-Length" not in extra and "Transfer-Encoding" not in extra:
+        head += f"Content-Length: {len(body)}\r\n"
+    response = _raw(hub.url, (head + "Connection: close\r\n\r\n").encode() + (body or b""))
+    assert _raw_status(response) == 400, response[:400]
+    message = json.loads(response.partition(b"\r\n\r\n")[2])["error"]
+    assert fragment.lower() in message.lower(), message
+    # The server is still fine, and the repo unchanged.
+    assert [c.title for c in api.list_repo_commits("org/bad")] == ["initial commit"]
+
+
+# --------------------------------------------------------------------------- cross-origin writes
+
+
+def _post_raw(
+    base_url: str,
+    target: str,
+    body: bytes,
+    *,
+    headers: dict[str, str],
+    host: str | None = None,
+    method: str = "POST",
+) -> tuple[int, str]:
+    """A raw request with exactly these headers (and Host); returns (status, JSON error or '')."""
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        f"Host: {urlsplit(base_url).netloc if host is None else host}",
+    ]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    response = _raw(base_url, "\r\n".join(lines).encode() + body)
+    payload = response.partition(b"\r\n\r\n")[2]
+    try:
+        error = json.loads(payload).get("error", "")
+    except (ValueError, AttributeError):
+        error = ""
+    return _raw_status(response), str(error)
+
+
+_CREATE = json.dumps({"name": "csrf", "organization": "local-user"}).encode()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # The reviewer's curl: a form-like simple request no browser preflights.
+        {"Origin": "http://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "http://evil.example", "Content-Type": "application/json"},
+        {"Origin": "null", "Content-Type": "application/json"},  # file:// pages, sandboxes
+        {"Origin": "http://127.0.0.1:1", "Content-Type": "application/json"},  # other port
+        {"Origin": "https://127.0.0.1", "Content-Type": "application/json"},
+        {"Referer": "http://evil.example/page.html", "Content-Type": "application/json"},
+        {"Referer": "file:///tmp/page.html", "Content-Type": "application/json"},
+    ],
+    ids=["text-plain", "json", "null", "other-port", "https-no-port", "referer", "file-referer"],
+)
+def test_cross_origin_writes_are_refused(hub: LocalHub, api, headers: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    status, error = _post_raw(hub.url, "/api/repos/create", _CREATE, headers=headers)
+    assert status == 403, error
+    assert "origin" in error.lower() or "referer" in error.lower()
+    assert not api.repo_exists("local-user/csrf")
+    # A commit and a delete from another origin are refused the same way.
+    api.create_repo("org/target")
+    commit = _ndjson({"key": "header", "value": {"summary": "x"}}) + _ndjson(
+        {"key": "file", "value": {"path": "pwned.txt", "content": "eA==", "encoding": "base64"}}
+    )
+    ndjson_headers = {**headers, "Content-Type": "application/x-ndjson"}
+    status, _ = _post_raw(
+        hub.url, "/api/models/org/target/commit/main", commit, headers=ndjson_headers
+    )
+    assert status == 403
+    delete = json.dumps({"name": "target", "organization": "org"}).encode()
+    status, _ = _post_raw(
+        hub.url,
+        "/api/repos/delete",
+        delete,
+        headers=headers | {"Content-Type": "application/json"},
+        method="DELETE",
+    )
+    assert status == 403
+    assert api.list_repo_files("org/target") == [".gitattributes"]
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:{port}", "http://localhost:{port}"])
+def test_same_origin_writes_are_allowed(hub: LocalHub, api, origin: str) -> None:  # type: ignore[no-untyped-def]
+    port = urlsplit(hub.url).port
+    headers = {"Origin": origin.format(port=port), "Content-Type": "application/json"}
+    status, error = _post_raw(hub.url, "/api/repos/create", _CREATE, headers=headers)
+    assert status == 200, error
+    assert api.repo_exists("local-user/csrf")
+
+
+@pytest.mark.parametrize(
+    ("target", "content_type", "body"),
+    [
+        ("/api/repos/create", "text/plain", _CREATE),
+        ("/api/repos/create", "application/x-www-form-urlencoded", _CREATE),
+        ("/api/repos/create", "multipart/form-data; boundary=x", _CREATE),
+        ("/api/repos/create", None, _CREATE),  # fetch() with a Blob body sends none
+        ("/api/models/org/ct/commit/main", "application/json", b""),
+        ("/api/models/org/ct/commit/main", "text/plain", b""),
+        ("/api/models/org/ct/preupload/main", "text/plain", b'{"files": []}'),
+        ("/api/models/org/ct/settings", "text/plain", b'{"private": true}'),
+        ("/api/repos/delete", "text/plain", b'{"name": "ct", "organization": "org"}'),
+    ],
+)
+def test_writes_need_the_content_type_the_clients_send(
+    hub: LocalHub, api, target: str, content_type: str | None, body: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/ct")
+    if target.endswith("/commit/main"):
+        body = _ndjson({"key": "header", "value": {"summary": "x"}}) + _ndjson(
+            {"key": "file", "value": {"path": "f.txt", "content": "eA==", "encoding": "base64"}}
+        )
+    method = {"settings": "PUT", "delete": "DELETE"}.get(target.rsplit("/", 1)[-1], "POST")
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    status, error = _post_raw(hub.url, target, body, headers=headers, method=method)
+    assert status == 403, error
+    assert "content-type" in error.lower()
+    assert not api.repo_exists("local-user/csrf")
+    assert api.list_repo_files("org/ct") == [".gitattributes"]
+    assert api.model_info("org/ct").private is False
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example:{port}",  # DNS rebinding: a name the attacker controls, pointing here
+        "evil.example",
+        "127.0.0.1:1",  # the right address, another port
+        "localhost.evil.example:{port}",
+        "",
+    ],
+)
+def test_requests_for_other_hosts_are_refused(hub: LocalHub, api, host: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/private-data")
+    host = host.format(port=urlsplit(hub.url).port)
+    status, error = _post_raw(
+        hub.url,
+        "/api/repos/create",
+        _CREATE,
+        headers={"Content-Type": "application/json"},
+        host=host,
+    )
+    assert status in (400, 403) and "host" in error.lower(), error
+    assert not api.repo_exists("local-user/csrf")
+    status, error = _post_raw(
+        hub.url, "/api/models/org/private-data", b"", headers={}, host=host, method="GET"
+    )
+    assert status in (400, 403) and "host" in error.lower(), error
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST:{port}"])
+def test_loopback_host_names_are_accepted(hub: LocalHub, api, host: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/ok")
+    host = host.format(port=urlsplit(hub.url).port)
+    status, error = _post_raw(
+        hub.url, "/api/models/org/ok", b"", headers={}, host=host, method="GET"
+    )
+    assert status == 200, error
+
+
+def _serve_page(folder: Path) -> tuple[Callable[[], None], str]:
+    """Serve ``folder`` on another loopback port (another origin); returns (stop, base URL)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return stop, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+_ATTACK_JS = """async (hub) => {
+  const results = [];
+  const attempt = async (label, url, init) => {
+    try { const r = await fetch(url, init); results.push(label + ':' + r.status); }
+    catch (e) { results.push(label + ':blocked'); }
+  };
+  const create = JSON.stringify({name: 'csrf', organization: 'local-user'});
+  await attempt('text', hub + '/api/repos/create', {method: 'POST', body: create,
+      headers: {'Content-Type': 'text/plain'}});
+  await attempt('no-cors', hub + '/api/repos/create', {method: 'POST', mode: 'no-cors',
+      body: new Blob([create])});
+  const commit = JSON.stringify({key: 'header', value: {summary: 'pwned'}}) + '\\n' +
+      JSON.stringify({key: 'file', value: {path: 'pwned.txt', content: 'eA==', encoding: 'base64'}});
+  await attempt('commit', hub + '/api/models/org/victim/commit/main', {method: 'POST',
+      mode: 'no-cors', body: commit, headers: {'Content-Type': 'text/plain'}});
+  await attempt('json', hub + '/api/repos/create', {method: 'POST', body: create,
+      headers: {'Content-Type': 'application/json'}});
+  // A classic form post, too: navigation, no CORS at all.
+  const form = document.createElement('form');
+  form.method = 'POST'; form.action = hub + '/api/repos/create'; form.enctype = 'text/plain';
+  const input = document.createElement('input');
+  input.name = '{"name": "csrf-form", "organization": "local-user", "x": "';
+  input.value = '"}';
+  form.appendChild(input); document.body.appendChild(form);
+  return results;
+}"""
+
+
+@pytest.mark.parametrize("page_origin", ["file", "other-port"])
+def test_a_browser_page_elsewhere_cannot_write(
+    hub: LocalHub, api, tmp_path: Path, page_origin: str
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import chromium
+
+    api.create_repo("org/victim")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "attack.html").write_text("<!doctype html><title>attack</title><body></body>")
+    stop: Callable[[], None] = lambda: None  # noqa: E731
+    if page_origin == "file":
+        page_url = (site / "attack.html").as_uri()
+    else:
+        stop, base = _serve_page(site)
+        page_url = f"{base}/attack.html"
+    try:
+        with chromium() as browser:
+            page = browser.new_page()
+            page.goto(page_url)
+            results = page.evaluate(_ATTACK_JS, hub.url)
+            with page.expect_navigation(timeout=10_000):
+                page.evaluate("() => document.forms[0].submit()")
+            page.close()
+    finally:
+        stop()
+    # Whatever the browser let through, the hub refused it: nothing was created or committed.
+    assert not api.repo_exists("local-user/csrf"), results
+    assert not api.repo_exists("local-user/csrf-form"), results
+    assert api.list_repo_files("org/victim") == [".gitattributes"], results
+
+
+# --------------------------------------------------------------------------- resource bounds
+
+
+def _stored_blobs(root: Path, repo: str) -> set[str]:
+    objects = root / "repos" / "models" / repo / "objects"
+    return {p.parent.name + p.name for p in objects.glob("*/*")}
+
+
+def test_refused_commits_leave_no_blobs_behind(hub: LocalHub, api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import CommitOperationDelete
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    api.create_repo("org/gc")
+    head = api.model_info("org/gc").sha
+    api.create_commit("org/gc", operations=[_add("kept.txt", "kept")], commit_message="one")
+    before = _stored_blobs(hub.root, "org/gc")
+    with pytest.raises(HfHubHTTPError) as err:  # stale parent: 412
+        api.create_commit(
+            "org/gc",
+            operations=[_add("new.txt", "never committed"), _add("again.txt", "kept")],
+            commit_message="stale",
+            parent_commit=head,
+        )
+    assert err.value.response.status_code == 412
+    with pytest.raises(EntryNotFoundError):  # a missing file to delete: 404
+        api.create_commit(
+            "org/gc",
+            operations=[_add("other.txt", "also never"), CommitOperationDelete("missing.txt")],
+            commit_message="bad delete",
+        )
+    # The refused commits' new blobs are gone; a blob a real commit uses ("kept") stays.
+    assert _stored_blobs(hub.root, "org/gc") == before
+    assert git_blob_sha1(b"kept") in before
+    assert git_blob_sha1(b"never committed") not in before
+    path = api.hf_hub_download("org/gc", "kept.txt")
+    assert Path(path).read_text() == "kept"
+
+
+def _closed_by_server(sock: object, *, within: float) -> bool:
+    """Whether the server closes ``sock`` (EOF or reset) within ``within`` seconds."""
+    import socket
+
+    assert isinstance(sock, socket.socket)
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass  # an error answer before the close is fine
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_idle_connections_time_out_and_extra_ones_get_a_503(tmp_path: Path) -> None:
+    import socket
+
+    with LocalHub(tmp_path / "hub-root", read_timeout_s=2.5, max_connections=4) as server:
+        parts = urlsplit(server.url)
+        address = (parts.hostname, parts.port)
+        idle = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        half = socket.create_connection(address, timeout=10)
+        half.sendall(b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x")  # a request never finished
+        time.sleep(0.3)  # let the server take all four
+        try:
+            # A fifth connection is over the cap: answered 503 at once, not queued or held.
+            started = time.monotonic()
+            extra = _raw_get(server.url, "/api/whoami-v2")
+            assert _raw_status(extra) == 503, extra[:200]
+            assert time.monotonic() - started < 1.0
+            assert b"Retry-After" in extra
+            # The idle and half-open connections are closed by the server after the read
+            # timeout, freeing their slots.
+            for sock in [*idle, half]:
+                assert _closed_by_server(sock, within=5.0)
+        finally:
+            for sock in [*idle, half]:
+                sock.close()
+        time.sleep(0.2)
+        assert _raw_status(_raw_get(server.url, "/api/whoami-v2")) == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "fragment"),
+    [
+        ({"summary": "s" * 1001}, 400, "summary"),
+        ({"summary": "s", "description": "d" * 65_537}, 400, "description"),
+        ({"summary": "s", "description": "d" * (2 << 20)}, 413, "header"),  # the line itself
+    ],
+    ids=["summary", "description", "header-line"],
+)
+def test_commit_messages_are_bounded(
+    hub: LocalHub, api, header: dict[str, str], status: int, fragment: str
+) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/msg")
+    body = _ndjson(
+        {"key": "header", "value": header},
+        {"key": "file", "value": {"path": "a.txt", "content": "eA==", "encoding": "base64"}},
+    )
+    got, error = _post_raw(
+        hub.url,
+        "/api/models/org/msg/commit/main",
+        body,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert got == status and fragment in error.lower(), error
+    assert api.list_repo_files("org/msg") == [".gitattributes"]
+    # Right at the limits, a commit is fine.
+    info = api.create_commit(
+        "org/msg",
+        operations=[_add("a.txt", "x")],
+        commit_message="s" * 1000,
+        commit_description="d" * 65_536,
+    )
+    assert api.list_repo_commits("org/msg")[0].commit_id == info.oid
+
+
+# --------------------------------------------------------------------------- branches, tags, refs
+
+
+def test_branches_commits_and_downloads(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import BadRequestError, HfHubHTTPError, RevisionNotFoundError
+
+    api.create_repo("org/b")
+    first = api.create_commit("org/b", operations=[_add("a.txt", "v1")], commit_message="v1")
+    refs = api.list_repo_refs("org/b")
+    assert [(r.name, r.ref, r.target_commit) for r in refs.branches] == [
+        ("main", "refs/heads/main", first.oid)
+    ]
+    assert refs.tags == [] and refs.converts == []
+    assert api.list_repo_refs("org/b", include_pull_requests=True).pull_requests == []
+
+    api.create_branch("org/b", branch="dev")
+    with pytest.raises(HfHubHTTPError) as err:
+        api.create_branch("org/b", branch="dev")
+    assert err.value.response.status_code == 409
+    api.create_branch("org/b", branch="dev", exist_ok=True)
+    on_dev = api.upload_file(
+        path_or_fileobj=b"dev only", path_in_repo="b.txt", repo_id="org/b", revision="dev"
+    )
+    assert api.list_repo_files("org/b") == [".gitattributes", "a.txt"]  # main untouched
+    assert api.list_repo_files("org/b", revision="dev") == [".gitattributes", "a.txt", "b.txt"]
+    assert api.model_info("org/b", revision="dev").sha == on_dev.oid
+    assert Path(hf_hub_download("org/b", "b.txt", revision="dev")).read_text() == "dev only"
+    snapshot = Path(snapshot_download("org/b", revision="dev"))
+    assert (snapshot / "b.txt").read_text() == "dev only"
+    assert [c.title for c in api.list_repo_commits("org/b", revision="dev")][:2] == [
+        "Upload b.txt with huggingface_hub",
+        "v1",
+    ]
+
+    # A branch with a slash, from an older commit; then a commit on it with parent_commit.
+    api.create_branch("org/b", branch="feature/x", revision=first.oid)
+    feature = api.create_commit(
+        "org/b",
+        operations=[_add("c.txt", "c")],
+        commit_message="feature",
+        revision="feature/x",
+        parent_commit=first.oid,
+    )
+    branches = {r.name: r.target_commit for r in api.list_repo_refs("org/b").branches}
+    assert branches == {"main": first.oid, "dev": on_dev.oid, "feature/x": feature.oid}
+    assert Path(hf_hub_download("org/b", "c.txt", revision="feature/x")).read_text() == "c"
+
+    with pytest.raises(BadRequestError):
+        api.create_branch("org/b", branch="refs/pr/1")
+    with pytest.raises(BadRequestError):
+        api.create_branch("org/b", branch="bad..name")
+    with pytest.raises(RevisionNotFoundError):
+        api.create_branch("org/b", branch="from-nowhere", revision="no-such-branch")
+    with pytest.raises(RevisionNotFoundError):
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="org/b", revision="nope")
+
+    api.delete_branch("org/b", branch="dev")
+    assert {r.name for r in api.list_repo_refs("org/b").branches} == {"main", "feature/x"}
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("org/b", revision="dev")
+    with pytest.raises(HfHubHTTPError) as err:
+        api.delete_branch("org/b", branch="dev")
+    assert err.value.response.status_code == 404
+    with pytest.raises(HfHubHTTPError) as err:
+        api.delete_branch("org/b", branch="main")
+    assert err.value.response.status_code in (400, 403)
+    assert "default branch" in str(err.value)
+
+
+def test_tags_and_short_shas_are_revisions(api, hub: LocalHub) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+
+    api.create_repo("org/t")
+    v1 = api.create_commit("org/t", operations=[_add("a.txt", "one")], commit_message="v1")
+    v2 = api.create_commit("org/t", operations=[_add("a.txt", "two")], commit_message="v2")
+    api.create_tag("org/t", tag="v1.0", revision=v1.oid, tag_message="first release")
+    api.create_tag("org/t", tag="latest")  # main, by default
+    with pytest.raises(HfHubHTTPError) as err:
+        api.create_tag("org/t", tag="v1.0")
+    assert err.value.response.status_code == 409
+    api.create_tag("org/t", tag="v1.0", exist_ok=True)
+    tags = {r.name: (r.ref, r.target_commit) for r in api.list_repo_refs("org/t").tags}
+    assert tags == {"v1.0": ("refs/tags/v1.0", v1.oid), "latest": ("refs/tags/latest", v2.oid)}
+
+    assert api.model_info("org/t", revision="v1.0").sha == v1.oid
+    assert api.list_repo_commits("org/t", revision="v1.0")[0].commit_id == v1.oid
+    assert Path(hf_hub_download("org/t", "a.txt", revision="v1.0")).read_text() == "one"
+    assert api.model_info("org/t", revision="refs/tags/v1.0").sha == v1.oid
+    assert api.model_info("org/t", revision="refs/heads/main").sha == v2.oid
+    # Tags are not branches: no commits onto them.
+    with pytest.raises(RevisionNotFoundError):
+        api.create_commit("org/t", operations=[_add("x", "x")], commit_message="x", revision="v1.0")
+
+    # Short SHAs: a unique prefix of 7 or more hex digits.
+    for prefix in (v1.oid[:7], v1.oid[:12], v1.oid[:39]):
+        assert api.model_info("org/t", revision=prefix).sha == v1.oid
+    assert Path(hf_hub_download("org/t", "a.txt", revision=v1.oid[:8])).read_text() == "one"
+    status, _, headers = _request(hub.url, "HEAD", f"/org/t/resolve/{v1.oid[:7]}/a.txt")
+    assert status == 200 and headers["x-repo-commit"] == v1.oid
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("org/t", revision=v1.oid[:6])  # too short to mean a commit
+    # An ambiguous prefix names no commit.
+    commits = hub.root / "repos/models/org/t/commits"
+    twin = commits / (v1.oid[:7] + "f" * 33 + ".json")
+    if not twin.exists():
+        twin.write_bytes((commits / f"{v1.oid}.json").read_bytes())
+        with pytest.raises(RevisionNotFoundError, match="ambiguous"):
+            api.model_info("org/t", revision=v1.oid[:7])
+        twin.unlink()
+
+    api.delete_tag("org/t", tag="v1.0")
+    assert [r.name for r in api.list_repo_refs("org/t").tags] == ["latest"]
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("org/t", revision="v1.0")
+
+
+def test_list_repos_with_author_and_search(api) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/bert-small")
+    api.create_repo("org/bert-large")
+    api.create_repo("other/gpt-tiny")
+    api.create_repo("org/reviews", repo_type="dataset")
+    api.create_repo("other/bert-data", repo_type="dataset")
+    api.create_repo("org/demo", repo_type="space", space_sdk="gradio")
+    api.upload_file(
+        path_or_fileobj=b"---\ntags: [hubtune]\n---\n",
+        path_in_repo="README.md",
+        repo_id="org/bert-small",
+    )
+
+    def ids(items) -> list[str]:  # type: ignore[no-untyped-def]
+        return sorted(i.id for i in items)
+
+    assert ids(api.list_models()) == ["org/bert-large", "org/bert-small", "other/gpt-tiny"]
+    assert ids(api.list_models(author="org")) == ["org/bert-large", "org/bert-small"]
+    assert ids(api.list_models(search="bert")) == ["org/bert-large", "org/bert-small"]
+    assert ids(api.list_models(search="GPT")) == ["other/gpt-tiny"]  # case-insensitive
+    assert ids(api.list_models(author="other", search="bert")) == []
+    assert len(list(api.list_models(limit=1))) == 1
+    assert ids(api.list_models(filter="hubtune")) == ["org/bert-small"]
+    (small,) = [m for m in api.list_models(author="org", full=True) if m.id == "org/bert-small"]
+    assert small.sha == api.model_info("org/bert-small").sha
+    assert {s.rfilename for s in small.siblings or []} == {".gitattributes", "README.md"}
+    assert ids(api.list_datasets(author="org")) == ["org/reviews"]
+    assert ids(api.list_datasets(search="bert")) == ["other/bert-data"]
+    assert ids(api.list_spaces(author="org")) == ["org/demo"]
+    assert ids(api.list_spaces(search="nothing")) == []
+
+
+def test_pull_requests_are_refused_clearly(api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub.errors import BadRequestError
+
+    api.create_repo("org/pr")
+    with pytest.raises(BadRequestError, match="[Pp]ull requests are not supported by the local"):
+        api.create_pull_request("org/pr", title="please merge")
+    with pytest.raises(BadRequestError, match="[Pp]ull requests are not supported by the local"):
+        api.create_commit(
+            "org/pr", operations=[_add("a.txt", "a")], commit_message="pr", create_pr=True
+        )
+    with pytest.raises(BadRequestError, match="not supported by the local"):
+        api.create_discussion("org/pr", title="a question")
+    assert api.list_repo_files("org/pr") == [".gitattributes"]
+
+
+# --------------------------------------------------------------------------- Git LFS
+
+
+def _lfs_records(root: Path, repo: str) -> dict[str, dict[str, object]]:
+    """The manifest of a repo's head commit, as stored (server-side record of LFS files)."""
+    folder = root / "repos" / "models" / repo
+    head = (folder / "refs" / "heads" / "main").read_text().strip()
+    files: dict[str, dict[str, object]] = json.loads(
+        (folder / "commits" / f"{head}.json").read_text()
+    )["files"]
+    return files
+
+
+def test_large_files_go_through_lfs_and_download_bit_identical(
+    hub: LocalHub, api, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    caplog.set_level(logging.INFO, logger="hubtune.hubserver")
+    api.create_repo("org/big")
+    rng = np.random.default_rng(0)
+    big = rng.bytes((10 << 20) + 1)  # just above the 10 MiB threshold
+    weights = rng.bytes(4096)  # small, but *.safetensors: LFS by .gitattributes
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "data.txt").write_bytes(big)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "notes.txt").write_text("small and inline")
+    info = api.upload_folder(repo_id="org/big", folder_path=folder)
+
+    records = _lfs_records(hub.root, "org/big")
+    assert records["data.txt"]["lfs"] == hashlib.sha256(big).hexdigest()
+    assert records["model.safetensors"]["lfs"] == hashlib.sha256(weights).hexdigest()
+    assert "lfs" not in records["notes.txt"]
+    # Through the LFS batch API and one plain PUT per object (no multipart), never inline.
+    puts = [
+        r.getMessage()
+        for r in caplog.records
+        if '"PUT /org/big.git/info/lfs/objects/' in r.getMessage()
+    ]
+    assert len(puts) == 2
+    assert all("signature=<redacted>" in put for put in puts)  # the link's authority stays out
+    assert sum("LFS upload of" in r.getMessage() for r in caplog.records) == 2
+    assert not (hub.root / "repos/models/org/big/objects" / git_blob_sha1(big)[:2]).exists()
+
+    # The clients see what the Hub shows for LFS files...
+    entries = {e.path: e for e in api.list_repo_tree("org/big")}
+    assert entries["data.txt"].lfs.sha256 == hashlib.sha256(big).hexdigest()
+    assert entries["data.txt"].size == len(big) and entries["notes.txt"].lfs is None
+    sibling = {s.rfilename: s for s in api.model_info("org/big").siblings or []}["data.txt"]
+    assert sibling.lfs is not None and sibling.lfs.size == len(big)
+    status, _, headers = _request(hub.url, "HEAD", "/org/big/resolve/main/data.txt")
+    assert status == 200
+    assert headers["x-linked-etag"] == headers["etag"] == f'"{hashlib.sha256(big).hexdigest()}"'
+    assert headers["x-linked-size"] == headers["content-length"] == str(len(big))
+    # ... and download the same bytes, whole, in ranges, and in a snapshot.
+    assert Path(hf_hub_download("org/big", "data.txt")).read_bytes() == big
+    status, body, _ = _request(
+        hub.url, "GET", "/org/big/resolve/main/data.txt", headers={"Range": "bytes=1000-1999"}
+    )
+    assert status == 206 and body == big[1000:2000]
+    snapshot = Path(snapshot_download("org/big", revision=info.oid))
+    assert (snapshot / "model.safetensors").read_bytes() == weights
+    assert (snapshot / "notes.txt").read_text() == "small and inline"
+
+    # Uploading the same content again skips the transfer (the object is already stored).
+    again = api.upload_file(path_or_fileobj=big, path_in_repo="copy.txt", repo_id="org/big")
+    assert _lfs_records(hub.root, "org/big")["copy.txt"]["lfs"] == records["data.txt"]["lfs"]
+    assert sum("LFS upload of" in r.getMessage() for r in caplog.records) == 2
+    assert api.model_info("org/big").sha == again.oid
+
+
+def _lfs_batch(
+    hub: LocalHub, repo: str, oid: str, size: int, headers: dict[str, str] | None = None
+):  # type: ignore[no-untyped-def]
+    payload = {
+        "operation": "upload",
+        "transfers": ["basic", "multipart"],
+        "objects": [{"oid": oid, "size": size}],
+        "hash_algo": "sha256",
+    }
+    return _request(
+        hub.url,
+        "POST",
+        f"/{repo}.git/info/lfs/objects/batch",
+        json.dumps(payload).encode(),
+        headers={"Content-Type": "application/vnd.git-lfs+json", **(headers or {})},
+    )
+
+
+def test_corrupt_or_forged_lfs_uploads_store_nothing(hub: LocalHub, api) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    api.create_repo("org/lfs")
+    data = os.urandom(100_000)
+    oid = hashlib.sha256(data).hexdigest()
+    status, body, _ = _lfs_batch(hub, "org/lfs", oid, len(data))
+    assert status == 200
+    (answer,) = json.loads(body)["objects"]
+    href = urlsplit(answer["actions"]["upload"]["href"])
+    assert "chunk_size" not in answer["actions"]["upload"].get("header", {})  # no multipart
+    target = f"{href.path}?{href.query}"
+    lfs_dir = hub.root / "repos/models/org/lfs/lfs"
+
+    def stored() -> list[Path]:
+        return [p for p in [*lfs_dir.rglob("*"), *(hub.root / "tmp").rglob("*")] if p.is_file()]
+
+    corrupt = bytearray(data)
+    corrupt[500] ^= 0xFF
+    status, body, _ = _request(hub.url, "PUT", target, bytes(corrupt))
+    assert status == 400 and "sha256" in json.loads(body)["error"]
+    status, body, _ = _request(hub.url, "PUT", target, data + b"extra")
+    assert status == 400
+    status, body, _ = _request(hub.url, "PUT", target.replace("signature=", "signature=0"), data)
+    assert status == 403
+    forged = target.replace(f"size={len(data)}", f"size={len(data) + 1}")
+    status, body, _ = _request(hub.url, "PUT", forged, data + b"x")
+    assert status == 403
+    assert stored() == []
+    # A commit cannot reference the object that never arrived.
+    commit = _ndjson(
+        {"key": "header", "value": {"summary": "x"}},
+        {
+            "key": "lfsFile",
+            "value": {"path": "w.bin", "algo": "sha256", "oid": oid, "size": len(data)},
+        },
+    )
+    status, body, _ = _request(
+        hub.url,
+        "POST",
+        "/api/models/org/lfs/commit/main",
+        commit,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert status == 400 and "not uploaded" in json.loads(body)["error"]
+    # The right bytes are taken, verified, and then committable.
+    status, _, _ = _request(hub.url, "PUT", target, data)
+    assert status == 200
+    verify = json.dumps({"oid": oid, "size": len(data)}).encode()
+    status, _, _ = _request(
+        hub.url,
+        "POST",
+        "/org/lfs.git/info/lfs/verify",
+        verify,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 200
+    status, body, _ = _request(
+        hub.url,
+        "POST",
+        "/api/models/org/lfs/commit/main",
+        commit,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert status == 200, body
+    assert Path(api.hf_hub_download("org/lfs", "w.bin")).read_bytes() == data
+
+
+def test_lfs_writes_need_the_token(tmp_path: Path, aim: Callable[..., None]) -> None:
+    import hashlib
+
+    from huggingface_hub import HfApi
+
+    with LocalHub(tmp_path / "hub-root", token=TOKEN) as server:
+        aim(server.url)
+        owner = HfApi(endpoint=server.url, token=TOKEN)
+        owner.create_repo("org/open-lfs")  # public: only the token check can refuse
+        data = os.urandom(1000)
+        oid = hashlib.sha256(data).hexdigest()
+        verify = json.dumps({"oid": oid, "size": len(data)}).encode()
+        for auth in ({}, {"Authorization": "Bearer wrong"}):
+            status, _, _ = _lfs_batch(server, "org/open-lfs", oid, len(data), headers=auth)  # type: ignore[arg-type]
+            assert status == 401
+            status, _, _ = _request(
+                server.url,
+                "POST",
+                "/org/open-lfs.git/info/lfs/verify",
+                verify,
+                headers={"Content-Type": "application/json", **auth},
+            )
+            assert status == 401
+        # The owner's upload goes through (the signed PUT carries no token, as on the Hub),
+        # also to a private repo.
+        owner.create_repo("org/secret-lfs", private=True)
+        owner.upload_file(
+            path_or_fileobj=data, path_in_repo="w.safetensors", repo_id="org/secret-lfs"
+        )
+        path = owner.hf_hub_download("org/secret-lfs", "w.safetensors")
+        assert Path(path).read_bytes() == data
+        status, _, _ = _request(server.url, "GET", "/org/secret-lfs/resolve/main/w.safetensors")
+        assert status == 404  # private: no token, no file
+
+
+def test_xet_clients_are_told_how_to_use_lfs(hub: LocalHub) -> None:
+    status, body, headers = _request(hub.url, "GET", "/api/models/org/any/xet-write-token/main")
+    assert status == 400
+    assert "HF_HUB_DISABLE_XET=1" in json.loads(body)["error"]
+
+
+def test_lfs_can_be_turned_off(tmp_path: Path, aim: Callable[..., None]) -> None:
+    from huggingface_hub import HfApi
+
+    with LocalHub(tmp_path / "hub-root", lfs_threshold=None) as server:
+        aim(server.url)
+        api = HfApi(endpoint=server.url, token=False)
+        api.create_repo("org/inline")
+        data = os.urandom(50_000)
+        api.upload_file(path_or_fileobj=data, path_in_repo="w.safetensors", repo_id="org/inline")
+        files = _lfs_records(server.root, "org/inline")
+        assert files["w.safetensors"] == {"oid": git_blob_sha1(data), "size": len(data)}
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "expected"),
+    [
+        ("small.txt", 10, False),
+        ("big.txt", 10 << 20, True),
+        ("nested/dir/model.safetensors", 10, True),
+        ("weights.bin", 1, True),
+        ("empty.safetensors", 0, False),  # empty files are always inline
+        ("data/train.parquet", 100, True),
+        ("only/here.md", 5, True),  # a pattern with a slash matches the whole path
+        ("elsewhere/only/here.md", 5, False),
+        ("unset.bin.txt", 5, False),
+    ],
+)
+def test_which_files_go_through_lfs(path: str, size: int, expected: bool) -> None:
+    from hubtune.hubserver.lfs import lfs_patterns, wants_lfs
+    from hubtune.hubserver.storage import GITATTRIBUTES
+
+    patterns = lfs_patterns(
+        GITATTRIBUTES
+        + b"/only/here.md filter=lfs\n# comment\n*.bin.txt filter=lfs\n*.bin.txt -filter\n"
+    )
+    assert wants_lfs(path, size, patterns=patterns, threshold=10 << 20) is expected
+    assert wants_lfs(path, size, patterns=patterns, threshold=None) is False
+
+
+# --------------------------------------------------------------------------- path validation
+
+# Paths that could leave the repo (or the storage root) once a client or a server joins them
+# to a folder, or that git itself refuses. JSON bodies carry them as they are; URLs carry them
+# percent-encoded, and once more encoded, since a second decoding is a classic bypass.
+_BAD_PATHS = [
+    "../../escape.txt",
+    "..",
+    "a/../../escape.txt",
+    "/etc/escape.txt",
+    ".git/config",
+    "sub/.git/hooks/x",
+    "%2e%2e/%2e%2e/escape.txt",
+    "%2E%2E%2Fescape.txt",
+    "..\\..\\escape.txt",
+    "a\\b.txt",
+    "nul\x00.txt",
+    "cr\r.txt",
+    "a//b.txt",
+    "./a.txt",
+]
+
+
+def _assert_nothing_escaped(tmp_path: Path, root: Path) -> None:
+    outside = [
+        p
+        for p in tmp_path.rglob("*escape*")
+        if root not in p.parents and "client-cache" not in p.parts
+    ]
+    assert outside == [], outside
+
+
+@pytest.mark.parametrize("bad", _BAD_PATHS)
+@pytest.mark.parametrize("key", ["file", "lfsFile", "deletedFile", "deletedFolder"])
+def test_commit_paths_are_validated(hub: LocalHub, api, tmp_path: Path, key: str, bad: str) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    api.create_repo("org/paths")
+    value: dict[str, object] = {"path": bad}
+    if key == "file":
+        value |= {"content": base64.b64encode(b"escaped").decode(), "encoding": "base64"}
+    elif key == "lfsFile":  # an object that is stored, so only the path can be refused
+        api.upload_file(
+            path_or_fileobj=b"weights", path_in_repo="ok.safetensors", repo_id="org/paths"
+        )
+        value |= {"algo": "sha256", "oid": hashlib.sha256(b"weights").hexdigest(), "size": 7}
+    body = _ndjson({"key": "header", "value": {"summary": "escape"}}, {"key": key, "value": value})
+    before = api.list_repo_files("org/paths")
+    status, error = _post_raw(
+        hub.url,
+        "/api/models/org/paths/commit/main",
+        body,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert status == 400 and "path" in error.lower(), (status, error)
+    assert api.list_repo_files("org/paths") == before
+    _assert_nothing_escaped(tmp_path, hub.root)
+
+
+@pytest.mark.parametrize("bad", _BAD_PATHS)
+def test_preupload_paths_are_validated(hub: LocalHub, api, bad: str) -> None:  # type: ignore[no-untyped-def]
+    api.create_repo("org/paths")
+    body = json.dumps({"files": [{"path": bad, "size": 1, "sample": ""}]}).encode()
+    status, error = _post_raw(
+        hub.url,
+        "/api/models/org/paths/preupload/main",
+        body,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400 and "path" in error.lower(), (status, error)
+
+
+@pytest.mark.parametrize("bad", _BAD_PATHS)
+@pytest.mark.parametrize("route", ["resolve", "tree", "paths-info"])
+def test_read_paths_are_validated(hub: LocalHub, api, route: str, bad: str) -> None:  # type: ignore[no-untyped-def]
+    from urllib.parse import quote
+
+    api.create_repo("org/paths")
+    api.create_commit("org/paths", operations=[_add("dir/a.txt", "a")], commit_message="a")
+    for encoded in {
+        quote(bad, safe="/"),
+        quote(quote(bad, safe="/"), safe="/"),
+        quote(bad, safe=""),
+    }:
+        if route == "paths-info":
+            form = f"paths={quote(bad, safe='')}&expand=false".encode()
+            status, error = _post_raw(
+                hub.url,
+                "/api/models/org/paths/paths-info/main",
+                form,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+        else:
+            prefix = (
+                "/org/paths/resolve/main/"
+                if route == "resolve"
+                else "/api/models/org/paths/tree/main/"
+            )
+            status, error = _post_raw(hub.url, prefix + encoded, b"", headers={}, method="GET")
+        assert status == 400 and "path" in error.lower(), (encoded, status, error)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def _token_hub(tmp_path: Path, aim: Callable[..., None]):  # type: ignore[no-untyped-def]
+    """A hub with a token, a public repo (org/pub: branch dev, tag v0) and a private one."""
+    from huggingface_hub import HfApi
+
+    server = LocalHub(tmp_path / "hub-root", token=TOKEN)
+    server.start()
+    aim(server.url)
+    owner = HfApi(endpoint=server.url, token=TOKEN)
+    owner.create_repo("org/pub")
+    owner.create_branch("org/pub", branch="dev")
+    owner.create_tag("org/pub", tag="v0")
+    owner.create_repo("org/priv", private=True)
+    owner.create_commit("org/priv", operations=[_add("s.txt", "secret")], commit_message="s")
+    return server, owner
+
+
+_PUB_COMMIT = _ndjson(
+    {"key": "header", "value": {"summary": "x"}},
+    {"key": "file", "value": {"path": "x.txt", "content": "eA==", "encoding": "base64"}},
+)
+_JSON_CT = {"Content-Type": "application/json"}
+_LFS_CT = {"Content-Type": "application/vnd.git-lfs+json"}
+_LFS_BATCH_BODY = json.dumps(
+    {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": "a" * 64, "size": 1}]}
+).encode()
+
+# (method, target, headers, body) of every write route, on the public repo.
+_WRITES: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("POST", "/api/repos/create", _JSON_CT, b'{"name": "new", "organization": "org"}'),
+    ("DELETE", "/api/repos/delete", _JSON_CT, b'{"name": "pub", "organization": "org"}'),
+    ("PUT", "/api/models/org/pub/settings", _JSON_CT, b'{"private": true}'),
+    (
+        "POST",
+        "/api/models/org/pub/preupload/main",
+        _JSON_CT,
+        b'{"files": [{"path": "x.txt", "size": 1}]}',
+    ),
+    (
+        "POST",
+        "/api/models/org/pub/commit/main",
+        {"Content-Type": "application/x-ndjson"},
+        _PUB_COMMIT,
+    ),
+    ("POST", "/api/models/org/pub/branch/new", _JSON_CT, b"{}"),
+    ("DELETE", "/api/models/org/pub/branch/dev", {}, b""),
+    ("POST", "/api/models/org/pub/tag/main", _JSON_CT, b'{"tag": "v1"}'),
+    ("DELETE", "/api/models/org/pub/tag/v0", {}, b""),
+    ("POST", "/org/pub.git/info/lfs/objects/batch", _LFS_CT, _LFS_BATCH_BODY),
+    (
+        "POST",
+        "/org/pub.git/info/lfs/verify",
+        _JSON_CT,
+        json.dumps({"oid": "a" * 64, "size": 1}).encode(),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "auth", [{}, {"Authorization": "Bearer wrong-token"}], ids=["missing", "wrong"]
+)
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "body"), _WRITES, ids=[f"{m} {t}" for m, t, _, _ in _WRITES]
+)
+def test_every_write_needs_the_token(
+    tmp_path: Path,
+    aim: Callable[..., None],
+    auth: dict[str, str],
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    server, owner = _token_hub(tmp_path, aim)
+    try:
+        state = (
+            owner.list_repo_files("org/pub"),
+            owner.list_repo_refs("org/pub"),
+            owner.model_info("org/pub").private,
+        )
+        status, error = _post_raw(server.url, target, body, headers=headers | auth, method=method)
+        assert status == 401, (status, error)
+        assert owner.repo_exists("org/pub") and not owner.repo_exists("org/new")
+        after = (
+            owner.list_repo_files("org/pub"),
+            owner.list_repo_refs("org/pub"),
+            owner.model_info("org/pub").private,
+        )
+        assert after == state
+        # The owner's token is accepted on the same route (not a 401).
+        status, error = _post_raw(
+            server.url,
+            target,
+            body,
+            headers=headers | {"Authorization": f"Bearer {TOKEN}"},
+            method=method,
+        )
+        assert status != 401, error
+    finally:
+        server.stop()
+
+
+_PRIVATE_READS: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("GET", "/api/models/org/priv", {}, b""),
+    ("GET", "/api/models/org/priv/revision/main", {}, b""),
+    ("GET", "/api/models/org/priv/tree/main", {}, b""),
+    (
+        "POST",
+        "/api/models/org/priv/paths-info/main",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        b"paths=s.txt",
+    ),
+    ("GET", "/api/models/org/priv/commits/main", {}, b""),
+    ("GET", "/api/models/org/priv/refs", {}, b""),
+    ("GET", "/org/priv/resolve/main/s.txt", {}, b""),
+    ("HEAD", "/org/priv/resolve/main/s.txt", {}, b""),
+]
+
+
+@pytest.mark.parametrize(
+    "auth", [{}, {"Authorization": "Bearer wrong-token"}], ids=["missing", "wrong"]
+)
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "body"),
+    _PRIVATE_READS,
+    ids=[f"{m} {t}" for m, t, _, _ in _PRIVATE_READS],
+)
+def test_private_repos_need_the_token_on_every_read(
+    tmp_path: Path,
+    aim: Callable[..., None],
+    auth: dict[str, str],
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    server, _ = _token_hub(tmp_path, aim)
+    try:
+        status, error = _post_raw(server.url, target, body, headers=headers | auth, method=method)
+        assert status == 404, (status, error)
+        status, error = _post_raw(
+            server.url,
+            target,
+            body,
+            headers=headers | {"Authorization": f"Bearer {TOKEN}"},
+            method=method,
+        )
+        assert status == 200, (status, error)
+    finally:
+        server.stop()
+
+
+def test_private_repos_are_not_listed_without_the_token(
+    tmp_path: Path, aim: Callable[..., None]
+) -> None:
+    from huggingface_hub import HfApi
+
+    server, owner = _token_hub(tmp_path, aim)
+    try:
+        for client in (
+            HfApi(endpoint=server.url, token=False),
+            HfApi(endpoint=server.url, token="wrong"),
+        ):
+            assert sorted(m.id for m in client.list_models(author="org")) == ["org/pub"]
+        assert sorted(m.id for m in owner.list_models(author="org")) == ["org/priv", "org/pub"]
+    finally:
+        server.stop()
+
+
+def test_commit_ids_do_not_depend_on_lfs(tmp_path: Path, aim: Callable[..., None]) -> None:
+    """Recipes pin commit SHAs of seeded repos: a file must count by its content, not by how it
+    was uploaded (LFS or inline), or every pin made before LFS breaks."""
+    from huggingface_hub import HfApi
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(1).bytes(50_000))
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    shas = []
+    for threshold in (10 << 20, None):
+        with LocalHub(tmp_path / f"hub-{threshold}", lfs_threshold=threshold) as server:
+            aim(server.url, f"cache-{threshold}")
+            api = HfApi(endpoint=server.url, token=False)
+            api.create_repo("org/pinned")
+            shas.append(
+                api.upload_folder(repo_id="org/pinned", folder_path=folder, commit_message="m").oid
+            )
+            stored = _lfs_records(server.root, "org/pinned")["model.safetensors"]
+            assert ("lfs" in stored) is (threshold is not None)
+            assert stored["oid"] == git_blob_sha1((folder / "model.safetensors").read_bytes())
+    assert shas[0] == shas[1]
