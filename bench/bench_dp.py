@@ -410,9 +410,24 @@ class StepTimer:
         self.measure_steps = measure_steps
         self.events: list[dict[str, Any]] = []
         self.settings: dict[str, Any] = {}
+        self._last: tuple[Any, ...] | None = None
 
     def wrap(self, iterable: Any, optimizer: Any = None) -> _Timed:
         return _Timed(self, iterable, optimizer)
+
+    def on_step(self, info: Any) -> None:
+        """hubtune's public per-step hook (``run_recipe(on_step=...)``): one event per step.
+
+        Each optimizer step (under DP, one logical Poisson batch) is timed from the end of the
+        previous one, so data loading and collation are included; the first step only marks the
+        start (keep ``warmup_steps`` >= 1).
+        """
+        stamp = (info.time, machine_busy_seconds(), time.process_time(), _rss_mib())
+        if not self.events:
+            self.settings = torch_settings()
+        start = self._last if self._last is not None else stamp
+        self.events.append({"start": start, "end": stamp, "n": info.examples, "step_end": True})
+        self._last = stamp
 
     def summary(self) -> dict[str, Any]:
         done = [e for e in self.events if "end" in e]
@@ -514,23 +529,14 @@ def worker_hubtune(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from hubtune import load_recipe, run_recipe
-    from hubtune import train as train_module
 
     rss_after_import = _rss_mib()
-    timer = StepTimer(spec["warmup_steps"], spec["measure_steps"])
-    original = train_module._progress
-
-    def progress(iterable: Any, accelerator: Any, desc: str) -> Any:
-        bar = original(iterable, accelerator, desc)
-        if not desc.startswith("epoch"):
-            return bar  # feature caching: not timed
-        sampler = getattr(iterable, "batch_sampler", None)
-        return timer.wrap(bar, getattr(sampler, "optimizer", None))
-
-    train_module._progress = progress
+    timer = StepTimer(max(1, spec["warmup_steps"]), spec["measure_steps"])
     recipe = load_recipe(spec["recipe"], overrides=spec["overrides"])
     t0 = time.perf_counter()
-    result = run_recipe(recipe, overwrite=True, recipe_source=str(spec["recipe"]))
+    result = run_recipe(
+        recipe, overwrite=True, recipe_source=str(spec["recipe"]), on_step=timer.on_step
+    )
     wall = time.perf_counter() - t0
     info = json.loads((result.run_dir / "run.json").read_text())
     out = {
@@ -1287,11 +1293,10 @@ def throughput_markdown(p: dict[str, Any]) -> str:
         "## Notes",
         "",
         f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
-        "- Timing: `hubtune.train._progress` (the progress-bar wrapper around the training "
-        "loader) is wrapped so that every physical batch is stamped when the loop fetches it "
-        "and when it asks for the next one; the logical step ends where Opacus' DP optimizer "
-        "did not skip the step. Everything else is hubtune's own loop (`_dp_epoch` for DP, the "
-        "Accelerate loop otherwise).",
+        "- Timing: hubtune's public per-step hook (`run_recipe(on_step=...)`) stamps the end "
+        "of every optimizer step (under DP, every logical Poisson batch); a step is timed from "
+        "the end of the previous one, data loading included. Everything else is hubtune's own "
+        "loop (`hubtune.privacy.loop.dp_epoch` for DP, the Accelerate loop otherwise).",
         "- 's / logical step' for non-DP rows is the time for the same number of samples as "
         "one expected DP logical batch.",
         "- Peak RSS is `ru_maxrss` of the configuration's own process (model loading, data, "

@@ -4,7 +4,7 @@ Models are built from configs at real sizes (BERT-base, RoBERTa-large, GPT-2) wi
 weights (speed does not depend on the weights), sequence length 128, bf16 autocast, batch 32
 (``--batch``: the non-DP batch and the DP expected Poisson batch; ``--physical`` caps DP's
 physical batches). DP runs go through hubtune's own DP path (``hubtune.privacy.prepare_private``
-and the training loop's ``train._dp_epoch``: Poisson sampling, Opacus GradSampleModule / ghost
+and the training loop's ``hubtune.privacy.loop.dp_epoch``: Poisson sampling, Opacus GradSampleModule / ghost
 clipping, BatchMemoryManager, hubtune's checks), and, for
 comparison, through a plain hand-written Opacus loop (``PrivacyEngine.make_private`` +
 BatchMemoryManager), back to back on the same device.
@@ -260,7 +260,7 @@ def _run_hubtune(
     warmup: int,
     mode: str,
 ) -> tuple[float, int, int]:
-    """Time hubtune's DP setup and its own epoch loop (``train._dp_epoch``), as ``hubtune run``.
+    """Time hubtune's DP setup and its own epoch loop (``hubtune.privacy.loop.dp_epoch``), as ``hubtune run``.
 
     That is everything a training step costs there: the Accelerate autocast, position ids, the
     length-sorted Poisson batches split by BatchMemoryManager, the loss and weights checks, the
@@ -269,8 +269,8 @@ def _run_hubtune(
     from accelerate import Accelerator
 
     from hubtune.privacy import forward_takes_position_ids, prepare_private
+    from hubtune.privacy.loop import dp_epoch
     from hubtune.recipe import PrivacySection
-    from hubtune.train import _dp_epoch
 
     section = PrivacySection(
         enabled=True,
@@ -300,7 +300,7 @@ def _run_hubtune(
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def epoch(initial: Any) -> tuple[int, list[int]]:
-        _, seen, _, sizes = _dp_epoch(
+        _, seen, _, sizes = dp_epoch(
             accelerator=accelerator,
             run=run,
             forward=lambda module, batch: module(**batch).logits,

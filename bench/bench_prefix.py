@@ -50,7 +50,8 @@ def main() -> None:
     )
     from hubtune.privacy import add_position_ids
     from hubtune.recipe import LoraMethod
-    from hubtune.train import _collator, _encode
+    from hubtune.tasks.text_classification import collator as _collator
+    from hubtune.tasks.text_classification import encode as _encode
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64, help="physical batch")

@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import hardware  # noqa: E402
 
 from hubtune.io import atomic_write_text  # noqa: E402
+from hubtune.pipeline import run_recipe  # noqa: E402
 from hubtune.recipe import Recipe  # noqa: E402
-from hubtune.train import run_recipe  # noqa: E402
 from hubtune.vision_assets import EFFICIENTNET_LITE0_REPO  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

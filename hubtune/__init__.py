@@ -16,7 +16,7 @@ def __getattr__(
     name: str,
 ):  # lazy: importing torch/transformers is slow, keep `hubtune --help` fast
     if name == "run_recipe":
-        from hubtune.train import run_recipe
+        from hubtune.pipeline import run_recipe
 
         return run_recipe
     raise AttributeError(name)

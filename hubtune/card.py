@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,21 +34,17 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hubtune.audit.public import not_covered_by_dp, public_audit
 from hubtune.io import atomic_write_text
-from hubtune.model import GROUPNORM_FILE
 from hubtune.privacy import guarantee_is_void
+from hubtune.rundir import CARD_DIR, public_path, scrub
+from hubtune.tasks import get_task
 
 __all__ = ["CARD_DIR", "CardError", "base_model_source", "build_card", "public_path", "write_card"]
 
 logger = logging.getLogger(__name__)
 
-CARD_DIR = "card"
 TEMPLATE = Path(__file__).parent / "templates" / "modelcard.md.j2"
 _DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
-# An absolute or home-relative POSIX path of at least two parts (not a URL, not a relative path).
-_ABS_PATH = re.compile(r"(?<![\w:/.~])(?:~/|/)(?:[\w.@+-]+/)+[\w.@+-]*")
-_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 _HUGGINGFACE_CO = "https://huggingface.co"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -139,20 +134,6 @@ def _md(text: Any) -> str:
         .replace(">", "&gt;")
         .replace("\n", " ")
     )
-
-
-def public_path(value: str | None) -> str | None:
-    """A local path as it may be published: project-relative paths stay, others keep their name.
-
-    ``data/redditbias/data.csv`` is kept; ``/home/alice/clients/x.csv``, ``~/x`` and
-    ``../../x`` become ``x.csv``/``x`` so nothing about the machine's layout leaks.
-    """
-    if not value:
-        return None
-    pure = PurePosixPath(value.replace("\\", "/"))
-    if pure.is_absolute() or value.startswith("~") or ".." in pure.parts or ":" in pure.parts[0]:
-        return pure.name or None
-    return str(pure)
 
 
 # --------------------------------------------------------------------------- sources
@@ -640,234 +621,6 @@ def _hyperparameters(
     ]
 
 
-def _how_to_load(
-    *,
-    run_dir: Path,
-    repo_id: str | None,
-    revision: str | None,
-    lora: bool,
-    base: dict[str, Any],
-    label_names: list[str],
-    max_length: int,
-    images: bool = False,
-    timm: bool = False,
-    groupnorm: bool = False,
-) -> str:
-    """A Python snippet that loads the model and classifies a text (or an image)."""
-    if images:
-        return _how_to_load_images(
-            run_dir=run_dir,
-            repo_id=repo_id,
-            revision=revision,
-            lora=lora,
-            base=base,
-            label_names=label_names,
-            timm=timm,
-            groupnorm=groupnorm,
-        )
-    where, kw = _model_location(run_dir=run_dir, repo_id=repo_id, revision=revision, lora=lora)
-    lines = [
-        "import torch",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-    ]
-    if lora:
-        lines.append("from peft import PeftModel")
-        if base.get("kind") == "package":
-            lines.append("from importlib.resources import files")
-    lines += ["", *where.rstrip("\n").split("\n")]
-    lines.append(f"tokenizer = AutoTokenizer.from_pretrained(model_id{kw})")
-    if lora:
-        lines += _lora_base_lines(base, label_names, "AutoModelForSequenceClassification", kw)
-    else:
-        lines.append(
-            f"model = AutoModelForSequenceClassification.from_pretrained(model_id{kw}).eval()"
-        )
-    lines += [
-        "",
-        'texts = ["Replace this with the text to classify."]',
-        f"inputs = tokenizer(texts, padding=True, truncation=True, max_length={max_length}, "
-        'return_tensors="pt")',
-        "with torch.no_grad():",
-        "    probabilities = model(**inputs).logits.softmax(-1)",
-        "for row in probabilities:",
-        "    print({model.config.id2label[i]: round(float(p), 3) for i, p in enumerate(row)})",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _pipeline_code(*, repo_id: str, label_names: list[str]) -> str:
-    """A ``transformers.pipeline`` call for a pushed LoRA adapter that names the labels.
-
-    The pipeline takes an adapter repo's configuration from its base model, which has no
-    labels of this run (it would answer ``LABEL_1``, or fail to fit a head of another size):
-    ``model_kwargs`` gives them to the base model's configuration.
-    """
-    id2label = "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
-    return (
-        "\n".join(
-            [
-                "from transformers import pipeline",
-                "",
-                f"id2label = {id2label}",
-                "classifier = pipeline(",
-                '    "text-classification",',
-                f"    model={json.dumps(repo_id)},",
-                "    model_kwargs={",
-                '        "id2label": id2label,',
-                '        "label2id": {name: i for i, name in id2label.items()},',
-                "    },",
-                ")",
-                'print(classifier("Replace this with the text to classify."))',
-            ]
-        )
-        + "\n"
-    )
-
-
-def _model_location(
-    *, run_dir: Path, repo_id: str | None, revision: str | None, lora: bool
-) -> tuple[str, str]:
-    """(the snippet lines naming the model, the revision keyword to pass on loading)."""
-    if repo_id is not None:
-        where = f"model_id = {json.dumps(repo_id)}\nrevision = {json.dumps(revision or 'main')}\n"
-        return where, ", revision=revision"
-    folder = "adapter" if lora else "model"
-    local = public_path(str(run_dir)) or run_dir.name
-    where = f"model_id = {json.dumps(str(PurePosixPath(local) / folder))}  # this run's {folder}/ folder\n"
-    return where, ""
-
-
-def _lora_base_lines(
-    base: dict[str, Any], label_names: list[str], auto_class: str, kw: str
-) -> list[str]:
-    """Snippet lines that load the adapter's base model with this run's labels, then the adapter."""
-    labels = "{" + ", ".join(f"{i}: {json.dumps(n)}" for i, n in enumerate(label_names)) + "}"
-    comment = f"  # {base['comment']}" if base.get("comment") else ""
-    lines = [
-        f"base_dir = {base['load_expr']}{comment}",
-        f"id2label = {labels}",
-        f"base = {auto_class}.from_pretrained(",
-        "    base_dir,",
-    ]
-    if base.get("load_revision"):
-        lines.append(f"    revision={json.dumps(base['load_revision'])},")
-    lines += [
-        "    num_labels=len(id2label),",
-        "    id2label=id2label,",
-        "    label2id={name: i for i, name in id2label.items()},",
-    ]
-    if auto_class == "AutoModelForImageClassification":  # the base's head has its own classes
-        lines.append("    ignore_mismatched_sizes=True,")
-    return [*lines, ")", f"model = PeftModel.from_pretrained(base, model_id{kw}).eval()"]
-
-
-def _is_timm(folder: Path) -> bool:
-    """Whether a saved model (or adapter) folder holds a timm model's preprocessing."""
-    for name in ("preprocessor_config.json", "config.json"):
-        data = _read_json(folder / name) or {}
-        if (
-            data.get("image_processor_type") == "TimmWrapperImageProcessor"
-            or data.get("model_type") == "timm_wrapper"
-            or ("architecture" in data and "pretrained_cfg" in data)
-        ):
-            return True
-    return False
-
-
-def _how_to_load_images(
-    *,
-    run_dir: Path,
-    repo_id: str | None,
-    revision: str | None,
-    lora: bool,
-    base: dict[str, Any],
-    label_names: list[str],
-    timm: bool,
-    groupnorm: bool,
-) -> str:
-    """The image-classification counterpart of :func:`_how_to_load`."""
-    where, kw = _model_location(run_dir=run_dir, repo_id=repo_id, revision=revision, lora=lora)
-    lines = ["import torch", "from PIL import Image"]
-    if groupnorm:
-        lines += [
-            "from huggingface_hub import snapshot_download",
-            "from hubtune.model import load_saved_image_model  # BatchNorm was replaced by GroupNorm",
-            "",
-            *where.rstrip("\n").split("\n"),
-            f"processor, model = load_saved_image_model(snapshot_download(model_id{kw}))"
-            if repo_id is not None
-            else "processor, model = load_saved_image_model(model_id)",
-        ]
-    else:
-        lines.append("from transformers import AutoImageProcessor, AutoModelForImageClassification")
-        if lora:
-            lines.append("from peft import PeftModel")
-            if timm:
-                lines.append(
-                    "from transformers.models.timm_wrapper import TimmWrapperImageProcessor"
-                )
-            if base.get("kind") == "package":
-                lines.append("from importlib.resources import files")
-        lines += ["", *where.rstrip("\n").split("\n")]
-        if lora:
-            if timm:  # timm keeps preprocessing in config.json; the adapter folder has its own copy
-                lines.append(
-                    f"processor = TimmWrapperImageProcessor.from_pretrained(model_id{kw}, "
-                    'image_processor_filename="preprocessor_config.json")'
-                )
-            else:
-                lines.append(f"processor = AutoImageProcessor.from_pretrained(model_id{kw})")
-            lines += _lora_base_lines(base, label_names, "AutoModelForImageClassification", kw)
-        else:
-            lines += [
-                f"processor = AutoImageProcessor.from_pretrained(model_id{kw})",
-                f"model = AutoModelForImageClassification.from_pretrained(model_id{kw}).eval()",
-            ]
-    lines += [
-        "",
-        'images = [Image.open("replace-with-your-image.png").convert("RGB")]',
-        'inputs = processor(images=images, return_tensors="pt")',
-        "with torch.no_grad():",
-        "    probabilities = model(**inputs).logits.softmax(-1)",
-        "for row in probabilities:",
-        "    print({model.config.id2label[i]: round(float(p), 3) for i, p in enumerate(row)})",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _secrets() -> list[str]:
-    """Token values that must never appear in a card (environment and the local token file)."""
-    found = [os.environ[name] for name in _TOKEN_ENV if os.environ.get(name)]
-    try:
-        from huggingface_hub import get_token
-
-        token = get_token()
-        if token:
-            found.append(token)
-    except Exception:  # pragma: no cover - a broken token file must not stop a card
-        pass
-    return [s for s in found if len(s) >= 8]
-
-
-def _scrub(text: str, *, paths: list[str]) -> str:
-    """Last line of defence: remove tokens and local absolute paths that slipped through."""
-    for secret in _secrets():
-        if secret in text:
-            logger.warning("card: a token value was found in the card text and removed")
-            text = text.replace(secret, "[redacted]")
-    if _TOKEN.search(text):
-        logger.warning("card: something shaped like a Hugging Face token was removed")
-        text = _TOKEN.sub("[redacted]", text)
-    for path in sorted({p for p in paths if len(p) > 1}, key=len, reverse=True):
-        if path in text:
-            logger.warning("card: a local absolute path was found in the card text and removed")
-            text = text.replace(path, "<local path>")
-    if _ABS_PATH.search(text):
-        logger.warning("card: a local absolute path was found in the card text and removed")
-        text = _ABS_PATH.sub("<local path>", text)
-    return text
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -932,7 +685,8 @@ def build_card(
     name = str(run_info.get("name") or recipe.get("name") or run_dir.name)
     model_name = repo_id or name
     task = str((recipe.get("model") or {}).get("task") or "text-classification")
-    images = task == "image-classification"
+    images = get_task(task).input_kind == "image"
+    pipeline_snippet = get_task(task).pipeline_snippet
 
     tags = ["hubtune", task, method_name]
     if lora:
@@ -1058,10 +812,10 @@ def build_card(
         "membership": _membership(audit),
         "not_covered": (audit or {}).get("publication", {}).get("not_covered_by_dp")
         or not_covered_by_dp({"privacy": privacy_block}),
-        "pipeline_code": _pipeline_code(repo_id=repo_id, label_names=label_names)
-        if lora and repo_id is not None and not images and base["hub_id"]
+        "pipeline_code": pipeline_snippet(repo_id=repo_id, label_names=label_names)
+        if pipeline_snippet is not None and lora and repo_id is not None and base["hub_id"]
         else None,
-        "code": _how_to_load(
+        "code": get_task(task).load_snippet(
             run_dir=run_dir,
             repo_id=repo_id,
             revision=revision,
@@ -1069,9 +823,6 @@ def build_card(
             base=base,
             label_names=label_names,
             max_length=max_length,
-            images=images,
-            timm=_is_timm(run_dir / ("adapter" if lora else "model")),
-            groupnorm=(run_dir / "model" / GROUPNORM_FILE).exists(),
         ),
         "hardware": {
             "device": _md(hardware.get("gpu") or hardware.get("device") or "unknown"),
@@ -1114,7 +865,7 @@ def build_card(
         str(run_dir.resolve()),
         str((run_info.get("base_model") or {}).get("local_dir") or ""),
     ]
-    return ModelCard(_scrub(body, paths=[p for p in paths if p not in ("", "/", ".")]))
+    return ModelCard(scrub(body, paths=[p for p in paths if p not in ("", "/", ".")]))
 
 
 def write_card(

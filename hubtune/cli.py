@@ -177,8 +177,9 @@ def run(
     if processes > 1:
         raise typer.Exit(relaunch_on_cpu(processes, sys.argv[1:]))
     from hubtune.data import DataError
+    from hubtune.errors import RunError
     from hubtune.methods import MethodError
-    from hubtune.train import RunError, format_summary, run_recipe
+    from hubtune.pipeline import format_summary, run_recipe
 
     stopped = (RunError, DataError, MethodError, PermissionError, FileNotFoundError)
     with _reported("hubtune run", stopped=stopped):

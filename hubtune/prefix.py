@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hubtune.methods import MethodError, find_blocks, under
+from hubtune.methods import MethodError
+from hubtune.methods.common import find_blocks, under
 
 __all__ = [
     "PrefixCut",
@@ -42,6 +43,7 @@ __all__ = [
     "PrefixExamples",
     "PrefixCached",
     "find_prefix_cut",
+    "capture_input",
     "capture_prefix",
     "compute_prefix",
     "example_lengths",
@@ -114,13 +116,16 @@ def _modules_called(model: nn.Module) -> Iterator[list[str]]:
 
 
 @torch.no_grad()
-def capture_prefix(
-    model: nn.Module, cut: PrefixCut, batch: dict[str, torch.Tensor], *, check: bool = False
+def capture_input(
+    model: nn.Module, module: str, batch: dict[str, torch.Tensor], *, check: bool = False
 ) -> torch.Tensor:
-    """The hidden states the first trained block receives for ``batch`` (the prefix's output).
+    """What ``model`` feeds its sub-module ``module`` for ``batch``: the output of the part below.
 
-    With ``check``, also verify that no module holding a trainable tensor runs before that block
-    (then the prefix would not be a fixed function of the example).
+    The forward pass is cut short with an exception as ``module`` is entered, so nothing above
+    it runs. The one mechanism behind both caches: the head's input (feature extraction) and
+    the first trained block's input (the frozen prefix). With ``check``, also verify that no
+    module holding a trainable tensor runs before ``module`` (then its input would not be a
+    fixed function of the example).
     """
     captured: list[torch.Tensor] = []
 
@@ -128,13 +133,13 @@ def capture_prefix(
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, torch.Tensor):
             raise MethodError(
-                f"{cut.block} received no hidden-state tensor; the frozen-prefix cache cannot be used "
+                f"{module} received no hidden-state tensor; its input cannot be cached "
                 "(set method.feature_cache: false)"
             )
         captured.append(hidden.detach())
         raise _Stop
 
-    handle = model.get_submodule(cut.block).register_forward_pre_hook(hook, with_kwargs=True)
+    handle = model.get_submodule(module).register_forward_pre_hook(hook, with_kwargs=True)
     stack = contextlib.ExitStack()
     order = stack.enter_context(_modules_called(model)) if check else None
     try:
@@ -146,22 +151,29 @@ def capture_prefix(
         handle.remove()
     if not captured:
         raise MethodError(
-            f"the model never called {cut.block}; the frozen-prefix cache cannot be used "
+            f"the model never called {module}; its input cannot be cached "
             "(set method.feature_cache: false)"
         )
     if order is not None:
         early = [
             name
             for name in order
-            if not under(name, cut.block)
+            if not under(name, module)
             and any(p.requires_grad for p in model.get_submodule(name).parameters(recurse=False))
         ]
         if early:
             raise MethodError(
-                f"trainable module(s) {', '.join(early[:3])} run before {cut.block}, so the layers below it are "
+                f"trainable module(s) {', '.join(early[:3])} run before {module}, so the layers below it are "
                 "not a fixed function of the input and cannot be cached (set method.feature_cache: false)"
             )
     return captured[0]
+
+
+def capture_prefix(
+    model: nn.Module, cut: PrefixCut, batch: dict[str, torch.Tensor], *, check: bool = False
+) -> torch.Tensor:
+    """The hidden states the first trained block receives for ``batch`` (the prefix's output)."""
+    return capture_input(model, cut.block, batch, check=check)
 
 
 def ragged(

@@ -18,13 +18,19 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from hubtune.errors import InputError
 from hubtune.hub import revision_problem
+from hubtune.methods import METHODS, default_lr
+from hubtune.methods.freeze import FreezeMethod
+from hubtune.methods.full import FullMethod
+from hubtune.methods.lora import LoraMethod
+from hubtune.schema import StrictModel
+from hubtune.tasks import TASKS
 
 __all__ = [
     "AugmentSection",
@@ -48,11 +54,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    # allow_inf_nan=False: every float field refuses inf, -inf and nan (YAML .inf/.nan, or
-    # "inf" from an override). An infinite ε or clipping bound passes a `gt=0` check and then
-    # trains with no privacy at all, or fails much later with a misleading message.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+_Strict = StrictModel  # every section: unknown keys, inf and nan are errors (hubtune.schema)
 
 
 class ModelSection(_Strict):
@@ -73,9 +75,12 @@ class ModelSection(_Strict):
             "content changed."
         ),
     )
-    task: Literal["text-classification", "image-classification"] = Field(
+    # Exactly the tasks hubtune.tasks registers.
+    task: Literal[tuple(TASKS)] = Field(  # type: ignore[valid-type]
         "text-classification",
-        description="text-classification (AutoModelForSequenceClassification + tokenizer) or image-classification (AutoModelForImageClassification + image processor; ViT, ResNet, ConvNeXt, timm models).",
+        description="One of: " + ", ".join(TASKS) + " (text-classification: "
+        "AutoModelForSequenceClassification + tokenizer; image-classification: "
+        "AutoModelForImageClassification + image processor; ViT, ResNet, ConvNeXt, timm models).",
     )
     allow_pickle: bool = Field(
         False,
@@ -234,75 +239,15 @@ class DataSection(_Strict):
         return labels
 
 
-class FreezeMethod(_Strict):
-    """Feature extraction: freeze the pretrained backbone and train a new head."""
-
-    name: Literal["freeze"]
-    unfreeze_top_k: int = Field(
-        0, ge=0, description="Also train the top K transformer blocks (and the final norm/pooler)."
-    )
-    backbone_lr: float | None = Field(
-        None, gt=0, description="Learning rate of unfrozen blocks; default train.lr / 10."
-    )
-    feature_cache: bool = Field(
-        True,
-        description=(
-            "Compute what the frozen part of the backbone produces once and train on the cache (not with "
-            "data.augment): with a fully frozen backbone, the head's input features; with "
-            "unfreeze_top_k, the hidden states entering the lowest unfrozen block, so each step runs "
-            "only the top blocks."
-        ),
-    )
-    batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
-        "train",
-        description=(
-            "BatchNorm layers in unfrozen blocks: train (usual fine-tuning; refused under DP), frozen "
-            "(pretrained scale, shift and statistics kept, run in eval mode), or groupnorm (replaced by "
-            "trainable GroupNorm: DP-compatible, but the pretrained statistics are lost)."
-        ),
-    )
-
-
-class LoraMethod(_Strict):
-    """Fine-tuning with LoRA adapters (peft); the classification head is trained too."""
-
-    name: Literal["lora"]
-    r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] | None = Field(
-        None,
-        description="Module names to adapt; default: the architecture's attention query/value (ViT too); conv models need them named (e.g. [conv_pw, conv_pwl]).",
-    )
-    adapt_top_k: int | None = Field(
-        None,
-        ge=1,
-        description="Adapt only the top K blocks (default: every block). The blocks below are then frozen and, with feature_cache, computed once.",
-    )
-    feature_cache: bool = Field(
-        True,
-        description="With adapt_top_k (and no data.augment): compute the hidden states entering the lowest adapted block once, cache them, and run only the top blocks each step.",
-    )
-    batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
-        "frozen",
-        description="BatchNorm layers: frozen (default: pretrained statistics kept, eval mode), train (as modules_to_save; refused under DP) or groupnorm (replaced by trainable GroupNorm).",
-    )
-
-
-class FullMethod(_Strict):
-    """Fine-tune every parameter (use a small learning rate)."""
-
-    name: Literal["full"]
-    batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
-        "train",
-        description="BatchNorm layers: train (refused under DP), frozen (eval mode, pretrained statistics kept) or groupnorm (replaced by trainable GroupNorm).",
-    )
-
-
-Method = Annotated[FreezeMethod | LoraMethod | FullMethod, Field(discriminator="name")]
-
-# Defaults used when train.lr is not given: heads learn fast, full fine-tuning needs care.
-DEFAULT_LR = {"freeze": 1e-3, "lora": 5e-4, "full": 2e-5}
+# The method section: exactly the configurations hubtune.methods registers, told apart by `name`.
+if TYPE_CHECKING:  # the union is built at run time from the registry
+    Method = Any
+else:
+    Method = Annotated[
+        Union[tuple(m.config for m in METHODS.values())],  # noqa: UP007
+        Field(discriminator="name"),
+    ]
+METHOD_NAMES = tuple(METHODS)
 
 
 class TrainSection(_Strict):
@@ -544,7 +489,7 @@ class Recipe(_Strict):
     @property
     def lr(self) -> float:
         """The head/adapter learning rate, with the method's default filled in."""
-        return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
+        return self.train.lr if self.train.lr is not None else default_lr(self.method.name)
 
     @property
     def run_dir(self) -> Path:
@@ -690,7 +635,7 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[str, ...]:
     out: list[str] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part not in node and part in ("freeze", "lora", "full"):
+        if isinstance(node, dict) and part not in node and part in METHOD_NAMES:
             continue
         out.append(str(part))
         if isinstance(node, dict):
@@ -728,7 +673,7 @@ def _hint(err: Any, loc: tuple[str, ...], data: Any) -> str | None:
             "(e.g. privacy.enabled: false)"
         )
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return "set `name` to one of: 'freeze', 'lora', 'full'"
+        return "set `name` to one of: " + ", ".join(repr(name) for name in METHOD_NAMES)
     if kind.endswith("_parsing") or kind.endswith("_type"):
         return f"expected {kind.split('_')[0]}; got {err.get('input')!r}"
     return None

@@ -1,13 +1,183 @@
-"""Names of the files in a run directory that several stages read and write.
+"""The run directory: every file name the stages share, and the helpers that write and read them.
 
-One place for the names, so a stage that writes a file and the stages that read it cannot
-drift apart.
+``runs/<name>/`` is the contract between the stages: training writes it, and the audit, the
+card, the push and the Space read it, each able to run alone afterwards. The names live here,
+once, so a stage that writes a file and the stages that read it cannot drift apart.
+
+=========================  ===============================================================
+``run.json``               the run's record; written last, so its presence marks a complete run
+``metrics.json``           test metrics, majority baseline, per-epoch history
+``predictions.parquet``    test predictions in the task's schema (the audit's input)
+``membership_scores.parquet``  per-example losses for the membership audit; never published
+``privacy.json``           the DP ledger (DP runs)
+``recipe.resolved.yaml``   the recipe that ran, defaults filled in
+``model/`` | ``adapter/``  the weights (``hubtune_privacy.json`` beside them under DP)
+``audit/``                 ``audit.json``, ``report.html``, ``report.md``, ``charts/``
+``card/README.md``         the model card
+``checkpoints/epoch-N``    checkpoints (local only: they hold the DP generators' state)
+=========================  ===============================================================
 """
 
 from __future__ import annotations
 
-__all__ = ["PRIVACY_FILE"]
+import json
+import logging
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
 
+from hubtune.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AUDIT_DIR",
+    "AUDIT_FILE",
+    "CARD_DIR",
+    "CHECKPOINTS_DIR",
+    "MEMBERSHIP_FILE",
+    "METRICS_FILE",
+    "PREDICTIONS_FILE",
+    "PRIVACY_FILE",
+    "PRIVACY_LEDGER",
+    "RECIPE_FILE",
+    "RUN_FILE",
+    "privacy_summary",
+    "public_path",
+    "read_json",
+    "read_parquet",
+    "scrub",
+    "secrets",
+    "weights_dir",
+    "write_parquet",
+]
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.parquet"
+MEMBERSHIP_FILE = "membership_scores.parquet"  # per-example losses: local only, never pushed
+PRIVACY_LEDGER = "privacy.json"
+RECIPE_FILE = "recipe.resolved.yaml"
+AUDIT_DIR = "audit"
+AUDIT_FILE = "audit/audit.json"
+CARD_DIR = "card"
+CHECKPOINTS_DIR = "checkpoints"
 # The privacy ledger stored beside the saved weights: further DP training of those weights adds
 # to its ε (hubtune reads it as the prior history of a base model).
 PRIVACY_FILE = "hubtune_privacy.json"
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def weights_dir(run_dir: Path) -> Path:
+    """Where a run's weights are: ``adapter/`` (LoRA) or ``model/``."""
+    adapter = run_dir / "adapter"
+    return adapter if adapter.is_dir() else run_dir / "model"
+
+
+def write_parquet(path: Path, frame: Any, metadata: dict[str, Any]) -> None:
+    """Write ``frame`` atomically as Parquet, ``metadata`` in the schema under ``hubtune``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"hubtune": json.dumps(metadata).encode()}
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_parquet(path: Path) -> tuple[Any, dict[str, Any]]:
+    """(frame, the ``hubtune`` metadata :func:`write_parquet` stored)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(b"hubtune", b"{}"))
+    return table.to_pandas(), meta
+
+
+def privacy_summary(ledger: dict[str, Any]) -> dict[str, Any]:
+    """The part of the privacy ledger that run.json repeats."""
+    keys = (
+        "epsilon",
+        "delta",
+        "accountant",
+        "epsilon_by_accountant",
+        "noise_multiplier",
+        "noise",
+        "max_grad_norm",
+        "sample_rate",
+        "steps",
+        "stopped_by_budget",
+        "guarantee",
+        "guarantee_void",
+    )
+    return {"enabled": True, "ledger": PRIVACY_LEDGER, **{k: ledger.get(k) for k in keys}}
+
+
+def public_path(value: str | None) -> str | None:
+    """A local path as it may be published: project-relative paths stay, others keep their name.
+
+    ``data/redditbias/data.csv`` is kept; ``/home/alice/clients/x.csv``, ``~/x`` and
+    ``../../x`` become ``x.csv``/``x`` so nothing about the machine's layout leaks.
+    """
+    if not value:
+        return None
+    pure = PurePosixPath(value.replace("\\", "/"))
+    if pure.is_absolute() or value.startswith("~") or ".." in pure.parts or ":" in pure.parts[0]:
+        return pure.name or None
+    return str(pure)
+
+
+# Shapes that must never reach a published file (tokens, absolute local paths).
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+# An absolute or home-relative POSIX path of at least two parts (not a URL, not a relative path).
+_ABS_PATH = re.compile(r"(?<![\w:/.~])(?:~/|/)(?:[\w.@+-]+/)+[\w.@+-]*")
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+
+
+def secrets() -> list[str]:
+    """Token values that must never be published (environment and the local token file)."""
+    found = [os.environ[name] for name in _TOKEN_ENV if os.environ.get(name)]
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+        if token:
+            found.append(token)
+    except Exception:  # pragma: no cover - a broken token file must not stop a card
+        pass
+    return [s for s in found if len(s) >= 8]
+
+
+def scrub(text: str, *, paths: list[str]) -> str:
+    """Last line of defence for published text: remove tokens and local absolute paths.
+
+    Tokens (the environment's, the login's, and anything shaped like one) become
+    ``[redacted]``; ``paths`` (longest first) and any other absolute path become
+    ``<local path>``. Each removal is logged: it means something upstream leaked.
+    """
+    for secret in secrets():
+        if secret in text:
+            logger.warning("a token value was found in text to publish and removed")
+            text = text.replace(secret, "[redacted]")
+    if _TOKEN.search(text):
+        logger.warning("something shaped like a Hugging Face token was removed")
+        text = _TOKEN.sub("[redacted]", text)
+    for path in sorted({p for p in paths if len(p) > 1}, key=len, reverse=True):
+        if path in text:
+            logger.warning("a local absolute path was found in text to publish and removed")
+            text = text.replace(path, "<local path>")
+    if _ABS_PATH.search(text):
+        logger.warning("a local absolute path was found in text to publish and removed")
+        text = _ABS_PATH.sub("<local path>", text)
+    return text

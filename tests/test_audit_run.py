@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from hubtune.audit import audit_gate, run_audit
 from hubtune.cli import app
+from hubtune.pipeline import run_recipe
 from hubtune.recipe import Recipe, RecipeError, load_recipe
-from hubtune.train import run_recipe
 
 from .conftest import make_fake_run, make_sentiment_frame, recipe_dict, synthetic_predictions
 

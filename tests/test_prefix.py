@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hubtune.methods import MethodError
+from hubtune.pipeline import run_recipe
 from hubtune.prefix import (
     PrefixCached,
     PrefixExamples,
@@ -36,7 +37,8 @@ from hubtune.prefix import (
     probe_prefix,
 )
 from hubtune.recipe import FreezeMethod, LoraMethod, Recipe
-from hubtune.train import _collator, _encode, run_recipe
+from hubtune.tasks.text_classification import collator as _collator
+from hubtune.tasks.text_classification import encode as _encode
 
 from .conftest import recipe_dict
 from .test_privacy_grads import (
@@ -279,7 +281,7 @@ def test_runs_with_and_without_the_cache_agree(
 
 
 def test_length_sorted_poisson_batches_keep_their_examples() -> None:
-    from hubtune.train import _LengthSorted
+    from hubtune.privacy.loop import LengthSorted as _LengthSorted
 
     batches = [[5, 1, 3, 0], [], [2, 4]]
     lengths = [7, 3, 9, 3, 1, 5]

@@ -21,9 +21,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from hubtune import train as train_module
+from hubtune.errors import RunError
+from hubtune.pipeline import run_recipe
 from hubtune.privacy import PrivacyError, check_modules, compute_epsilons, max_steps_within
 from hubtune.recipe import Recipe
-from hubtune.train import RunError, run_recipe
 
 from .conftest import make_sentiment_frame, recipe_dict
 from .dp_spy import DPSpy, assert_steps_match, read_rank_steps, sitecustomize_dir
@@ -167,7 +168,7 @@ def test_unchanged_trained_tensors_stop_the_run(
 def test_budget_guard_stops_before_the_target(
     tiny_bert: Path, dp_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hubtune import privacy
+    from hubtune.privacy import accounting as privacy
 
     real = privacy.sigma_for_target
 
@@ -202,7 +203,7 @@ def test_sigma_for_target_lands_just_under_the_target_in_few_evaluations(
 
     from opacus.accountants.utils import get_noise_multiplier
 
-    from hubtune import privacy
+    from hubtune.privacy import accounting as privacy
 
     seen: list[float] = []
     real = privacy._epsilon
@@ -231,7 +232,7 @@ def test_sigma_for_target_lands_just_under_the_target_in_few_evaluations(
 
 
 def test_sigma_for_target_after_prior_training_and_at_the_floor() -> None:
-    from hubtune import privacy
+    from hubtune.privacy import accounting as privacy
 
     prior = [(1.0, 0.1, 20)]
     sigma = privacy.sigma_for_target(
@@ -250,7 +251,7 @@ def test_sigma_for_target_after_prior_training_and_at_the_floor() -> None:
 def test_memoized_rdp_orders_equal_the_library_values() -> None:
     from opacus.accountants.analysis import rdp
 
-    from hubtune.privacy import _memoize_rdp_orders
+    from hubtune.privacy.accounting import _memoize_rdp_orders
 
     _memoize_rdp_orders()
     _memoize_rdp_orders()  # idempotent: wrapped once
@@ -515,7 +516,7 @@ def _poison_training_loss(
     A chosen pass returns ``loss * nan``, or with ``grad_only``, the same value with NaN
     gradients (d√u at u = 0, times 0). Returns the live count of training passes, ``["n"]``.
     """
-    real = train_module.F.cross_entropy
+    real = torch.nn.functional.cross_entropy
     calls = {"n": 0}
 
     def wrapped(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -529,7 +530,7 @@ def _poison_training_loss(
             return loss + 0.0 * torch.sqrt(logits - logits.detach()).sum()
         return loss * float("nan")
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", wrapped)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", wrapped)
     return calls
 
 
@@ -595,7 +596,7 @@ def test_a_nan_in_the_last_pass_of_a_run_is_caught_before_anything_is_saved(
 
 
 def test_the_fused_finiteness_check_flags_nan_and_inf_and_never_misses() -> None:
-    from hubtune.train import _any_nonfinite
+    from hubtune.privacy.loop import any_nonfinite as _any_nonfinite
 
     finite = [torch.ones(3), torch.zeros(2, 2, dtype=torch.bfloat16), torch.full((2,), -7.0)]
     assert not bool(_any_nonfinite(finite))
@@ -754,7 +755,7 @@ def test_resume_with_more_epochs_plans_the_rest_and_never_exceeds_the_target(
     The resumed run must plan σ for the remaining steps from the history actually spent, and
     every figure shown must come from that history (two σ segments here).
     """
-    from hubtune.train import format_summary
+    from hubtune.pipeline import format_summary
 
     spy = DPSpy()
     spy.install(monkeypatch)

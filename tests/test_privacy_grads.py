@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hubtune.methods import apply_method, head_inputs
+from hubtune.cache import head_inputs
+from hubtune.methods import apply_method
 from hubtune.privacy import PrivacyError, add_position_ids, check_per_sample_gradients
 from hubtune.recipe import FreezeMethod, FullMethod, LoraMethod
 
@@ -369,7 +370,8 @@ def test_dp_step_without_noise_or_clipping_equals_plain_sgd(tiny_bert: Path) -> 
     """
     from hubtune.privacy import prepare_private
     from hubtune.recipe import PrivacySection
-    from hubtune.train import _collator, _encode
+    from hubtune.tasks.text_classification import collator as _collator
+    from hubtune.tasks.text_classification import encode as _encode
 
     n = 200
     frame = make_sentiment_frame(n)

@@ -19,8 +19,8 @@ from huggingface_hub import HfApi, snapshot_download
 from hubtune.audit import run_audit
 from hubtune.card import build_card
 from hubtune.hub import hub_endpoint
+from hubtune.pipeline import privacy_lines as _privacy_lines
 from hubtune.push import PushError, push_run
-from hubtune.train import _privacy_lines
 
 from .test_card import LEDGER, make_run
 

@@ -19,9 +19,9 @@ from hubtune.audit import run_audit
 from hubtune.cli import app
 from hubtune.data import load_data
 from hubtune.hub import hub_endpoint
+from hubtune.pipeline import run_recipe
 from hubtune.push import PushError, push_run
 from hubtune.recipe import Recipe
-from hubtune.train import run_recipe
 
 from .conftest import make_fake_run, make_sentiment_frame, recipe_dict
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from hubtune.pipeline import run_recipe
 from hubtune.prepare import prepare
 from hubtune.recipe import load_recipe
-from hubtune.train import run_recipe
 
 ROOT = Path(__file__).parents[1]
 

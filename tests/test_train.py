@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hubtune import train as train_module
+from hubtune import checkpoint as checkpoint_module
+from hubtune.errors import RunError
+from hubtune.pipeline import run_recipe
 from hubtune.recipe import Recipe
-from hubtune.train import RunError, run_recipe
 
 from .conftest import recipe_dict
 
@@ -226,7 +227,7 @@ def test_resume_after_crash_equals_uninterrupted(
         if epoch == 0:
             raise Crash
 
-    monkeypatch.setattr(train_module, "_after_checkpoint", crash)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", crash)
     spec = recipe_dict(
         tiny_bert, sentiment_csv, tmp_path / "broken", name="freeze", unfreeze_top_k=1
     )
@@ -239,7 +240,7 @@ def test_resume_after_crash_equals_uninterrupted(
     assert (run_dir / "checkpoints" / "epoch-1" / "trainer_state.json").exists()
     with pytest.raises(RunError, match="--resume"):
         run_recipe(recipe)
-    monkeypatch.setattr(train_module, "_after_checkpoint", None)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", None)
     resumed = run_recipe(recipe, resume=True)
     assert resumed.resumed_from_epoch == 1
     a = load_file(whole.run_dir / "model" / "model.safetensors")
@@ -261,12 +262,12 @@ def test_resume_refuses_a_different_recipe(
     def crash(epoch: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_after_checkpoint", crash)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", crash)
     spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path)
     recipe = Recipe.model_validate(spec)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe)
-    monkeypatch.setattr(train_module, "_after_checkpoint", None)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", None)
     spec["train"]["lr"] = 0.5
     with pytest.raises(RunError, match="recipe differs"):
         run_recipe(Recipe.model_validate(spec), resume=True)
@@ -300,7 +301,7 @@ def test_gpt2_lora_and_unfreeze(tiny_gpt2: Path, sentiment_csv: Path, tmp_path: 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tiny_bert: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = train_module.F.cross_entropy
+    real = torch.nn.functional.cross_entropy
     calls = {"n": 0}
     spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path, name="full")
     spec["train"]["epochs"] = 3
@@ -313,7 +314,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
         # Training losses only (evaluation calls come between epochs); break in epoch 2.
         return loss * float("nan") if calls["n"] == steps_per_epoch + 2 + 3 else loss
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     with pytest.raises(RunError, match="non-finite loss at epoch 2"):
         run_recipe(recipe)
     checkpoints = sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir())

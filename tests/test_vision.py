@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hubtune.data import DataError, load_data
+from hubtune.errors import RunError
 from hubtune.images import ImageExamples
 from hubtune.methods import apply_method, batchnorm_modules, find_blocks
+from hubtune.pipeline import run_recipe
 from hubtune.recipe import AugmentSection, FreezeMethod, FullMethod, LoraMethod, Recipe
-from hubtune.train import RunError, run_recipe
 
 from .conftest import (
     image_recipe_dict,
@@ -542,7 +543,7 @@ def test_resume_with_augmentation_gives_the_uninterrupted_weights(
         raw["audit"] = {"enabled": False}
         return Recipe.model_validate(raw)
 
-    import hubtune.train as train_module
+    from hubtune import checkpoint as checkpoint_module
 
     whole = run_recipe(recipe(tmp_path / "a", 2))
 
@@ -553,10 +554,10 @@ def test_resume_with_augmentation_gives_the_uninterrupted_weights(
         if epoch == 0:
             raise Crash
 
-    monkeypatch.setattr(train_module, "_after_checkpoint", crash)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", crash)
     with pytest.raises(Crash):
         run_recipe(recipe(tmp_path / "b", 2))
-    monkeypatch.setattr(train_module, "_after_checkpoint", None)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", None)
     resumed = run_recipe(recipe(tmp_path / "b", 2), resume=True)
     assert resumed.resumed_from_epoch == 1
     a, b = _tensors(whole.run_dir / "model"), _tensors(resumed.run_dir / "model")
@@ -657,13 +658,13 @@ def test_dp_refuses_trainable_batchnorm_before_any_cache_is_computed(
     tmp_path: Path, tiny_effnet: Path, digits: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The refusal needs only the model: it comes before the prefix cache runs over every split."""
-    from hubtune import train as train_module
+    from hubtune import cache as cache_module
 
     def no_work(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("expensive work started before the BatchNorm refusal")
 
-    monkeypatch.setattr(train_module, "compute_prefix", no_work)
-    monkeypatch.setattr(train_module, "_head_features", no_work)
+    monkeypatch.setattr(cache_module, "compute_prefix", no_work)
+    monkeypatch.setattr(cache_module, "head_features", no_work)
     recipe = _recipe(tiny_effnet, digits, tmp_path, privacy={}, unfreeze_top_k=1)
     with pytest.raises(RunError, match="BatchNorm.*method.batchnorm: frozen"):
         run_recipe(recipe)

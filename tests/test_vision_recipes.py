@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from hubtune.errors import RunError
+from hubtune.pipeline import run_recipe
 from hubtune.recipe import load_recipe
-from hubtune.train import RunError, run_recipe
 
 from .conftest import make_tiny_vit
 

@@ -8,7 +8,7 @@ Example:
 """
 
 from hubtune.audit.policy import AuditPolicy, PolicyError, load_policy
-from hubtune.audit.runner import AuditError, audit_gate, run_audit, train_nonprivate_twin
+from hubtune.audit.runner import AuditError, audit_gate, run_audit
 
 __all__ = [
     "AuditError",
@@ -17,5 +17,4 @@ __all__ = [
     "audit_gate",
     "load_policy",
     "run_audit",
-    "train_nonprivate_twin",
 ]

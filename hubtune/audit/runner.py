@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +29,13 @@ from hubtune.audit.membership import canary_audit, loss_threshold_attack
 from hubtune.audit.policy import AuditPolicy, load_policy
 from hubtune.io import atomic_dir, atomic_write_json, atomic_write_text
 from hubtune.privacy import VOID_REASON, guarantee_is_void
+from hubtune.rundir import MEMBERSHIP_FILE
 
-__all__ = ["AUDIT_SCHEMA_VERSION", "AuditError", "audit_gate", "run_audit", "train_nonprivate_twin"]
+__all__ = ["AUDIT_SCHEMA_VERSION", "AuditError", "audit_gate", "run_audit"]
 
 logger = logging.getLogger(__name__)
 
 AUDIT_SCHEMA_VERSION = 1
-MEMBERSHIP_FILE = "membership_scores.parquet"
 
 
 class AuditError(RuntimeError):
@@ -501,59 +498,3 @@ def audit_gate(run_dir: str | Path, *, allow_failing: bool = False) -> dict[str,
     }
     atomic_write_json(run_dir / "run.json", run_info)
     return {"allowed": True, "status": status, "overridden": True, "reason": reason}
-
-
-def train_nonprivate_twin(run_dir: str | Path) -> Path:
-    """Train (or reuse) the recipe's non-private twin for the per-group cost of privacy.
-
-    The twin is the resolved recipe with privacy off, no canaries and no audit, named
-    ``<name>-nonprivate`` beside the run. It trains in a fresh single-process ``hubtune run``
-    so that it works the same after ``accelerate launch`` has torn down its process group.
-    """
-    run_dir = Path(run_dir)
-    recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
-    twin = dict(recipe)
-    twin["name"] = f"{recipe['name']}-nonprivate"
-    twin["privacy"] = None
-    twin["audit"] = {
-        **(recipe.get("audit") or {}),
-        "enabled": False,
-        "canaries": 0,
-        "compare_nonprivate": False,
-    }
-    twin["description"] = (
-        f"Non-private twin of {recipe['name']} (for the audit's cost-of-privacy comparison)."
-    )
-    twin_dir = Path(recipe.get("output_dir", "runs")) / twin["name"]
-    twin_file = run_dir / "nonprivate-twin.yaml"
-    text = yaml.safe_dump(twin, sort_keys=False)
-    atomic_write_text(twin_file, text)
-    done = twin_dir / "run.json"
-    if (
-        done.exists()
-        and (twin_dir / "twin-source.yaml").exists()
-        and (twin_dir / "twin-source.yaml").read_text() == text
-    ):
-        logger.info("audit: reusing the non-private twin %s", twin_dir)
-        return twin_dir
-    logger.info("audit: training the non-private twin %s", twin_dir)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
-    }
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK"):
-        env.pop(key, None)
-    if os.environ.get("ACCELERATE_USE_CPU"):
-        env["ACCELERATE_USE_CPU"] = os.environ["ACCELERATE_USE_CPU"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "hubtune", "run", str(twin_file), "--overwrite"],
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise AuditError(
-            f"the non-private twin failed to train (exit {proc.returncode}); see the log above"
-        )
-    atomic_write_text(twin_dir / "twin-source.yaml", text)
-    return twin_dir
