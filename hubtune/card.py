@@ -35,7 +35,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hubtune.audit.public import not_covered_by_dp, public_audit
 from hubtune.io import atomic_write_text
 from hubtune.privacy import guarantee_is_void
-from hubtune.rundir import CARD_DIR, public_path, scrub
+from hubtune.rundir import (
+    CARD_DIR,
+    BaseModelRecord,
+    Ledger,
+    RunInfo,
+    public_path,
+    read_ledger,
+    read_run_info,
+    scrub,
+)
 from hubtune.tasks import get_task
 
 __all__ = ["CARD_DIR", "CardError", "base_model_source", "build_card", "public_path", "write_card"]
@@ -189,7 +198,7 @@ def _license_text(entry: dict[str, Any], what: str) -> str:
 
 
 def base_model_source(
-    run_info: dict[str, Any], *, fallback_endpoint: str | None = None
+    run_info: RunInfo, *, fallback_endpoint: str | None = None
 ) -> dict[str, Any]:
     """Where a run's base model came from, as it may be published.
 
@@ -201,16 +210,16 @@ def base_model_source(
         fallback_endpoint: The endpoint to link to when run.json does not record the one the
             model was pulled from (default huggingface.co).
     """
-    base = run_info.get("base_model") or {}
-    spec = str(base.get("spec") or "")
-    kind = base.get("kind") or ("package" if spec.startswith("package:") else None)
-    sha = base.get("sha")
+    base = run_info.base_model
+    spec = base.spec
+    kind = base.kind or ("package" if spec.startswith("package:") else None)
+    sha = base.sha
     info: dict[str, Any] = {"kind": kind, "sha": sha, "hub_id": None, "revision": None}
     if kind is None and spec and _HUB_ID.match(spec) and not Path(spec).expanduser().exists():
         kind = info["kind"] = "hub"
     info["license"] = _license_text(_base_license(base), "model")
     if kind == "hub":
-        endpoint = base.get("endpoint") or fallback_endpoint
+        endpoint = base.endpoint or fallback_endpoint
         info.update(
             hub_id=spec,
             revision=sha,
@@ -251,12 +260,12 @@ def base_model_source(
     return info
 
 
-def _base_license(base: dict[str, Any]) -> dict[str, Any]:
+def _base_license(base: BaseModelRecord) -> dict[str, Any]:
     """``{"license": ...}`` as run.json records it; for older runs, read from the card on disk."""
-    if "license" in base:
-        return {"license": base["license"]}
-    folder = Path(str(base.get("local_dir") or ""))
-    if base.get("local_dir") and (folder / "README.md").is_file():
+    if "license" in base.model_fields_set:
+        return {"license": base.license}
+    folder = Path(base.local_dir or "")
+    if base.local_dir and (folder / "README.md").is_file():
         from hubtune.hub import card_license
 
         return {"license": card_license(folder)}
@@ -264,7 +273,7 @@ def _base_license(base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dataset(
-    recipe: dict[str, Any], run_info: dict[str, Any], *, fallback_endpoint: str | None = None
+    recipe: dict[str, Any], run_info: RunInfo, *, fallback_endpoint: str | None = None
 ) -> dict[str, Any]:
     """The training data's source: a Hub data set id, or a local file named without its location.
 
@@ -274,7 +283,7 @@ def _dataset(
         fallback_endpoint: The endpoint to link to when run.json does not record one.
     """
     data = recipe.get("data") or {}
-    recorded = (run_info.get("data") or {}).get("source") or {}
+    recorded = run_info.data.source
     source = str(data.get("source") or "")
     looks_local = (
         not source
@@ -308,7 +317,7 @@ def _dataset(
     }
 
 
-def _test_split(recipe: dict[str, Any], run_info: dict[str, Any]) -> dict[str, Any]:
+def _test_split(recipe: dict[str, Any], run_info: RunInfo) -> dict[str, Any]:
     """How the test split was made: the source's own split, or a seeded hold-out of its train.
 
     The ``model-index`` must not claim a ``test`` split that the data set does not have.
@@ -319,18 +328,17 @@ def _test_split(recipe: dict[str, Any], run_info: dict[str, Any]) -> dict[str, A
         was carved from and how.
     """
     data = recipe.get("data") or {}
-    recorded = run_info.get("data") or {}
+    recorded = run_info.data
     named = data.get("splits") or {}
-    source_splits = recorded.get("source_splits") or {}
-    if "source_splits" in recorded:
-        own = source_splits.get("test")
+    if recorded.source_splits is not None:
+        own = recorded.source_splits.get("test")
     else:  # older run.json: a split read from the source is counted under rows_read
-        own = (named.get("test") or "test") if "test" in (recorded.get("rows_read") or {}) else None
+        own = (named.get("test") or "test") if "test" in recorded.rows_read else None
     limit = (data.get("limit") or {}).get("test")
     subset = f", then a seeded subset of {_num(int(limit))} rows" if limit else ""
     if own is not None:
         return {"text": f"the source's own `{_md(own)}` split{subset}", "split": own, "args": None}
-    train = str(source_splits.get("train") or named.get("train") or "train")
+    train = str((recorded.source_splits or {}).get("train") or named.get("train") or "train")
     split = data.get("split") or {}
     fraction = float(split.get("test", 0.2))
     how = "stratified (by label)" if split.get("stratify", True) else "random"
@@ -347,31 +355,30 @@ def _test_split(recipe: dict[str, Any], run_info: dict[str, Any]) -> dict[str, A
 # --------------------------------------------------------------------------- sections
 
 
-def _privacy(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _privacy(run_dir: Path) -> tuple[dict[str, Any], Ledger | None]:
     """The structured ``privacy`` metadata block and the ledger (None without DP)."""
-    ledger = _read_json(run_dir / "privacy.json")
+    ledger = read_ledger(run_dir)
     if ledger is None:
         return {"dp": False}, None
-    by = ledger.get("epsilon_by_accountant") or {}
     block: dict[str, Any] = {
         "dp": True,
-        "epsilon": ledger.get("epsilon"),
-        "delta": ledger.get("delta"),
-        "accountant": ledger.get("accountant"),
-        "epsilon_rdp": by.get("rdp"),
-        "noise_multiplier": ledger.get("noise_multiplier"),
-        "max_grad_norm": ledger.get("max_grad_norm"),
-        "sample_rate": ledger.get("sample_rate"),
-        "steps": ledger.get("steps"),
-        "sampling": ledger.get("sampling"),
-        "unit": ledger.get("unit", "example"),
-        "secure_mode": ledger.get("secure_mode"),
+        "epsilon": ledger.epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
+        "epsilon_rdp": ledger.epsilon_by_accountant.get("rdp"),
+        "noise_multiplier": ledger.noise_multiplier,
+        "max_grad_norm": ledger.max_grad_norm,
+        "sample_rate": ledger.sample_rate,
+        "steps": ledger.steps,
+        "sampling": ledger.sampling,
+        "unit": ledger.unit,
+        "secure_mode": ledger.secure_mode,
     }
-    if ledger.get("prior_history"):
+    if ledger.prior_history:
         block["includes_base_model_dp_history"] = True
-    source = str(ledger.get("noise_source") or "")
+    source = ledger.noise_source or ""
     if guarantee_is_void(source) or (
-        source and source not in ("os.urandom",) and not ledger.get("secure_mode")
+        source and source not in ("os.urandom",) and not ledger.secure_mode
     ):
         block["guarantee_void"] = True  # noise fixed for testing: no privacy at all
     return block, ledger
@@ -574,7 +581,7 @@ def _membership(audit: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _hyperparameters(
-    recipe: dict[str, Any], ledger: dict[str, Any] | None
+    recipe: dict[str, Any], ledger: Ledger | None
 ) -> list[tuple[str, str]]:
     """The settings that shaped the weights, from the resolved recipe (paths and I/O left out)."""
     rows: list[tuple[str, Any]] = [("seed", recipe.get("seed"))]
@@ -654,7 +661,7 @@ def build_card(
     import jinja2
 
     run_dir = Path(run_dir)
-    run_info = _read_json(run_dir / "run.json")
+    run_info = read_run_info(run_dir)
     if run_info is None:
         raise CardError(f"{run_dir} is not a complete run (no run.json); finish the run first")
     if not TEMPLATE.exists():
@@ -668,21 +675,23 @@ def build_card(
     audit = _read_json(run_dir / "audit" / "audit.json")
     if audit is not None:  # a card is public: it shows what a public repository may carry
         audit = public_audit(audit, include_membership=include_membership_audit)
-    method = run_info.get("method") or {}
-    method_name = str(method.get("method") or (recipe.get("method") or {}).get("name") or "freeze")
-    lora = method_name == "lora" or (run_info.get("outputs") or {}).get("model_dir") == "adapter"
-    data = run_info.get("data") or {}
-    label_names = [str(n) for n in data.get("label_names") or []]
-    test = run_info.get("test") or {}
+    method = run_info.method
+    method_name = run_info.method_name or (recipe.get("method") or {}).get("name") or "freeze"
+    lora = method_name == "lora" or run_info.is_adapter
+    data = run_info.data
+    label_names = [str(n) for n in data.label_names]
+    test = run_info.test
     endpoint = _recipe_endpoint(recipe)
     base = base_model_source(run_info, fallback_endpoint=endpoint)
     dataset = _dataset(recipe, run_info, fallback_endpoint=endpoint)
     test_split = _test_split(recipe, run_info)
     privacy_block, ledger = _privacy(run_dir)
     fairness_block, fairness_view = _fairness(
-        audit, run_info.get("audit"), allow_failing=allow_failing_audit
+        audit,
+        run_info.audit.model_dump() if run_info.audit else None,
+        allow_failing=allow_failing_audit,
     )
-    name = str(run_info.get("name") or recipe.get("name") or run_dir.name)
+    name = str(run_info.name or recipe.get("name") or run_dir.name)
     model_name = repo_id or name
     task = str((recipe.get("model") or {}).get("task") or "text-classification")
     images = get_task(task).input_kind == "image"
@@ -736,17 +745,17 @@ def build_card(
         "trainable": method.get("trainable_parameters"),
         "total": method.get("total_parameters"),
     }
-    split_rows = data.get("rows_kept") or {}
+    split_rows = data.rows_kept
     dropped = [
         (_md(split), _md(reason), _num(count))
-        for split, reasons in (data.get("dropped") or {}).items()
+        for split, reasons in data.dropped.items()
         for reason, count in (reasons or {}).items()
         if count
     ]
-    timings = run_info.get("timings") or {}
-    hardware = run_info.get("hardware") or {}
-    versions = run_info.get("versions") or {}
-    recipe_source = run_info.get("recipe_source")
+    timings = run_info.timings
+    hardware = run_info.hardware
+    versions = run_info.versions
+    recipe_source = run_info.recipe_source
     max_length = int((recipe.get("model") or {}).get("max_length") or 128)
     context: dict[str, Any] = {
         "name": _md(name),
@@ -764,34 +773,34 @@ def build_card(
         "lora_targets": method.get("lora_target_modules") or [],
         "lora_top_k": (recipe.get("method") or {}).get("adapt_top_k"),
         "optimizer": _optimizer_text(recipe.get("train") or {}),
-        "prefix_cached": (run_info.get("feature_cache") or {}).get("cached")
-        if (run_info.get("feature_cache") or {}).get("kind") == "prefix"
+        "prefix_cached": run_info.feature_cache.get("cached")
+        if run_info.feature_cache.get("kind") == "prefix"
         else None,
         "base": base,
         "dataset": dataset,
         "test_split": test_split["text"],
         "label_names": [_md(n) for n in label_names],
-        "fingerprint": data.get("fingerprint"),
+        "fingerprint": data.fingerprint,
         "splits": [
             (
                 _md(split),
                 _num(rows),
                 ", ".join(
                     f"{_md(k)} {_num(v)}"
-                    for k, v in ((data.get("label_counts") or {}).get(split) or {}).items()
+                    for k, v in (data.label_counts.get(split) or {}).items()
                 ),
             )
             for split, rows in split_rows.items()
         ],
-        "rows_read": {k: _num(v) for k, v in (data.get("rows_read") or {}).items()},
+        "rows_read": {k: _num(v) for k, v in data.rows_read.items()},
         "dropped": dropped,
-        "canaries": data.get("canaries"),
+        "canaries": data.canaries,
         "license": license_name,
         "license_from_recipe": bool(recipe.get("license")),
         "test": {k: _num(test.get(k), 4) for k in ("accuracy", "macro_f1", "loss")},
         "baseline": {
-            "label": _md((run_info.get("majority_baseline") or {}).get("label", "")),
-            "accuracy": _num((run_info.get("majority_baseline") or {}).get("accuracy"), 4),
+            "label": _md(run_info.majority_baseline.get("label", "")),
+            "accuracy": _num(run_info.majority_baseline.get("accuracy"), 4),
         },
         "hyperparameters": _hyperparameters(recipe, ledger),
         "privacy": privacy_block,
@@ -802,12 +811,12 @@ def build_card(
         # One σ, or how it changed over the run (a resume that grew train.epochs re-plans it).
         "sigma": _num(privacy_block.get("noise_multiplier"), 4)
         if privacy_block.get("noise_multiplier") is not None
-        else _md(str((ledger or {}).get("noise") or "").removeprefix("σ ")),
+        else _md(str(ledger.noise if ledger else "").removeprefix("σ ")),
         "clip": _num(privacy_block.get("max_grad_norm")),
         "q": _num(privacy_block.get("sample_rate"), 4),
         "steps": _num(privacy_block.get("steps")),
-        "target_epsilon": _num((ledger or {}).get("target_epsilon")),
-        "stopped_by_budget": bool((ledger or {}).get("stopped_by_budget")),
+        "target_epsilon": _num(ledger.target_epsilon if ledger else None),
+        "stopped_by_budget": bool(ledger and ledger.stopped_by_budget),
         "fairness": fairness_view,
         "membership": _membership(audit),
         "not_covered": (audit or {}).get("publication", {}).get("not_covered_by_dp")
@@ -845,9 +854,9 @@ def build_card(
             if timings.get(key) is not None
         ],
         "versions": [(_md(k), _md(v)) for k, v in versions.items()],
-        "created": _md(run_info.get("created") or ""),
+        "created": _md(run_info.created or ""),
         "recipe_source": _md(public_path(recipe_source) or "") if recipe_source else "",
-        "resumed_from_epoch": run_info.get("resumed_from_epoch"),
+        "resumed_from_epoch": run_info.resumed_from_epoch,
     }
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),
@@ -863,7 +872,7 @@ def build_card(
         str(Path.home()),
         str(Path.cwd().resolve()),
         str(run_dir.resolve()),
-        str((run_info.get("base_model") or {}).get("local_dir") or ""),
+        str(run_info.base_model.local_dir or ""),
     ]
     return ModelCard(scrub(body, paths=[p for p in paths if p not in ("", "/", ".")]))
 

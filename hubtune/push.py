@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hubtune.io import atomic_write_json
-from hubtune.rundir import PRIVACY_FILE
+from hubtune.rundir import PRIVACY_FILE, public_path, read_run_info
 
 __all__ = ["PushError", "PushResult", "push_run", "pushed_files"]
 
@@ -88,10 +88,11 @@ def _public_copies(
     """
     import yaml
 
-    from hubtune.card import base_model_source, public_path
+    from hubtune.card import base_model_source
 
     out = _public_audit_files(run_dir, dict(files), scratch, include_membership=include_membership)
-    run_info = json.loads((run_dir / "run.json").read_text())
+    run_info = read_run_info(run_dir)
+    assert run_info is not None  # push_run checked run.json first
     if "adapter_config.json" in files:
         config = json.loads(files["adapter_config.json"].read_text())
         base = config.get("base_model_name_or_path")
@@ -321,8 +322,8 @@ def _push(
     files: dict[str, Path],
 ) -> PushResult:
     _check_no_token(files, token)
-    run_info = json.loads((run_dir / "run.json").read_text())
-    message = f"hubtune: {run_info.get('name', run_dir.name)} (audit {gate['status']})"
+    info = read_run_info(run_dir)
+    message = f"hubtune: {(info.name if info else None) or run_dir.name} (audit {gate['status']})"
     commit, already = _commit(
         api, repo_id=repo_id, repo_type="model", files=files, message=message, private=private
     )

@@ -27,11 +27,20 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from hubtune.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AuditSummary",
+    "BaseModelRecord",
+    "DataRecord",
+    "Ledger",
+    "RunInfo",
+    "read_ledger",
+    "read_run_info",
     "AUDIT_DIR",
     "AUDIT_FILE",
     "CARD_DIR",
@@ -181,3 +190,122 @@ def scrub(text: str, *, paths: list[str]) -> str:
         logger.warning("a local absolute path was found in text to publish and removed")
         text = _ABS_PATH.sub("<local path>", text)
     return text
+
+
+# --------------------------------------------------------------------------- typed records
+
+
+class _Record(BaseModel):
+    """A record as written (older runs lack newer fields: each has a default; extra keys stay)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class BaseModelRecord(_Record):
+    """Where the base model came from, decided once when it was pulled (hub.ResolvedModel)."""
+
+    spec: str = ""
+    local_dir: str | None = None
+    kind: str | None = None  # "hub" | "package" | "local"
+    revision: str | None = None
+    sha: str | None = None  # commit SHA, or "sha256:<digest>" of a folder's files
+    license: dict[str, str] | None = None
+    endpoint: str | None = None
+
+
+class DataRecord(_Record):
+    """What the data preparation read, kept and dropped (``data.PreparedData.summary``)."""
+
+    fingerprint: str | None = None
+    label_names: list[str] = Field(default_factory=list)
+    source: dict[str, Any] = Field(default_factory=dict)
+    source_splits: dict[str, Any] | None = None
+    rows_read: dict[str, Any] = Field(default_factory=dict)
+    rows_kept: dict[str, Any] = Field(default_factory=dict)
+    dropped: dict[str, Any] = Field(default_factory=dict)
+    label_counts: dict[str, Any] = Field(default_factory=dict)
+    canaries: dict[str, Any] | None = None
+
+
+class AuditSummary(_Record):
+    """The audit verdict run.json carries (push's gate reads it)."""
+
+    status: str = "missing"
+    passed: bool = False
+    policy: str | None = None
+    failed: list[str] = Field(default_factory=list)
+    report: str | None = None
+    created: str | None = None
+    override: dict[str, Any] | None = None
+
+
+class RunInfo(_Record):
+    """``run.json``: the record of a complete run."""
+
+    schema_version: int = 1
+    status: str = "completed"
+    name: str | None = None
+    recipe_source: str | None = None
+    created: str | None = None
+    resumed_from_epoch: int | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    base_model: BaseModelRecord = Field(default_factory=BaseModelRecord)
+    data: DataRecord = Field(default_factory=DataRecord)
+    method: dict[str, Any] = Field(default_factory=dict)
+    newly_initialized: list[str] = Field(default_factory=list)
+    feature_cache: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    test: dict[str, float] = Field(default_factory=dict)
+    majority_baseline: dict[str, Any] = Field(default_factory=dict)
+    privacy: dict[str, Any] = Field(default_factory=dict)
+    audit: AuditSummary | None = None
+    pushes: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def method_name(self) -> str | None:
+        value = self.method.get("method")
+        return str(value) if value else None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.outputs.get("model_dir") == "adapter"
+
+
+class Ledger(_Record):
+    """``privacy.json``: the DP ledger (see :meth:`hubtune.privacy.engine.PrivacyRun.ledger`)."""
+
+    schema_version: int = 1
+    guarantee: str | None = None
+    guarantee_void: bool = False
+    epsilon: float | None = None
+    delta: float | None = None
+    accountant: str | None = None
+    epsilon_by_accountant: dict[str, float] = Field(default_factory=dict)
+    target_epsilon: float | None = None
+    stopped_by_budget: bool = False
+    noise_multiplier: float | None = None
+    noise: str | None = None
+    noise_segments: list[dict[str, Any]] = Field(default_factory=list)
+    max_grad_norm: float | None = None
+    sample_rate: float | None = None
+    sampling: str | None = None
+    steps: int | None = None
+    history: list[list[float]] = Field(default_factory=list)
+    prior_history: list[list[float]] = Field(default_factory=list)
+    unit: str = "example"
+    secure_mode: bool | None = None
+    noise_source: str | None = None
+
+
+def read_run_info(run_dir: Path) -> RunInfo | None:
+    """The run's ``run.json`` as a typed record, or None when the run is not complete."""
+    data = read_json(run_dir / RUN_FILE)
+    return RunInfo.model_validate(data) if isinstance(data, dict) else None
+
+
+def read_ledger(run_dir: Path) -> Ledger | None:
+    """The run's ``privacy.json`` as a typed record, or None without DP."""
+    data = read_json(run_dir / PRIVACY_LEDGER)
+    return Ledger.model_validate(data) if isinstance(data, dict) else None

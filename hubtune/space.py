@@ -37,6 +37,7 @@ import yaml
 
 from hubtune.io import atomic_write_json, atomic_write_text
 from hubtune.model import GROUPNORM_FILE
+from hubtune.rundir import RunInfo, read_ledger, read_run_info
 
 __all__ = [
     "CONFIG_FILE",
@@ -102,12 +103,12 @@ def _read_json(path: Path) -> Any:
         raise SpaceError(f"{path}: cannot be read ({exc})") from exc
 
 
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    info = _read_json(run_dir / "run.json")
-    if not isinstance(info, dict):
+def _run_info(run_dir: Path) -> RunInfo:
+    info = read_run_info(run_dir)
+    if info is None:
         raise SpaceError(f"{run_dir} is not a finished hubtune run (no run.json)")
-    if info.get("status") != "completed":
-        raise SpaceError(f"{run_dir}: the run did not complete (status {info.get('status')!r})")
+    if info.status != "completed":
+        raise SpaceError(f"{run_dir}: the run did not complete (status {info.status!r})")
     return info
 
 
@@ -120,19 +121,19 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _model_dir_name(info: dict[str, Any]) -> str:
-    name = (info.get("outputs") or {}).get("model_dir") or "model"
+def _model_dir_name(info: RunInfo) -> str:
+    name = info.outputs.get("model_dir") or "model"
     if name not in ("model", "adapter"):
         raise SpaceError(f"run.json: unexpected outputs.model_dir {name!r}")
     return str(name)
 
 
-def _common_config(run_dir: Path, info: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+def _common_config(run_dir: Path, info: RunInfo, recipe: dict[str, Any]) -> dict[str, Any]:
     if ((recipe.get("data") or {}).get("columns") or {}).get("text_pair"):
         raise SpaceError(
             f"{run_dir}: the model classifies text pairs; the Space template takes one text"
         )
-    labels = (info.get("data") or {}).get("label_names") or (recipe.get("data") or {}).get("labels")
+    labels = info.data.label_names or (recipe.get("data") or {}).get("labels")
     if not labels:
         raise SpaceError(f"{run_dir}: run.json records no label names")
     task = str((recipe.get("model") or {}).get("task") or "text-classification")
@@ -142,7 +143,7 @@ def _common_config(run_dir: Path, info: dict[str, Any], recipe: dict[str, Any]) 
             "groupnorm), which only hubtune can rebuild (hubtune.model.load_saved_image_model); the "
             "Space runs without hubtune. Push without a Space (no push.space_id)."
         )
-    name = str(info.get("name") or run_dir.name)
+    name = str(info.name or run_dir.name)
     return {
         "schema_version": CONFIG_SCHEMA_VERSION,
         "task": task,
@@ -175,7 +176,7 @@ def _metric_names(run_dir: Path) -> dict[str, str]:
 
 
 def _base_model(
-    info: dict[str, Any], base_model_repo_id: str | None, base_model_revision: str | None
+    info: RunInfo, base_model_repo_id: str | None, base_model_revision: str | None
 ) -> tuple[str, str]:
     """The Hub repo and commit of a LoRA adapter's base model."""
     if base_model_repo_id:
@@ -189,7 +190,7 @@ def _base_model(
         revision = base["revision"]
         return str(base["hub_id"]), str(revision) if revision and _SHA.match(revision) else "main"
     raise SpaceError(
-        f"the adapter's base model {(info.get('base_model') or {}).get('spec')!r} is not a Hub repo: pass "
+        f"the adapter's base model {info.base_model.spec!r} is not a Hub repo: pass "
         "base_model_repo_id and base_model_revision so the Space can download it"
     )
 
@@ -279,13 +280,17 @@ def _requirements(template: str, versions: dict[str, Any]) -> str:
 
 
 def _privacy_statement(run_dir: Path) -> str:
-    ledger = _read_json(run_dir / "privacy.json")
-    if not isinstance(ledger, dict):
+    from hubtune.privacy import guarantee_is_void
+
+    ledger = read_ledger(run_dir)
+    if ledger is None:
         return "trained without differential privacy"
+    if ledger.guarantee_void or guarantee_is_void(ledger.noise_source):
+        return "trained with DP-SGD noise fixed for testing: NO privacy guarantee"
     return (
-        f"trained with differential privacy, (ε = {float(ledger['epsilon']):.2f}, "
-        f"δ = {float(ledger['delta']):.2g})-DP at the {ledger.get('unit', 'example')} level "
-        f"({str(ledger.get('accountant', '')).upper()} accountant)"
+        f"trained with differential privacy, (ε = {float(ledger.epsilon or 0):.2f}, "
+        f"δ = {float(ledger.delta or 0):.2g})-DP at the {ledger.unit} level "
+        f"({str(ledger.accountant or '').upper()} accountant)"
     )
 
 
@@ -350,13 +355,13 @@ def render_space(
     if config.get("task") == "image-classification":
         # Image processors need Pillow; timm models (TimmWrapper) need timm and a torchvision
         # built for the same torch: pinned to what the run used when it was recorded.
-        versions = info.get("versions") or {}
+        versions = info.versions
         for package in ("pillow", "timm", "torchvision"):
             version = str(versions.get(package) or "").split("+", 1)[0]
             template += f"{package}=={version}\n" if version else f"{package}\n"
     atomic_write_text(
         target / "requirements.txt",
-        _requirements(template, info.get("versions") or {}),
+        _requirements(template, info.versions),
     )
     atomic_write_json(target / CONFIG_FILE, config)
 
