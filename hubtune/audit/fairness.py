@@ -416,6 +416,8 @@ def audit_fairness(
 ) -> dict[str, Any]:
     """Per-group metrics, disparities and their intervals for a predictions frame.
 
+    Long on purpose: the statistics read top to bottom as the audit describes them (overall, per slice, per class, suppression); splitting them would scatter one seeded bootstrap across functions.
+
     Args:
         predictions: One row per test example with ``label_id``, ``prediction_id`` and the
             sensitive columns (hubtune's ``predictions.parquet``).
@@ -551,6 +553,11 @@ def _audit_slice(
     ci_level: float,
     seed: int,
 ) -> dict[str, Any]:
+    """One slice's groups with intervals, suppression and disparities.
+
+    Long on purpose: one slice's groups, their intervals, suppression and disparities share
+    the slice's resamples; kept in one place so they use the same draws.
+    """
     num_labels = len(label_names)
     columns = list(spec.columns)
     group_keys = [tuple(str(v) for v in row) for row in features[columns].itertuples(index=False)]
@@ -658,6 +665,8 @@ def compare_fairness(
     missing_label: str = "(missing)",
 ) -> dict[str, Any]:
     """Each group's metric change between two runs' predictions on the same test rows.
+
+    Long on purpose: the paired bootstrap of both runs must use the same resampled rows for every group and metric, which this one loop guarantees.
 
     The interval of each change is a *paired* bootstrap: the same resampled rows are scored
     under both models, so the noise of the test set cancels out of the difference.

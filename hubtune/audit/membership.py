@@ -87,6 +87,8 @@ def loss_threshold_attack(
 ) -> dict[str, Any]:
     """Run the loss-threshold membership-inference attack and compare it with the DP bound.
 
+    Long on purpose: the threshold choice, the held-out FPR, the Bonferroni-corrected bounds and the attack's power share their sample splits; one function keeps them consistent.
+
     Args:
         member_losses: Per-example loss on training rows.
         nonmember_losses: Per-example loss on rows never trained on.

@@ -374,6 +374,11 @@ def _beats_cell(level: dict[str, Any]) -> str:
 
 
 def _context(audit: dict[str, Any]) -> dict[str, Any]:
+    """Everything both report templates show, from audit.json, formatted.
+
+    Long on purpose: one flat mapping from audit.json to every value both report templates
+    show, kept together so the HTML and Markdown reports show the same figures.
+    """
     fairness = audit["fairness"]
     metrics = fairness["metrics"]
     verdict = audit["verdict"]

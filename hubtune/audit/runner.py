@@ -129,6 +129,11 @@ def _verdict(
     canaries: dict[str, Any] | None,
     privacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Judge every check the policy sets: pass, fail, not evaluable or not informative.
+
+    Long on purpose: every check a policy can set is judged here, in the order the report
+    lists them, so the verdict's rules can be read in one place.
+    """
     t = policy.thresholds
     checks: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -342,6 +347,8 @@ def run_audit(
     compare: str | Path | None = None,
 ) -> dict[str, Any]:
     """Audit a finished run: fairness per group, membership inference, canaries, verdict.
+
+    Long on purpose: the audit stage from its inputs (run.json, predictions, ledger, scores) to its atomic outputs, in the order a reviewer reads them.
 
     Args:
         run_dir: A complete run directory (it has run.json).

@@ -312,6 +312,8 @@ def prepare_private(
 ) -> PrivacyRun:
     """Wrap model, optimizer and a Poisson data loader with Opacus, and fix the budget.
 
+    Long on purpose: every step the (ε, δ) guarantee depends on (δ, the preflight, the noise plan, the secret generators, Opacus' wrapping, the sampler check) in one readable sequence.
+
     Args:
         prior_history: The base model's earlier DP training (its ε keeps counting).
         spent: What an interrupted run being resumed already spent (its checkpoint's record);
