@@ -31,13 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dp import (  # noqa: E402
-    StepTimer,
-    _rss_mib,
-    atomic_write_text,
-    fix_poisson_batches,
-    peak_rss_mib,
-)
+from bench_dp import RECIPE_LORA_DP, StepTimer, fix_poisson_batches  # noqa: E402
+from benchlib import atomic_write_text, package_model_dir, peak_rss_mib, rss_mib  # noqa: E402
 
 
 def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +49,7 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     if spec.get("poisson_seed") is not None:  # bench_dp --same-batches: hubtune's batches
         fix_poisson_batches(int(spec["poisson_seed"]))
-    rss_after_import = _rss_mib()
+    rss_after_import = rss_mib()
     torch.manual_seed(spec["seed"])
     device = torch.device("cpu")
 
@@ -157,7 +152,6 @@ def lora_accuracy_check(sigma: float, seed: int, epochs: int = 3) -> None:
     """
     import numpy as np
     import torch
-    from bench_dp import RECIPE_LORA_DP, package_model_dir
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
     from peft import LoraConfig, TaskType, get_peft_model
