@@ -51,7 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,12 @@ from benchlib import (
     command_line,
     fmt_s,
     machine_busy_seconds,
-    machine_info,
     md_table,
     own_cpu_seconds,
     package_model_dir,
     peak_rss_mib,
     report_footer,
+    result_head,
     rss_mib,
     run_overrides,
     say,
@@ -87,7 +87,7 @@ DATA = REDDITBIAS
 RECIPE_FE = REPO / "recipes" / "quickstart.yaml"
 RECIPE_FE_DP = REPO / "recipes" / "quickstart-dp.yaml"
 RECIPE_LORA_DP = REPO / "recipes" / "quickstart-dp-lora.yaml"
-SCHEMA_VERSION = 1
+SCRIPT = "bench_dp.py"
 CONTENDED = 0.15  # others' cores while timed above this: measurement re-done
 # The libraries the DP results depend on (recorded with the machine).
 PACKAGES = ("hubtune", "torch", "opacus", "transformers", "peft", "accelerate")
@@ -690,11 +690,7 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     plan = accuracy_variants(args)
     payload: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "dp_accuracy",
-        "quick": args.quick,
-        "command": command_line("bench_dp.py"),
-        "machine": machine_info(packages=PACKAGES),
+        **result_head("dp_accuracy", script=SCRIPT, quick=args.quick, packages=PACKAGES),
         "settings": {
             "epsilons": args.epsilons,
             "seeds_feature_extraction": args.seeds,
@@ -952,7 +948,33 @@ def _prime_cache(args: argparse.Namespace, work: Path, n_train: int) -> None:
     run_subprocess(Path(__file__), spec, work, "prime-cache", args.timeout)
 
 
-def _args_from_settings(args: argparse.Namespace, s: dict[str, Any], logical_key: str) -> None:
+def _speed_settings(args: argparse.Namespace, logical_key: str) -> dict[str, Any]:
+    """The timing settings that throughput and vs-opacus share (``--rerun`` restores them)."""
+    return {
+        "max_length": args.max_length,
+        "physical_batch": args.physical,
+        logical_key: args.logical,
+        "sigma": args.sigma,
+        "max_grad_norm": args.clip,
+        "warmup_logical_steps": args.warmup_steps,
+        "measured_logical_steps": args.steps,
+        "train_rows": (args.warmup_steps + args.steps) * args.logical,
+        "eval_rows": args.eval_rows,
+        "contended_cores": CONTENDED,
+    }
+
+
+def _quick_speed(args: argparse.Namespace) -> None:
+    """``--quick`` for throughput and vs-opacus: a small logical batch, a few steps."""
+    args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+
+
+def _load_rerun(args: argparse.Namespace, logical_key: str) -> tuple[str, dict[str, Any]]:
+    """The saved result ``--rerun`` names: its stem and payload, with its settings put back
+    into ``args`` and this command and ``--note`` recorded."""
+    path = Path(args.rerun)
+    payload = json.loads(path.read_text())
+    s = payload["settings"]
     args.max_length, args.physical, args.logical = (
         s["max_length"],
         s["physical_batch"],
@@ -961,47 +983,50 @@ def _args_from_settings(args: argparse.Namespace, s: dict[str, Any], logical_key
     args.sigma, args.clip = s["sigma"], s["max_grad_norm"]
     args.warmup_steps, args.steps = s["warmup_logical_steps"], s["measured_logical_steps"]
     args.eval_rows = s.get("eval_rows", args.eval_rows)
+    payload.setdefault("rerun_commands", []).append(command_line(SCRIPT))
+    s["contended_cores"] = CONTENDED
+    payload.setdefault("notes", []).extend(args.note)
+    return path.stem, payload
+
+
+def _saver(
+    name: str,
+    payload: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+    t_start: float,
+    *,
+    rerun: bool,
+) -> Callable[[], None]:
+    """A function that writes the results so far (the wall time of a rerun adds to the saved)."""
+    previous = payload.get("benchmark_wall_s", 0.0) if rerun else 0.0
+
+    def save() -> None:
+        payload["benchmark_wall_s"] = previous + time.perf_counter() - t_start
+        write_results(name, payload, markdown(payload))
+
+    return save
 
 
 def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
     setup_environment()
     t_start = time.perf_counter()
     if args.rerun:  # re-measure the failed / contended configurations of a saved result
-        path = Path(args.rerun)
-        payload = json.loads(path.read_text())
-        name = path.stem
-        _args_from_settings(args, payload["settings"], "logical_batch_dp")
-        payload.setdefault("rerun_commands", []).append(command_line("bench_dp.py"))
-        payload["settings"]["contended_cores"] = CONTENDED
-        payload.setdefault("notes", []).extend(args.note)
+        name, payload = _load_rerun(args, "logical_batch_dp")
         methods = list(payload["settings"]["methods"])
     else:
         name = args.name or ("dp_throughput_quick" if args.quick else "dp_throughput")
         if args.quick:
-            args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+            _quick_speed(args)
         methods_text = args.methods or ("freeze,lora" if args.quick else ",".join(METHODS))
         methods = [m.strip() for m in methods_text.split(",") if m.strip()]
         payload = {
-            "schema_version": SCHEMA_VERSION,
-            "benchmark": "dp_throughput",
-            "quick": args.quick,
-            "command": command_line("bench_dp.py"),
-            "machine": machine_info(packages=PACKAGES),
+            **result_head("dp_throughput", script=SCRIPT, quick=args.quick, packages=PACKAGES),
             "settings": {
                 "recipe_base": str(RECIPE_LORA_DP.relative_to(REPO)),
-                "max_length": args.max_length,
-                "physical_batch": args.physical,
-                "logical_batch_dp": args.logical,
+                **_speed_settings(args, "logical_batch_dp"),
                 "nodp_batch": args.physical,
-                "sigma": args.sigma,
-                "max_grad_norm": args.clip,
-                "warmup_logical_steps": args.warmup_steps,
-                "measured_logical_steps": args.steps,
-                "train_rows": (args.warmup_steps + args.steps) * args.logical,
-                "eval_rows": args.eval_rows,
                 "methods": {m: METHODS[m] for m in methods},
                 "quiet_threshold_cores": QUIET_CORES,
-                "contended_cores": CONTENDED,
                 "wait_quiet_s": args.wait_quiet,
             },
             "configs": [],
@@ -1009,11 +1034,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
         }
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     n_train = payload["settings"]["train_rows"]
-    previous_wall = payload.get("benchmark_wall_s", 0.0) if args.rerun else 0.0
-
-    def save() -> None:
-        payload["benchmark_wall_s"] = previous_wall + time.perf_counter() - t_start
-        write_results(name, payload, throughput_markdown(payload))
+    save = _saver(name, payload, throughput_markdown, t_start, rerun=bool(args.rerun))
 
     with workspace(args.keep_runs) as work:
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
@@ -1249,54 +1270,30 @@ def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
     setup_environment()
     t_start = time.perf_counter()
     if args.rerun:  # re-measure the rounds with a failed / contended side
-        path = Path(args.rerun)
-        payload = json.loads(path.read_text())
-        name = path.stem
-        s = payload["settings"]
-        _args_from_settings(args, s, "logical_batch")
-        args.plain_padding = s["plain_padding"]
-        args.same_batches = s.get("same_batches")
-        payload.setdefault("rerun_commands", []).append(command_line("bench_dp.py"))
-        payload["settings"]["contended_cores"] = CONTENDED
-        payload.setdefault("notes", []).extend(args.note)
+        name, payload = _load_rerun(args, "logical_batch")
+        args.plain_padding = payload["settings"]["plain_padding"]
+        args.same_batches = payload["settings"].get("same_batches")
         models = list(dict.fromkeys(m["model"] for m in payload["measurements"]))
     else:
         name = args.name or ("dp_vs_opacus_quick" if args.quick else "dp_vs_opacus")
         if args.quick:
-            args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+            _quick_speed(args)
             args.rounds = 1
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         payload = {
-            "schema_version": SCHEMA_VERSION,
-            "benchmark": "dp_vs_opacus",
-            "quick": args.quick,
-            "command": command_line("bench_dp.py"),
-            "machine": machine_info(packages=PACKAGES),
+            **result_head("dp_vs_opacus", script=SCRIPT, quick=args.quick, packages=PACKAGES),
             "settings": {
-                "max_length": args.max_length,
-                "physical_batch": args.physical,
-                "logical_batch": args.logical,
-                "sigma": args.sigma,
-                "max_grad_norm": args.clip,
-                "warmup_logical_steps": args.warmup_steps,
-                "measured_logical_steps": args.steps,
-                "train_rows": (args.warmup_steps + args.steps) * args.logical,
-                "eval_rows": args.eval_rows,
+                **_speed_settings(args, "logical_batch"),
                 "rounds": args.rounds,
                 "plain_padding": args.plain_padding,
                 "same_batches": args.same_batches,
                 "grad_sample_mode": "hooks",
-                "contended_cores": CONTENDED,
             },
             "measurements": [],
             "notes": list(args.note),
         }
     n_train = payload["settings"]["train_rows"]
-    previous_wall = payload.get("benchmark_wall_s", 0.0) if args.rerun else 0.0
-
-    def save() -> None:
-        payload["benchmark_wall_s"] = previous_wall + time.perf_counter() - t_start
-        write_results(name, payload, vs_opacus_markdown(payload))
+    save = _saver(name, payload, vs_opacus_markdown, t_start, rerun=bool(args.rerun))
 
     with workspace(args.keep_runs) as work:
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")

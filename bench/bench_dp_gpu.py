@@ -27,18 +27,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchlib import (  # noqa: E402
+from benchlib import (
     command_line,
     command_section,
     hardware,
@@ -181,6 +176,25 @@ def forward_loss(
     )
 
 
+def train_step(
+    model: Any,
+    optimizer: Any,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    criterion: Any = None,
+) -> None:
+    """Forward and loss (``forward_loss``), backward, optimizer step, gradients dropped."""
+    forward_loss(model, batch, device, criterion).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter()
+
+
 def run_nondp(
     plan: Any, dataset: Synthetic, device: torch.device, steps: int, warmup: int
 ) -> tuple[float, int, int]:
@@ -193,17 +207,12 @@ def run_nondp(
     seen, start = 0, 0.0
     for i in range(warmup + steps):
         if i == warmup:
-            sync(device)
-            start = time.perf_counter()
+            start = clock(device)
         batch = next(it)
-        loss = forward_loss(model, batch, device)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, batch, device)
         if i >= warmup:
             seen += len(batch["labels"])
-    sync(device)
-    return seen / (time.perf_counter() - start), seen, steps
+    return seen / (clock(device) - start), seen, steps
 
 
 def run_dp(
@@ -245,12 +254,8 @@ def run_dp(
     ) as batches:
         for batch in batches:
             if logical == warmup and start == 0.0:
-                sync(device)
-                start = time.perf_counter()
-            loss = forward_loss(model, batch, device, criterion)
-            loss.backward()
-            dp_optimizer.step()
-            dp_optimizer.zero_grad(set_to_none=True)
+                start = clock(device)
+            train_step(model, dp_optimizer, batch, device, criterion)
             if logical >= warmup:
                 seen += len(batch["labels"])
                 physical += 1
@@ -258,8 +263,7 @@ def run_dp(
                 logical += 1
                 if logical >= warmup + steps:
                     break
-    sync(device)
-    return seen / (time.perf_counter() - start), seen, physical
+    return seen / (clock(device) - start), seen, physical
 
 
 def _run_hubtune(
@@ -326,12 +330,10 @@ def _run_hubtune(
 
     run.max_steps = warmup
     epoch(initial)
-    sync(device)
-    start = time.perf_counter()
+    start = clock(device)
     run.max_steps = warmup + steps
     seen, sizes = epoch(None)
-    sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock(device) - start
     passes = sum(max(1, -(-size // PHYSICAL)) for size in sizes)  # BatchMemoryManager's split
     return seen / elapsed, seen, passes
 

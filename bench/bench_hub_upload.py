@@ -35,10 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchlib import (  # noqa: E402
+from benchlib import (
     REPO,
     RESULTS_DIR,
     hardware,

@@ -66,13 +66,12 @@ from benchlib import (
     REPO,
     atomic_write_text,
     check_prerequisites,
-    command_line,
     fmt_s,
     machine_busy_seconds,
-    machine_info,
     md_table,
     package_model_dir,
     report_footer,
+    result_head,
     run_overrides,
     say,
     setup_environment,
@@ -91,7 +90,6 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "special_tokens_map.json",
 )
-SCHEMA_VERSION = 1
 
 log = logging.getLogger("bench")
 
@@ -363,11 +361,7 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
         / feat_train(runs["cache_warm"]),
     }
     payload = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "feature_cache",
-        "quick": args.quick,
-        "command": command_line("bench_transfer.py"),
-        "machine": machine_info(),
+        **result_head("feature_cache", script="bench_transfer.py", quick=args.quick),
         "settings": {
             "recipe": str(RECIPE.relative_to(REPO)),
             "epochs": epochs,
@@ -672,11 +666,7 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
             if r["model"] == "pretrained" and r["labels"] == "all":
                 reach[f"pretrained+{r['method']}"] = time_to_reach(r["history"], target)
     payload = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "label_efficiency",
-        "quick": args.quick,
-        "command": command_line("bench_transfer.py"),
-        "machine": machine_info(),
+        **result_head("label_efficiency", script="bench_transfer.py", quick=args.quick),
         "settings": {
             "recipe": str(RECIPE.relative_to(REPO)),
             "sizes": sizes,
@@ -937,11 +927,7 @@ def write_lr_sweep(
 ) -> None:
     best = max(results, key=lambda r: r["best_val_accuracy"])
     payload = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "lr_sweep",
-        "quick": args.quick,
-        "command": command_line("bench_transfer.py"),
-        "machine": machine_info(),
+        **result_head("lr_sweep", script="bench_transfer.py", quick=args.quick),
         "settings": {
             "labels": labels,
             "epochs": epochs,
@@ -1124,24 +1110,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epochs", type=int, default=4, help="Epochs per lr.")
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    sub.add_parser(
-        "cache",
-        parents=[common, cache],
-        formatter_class=fmt,
-        help="Feature cache: cold vs warm vs no cache (freeze, 10 epochs).",
-    )
-    sub.add_parser(
-        "labels",
-        parents=[common, labels, shared_full],
-        formatter_class=fmt,
-        help="Label efficiency: pretrained (freeze, full) vs random-init (full) at 100/300/1000/all labels.",
-    )
-    sub.add_parser(
-        "lr-sweep",
-        parents=[common, sweep, shared_full],
-        formatter_class=fmt,
-        help="Validation accuracy of random-init + full fine-tuning at a few learning rates.",
-    )
+    for command, parents, text in (
+        ("cache", [common, cache], "Feature cache: cold vs warm vs no cache (freeze, 10 epochs)."),
+        (
+            "labels",
+            [common, labels, shared_full],
+            "Label efficiency: pretrained (freeze, full) vs random-init (full) at 100/300/1000/all labels.",
+        ),
+        (
+            "lr-sweep",
+            [common, sweep, shared_full],
+            "Validation accuracy of random-init + full fine-tuning at a few learning rates.",
+        ),
+    ):
+        sub.add_parser(command, parents=parents, formatter_class=fmt, help=text)
     render = sub.add_parser(
         "render", help="Rewrite the .md of saved results from their .json (no runs)."
     )

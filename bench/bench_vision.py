@@ -42,9 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import (  # noqa: E402
+from benchlib import (
     REPO,
     RESULTS_DIR,
     command_line,
@@ -55,9 +53,9 @@ from benchlib import (  # noqa: E402
     write_results,
 )
 
-from hubtune.pipeline import run_recipe  # noqa: E402
-from hubtune.recipe import Recipe  # noqa: E402
-from hubtune.vision_assets import EFFICIENTNET_LITE0_REPO  # noqa: E402
+from hubtune.pipeline import run_recipe
+from hubtune.recipe import Recipe
+from hubtune.vision_assets import EFFICIENTNET_LITE0_REPO
 
 # Epochs per label count: the from-scratch network needs many passes over small sets; the
 # head on cached features is cheap at any count.

