@@ -88,6 +88,9 @@ RECIPE_FE = REPO / "recipes" / "quickstart.yaml"
 RECIPE_FE_DP = REPO / "recipes" / "quickstart-dp.yaml"
 RECIPE_LORA_DP = REPO / "recipes" / "quickstart-dp-lora.yaml"
 SCRIPT = "bench_dp.py"
+# How hubtune's side is timed, recorded in the settings. Results without it (before the public
+# hook) were timed by wrapping hubtune's progress bar, per physical batch.
+TIMING = "on_step"
 CONTENDED = 0.15  # others' cores while timed above this: measurement re-done
 # The libraries the DP results depend on (recorded with the machine).
 PACKAGES = ("hubtune", "torch", "opacus", "transformers", "peft", "accelerate")
@@ -961,6 +964,7 @@ def _speed_settings(args: argparse.Namespace, logical_key: str) -> dict[str, Any
         "train_rows": (args.warmup_steps + args.steps) * args.logical,
         "eval_rows": args.eval_rows,
         "contended_cores": CONTENDED,
+        "timing": TIMING,
     }
 
 
@@ -985,7 +989,14 @@ def _load_rerun(args: argparse.Namespace, logical_key: str) -> tuple[str, dict[s
     args.eval_rows = s.get("eval_rows", args.eval_rows)
     payload.setdefault("rerun_commands", []).append(command_line(SCRIPT))
     s["contended_cores"] = CONTENDED
-    payload.setdefault("notes", []).extend(args.note)
+    notes = payload.setdefault("notes", [])
+    mixed = (
+        "rows re-measured with --rerun timed hubtune by its per-step hook "
+        "(`run_recipe(on_step=...)`), the others as the Timing note says"
+    )
+    if s.get("timing") != TIMING and mixed not in notes:
+        notes.append(mixed)
+    notes.extend(args.note)
     return path.stem, payload
 
 
@@ -1169,10 +1180,19 @@ def throughput_markdown(p: dict[str, Any]) -> str:
     )
     notes = [
         f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
-        "- Timing: hubtune's public per-step hook (`run_recipe(on_step=...)`) stamps the end "
-        "of every optimizer step (under DP, every logical Poisson batch); a step is timed from "
-        "the end of the previous one, data loading included. Everything else is hubtune's own "
-        "loop (`hubtune.privacy.loop.dp_epoch` for DP, the Accelerate loop otherwise).",
+        (
+            "- Timing: hubtune's public per-step hook (`run_recipe(on_step=...)`) stamps the end "
+            "of every optimizer step (under DP, every logical Poisson batch); a step is timed "
+            "from the end of the previous one, data loading included. Everything else is "
+            "hubtune's own loop (`hubtune.privacy.loop.dp_epoch` for DP, the Accelerate loop "
+            "otherwise)."
+            if s.get("timing") == TIMING
+            else "- Timing: `hubtune.train._progress` (the progress-bar wrapper around the "
+            "training loader) is wrapped so that every physical batch is stamped when the loop "
+            "fetches it and when it asks for the next one; the logical step ends where Opacus' "
+            "DP optimizer did not skip the step. Everything else is hubtune's own loop "
+            "(`_dp_epoch` for DP, the Accelerate loop otherwise)."
+        ),
         "- 's / logical step' for non-DP rows is the time for the same number of samples as "
         "one expected DP logical batch.",
         "- Peak RSS is `ru_maxrss` of the configuration's own process (model loading, data, "
@@ -1436,7 +1456,7 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
                 f"{t['samples_per_s']:.1f}",
                 f"{t['s_per_step']:.2f}",
                 t["measured_samples"],
-                f"{t.get('mean_padded_length') or 0:.1f}",
+                "-" if t.get("mean_padded_length") is None else f"{t['mean_padded_length']:.1f}",
                 f"{t.get('own_cores') or 0:.2f}",
                 f"{'-' if before is None else f'{before:.2f}'} / "
                 f"{t.get('other_cores_during') or 0:.2f}",
@@ -1465,9 +1485,17 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
     ]
     notes = [
         f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
-        "- Both sides use the same timer (`StepTimer` in bench_dp.py) around the physical-batch "
-        "iterator, and the same padding: per-batch dynamic padding with "
-        "`DataCollatorWithPadding`"
+        (
+            "- hubtune is timed by its public per-step hook (`run_recipe(on_step=...)`, one stamp "
+            "per logical step), the plain loop by `StepTimer` (bench_dp.py) around its "
+            "physical-batch iterator; both time a step from the end of the previous one. The "
+            "hook does not see padded lengths, so hubtune's padded-length columns are empty. "
+            "Both sides use the same padding: per-batch dynamic padding with "
+            if s.get("timing") == TIMING
+            else "- Both sides use the same timer (`StepTimer` in bench_dp.py) around the "
+            "physical-batch iterator, and the same padding: per-batch dynamic padding with "
+        )
+        + "`DataCollatorWithPadding`"
         + (
             " (the tutorial pads every example to max_length; `--plain-padding max_length` "
             "runs that variant)."
