@@ -449,6 +449,8 @@ def throughput_spec(
         *run_overrides(f"tp-{method}-{mode}", runs_dir=runs_dir),
         f"method={METHODS[method]['method']}",
         f"train.lr={METHODS[method]['lr']}",
+        # AdamW as the plain loop and the lrs above assume (the base recipe now trains with SGD)
+        "train.optimizer=adamw",
         "train.weight_decay=0.0",
         "train.warmup_ratio=0.0",
         "train.epochs=1",
