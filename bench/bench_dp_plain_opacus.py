@@ -24,20 +24,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dp import RECIPE_LORA_DP, StepTimer, fix_poisson_batches
+from benchlib import atomic_write_text, package_model_dir, peak_rss_mib, rss_mib
 
-from bench_dp import (  # noqa: E402
-    StepTimer,
-    _rss_mib,
-    atomic_write_text,
-    fix_poisson_batches,
-    peak_rss_mib,
-)
+
+def lora(model: Any) -> Any:
+    """peft LoRA r 8, alpha 16 on query and value, the classifier trained in full (as hubtune's
+    quickstart LoRA recipe)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+    )
+    return get_peft_model(model, config)
+
+
+def add_positions(batch: dict[str, Any], device: Any = None) -> None:
+    """Per-example ``position_ids``: with BERT's broadcast [1, T] ids Opacus would compute
+    per-sample gradients of batch 1 for the position embeddings (opacus #841)."""
+    import torch
+
+    ids = batch["input_ids"]
+    batch["position_ids"] = (
+        torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids).contiguous()
+    )
 
 
 def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +73,7 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     if spec.get("poisson_seed") is not None:  # bench_dp --same-batches: hubtune's batches
         fix_poisson_batches(int(spec["poisson_seed"]))
-    rss_after_import = _rss_mib()
+    rss_after_import = rss_mib()
     torch.manual_seed(spec["seed"])
     device = torch.device("cpu")
 
@@ -83,17 +102,7 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
     # model
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=2)
     if spec["method"] == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=8,
-            lora_alpha=16,
-            lora_dropout=0.0,
-            target_modules=["query", "value"],
-            modules_to_save=["classifier"],
-        )
-        model = get_peft_model(model, config)
+        model = lora(model)
     model = model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -124,10 +133,7 @@ def run_plain(spec: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad()
             batch = {k: v.to(device) for k, v in batch.items()}
             if per_example_positions:
-                ids = batch["input_ids"]
-                batch["position_ids"] = (
-                    torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
-                ).contiguous()
+                add_positions(batch, device)
             outputs = model(**batch)
             loss = outputs.loss
             loss.backward()
@@ -157,10 +163,8 @@ def lora_accuracy_check(sigma: float, seed: int, epochs: int = 3) -> None:
     """
     import numpy as np
     import torch
-    from bench_dp import RECIPE_LORA_DP, package_model_dir
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
-    from peft import LoraConfig, TaskType, get_peft_model
     from torch.utils.data import DataLoader
     from transformers import (
         AutoModelForSequenceClassification,
@@ -188,16 +192,9 @@ def lora_accuracy_check(sigma: float, seed: int, epochs: int = 3) -> None:
 
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     train, test = rows("train"), rows("test")
-    model = AutoModelForSequenceClassification.from_pretrained(package_model_dir(), num_labels=2)
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        target_modules=["query", "value"],
-        modules_to_save=["classifier"],
+    model = lora(
+        AutoModelForSequenceClassification.from_pretrained(package_model_dir(), num_labels=2)
     )
-    model = get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.002, weight_decay=0.0)
     model.train()
@@ -219,10 +216,7 @@ def lora_accuracy_check(sigma: float, seed: int, epochs: int = 3) -> None:
         ) as physical:
             for batch in physical:
                 optimizer.zero_grad()
-                ids = batch["input_ids"]
-                batch["position_ids"] = (
-                    torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids).contiguous()
-                )
+                add_positions(batch)
                 model(**batch).loss.backward()
                 optimizer.step()
         model.eval()

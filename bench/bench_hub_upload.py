@@ -32,14 +32,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchlib import REPO, atomic_write_text, hardware  # noqa: E402
+from benchlib import (
+    REPO,
+    RESULTS_DIR,
+    hardware,
+    md_table,
+    package_versions,
+    set_say_tag,
+    write_results,
+)
 
 MIB = 1 << 20
 
@@ -160,16 +164,6 @@ def measure(
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in ("huggingface_hub", "hf_xet", "httpx2"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def render(payload: dict[str, Any]) -> str:
     """The Markdown report."""
     machine = payload["machine"]
@@ -186,19 +180,38 @@ def render(payload: dict[str, Any]) -> str:
         "process each time. Peak RSS is the server's `VmHWM`; idle is its RSS before the "
         "upload. Produced by `bench/bench_hub_upload.py`.",
         "",
-        "| server | size (MiB) | mode | seconds | MiB/s | server peak RSS (MiB) | server idle RSS "
-        "(MiB) | client peak RSS (MiB) | content ok |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
+    table = []
     for row in payload["results"]:
         seconds = row.get("seconds")
-        speed = f"{row['size_mib'] / seconds:.0f}" if seconds else "-"
-        lines.append(
-            f"| {row['server']} | {row['size_mib']} | {row.get('mode', '-')} | "
-            f"{seconds if seconds is not None else row.get('error', '-')} | {speed} | "
-            f"{row.get('server_peak_rss_mib', '-')} | {row.get('server_idle_rss_mib', '-')} | "
-            f"{row.get('client_peak_rss_mib', '-')} | {'yes' if row.get('ok') else 'no'} |"
+        table.append(
+            [
+                row["server"],
+                row["size_mib"],
+                row.get("mode", "-"),
+                seconds if seconds is not None else row.get("error", "-"),
+                f"{row['size_mib'] / seconds:.0f}" if seconds else "-",
+                row.get("server_peak_rss_mib", "-"),
+                row.get("server_idle_rss_mib", "-"),
+                row.get("client_peak_rss_mib", "-"),
+                "yes" if row.get("ok") else "no",
+            ]
         )
+    lines += md_table(
+        [
+            "server",
+            "size (MiB)",
+            "mode",
+            "seconds",
+            "MiB/s",
+            "server peak RSS (MiB)",
+            "server idle RSS (MiB)",
+            "client peak RSS (MiB)",
+            "content ok",
+        ],
+        table,
+        align="lrlrrrrrl",
+    )
     if payload.get("notes"):
         lines += ["", *payload["notes"]]
     return "\n".join(lines) + "\n"
@@ -219,9 +232,10 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hub-upload-bench"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hub_upload")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "hub_upload")
     parser.add_argument("--note", action="append", default=[], help="a line for the report")
     args = parser.parse_args()
+    set_say_tag("bench-hub-upload")
     # A plain kill must still stop the server and client processes (the finally blocks run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -264,16 +278,18 @@ def main() -> None:
             file.unlink()
     payload = {
         "machine": hardware(),
-        "versions": _versions(),
+        "versions": {
+            "python": sys.version.split()[0],
+            **package_versions(("huggingface_hub", "hf_xet", "httpx2"), keep_missing=True),
+        },
         "workdir": str(args.workdir),
         "workdir_free_gib": free_gib,
         "results": results,
         "notes": args.note,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(args.out.with_suffix(".md"), render(payload))
-    print(render(payload))
+    text = render(payload)
+    write_results(args.out.name, payload, text, results_dir=args.out.parent)
+    print(text)
 
 
 if __name__ == "__main__":

