@@ -227,6 +227,24 @@ def training_inputs(
     return TrainingInputs(dict(encoded), plan.model, collate, forward, {"used": False})
 
 
+def _cache_splits(
+    accelerator: Any,
+    encoded: dict[str, Dataset],
+    keys: Callable[[str, str], str],
+    cut: str,
+    compute: Callable[[str, Dataset], dict[str, torch.Tensor]],
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, bool]]:
+    """Every split's cached tensors (computed on a miss) and whether each was a hit."""
+    tensors, hits = {}, {}
+    for split, dataset in encoded.items():
+        tensors[split], hits[split] = cached_tensors(
+            accelerator=accelerator,
+            path=cache_dir() / f"{keys(split, cut)}.safetensors",
+            compute=functools.partial(compute, split, dataset),
+        )
+    return tensors, hits
+
+
 def _head_cache(
     accelerator: Any,
     plan: Any,
@@ -236,24 +254,15 @@ def _head_cache(
     collate: Any,
     batch_size: int,
 ) -> TrainingInputs:
-    datasets: dict[str, Dataset] = {}
-    hits = {}
-    for split, dataset in encoded.items():
-        tensors, hits[split] = cached_tensors(
-            accelerator=accelerator,
-            path=cache_dir() / f"{keys(split, plan.head_name)}.safetensors",
-            compute=functools.partial(
-                head_features,
-                plan.model,
-                plan.head_name,
-                dataset,
-                collate,
-                batch_size,
-                accelerator,
-                split,
-            ),
+    def compute(split: str, dataset: Dataset) -> dict[str, torch.Tensor]:
+        return head_features(
+            plan.model, plan.head_name, dataset, collate, batch_size, accelerator, split
         )
-        datasets[split] = CachedFeatures(tensors["features"], labels[split])
+
+    tensors, hits = _cache_splits(accelerator, encoded, keys, plan.head_name, compute)
+    datasets: dict[str, Dataset] = {
+        split: CachedFeatures(t["features"], labels[split]) for split, t in tensors.items()
+    }
 
     def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return module(batch["features"])
@@ -277,24 +286,22 @@ def _prefix_cache(
     token_level: bool,
 ) -> TrainingInputs:
     # Only the trained top blocks run each step; the frozen ones ran once, here.
-    datasets: dict[str, Dataset] = {}
-    hits = {}
-    for split, dataset in encoded.items():
-        tensors, hits[split] = cached_tensors(
-            accelerator=accelerator,
-            path=cache_dir() / f"{keys(split, cut.key())}.safetensors",
-            compute=functools.partial(
-                compute_prefix,
-                plan.model,
-                cut,
-                dataset,
-                collate,
-                batch_size,
-                token_level,
-                progress=functools.partial(_split_progress, accelerator, split),
-            ),
+    def compute(split: str, dataset: Dataset) -> dict[str, torch.Tensor]:
+        return compute_prefix(
+            plan.model,
+            cut,
+            dataset,
+            collate,
+            batch_size,
+            token_level,
+            progress=functools.partial(_split_progress, accelerator, split),
         )
-        datasets[split] = PrefixExamples(dataset, tensors["hidden"], tensors.get("lengths"))
+
+    tensors, hits = _cache_splits(accelerator, encoded, keys, cut.key(), compute)
+    datasets: dict[str, Dataset] = {
+        split: PrefixExamples(encoded[split], t["hidden"], t.get("lengths"))
+        for split, t in tensors.items()
+    }
 
     def forward(module: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return module(**batch).logits

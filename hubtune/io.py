@@ -37,13 +37,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so readers see either the old file or the whole new one."""
+def atomic_write_bytes(
+    path: str | Path, data: bytes, *, tmp_dir: Path | None = None, mode: int | None = None
+) -> Path:
+    """Write ``data`` to ``path`` so readers see either the old file or the whole new one.
+
+    Args:
+        path: The file to write.
+        data: Its new content.
+        tmp_dir: Where the temporary file is made (on the same file system as ``path``);
+            default beside it.
+        mode: Its permissions; default the usual ones (0666 less the umask).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=tmp_dir or target.parent
+    )
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        # mkstemp makes 0600 files; give the usual permissions
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote
 
+from hubtune.io import atomic_write_bytes
 from hubtune.io import fsync_dir as _fsync_dir
 
 __all__ = [
@@ -326,20 +327,7 @@ class RepoStore:
 
     def _write_atomic(self, target: Path, data: bytes) -> None:
         """Write ``data`` so ``target`` is either absent/old or complete, never partial."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="w-", suffix=".tmp", dir=self.tmp_dir)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(target.parent)
+        atomic_write_bytes(target, data, tmp_dir=self.tmp_dir, mode=0o644)
 
     # ------------------------------------------------------------------ repos
 

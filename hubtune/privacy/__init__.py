@@ -19,25 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hubtune.privacy.accounting import (
-    LEDGER_SCHEMA_VERSION,
-    MIN_SIGMA,
-    TEST_SEED_ENV,
-    VOID_REASON,
-    NoisePlan,
-    PrivacyError,
-    SpentBudget,
-    compute_epsilons,
-    default_delta,
-    describe_noise,
-    guarantee_is_void,
-    max_steps_within,
-    noise_segments,
-    plan_noise,
-    prior_history,
-    sample_rate_for,
-    sigma_for_target,
-)
+from hubtune.privacy import accounting as _accounting
+from hubtune.privacy.accounting import *  # noqa: F403  (its __all__ is part of this package's)
 
 _LAZY = {
     "PrivacyRun": "engine",
@@ -54,26 +37,7 @@ _LAZY = {
     "dp_preflight": "loop",
 }
 
-__all__ = [
-    "LEDGER_SCHEMA_VERSION",
-    "MIN_SIGMA",
-    "TEST_SEED_ENV",
-    "VOID_REASON",
-    "NoisePlan",
-    "PrivacyError",
-    "SpentBudget",
-    "compute_epsilons",
-    "default_delta",
-    "describe_noise",
-    "guarantee_is_void",
-    "max_steps_within",
-    "noise_segments",
-    "plan_noise",
-    "prior_history",
-    "sample_rate_for",
-    "sigma_for_target",
-    *_LAZY,
-]
+__all__ = [*_accounting.__all__, *_LAZY]  # noqa: PLE0604
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ one ``prob_<label>`` column per class, and every sensitive column.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from hubtune.data import PreparedData
 
-__all__ = ["example_losses", "loss", "metrics", "predictions"]
+__all__ = ["example_losses", "loss", "metrics", "predictions", "task"]
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -77,3 +77,17 @@ def predictions(data: PreparedData, logits: torch.Tensor, labels: torch.Tensor) 
     for column in data.sensitive_columns:
         frame[column] = test[column].to_numpy()
     return frame
+
+
+def task(**specific: Any) -> Any:
+    """A classification :class:`~hubtune.tasks.Task`: the shared loss, metrics and predictions
+    schema, plus what differs between text and images (``specific``)."""
+    from hubtune.tasks import Task
+
+    return Task(
+        loss=loss,
+        example_losses=example_losses,
+        metrics=metrics,
+        predictions=predictions,
+        **specific,
+    )

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hubtune.tasks import Task, classification
+from hubtune.tasks import classification
 from hubtune.tasks.snippets import lora_base_lines, model_location
 
 __all__ = ["TASK", "load_snippet"]
@@ -126,7 +126,7 @@ def load_snippet(
     return "\n".join(lines) + "\n"
 
 
-TASK = Task(
+TASK = classification.task(
     name="image-classification",
     input_kind="image",
     title="Image Classification",
@@ -135,9 +135,5 @@ TASK = Task(
     encode=_encode_split,
     collate=_collator,
     cache_inputs=_cache_inputs,
-    loss=classification.loss,
-    example_losses=classification.example_losses,
-    metrics=classification.metrics,
-    predictions=classification.predictions,
     load_snippet=load_snippet,
 )

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hubtune.tasks import Task, classification
+from hubtune.tasks import classification
 from hubtune.tasks.snippets import lora_base_lines, model_location
 
 __all__ = ["TASK", "Encoded", "collator", "encode", "load_snippet", "pipeline_snippet"]
@@ -148,7 +148,7 @@ def pipeline_snippet(*, repo_id: str, label_names: list[str]) -> str:
     )
 
 
-TASK = Task(
+TASK = classification.task(
     name="text-classification",
     input_kind="text",
     title="Text Classification",
@@ -157,10 +157,6 @@ TASK = Task(
     encode=_encode_split,
     collate=collator,
     cache_inputs=_cache_inputs,
-    loss=classification.loss,
-    example_losses=classification.example_losses,
-    metrics=classification.metrics,
-    predictions=classification.predictions,
     load_snippet=load_snippet,
     pipeline_snippet=pipeline_snippet,
 )
