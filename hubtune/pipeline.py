@@ -7,8 +7,9 @@ stage imports a later one or this module.
 - **train** (:func:`hubtune.train.train`) on every process; with ``audit.compare_nonprivate``
   the recipe's non-private twin trains next, in-process, through the same entry point;
 - then the process group is released, and the main process alone runs
-- **audit** (:func:`hubtune.audit.run_audit`), **card** (:func:`hubtune.card.write_card`) and,
-  when the recipe says so and the audit gate allows, **push** (:func:`hubtune.push.push_run`).
+- **audit** (:func:`hubtune.audit.run_audit`) and, when the recipe says so and the audit gate
+  allows, **card** and **push** (:func:`hubtune.push.push_run` writes the card for the
+  repository it pushes to; ``hubtune card RUN`` writes one for a run that is not pushed).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def run_recipe(
     recipe_source: str | None = None,
     on_step: OnStep | None = None,
 ) -> RunResult:
-    """Train, audit, write the card and (if the recipe says so) push, into ``<output_dir>/<name>/``.
+    """Train, audit and (if the recipe says so) write the card and push, into ``<output_dir>/<name>/``.
 
     Args:
         recipe: A validated recipe.
@@ -90,11 +91,9 @@ def run_recipe(
         )
         main = _release_processes()
         result = RunResult(trained.run_dir, trained.metrics, trained.resumed_from_epoch)
-        if main:
-            if recipe.audit.enabled:
-                result.audit = _audit(recipe, twin)
-            _card(recipe)
-            if result.audit is not None and recipe.push.enabled:
+        if main and recipe.audit.enabled:
+            result.audit = _audit(recipe, twin)
+            if recipe.push.enabled:  # the card is written for the repository it goes to
                 result.push = _push(recipe)
     return result
 
@@ -158,18 +157,6 @@ def _audit(recipe: Recipe, twin: Path | None) -> dict[str, Any]:
         ) from exc
     logger.info("audit: %s in %.1f s", audit["verdict"]["status"], time.perf_counter() - t0)
     return audit
-
-
-def _card(recipe: Recipe) -> None:
-    """The model card as a reviewer reads it locally (push rewrites it for its repository)."""
-    from hubtune.card import CardError, write_card
-
-    try:
-        write_card(recipe.run_dir, include_membership_audit=recipe.push.include_membership_audit)
-    except CardError as exc:
-        raise RunError(
-            f"the run and its audit are in {recipe.run_dir}, but the card failed: {exc}"
-        ) from exc
 
 
 def _push(recipe: Recipe) -> dict[str, Any]:
