@@ -150,11 +150,11 @@ def _load_with_groupnorm(folder: Path, config: Any) -> tuple[Any, list[str]]:
     from safetensors.torch import load_file
     from transformers import AutoModelForImageClassification
 
-    from hubtune.methods import _to_groupnorm
+    from hubtune.methods.common import to_groupnorm
 
     names = json.loads((folder / GROUPNORM_FILE).read_text())["replaced"]
     model = AutoModelForImageClassification.from_config(config)
-    _to_groupnorm(model, names)
+    to_groupnorm(model, names)
     state: dict[str, Any] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
