@@ -31,16 +31,23 @@ from urllib.parse import urlsplit
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hubtune.audit.public import not_covered_by_dp, public_audit
+from hubtune.audit.public import not_covered_by_dp
 from hubtune.hub import upstream_copy
 from hubtune.io import atomic_write_text
 from hubtune.privacy import guarantee_is_void
 from hubtune.rundir import (
     CARD_DIR,
+    AuditRecord,
+    AuditSummary,
     BaseModelRecord,
+    Estimate,
     Ledger,
+    MembershipRecord,
+    PolicyRecord,
     RunInfo,
+    Verdict,
     public_path,
+    read_audit,
     read_ledger,
     read_run_info,
     scrub,
@@ -65,13 +72,6 @@ class CardError(RuntimeError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
-
-
 def _num(value: Any, digits: int = 3) -> str:
     """A number for prose: 3 significant digits, '–' when undefined."""
     if value is None or value == "inf" or (isinstance(value, float) and math.isnan(value)):
@@ -87,11 +87,11 @@ def _pct(value: Any) -> str:
     return "–" if value is None else f"{100 * float(value):.1f}%"
 
 
-def _ci(entry: dict[str, Any] | None, digits: int = 3) -> str:
+def _ci(entry: Estimate | None, digits: int = 3) -> str:
     if not entry:
         return "–"
-    ci = entry.get("ci")
-    text = _num(entry.get("value"), digits)
+    ci = entry.ci
+    text = _num(entry.value, digits)
     if ci and None not in ci:
         text += f" [{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
     return text
@@ -362,55 +362,44 @@ def _privacy(run_dir: Path) -> tuple[dict[str, Any], Ledger | None]:
 
 
 def _fairness(
-    audit: dict[str, Any] | None, summary: dict[str, Any] | None, *, allow_failing: bool
+    audit: AuditRecord | None, summary: AuditSummary | None, *, allow_failing: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The structured ``fairness`` metadata block and the template's view of the audit.
 
     Long on purpose: the metadata block and the template view are built from the same figures in one pass, so the card's YAML and its text cannot disagree.
     """
-    summary = summary or {}
-    status = (audit or {}).get("verdict", {}).get("status") or summary.get("status")
+    summary = summary or AuditSummary()
+    status = (audit.verdict.status if audit and audit.verdict else None) or summary.status
     audited = audit is not None or (status not in (None, "missing"))
-    override = summary.get("override") or None
+    override = summary.override or None
     overridden = bool(override) or (allow_failing and status != "pass")
     if not audited:
         block: dict[str, Any] = {"audited": False, "overridden": overridden}
         return block, {"audited": False, "overridden": overridden, "override": override}
-    verdict = (audit or {}).get("verdict") or {
-        "status": status,
-        "failed": summary.get("failed") or [],
-        "not_evaluable": [],
-        "checks": [],
-    }
-    policy = (audit or {}).get("policy") or {"name": summary.get("policy")}
+    verdict = (audit.verdict if audit else None) or Verdict(status=status, failed=summary.failed)
+    policy = audit.policy if audit else PolicyRecord(name=summary.policy)
     slices = []
     view_slices = []
-    for sl in ((audit or {}).get("fairness") or {}).get("slices") or []:
-        d = sl.get("disparities") or {}
+    for sl in audit.fairness.slices if audit and audit.fairness else []:
+        d = sl.disparities
         gaps = {
             metric: {
-                "value": _round(entry.get("value")),
-                "ci": _round(entry.get("ci")),
-                "highest": entry.get("highest"),
-                "lowest": entry.get("lowest"),
+                "value": _round(entry.value),
+                "ci": _round(entry.ci),
+                "highest": entry.highest,
+                "lowest": entry.lowest,
             }
-            for metric, entry in (d.get("largest_gap") or {}).items()
-            if entry and entry.get("value") is not None
+            for metric, entry in d.largest_gap.items()
+            if entry and entry.value is not None
         }
+        named = d.named()
         disparities = {
-            name: {"value": _round(d[name].get("value")), "ci": _round(d[name].get("ci"))}
-            for name in (
-                "demographic_parity_difference",
-                "demographic_parity_ratio",
-                "equalized_odds_difference",
-            )
-            if d.get(name) and d[name].get("value") is not None
+            name: {"value": _round(e.value), "ci": _round(e.ci)} for name, e in named.items()
         }
-        reportable = sl.get("reportable_groups")
-        suppressed = sl.get("suppressed_groups")
+        reportable, suppressed = sl.reportable_groups, sl.suppressed_groups
         slices.append(
             {
-                "name": sl.get("name"),
+                "name": sl.name,
                 "reportable_groups": len(reportable)
                 if isinstance(reportable, list)
                 else reportable,
@@ -423,14 +412,14 @@ def _fairness(
         )
         view_slices.append(
             {
-                "name": _md(sl.get("name")),
+                "name": _md(sl.name),
                 "reportable": slices[-1]["reportable_groups"],
                 "suppressed": slices[-1]["suppressed_groups"],
-                "disparities": [(name.replace("_", " "), _ci(d.get(name))) for name in disparities],
+                "disparities": [(name.replace("_", " "), _ci(e)) for name, e in named.items()],
                 "gaps": [
                     (
                         _md(metric),
-                        _ci(d["largest_gap"][metric]),
+                        _ci(d.largest_gap[metric]),
                         f"{_md(entry['highest'])} vs {_md(entry['lowest'])}"
                         if entry.get("highest") is not None
                         else "",
@@ -441,32 +430,32 @@ def _fairness(
         )
     block = {
         "audited": True,
-        "policy": policy.get("name"),
+        "policy": policy.name,
         "verdict": status,
-        "failed_checks": list(verdict.get("failed") or []),
+        "failed_checks": list(verdict.failed),
         "overridden": overridden,
         "report": "audit/report.html",
         "slices": slices,
     }
-    if policy.get("digest"):
-        block["policy_digest"] = policy["digest"]
+    if policy.digest:
+        block["policy_digest"] = policy.digest
     checks = [
         {
-            "check": _md(c.get("check")),
-            "scope": _md(c.get("scope")),
-            "value": _ci({"value": c.get("value"), "ci": c.get("ci")}),
-            "rule": _md(c.get("rule")),
-            "result": {True: "pass", False: "FAIL", None: "not evaluable"}[c.get("passed")],
+            "check": _md(c.check),
+            "scope": _md(c.scope),
+            "value": _ci(Estimate(value=c.value, ci=c.ci)),
+            "rule": _md(c.rule),
+            "result": {True: "pass", False: "FAIL", None: "not evaluable"}[c.passed],
         }
-        for c in verdict.get("checks") or []
+        for c in verdict.checks
     ]
     view = {
         "audited": True,
         "status": status,
-        "policy": _md(policy.get("name")),
-        "policy_description": _md(policy.get("description") or ""),
-        "failed": [_md(f) for f in verdict.get("failed") or []],
-        "not_evaluable": [_md(f) for f in verdict.get("not_evaluable") or []],
+        "policy": _md(policy.name),
+        "policy_description": _md(policy.description or ""),
+        "failed": [_md(f) for f in verdict.failed],
+        "not_evaluable": [_md(f) for f in verdict.not_evaluable],
         "checks": checks,
         "slices": view_slices,
         "overridden": overridden,
@@ -477,85 +466,83 @@ def _fairness(
     return block, view
 
 
-def _comparison(audit: dict[str, Any] | None) -> dict[str, Any] | None:
+def _comparison(audit: AuditRecord | None) -> dict[str, Any] | None:
     """The per-group cost of privacy against the non-private twin, largest accuracy changes."""
-    comparison = (audit or {}).get("comparison")
+    comparison = audit.comparison if audit else None
     if not comparison:
         return None
     rows = []
-    for sl in comparison.get("slices") or []:
-        for group in sl.get("groups") or []:
-            if group.get("suppressed"):
+    for sl in comparison.slices:
+        for group in sl.groups:
+            if group.suppressed:
                 continue
-            entry = (group.get("metrics") or {}).get("accuracy") or {}
-            if entry.get("change") is None:
+            entry = group.metrics.get("accuracy")
+            if entry is None or entry.change is None:
                 continue
             rows.append(
                 {
-                    "slice": _md(sl.get("name")),
-                    "group": _md(group.get("name")),
-                    "this": _num(entry.get("this")),
-                    "other": _num(entry.get("other")),
-                    "change": _ci({"value": entry.get("change"), "ci": entry.get("ci")}),
+                    "slice": _md(sl.name),
+                    "group": _md(group.name),
+                    "this": _num(entry.this),
+                    "other": _num(entry.other),
+                    "change": _ci(Estimate(value=entry.change, ci=entry.ci)),
                 }
             )
-    other = public_path(str(comparison.get("other_run") or "")) or "the non-private twin"
+    other = public_path(str(comparison.other_run or "")) or "the non-private twin"
     return {"other": _md(PurePosixPath(other).name), "rows": rows}
 
 
-def _membership(audit: dict[str, Any] | None) -> dict[str, Any] | None:
+def _membership(audit: AuditRecord | None) -> dict[str, Any] | None:
     """The empirical privacy audit (loss-threshold attack and canaries), for the template."""
     if audit is None:
         return None
-    membership = audit.get("membership") or {}
-    canaries = audit.get("canaries")
+    membership = audit.membership or MembershipRecord()
+    canaries = audit.canaries
     view: dict[str, Any] = {
-        "skipped": membership.get("skipped"),
-        "ran": "auc" in membership,
+        "skipped": membership.skipped,
+        "ran": membership.ran,
         "canaries": None,
         "beats": False,
     }
-    if "auc" in membership:
+    if membership.ran:
         view.update(
-            attack=_md(membership.get("attack", "loss threshold")),
-            withheld=membership.get("withheld"),
-            members=_num(membership.get("members")),
-            nonmembers=_num(membership.get("nonmembers")),
-            auc=_ci(membership.get("auc")),
+            attack=_md(membership.attack),
+            withheld=membership.withheld,
+            members=_num(membership.members),
+            nonmembers=_num(membership.nonmembers),
+            auc=_ci(membership.auc),
             at_fpr=[
                 {
-                    "target": _pct(row.get("target_fpr")),
-                    "fpr": _pct(row.get("fpr")),
-                    "tpr": _pct(row.get("tpr")),
-                    "tpr_ci": f"[{_pct(row['tpr_ci'][0])}, {_pct(row['tpr_ci'][1])}]"
-                    if row.get("tpr_ci")
+                    "target": _pct(row.target_fpr),
+                    "fpr": _pct(row.fpr),
+                    "tpr": _pct(row.tpr),
+                    "tpr_ci": f"[{_pct(row.tpr_ci[0])}, {_pct(row.tpr_ci[1])}]"
+                    if row.tpr_ci
                     else "",
-                    "bound": _pct(row.get("dp_bound_tpr"))
-                    if row.get("dp_bound_tpr") is not None
+                    "bound": _pct(row.dp_bound_tpr)
+                    if row.dp_bound_tpr is not None
                     else "– (no DP)",
-                    "beats": bool(row.get("beats_dp_bound")),
+                    "beats": row.beats_dp_bound,
                 }
-                for row in membership.get("at_fpr") or []
+                for row in membership.at_fpr
             ],
-            epsilon_lb=_num(membership.get("epsilon_lower_bound")),
-            max_provable=_num(membership.get("max_provable_epsilon")),
-            dp_epsilon=_num(membership.get("dp_epsilon"))
-            if membership.get("dp_epsilon") is not None
-            else None,
-            beats=bool(membership.get("beats_dp_bound")),
-            can_refute=membership.get("can_refute_dp_epsilon"),
-            confidence=_pct(membership.get("confidence")),
+            epsilon_lb=_num(membership.epsilon_lower_bound),
+            max_provable=_num(membership.max_provable_epsilon),
+            dp_epsilon=_num(membership.dp_epsilon) if membership.dp_epsilon is not None else None,
+            beats=membership.beats_dp_bound,
+            can_refute=membership.can_refute_dp_epsilon,
+            confidence=_pct(membership.confidence),
         )
     if canaries:
         view["canaries"] = {
-            "count": _num(canaries.get("canaries")),
-            "included": _num(canaries.get("included")),
-            "guesses": _num(canaries.get("guesses")),
-            "right": _num(canaries.get("right_guesses")),
-            "withheld": canaries.get("withheld"),
-            "epsilon_lb": _num(canaries.get("epsilon_lower_bound")),
-            "max_provable": _num(canaries.get("max_provable_epsilon")),
-            "exceeds": bool(canaries.get("exceeds_dp_epsilon")),
+            "count": _num(canaries.canaries),
+            "included": _num(canaries.included),
+            "guesses": _num(canaries.guesses),
+            "right": _num(canaries.right_guesses),
+            "withheld": canaries.withheld,
+            "epsilon_lb": _num(canaries.epsilon_lower_bound),
+            "max_provable": _num(canaries.max_provable_epsilon),
+            "exceeds": canaries.exceeds_dp_epsilon,
         }
     return view
 
@@ -763,9 +750,8 @@ def build_card(
         if recipe_path.exists()
         else {}
     )
-    audit = _read_json(run_dir / "audit" / "audit.json")
-    if audit is not None:  # a card is public: it shows what a public repository may carry
-        audit = public_audit(audit, include_membership=include_membership_audit)
+    # A card is public: it shows what a public repository may carry of the audit.
+    audit = read_audit(run_dir, public=True, include_membership=include_membership_audit)
     method = run_info.method
     method_name = run_info.method_name or (recipe.get("method") or {}).get("name") or "freeze"
     lora = method_name == "lora" or run_info.is_adapter
@@ -779,7 +765,7 @@ def build_card(
     privacy_block, ledger = _privacy(run_dir)
     fairness_block, fairness_view = _fairness(
         audit,
-        run_info.audit.model_dump() if run_info.audit else None,
+        run_info.audit,
         allow_failing=allow_failing_audit,
     )
     name = str(run_info.name or recipe.get("name") or run_dir.name)
@@ -862,7 +848,7 @@ def build_card(
         **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,
         "membership": _membership(audit),
-        "not_covered": (audit or {}).get("publication", {}).get("not_covered_by_dp")
+        "not_covered": (audit.publication.get("not_covered_by_dp") if audit else None)
         or not_covered_by_dp({"privacy": privacy_block}),
         "pipeline_code": pipeline_snippet(repo_id=repo_id, label_names=label_names)
         if pipeline_snippet is not None and lora and repo_id is not None and base["hub_id"]

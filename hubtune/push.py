@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hubtune.io import atomic_write_json
-from hubtune.rundir import PRIVACY_FILE, public_path, read_run_info
+from hubtune.rundir import AUDIT_FILE, PRIVACY_FILE, public_path, read_run_info
 
 __all__ = ["PushError", "PushResult", "push_run", "pushed_files"]
 
@@ -132,7 +132,7 @@ def _public_audit_files(
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(target, public_ledger(json.loads(files[name].read_text())))
             files[name] = target
-    audit_json = run_dir / "audit" / "audit.json"
+    audit_json = run_dir / AUDIT_FILE  # carried whole: the public copy keeps every key
     if not audit_json.exists():
         return files
     audit = public_audit(json.loads(audit_json.read_text()), include_membership=include_membership)

@@ -25,19 +25,32 @@ import logging
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hubtune.io import atomic_write_bytes
+from hubtune.io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AuditRecord",
     "AuditSummary",
+    "CanaryRecord",
+    "ComparisonRecord",
+    "Estimate",
+    "FairnessRecord",
+    "MembershipRecord",
+    "Metrics",
+    "PolicyRecord",
+    "Verdict",
+    "read_audit",
+    "read_metrics",
+    "write_metrics",
     "BaseModelRecord",
     "DataRecord",
     "Ledger",
+    "RunDirError",
     "RunInfo",
     "read_ledger",
     "read_run_info",
@@ -195,6 +208,10 @@ def scrub(text: str, *, paths: list[str]) -> str:
 # --------------------------------------------------------------------------- typed records
 
 
+class RunDirError(ValueError):
+    """A file of the run directory exists but cannot be read; the message says which and why."""
+
+
 class _Record(BaseModel):
     """A record as written (older runs lack newer fields: each has a default; extra keys stay)."""
 
@@ -322,3 +339,229 @@ def read_ledger(run_dir: Path) -> Ledger | None:
     """The run's ``privacy.json`` as a typed record, or None without DP."""
     data = read_json(run_dir / PRIVACY_LEDGER)
     return Ledger.model_validate(data) if isinstance(data, dict) else None
+
+
+# ----------------------------------------------------------------- metrics.json and audit.json
+
+# Figures keep the type they were written with (an int stays an int): the card formats them.
+Num = int | float
+
+
+class Metrics(_Record):
+    """``metrics.json``: test metrics, the majority-label baseline and the per-epoch history."""
+
+    test: dict[str, Num] = Field(default_factory=dict)
+    majority_baseline: dict[str, Any] = Field(default_factory=dict)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Estimate(_Record):
+    """A figure with its confidence interval (``ci``: [low, high], or None where none is)."""
+
+    value: Num | None = None
+    ci: list[Num | None] | None = None
+
+
+class Gap(Estimate):
+    """The largest gap of one metric between two groups of a slice."""
+
+    highest: str | None = None
+    lowest: str | None = None
+
+
+class Disparities(_Record):
+    """A slice's disparity figures (Fairlearn's definitions) and each metric's largest gap."""
+
+    demographic_parity_difference: Estimate | None = None
+    demographic_parity_ratio: Estimate | None = None
+    equalized_odds_difference: Estimate | None = None
+    largest_gap: dict[str, Gap | None] = Field(default_factory=dict)
+
+    NAMES: ClassVar[tuple[str, ...]] = (
+        "demographic_parity_difference",
+        "demographic_parity_ratio",
+        "equalized_odds_difference",
+    )
+
+    def named(self) -> dict[str, Estimate]:
+        """The disparity figures that were computed, by name, in the audit's order."""
+        found = {name: getattr(self, name) for name in self.NAMES}
+        return {name: e for name, e in found.items() if e is not None and e.value is not None}
+
+
+class FairnessSlice(_Record):
+    """One sensitive column (or intersection) of the fairness audit."""
+
+    name: str | None = None
+    groups: list[dict[str, Any]] = Field(default_factory=list)
+    reportable_groups: list[str] | int | None = None
+    suppressed_groups: list[str] | int | None = None
+    disparities: Disparities = Field(default_factory=Disparities)
+
+
+class FairnessRecord(_Record):
+    """The ``fairness`` part of audit.json (:func:`hubtune.audit.fairness.audit_fairness`)."""
+
+    metrics: list[str] = Field(default_factory=list)
+    slices: list[FairnessSlice] = Field(default_factory=list)
+
+
+class Check(_Record):
+    """One policy check and its result (``passed``: None when it could not be evaluated)."""
+
+    check: str | None = None
+    scope: str | None = None
+    value: Num | None = None
+    ci: list[Num | None] | None = None
+    rule: str | None = None
+    passed: bool | None = None
+
+
+class Verdict(_Record):
+    """The audit's verdict: its status, every check, and which failed or could not be judged."""
+
+    status: str | None = None
+    passed: bool = False
+    checks: list[Check] = Field(default_factory=list)
+    failed: list[str] = Field(default_factory=list)
+    not_evaluable: list[str] = Field(default_factory=list)
+    not_informative: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class PolicyRecord(_Record):
+    """The audit policy that judged the run, as recorded (with its file's digest)."""
+
+    name: str | None = None
+    description: str | None = None
+    digest: str | None = None
+
+
+class AttackRate(_Record):
+    """The membership attack at one false-positive rate, against the rate DP allows."""
+
+    target_fpr: Num | None = None
+    fpr: Num | None = None
+    tpr: Num | None = None
+    tpr_ci: list[Num] | None = None
+    dp_bound_tpr: Num | None = None
+    beats_dp_bound: bool = False
+
+
+class MembershipRecord(_Record):
+    """The loss-threshold membership audit (:mod:`hubtune.audit.membership`)."""
+
+    skipped: str | None = None
+    attack: str = "loss threshold"
+    members: int | None = None
+    nonmembers: int | None = None
+    auc: Estimate | None = None
+    at_fpr: list[AttackRate] = Field(default_factory=list)
+    epsilon_lower_bound: Num | None = None
+    max_provable_epsilon: Num | None = None
+    confidence: Num | None = None
+    dp_epsilon: Num | None = None
+    dp_delta: Num | None = None
+    can_refute_dp_epsilon: bool | None = None
+    beats_dp_bound: bool = False
+    withheld: str | None = None  # set in the public copy: the details were left out
+
+    @property
+    def ran(self) -> bool:
+        return self.auc is not None
+
+
+class CanaryRecord(_Record):
+    """The canary audit: random canaries, some trained on, guessed from the model's losses."""
+
+    canaries: int | None = None
+    included: int | None = None
+    guesses: int | None = None
+    right_guesses: int | None = None
+    epsilon_lower_bound: Num | None = None
+    max_provable_epsilon: Num | None = None
+    exceeds_dp_epsilon: bool = False
+    withheld: str | None = None
+
+
+class Change(_Record):
+    """One metric of one group in this run and in the other, and the change with its interval."""
+
+    this: Num | None = None
+    other: Num | None = None
+    change: Num | None = None
+    ci: list[Num | None] | None = None
+
+
+class ComparisonGroup(_Record):
+    name: str | None = None
+    suppressed: bool = False
+    metrics: dict[str, Change | None] = Field(default_factory=dict)
+
+
+class ComparisonSlice(_Record):
+    name: str | None = None
+    groups: list[ComparisonGroup] = Field(default_factory=list)
+
+
+class ComparisonRecord(_Record):
+    """Per-group changes against the non-private twin (``compare_fairness``)."""
+
+    other_run: str | None = None
+    slices: list[ComparisonSlice] = Field(default_factory=list)
+
+
+class AuditRecord(_Record):
+    """``audit/audit.json``: what the audit found (:func:`hubtune.audit.runner.run_audit`)."""
+
+    schema_version: int = 1
+    created: str | None = None
+    run: dict[str, Any] = Field(default_factory=dict)
+    policy: PolicyRecord = Field(default_factory=PolicyRecord)
+    verdict: Verdict | None = None
+    privacy: dict[str, Any] = Field(default_factory=dict)
+    fairness: FairnessRecord | None = None
+    membership: MembershipRecord | None = None
+    canaries: CanaryRecord | None = None
+    comparison: ComparisonRecord | None = None
+    publication: dict[str, Any] = Field(default_factory=dict)  # set in the public copy
+
+
+def write_metrics(run_dir: Path, metrics: Metrics) -> None:
+    """Write ``metrics.json`` atomically."""
+    atomic_write_json(run_dir / METRICS_FILE, metrics.model_dump())
+
+
+def read_metrics(run_dir: Path) -> Metrics | None:
+    """The run's ``metrics.json`` as a typed record, or None when it is missing."""
+    data = read_json(run_dir / METRICS_FILE)
+    return Metrics.model_validate(data) if isinstance(data, dict) else None
+
+
+def read_audit(
+    run_dir: Path, *, public: bool = False, include_membership: bool = False
+) -> AuditRecord | None:
+    """The run's ``audit/audit.json`` as a typed record, or None when the run was not audited.
+
+    Args:
+        run_dir: The run directory.
+        public: The copy a public repository carries (:func:`hubtune.audit.public.public_audit`),
+            as the card and the pushed report show it.
+        include_membership: With ``public``: keep the membership audit's details.
+    """
+    path = run_dir / AUDIT_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise RunDirError(
+            f"{path}: cannot be read ({exc}); re-run the audit with `hubtune audit {run_dir}`"
+        ) from exc
+    if public:
+        from hubtune.audit.public import public_audit
+
+        data = public_audit(data, include_membership=include_membership)
+    return AuditRecord.model_validate(data)

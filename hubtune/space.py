@@ -37,7 +37,14 @@ import yaml
 
 from hubtune.io import atomic_write_json, atomic_write_text
 from hubtune.model import GROUPNORM_FILE
-from hubtune.rundir import RunInfo, read_ledger, read_run_info
+from hubtune.rundir import (
+    AuditRecord,
+    RunDirError,
+    RunInfo,
+    read_audit,
+    read_ledger,
+    read_run_info,
+)
 from hubtune.tasks import get_task
 
 __all__ = [
@@ -95,13 +102,11 @@ def template_dir() -> Path:
 # --------------------------------------------------------------------------- run contents
 
 
-def _read_json(path: Path) -> Any:
+def _read_audit(run_dir: Path) -> AuditRecord | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise SpaceError(f"{path}: cannot be read ({exc})") from exc
+        return read_audit(run_dir)
+    except RunDirError as exc:
+        raise SpaceError(str(exc)) from exc
 
 
 def _run_info(run_dir: Path) -> RunInfo:
@@ -164,15 +169,15 @@ def _metric_names(run_dir: Path) -> dict[str, str]:
     """
     from hubtune.audit.report import metric_label
 
-    audit = _read_json(run_dir / "audit" / "audit.json")
-    if not isinstance(audit, dict):
+    audit = _read_audit(run_dir)
+    if audit is None or audit.fairness is None:
         return {}
-    fairness = audit.get("fairness") or {}
-    keys = {str(metric) for metric in fairness.get("metrics") or []}
-    for slice_ in fairness.get("slices") or []:
-        disparities = slice_.get("disparities") or {}
-        keys.update(str(name) for name in disparities if name != "largest_gap")
-        keys.update(str(metric) for metric in disparities.get("largest_gap") or {})
+    keys = {str(metric) for metric in audit.fairness.metrics}
+    for slice_ in audit.fairness.slices:
+        disparities = slice_.disparities
+        written = disparities.model_fields_set | set(disparities.model_extra or {})
+        keys.update(str(name) for name in written if name != "largest_gap")
+        keys.update(str(metric) for metric in disparities.largest_gap)
     return {key: metric_label(key) for key in sorted(keys)}
 
 
@@ -295,12 +300,12 @@ def _privacy_statement(run_dir: Path) -> str:
 
 
 def _audit_statement(run_dir: Path) -> tuple[str, str | None]:
-    audit = _read_json(run_dir / "audit" / "audit.json")
-    if not isinstance(audit, dict):
+    audit = _read_audit(run_dir)
+    if audit is None:
         return "not audited", None
-    verdict = (audit.get("verdict") or {}).get("status") or "unknown"
-    policy = (audit.get("policy") or {}).get("name") or "unknown"
-    failed = (audit.get("verdict") or {}).get("failed") or []
+    verdict = (audit.verdict.status if audit.verdict else None) or "unknown"
+    policy = audit.policy.name or "unknown"
+    failed = audit.verdict.failed if audit.verdict else []
     text = f"**{str(verdict).upper()}** under the `{policy}` policy"
     if failed:
         text += " (failed: " + "; ".join(str(item) for item in failed) + ")"

@@ -57,13 +57,14 @@ from hubtune.progress import OnStep, StepInfo
 from hubtune.recipe import Recipe, recipe_to_yaml
 from hubtune.rundir import (
     MEMBERSHIP_FILE,
-    METRICS_FILE,
     PREDICTIONS_FILE,
     PRIVACY_FILE,
     PRIVACY_LEDGER,
     RECIPE_FILE,
     RUN_FILE,
+    Metrics,
     privacy_summary,
+    write_metrics,
     write_parquet,
 )
 from hubtune.tasks import Task, get_task
@@ -720,7 +721,7 @@ def _write_run_dir(
             )
     if ledger is not None:
         atomic_write_json(run_dir / PRIVACY_LEDGER, ledger)
-    atomic_write_json(run_dir / METRICS_FILE, metrics)
+    write_metrics(run_dir, Metrics.model_validate(metrics))
     write_parquet(
         run_dir / PREDICTIONS_FILE,
         loaded.task.predictions(data, *test_outputs),

@@ -14,6 +14,7 @@ from hubtune import checkpoint as checkpoint_module
 from hubtune.errors import RunError
 from hubtune.pipeline import run_recipe
 from hubtune.recipe import Recipe
+from hubtune.rundir import read_metrics
 
 from .conftest import recipe_dict
 
@@ -338,7 +339,9 @@ def test_feature_cache_is_per_split(tiny_bert: Path, sentiment_csv: Path, tmp_pa
     run_recipe(Recipe.model_validate(spec))
     run = json.loads((tmp_path / "tiny-b" / "run.json").read_text())
     assert run["feature_cache"]["hits"] == {"train": False, "validation": True, "test": True}
-    history = json.loads((tmp_path / "tiny-b" / "metrics.json").read_text())["history"]
+    metrics = read_metrics(tmp_path / "tiny-b")
+    assert metrics is not None
+    history = metrics.history
     assert history[0]["train_epoch_s"] > 0
 
 
