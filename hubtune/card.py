@@ -37,6 +37,7 @@ from hubtune.io import atomic_write_text
 from hubtune.privacy import guarantee_is_void
 from hubtune.rundir import (
     CARD_DIR,
+    RECIPE_FILE,
     AuditRecord,
     AuditSummary,
     BaseModelRecord,
@@ -744,7 +745,7 @@ def build_card(
         raise CardError(f"{run_dir} is not a complete run (no run.json); finish the run first")
     if not TEMPLATE.exists():
         raise CardError(f"the model card template {TEMPLATE} is missing (reinstall hubtune)")
-    recipe_path = run_dir / "recipe.resolved.yaml"
+    recipe_path = run_dir / RECIPE_FILE
     recipe: dict[str, Any] = (
         (yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {})
         if recipe_path.exists()

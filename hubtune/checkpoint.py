@@ -24,6 +24,7 @@ from hubtune.io import atomic_write_json
 from hubtune.privacy.accounting import SpentBudget
 from hubtune.privacy.engine import PrivacyRun
 from hubtune.recipe import Recipe
+from hubtune.rundir import RUN_FILE
 
 __all__ = [
     "check_run_dir",
@@ -61,7 +62,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         return
     if resume or not run_dir.exists():
         return
-    if (run_dir / "run.json").exists():
+    if (run_dir / RUN_FILE).exists():
         raise RunError(
             f"{run_dir} already holds a finished run. Use --overwrite to replace it, or change `name`."
         )

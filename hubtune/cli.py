@@ -253,8 +253,9 @@ def card(
 ) -> None:
     """(Re)generate the model card RUN_DIR/card/README.md from the run's outputs."""
     from hubtune.card import write_card
+    from hubtune.rundir import RUN_FILE
 
-    if not (run_dir / "run.json").exists():
+    if not (run_dir / RUN_FILE).exists():
         _fail(f"hubtune card: {run_dir} is not a complete run (no run.json)")
     path = write_card(run_dir, repo_id=repo_id, revision=revision)
     typer.echo(f"card: {path.resolve()}")

@@ -29,7 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from hubtune.io import atomic_write_json
-from hubtune.rundir import AUDIT_FILE, PRIVACY_FILE, public_path, read_run_info
+from hubtune.rundir import (
+    AUDIT_DIR,
+    AUDIT_FILE,
+    AUDIT_JSON,
+    CARD_DIR,
+    PRIVACY_FILE,
+    PRIVACY_LEDGER,
+    RECIPE_FILE,
+    RUN_FILE,
+    public_path,
+    read_run_info,
+    weights_dir,
+)
 
 __all__ = ["PushError", "PushResult", "push_run", "pushed_files"]
 
@@ -55,21 +67,21 @@ class PushResult:
 def pushed_files(run_dir: Path) -> dict[str, Path]:
     """Repository path -> local file, for everything a push of ``run_dir`` uploads."""
     files: dict[str, Path] = {}
-    weights = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir / "model"
+    weights = weights_dir(run_dir)
     if not weights.is_dir():
         raise PushError(f"{run_dir} has no model/ or adapter/ folder; is it a complete run?")
     for path in sorted(weights.rglob("*")):
         if path.is_file():
             files[path.relative_to(weights).as_posix()] = path
-    card = run_dir / "card" / "README.md"
+    card = run_dir / CARD_DIR / "README.md"
     if card.exists():
         files["README.md"] = card
-    audit = run_dir / "audit"
+    audit = run_dir / AUDIT_DIR
     if audit.is_dir():
         for path in sorted(audit.rglob("*")):
             if path.is_file():
                 files[f"audit/{path.relative_to(audit).as_posix()}"] = path
-    for name in ("privacy.json", "recipe.resolved.yaml"):
+    for name in (PRIVACY_LEDGER, RECIPE_FILE):
         if (run_dir / name).exists():
             files[name] = run_dir / name
     return files
@@ -111,11 +123,11 @@ def _public_copies(
             return public_path(value)
         return value
 
-    if "recipe.resolved.yaml" in files:
-        recipe = yaml.safe_load(files["recipe.resolved.yaml"].read_text())
-        target = scratch / "recipe.resolved.yaml"
+    if RECIPE_FILE in files:
+        recipe = yaml.safe_load(files[RECIPE_FILE].read_text())
+        target = scratch / RECIPE_FILE
         target.write_text(yaml.safe_dump(public(recipe), sort_keys=False))
-        out["recipe.resolved.yaml"] = target
+        out[RECIPE_FILE] = target
     return out
 
 
@@ -126,7 +138,7 @@ def _public_audit_files(
     from hubtune.audit.public import public_audit, public_ledger
     from hubtune.audit.report import render_reports
 
-    for name in ("privacy.json", PRIVACY_FILE):
+    for name in (PRIVACY_LEDGER, PRIVACY_FILE):
         if name in files:
             target = scratch / "ledgers" / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,9 +148,9 @@ def _public_audit_files(
     if not audit_json.exists():
         return files
     audit = public_audit(json.loads(audit_json.read_text()), include_membership=include_membership)
-    folder = scratch / "audit"
+    folder = scratch / AUDIT_DIR
     html, markdown = render_reports(audit, charts_dir=folder / "charts")
-    atomic_write_json(folder / "audit.json", audit)
+    atomic_write_json(folder / AUDIT_JSON, audit)
     (folder / "report.html").write_text(html, encoding="utf-8")
     (folder / "report.md").write_text(markdown, encoding="utf-8")
     files = {k: v for k, v in files.items() if not k.startswith("audit/")}
@@ -222,7 +234,7 @@ def _refuse_void_guarantee(run_dir: Path) -> None:
     """A model that claims DP while its noise came from a public seed is never published."""
     from hubtune.privacy import VOID_REASON, guarantee_is_void
 
-    path = run_dir / "privacy.json"
+    path = run_dir / PRIVACY_LEDGER
     if path.exists() and guarantee_is_void(json.loads(path.read_text()).get("noise_source")):
         raise PushError(
             f"{run_dir} was trained with {VOID_REASON}. Pushing it would publish a privacy claim that "
@@ -268,7 +280,7 @@ def push_run(
     from hubtune.card import write_card
 
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists():
+    if not (run_dir / RUN_FILE).exists():
         raise PushError(f"{run_dir} is not a complete run (no run.json)")
     _refuse_void_guarantee(run_dir)
     gate = audit_gate(run_dir, allow_failing=allow_failing_audit)
@@ -352,7 +364,7 @@ def _push(
             private=private,
             space_sdk="gradio",
         )
-    run_info = json.loads((run_dir / "run.json").read_text())
+    run_info = json.loads((run_dir / RUN_FILE).read_text())
     run_info.setdefault("pushes", []).append(
         {
             "repo_id": repo_id,
@@ -366,5 +378,5 @@ def _push(
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     )
-    atomic_write_json(run_dir / "run.json", run_info)
+    atomic_write_json(run_dir / RUN_FILE, run_info)
     return result

@@ -56,6 +56,7 @@ __all__ = [
     "read_run_info",
     "AUDIT_DIR",
     "AUDIT_FILE",
+    "AUDIT_JSON",
     "CARD_DIR",
     "CHECKPOINTS_DIR",
     "MEMBERSHIP_FILE",
@@ -82,7 +83,8 @@ MEMBERSHIP_FILE = "membership_scores.parquet"  # per-example losses: local only,
 PRIVACY_LEDGER = "privacy.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 AUDIT_DIR = "audit"
-AUDIT_FILE = "audit/audit.json"
+AUDIT_JSON = "audit.json"  # inside AUDIT_DIR
+AUDIT_FILE = f"{AUDIT_DIR}/{AUDIT_JSON}"
 CARD_DIR = "card"
 CHECKPOINTS_DIR = "checkpoints"
 # The privacy ledger stored beside the saved weights: further DP training of those weights adds

@@ -38,6 +38,9 @@ import yaml
 from hubtune.io import atomic_write_json, atomic_write_text
 from hubtune.model import GROUPNORM_FILE
 from hubtune.rundir import (
+    PRIVACY_LEDGER,
+    RECIPE_FILE,
+    RUN_FILE,
     AuditRecord,
     RunDirError,
     RunInfo,
@@ -119,7 +122,7 @@ def _run_info(run_dir: Path) -> RunInfo:
 
 
 def _recipe(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "recipe.resolved.yaml"
+    path = run_dir / RECIPE_FILE
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
     except (OSError, yaml.YAMLError) as exc:
@@ -375,7 +378,7 @@ def render_space(
     privacy = _privacy_statement(run_dir)
     audit_text, verdict = _audit_statement(run_dir)
     tags = ["hubtune", str(config.get("task") or "text-classification"), "gradio"]
-    if (run_dir / "privacy.json").exists():
+    if (run_dir / PRIVACY_LEDGER).exists():
         tags.append("differential-privacy")
     if verdict is not None:
         tags.append("fairness-audit")
@@ -432,7 +435,7 @@ def load_app(app_file: Path | None = None) -> ModuleType:
 
 def _app_and_config(source: str | Path) -> tuple[ModuleType, dict[str, Any]]:
     folder = Path(source)
-    if (folder / "run.json").is_file():
+    if (folder / RUN_FILE).is_file():
         return load_app(), local_space_config(run_dir=folder)
     if (folder / CONFIG_FILE).is_file():
         app_file = folder / "app.py"

@@ -29,7 +29,15 @@ from hubtune.audit.membership import canary_audit, loss_threshold_attack
 from hubtune.audit.policy import AuditPolicy, load_policy
 from hubtune.io import atomic_dir, atomic_write_json, atomic_write_text
 from hubtune.privacy import VOID_REASON, guarantee_is_void
-from hubtune.rundir import MEMBERSHIP_FILE
+from hubtune.rundir import (
+    AUDIT_DIR,
+    AUDIT_JSON,
+    MEMBERSHIP_FILE,
+    PREDICTIONS_FILE,
+    PRIVACY_LEDGER,
+    RECIPE_FILE,
+    RUN_FILE,
+)
 
 __all__ = ["AUDIT_SCHEMA_VERSION", "AuditError", "audit_gate", "run_audit"]
 
@@ -45,7 +53,7 @@ class AuditError(RuntimeError):
 def _read_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    path = run_dir / "predictions.parquet"
+    path = run_dir / PREDICTIONS_FILE
     if not path.exists():
         raise AuditError(f"{path} is missing; audit a complete run directory (one with run.json)")
     table = pq.read_table(path)
@@ -54,7 +62,7 @@ def _read_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def _privacy_section(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "privacy.json"
+    path = run_dir / PRIVACY_LEDGER
     if not path.exists():
         return {"dp": False, "statement": "trained without differential privacy"}
     ledger = json.loads(path.read_text())
@@ -362,15 +370,15 @@ def run_audit(
     from hubtune.audit.report import render_reports
 
     run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
+    run_json = run_dir / RUN_FILE
     if not run_json.exists():
         raise AuditError(
             f"{run_dir} is not a complete run (no run.json); finish or resume the run first"
         )
     run_info = json.loads(run_json.read_text())
     recipe = (
-        yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
-        if (run_dir / "recipe.resolved.yaml").exists()
+        yaml.safe_load((run_dir / RECIPE_FILE).read_text())
+        if (run_dir / RECIPE_FILE).exists()
         else {}
     )
     audit_section = (recipe or {}).get("audit") or {}
@@ -439,8 +447,8 @@ def run_audit(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     audit = _finite(audit)
-    with atomic_dir(run_dir / "audit") as tmp:
-        atomic_write_json(tmp / "audit.json", audit)
+    with atomic_dir(run_dir / AUDIT_DIR) as tmp:
+        atomic_write_json(tmp / AUDIT_JSON, audit)
         html, markdown = render_reports(audit, charts_dir=tmp / "charts")
         atomic_write_text(tmp / "report.md", markdown)
         atomic_write_text(tmp / "report.html", html)
@@ -483,7 +491,7 @@ def audit_gate(run_dir: str | Path, *, allow_failing: bool = False) -> dict[str,
         is recorded in run.json (``audit.override``) so the card can state it.
     """
     run_dir = Path(run_dir)
-    run_info = json.loads((run_dir / "run.json").read_text())
+    run_info = json.loads((run_dir / RUN_FILE).read_text())
     audit = run_info.get("audit")
     if audit is None:
         status, reason = "missing", "the run has no audit; run `hubtune audit RUN_DIR` first"
@@ -503,5 +511,5 @@ def audit_gate(run_dir: str | Path, *, allow_failing: bool = False) -> dict[str,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "reason": reason,
     }
-    atomic_write_json(run_dir / "run.json", run_info)
+    atomic_write_json(run_dir / RUN_FILE, run_info)
     return {"allowed": True, "status": status, "overridden": True, "reason": reason}
