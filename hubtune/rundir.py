@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
@@ -42,7 +43,11 @@ __all__ = [
     "FairnessRecord",
     "MembershipRecord",
     "Metrics",
+    "PREDICTION_COLUMNS",
     "PolicyRecord",
+    "Predictions",
+    "read_predictions",
+    "write_predictions",
     "Verdict",
     "read_audit",
     "read_metrics",
@@ -127,6 +132,73 @@ def read_parquet(path: Path) -> tuple[Any, dict[str, Any]]:
     table = pq.read_table(path)
     meta = json.loads((table.schema.metadata or {}).get(b"hubtune", b"{}"))
     return table.to_pandas(), meta
+
+
+# The predictions schema, the contract with the audit: one row per test example, with these
+# columns and every sensitive column (a task adds its own: classification writes the label
+# names and one ``prob_<label>`` column per label).
+PREDICTION_COLUMNS = ("row_id", "label_id", "prediction_id")
+
+
+@dataclass
+class Predictions:
+    """``predictions.parquet``: the test predictions (a frame with :data:`PREDICTION_COLUMNS`
+    and every sensitive column, plus the task's own columns) and what they name."""
+
+    frame: Any  # pandas.DataFrame
+    label_names: list[str]
+    sensitive_columns: list[str]
+
+    def missing_columns(self) -> list[str]:
+        """The columns the schema asks for that the frame lacks."""
+        wanted = [*PREDICTION_COLUMNS, *self.sensitive_columns]
+        return [c for c in wanted if c not in self.frame.columns]
+
+
+def write_predictions(run_dir: Path, predictions: Predictions) -> None:
+    """Write ``predictions.parquet`` atomically, refusing a frame that breaks the schema."""
+    missing = predictions.missing_columns()
+    if missing:
+        raise ValueError(f"the predictions frame lacks the columns {missing} (task bug)")
+    write_parquet(
+        run_dir / PREDICTIONS_FILE,
+        predictions.frame,
+        {
+            "label_names": predictions.label_names,
+            "sensitive_columns": predictions.sensitive_columns,
+        },
+    )
+
+
+def read_predictions(run_dir: Path, *, label_names: list[str] | None = None) -> Predictions | None:
+    """The run's test predictions, or None when the file is missing.
+
+    Args:
+        run_dir: The run directory.
+        label_names: The labels to assume when the file does not record them (older runs).
+
+    Raises:
+        RunDirError: The file cannot be read or lacks columns of the schema.
+    """
+    path = run_dir / PREDICTIONS_FILE
+    if not path.exists():
+        return None
+    try:
+        frame, meta = read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path}: cannot be read ({exc}); re-run the training") from exc
+    predictions = Predictions(
+        frame=frame,
+        label_names=[str(n) for n in meta.get("label_names") or label_names or []],
+        sensitive_columns=[str(c) for c in meta.get("sensitive_columns") or []],
+    )
+    missing = predictions.missing_columns()
+    if missing:
+        raise RunDirError(
+            f"{path}: lacks the columns {missing} of the predictions schema; "
+            "re-run the training with this hubtune version"
+        )
+    return predictions
 
 
 def privacy_summary(ledger: dict[str, Any]) -> dict[str, Any]:

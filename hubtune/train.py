@@ -57,15 +57,16 @@ from hubtune.progress import OnStep, StepInfo
 from hubtune.recipe import Recipe, recipe_to_yaml
 from hubtune.rundir import (
     MEMBERSHIP_FILE,
-    PREDICTIONS_FILE,
     PRIVACY_FILE,
     PRIVACY_LEDGER,
     RECIPE_FILE,
     RUN_FILE,
     Metrics,
+    Predictions,
     privacy_summary,
     write_metrics,
     write_parquet,
+    write_predictions,
 )
 from hubtune.tasks import Task, get_task
 
@@ -722,10 +723,13 @@ def _write_run_dir(
     if ledger is not None:
         atomic_write_json(run_dir / PRIVACY_LEDGER, ledger)
     write_metrics(run_dir, Metrics.model_validate(metrics))
-    write_parquet(
-        run_dir / PREDICTIONS_FILE,
-        loaded.task.predictions(data, *test_outputs),
-        {"label_names": data.label_names, "sensitive_columns": data.sensitive_columns},
+    write_predictions(
+        run_dir,
+        Predictions(
+            loaded.task.predictions(data, *test_outputs),
+            label_names=list(data.label_names),
+            sensitive_columns=list(data.sensitive_columns),
+        ),
     )
     atomic_write_text(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
     if membership is not None:

@@ -105,3 +105,46 @@ def test_the_space_reports_an_unreadable_audit_instead_of_calling_it_unaudited(
     (tmp_path / AUDIT_FILE).write_text("{broken")
     with pytest.raises(SpaceError, match="cannot be read"):
         _audit_statement(tmp_path)
+
+
+def test_predictions_follow_the_schema_the_audit_reads(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from hubtune.rundir import (
+        PREDICTIONS_FILE,
+        Predictions,
+        read_predictions,
+        write_parquet,
+        write_predictions,
+    )
+
+    frame = pd.DataFrame(
+        {
+            "row_id": [0, 1],
+            "label": ["neg", "pos"],
+            "prediction": ["neg", "neg"],
+            "label_id": [0, 1],
+            "prediction_id": [0, 0],
+            "prob_neg": [0.9, 0.6],
+            "prob_pos": [0.1, 0.4],
+            "group": ["a", "b"],
+        }
+    )
+    written = Predictions(frame, label_names=["neg", "pos"], sensitive_columns=["group"])
+    write_predictions(tmp_path, written)
+    back = read_predictions(tmp_path)
+    assert back is not None
+    assert back.label_names == ["neg", "pos"] and back.sensitive_columns == ["group"]
+    pd.testing.assert_frame_equal(back.frame, frame)
+
+    with pytest.raises(ValueError, match=r"lacks the columns \['group'\]"):
+        write_predictions(
+            tmp_path, Predictions(frame.drop(columns="group"), ["neg", "pos"], ["group"])
+        )
+    # A file written without the schema (by hand, or by an older hubtune) is named, with the fix.
+    write_parquet(tmp_path / PREDICTIONS_FILE, frame.drop(columns="prediction_id"), {})
+    with pytest.raises(
+        RunDirError, match=r"lacks the columns \['prediction_id'\].*re-run the training"
+    ):
+        read_predictions(tmp_path, label_names=["neg", "pos"])
+    assert read_predictions(tmp_path / "none") is None

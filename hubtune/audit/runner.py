@@ -37,6 +37,8 @@ from hubtune.rundir import (
     PRIVACY_LEDGER,
     RECIPE_FILE,
     RUN_FILE,
+    RunDirError,
+    read_predictions,
 )
 
 __all__ = ["AUDIT_SCHEMA_VERSION", "AuditError", "audit_gate", "run_audit"]
@@ -50,15 +52,21 @@ class AuditError(RuntimeError):
     """The run directory cannot be audited; the message says why and what to do."""
 
 
-def _read_predictions(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    path = run_dir / PREDICTIONS_FILE
-    if not path.exists():
+def _read_predictions(
+    run_dir: Path, label_names: list[str] | None = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    try:
+        predictions = read_predictions(run_dir, label_names=label_names)
+    except RunDirError as exc:
+        raise AuditError(str(exc)) from exc
+    if predictions is None:
+        path = run_dir / PREDICTIONS_FILE
         raise AuditError(f"{path} is missing; audit a complete run directory (one with run.json)")
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(b"hubtune", b"{}"))
-    return table.to_pandas(), meta
+    meta = {
+        "label_names": predictions.label_names,
+        "sensitive_columns": predictions.sensitive_columns,
+    }
+    return predictions.frame, meta
 
 
 def _privacy_section(run_dir: Path) -> dict[str, Any]:
@@ -384,7 +392,7 @@ def run_audit(
     audit_section = (recipe or {}).get("audit") or {}
     chosen = policy or audit_section.get("policy") or "default"
     loaded, digest = load_policy(chosen)
-    predictions, meta = _read_predictions(run_dir)
+    predictions, meta = _read_predictions(run_dir, run_info["data"]["label_names"])
     label_names = list(meta.get("label_names") or run_info["data"]["label_names"])
     sensitive = (
         loaded.sensitive
