@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hubtune.audit.policy import PUBLISHABLE
 from hubtune.audit.public import not_covered_by_dp
 from hubtune.hub import upstream_copy
 from hubtune.io import atomic_write_text
@@ -373,7 +374,7 @@ def _fairness(
     status = (audit.verdict.status if audit and audit.verdict else None) or summary.status
     audited = audit is not None or (status not in (None, "missing"))
     override = summary.override or None
-    overridden = bool(override) or (allow_failing and status != "pass")
+    overridden = bool(override) or (allow_failing and status not in PUBLISHABLE)
     if not audited:
         block: dict[str, Any] = {"audited": False, "overridden": overridden}
         return block, {"audited": False, "overridden": overridden, "override": override}

@@ -212,10 +212,13 @@ def audit(
     """Audit a finished run: per-group fairness (Fairlearn) and membership inference.
 
     Writes RUN_DIR/audit/{report.html,report.md,audit.json} and the verdict into run.json.
-    Exit status: 0 pass, 3 fail or inconclusive, 2 unusable input.
+    Exit status: 0 pass or not applicable (no check of the policy applies; the policy's
+    thresholds.require_fairness_check makes that a failure), 3 fail or inconclusive, 2 unusable
+    input.
     """
     _setup_logging(verbose)
     from hubtune.audit import AuditError, PolicyError, run_audit
+    from hubtune.audit.policy import PUBLISHABLE
 
     try:
         result = run_audit(run_dir, policy=policy, compare=compare)
@@ -223,7 +226,7 @@ def audit(
         _fail(f"hubtune audit: {exc}")
         return
     verdict = result["verdict"]
-    typer.echo(f"verdict:   {verdict['status'].upper()} (policy {result['policy']['name']})")
+    typer.echo(f"verdict:   {verdict['status'].upper().replace('_', ' ')} (policy {result['policy']['name']})")
     for check in verdict["checks"]:
         mark = {True: "pass", False: "FAIL", None: "n/a "}[check["passed"]]
         typer.echo(
@@ -239,7 +242,7 @@ def audit(
             + (" -- BEATS THE DP BOUND" if membership.get("beats_dp_bound") else "")
         )
     typer.echo(f"report:    {(Path(run_dir) / 'audit' / 'report.html').resolve()}")
-    if not verdict["passed"]:
+    if verdict["status"] not in PUBLISHABLE:
         raise typer.Exit(3)
 
 

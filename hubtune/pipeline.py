@@ -234,7 +234,7 @@ def _audit_lines(result: RunResult) -> list[str]:
         detail = "no check applied (" + "; ".join(verdict.get("notes") or []) + ")"
     membership = result.audit.get("membership") or {}
     lines = [
-        f"audit:     {verdict['status'].upper()} (policy {result.audit['policy']['name']})"
+        f"audit:     {verdict['status'].upper().replace('_', ' ')} (policy {result.audit['policy']['name']})"
         + (f": {detail}" if detail else "")
         + f"; report {result.run_dir.resolve() / AUDIT_DIR / 'report.html'}"
     ]

@@ -352,7 +352,7 @@ def fairness_markdown(
         lines.append("No fairness audit was published with this model.")
         return "\n".join(lines)
     verdict = audit.get("verdict") or {}
-    status = str(verdict.get("status") or "unknown").upper()
+    status = str(verdict.get("status") or "unknown").upper().replace("_", " ")
     policy = audit.get("policy") or {}
     lines.append(f"**Verdict: {_md(status)}** (policy {_md(policy.get('name', 'unknown'))}).")
     if policy.get("description"):
@@ -413,6 +413,7 @@ _VERDICT_HEADINGS = {
     "pass": "✅ Fairness audit: PASS",
     "fail": "⚠️ Fairness audit: FAIL",
     "inconclusive": "⚠️ Fairness audit: INCONCLUSIVE",
+    "not_applicable": "ℹ️ Fairness audit: NOT APPLICABLE",
 }
 _LIMITS = {"≤": "the policy allows at most", "≥": "the policy requires at least"}
 
@@ -482,6 +483,11 @@ def verdict_markdown(
         ]
         items = items or [_md(item) for item in verdict.get("not_evaluable") or []]
         lines += [""] + [f"- {item}" for item in items]
+    elif status == "not_applicable":
+        lines.append(
+            f"No check of the {policy} policy applies to this model: nothing is known about how "
+            "its mistakes differ between groups of people."
+        )
     elif status == "pass":
         lines.append(
             f"Every check of the {policy} policy passed on the test data. That is no guarantee "

@@ -361,3 +361,54 @@ def test_a_policy_limit_must_be_a_finite_number(tmp_path: Path, value: str) -> N
     path = _policy(tmp_path, "bad", f"thresholds: {{max_equalized_odds_difference: {value}}}\n")
     with pytest.raises(PolicyError, match=r"thresholds\.max_equalized_odds_difference: .*finite"):
         load_policy(path)
+
+
+def test_an_audit_that_checked_nothing_is_not_applicable_never_pass(tmp_path: Path) -> None:
+    """No sensitive column declared: no fairness check applies, and the verdict says so."""
+    from hubtune.audit.report import render_reports
+    from hubtune.card import build_card
+    from hubtune.space_template.app import verdict_markdown
+
+    predictions = synthetic_predictions({"a": 300, "b": 300}, {"a": 0.95, "b": 0.55})
+    run_dir = make_fake_run(
+        tmp_path / "runs" / "blind", predictions, label_names=["neg", "pos"], sensitive=[]
+    )
+    audit = run_audit(run_dir, policy="default")
+    verdict = audit["verdict"]
+    assert verdict["status"] == "not_applicable" and verdict["passed"] is False
+    assert verdict["checks"] == [] and verdict["failed"] == []
+    assert "the policy sets no threshold that applies to this run" in verdict["notes"]
+    # Publishable without an override (nothing failed), and every reader is told.
+    gate = audit_gate(run_dir)
+    assert gate["allowed"] is True and gate["overridden"] is False
+    assert gate["reason"] == "audit not applicable: no check of the policy applies to this run"
+    html, markdown = render_reports(audit, charts_dir=tmp_path / "charts")
+    assert "## Verdict: NOT APPLICABLE" in markdown and "**nothing was verified**" in markdown
+    assert (
+        '<div class="big">NOT APPLICABLE</div>' in html
+        and "PASS" not in html.split("</section>")[0]
+    )
+    card = str(build_card(run_dir))
+    assert "**The audit checked nothing.**" in card and "did not pass" not in card
+    assert verdict_markdown(audit).startswith("### ℹ️ Fairness audit: NOT APPLICABLE")
+    result = CliRunner().invoke(app, ["audit", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "verdict:   NOT APPLICABLE (policy default)" in result.output
+
+    # A policy can require a fairness check: then the same run fails, and push is refused.
+    strict = _policy(tmp_path, "needs", "thresholds: {require_fairness_check: true}\n")
+    audit = run_audit(run_dir, policy=strict)
+    assert audit["verdict"]["status"] == "fail"
+    assert audit["verdict"]["failed"] == ["fairness check required (policy)"]
+    assert audit_gate(run_dir)["allowed"] is False
+    assert CliRunner().invoke(app, ["audit", str(run_dir), "--policy", str(strict)]).exit_code == 3
+    # With a sensitive column and a limit, the requirement is met and the check is judged.
+    fair = make_fake_run(
+        tmp_path / "runs" / "seen", predictions, label_names=["neg", "pos"], sensitive=["group"]
+    )
+    both = _policy(
+        tmp_path,
+        "both",
+        "thresholds: {require_fairness_check: true, max_metric_gap: {accuracy: 0.9}}\n",
+    )
+    assert run_audit(fair, policy=both)["verdict"]["status"] == "pass"

@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["METRICS", "AuditPolicy", "PolicyError", "load_policy", "policy_dir"]
+__all__ = ["METRICS", "PUBLISHABLE", "AuditPolicy", "PolicyError", "load_policy", "policy_dir"]
 
 # Per-group metrics a policy may ask for. Definitions (binary and multi-class) are in
 # hubtune/audit/fairness.py and in the report's glossary.
@@ -34,6 +34,12 @@ METRICS: tuple[str, ...] = (
     "f1",
     "count",
 )
+
+
+# Verdicts that let `hubtune push` publish without an override. "not_applicable" (no check of
+# the policy applied) publishes too, and the card, report and Space say that nothing was checked;
+# a policy with thresholds.require_fairness_check turns it into a failure.
+PUBLISHABLE = ("pass", "not_applicable")
 
 
 class PolicyError(ValueError):
@@ -86,6 +92,10 @@ class Thresholds(_Strict):
     fail_if_attack_beats_dp_bound: bool = Field(
         True,
         description="Fail when the membership attack is significantly stronger than the run's (ε, δ) allows.",
+    )
+    require_fairness_check: bool = Field(
+        False,
+        description="Fail when no fairness limit applies to the run (no sensitive column declared, or no limit set for them); otherwise such an audit is 'not applicable', never 'pass'.",
     )
 
 

@@ -26,7 +26,7 @@ import yaml
 from hubtune import __version__
 from hubtune.audit.fairness import audit_fairness, compare_fairness
 from hubtune.audit.membership import canary_audit, loss_threshold_attack
-from hubtune.audit.policy import AuditPolicy, load_policy
+from hubtune.audit.policy import PUBLISHABLE, AuditPolicy, load_policy
 from hubtune.io import atomic_dir, atomic_write_json, atomic_write_text
 from hubtune.privacy import VOID_REASON, guarantee_is_void
 from hubtune.rundir import (
@@ -227,6 +227,22 @@ def _verdict(
                         scope=f"{scope} = {group['name']}",
                     )
                 )
+    if t.require_fairness_check and not any(c["scope"] != "privacy ledger" for c in checks):
+        checks.append(
+            {
+                "check": "fairness check required",
+                "scope": "policy",
+                "value": None,
+                "ci": None,
+                "judged_on": "policy",
+                "judged_value": None,
+                "threshold": None,
+                "rule": "at least one fairness limit applies",
+                "passed": False,
+                "margin": None,
+                "note": "no sensitive column was declared, or the policy sets no limit for them",
+            }
+        )
     class_floors: list[tuple[str, float | None]] = [
         ("recall", t.min_class_recall),
         ("precision", t.min_class_precision),
@@ -268,6 +284,8 @@ def _verdict(
     unknown = [c for c in checks if c["passed"] is None and c not in uninformative]
     status = "fail" if failed else ("inconclusive" if unknown else "pass")
     if status == "pass" and len(checks) == len(uninformative):
+        # Nothing was verified: that is not a pass (set require_fairness_check to fail it).
+        status = "not_applicable"
         notes.append("the policy sets no threshold that applies to this run")
     for c in uninformative:
         notes.append(f"{c['check']}: not informative ({c['note']})")
@@ -510,7 +528,9 @@ def audit_gate(run_dir: str | Path, *, allow_failing: bool = False) -> dict[str,
             if audit["passed"]
             else f"audit {status}: " + "; ".join(audit["failed"] or ["see audit/report.html"])
         )
-    if status == "pass":
+    if status in PUBLISHABLE:
+        if status == "not_applicable":
+            reason = "audit not applicable: no check of the policy applies to this run"
         return {"allowed": True, "status": status, "overridden": False, "reason": reason}
     if not allow_failing:
         return {"allowed": False, "status": status, "overridden": False, "reason": reason}
