@@ -549,6 +549,22 @@ def _membership(audit: AuditRecord | None) -> dict[str, Any] | None:
     return view
 
 
+def _classical(run_info: RunInfo) -> dict[str, Any] | None:
+    """The classical baseline (a model without pretraining on the same split), for the card."""
+    from hubtune.baselines import verdict_text
+
+    classical = run_info.classical_baseline
+    accuracy = run_info.test.get("accuracy")
+    if not classical or classical.get("accuracy") is None or accuracy is None:
+        return None
+    return {
+        "name": _md(classical.get("name", "classical baseline")),
+        "accuracy": _ci(Estimate(value=classical["accuracy"], ci=classical.get("ci")), 4),
+        "verdict": _md(verdict_text(float(accuracy), classical)),
+        "negative_transfer": bool(classical.get("negative_transfer")),
+    }
+
+
 def _hyperparameters(recipe: dict[str, Any], ledger: Ledger | None) -> list[tuple[str, str]]:
     """The settings that shaped the weights, from the resolved recipe (paths and I/O left out)."""
     rows: list[tuple[str, Any]] = [("seed", recipe.get("seed"))]
@@ -846,6 +862,7 @@ def build_card(
             "label": _md(run_info.majority_baseline.get("label", "")),
             "accuracy": _num(run_info.majority_baseline.get("accuracy"), 4),
         },
+        "classical": _classical(run_info),
         "hyperparameters": _hyperparameters(recipe, ledger),
         **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,

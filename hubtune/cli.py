@@ -226,7 +226,9 @@ def audit(
         _fail(f"hubtune audit: {exc}")
         return
     verdict = result["verdict"]
-    typer.echo(f"verdict:   {verdict['status'].upper().replace('_', ' ')} (policy {result['policy']['name']})")
+    typer.echo(
+        f"verdict:   {verdict['status'].upper().replace('_', ' ')} (policy {result['policy']['name']})"
+    )
     for check in verdict["checks"]:
         mark = {True: "pass", False: "FAIL", None: "n/a "}[check["passed"]]
         typer.echo(

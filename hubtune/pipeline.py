@@ -192,6 +192,7 @@ def format_summary(result: RunResult) -> str:
             f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
             f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
             f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
+            *_classical_lines(result.metrics, test["accuracy"]),
             *privacy_lines(result.run_dir),
             *_audit_lines(result),
             *(
@@ -204,6 +205,20 @@ def format_summary(result: RunResult) -> str:
             ),
         ]
     )
+
+
+def _classical_lines(metrics: dict[str, Any], accuracy: float) -> list[str]:
+    from hubtune.baselines import verdict_text
+
+    classical = metrics.get("classical_baseline")
+    if not classical:
+        return []
+    low, high = classical["ci"]
+    return [
+        f"classical: accuracy {classical['accuracy']:.4f} [{low:.4f}, {high:.4f}]  "
+        f"({classical['name']}, no pretraining; C = {classical['C']})",
+        f"transfer:  {verdict_text(accuracy, classical)}",
+    ]
 
 
 def privacy_lines(run_dir: Path) -> list[str]:

@@ -281,6 +281,13 @@ class TrainSection(_Strict):
         True, description="Write an atomic checkpoint after each epoch (for --resume)."
     )
     keep_checkpoints: int = Field(1, ge=1)
+    baselines: list[Literal["majority", "classical"]] = Field(
+        default_factory=lambda: ["majority", "classical"],  # type: ignore[arg-type]
+        description="What the model is compared with on the same split: majority (the most common "
+        "training label; always computed) and classical (TF-IDF + logistic regression for text, "
+        "logistic regression on pixels for images: a model without pretraining). [majority] turns "
+        "the classical baseline off.",
+    )
 
 
 class PrivacySection(_Strict):

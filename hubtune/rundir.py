@@ -363,6 +363,7 @@ class RunInfo(_Record):
     hardware: dict[str, Any] = Field(default_factory=dict)
     test: dict[str, float] = Field(default_factory=dict)
     majority_baseline: dict[str, Any] = Field(default_factory=dict)
+    classical_baseline: dict[str, Any] | None = None  # hubtune.baselines (None: not computed)
     privacy: dict[str, Any] = Field(default_factory=dict)
     audit: AuditSummary | None = None
     pushes: list[dict[str, Any]] = Field(default_factory=list)
@@ -426,6 +427,7 @@ class Metrics(_Record):
 
     test: dict[str, Num] = Field(default_factory=dict)
     majority_baseline: dict[str, Any] = Field(default_factory=dict)
+    classical_baseline: dict[str, Any] | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)
 
 

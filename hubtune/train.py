@@ -621,6 +621,12 @@ def _finish(
         "majority_baseline": {"label": data.label_names[majority], "accuracy": baseline},
         "history": setup.history,
     }
+    if run.main and "classical" in recipe.train.baselines and task.classical_baseline:
+        t0 = time.perf_counter()
+        classical = _classical_baseline(task, data, recipe.seed, logits, labels)
+        run.timings["classical_baseline_s"] = time.perf_counter() - t0
+        if classical is not None:
+            metrics["classical_baseline"] = classical
     accelerator.wait_for_everyone()
     if run.main:
         ledger = _ledger(loaded, setup)
@@ -635,6 +641,21 @@ def _finish(
         metrics=metrics,
         resumed_from_epoch=setup.start_epoch if run.checkpoint else None,
     )
+
+
+def _classical_baseline(
+    task: Task, data: Any, seed: int, logits: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any] | None:
+    """A model without pretraining on the same split, compared with this one on the test rows."""
+    from hubtune.baselines import compare
+
+    truth = data.splits["test"]["label"].to_numpy().astype(np.int64)
+    if not np.array_equal(truth, labels.numpy()):  # the test rows must be the same, in order
+        logger.warning("classical baseline: skipped (test rows not in the split's order)")
+        return None
+    assert task.classical_baseline is not None
+    predicted, record = task.classical_baseline(data, seed)
+    return {**record, **compare(logits.argmax(-1).numpy(), predicted, truth, seed=seed)}
 
 
 @torch.no_grad()
@@ -781,6 +802,7 @@ def _write_run_info(
         "hardware": _hardware(run.accelerator),
         "test": metrics["test"],
         "majority_baseline": metrics["majority_baseline"],
+        "classical_baseline": metrics.get("classical_baseline"),
         "privacy": privacy_summary(ledger) if ledger is not None else {"enabled": False},
     }
     atomic_write_json(run.run_dir / RUN_FILE, run_info)

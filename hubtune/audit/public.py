@@ -126,6 +126,11 @@ def not_covered_by_dp(audit: dict[str, Any]) -> list[str]:
             "The canary audit's figures are computed on the inserted random canaries (no real "
             "data) without noise."
         )
+    if (audit.get("run") or {}).get("classical_baseline"):
+        lines.append(
+            "The classical baseline's accuracy comes from a model (without pretraining) trained "
+            "on the same rows without differential privacy."
+        )
     if audit.get("comparison"):
         lines.append(
             "The non-private twin's figures come from a model trained on the same rows without "

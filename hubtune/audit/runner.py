@@ -138,6 +138,18 @@ def _judge(
     return check
 
 
+def _classical_summary(run_info: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's classical baseline (hubtune.baselines), as the report's header states it."""
+    from hubtune.baselines import verdict_text
+
+    classical = run_info.get("classical_baseline")
+    accuracy = (run_info.get("test") or {}).get("accuracy")
+    if not classical or classical.get("accuracy") is None or accuracy is None:
+        return None
+    keep = ("name", "accuracy", "ci", "model_minus_baseline", "outcome", "negative_transfer")
+    return {**{k: classical.get(k) for k in keep}, "text": verdict_text(accuracy, classical)}
+
+
 def _verdict(
     policy: AuditPolicy,
     fairness: dict[str, Any],
@@ -462,6 +474,7 @@ def run_audit(
             "method": (run_info.get("method") or {}).get("method"),
             "test_rows": len(predictions),
             "test_accuracy": (run_info.get("test") or {}).get("accuracy"),
+            "classical_baseline": _classical_summary(run_info),
         },
         "policy": {"source": str(chosen), "digest": digest, **loaded.model_dump(mode="json")},
         "verdict": verdict,

@@ -50,6 +50,9 @@ class Task:
     # (*, repo_id, label_names) -> a transformers.pipeline() call for a pushed LoRA adapter, if
     # the pipeline of this task can take the labels that way
     pipeline_snippet: Callable[..., str] | None = None
+    # (prepared data, seed) -> (each test row's predicted label id, record): a model without
+    # pretraining on the same split (hubtune.baselines); None: the task has none
+    classical_baseline: Callable[..., tuple[Any, dict[str, Any]]] | None = None
 
 
 def _registry() -> dict[str, Task]:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hubtune import baselines
 from hubtune.tasks import classification
 from hubtune.tasks.snippets import lora_base_lines, model_location
 
@@ -159,4 +160,5 @@ TASK = classification.task(
     cache_inputs=_cache_inputs,
     load_snippet=load_snippet,
     pipeline_snippet=pipeline_snippet,
+    classical_baseline=baselines.classical_text,
 )
