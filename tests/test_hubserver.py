@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -1895,3 +1896,206 @@ def test_commit_ids_do_not_depend_on_lfs(tmp_path: Path, aim: Callable[..., None
             assert ("lfs" in stored) is (threshold is not None)
             assert stored["oid"] == git_blob_sha1((folder / "model.safetensors").read_bytes())
     assert shas[0] == shas[1]
+
+
+# --------------------------------------------------------------------------- validation, unit level
+# Focused checks of the path, name and revision validation and of the token check, without a
+# client (bench/mutation.py runs them per mutant). They name the server's own functions: after
+# the server rewrite, point them at their successors.
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "/etc/passwd",
+        "a\\b",
+        "a\0b",
+        "a//b",
+        "a/",
+        "./a",
+        "a/./b",
+        "../a",
+        "a/../b",
+        ".git",
+        "a/.git/config",
+    ],
+)
+def test_repo_paths_that_could_escape_are_refused(path: str) -> None:
+    from hubtune.hubserver.storage import HubError, validate_repo_path
+
+    with pytest.raises(HubError, match=r"^Invalid path in repo: ") as info:
+        validate_repo_path(path)
+    assert info.value.status == 400 and info.value.message == f"Invalid path in repo: {path!r}"
+
+
+@pytest.mark.parametrize(
+    "path", ["a", "README.md", "a/b/c.bin", ".gitattributes", "a..b/.hidden", "..a"]
+)
+def test_plain_repo_paths_are_accepted_unchanged(path: str) -> None:
+    from hubtune.hubserver.storage import validate_repo_path
+
+    assert validate_repo_path(path) == path
+
+
+def test_repo_types_and_ids_are_validated(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    for repo_type in ("model", "dataset", "space"):
+        ref = store.locate(repo_type, "org-1/name_2.v3")
+        assert (ref.repo_type, ref.repo_id) == (repo_type, "org-1/name_2.v3")
+        assert ref.path == tmp_path / "repos" / f"{repo_type}s" / "org-1" / "name_2.v3"
+    assert store.locate("model", f"o/{'n' * 96}").repo_id == f"o/{'n' * 96}"
+    with pytest.raises(HubError, match=r"^Invalid repo type: 'models'$") as info:
+        store.locate("models", "o/n")
+    assert info.value.status == 400
+    for repo_id in (
+        "o",
+        "o/n/x",
+        "/n",
+        "o/",
+        ".o/n",
+        "o/-n",
+        "o/.n",
+        "o/a..b",
+        "o/n m",
+        f"o/{'n' * 97}",
+        "../n",
+        "o/..",
+    ):
+        with pytest.raises(HubError, match=r"expected 'org/name'$") as info:
+            store.locate("model", repo_id)
+        assert (
+            info.value.status == 400
+            and info.value.message == f"Invalid repo id {repo_id!r}: expected 'org/name'"
+        )
+
+
+def test_revisions_resolve_to_branches_or_full_shas_only(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    repo = store.locate("model", "o/n")
+    with pytest.raises(HubError, match=r"^Repository not found"):  # no repo: that first
+        store.resolve(repo, "main")
+    store.create(repo, private=False)
+    head = store.head(repo)
+    assert head is not None and store.head(repo, "main") == head and len(head) == 40
+    commit = store.resolve(repo, "main")
+    assert commit.id == head and store.resolve(repo, head).id == head
+    assert store.commit(repo, head) == commit
+    for branch in ("../main", "a..b", ".main", "-x", "", "x" * 201):
+        assert store.head(repo, branch) is None, branch
+    (repo.path / "refs" / "heads" / ("b" * 200)).write_text(head)
+    assert store.head(repo, "b" * 200) == head  # 200 characters: the longest branch name
+    # '..' inside an otherwise valid name could climb out of refs/heads (here back into it).
+    (repo.path / "refs" / "heads" / "x").mkdir()
+    (repo.path / "refs" / "heads" / "x" / "y").write_text(head)
+    assert store.head(repo, "x/y") == head and store.head(repo, "x/../main") is None
+    # A branch whose name looks like a sha is still a branch: its head, not a commit of that id.
+    (repo.path / "refs" / "heads" / ("a" * 40)).write_text(head)
+    assert store.resolve(repo, "a" * 40).id == head
+    (repo.path / "refs" / "heads" / "broken").write_text("not-a-sha\n")
+    assert store.head(repo, "broken") is None
+    (repo.path / "refs" / "heads" / "spaced").write_text(f"  {head}\n")
+    assert store.head(repo, "spaced") == head
+    assert store.commit(repo, head[:39]) is None  # a prefix is no commit id ...
+    assert store.resolve(repo, head[:39]).id == head  # ... but a revision that resolves to one
+    for bad in (head.upper(), head + "0", "0" * 40, "../" + head[3:]):
+        assert store.commit(repo, bad) is None, bad
+        with pytest.raises(HubError, match=r"^Invalid rev id: ") as info:
+            store.resolve(repo, bad)
+        assert (info.value.status, info.value.code) == (404, "RevisionNotFound")
+        assert info.value.message == f"Invalid rev id: {bad}"
+
+
+def _handler(store: Any, token: str | None, authorization: str | None = None) -> Any:
+    from types import SimpleNamespace
+
+    from hubtune.hubserver.server import _Handler
+
+    handler = object.__new__(_Handler)
+    handler.server = SimpleNamespace(store=store, token=token)  # type: ignore[assignment]
+    handler.headers = {} if authorization is None else {"Authorization": authorization}  # type: ignore[assignment]
+    return handler
+
+
+def test_the_token_check_and_private_repos(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    assert _handler(store, None)._authenticated()  # open local use
+    _handler(store, None)._require_write()
+    for header in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER   {TOKEN}  "):
+        assert _handler(store, TOKEN, header)._authenticated(), header
+        _handler(store, TOKEN, header)._require_write()
+    for header in (
+        None,
+        "",
+        TOKEN,
+        f"Basic {TOKEN}",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        "Bearer ",
+    ):
+        assert not _handler(store, TOKEN, header)._authenticated(), header
+    with pytest.raises(
+        HubError, match=r"^Authorization required: this hub needs a token for writes$"
+    ) as info:
+        _handler(store, TOKEN)._require_write()
+    assert info.value.status == 401
+    with pytest.raises(HubError, match=r"^Invalid credentials in Authorization header$") as info:
+        _handler(store, TOKEN, "Bearer wrong")._require_write()
+    assert info.value.status == 401
+    public, private = store.locate("model", "o/public"), store.locate("model", "o/private")
+    store.create(public, private=False)
+    store.create(private, private=True)
+    assert _handler(store, TOKEN)._visible_repo("model", "o/public") == public
+    assert _handler(store, TOKEN, f"Bearer {TOKEN}")._visible_repo("model", "o/private") == private
+    assert _handler(store, None)._visible_repo("model", "o/private") == private
+    with pytest.raises(HubError, match=r"^Repository not found$") as info:
+        _handler(store, TOKEN, "Bearer wrong")._visible_repo("model", "o/private")
+    assert (info.value.status, info.value.code) == (404, "RepoNotFound")
+
+
+def test_repo_payloads_and_writable_branches(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    handler = _handler(store, None)
+    assert handler._repo_from_payload({"name": "n"}) == store.locate("model", "local/n")
+    assert handler._repo_from_payload({"name": "n", "type": "dataset", "organization": "o"}) == (
+        store.locate("dataset", "o/n")
+    )
+    assert handler._repo_from_payload({"name": "n", "type": None, "organization": ""}) == (
+        store.locate("model", "local/n")
+    )
+    for payload in ({}, {"name": ""}, {"name": None}):
+        with pytest.raises(HubError, match=r"^Missing repo name$") as info:
+            handler._repo_from_payload(payload)
+        assert info.value.status == 400
+    with pytest.raises(HubError, match=r"^'name' must be a string, got int$") as info:
+        handler._repo_from_payload({"name": 3})
+    assert info.value.status == 400
+    with pytest.raises(HubError, match=r"^Invalid repo id 'o/\.\.': expected"):
+        handler._repo_from_payload({"name": "..", "organization": "o"})
+    repo = store.locate("model", "o/n")
+    store.create(repo, private=False)
+    assert handler._writable_branch(repo, "main", {}) == "main"
+    assert handler._writable_branch(repo, "main", {"create_pr": "false"}) == "main"
+    for flag in ("1", "true", "True", " yes ", "on"):
+        with pytest.raises(
+            HubError,
+            match=r"^Pull requests are not supported by the local hub endpoint: commit to a branch "
+            r"instead \(create_branch, then revision=<branch>\)$",
+        ) as info:
+            handler._writable_branch(repo, "main", {"create_pr": flag})
+        assert info.value.status == 400
+    head = store.head(repo)
+    for revision in ("dev", head):  # a commit is not a branch to write to
+        with pytest.raises(
+            HubError, match=r"^Invalid rev id: .* \(commits go to a branch, e\.g\. 'main'\)$"
+        ) as info:
+            handler._writable_branch(repo, revision, {})
+        assert (info.value.status, info.value.code) == (404, "RevisionNotFound")
