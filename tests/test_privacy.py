@@ -971,6 +971,41 @@ def test_spent_budget_round_trips_through_json() -> None:
     ]
 
 
+def test_prior_history_reads_the_base_models_ledger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A base model's ledger: its prior history, then its own, as (σ, q, steps) numbers."""
+    from hubtune.privacy.accounting import prior_history
+    from hubtune.rundir import PRIVACY_FILE
+
+    assert prior_history(tmp_path) == [] and prior_history(tmp_path / "missing") == []
+    ledger = tmp_path / PRIVACY_FILE
+    caplog.set_level("INFO", logger="hubtune.privacy.accounting")
+    ledger.write_text(
+        json.dumps(
+            {
+                "prior_history": [[2, "0.05", 10.0]],
+                "history": [["1.5", 0.1, "20"]],
+                "epsilon": 2.5,
+            }
+        )
+    )
+    history = prior_history(tmp_path)
+    assert history == [(2.0, 0.05, 10), (1.5, 0.1, 20)]
+    assert [type(x) for x in history[0]] == [float, float, int]
+    assert [r.getMessage() for r in caplog.records] == [
+        "privacy: base model was trained with DP (epsilon 2.5); its history is carried on"
+    ]
+    caplog.clear()
+    ledger.write_text(json.dumps({"history": [[1.0, 0.1, 5]]}))  # no prior, no epsilon
+    assert prior_history(tmp_path) == [(1.0, 0.1, 5)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "privacy: base model was trained with DP (epsilon nan); its history is carried on"
+    ]
+    ledger.write_text(json.dumps({"prior_history": [[1.0, 0.1, 5]]}))
+    assert prior_history(tmp_path) == [(1.0, 0.1, 5)]
+
+
 def _section(**kwargs: Any) -> Any:
     from types import SimpleNamespace
 
@@ -1694,6 +1729,7 @@ def _epoch(
     needs_position_ids: bool = False,
     lengths: list[int] | None = None,
     monkeypatch: pytest.MonkeyPatch,
+    **extra: Any,
 ) -> tuple[Any, tuple[float, int, int, list[int]], list[dict[str, Any]], int]:
     """One _dp_epoch of hubtune's DP setup on a Linear model (fixed DP seed): its result, the
     physical batches the model saw, and how often the scheduler stepped."""
@@ -1748,8 +1784,73 @@ def _epoch(
         initial=start,
         needs_position_ids=needs_position_ids,
         lengths=lengths,
+        **extra,
     )
     return run, result, seen, scheduler.count
+
+
+def test_a_dp_epoch_reports_each_step_and_trains_with_the_tasks_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """on_step gets every logical step (epoch, step, its Poisson batch size, a host time);
+    a task's loss_fn replaces cross-entropy when Opacus brings no criterion."""
+    import time as time_module
+
+    from hubtune.progress import StepInfo
+
+    infos: list[StepInfo] = []
+    before = time_module.perf_counter()
+    _, plain, _, _ = _epoch(_Const(64), monkeypatch=monkeypatch, on_step=infos.append)
+    after = time_module.perf_counter()
+    loss, seen, step, sizes = plain
+    assert step == 5 + len(sizes) and len(sizes) >= 3
+    assert [(i.epoch, i.step, i.examples) for i in infos] == [
+        (0, 6 + k, size) for k, size in enumerate(sizes)
+    ]
+    times = [i.time for i in infos]
+    assert before < times[0] and times == sorted(times) and times[-1] < after
+    calls: list[int] = []
+
+    def doubled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls.append(len(labels))
+        return 2.0 * F.cross_entropy(logits, labels)
+
+    _, other, _, _ = _epoch(_Const(64), monkeypatch=monkeypatch, loss_fn=doubled)
+    assert other[1:] == plain[1:]  # the same Poisson batches (fixed seed, lr 0)
+    assert other[0] == pytest.approx(2 * loss, rel=1e-6) and loss > 0
+    assert sum(calls) == seen and 0 not in calls  # an empty batch never reaches the loss
+
+
+def test_position_ids_and_the_empty_flag_are_made_on_the_inputs_device() -> None:
+    """On a GPU they must live beside the inputs; the meta device shows where they are made."""
+    from hubtune.privacy.engine import add_position_ids
+    from hubtune.privacy.loop import any_nonfinite
+
+    ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    made = add_position_ids({"input_ids": ids})["position_ids"]
+    assert made.device.type == "meta" and made.shape == (2, 3)
+    flag = any_nonfinite([], torch.device("meta"))
+    assert flag.device.type == "meta" and flag.dtype == torch.bool and flag.shape == ()
+
+
+def test_batch_sizes_are_summed_over_processes() -> None:
+    from types import SimpleNamespace
+
+    from hubtune.privacy.loop import sum_over_processes
+
+    sizes = [3, 0, 5]
+    one = SimpleNamespace(num_processes=1)
+    assert sum_over_processes(one, sizes) is sizes
+    asked: list[Any] = []
+
+    def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        asked.append((tensor.dtype, tensor.device, tensor.tolist(), reduction))
+        return tensor * 2
+
+    two = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
+    summed = sum_over_processes(two, sizes)
+    assert summed == [6, 0, 10] and all(type(v) is int for v in summed)
+    assert asked == [(torch.long, torch.device("cpu"), [3, 0, 5], "sum")]
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
