@@ -2012,6 +2012,80 @@ def test_prepare_private_hands_opacus_the_plan_and_the_secret_generators(
     assert secure.optimizer.generator is not noise and secure.secure_mode is True
 
 
+def test_prepare_private_makes_the_generators_and_moves_the_model_to_the_run_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The generators are asked for with the section's secure mode and the run's device, and
+    the model is moved there (on a GPU: the noise is drawn beside the gradients)."""
+    import types
+
+    from hubtune.privacy import engine as engine_module
+
+    asked: list[tuple[Any, Any]] = []
+    real = engine_module._secret_generators
+
+    def generators(secure_mode: Any, device: Any) -> Any:
+        asked.append((secure_mode, device))
+        return real(secure_mode, device)
+
+    moved: list[Any] = []
+
+    class Recorded(nn.Linear):
+        def to(self, *args: Any, **kwargs: Any) -> Any:
+            moved.append(args)
+            return super().to(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_secret_generators", generators)
+    monkeypatch.delenv("HUBTUNE_UNSAFE_DP_SEED", raising=False)
+    run = _private_on_rows(Recorded(4, 2), "hooks", rows=20, logical=10, physical=10, lr=0.1)
+    assert asked == [(False, torch.device("cpu"))] and moved[0] == (torch.device("cpu"),)
+    assert run.noise_source == "os.urandom"
+    # secure_mode reaches the generators: with the test seed set, that is refused.
+    monkeypatch.setitem(sys.modules, "torchcsprng", types.ModuleType("torchcsprng"))
+    monkeypatch.setenv("HUBTUNE_UNSAFE_DP_SEED", "1")
+    model = nn.Linear(4, 2)
+    from hubtune.recipe import PrivacySection
+
+    with pytest.raises(
+        PrivacyError,
+        match=r"^HUBTUNE_UNSAFE_DP_SEED fixes the DP randomness and cannot be combined with secure_mode$",
+    ):
+        engine_module.prepare_private(
+            section=PrivacySection(
+                enabled=True,
+                noise_multiplier=1.0,
+                logical_batch_size=10,
+                physical_batch_size=10,
+                secure_mode=True,
+            ),
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            dataset=_Rows(20, False),
+            collate=None,
+            epochs=1,
+            num_processes=1,
+            device=torch.device("cpu"),
+        )
+    assert asked[-1] == (True, torch.device("cpu"))
+
+
+def test_max_steps_within_bisects_to_the_exact_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ε = 0.1 per step, the answer is the exact number of steps that fits, for every
+    target and bound (the bisection's last halving included)."""
+    from hubtune.privacy import accounting
+
+    monkeypatch.setattr(
+        accounting, "_epsilon", lambda name, history, delta: sum(k for *_, k in history) / 10
+    )
+    for upper in range(1, 13):
+        for fits in range(0, 14):
+            target = fits / 10 + 0.05
+            got = accounting.max_steps_within(
+                accountant="rdp", prior=[], sigma=1.0, q=0.1, delta=1e-5, target=target, upper=upper
+            )
+            assert got == min(fits, upper), (upper, fits)
+
+
 def test_non_finite_weights_after_the_last_step_of_an_epoch_stop_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
