@@ -2069,6 +2069,53 @@ def test_prepare_private_makes_the_generators_and_moves_the_model_to_the_run_dev
     assert asked[-1] == (True, torch.device("cpu"))
 
 
+def test_prepare_private_asks_opacus_for_poisson_sampling_flat_clipping_and_cross_entropy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mechanism's settings are passed explicitly (not left to Opacus' defaults), and the
+    empty-batch template is shaped from the first example alone."""
+    import opacus
+
+    calls: list[dict[str, Any]] = []
+    real = opacus.PrivacyEngine.make_private
+
+    def make_private(self: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(opacus.PrivacyEngine, "make_private", make_private)
+    read: list[int] = []
+
+    class Spied(_Rows):
+        def __getitem__(self, i: int) -> dict:
+            read.append(i)
+            return super().__getitem__(i)
+
+    from hubtune.privacy.engine import prepare_private
+    from hubtune.recipe import PrivacySection
+
+    model = nn.Linear(4, 2)
+    run = prepare_private(
+        section=PrivacySection(
+            enabled=True, noise_multiplier=1.0, logical_batch_size=10, physical_batch_size=10
+        ),
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dataset=Spied(20, False),
+        collate=None,
+        epochs=1,
+        num_processes=1,
+        device=torch.device("cpu"),
+    )
+    (kwargs,) = calls
+    assert kwargs["poisson_sampling"] is True and kwargs["clipping"] == "flat"
+    assert type(kwargs["criterion"]) is nn.CrossEntropyLoss
+    assert kwargs["noise_multiplier"] == 1.0 and kwargs["max_grad_norm"] == 1.0
+    assert set(read) == {0}  # the template of an empty first batch: row 0's shapes (as Opacus)
+    template = run.loader.collate_fn.first_batch
+    assert template["features"].shape == (1, 4) and template["features"][0, 0] == 0.0
+
+
 def test_max_steps_within_bisects_to_the_exact_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ε = 0.1 per step, the answer is the exact number of steps that fits, for every
     target and bound (the bisection's last halving included)."""
