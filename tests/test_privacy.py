@@ -2116,6 +2116,37 @@ def test_prepare_private_asks_opacus_for_poisson_sampling_flat_clipping_and_cros
     assert template["features"].shape == (1, 4) and template["features"][0, 0] == 0.0
 
 
+def test_prepare_private_keeps_the_criterion_target_and_prior_history() -> None:
+    """Ghost clipping trains through the criterion Opacus returns; the run records the target ε
+    and the base model's prior history (the ledger and the resume read them from the run)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    from hubtune.privacy.engine import prepare_private
+    from hubtune.recipe import PrivacySection
+
+    ghost = _private_on_rows(nn.Linear(4, 2), "ghost", rows=20, logical=10, physical=10, lr=0.1)
+    assert isinstance(ghost.criterion, DPLossFastGradientClipping)
+    hooks = _private_on_rows(nn.Linear(4, 2), "hooks", rows=20, logical=10, physical=10, lr=0.1)
+    assert hooks.criterion is None and hooks.prior_history == [] and hooks.target_epsilon is None
+    model = nn.Linear(4, 2)
+    prior = [(2.0, 0.05, 10)]
+    run = prepare_private(
+        section=PrivacySection(
+            enabled=True, target_epsilon=8.0, logical_batch_size=10, physical_batch_size=10
+        ),
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dataset=_Rows(20, False),
+        collate=None,
+        epochs=1,
+        num_processes=1,
+        device=torch.device("cpu"),
+        prior_history=prior,
+    )
+    assert run.target_epsilon == 8.0 and run.prior_history == prior
+    assert run.prior_history is not prior  # a copy: the caller's list may change later
+
+
 def test_max_steps_within_bisects_to_the_exact_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ε = 0.1 per step, the answer is the exact number of steps that fits, for every
     target and bound (the bisection's last halving included)."""
