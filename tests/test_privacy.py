@@ -1833,6 +1833,32 @@ def test_position_ids_and_the_empty_flag_are_made_on_the_inputs_device() -> None
     assert flag.device.type == "meta" and flag.dtype == torch.bool and flag.shape == ()
 
 
+def test_a_dp_epoch_checks_the_first_step_once_and_frees_the_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The unchanged-tensor check runs after the first logical step only; every step ends with
+    the gradients freed (set to None, not kept as zeros)."""
+    from hubtune.privacy import loop
+
+    checked: list[int] = []
+    real = loop.check_moved
+
+    def check_moved(model: Any, initial: dict[str, torch.Tensor]) -> None:
+        checked.append(len(initial))
+        real(model, initial)
+
+    monkeypatch.setattr(loop, "check_moved", check_moved)
+    run, (_, _, step, sizes), _, _ = _epoch(
+        _Const(64), lr=0.1, initial=True, monkeypatch=monkeypatch
+    )
+    assert len(sizes) >= 3 and step == 5 + len(sizes)
+    assert checked == [2]  # weight and bias, once
+    assert all(p.grad is None for p in run.model.parameters())
+    checked.clear()
+    _epoch(_Const(64), lr=0.1, monkeypatch=monkeypatch)
+    assert checked == []  # a resumed epoch has no first step to check
+
+
 def test_batch_sizes_are_summed_over_processes() -> None:
     from types import SimpleNamespace
 
