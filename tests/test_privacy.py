@@ -1102,6 +1102,61 @@ def test_plan_noise_when_no_sigma_fits_the_rest() -> None:
         plan_noise(section=section, prior=history, spent=None, q=0.1, planned_steps=100, delta=1e-5)
 
 
+def test_plan_noise_asks_the_sections_accountant_and_stops_at_a_target_already_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every ε of the plan comes from the section's accountant; a history whose ε equals the
+    target leaves nothing to spend; no history spends nothing (whatever the target)."""
+    from hubtune.privacy import accounting
+    from hubtune.privacy.accounting import SpentBudget, plan_noise
+
+    asked: list[str] = []
+
+    def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+        asked.append(name)
+        return sum(q * k / s for s, q, k in history)  # 0.1 per step at σ = 1, q = 0.1
+
+    monkeypatch.setattr(accounting, "_epsilon", epsilon)
+    section = _section(target_epsilon=0.9, accountant="prv")
+    plan = plan_noise(section=section, prior=[], spent=None, q=0.1, planned_steps=10, delta=1e-5)
+    assert 0.89 <= 1.0 / plan.sigma <= 0.9 and plan.max_steps == 10  # nothing spent before
+    assert asked and set(asked) == {"prv"}
+    asked.clear()
+    with pytest.raises(PrivacyError) as info:
+        plan_noise(
+            section=_section(target_epsilon=0.5, accountant="prv"),
+            prior=[(1.0, 0.1, 5)],
+            spent=None,
+            q=0.1,
+            planned_steps=10,
+            delta=1e-5,
+        )
+    assert str(info.value) == (
+        "the base model's earlier DP training already spent ε = 0.5 ≥ target 0.5; "
+        "raise privacy.target_epsilon"
+    )
+    assert asked == ["prv"]
+    asked.clear()
+    spent = SpentBudget(history=[(1.0, 0.1, 5)], sigma=1.0, planned_steps=10, max_steps=10)
+    with pytest.raises(PrivacyError) as info:
+        plan_noise(
+            section=_section(target_epsilon=0.5000001, accountant="prv"),
+            prior=[],
+            spent=spent,
+            q=0.1,
+            planned_steps=20,
+            delta=1e-5,
+        )
+    assert str(info.value) == (
+        "the resumed run (with any earlier training of its base model) has already spent ε = "
+        "0.5 (PRV) of its target 0.5000001 in 5 steps; no noise multiplier up to 1e5 fits 15 "
+        "more steps in the rest. At the σ used so far (1) 0 more step(s) fit. Keep train.epochs "
+        "at what the checkpoint planned, or start over with --overwrite so σ is planned for all "
+        "epochs at once."
+    )
+    assert len(asked) > 3 and set(asked) == {"prv"}
+
+
 def test_sigma_search_stops_within_tolerance_and_brackets_from_both_sides() -> None:
     from hubtune.privacy import accounting as privacy
 
