@@ -625,7 +625,12 @@ def render(report: dict[str, Any], notes: dict[str, str]) -> str:
         if e["survivors"]:
             lines += ["", "Survivors:", ""]
             for s in e["survivors"]:
-                note = notes.get(s["mutant"], "NOT YET EXPLAINED")
+                note = notes.get(s["mutant"]) or (
+                    "timeout: its tests did not finish within the limit (the mutant makes them "
+                    "hang, which CI would notice); counted apart, not as killed"
+                    if s["status"] == "timeout"
+                    else "NOT YET EXPLAINED"
+                )
                 diff = s["diff"].replace("\n", " / ")
                 if len(diff) > 300:
                     diff = diff[:300] + " ..."
