@@ -1925,13 +1925,59 @@ def test_batch_sizes_are_summed_over_processes() -> None:
     asked: list[Any] = []
 
     def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
-        asked.append((tensor.dtype, tensor.device, tensor.tolist(), reduction))
-        return tensor * 2
+        asked.append((tensor.dtype, tensor.device, tuple(tensor.shape), reduction))
+        return torch.tensor([6, 0, 10])
 
-    two = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
+    # The meta device stands in for a GPU: the sizes go to the accelerator's device to be summed.
+    two = SimpleNamespace(num_processes=2, device=torch.device("meta"), reduce=reduce)
     summed = sum_over_processes(two, sizes)
     assert summed == [6, 0, 10] and all(type(v) is int for v in summed)
-    assert asked == [(torch.long, torch.device("cpu"), [3, 0, 5], "sum")]
+    assert asked == [(torch.long, torch.device("meta"), (3,), "sum")]
+
+
+def test_the_dp_preflight_checks_four_examples_without_their_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One real batch of at most four examples, without 'idx', on the run's device, with
+    per-example position ids when the model takes them; a refusal becomes a RunError."""
+    from hubtune.privacy import loop
+
+    seen: list[dict[str, Any]] = []
+
+    def check(run: Any, batch: dict[str, Any], forward: Any) -> None:
+        seen.append(batch)
+
+    monkeypatch.setattr(loop, "check_per_sample_gradients", check)
+    run = _private_on_rows(nn.Linear(4, 2), "hooks", rows=20, logical=10, physical=10, lr=0.1)
+    loop.dp_preflight(run, _Rows(20, True), None, None, torch.device("cpu"), False)
+    (batch,) = seen
+    assert sorted(batch) == ["features", "labels"] and batch["features"][:, 0].tolist() == [
+        0.0,
+        1.0,
+        2.0,
+        3.0,
+    ]
+    seen.clear()
+    loop.dp_preflight(run, _Rows(2, False), None, None, torch.device("meta"), False)
+    assert seen[0]["features"].shape == (2, 4) and seen[0]["features"].device.type == "meta"
+    seen.clear()
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = torch.utils.data.default_collate(items)
+        batch["input_ids"] = torch.zeros(len(items), 3, dtype=torch.long)
+        return batch
+
+    loop.dp_preflight(run, _Rows(20, False), collate, None, torch.device("cpu"), True)
+    assert seen[0]["position_ids"].tolist() == [[0, 1, 2]] * 4
+    loop.dp_preflight(run, _Rows(20, False), collate, None, torch.device("cpu"), False)
+    assert "position_ids" not in seen[1]
+
+    def refuse(run: Any, batch: dict[str, Any], forward: Any) -> None:
+        raise PrivacyError("no per-example gradient for x")
+
+    monkeypatch.setattr(loop, "check_per_sample_gradients", refuse)
+    with pytest.raises(RunError, match=r"^privacy: no per-example gradient for x$"):
+        loop.dp_preflight(run, _Rows(20, False), None, None, torch.device("cpu"), False)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
