@@ -2625,3 +2625,60 @@ def test_percent_encoded_repo_paths_are_checked_decoded() -> None:
     with pytest.raises(HubError) as info:
         validate_repo_path(long)
     assert info.value.message == f"Invalid path in repo: {long[:200]!r}"
+
+
+def test_chunked_framing_reads_no_more_than_its_bounds() -> None:
+    """Size and CRLF lines are read with a bound, hex sizes of several digits, a long trailer
+    line counts against the trailer limit, and a bare LF ends the trailers (the bytes after
+    it belong to the next request)."""
+    import io
+
+    from hubtune.hubserver.body import BodyReader, Framing
+    from hubtune.hubserver.storage import HubError
+
+    def reader(raw: bytes) -> tuple[Any, io.BufferedReader]:
+        stream = io.BufferedReader(io.BytesIO(raw))
+        return BodyReader(stream, Framing(0, True)), stream  # type: ignore[arg-type]
+
+    body, stream = reader(b"10\r\n" + b"z" * 16 + b"\r\n0\r\n\r\n")
+    assert body.read_all() == b"z" * 16  # 0x10 bytes
+    body, stream = reader(b"1" * 2000)
+    with pytest.raises(HubError, match=r"^Malformed chunked body: invalid chunk size line"):
+        body.read_all()
+    assert stream.tell() == 1024  # the size line is read 1 KiB at most
+    body, stream = reader(b"3\r\nabcWXYZ" + b"x" * 5000)
+    with pytest.raises(
+        HubError, match=r"^Malformed chunked body: chunk data not followed by CRLF$"
+    ):
+        body.read_all()
+    assert stream.tell() == 3 + 3 + 3  # three bytes after the data, no more
+    body, stream = reader(b"0\n\nNEXT\n")
+    assert body.read_all() == b"" and stream.tell() == 3
+    long_trailer = b"0\r\n" + b"T" * 2000 + b"\r\n" + b"T: x\r\n" * 98 + b"\r\n"
+    body, stream = reader(long_trailer)
+    with pytest.raises(HubError, match=r"^Malformed chunked body: too many trailer lines$"):
+        body.read_all()  # 1 KiB per read: the long line counts twice
+
+
+def test_own_origin_on_port_80() -> None:
+    assert _policy(port=80).is_own_origin("http://localhost")  # no port: 80
+    assert _policy(port=80).is_own_origin("http://127.0.0.1:80/x")
+    assert not _policy(port=81).is_own_origin("http://localhost")
+
+
+def test_a_short_sha_that_matches_no_commit_is_not_found(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    repo = store.locate("model", "o/n")
+    store.create(repo, private=False)
+    head = store.head(repo)
+    assert head is not None
+    unknown = "0000000" if not head.startswith("0000000") else "1111111"
+    with pytest.raises(HubError) as info:
+        store.resolve(repo, unknown)
+    assert (info.value.status, info.value.code, info.value.message) == (
+        404,
+        "RevisionNotFound",
+        f"Invalid rev id: {unknown}",
+    )
