@@ -395,6 +395,7 @@ def run_group(
     previous: dict[str, Any] | None,
     keep: bool = False,
     rest: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     mutmut = str(Path(sys.executable).parent / "mutmut")
     names: list[str]
@@ -407,6 +408,8 @@ def run_group(
             for k, code in (previous or {}).get("exit_codes", {}).items()
             if status_of(code) not in skip
         ]
+        if only:
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in only)]
         if not names:
             print(f"[{group.name}] nothing left to re-run", flush=True)
             return previous or {}
@@ -482,9 +485,23 @@ def run_group(
         ),
         "wall_s": round(wall, 1),
         "runs": ((previous or {}).get("runs", []) if survivors_only else [])
-        + [{"mutants": len(names) if survivors_only else total, "wall_s": round(wall, 1)}],
-        "started": started,
-        "machine_at_start": at_start,
+        + [
+            {
+                "mutants": len(names) if survivors_only else total,
+                "wall_s": round(wall, 1),
+                "started": started,
+                "load_average_at_start": at_start["load_average_at_start"],
+                "command": "cd build/mutation/"
+                + group.name
+                + " && "
+                + shlex.join(["mutmut", *command[1:4]])
+                + (f" <{len(names)} mutant names>" if len(command) > 4 else ""),
+            }
+        ],
+        "started": (previous or {}).get("started", started) if survivors_only else started,
+        "machine_at_start": (previous or {}).get("machine_at_start", at_start)
+        if survivors_only
+        else at_start,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "survivors_only_rerun": survivors_only,
     }
@@ -588,6 +605,8 @@ def render(report: dict[str, Any], notes: dict[str, str]) -> str:
             + (", ".join(f"{x:.1f}" for x in load) if load else "-")
             + " |"
         )
+    if report.get("notes"):
+        lines += ["", "Notes on this run:", ""] + [f"- {n}" for n in report["notes"]]
     for g in GROUPS:
         e = report["groups"].get(g.name)
         if not e:
@@ -608,7 +627,10 @@ def render(report: dict[str, Any], notes: dict[str, str]) -> str:
             f"{'re-run of the mutants not killed before' if e['survivors_only_rerun'] else 'full run'} "
             f"finished {e['finished']}, {e['wall_s'] / 60:.1f} min; runs: "
             + ", ".join(
-                f"{r['mutants']} mutants in {r['wall_s'] / 60:.1f} min" for r in e.get("runs", [])
+                f"{r['mutants']} mutants in {r['wall_s'] / 60:.1f} min"
+                + (f" from {r['started']}" if r.get("started") else "")
+                + (f" (`{r['command']}`)" if r.get("command") else "")
+                for r in e.get("runs", [])
             )
             + ")",
         ]
@@ -661,6 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-children", type=int, default=1, help="mutants run at once (default 1)"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="GLOB",
+        help="with --survivors: re-run only the mutants matching GLOB (repeatable), e.g. the "
+        "ones a new test targets",
+    )
     parser.add_argument("--report-only", action="store_true", help="re-render the Markdown report")
     parser.add_argument(
         "--keep",
@@ -708,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_children=args.max_children,
                 previous=report["groups"].get(name),
                 keep=args.keep,
+                only=args.only,
             )
             if entry:
                 # Read again before writing: groups may run in parallel invocations.
