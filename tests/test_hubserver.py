@@ -2682,3 +2682,20 @@ def test_a_short_sha_that_matches_no_commit_is_not_found(tmp_path: Path) -> None
         "RevisionNotFound",
         f"Invalid rev id: {unknown}",
     )
+
+
+def test_messages_without_a_prefix_and_long_encoded_paths() -> None:
+    from urllib.parse import quote
+
+    from hubtune.hubserver.server import _opt_size
+    from hubtune.hubserver.storage import HubError, validate_repo_path
+
+    with pytest.raises(HubError) as info:
+        _opt_size({"size": -1}, "size")
+    assert info.value.message == "'size' must be a non-negative integer, got -1"
+    eight = "a b" + "x" * 300
+    for _ in range(8):
+        eight = quote(eight)
+    with pytest.raises(HubError) as info:
+        validate_repo_path(eight)
+    assert info.value.message == f"Invalid path in repo (encoded too often): {eight[:200]!r}"
