@@ -2084,6 +2084,7 @@ def test_repo_payloads_and_writable_branches(tmp_path: Path) -> None:
     store.create(repo, private=False)
     assert handler._writable_branch(repo, "main", {}) == "main"
     assert handler._writable_branch(repo, "main", {"create_pr": "false"}) == "main"
+    assert handler._writable_branch(repo, "refs/heads/main", {}) == "main"
     for flag in ("1", "true", "True", " yes ", "on"):
         with pytest.raises(
             HubError,
