@@ -638,11 +638,17 @@ def render(report: dict[str, Any], notes: dict[str, str]) -> str:
             lines.append(
                 f"- NOT FOUND (update ENDPOINT_FUNCTIONS?): {', '.join(e['missing_functions'])}"
             )
-        lines += ["", "| function | killed | survived | other |", "| --- | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "| function | killed | survived | timeout | not run yet | other |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for func, row in sorted(e["per_function"].items()):
-            other = sum(v for k, v in row.items() if k not in ("killed", "survived"))
+            named = ("killed", "survived", "timeout", "not checked")
+            other = sum(v for k, v in row.items() if k not in named)
             lines.append(
-                f"| {func} | {row.get('killed', 0)} | {row.get('survived', 0)} | {other} |"
+                f"| {func} | {row.get('killed', 0)} | {row.get('survived', 0)} | "
+                f"{row.get('timeout', 0)} | {row.get('not checked', 0)} | {other} |"
             )
         if e["survivors"]:
             lines += ["", "Survivors:", ""]
