@@ -435,3 +435,60 @@ def test_canary_audit_needs_four_canaries() -> None:
             delta=1e-5,
             epsilon=1.0,
         )
+
+
+def test_canary_audit_breaks_ties_by_canary_order_and_takes_plain_lists() -> None:
+    """Equal losses keep the canaries' order (a stable sort): the same inputs always give the
+    same guesses. Lists of 0/1 and floats are read as booleans and losses."""
+    rng = np.random.default_rng(1)
+    m = 40
+    losses = rng.integers(0, 3, m).astype(float)  # many ties
+    included = rng.random(m) < 0.5
+    k = m // 4
+    order = sorted(range(m), key=lambda i: losses[i])  # Python's sort is stable
+    right = int(included[order[:k]].sum() + (~included[order[-k:]]).sum())
+    assert right == 12
+    result = canary_audit(losses, included, included, num_labels=3, delta=1e-5, epsilon=None)
+    assert result["right_guesses"] == right
+    as_lists = canary_audit(
+        [int(x) for x in losses],
+        [int(x) for x in included],
+        [int(x) for x in included],
+        num_labels=3,
+        delta=1e-5,
+        epsilon=None,
+    )
+    assert as_lists == result
+    assert as_lists["memorised"]["included_predicted_own_label"] == int(included.sum())
+    assert as_lists["memorised"]["excluded_predicted_own_label"] == 0
+
+
+def test_canary_audit_reports_every_field_at_the_asked_confidence() -> None:
+    m = 40
+    included = np.arange(m) % 2 == 0
+    losses = np.where(included, 0.01, 5.0)
+    own = np.arange(m) % 4 == 0  # half of the included canaries, none of the others
+    result = canary_audit(
+        losses, included, own, num_labels=5, delta=1e-6, epsilon=2.0, confidence=0.9
+    )
+    bound = epsilon_lower_bound_one_run(m, 20, 20, delta=1e-6, confidence=0.9)
+    assert bound != epsilon_lower_bound_one_run(m, 20, 20, delta=1e-6)  # the confidence matters
+    assert result == {
+        "canaries": 40,
+        "included": 20,
+        "guesses": 20,
+        "right_guesses": 20,
+        "epsilon_lower_bound": bound,
+        "max_provable_epsilon": bound,
+        "confidence": 0.9,
+        "delta": 1e-6,
+        "memorised": {
+            "included_predicted_own_label": 10,
+            "included": 20,
+            "excluded_predicted_own_label": 0,
+            "excluded": 20,
+            "chance_rate": 0.2,
+        },
+        "method": "one-run auditing (Steinke, Nasr & Jagielski 2023), loss scores, top/bottom quarter guessed",
+        "exceeds_dp_epsilon": bound > 2.0,
+    }

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -1895,3 +1896,807 @@ def test_commit_ids_do_not_depend_on_lfs(tmp_path: Path, aim: Callable[..., None
             assert ("lfs" in stored) is (threshold is not None)
             assert stored["oid"] == git_blob_sha1((folder / "model.safetensors").read_bytes())
     assert shas[0] == shas[1]
+
+
+# --------------------------------------------------------------------------- validation, unit level
+# Focused checks of the path, name and revision validation and of the token check, without a
+# client (bench/mutation.py runs them per mutant). They name the server's own functions: after
+# the server rewrite, point them at their successors.
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "/etc/passwd",
+        "a\\b",
+        "a\0b",
+        "a//b",
+        "a/",
+        "./a",
+        "a/./b",
+        "../a",
+        "a/../b",
+        ".git",
+        "a/.git/config",
+    ],
+)
+def test_repo_paths_that_could_escape_are_refused(path: str) -> None:
+    from hubtune.hubserver.storage import HubError, validate_repo_path
+
+    with pytest.raises(HubError, match=r"^Invalid path in repo: ") as info:
+        validate_repo_path(path)
+    assert info.value.status == 400 and info.value.message == f"Invalid path in repo: {path!r}"
+
+
+@pytest.mark.parametrize(
+    "path", ["a", "README.md", "a/b/c.bin", ".gitattributes", "a..b/.hidden", "..a"]
+)
+def test_plain_repo_paths_are_accepted_unchanged(path: str) -> None:
+    from hubtune.hubserver.storage import validate_repo_path
+
+    assert validate_repo_path(path) == path
+
+
+def test_repo_types_and_ids_are_validated(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    for repo_type in ("model", "dataset", "space"):
+        ref = store.locate(repo_type, "org-1/name_2.v3")
+        assert (ref.repo_type, ref.repo_id) == (repo_type, "org-1/name_2.v3")
+        assert ref.path == tmp_path / "repos" / f"{repo_type}s" / "org-1" / "name_2.v3"
+    assert store.locate("model", f"o/{'n' * 96}").repo_id == f"o/{'n' * 96}"
+    with pytest.raises(HubError, match=r"^Invalid repo type: 'models'$") as info:
+        store.locate("models", "o/n")
+    assert info.value.status == 400
+    for repo_id in (
+        "o",
+        "o/n/x",
+        "/n",
+        "o/",
+        ".o/n",
+        "o/-n",
+        "o/.n",
+        "o/a..b",
+        "o/n m",
+        f"o/{'n' * 97}",
+        "../n",
+        "o/..",
+    ):
+        with pytest.raises(HubError, match=r"expected 'org/name'$") as info:
+            store.locate("model", repo_id)
+        assert (
+            info.value.status == 400
+            and info.value.message == f"Invalid repo id {repo_id!r}: expected 'org/name'"
+        )
+
+
+def test_revisions_resolve_to_branches_or_full_shas_only(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    repo = store.locate("model", "o/n")
+    with pytest.raises(HubError, match=r"^Repository not found"):  # no repo: that first
+        store.resolve(repo, "main")
+    store.create(repo, private=False)
+    head = store.head(repo)
+    assert head is not None and store.head(repo, "main") == head and len(head) == 40
+    commit = store.resolve(repo, "main")
+    assert commit.id == head and store.resolve(repo, head).id == head
+    assert store.commit(repo, head) == commit
+    for branch in ("../main", "a..b", ".main", "-x", "", "x" * 201):
+        assert store.head(repo, branch) is None, branch
+    (repo.path / "refs" / "heads" / ("b" * 200)).write_text(head)
+    assert store.head(repo, "b" * 200) == head  # 200 characters: the longest branch name
+    # '..' inside an otherwise valid name could climb out of refs/heads (here back into it).
+    (repo.path / "refs" / "heads" / "x").mkdir()
+    (repo.path / "refs" / "heads" / "x" / "y").write_text(head)
+    assert store.head(repo, "x/y") == head and store.head(repo, "x/../main") is None
+    # A branch whose name looks like a sha is still a branch: its head, not a commit of that id.
+    (repo.path / "refs" / "heads" / ("a" * 40)).write_text(head)
+    assert store.resolve(repo, "a" * 40).id == head
+    (repo.path / "refs" / "heads" / "broken").write_text("not-a-sha\n")
+    assert store.head(repo, "broken") is None
+    (repo.path / "refs" / "heads" / "spaced").write_text(f"  {head}\n")
+    assert store.head(repo, "spaced") == head
+    assert store.commit(repo, head[:39]) is None  # a prefix is no commit id ...
+    assert store.resolve(repo, head[:39]).id == head  # ... but a revision that resolves to one
+    for bad in (head.upper(), head + "0", "0" * 40, "../" + head[3:]):
+        assert store.commit(repo, bad) is None, bad
+        with pytest.raises(HubError, match=r"^Invalid rev id: ") as info:
+            store.resolve(repo, bad)
+        assert (info.value.status, info.value.code) == (404, "RevisionNotFound")
+        assert info.value.message == f"Invalid rev id: {bad}"
+
+
+def _handler(store: Any, token: str | None, authorization: str | None = None) -> Any:
+    from types import SimpleNamespace
+
+    from hubtune.hubserver.server import _Handler
+
+    handler = object.__new__(_Handler)
+    handler.server = SimpleNamespace(store=store, token=token)  # type: ignore[assignment]
+    handler.headers = {} if authorization is None else {"Authorization": authorization}  # type: ignore[assignment]
+    return handler
+
+
+def test_the_token_check_and_private_repos(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    assert _handler(store, None)._authenticated()  # open local use
+    _handler(store, None)._require_write()
+    for header in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER   {TOKEN}  "):
+        assert _handler(store, TOKEN, header)._authenticated(), header
+        _handler(store, TOKEN, header)._require_write()
+    for header in (
+        None,
+        "",
+        TOKEN,
+        f"Basic {TOKEN}",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        "Bearer ",
+    ):
+        assert not _handler(store, TOKEN, header)._authenticated(), header
+    with pytest.raises(
+        HubError, match=r"^Authorization required: this hub needs a token for writes$"
+    ) as info:
+        _handler(store, TOKEN)._require_write()
+    assert info.value.status == 401
+    with pytest.raises(HubError, match=r"^Invalid credentials in Authorization header$") as info:
+        _handler(store, TOKEN, "Bearer wrong")._require_write()
+    assert info.value.status == 401
+    public, private = store.locate("model", "o/public"), store.locate("model", "o/private")
+    store.create(public, private=False)
+    store.create(private, private=True)
+    assert _handler(store, TOKEN)._visible_repo("model", "o/public") == public
+    assert _handler(store, TOKEN, f"Bearer {TOKEN}")._visible_repo("model", "o/private") == private
+    assert _handler(store, None)._visible_repo("model", "o/private") == private
+    with pytest.raises(HubError, match=r"^Repository not found$") as info:
+        _handler(store, TOKEN, "Bearer wrong")._visible_repo("model", "o/private")
+    assert (info.value.status, info.value.code) == (404, "RepoNotFound")
+
+
+def test_repo_payloads_and_writable_branches(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    handler = _handler(store, None)
+    assert handler._repo_from_payload({"name": "n"}) == store.locate("model", "local/n")
+    assert handler._repo_from_payload({"name": "n", "type": "dataset", "organization": "o"}) == (
+        store.locate("dataset", "o/n")
+    )
+    assert handler._repo_from_payload({"name": "n", "type": None, "organization": ""}) == (
+        store.locate("model", "local/n")
+    )
+    for payload in ({}, {"name": ""}, {"name": None}):
+        with pytest.raises(HubError, match=r"^Missing repo name$") as info:
+            handler._repo_from_payload(payload)
+        assert info.value.status == 400
+    with pytest.raises(HubError, match=r"^'name' must be a string, got int$") as info:
+        handler._repo_from_payload({"name": 3})
+    assert info.value.status == 400
+    with pytest.raises(HubError, match=r"^Invalid repo id 'o/\.\.': expected"):
+        handler._repo_from_payload({"name": "..", "organization": "o"})
+    repo = store.locate("model", "o/n")
+    store.create(repo, private=False)
+    assert handler._writable_branch(repo, "main", {}) == "main"
+    assert handler._writable_branch(repo, "main", {"create_pr": "false"}) == "main"
+    assert handler._writable_branch(repo, "refs/heads/main", {}) == "main"
+    for flag in ("1", "true", "True", " yes ", "on"):
+        with pytest.raises(
+            HubError,
+            match=r"^Pull requests are not supported by the local hub endpoint: commit to a branch "
+            r"instead \(create_branch, then revision=<branch>\)$",
+        ) as info:
+            handler._writable_branch(repo, "main", {"create_pr": flag})
+        assert info.value.status == 400
+    head = store.head(repo)
+    for revision in ("dev", head):  # a commit is not a branch to write to
+        with pytest.raises(
+            HubError, match=r"^Invalid rev id: .* \(commits go to a branch, e\.g\. 'main'\)$"
+        ) as info:
+            handler._writable_branch(repo, revision, {})
+        assert (info.value.status, info.value.code) == (404, "RevisionNotFound")
+
+
+# --------------------------------------------------------------------------- guard and body, unit level
+# Host, Origin/Referer and Content-Type checks, and the body framing and size limits, without a
+# server (the end-to-end tests above check that every request goes through them).
+
+
+def _policy(bound_host: str = "127.0.0.1", port: int = 8765, allowed: tuple[str, ...] = ()) -> Any:
+    from hubtune.hubserver.guard import HostPolicy
+
+    return HostPolicy(bound_host=bound_host, port=port, allowed_hosts=allowed)
+
+
+def _refused_host(policy: Any, host: str) -> None:
+    from hubtune.hubserver.storage import HubError
+
+    with pytest.raises(HubError) as info:
+        policy.check_host(host)
+    assert info.value.status == 403, host
+    assert info.value.message == (
+        f"Host {host[:100]!r} is not this server: requests must name it by a loopback name or "
+        f"address, its bound address or an allowed host, with port {policy.port} (a name that "
+        "resolves here is not enough: DNS rebinding)"
+    )
+
+
+def test_the_host_header_must_name_this_server() -> None:
+    import socket
+
+    from hubtune.hubserver.storage import HubError
+
+    policy = _policy()
+    for missing in (None, ""):
+        with pytest.raises(HubError, match=r"^Missing Host header$") as info:
+            policy.check_host(missing)
+        assert info.value.status == 400
+    for host in (
+        "127.0.0.1:8765",
+        " localhost:8765 ",
+        "LOCALHOST.:8765",
+        "localhost.localdomain:8765",
+        "[::1]:8765",
+        "127.0.0.2:8765",  # all of 127/8 is loopback
+        "localhost:08765",  # the same port number
+    ):
+        policy.check_host(host)
+    for host in (
+        "evil.example:8765",  # DNS rebinding: a name pointing here
+        "127.0.0.1:8766",
+        "127.0.0.1",  # port 80
+        "127.0.0.1:",  # port 80 too
+        "localhost:8765:1",
+        "[::1]8765",
+        "[::1",
+        "[]:8765",
+        ":8765",
+        "localhost:87a5",
+        "localhost:-8765",
+        "localhost:000008765",  # more than 5 digits
+        "10.0.0.1:8765",
+        socket.gethostname() + ":8765",  # only on a wildcard bind
+        "x" * 300,
+    ):
+        _refused_host(policy, host)
+    assert _policy(port=80).check_host("localhost") is None
+    assert _policy(port=80).check_host("[::1]") is None
+
+
+def test_the_host_names_a_bind_accepts() -> None:
+    import socket
+
+    wildcard = _policy("0.0.0.0", 1)
+    for host in ("10.1.2.3:1", "[fe80::1]:1", f"{socket.gethostname().upper()}:1", "localhost:1"):
+        wildcard.check_host(host)
+    _refused_host(wildcard, "evil.example:1")
+    _refused_host(wildcard, "10.1.2.3:2")
+    for bind in ("", "::"):
+        _policy(bind, 1).check_host("10.1.2.3:1")
+    lan = _policy("192.168.1.5", 1, allowed=("Hub.Example.",))
+    for host in ("192.168.1.5:1", "127.0.0.1:1", "hub.example:1", "HUB.EXAMPLE.:1"):
+        lan.check_host(host)
+    for host in ("192.168.1.6:1", "192.168.1.5:2", socket.gethostname() + ":1"):
+        _refused_host(lan, host)
+    named = _policy("MyHost.Lan.", 1)
+    named.check_host("myhost.lan:1")
+    named.check_host("localhost:1")
+    _refused_host(named, "other.lan:1")
+
+
+def test_writes_from_another_origin_are_refused() -> None:
+    from hubtune.hubserver.storage import HubError
+
+    policy = _policy()
+    for url in (
+        "http://127.0.0.1:8765",
+        "http://localhost:8765/some/page?x=1",
+        "http://[::1]:8765",
+    ):
+        assert policy.is_own_origin(url), url
+    for url in (
+        "https://127.0.0.1:8765",
+        "http://127.0.0.1",
+        "http://evil.example:8765",
+        "http://user@127.0.0.1:8765",
+        "http://",
+        "null",
+        "",
+    ):
+        assert not policy.is_own_origin(url), url
+    policy.check_origin(None, None)
+    policy.check_origin("http://127.0.0.1:8765", "http://evil.example/")  # Origin wins
+    policy.check_origin(None, "http://localhost:8765/page")
+    for origin in ("null", "http://evil.example", "http://" + "e" * 200):
+        with pytest.raises(HubError) as info:
+            policy.check_origin(origin, "http://127.0.0.1:8765/")
+        assert info.value.status == 403
+        assert info.value.message == (
+            f"Cross-origin request refused: Origin {origin[:100]!r} is not this hub. The local "
+            "hub takes writes only from Hub clients or pages it serves itself."
+        )
+    with pytest.raises(HubError) as info:
+        policy.check_origin(None, "http://evil.example:81/path?q=secret")
+    assert (info.value.status, info.value.message) == (
+        403,
+        "Cross-origin request refused: Referer http://evil.example:81 is not this hub.",
+    )
+    with pytest.raises(HubError) as info:
+        policy.check_origin(None, "https://" + "e" * 200 + "/x")
+    assert info.value.message == (
+        f"Cross-origin request refused: Referer https://{'e' * 100} is not this hub."
+    )
+
+
+def test_write_bodies_need_the_media_type_the_clients_send() -> None:
+    from hubtune.hubserver.guard import check_media_type, media_type
+    from hubtune.hubserver.storage import HubError
+
+    assert media_type(None) is None
+    assert media_type("") is None and media_type(" ; charset=utf-8") is None
+    assert media_type(" Application/JSON ; charset=utf-8; x=y") == "application/json"
+    assert media_type("application/x-ndjson") == "application/x-ndjson"
+    check_media_type("application/json; charset=utf-8", ["application/json"])
+    check_media_type(None, [None, "application/json"])
+    check_media_type("APPLICATION/X-NDJSON", iter(["application/x-ndjson"]))
+    for sent, allowed, takes in (
+        ("text/plain", ["application/json", None], "application/json, none"),
+        (None, ["application/json"], "application/json"),
+        ("application/json" + "x" * 100, ["application/json"], "application/json"),
+    ):
+        with pytest.raises(HubError) as info:
+            check_media_type(sent, allowed)
+        assert info.value.status == 403
+        assert info.value.message == (
+            f"Content-Type {sent!r:.80} refused for this write: it takes {takes} (what the Hub "
+            "clients send); other types are what a web page can send cross-site"
+        )
+
+
+def _headers(*pairs: tuple[str, str]) -> Any:
+    from email.message import Message
+
+    message = Message()
+    for name, value in pairs:
+        message[name] = value
+    return message
+
+
+def test_body_framing_is_read_strictly() -> None:
+    from hubtune.hubserver.body import MAX_CONTENT_LENGTH, Framing, parse_framing
+    from hubtune.hubserver.storage import HubError
+
+    assert MAX_CONTENT_LENGTH == 2**40
+    assert parse_framing(_headers()) == Framing(length=0, chunked=False)
+    assert not parse_framing(_headers()).has_body
+    assert parse_framing(_headers(("Content-Length", "0"))) == Framing(0, False)
+    assert not parse_framing(_headers(("Content-Length", "0"))).has_body
+    assert parse_framing(_headers(("Content-Length", "1"))).has_body
+    assert parse_framing(_headers(("Content-Length", " 10 "), ("Content-Length", "10"))) == (
+        Framing(10, False)
+    )
+    assert parse_framing(_headers(("Content-Length", str(2**40)))) == Framing(2**40, False)
+    for te in ("chunked", " Chunked "):
+        framing = parse_framing(_headers(("Transfer-Encoding", te)))
+        assert framing == Framing(0, True) and framing.has_body
+    for pairs, message in (
+        (
+            (("Content-Length", "10"), ("Content-Length", "11")),
+            "Conflicting Content-Length headers: ['10', '11']",
+        ),
+        ((("Content-Length", "-1"),), "Invalid Content-Length '-1': expected a byte count"),
+        ((("Content-Length", "1e3"),), "Invalid Content-Length '1e3': expected a byte count"),
+        ((("Content-Length", ""),), "Invalid Content-Length '': expected a byte count"),
+        (
+            (("Content-Length", "1" * 14),),
+            f"Invalid Content-Length {'1' * 14!r}: expected a byte count",
+        ),
+        (
+            (("Content-Length", "9" * 50),),
+            f"Invalid Content-Length {'9' * 40!r}: expected a byte count",
+        ),
+        (
+            (("Content-Length", str(2**40 + 1)),),
+            f"Invalid Content-Length {2**40 + 1}: more than 1 TiB",
+        ),
+        ((("Transfer-Encoding", "gzip"),), "Unsupported Transfer-Encoding 'gzip'"),
+        (
+            (("Transfer-Encoding", "gzip, chunked"),),
+            "Unsupported Transfer-Encoding 'gzip, chunked'",
+        ),
+        (
+            (("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")),
+            "Unsupported Transfer-Encoding 'chunked, chunked'",
+        ),
+        (
+            (("Transfer-Encoding", "chunked"), ("Content-Length", "3")),
+            "Both Content-Length and Transfer-Encoding: refused as ambiguous",
+        ),
+    ):
+        with pytest.raises(HubError) as info:
+            parse_framing(_headers(*pairs))
+        assert (info.value.status, info.value.message) == (400, message), pairs
+
+
+def _reader(data: bytes, *, chunked: bool = False, length: int | None = None) -> Any:
+    import io
+
+    from hubtune.hubserver.body import BodyReader, Framing
+
+    framing = Framing(0 if chunked else len(data) if length is None else length, chunked)
+    return BodyReader(io.BufferedReader(io.BytesIO(data)), framing)  # type: ignore[arg-type]
+
+
+def test_chunked_bodies_are_decoded_and_malformed_ones_refused() -> None:
+    from hubtune.hubserver.storage import HubError
+
+    for raw in (
+        b"3\r\nabc\r\n0\r\n\r\n",
+        b"3;ext=1\r\nabc\r\n0\r\n\r\n",
+        b"3 \t\nabc\n0\nX-Trailer: 1\nX-Other: 2\n\n",
+        b"0000000000000003\r\nabc\r\n0\r\n\r\n",  # 16 hex digits
+        b"1\r\na\r\n2\r\nbc\r\n0\r\n\r\n",
+        b"3\r\nabc\r\n0\r\n",  # the connection closes after the last chunk
+        b"3\r\nabc\r\n0\r\n" + b"T: x\r\n" * 99 + b"\r\n",
+    ):
+        reader = _reader(raw, chunked=True)
+        assert reader.remaining is None and not reader.done
+        assert reader.read_all() == b"abc", raw
+        assert reader.done and not reader.broken and reader.read_chunk() == b""
+    assert _reader(b"A\r\n0123456789\r\n0\r\n\r\n", chunked=True).read_all() == b"0123456789"
+    assert _reader(b"a\r\n0123456789\r\n0\r\n\r\n", chunked=True).read_all() == b"0123456789"
+    for raw, message in (
+        (b"zz\r\nabc\r\n0\r\n\r\n", "invalid chunk size line b'zz\\r\\n'"),
+        (b"00000000000000003\r\nabc\r\n", "invalid chunk size line b'00000000000000003\\r\\n'"),
+        (b"3", "invalid chunk size line b'3'"),
+        (b"-3\r\n", "invalid chunk size line b'-3\\r\\n'"),
+        (b"1" * 2000, f"invalid chunk size line {b'1' * 40!r}"),  # at most 1024 bytes read
+        (b"3\r\nabcX\r\n0\r\n\r\n", "chunk data not followed by CRLF"),
+        (b"3\r\nabc\r\r\n0\r\n\r\n", "chunk data not followed by CRLF"),
+        (b"3\r\nabc\r\n0\r\n" + b"T: x\r\n" * 100 + b"\r\n", "too many trailer lines"),
+    ):
+        reader = _reader(raw, chunked=True)
+        with pytest.raises(HubError) as info:
+            reader.read_all()
+        assert (info.value.status, info.value.message) == (
+            400,
+            f"Malformed chunked body: {message}",
+        ), raw
+        assert reader.broken
+    for raw in (b"", b"5\r\nab"):
+        with pytest.raises(ConnectionError, match=r"^request body ended early$"):
+            _reader(raw, chunked=True).read_all()
+
+
+def test_sized_bodies_stop_at_their_length_and_at_the_limits() -> None:
+    from hubtune.hubserver.body import COPY_CHUNK
+    from hubtune.hubserver.storage import HubError
+
+    assert COPY_CHUNK == 2**20
+    reader = _reader(b"abcdef", length=4)
+    assert reader.remaining == 4 and not reader.done
+    assert reader.read_all() == b"abcd" and reader.remaining == 0 and reader.done
+    with pytest.raises(ConnectionError, match=r"^request body ended early$"):
+        _reader(b"abc", length=5).read_all()
+    assert _reader(b"").read_all() == b"" and _reader(b"").done
+    assert _reader(b"x" * 10).read_all(limit=10) == b"x" * 10
+    with pytest.raises(HubError, match=r"^Request body too large$") as info:
+        _reader(b"x" * 11).read_all(limit=10)
+    assert info.value.status == 413
+    assert len(_reader(b"x" * (64 << 20)).read_all()) == 64 << 20  # the default limit
+    with pytest.raises(HubError, match=r"^Request body too large$"):
+        _reader(b"x" * ((64 << 20) + 1)).read_all()
+
+
+def test_body_lines_and_their_limit() -> None:
+    from hubtune.hubserver.body import COPY_CHUNK
+    from hubtune.hubserver.storage import HubError
+
+    assert list(_reader(b"a\nbc\n\nd").lines()) == [b"a", b"bc", b"", b"d"]
+    assert list(_reader(b"a\n").lines()) == [b"a"]
+    assert list(_reader(b"").lines()) == []
+    chunked = _reader(b"2\r\na\n\r\n3\r\nbc\n\r\n0\r\n\r\n", chunked=True)
+    assert list(chunked.lines()) == [b"a", b"bc"]
+    assert _reader(b"x" * 5).next_line(limit=5) == b"x" * 5
+    for what, expected in (
+        ("line", "The line is longer than 5 bytes"),
+        ("commit header", "The commit header is longer than 5 bytes"),
+    ):
+        with pytest.raises(HubError) as info:
+            _reader(b"x" * 6).next_line(limit=5, what=what)
+        assert (info.value.status, info.value.message) == (413, expected)
+    with pytest.raises(HubError, match=r"^The line is longer than 5 bytes$"):
+        _reader(b"x" * 6).next_line(limit=5)
+    # A line longer than one read: the rest of the body is kept exactly (and read_chunk
+    # returns what was buffered first).
+    long = b"y" * (COPY_CHUNK + 5)
+    reader = _reader(long + b"\nnext\nlast")
+    assert reader.next_line() == long
+    assert reader.next_line() == b"next"
+    assert reader.read_chunk() == b"last" and reader.read_chunk() == b""
+    reader = _reader(b"a\n" + b"z" * 10)
+    assert reader.next_line() == b"a"
+    assert reader.read_chunk() == b"z" * 10
+
+
+def test_server_payload_helpers_are_strict() -> None:
+    from hubtune.hubserver.server import _is_true, _json_object, _opt_bool, _opt_size, _opt_str
+    from hubtune.hubserver.storage import HubError
+
+    assert [_is_true(v) for v in ("1", "true", " TRUE ", "Yes", "on")] == [True] * 5
+    assert [_is_true(v) for v in (None, "", "0", "false", "no", "off", "2")] == [False] * 7
+    assert _json_object(b"") == {} and _json_object(b'{"a": 1}') == {"a": 1}
+    for raw, message in (
+        (b"[1]", "Expected a JSON object, got list"),
+        (b"3", "Expected a JSON object, got int"),
+        (b"null", "Expected a JSON object, got NoneType"),
+    ):
+        with pytest.raises(HubError) as info:
+            _json_object(raw)
+        assert (info.value.status, info.value.message) == (400, message)
+    for raw in (b"{", b"\xff"):
+        with pytest.raises(HubError, match=r"^Invalid JSON body: ") as info:
+            _json_object(raw)
+        assert info.value.status == 400
+    assert _opt_str({"a": "x"}, "a") == "x" and _opt_str({}, "a") is None
+    assert _opt_str({"a": None}, "a") is None and _opt_str({"a": ""}, "a") == ""
+    with pytest.raises(HubError) as info:
+        _opt_str({"a": 1}, "a", where="files: ")
+    assert (info.value.status, info.value.message) == (400, "files: 'a' must be a string, got int")
+    assert _opt_bool({"a": True}, "a") is True and _opt_bool({"a": False}, "a") is False
+    assert _opt_bool({}, "a") is None and _opt_bool({"a": None}, "a") is None
+    with pytest.raises(HubError) as info:
+        _opt_bool({"a": "true"}, "a")
+    assert (info.value.status, info.value.message) == (400, "'a' must be a boolean, got str")
+    assert _opt_size({"s": 0}, "s") == 0 and _opt_size({"s": 7}, "s") == 7
+    assert _opt_size({}, "s") is None and _opt_size({"s": None}, "s") is None
+    for bad in (-1, True, 1.5, "3", "x" * 60):
+        with pytest.raises(HubError) as info:
+            _opt_size({"s": bad}, "s", where="files: ")
+        assert (info.value.status, info.value.message) == (
+            400,
+            f"files: 's' must be a non-negative integer, got {bad!r:.40}",
+        )
+
+
+def test_every_request_names_one_host_and_writes_their_origin() -> None:
+    from types import SimpleNamespace
+
+    from hubtune.hubserver.body import Framing
+    from hubtune.hubserver.server import _Handler
+    from hubtune.hubserver.storage import HubError
+
+    def handler(command: str, *pairs: tuple[str, str], framing: Any = None) -> Any:
+        made = object.__new__(_Handler)
+        made.server = SimpleNamespace(policy=_policy())  # type: ignore[assignment]
+        made.headers = _headers(*pairs)  # type: ignore[assignment]
+        made.command = command
+        made._framing = framing
+        return made
+
+    host = ("Host", "127.0.0.1:8765")
+    evil = ("Origin", "http://evil.example")
+    handler("GET", host, evil)._check_caller()  # reads: no origin check
+    handler("HEAD", host, ("Referer", "http://evil.example/"))._check_caller()
+    handler("POST", host, ("Origin", "http://127.0.0.1:8765"))._check_caller()
+    handler("POST", host)._check_caller()
+    for command in ("POST", "PUT", "DELETE", "OPTIONS", "get"):
+        with pytest.raises(HubError, match=r"^Cross-origin request refused: Origin") as info:
+            handler(command, host, evil)._check_caller()
+        assert info.value.status == 403
+    with pytest.raises(HubError, match=r"^Cross-origin request refused: Referer") as info:
+        handler("PUT", host, ("Referer", "http://evil.example/"))._check_caller()
+    with pytest.raises(HubError, match=r"^More than one Host header$") as info:
+        handler("GET", host, host)._check_caller()
+    assert info.value.status == 400
+    with pytest.raises(HubError, match=r"^Missing Host header$"):
+        handler("GET")._check_caller()
+    with pytest.raises(HubError, match=r"is not this server") as info:
+        handler("GET", ("Host", "evil.example:8765"))._check_caller()
+    assert info.value.status == 403
+    # The body's media type is checked only when there is a body.
+    typed = ("Content-Type", "text/plain")
+    handler("POST", typed, framing=Framing(0, False))._require_body_type(("application/json",))
+    for framing in (Framing(3, False), Framing(0, True)):
+        with pytest.raises(HubError, match=r"^Content-Type 'text/plain' refused") as info:
+            handler("POST", typed, framing=framing)._require_body_type(("application/json",))
+        assert info.value.status == 403
+    handler(
+        "POST", ("Content-Type", "application/json"), framing=Framing(3, False)
+    )._require_body_type(("application/json",))
+
+
+def test_ref_names_tags_and_short_shas_at_unit_level(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore, validate_ref_name
+
+    store = RepoStore(tmp_path)
+    repo = store.locate("model", "o/n")
+    store.create(repo, private=False)
+    first = store.head(repo)
+    assert first is not None
+    second = store.apply_commit(
+        repo,
+        branch="main",
+        additions={},
+        deleted_files=[],
+        deleted_folders=[],
+        title="second",
+        message="",
+        parent_commit=None,
+    ).id
+    assert second != first and store.head(repo) == second
+    for name in ("main", "v1.0", "feature/x-y_z", "a" * 200, "x.lockx", "a.b/c", first[:39]):
+        assert validate_ref_name(name) == name
+    for name in (
+        "",
+        "-x",
+        ".x",
+        "a..b",
+        "refs/heads/x",
+        first,
+        "a/.b",
+        "a//b",
+        "a/",
+        "x.lock",
+        "a/b.lock/c",
+        "x.",
+        "a b",
+        "a~1",
+        "a" * 201,
+    ):
+        with pytest.raises(HubError) as info:
+            validate_ref_name(name)
+        assert (info.value.status, info.value.message) == (
+            400,
+            f"Invalid reference name {name!r}: letters, digits, '-', '_', '.', '/' (no '..', "
+            "no 'refs/' prefix, not a commit id)",
+        ), name
+    refs = repo.path / "refs"
+    (refs / "tags").mkdir(exist_ok=True)
+    (refs / "tags" / "v1").write_text(first)
+    (refs / "tags" / "dup").write_text(first)
+    (refs / "heads" / "dup").write_text(second)
+    (refs / "tags" / "bad").write_text("zz")
+    assert store.resolve(repo, "v1").id == first  # a tag
+    assert store.resolve(repo, "dup").id == second  # a branch before a tag
+    assert store.resolve(repo, "refs/tags/dup").id == first
+    assert store.resolve(repo, "refs/heads/dup").id == second
+    assert store.resolve(repo, "refs/heads/main").id == second
+    assert store.resolve(repo, first[:7]).id == first  # a unique prefix of 7 or more
+    assert store.resolve(repo, second[:12]).id == second
+    for revision in (
+        "refs/heads/v1",
+        "refs/tags/main",
+        "bad",
+        "refs/tags/../heads/main",
+        first[:6],
+        first[:7].upper(),
+        "refs/x/main",
+    ):
+        with pytest.raises(HubError) as info:
+            store.resolve(repo, revision)
+        assert (info.value.status, info.value.code, info.value.message) == (
+            404,
+            "RevisionNotFound",
+            f"Invalid rev id: {revision}",
+        ), revision
+    # Two commits starting with the same 7 digits: the prefix names neither.
+    commits = repo.path / "commits"
+    twin = first[:7] + ("0" if first[7] != "0" else "1") * 33
+    (commits / f"{twin}.json").write_text((commits / f"{first}.json").read_text())
+    (commits / f"{first[:7]}-not-a-sha.json").write_text("{}")  # only full ids count
+    assert store.resolve(repo, first[:8]).id == first
+    with pytest.raises(HubError) as info:
+        store.resolve(repo, first[:7])
+    assert (info.value.status, info.value.code, info.value.message) == (
+        404,
+        "RevisionNotFound",
+        f"Invalid rev id: {first[:7]} is ambiguous (2 commits start with it)",
+    )
+
+
+def test_percent_encoded_repo_paths_are_checked_decoded() -> None:
+    from urllib.parse import quote
+
+    from hubtune.hubserver.storage import HubError, validate_repo_path
+
+    for path in ("a%2Fb", "a%20b", "50%25.txt", "%41"):
+        assert validate_repo_path(path) == path
+    for path in ("%2e%2e/x", "x/%2E%2E", "%252e%252e/x", "a%00b", "a%5Cb", "%2Fetc", ".%67it"):
+        with pytest.raises(HubError) as info:
+            validate_repo_path(path)
+        assert (info.value.status, info.value.message) == (400, f"Invalid path in repo: {path!r}")
+    seven = "a b"
+    for _ in range(7):
+        seven = quote(seven)
+    assert validate_repo_path(seven) == seven  # seven layers decode within the 8 rounds
+    eight = quote(seven)
+    with pytest.raises(HubError) as info:
+        validate_repo_path(eight)
+    assert (info.value.status, info.value.message) == (
+        400,
+        f"Invalid path in repo (encoded too often): {eight!r}",
+    )
+    long = "../" + "x" * 300
+    with pytest.raises(HubError) as info:
+        validate_repo_path(long)
+    assert info.value.message == f"Invalid path in repo: {long[:200]!r}"
+
+
+def test_chunked_framing_reads_no_more_than_its_bounds() -> None:
+    """Size and CRLF lines are read with a bound, hex sizes of several digits, a long trailer
+    line counts against the trailer limit, and a bare LF ends the trailers (the bytes after
+    it belong to the next request)."""
+    import io
+
+    from hubtune.hubserver.body import BodyReader, Framing
+    from hubtune.hubserver.storage import HubError
+
+    def reader(raw: bytes) -> tuple[Any, io.BufferedReader]:
+        stream = io.BufferedReader(io.BytesIO(raw))
+        return BodyReader(stream, Framing(0, True)), stream  # type: ignore[arg-type]
+
+    body, stream = reader(b"10\r\n" + b"z" * 16 + b"\r\n0\r\n\r\n")
+    assert body.read_all() == b"z" * 16  # 0x10 bytes
+    body, stream = reader(b"1" * 2000)
+    with pytest.raises(HubError, match=r"^Malformed chunked body: invalid chunk size line"):
+        body.read_all()
+    assert stream.tell() == 1024  # the size line is read 1 KiB at most
+    body, stream = reader(b"3\r\nabcWXYZ" + b"x" * 5000)
+    with pytest.raises(
+        HubError, match=r"^Malformed chunked body: chunk data not followed by CRLF$"
+    ):
+        body.read_all()
+    assert stream.tell() == 3 + 3 + 3  # three bytes after the data, no more
+    body, stream = reader(b"0\n\nNEXT\n")
+    assert body.read_all() == b"" and stream.tell() == 3
+    long_trailer = b"0\r\n" + b"T" * 2000 + b"\r\n" + b"T: x\r\n" * 98 + b"\r\n"
+    body, stream = reader(long_trailer)
+    with pytest.raises(HubError, match=r"^Malformed chunked body: too many trailer lines$"):
+        body.read_all()  # 1 KiB per read: the long line counts twice
+
+
+def test_own_origin_on_port_80() -> None:
+    assert _policy(port=80).is_own_origin("http://localhost")  # no port: 80
+    assert _policy(port=80).is_own_origin("http://127.0.0.1:80/x")
+    assert not _policy(port=81).is_own_origin("http://localhost")
+
+
+def test_a_short_sha_that_matches_no_commit_is_not_found(tmp_path: Path) -> None:
+    from hubtune.hubserver.storage import HubError, RepoStore
+
+    store = RepoStore(tmp_path)
+    repo = store.locate("model", "o/n")
+    store.create(repo, private=False)
+    head = store.head(repo)
+    assert head is not None
+    unknown = "0000000" if not head.startswith("0000000") else "1111111"
+    with pytest.raises(HubError) as info:
+        store.resolve(repo, unknown)
+    assert (info.value.status, info.value.code, info.value.message) == (
+        404,
+        "RevisionNotFound",
+        f"Invalid rev id: {unknown}",
+    )
+
+
+def test_messages_without_a_prefix_and_long_encoded_paths() -> None:
+    from urllib.parse import quote
+
+    from hubtune.hubserver.server import _opt_size
+    from hubtune.hubserver.storage import HubError, validate_repo_path
+
+    with pytest.raises(HubError) as info:
+        _opt_size({"size": -1}, "size")
+    assert info.value.message == "'size' must be a non-negative integer, got -1"
+    eight = "a b" + "x" * 300
+    for _ in range(8):
+        eight = quote(eight)
+    with pytest.raises(HubError) as info:
+        validate_repo_path(eight)
+    assert info.value.message == f"Invalid path in repo (encoded too often): {eight[:200]!r}"

@@ -129,6 +129,11 @@ def max_steps_within(
 History = list[tuple[float, float, int]]
 
 
+def steps_in(history: History) -> int:
+    """The DP steps an accountant history [(σ, q, steps), ...] records."""
+    return sum(int(h[2]) for h in history)
+
+
 @dataclass(frozen=True)
 class SpentBudget:
     """What an interrupted DP run spent, as its checkpoint records it.
@@ -145,7 +150,7 @@ class SpentBudget:
 
     @property
     def steps(self) -> int:
-        return sum(int(h[2]) for h in self.history)
+        return steps_in(self.history)
 
     def to_json(self) -> dict[str, Any]:
         return {

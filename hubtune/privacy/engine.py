@@ -44,6 +44,7 @@ from hubtune.privacy.accounting import (
     noise_segments,
     plan_noise,
     sample_rate_for,
+    steps_in,
 )
 
 __all__ = [
@@ -228,7 +229,7 @@ class PrivacyRun:
 
     @property
     def steps_taken(self) -> int:
-        return sum(int(h[2]) for h in self.history)
+        return steps_in(self.history)
 
     def full_history(self) -> list[tuple[float, float, int]]:
         return [*self.prior_history, *self.history]

@@ -172,7 +172,6 @@ def stop_if_nonfinite(model: Any, read: Callable[[], list[bool]], epoch: int, st
             )
 
 
-@torch.no_grad()
 def any_nonfinite(tensors: Sequence[torch.Tensor], device: Any = None) -> torch.Tensor:
     """A device-side flag: does any tensor hold a NaN or an infinity?
 
@@ -181,9 +180,11 @@ def any_nonfinite(tensors: Sequence[torch.Tensor], device: Any = None) -> torch.
     converse can fail only when a finite tensor's norm overflows, so a caller that sees the flag
     names the culprits with an exact per-tensor check.
     """
-    if not tensors:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    return torch.stack(torch._foreach_norm(list(tensors))).isfinite().all().logical_not()
+    # no_grad as a block, not a decorator: mutmut skips decorated functions.
+    with torch.no_grad():
+        if not tensors:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        return torch.stack(torch._foreach_norm(list(tensors))).isfinite().all().logical_not()
 
 
 class LengthSorted:
