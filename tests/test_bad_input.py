@@ -250,6 +250,15 @@ def remote_code_from_folder_pinned_by_sha(i: Inputs) -> list[str]:
     return i.recipe(model={"trust_remote_code": True, "revision": "a" * 40})
 
 
+def unknown_baseline(i: Inputs) -> list[str]:
+    return i.recipe(train={"baselines": ["majority", "tfidf"]})
+
+
+def policy_requirement_not_a_bool(i: Inputs) -> list[str]:
+    policy = i.file("needs.yaml", "name: needs\nthresholds: {require_fairness_check: often}\n")
+    return i.recipe(audit={"policy": str(policy)})
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -300,6 +309,8 @@ ROWS: list[Row] = [
     *both("unknown-model-on-endpoint", unknown_model_on_endpoint, r"model 'org/absent': no such folder here \(.*\), and no model repository of that id on http://127\.0\.0\.1:\d+"),
     *both("unknown-branch-on-endpoint", unknown_branch_on_endpoint, r"model 'bad-input/tiny' has no revision 'no-such-branch' on http://127\.0\.0\.1:\d+\. Set model\.revision to an existing branch"),
     *both("unknown-sha-on-endpoint", unknown_sha_on_endpoint, r"model 'bad-input/tiny' has no revision 'b{40}' on http://127\.0\.0\.1:\d+"),
+    *both("unknown-baseline", unknown_baseline, r"train\.baselines\.1: Input should be 'majority' or 'classical'"),
+    *both("policy-requirement-not-a-bool", policy_requirement_not_a_bool, r"r\.yaml:\d+: audit\.policy: \S+needs\.yaml: invalid audit policy\n +thresholds\.require_fairness_check: Input should be a valid boolean"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
 ]  # fmt: skip
 
