@@ -27,7 +27,16 @@ import numpy as np
 if TYPE_CHECKING:
     from hubtune.data import PreparedData
 
-__all__ = ["C_GRID", "IMAGE_SIDE", "MAX_IMAGE_ROWS", "classical_image", "classical_text", "compare"]
+__all__ = [
+    "C_GRID",
+    "IMAGE_SIDE",
+    "MAX_IMAGE_ROWS",
+    "classical_image",
+    "classical_text",
+    "compare",
+    "summary",
+    "verdict_text",
+]
 
 C_GRID = (0.3, 1.0, 3.0, 10.0)
 IMAGE_SIDE = 16  # pixels per side of the downscaled images
@@ -214,6 +223,19 @@ def compare(
         "model_minus_baseline": {"value": difference, "ci": ci, "ci_level": level},
         "outcome": outcome,
         "negative_transfer": outcome != "better",
+    }
+
+
+def summary(
+    classical: dict[str, Any] | None, model_accuracy: float | None
+) -> dict[str, Any] | None:
+    """What reports state of a run's classical baseline (None when the run has none)."""
+    if not classical or classical.get("accuracy") is None or model_accuracy is None:
+        return None
+    keep = ("name", "accuracy", "ci", "model_minus_baseline", "outcome", "negative_transfer")
+    return {
+        **{k: classical.get(k) for k in keep},
+        "text": verdict_text(float(model_accuracy), classical),
     }
 
 

@@ -551,17 +551,16 @@ def _membership(audit: AuditRecord | None) -> dict[str, Any] | None:
 
 def _classical(run_info: RunInfo) -> dict[str, Any] | None:
     """The classical baseline (a model without pretraining on the same split), for the card."""
-    from hubtune.baselines import verdict_text
+    from hubtune.baselines import summary
 
-    classical = run_info.classical_baseline
-    accuracy = run_info.test.get("accuracy")
-    if not classical or classical.get("accuracy") is None or accuracy is None:
+    stated = summary(run_info.classical_baseline, run_info.test.get("accuracy"))
+    if stated is None:
         return None
     return {
-        "name": _md(classical.get("name", "classical baseline")),
-        "accuracy": _ci(Estimate(value=classical["accuracy"], ci=classical.get("ci")), 4),
-        "verdict": _md(verdict_text(float(accuracy), classical)),
-        "negative_transfer": bool(classical.get("negative_transfer")),
+        "name": _md(stated["name"] or "classical baseline"),
+        "accuracy": _ci(Estimate(value=stated["accuracy"], ci=stated["ci"]), 4),
+        "verdict": _md(stated["text"]),
+        "negative_transfer": bool(stated["negative_transfer"]),
     }
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from hubtune import __version__
+from hubtune import __version__, baselines
 from hubtune.audit.fairness import audit_fairness, compare_fairness
 from hubtune.audit.membership import canary_audit, loss_threshold_attack
 from hubtune.audit.policy import PUBLISHABLE, AuditPolicy, load_policy
@@ -37,6 +37,7 @@ from hubtune.rundir import (
     PRIVACY_LEDGER,
     RECIPE_FILE,
     RUN_FILE,
+    Predictions,
     RunDirError,
     read_predictions,
 )
@@ -52,9 +53,7 @@ class AuditError(RuntimeError):
     """The run directory cannot be audited; the message says why and what to do."""
 
 
-def _read_predictions(
-    run_dir: Path, label_names: list[str] | None = None
-) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _read_predictions(run_dir: Path, label_names: list[str] | None = None) -> Predictions:
     try:
         predictions = read_predictions(run_dir, label_names=label_names)
     except RunDirError as exc:
@@ -62,11 +61,7 @@ def _read_predictions(
     if predictions is None:
         path = run_dir / PREDICTIONS_FILE
         raise AuditError(f"{path} is missing; audit a complete run directory (one with run.json)")
-    meta = {
-        "label_names": predictions.label_names,
-        "sensitive_columns": predictions.sensitive_columns,
-    }
-    return predictions.frame, meta
+    return predictions
 
 
 def _privacy_section(run_dir: Path) -> dict[str, Any]:
@@ -136,18 +131,6 @@ def _judge(
         margin = threshold - judged if kind == "max" else judged - threshold
         check.update(passed=bool(margin >= 0), margin=margin)
     return check
-
-
-def _classical_summary(run_info: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's classical baseline (hubtune.baselines), as the report's header states it."""
-    from hubtune.baselines import verdict_text
-
-    classical = run_info.get("classical_baseline")
-    accuracy = (run_info.get("test") or {}).get("accuracy")
-    if not classical or classical.get("accuracy") is None or accuracy is None:
-        return None
-    keep = ("name", "accuracy", "ci", "model_minus_baseline", "outcome", "negative_transfer")
-    return {**{k: classical.get(k) for k in keep}, "text": verdict_text(accuracy, classical)}
 
 
 def _verdict(
@@ -422,13 +405,9 @@ def run_audit(
     audit_section = (recipe or {}).get("audit") or {}
     chosen = policy or audit_section.get("policy") or "default"
     loaded, digest = load_policy(chosen)
-    predictions, meta = _read_predictions(run_dir, run_info["data"]["label_names"])
-    label_names = list(meta.get("label_names") or run_info["data"]["label_names"])
-    sensitive = (
-        loaded.sensitive
-        if loaded.sensitive is not None
-        else list(meta.get("sensitive_columns") or [])
-    )
+    written = _read_predictions(run_dir, run_info["data"]["label_names"])
+    predictions, label_names = written.frame, written.label_names
+    sensitive = loaded.sensitive if loaded.sensitive is not None else written.sensitive_columns
     t0 = time.perf_counter()
     group_settings: dict[str, Any] = {
         "label_names": label_names,
@@ -448,7 +427,7 @@ def run_audit(
     comparison = None
     if compare is not None:
         other_dir = Path(compare)
-        other, _ = _read_predictions(other_dir)
+        other = _read_predictions(other_dir).frame
         comparison = {
             # A run name, not a local path: audit.json is published with the model.
             "other_run": other_dir.name,
@@ -474,7 +453,9 @@ def run_audit(
             "method": (run_info.get("method") or {}).get("method"),
             "test_rows": len(predictions),
             "test_accuracy": (run_info.get("test") or {}).get("accuracy"),
-            "classical_baseline": _classical_summary(run_info),
+            "classical_baseline": baselines.summary(
+                run_info.get("classical_baseline"), (run_info.get("test") or {}).get("accuracy")
+            ),
         },
         "policy": {"source": str(chosen), "digest": digest, **loaded.model_dump(mode="json")},
         "verdict": verdict,
