@@ -54,6 +54,7 @@ from hubtune.rundir import (
     read_run_info,
     scrub,
 )
+from hubtune.selection import describe as describe_selection
 from hubtune.tasks import get_task
 
 __all__ = ["CARD_DIR", "CardError", "base_model_source", "build_card", "public_path", "write_card"]
@@ -862,6 +863,9 @@ def build_card(
             "accuracy": _num(run_info.majority_baseline.get("accuracy"), 4),
         },
         "classical": _classical(run_info),
+        "selected_epoch": describe_selection(run_info.selected_epoch)
+        if run_info.selected_epoch
+        else None,
         "hyperparameters": _hyperparameters(recipe, ledger),
         **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,

@@ -2,7 +2,8 @@
 
 A checkpoint holds what Accelerate saves (model, optimizer, scheduler, sampler and RNG state of
 every process), each process's secret DP generators (local only, never published), and
-``trainer_state.json``: the epoch, the metrics history, a digest of the recipe (only
+``trainer_state.json``: the epoch, the metrics history, the kept epoch (its weights beside it in
+``selection.safetensors``, :mod:`hubtune.selection`), a digest of the recipe (only
 ``train.epochs`` may change on resume) and, under DP, the budget the run has spent and the plan
 it ran under, so a resume plans the rest of the budget from what was spent.
 """
@@ -25,6 +26,7 @@ from hubtune.privacy.accounting import SpentBudget
 from hubtune.privacy.engine import PrivacyRun
 from hubtune.recipe import Recipe
 from hubtune.rundir import RUN_FILE
+from hubtune.selection import Selection
 
 __all__ = [
     "check_run_dir",
@@ -107,6 +109,7 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     recipe: Recipe,
     dp_run: PrivacyRun | None = None,
+    selection: Selection | None = None,
 ) -> None:
     """Write checkpoints/epoch-N atomically: complete with trainer_state.json, or not at all."""
     folder = run_dir / "checkpoints"
@@ -123,7 +126,13 @@ def save_checkpoint(
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"epoch": epoch, "history": history, "recipe_digest": recipe_digest(recipe)}
+        state: dict[str, Any] = {
+            "epoch": epoch,
+            "history": history,
+            "recipe_digest": recipe_digest(recipe),
+        }
+        if selection is not None and selection.epoch is not None:  # the kept epoch's weights
+            state["selection"] = selection.save(tmp)
         if dp_run is not None:  # a resume plans the rest of the budget from what was spent
             state["dp"] = dp_run.spent_budget().to_json()
         atomic_write_json(tmp / "trainer_state.json", state)

@@ -192,6 +192,7 @@ def format_summary(result: RunResult) -> str:
             f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
             f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
             f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
+            *_selection_lines(result.metrics),
             *_classical_lines(result.metrics, test["accuracy"]),
             *privacy_lines(result.run_dir),
             *_audit_lines(result),
@@ -205,6 +206,13 @@ def format_summary(result: RunResult) -> str:
             ),
         ]
     )
+
+
+def _selection_lines(metrics: dict[str, Any]) -> list[str]:
+    from hubtune.selection import describe
+
+    selected = metrics.get("selected_epoch")
+    return [f"weights:   {describe(selected)}"] if selected else []
 
 
 def _classical_lines(metrics: dict[str, Any], accuracy: float) -> list[str]:

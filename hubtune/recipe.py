@@ -281,6 +281,15 @@ class TrainSection(_Strict):
         True, description="Write an atomic checkpoint after each epoch (for --resume)."
     )
     keep_checkpoints: int = Field(1, ge=1)
+    select_epoch: Literal["best", "last"] = Field(
+        "best",
+        description="Whose weights are tested, audited, saved and pushed: the epoch with the best "
+        "select_metric on the validation split (the earliest on a tie), or the last epoch.",
+    )
+    select_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
+        "accuracy",
+        description="Validation figure for select_epoch: best (loss: lowest; others: highest).",
+    )
     baselines: list[Literal["majority", "classical"]] = Field(
         default_factory=lambda: ["majority", "classical"],  # type: ignore[arg-type]
         description="What the model is compared with on the same split: majority (the most common "

@@ -364,6 +364,7 @@ class RunInfo(_Record):
     test: dict[str, float] = Field(default_factory=dict)
     majority_baseline: dict[str, Any] = Field(default_factory=dict)
     classical_baseline: dict[str, Any] | None = None  # hubtune.baselines (None: not computed)
+    selected_epoch: dict[str, Any] | None = None  # hubtune.selection (None: older runs)
     privacy: dict[str, Any] = Field(default_factory=dict)
     audit: AuditSummary | None = None
     pushes: list[dict[str, Any]] = Field(default_factory=list)
@@ -429,6 +430,7 @@ class Metrics(_Record):
     majority_baseline: dict[str, Any] = Field(default_factory=dict)
     classical_baseline: dict[str, Any] | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)
+    selected_epoch: dict[str, Any] | None = None  # hubtune.selection (None: older runs)
 
 
 class Estimate(_Record):

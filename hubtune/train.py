@@ -68,6 +68,7 @@ from hubtune.rundir import (
     write_parquet,
     write_predictions,
 )
+from hubtune.selection import Selection
 from hubtune.tasks import Task, get_task
 
 __all__ = ["RunError", "StepInfo", "TrainResult", "train"]
@@ -317,6 +318,7 @@ class _Setup:
     needs_position_ids: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
+    selection: Selection | None = None  # which epoch's weights are kept (train.select_epoch)
 
 
 def _setup(run: _Run, loaded: _Loaded, inputs: TrainingInputs) -> _Setup:
@@ -337,9 +339,11 @@ def _setup(run: _Run, loaded: _Loaded, inputs: TrainingInputs) -> _Setup:
             module, optimizer, train_loader, val_loader, test_loader, None, len(train_loader)
         )
     setup.scheduler = _scheduler(setup.optimizer, recipe, setup.steps_per_epoch)
+    setup.selection = Selection(recipe.train.select_epoch, recipe.train.select_metric)
     accelerator.register_for_checkpointing(setup.scheduler)
     if run.checkpoint is not None:
         accelerator.load_state(str(run.checkpoint))
+        setup.selection.load(run.checkpoint, run.state.get("selection"))
         if setup.dp is not None:
             checkpoint.load_dp_rng(setup.dp, run.checkpoint, accelerator.process_index)
             check_restored_budget(setup.dp, run.spent)
@@ -569,6 +573,8 @@ def _end_epoch(
             setup.dp.accountant
         ]
     setup.history.append(record)
+    assert setup.selection is not None
+    setup.selection.observe(loaded.plan.model, record)
     scalars = {k: v for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))}
     accelerator.log(scalars, step=epoch + 1)
     if run.main:
@@ -582,7 +588,9 @@ def _end_epoch(
             f" epsilon {record['epsilon']:.3f}" if "epsilon" in record else "",
         )
     if recipe.train.checkpoint:
-        checkpoint.save_checkpoint(accelerator, run.run_dir, epoch, setup.history, recipe, setup.dp)
+        checkpoint.save_checkpoint(
+            accelerator, run.run_dir, epoch, setup.history, recipe, setup.dp, setup.selection
+        )
 
 
 # --------------------------------------------------------------------------- 6. outputs
@@ -597,6 +605,18 @@ def _finish(
     t_start: float,
 ) -> TrainResult:
     recipe, accelerator, data, task = run.recipe, run.accelerator, loaded.data, loaded.task
+    selection = setup.selection
+    assert selection is not None
+    selection.restore(loaded.plan.model)  # the kept epoch's weights are tested, audited and saved
+    if run.main and selection.epoch is not None:
+        logger.info(
+            "weights: epoch %d of %d (%s %s %.4f)",
+            selection.epoch,
+            len(setup.history),
+            "best" if selection.rule == "best" else "last epoch,",
+            selection.key,
+            selection.value,
+        )
     t0 = time.perf_counter()
     logits, labels = predict(accelerator, setup.module, setup.test_loader, inputs.forward)
     test = task.metrics(logits, labels, len(data.label_names))
@@ -620,6 +640,9 @@ def _finish(
         "test": test,
         "majority_baseline": {"label": data.label_names[majority], "accuracy": baseline},
         "history": setup.history,
+        "selected_epoch": {**selection.to_json(), "of": len(setup.history)}
+        if selection.epoch is not None
+        else None,
     }
     if run.main and "classical" in recipe.train.baselines and task.classical_baseline:
         t0 = time.perf_counter()
@@ -803,6 +826,7 @@ def _write_run_info(
         "test": metrics["test"],
         "majority_baseline": metrics["majority_baseline"],
         "classical_baseline": metrics.get("classical_baseline"),
+        "selected_epoch": metrics.get("selected_epoch"),
         "privacy": privacy_summary(ledger) if ledger is not None else {"enabled": False},
     }
     atomic_write_json(run.run_dir / RUN_FILE, run_info)

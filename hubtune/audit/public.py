@@ -112,6 +112,10 @@ def not_covered_by_dp(audit: dict[str, Any]) -> list[str]:
         "The ledger's sampling rate q and step count reveal the training-set size to within the "
         "expected batch size; the data summary in the card gives row counts exactly.",
     ]
+    lines.append(
+        "Which epoch's weights were kept was decided on the validation rows (held out, not "
+        "covered); the guarantee covers the weights of every epoch, so that choice spends no budget."
+    )
     membership = audit.get("membership") or {}
     if "auc" in membership:
         detail = (
