@@ -488,6 +488,23 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _head_fit_applies(self) -> Recipe:
+        if getattr(self.method, "head_fit", "auto") != "lbfgs":
+            return self
+        method = self.method
+        if self.dp:
+            raise ValueError(
+                "method.head_fit: lbfgs is not differentially private (a full-batch fit, no clipping or "
+                "noise); under privacy the head trains with DP-SGD. Use head_fit: auto or sgd."
+            )
+        if getattr(method, "unfreeze_top_k", 0) or not getattr(method, "feature_cache", True):
+            raise ValueError(
+                "method.head_fit: lbfgs fits a head on cached features, which needs method.feature_cache: "
+                "true and no unfreeze_top_k. Use head_fit: auto or sgd."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _twin_needs_privacy(self) -> Recipe:
         if self.audit.compare_nonprivate and not self.dp:
             raise ValueError(

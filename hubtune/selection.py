@@ -48,6 +48,9 @@ class Selection:
     epoch: int | None = None
     value: float | None = None
     tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)  # the kept L-BFGS fit's weight decay
+
+    EXTRA = ("solver", "weight_decay")
 
     @property
     def key(self) -> str:
@@ -64,6 +67,7 @@ class Selection:
         if not self.improves(value):
             return False
         self.epoch, self.value = int(record["epoch"]), value
+        self.extra = {k: record[k] for k in self.EXTRA if k in record}
         if self.rule == "best":
             self.tensors = {
                 n: t.detach().to("cpu", copy=True).contiguous()
@@ -84,7 +88,13 @@ class Selection:
                 current[name].copy_(saved.to(current[name].device))
 
     def to_json(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "rule": self.rule, "metric": self.key, "value": self.value}
+        return {
+            "epoch": self.epoch,
+            "rule": self.rule,
+            "metric": self.key,
+            "value": self.value,
+            **self.extra,
+        }
 
     # -- checkpoints
 
@@ -109,6 +119,7 @@ class Selection:
             )
             return
         self.epoch, self.value = state["epoch"], state["value"]
+        self.extra = {k: state[k] for k in self.EXTRA if k in state}
         path = folder / SELECTION_FILE
         if self.rule == "best":
             self.tensors = load_file(str(path))
@@ -117,6 +128,12 @@ class Selection:
 def describe(selected: dict[str, Any]) -> str:
     """One line on the kept weights, e.g. 'epoch 3 of 20 (best validation accuracy 0.7123)'."""
     metric = str(selected["metric"]).removeprefix("val_").replace("_", "-")
+    if selected.get("solver") == "lbfgs":
+        of = f" of {selected['of']} tried" if selected.get("of") else ""
+        return (
+            f"head fitted to convergence (L-BFGS), weight decay {selected['weight_decay']:g} "
+            f"(best validation {metric} {selected['value']:.4f}{of})"
+        )
     how = "best" if selected["rule"] == "best" else "last epoch;"
     of = f" of {selected['of']}" if selected.get("of") else ""
     return f"epoch {selected['epoch']}{of} ({how} validation {metric} {selected['value']:.4f})"

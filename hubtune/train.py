@@ -490,6 +490,9 @@ def _epochs(
             n: p.detach().clone() for n, p in setup.module.named_parameters() if p.requires_grad
         }
     total_steps = recipe.train.epochs * setup.steps_per_epoch
+    if _head_fit(recipe, loaded.plan) == "lbfgs":
+        _fit_head(run, loaded, inputs, setup)
+        return
     for epoch in range(setup.start_epoch, recipe.train.epochs):
         epoch_start = time.perf_counter()
         if plan.cache_features:
@@ -544,6 +547,59 @@ def _epochs(
             )
         extra = {"train_epoch_s": time.perf_counter() - epoch_start, **extra}
         _end_epoch(run, loaded, inputs, setup, epoch, step, running, seen, extra)
+
+
+def _head_fit(recipe: Recipe, plan: Any) -> str:
+    """The head's solver: lbfgs on cached features without privacy (method.head_fit: auto), else sgd."""
+    chosen = getattr(recipe.method, "head_fit", "sgd")
+    if chosen == "auto":
+        return "lbfgs" if plan.cache_features and not recipe.dp else "sgd"
+    if chosen == "lbfgs" and not plan.cache_features:  # data.augment turned the cache off
+        raise RunError(
+            "method.head_fit: lbfgs needs the feature cache, which is off for this run (data.augment "
+            "makes every epoch's images different). Use head_fit: auto or sgd."
+        )
+    return str(chosen)
+
+
+def _fit_head(run: _Run, loaded: _Loaded, inputs: TrainingInputs, setup: _Setup) -> None:
+    """Fit the head to convergence on the cached features (hubtune.headfit), every process alike."""
+    from accelerate.utils import broadcast
+
+    from hubtune.headfit import fit_head
+
+    assert setup.selection is not None
+    selection, plan, task = setup.selection, loaded.plan, loaded.task
+    head = plan.model.get_submodule(plan.head_name)
+    labels = len(loaded.data.label_names)
+    if run.main:
+        logger.info(
+            "head: fitted to convergence with L-BFGS on the cached features (method.head_fit: %s); "
+            "train.epochs, train.lr and train.batch_size do not apply",
+            getattr(run.recipe.method, "head_fit", "auto"),
+        )
+    setup.history = fit_head(
+        head,
+        inputs.datasets["train"],
+        inputs.datasets["validation"],
+        loss_fn=task.loss,
+        metrics=lambda logits, y: task.metrics(logits, y, labels),
+        observe=lambda record: selection.observe(plan.model, record),
+    )
+    selection.restore(plan.model)
+    if run.accelerator.num_processes > 1:  # one head for all: the main process's
+        with torch.no_grad():
+            for p in head.parameters():
+                p.copy_(broadcast(p.detach().contiguous(), from_process=0))
+
+    if run.main:
+        record = setup.history[(selection.epoch or 1) - 1]
+        logger.info(
+            "head: weight decay %g kept (validation %s %.4f)",
+            record["weight_decay"],
+            selection.key,
+            selection.value,
+        )
 
 
 def _end_epoch(
@@ -817,7 +873,10 @@ def _write_run_info(
         "versions": _versions(),
         "base_model": loaded.resolved.to_dict(),
         "data": loaded.data.summary(),
-        "method": plan.summary(),
+        "method": {
+            **plan.summary(),
+            **({"head_fit": _head_fit(recipe, plan)} if hasattr(recipe.method, "head_fit") else {}),
+        },
         "newly_initialized": loaded.newly,
         "feature_cache": inputs.info,
         "outputs": {"model_dir": plan.output_dir},

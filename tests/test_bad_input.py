@@ -259,6 +259,18 @@ def policy_requirement_not_a_bool(i: Inputs) -> list[str]:
     return i.recipe(audit={"policy": str(policy)})
 
 
+def lbfgs_head_under_privacy(i: Inputs) -> list[str]:
+    return [
+        *i.recipe(method={"name": "freeze", "head_fit": "lbfgs"}),
+        "privacy.enabled=true",
+        "privacy.target_epsilon=8",
+    ]
+
+
+def unknown_select_metric(i: Inputs) -> list[str]:
+    return i.recipe(train={"select_metric": "f1"})
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -311,6 +323,8 @@ ROWS: list[Row] = [
     *both("unknown-sha-on-endpoint", unknown_sha_on_endpoint, r"model 'bad-input/tiny' has no revision 'b{40}' on http://127\.0\.0\.1:\d+"),
     *both("unknown-baseline", unknown_baseline, r"train\.baselines\.1: Input should be 'majority' or 'classical'"),
     *both("policy-requirement-not-a-bool", policy_requirement_not_a_bool, r"r\.yaml:\d+: audit\.policy: \S+needs\.yaml: invalid audit policy\n +thresholds\.require_fairness_check: Input should be a valid boolean"),
+    *both("lbfgs-head-under-privacy", lbfgs_head_under_privacy, r"method\.head_fit: lbfgs is not differentially private .*Use head_fit: auto or sgd"),
+    *both("unknown-select-metric", unknown_select_metric, r"train\.select_metric: Input should be 'accuracy', 'macro_f1' or 'loss'"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
 ]  # fmt: skip
 

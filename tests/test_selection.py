@@ -23,7 +23,7 @@ BEST = 5
 
 
 def _recipe(tiny_bert: Path, csv: Path, out: Path, **train: object) -> Recipe:
-    spec = recipe_dict(tiny_bert, csv, out)
+    spec = recipe_dict(tiny_bert, csv, out, name="freeze", head_fit="sgd")
     spec["train"].update(SETTINGS, **train)
     spec["audit"] = {"enabled": False}
     return Recipe.model_validate(spec)
@@ -133,3 +133,65 @@ def test_selection_rules() -> None:
     for epoch, value in [(1, 0.9), (2, 0.1)]:
         last.observe(model, {"epoch": epoch, "val_accuracy": value})
     assert last.epoch == 2 and last.tensors is None
+
+
+def test_lbfgs_fits_the_head_to_convergence_and_keeps_the_best_weight_decay(
+    best_run, tmp_path: Path
+) -> None:
+    """head_fit auto, no privacy: every weight decay fitted to convergence, the best one kept."""
+
+    from hubtune.headfit import WEIGHT_DECAYS
+
+    recipe, _ = best_run
+    spec = recipe.model_dump(mode="json")
+    spec.update(name="lbfgs", output_dir=str(tmp_path))
+    spec["method"]["head_fit"] = "auto"
+    result = run_recipe(Recipe.model_validate(spec))
+    history = result.metrics["history"]
+    assert [h["weight_decay"] for h in history] == list(WEIGHT_DECAYS)
+    assert all(h["solver"] == "lbfgs" and h["converged"] for h in history)
+    accuracies = [h["val_accuracy"] for h in history]
+    selected = result.metrics["selected_epoch"]
+    assert selected["epoch"] == accuracies.index(max(accuracies)) + 1
+    assert "weight decay" in format_summary(result)
+    run_info = json.loads((result.run_dir / "run.json").read_text())
+    assert run_info["method"]["head_fit"] == "lbfgs"
+    kept = history[selected["epoch"] - 1]
+    assert run_info["selected_epoch"]["weight_decay"] == kept["weight_decay"]
+
+
+def test_the_lbfgs_head_is_the_solution_of_the_convex_problem() -> None:
+    """Checked against scikit-learn's logistic regression on the same features and penalty."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from hubtune.headfit import fit_head
+    from hubtune.tasks.classification import loss, metrics
+
+    class Split:
+        def __init__(self, n: int, seed: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            self.labels = torch.randint(0, 2, (n,), generator=g)
+            self.features = torch.randn(n, 8, generator=g) + self.labels[:, None] * 0.7
+
+    train, validation = Split(300, 0), Split(100, 1)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 2)
+    kept = []
+    history = fit_head(
+        head,
+        train,
+        validation,
+        loss_fn=loss,
+        metrics=lambda logits, y: metrics(logits, y, 2),
+        observe=kept.append,
+        weight_decays=(0.01,),
+    )
+    assert history[0]["converged"] and kept == history
+    # Two-class softmax with (λ/2)(‖w0‖² + ‖w1‖²) has w0 = -w1 at the optimum, so for d = w1 - w0
+    # the objective is mean CE + (λ/4)‖d‖²: scikit-learn's with C = 2 / (n λ) (intercept free).
+    reference = LogisticRegression(C=2 / (300 * 0.01), tol=1e-12, max_iter=10_000)
+    reference.fit(train.features.numpy().astype(np.float64), train.labels.numpy())
+    w, b = head.weight.detach().numpy(), head.bias.detach().numpy()
+    np.testing.assert_allclose(w[1] - w[0], reference.coef_[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(b[1] - b[0], reference.intercept_[0], rtol=1e-3, atol=1e-4)

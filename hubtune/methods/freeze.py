@@ -40,6 +40,15 @@ class FreezeMethod(StrictModel):
             "only the top blocks."
         ),
     )
+    head_fit: Literal["auto", "lbfgs", "sgd"] = Field(
+        "auto",
+        description=(
+            "How the head trains on cached features: lbfgs fits it to convergence (full-batch L-BFGS, "
+            "weight decay chosen on the validation split; train.epochs, lr and batch_size do not "
+            "apply), sgd trains it for train.epochs with the optimizer. auto: lbfgs when the "
+            "features are cached and there is no privacy, else sgd (DP-SGD under privacy)."
+        ),
+    )
     batchnorm: Literal["train", "frozen", "groupnorm"] = Field(
         "train",
         description=(
