@@ -11,12 +11,49 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from hubtune.errors import RunError
 from hubtune.progress import OnStep, StepInfo, progress
 
-__all__ = ["plain_epoch", "predict"]
+__all__ = ["LengthGroupedBatches", "plain_epoch", "predict"]
+
+GROUP = 50  # batches per length-sorted group
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Training batches of similar lengths (``train.group_by_length``), less padding per step.
+
+    Each epoch: a seeded permutation of the rows, cut into groups of ``GROUP`` batches; each
+    group sorted by token count and cut into batches; then the batches shuffled. The order is a
+    function of (seed, epoch) only, so a resumed run sees the batches an uninterrupted one would.
+    Every batch but the last is full, as with an ordinary shuffled loader.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.sampler = self  # Accelerate hands set_epoch to a wrapped batch sampler's ``sampler``
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size, span = self.batch_size, self.batch_size * GROUP
+        batches = []
+        for start in range(0, len(order), span):
+            group = sorted(order[start : start + span], key=self.lengths.__getitem__, reverse=True)
+            batches += [group[i : i + size] for i in range(0, len(group), size)]
+        last = len(batches) - 1  # the one short batch (if any) stays last, like drop_last=False
+        shuffled = torch.randperm(last, generator=generator).tolist()
+        yield from (batches[i] for i in [*shuffled, last])
 
 
 def plain_epoch(

@@ -281,6 +281,12 @@ class TrainSection(_Strict):
         True, description="Write an atomic checkpoint after each epoch (for --resume)."
     )
     keep_checkpoints: int = Field(1, ge=1)
+    group_by_length: bool = Field(
+        False,
+        description="Text: batch training examples of similar token counts together (less padding, "
+        "faster steps); the order stays a function of seed and epoch. Under privacy Poisson batches "
+        "are length-sorted already, so this has no effect there.",
+    )
     select_epoch: Literal["best", "last"] = Field(
         "best",
         description="Whose weights are tested, audited, saved and pushed: the epoch with the best "
@@ -485,6 +491,11 @@ class Recipe(_Strict):
             raise ValueError(f"data.columns.text_pair is for text; remove it for {self.model.task}")
         if self.data.augment is not None and self.data.augment.active and not images:
             raise ValueError(f"data.augment is for images, not model.task: {self.model.task}")
+        if self.train.group_by_length and images:
+            raise ValueError(
+                f"train.group_by_length batches text by token count; {self.model.task} has no lengths. "
+                "Remove it."
+            )
         return self
 
     @model_validator(mode="after")

@@ -40,7 +40,7 @@ from hubtune.errors import RunError
 from hubtune.hub import ResolvedModel, resolve_model
 from hubtune.io import atomic_dir, atomic_write_json, atomic_write_text
 from hubtune.launch import resolve_mixed_precision, use_cpu
-from hubtune.loop import plain_epoch, predict
+from hubtune.loop import LengthGroupedBatches, plain_epoch, predict
 from hubtune.methods import MethodPlan, apply_method
 from hubtune.model import GROUPNORM_FILE, save_processor
 from hubtune.prefix import example_lengths
@@ -365,6 +365,14 @@ def _loaders(recipe: Recipe, inputs: TrainingInputs) -> dict[str, DataLoader]:
         )
         for split in ("validation", "test")
     }
+    lengths = example_lengths(inputs.datasets["train"]) if recipe.train.group_by_length else None
+    if lengths is not None:
+        loaders["train"] = DataLoader(
+            inputs.datasets["train"],
+            batch_sampler=LengthGroupedBatches(lengths, recipe.train.batch_size, recipe.seed),
+            collate_fn=inputs.collate,
+        )
+        return loaders
     loaders["train"] = DataLoader(
         inputs.datasets["train"],
         batch_size=recipe.train.batch_size,

@@ -399,3 +399,67 @@ def test_a_run_under_accelerate_launch_bf16_trains_in_bf16(
     assert "mixed_precision: bf16" in resolved
     with pytest.raises(RunError, match="'no' in the recipe but the launcher asked for 'bf16'"):
         _run(tiny_bert, sentiment_csv, tmp_path / "b", {"train.mixed_precision": "no"})
+
+
+def test_length_grouped_batches_cover_every_row_once_and_pad_less() -> None:
+    from hubtune.loop import LengthGroupedBatches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 64, (1000,), generator=g).tolist()
+    sampler = LengthGroupedBatches(lengths, 16, seed=7)
+    epochs = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 63
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert [len(b) for b in batches[:-1]] == [16] * 62 and len(batches[-1]) == 1000 - 62 * 16
+        epochs.append(batches)
+    assert epochs[0] == epochs[2] != epochs[1]  # a function of (seed, epoch)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in epochs[0])
+    shuffled = torch.randperm(1000, generator=g).tolist()
+    random = sum(
+        len(shuffled[i : i + 16]) * max(lengths[j] for j in shuffled[i : i + 16])
+        for i in range(0, 1000, 16)
+    )
+    assert padded < 0.7 * random  # far less padding than random batches
+    assert LengthGroupedBatches(lengths, 16, seed=8).__iter__().__next__() != epochs[0][0]
+
+
+def test_group_by_length_runs_resume_bit_identically(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = {"train.epochs": 2, "train.lr": 1e-3, "train.group_by_length": True}
+    _, whole = _run(
+        tiny_bert, sentiment_csv, tmp_path / "whole", over, name="freeze", unfreeze_top_k=1
+    )
+    _, plain = _run(
+        tiny_bert,
+        sentiment_csv,
+        tmp_path / "plain",
+        {**over, "train.group_by_length": False},
+        name="freeze",
+        unfreeze_top_k=1,
+    )
+    loss = [h["train_loss"] for h in whole.metrics["history"]]
+    assert loss != [h["train_loss"] for h in plain.metrics["history"]]  # other batches were used
+
+    def crash(epoch: int) -> None:
+        raise KeyboardInterrupt
+
+    spec = recipe_dict(
+        tiny_bert, sentiment_csv, tmp_path / "broken", name="freeze", unfreeze_top_k=1
+    )
+    spec["train"].update(epochs=2, lr=1e-3, group_by_length=True)
+    recipe = Recipe.model_validate(spec)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe)
+    monkeypatch.setattr(checkpoint_module, "after_checkpoint", None)
+    resumed = run_recipe(recipe, resume=True)
+    a = load_file(whole.run_dir / "model" / "model.safetensors")
+    b = load_file(resumed.run_dir / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in whole.metrics["history"]] == [
+        h["train_loss"] for h in resumed.metrics["history"]
+    ]
