@@ -54,13 +54,14 @@ def test_quickstart_pulls_from_and_pushes_to_the_local_hub(
             "data.limit.train=600",
             "data.limit.validation=150",
             "data.limit.test=300",
-            "train.epochs=15",
             "train.log_with=[]",
         ],
     )
     result = run_recipe(recipe)
     run = json.loads((result.run_dir / "run.json").read_text())
-    assert run["method"]["trainable_parameters"] == 384 * 2 + 2
+    # The top 2 of 6 blocks (1,774,464 each), the pooler (147,840) and the new head (770).
+    assert run["method"]["trainable_parameters"] == 2 * 1_774_464 + 147_840 + 770
+    assert run["feature_cache"]["kind"] == "prefix"
     assert run["method"]["total_parameters"] == 22_713_986
     assert (
         run["base_model"]["kind"] == "hub"
@@ -87,7 +88,7 @@ def test_quickstart_pulls_from_and_pushes_to_the_local_hub(
     assert list(test["row_id"]) == list(predictions["row_id"])
     with torch.no_grad():
         batch = tokenizer(
-            list(test["text"]), padding=True, truncation=True, max_length=128, return_tensors="pt"
+            list(test["text"]), padding=True, truncation=True, max_length=64, return_tensors="pt"
         )
         probs = torch.softmax(model(**batch).logits, -1).numpy()
     assert abs(probs[:, 1] - predictions["prob_biased"].to_numpy()).max() < 1e-4
