@@ -101,7 +101,8 @@ def run_recipe(
 def nonprivate_twin(recipe: Recipe) -> Path:
     """Train (or reuse) the recipe's non-private twin, for the per-group cost of privacy.
 
-    The twin is the recipe with privacy off, no canaries and no audit, named
+    The twin is the recipe with privacy off, no canaries and no audit (and the head trained by
+    the same epochs of SGD as under DP, not fitted by L-BFGS), named
     ``<name>-nonprivate`` beside the run, trained in-process through the same entry point
     (on every process of a launch). A twin trained earlier from the same recipe is reused.
     """
@@ -115,6 +116,10 @@ def nonprivate_twin(recipe: Recipe) -> Path:
         audit={**spec["audit"], "enabled": False, "canaries": 0, "compare_nonprivate": False},
         push={**spec["push"], "enabled": False},
     )
+    if spec["method"].get("head_fit") == "auto":
+        # The same solver as the private run (DP-SGD's epochs, without the noise), so the
+        # comparison measures privacy, not L-BFGS against SGD.
+        spec["method"]["head_fit"] = "sgd"
     twin = Recipe.model_validate(spec)
     text = yaml.safe_dump(spec, sort_keys=False)
     source = twin.run_dir / TWIN_SOURCE

@@ -300,7 +300,12 @@ def test_dp_run_audits_against_its_bound_and_its_nonprivate_twin(
         assert level["dp_bound_tpr"] == pytest.approx(expected)
         assert level["beats_dp_bound"] is False
     twin = tmp_path / "runs" / "tiny-nonprivate"
-    assert json.loads((twin / "run.json").read_text())["privacy"] == {"enabled": False}
+    twin_run = json.loads((twin / "run.json").read_text())
+    assert twin_run["privacy"] == {"enabled": False}
+    # The same solver as the private run (epochs of SGD), not the L-BFGS fit of head_fit: auto.
+    assert twin_run["method"]["head_fit"] == "sgd"
+    twin_history = json.loads((twin / "metrics.json").read_text())["history"]
+    assert len(twin_history) == 2 and "solver" not in twin_history[0]
     assert not (twin / "privacy.json").exists() and not (twin / "audit").exists()
     comparison = audit["comparison"]
     assert comparison["other_run"] == twin.name and comparison["other_privacy"]["dp"] is False

@@ -104,6 +104,7 @@ def test_cache_and_no_cache_give_the_same_features(
         {"train.epochs": 1},
         name="freeze",
         feature_cache=True,
+        head_fit="sgd",  # the same solver both ways (auto: L-BFGS needs the cache)
     )
     _, plain = _run(
         tiny_bert,
@@ -264,7 +265,7 @@ def test_resume_refuses_a_different_recipe(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint_module, "after_checkpoint", crash)
-    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path)
+    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path, name="freeze", head_fit="sgd")
     recipe = Recipe.model_validate(spec)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe)
