@@ -28,7 +28,7 @@ __all__ = ["MAX_ITER", "WEIGHT_DECAYS", "fit_head"]
 
 logger = logging.getLogger("hubtune")
 
-WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 MAX_ITER = 1000
 
 

@@ -69,6 +69,7 @@ from hubtune.rundir import (
     write_predictions,
 )
 from hubtune.selection import Selection
+from hubtune.selection import describe as describe_selection
 from hubtune.tasks import Task, get_task
 
 __all__ = ["RunError", "StepInfo", "TrainResult", "train"]
@@ -674,12 +675,7 @@ def _finish(
     selection.restore(loaded.plan.model)  # the kept epoch's weights are tested, audited and saved
     if run.main and selection.epoch is not None:
         logger.info(
-            "weights: epoch %d of %d (%s %s %.4f)",
-            selection.epoch,
-            len(setup.history),
-            "best" if selection.rule == "best" else "last epoch,",
-            selection.key,
-            selection.value,
+            "weights: %s", describe_selection({**selection.to_json(), "of": len(setup.history)})
         )
     t0 = time.perf_counter()
     logits, labels = predict(accelerator, setup.module, setup.test_loader, inputs.forward)
