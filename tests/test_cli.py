@@ -80,6 +80,39 @@ def test_run_reports_data_errors_without_traceback(tiny_bert: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_the_lbfgs_head_under_two_processes_is_the_single_process_head(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
+    """Every process fits the same head on the same cached features; the main one's is kept."""
+    import torch
+    from safetensors.torch import load_file
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate CLI not installed next to this Python"
+    heads = []
+    for processes in ("1", "2"):
+        spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / processes)
+        spec["audit"] = {"enabled": False}
+        path = _write_recipe(tmp_path / f"r{processes}.yaml", spec)
+        out = subprocess.run(
+            [accelerate, "launch", "--num_processes", processes, "--cpu", "-m", "hubtune", "run"]
+            + [str(path)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-4000:]
+        assert "head fitted to convergence (L-BFGS)" in out.stdout
+        run_dir = tmp_path / processes / "tiny"
+        run = json.loads((run_dir / "run.json").read_text())
+        assert run["hardware"]["num_processes"] == int(processes)
+        assert run["method"]["head_fit"] == "lbfgs"
+        heads.append(load_file(run_dir / "model" / "model.safetensors")["classifier.weight"])
+    torch.testing.assert_close(heads[0], heads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(
     tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
 ) -> None:
