@@ -69,11 +69,15 @@ class Selection:
         self.epoch, self.value = int(record["epoch"]), value
         self.extra = {k: record[k] for k in self.EXTRA if k in record}
         if self.rule == "best":
-            self.tensors = {
-                n: t.detach().to("cpu", copy=True).contiguous()
-                for n, t in trained_tensors(model).items()
-            }
+            self.keep_current(model)
         return True
+
+    def keep_current(self, model: torch.nn.Module) -> None:
+        """Copy the model's trained tensors as the kept epoch's."""
+        self.tensors = {
+            n: t.detach().to("cpu", copy=True).contiguous()
+            for n, t in trained_tensors(model).items()
+        }
 
     def restore(self, model: torch.nn.Module) -> None:
         """Put the kept epoch's tensors back into ``model`` (a no-op for ``last``)."""

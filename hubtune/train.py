@@ -595,20 +595,12 @@ def _fit_head(run: _Run, loaded: _Loaded, inputs: TrainingInputs, setup: _Setup)
         metrics=lambda logits, y: task.metrics(logits, y, labels),
         observe=lambda record: selection.observe(plan.model, record),
     )
-    selection.restore(plan.model)
     if run.accelerator.num_processes > 1:  # one head for all: the main process's
+        selection.restore(plan.model)
         with torch.no_grad():
             for p in head.parameters():
                 p.copy_(broadcast(p.detach().contiguous(), from_process=0))
-
-    if run.main:
-        record = setup.history[(selection.epoch or 1) - 1]
-        logger.info(
-            "head: weight decay %g kept (validation %s %.4f)",
-            record["weight_decay"],
-            selection.key,
-            selection.value,
-        )
+        selection.keep_current(plan.model)
 
 
 def _end_epoch(
