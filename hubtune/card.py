@@ -565,7 +565,9 @@ def _classical(run_info: RunInfo) -> dict[str, Any] | None:
     }
 
 
-def _hyperparameters(recipe: dict[str, Any], ledger: Ledger | None) -> list[tuple[str, str]]:
+def _hyperparameters(
+    recipe: dict[str, Any], ledger: Ledger | None, run_info: RunInfo | None = None
+) -> list[tuple[str, str]]:
     """The settings that shaped the weights, from the resolved recipe (paths and I/O left out)."""
     rows: list[tuple[str, Any]] = [("seed", recipe.get("seed"))]
     model = recipe.get("model") or {}
@@ -573,6 +575,13 @@ def _hyperparameters(recipe: dict[str, Any], ledger: Ledger | None) -> list[tupl
     for key, value in (recipe.get("method") or {}).items():
         rows.append((f"method.{key}", value))
     train = recipe.get("train") or {}
+    lbfgs = run_info is not None and run_info.method.get("head_fit") == "lbfgs"
+    if lbfgs:  # the optimizer's settings did not shape these weights
+        assert run_info is not None
+        kept = (run_info.selected_epoch or {}).get("weight_decay")
+        rows.append(
+            ("head fit", f"L-BFGS to convergence, weight decay {kept} (chosen on validation)")
+        )
     for key in (
         "epochs",
         "batch_size",
@@ -582,6 +591,9 @@ def _hyperparameters(recipe: dict[str, Any], ledger: Ledger | None) -> list[tupl
         "max_grad_norm",
         "mixed_precision",
     ):
+        if key in train and not (lbfgs and key != "mixed_precision"):
+            rows.append((f"train.{key}", train[key]))
+    for key in ("select_epoch", "select_metric"):
         if key in train:
             rows.append((f"train.{key}", train[key]))
     privacy = recipe.get("privacy") or {}
@@ -866,7 +878,7 @@ def build_card(
         "selected_epoch": describe_selection(run_info.selected_epoch)
         if run_info.selected_epoch
         else None,
-        "hyperparameters": _hyperparameters(recipe, ledger),
+        "hyperparameters": _hyperparameters(recipe, ledger, run_info),
         **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,
         "membership": _membership(audit),

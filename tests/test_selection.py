@@ -84,6 +84,11 @@ def test_the_best_validation_epoch_is_the_one_tested_saved_and_recorded(best_run
     assert not _same(saved, _checkpoint_head(run_dir, 6))
     run_info = json.loads((run_dir / "run.json").read_text())
     assert run_info["selected_epoch"] == selected
+    from hubtune.card import build_card
+
+    card = build_card(run_dir).text
+    assert "**Weights:** epoch 5 of 6 (best validation accuracy 0.7917)" in card
+    assert "| `train.epochs` | 6 |" in card
     assert "weights:   epoch 5 of 6 (best validation accuracy 0.7917)" in format_summary(result)
 
 
@@ -158,6 +163,13 @@ def test_lbfgs_fits_the_head_to_convergence_and_keeps_the_best_weight_decay(
     assert run_info["method"]["head_fit"] == "lbfgs"
     kept = history[selected["epoch"] - 1]
     assert run_info["selected_epoch"]["weight_decay"] == kept["weight_decay"]
+    # The card names the fit, not the epochs and learning rate that did not apply.
+    from hubtune.card import build_card
+
+    card = build_card(result.run_dir).text
+    assert f"L-BFGS to convergence, weight decay {kept['weight_decay']}" in card
+    assert "**Weights:** head fitted to convergence (L-BFGS)" in card
+    assert "`train.epochs`" not in card and "`train.lr`" not in card
 
 
 def test_the_lbfgs_head_is_the_solution_of_the_convex_problem() -> None:
