@@ -168,7 +168,9 @@ def markdown(payload: dict[str, Any]) -> str:
             "",
             configs,
             "",
-            *report_footer(payload["machine"], payload["command"], payload["notes"]),
+            *report_footer(
+                payload["machine"], payload["command"], [f"- {n}" for n in payload["notes"]]
+            ),
             "",
         ]
     )
