@@ -2397,6 +2397,14 @@ def test_body_lines_and_their_limit() -> None:
     from hubtune.hubserver.body import COPY_CHUNK
     from hubtune.hubserver.storage import HubError
 
+    # One call at a time first, so that a reader which stops consuming its buffer, or reads
+    # past its end, fails here instead of making the list() calls below endless.
+    reader = _reader(b"a\nbc\n\nd")
+    assert reader.next_line() == b"a"
+    assert reader.next_line() == b"bc"
+    assert reader.next_line() == b""
+    assert reader.next_line() == b"d"
+    assert reader.next_line() is None
     assert list(_reader(b"a\nbc\n\nd").lines()) == [b"a", b"bc", b"", b"d"]
     assert list(_reader(b"a\n").lines()) == [b"a"]
     assert list(_reader(b"").lines()) == []

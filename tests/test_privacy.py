@@ -2302,3 +2302,75 @@ def test_non_finite_weights_after_the_last_step_of_an_epoch_stop_it(
         r"The last good checkpoint is kept\.$",
     ):
         _epoch(_Const(64), logical=64, physical=64, lr=float("inf"), monkeypatch=monkeypatch)
+
+
+def test_max_steps_within_bisects_in_few_accountant_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ε is a full accountant computation: the search asks at most 2 + ceil(log2(upper))
+    times, and never for a negative number of steps (a bisection that stops halving would
+    otherwise loop for ever; the fake accountant refuses the extra call instead)."""
+    from hubtune.privacy import accounting
+
+    calls = 0
+    budget = 0
+
+    def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+        nonlocal calls
+        calls += 1
+        assert calls <= budget, "the bisection does not converge"
+        assert all(k >= 0 for *_, k in history), history
+        return sum(k for *_, k in history) / 10  # 0.1 per step
+
+    monkeypatch.setattr(accounting, "_epsilon", epsilon)
+    for upper in (2, 3, 7, 8, 100, 1000, 12_345):
+        for fits in sorted({0, 1, upper // 3, upper // 2, upper - 1}):
+            calls, budget = 0, 2 + math.ceil(math.log2(upper))
+            got = accounting.max_steps_within(
+                accountant="rdp",
+                prior=[],
+                sigma=1.0,
+                q=0.1,
+                delta=1e-5,
+                target=fits / 10 + 0.05,
+                upper=upper,
+            )
+            assert got == fits, (upper, fits)
+
+
+def test_read_later_copies_gpu_flags_to_the_host_behind_an_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU the flags are copied to the host without blocking, an event is recorded after
+    the copy, and reading them waits for that event first (a stand-in tensor on a "cuda"
+    device and a stand-in event: the branch's calls, on this CPU-only machine)."""
+    from hubtune.privacy import loop
+
+    calls: list[Any] = []
+
+    class Event:
+        def __init__(self) -> None:
+            calls.append("event")
+
+        def record(self) -> None:
+            calls.append("record")
+
+        def synchronize(self) -> None:
+            calls.append("synchronize")
+
+    class GpuFlags:
+        device = torch.device("cuda", 0)
+
+        def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append(("to", args, kwargs))
+            return torch.tensor([False, True])
+
+        def tolist(self) -> list[bool]:
+            raise AssertionError("flags on a GPU are read from their host copy")
+
+    monkeypatch.setattr(loop.torch.cuda, "Event", Event)
+    read = loop._read_later(GpuFlags())  # type: ignore[arg-type]
+    assert calls == [("to", ("cpu",), {"non_blocking": True}), "event", "record"]
+    assert read() == [False, True]
+    assert calls[3:] == ["synchronize"]
+    # Flags on the CPU are read directly.
+    cpu = torch.tensor([True, False])
+    assert loop._read_later(cpu)() == [True, False]
