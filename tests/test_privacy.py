@@ -2374,3 +2374,41 @@ def test_read_later_copies_gpu_flags_to_the_host_behind_an_event(
     # Flags on the CPU are read directly.
     cpu = torch.tensor([True, False])
     assert loop._read_later(cpu)() == [True, False]
+
+
+def test_plan_noise_accepts_a_rate_exactly_at_the_tolerance() -> None:
+    """A recorded rate at most 1e-12 from q is the same rate (the bound included); 2e-12 - 1e-12
+    is exactly 1e-12 in binary floating point, 3e-12 - 1e-12 is past it."""
+    from hubtune.privacy.accounting import NoisePlan, SpentBudget, plan_noise
+
+    fixed = _section(noise_multiplier=1.0, target_epsilon=None)
+    assert 2e-12 - 1e-12 == 1e-12
+    at = SpentBudget(history=[(1.0, 2e-12, 5)], sigma=1.0, planned_steps=10, max_steps=10)
+    assert plan_noise(
+        section=fixed, prior=[], spent=at, q=1e-12, planned_steps=20, delta=1e-5
+    ) == NoisePlan(1.0, 20, 20)
+    past = SpentBudget(history=[(1.0, 3e-12, 5)], sigma=1.0, planned_steps=10, max_steps=10)
+    with pytest.raises(PrivacyError, match=r"the data or batch size changed"):
+        plan_noise(section=fixed, prior=[], spent=past, q=1e-12, planned_steps=20, delta=1e-5)
+
+
+def test_sigma_for_target_logs_how_many_accountant_evaluations_it_took(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hubtune.privacy import accounting
+
+    asked: list[float] = []
+
+    def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+        asked.append(history[-1][0])
+        return 4.0 / history[-1][0]  # ε = 4 / σ
+
+    monkeypatch.setattr(accounting, "_epsilon", epsilon)
+    caplog.set_level("DEBUG", logger="hubtune.privacy.accounting")
+    sigma = accounting.sigma_for_target(
+        accountant="rdp", prior=[], q=0.1, steps=10, delta=1e-5, target=2.0
+    )
+    assert 1.99 <= 4.0 / sigma <= 2.0 and len(asked) > 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"privacy: σ = {sigma:.6g} after {len(asked)} accountant evaluations"
+    ]
