@@ -2412,3 +2412,73 @@ def test_sigma_for_target_logs_how_many_accountant_evaluations_it_took(
     assert [r.getMessage() for r in caplog.records] == [
         f"privacy: σ = {sigma:.6g} after {len(asked)} accountant evaluations"
     ]
+
+
+def _fake_accountant(
+    monkeypatch: pytest.MonkeyPatch, epsilon_at: Callable[[float], float], *, most: int = 60
+) -> list[float]:
+    """Replace the accountant by ε = epsilon_at(σ); the σ asked are recorded, and a search that
+    asks more than ``most`` times fails at once instead of running on."""
+    from hubtune.privacy import accounting
+
+    asked: list[float] = []
+
+    def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+        asked.append(history[-1][0])
+        assert len(asked) <= most, f"no convergence after {most} accountant calls: {asked[-5:]}"
+        return epsilon_at(history[-1][0])
+
+    monkeypatch.setattr(accounting, "_epsilon", epsilon)
+    return asked
+
+
+def _sigma(target: float) -> float:
+    from hubtune.privacy import accounting
+
+    return accounting.sigma_for_target(
+        accountant="rdp", prior=[], q=0.1, steps=10, delta=1e-5, target=target
+    )
+
+
+def test_sigma_for_target_steps_up_at_most_20_fold_per_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bracket steps σ by ε/target x 1.25, with ε/target capped at 16: never more than 20x
+    in one step (far jumps are slow to account), and it stops once it is under the target."""
+    asked = _fake_accountant(monkeypatch, lambda s: 100.0 / s)
+    sigma = _sigma(1.0)
+    assert 0.99 <= 100.0 / sigma <= 1.0
+    assert asked[:2] == [1.0, 20.0]  # ε/target = 100 at σ = 1: capped at 16, x 1.25
+    ups = [b / a for a, b in zip(asked, asked[1:]) if b > a]
+    assert ups and max(ups) <= 20.0
+
+
+def test_sigma_for_target_when_a_step_meets_the_target_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # σ = 1 (the first one asked) gives exactly the target: it is the answer.
+    asked = _fake_accountant(monkeypatch, lambda s: 4.0 / s)
+    assert _sigma(4.0) == 1.0
+    # A step up lands exactly on the target (ε = 20/σ, σ = 1 -> 20): found in two evaluations.
+    asked = _fake_accountant(monkeypatch, lambda s: 20.0 / s)
+    assert _sigma(1.0) == 20.0 and asked == [1.0, 20.0]
+
+
+def test_sigma_for_target_counts_an_epsilon_of_zero_as_under_the_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An accountant may answer ε = 0 (no loss at all) for enough noise: that is under any
+    target (its log is not taken), and the search narrows down to the crossing."""
+    asked = _fake_accountant(monkeypatch, lambda s: max(0.0, 6.0 / s - 1.0))
+    sigma = _sigma(1.0)
+    assert 0.99 <= 6.0 / sigma - 1.0 <= 1.0
+    assert any(6.0 / s - 1.0 <= 0.0 for s in asked)  # a σ with ε = 0 was asked
+
+
+def test_sigma_for_target_refuses_a_sigma_past_1e5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """σ = 1, 20, 400, 8000 (ε/target capped at 16), then 8000 x 10.00004 x 1.25 = 100000.4:
+    past the 1e5 limit, refused without asking the accountant about it."""
+    asked = _fake_accountant(monkeypatch, lambda s: 80000.32 / s)
+    with pytest.raises(PrivacyError, match=r"^no noise multiplier up to 1e5 reaches target ε = 1\.0$"):
+        _sigma(1.0)
+    assert asked == [1.0, 20.0, 400.0, 8000.0]
