@@ -2482,3 +2482,51 @@ def test_sigma_for_target_refuses_a_sigma_past_1e5(monkeypatch: pytest.MonkeyPat
     with pytest.raises(PrivacyError, match=r"^no noise multiplier up to 1e5 reaches target ε = 1\.0$"):
         _sigma(1.0)
     assert asked == [1.0, 20.0, 400.0, 8000.0]
+
+
+def test_sigma_for_target_steps_down_to_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubtune.privacy.accounting import MIN_SIGMA
+
+    # ε a little under the target at σ = 1: one step down, by ε/target x 0.8, brackets it.
+    asked = _fake_accountant(monkeypatch, lambda s: 0.9 / s)
+    sigma = _sigma(1.0)
+    assert 0.99 <= 0.9 / sigma <= 1.0
+    assert asked[:2] == [1.0, pytest.approx(0.72)]
+    # Far under the target even at the floor: MIN_SIGMA, asked once, and the search ends there.
+    asked = _fake_accountant(monkeypatch, lambda s: 0.001 / s)
+    assert _sigma(1.0) == MIN_SIGMA and asked == [1.0, MIN_SIGMA]
+
+
+def test_sigma_for_target_ends_at_a_probe_that_meets_the_target_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ε = 100/σ, reported as exactly the target within 1e-9 of σ = 100: the bracket is
+    [20, 125] after σ = 1, 20, 125, and the secant's probe near 100 ends the search."""
+    asked = _fake_accountant(
+        monkeypatch, lambda s: 1.0 if abs(s - 100.0) < 1e-7 else 100.0 / s
+    )
+    sigma = _sigma(1.0)
+    assert asked[:3] == [1.0, 20.0, pytest.approx(125.0)] and len(asked) == 4
+    assert sigma == asked[-1] and abs(sigma - 100.0) < 1e-7
+
+
+@pytest.mark.parametrize(
+    ("curve", "most"),
+    [
+        (lambda s: 100.0 / s, 5),  # a power law: the secant in log-log is exact
+        (lambda s: 100.0 / s + 0.5, 5),
+        (lambda s: 100.0 / s**0.5 + 0.2, 8),
+        (lambda s: 100.0 / s**2, 11),
+        (lambda s: 2.0 / s**1.5 + 0.1, 4),
+        (lambda s: 0.5 / s**2, 4),
+    ],
+)
+def test_sigma_for_target_lands_under_the_target_in_few_evaluations_on_smooth_curves(
+    monkeypatch: pytest.MonkeyPatch, curve: Callable[[float], float], most: int
+) -> None:
+    """Each evaluation is a full PRV computation: the regula falsi (Illinois) needs no more than
+    these on smooth ε(σ) curves, and its answer is never above the target."""
+    asked = _fake_accountant(monkeypatch, curve)
+    sigma = _sigma(1.0)
+    assert 0.99 <= curve(sigma) <= 1.0
+    assert len(asked) <= most, asked
