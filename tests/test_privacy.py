@@ -2519,6 +2519,17 @@ def test_sigma_for_target_ends_at_a_probe_that_meets_the_target_exactly(
         (lambda s: 100.0 / s**2, 11),
         (lambda s: 2.0 / s**1.5 + 0.1, 4),
         (lambda s: 0.5 / s**2, 4),
+        # ε under the target at σ = 1: the bracket steps down first.
+        (lambda s: 0.8 / s**0.5, 3),
+        (lambda s: 0.5 / s, 3),
+        (lambda s: max(0.5 / s - 0.5, 0.0), 6),
+        # Curves on which the Illinois halving of the stale end decides the count.
+        (lambda s: max(30.0 / s**2 - 0.5, 0.0), 12),
+        (lambda s: 5.0 / s**1.5, 5),
+        (lambda s: max(2.0 / s**2 - 0.5, 0.0), 5),
+        (lambda s: 5.0 / s**2 + 0.5, 6),
+        (lambda s: 2.0 / s**2 + 0.5, 6),
+        (lambda s: 5.0 / s**3 + 0.5, 6),
     ],
 )
 def test_sigma_for_target_lands_under_the_target_in_few_evaluations_on_smooth_curves(
@@ -2530,3 +2541,36 @@ def test_sigma_for_target_lands_under_the_target_in_few_evaluations_on_smooth_cu
     sigma = _sigma(1.0)
     assert 0.99 <= curve(sigma) <= 1.0
     assert len(asked) <= most, asked
+
+
+@pytest.mark.parametrize(
+    ("curve", "jump", "most"),
+    [
+        (lambda s: math.inf if s < 0.5 else 0.45 / s, 0.5, 22),  # unbounded below σ = 0.5
+        (lambda s: 2.0 if s < 3.3 else 0.5, 3.3, 26),
+    ],
+)
+def test_sigma_for_target_narrows_a_jump_across_the_target_to_its_upper_side(
+    monkeypatch: pytest.MonkeyPatch, curve: Callable[[float], float], jump: float, most: int
+) -> None:
+    """ε that jumps across the target (never within the tolerance): the search stops once the
+    bracket is 1e-6 x σ wide and answers its upper end, under the target."""
+    asked = _fake_accountant(monkeypatch, curve)
+    sigma = _sigma(1.0)
+    assert curve(sigma) <= 1.0 and jump <= sigma <= jump * (1 + 2e-6)
+    assert len(asked) <= most, asked
+
+
+def test_the_rdp_memo_is_bounded_and_used() -> None:
+    """The memo of Opacus' per-order RDP holds at most 2**16 entries (a long process must not
+    grow it without bound), and a repeated (q, σ, α) is answered from it."""
+    from opacus.accountants.analysis import rdp
+
+    from hubtune.privacy.accounting import _memoize_rdp_orders
+
+    _memoize_rdp_orders()
+    assert rdp._compute_rdp.cache_info().maxsize == 1 << 16
+    rdp._compute_rdp(0.1, 0.9, 1.5)
+    hits = rdp._compute_rdp.cache_info().hits
+    rdp._compute_rdp(0.1, 0.9, 1.5)
+    assert rdp._compute_rdp.cache_info().hits == hits + 1
