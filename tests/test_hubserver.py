@@ -2166,6 +2166,13 @@ def test_the_host_header_must_name_this_server() -> None:
         _refused_host(policy, host)
     assert _policy(port=80).check_host("localhost") is None
     assert _policy(port=80).check_host("[::1]") is None
+    # A bracketed (IPv6) host must be closed once, followed by nothing or ":port"; on port 80
+    # the default port would otherwise make these pass.
+    from hubtune.hubserver.guard import _split_authority
+
+    for authority in ("[::1", "[::1]]", "[::1]]:80", "[::1]x", "[::1]80"):
+        assert _split_authority(authority, default_port=80) is None, authority
+        _refused_host(_policy(port=80), authority)
 
 
 def test_the_host_names_a_bind_accepts() -> None:
