@@ -2173,6 +2173,9 @@ def test_the_host_header_must_name_this_server() -> None:
     for authority in ("[::1", "[::1]]", "[::1]]:80", "[::1]x", "[::1]80"):
         assert _split_authority(authority, default_port=80) is None, authority
         _refused_host(_policy(port=80), authority)
+    # Without a port too, the name is lower-cased and loses its trailing dot (only that).
+    assert _split_authority(" .Hub.Example. ", default_port=80) == (".hub.example", 80)
+    _policy(port=80).check_host("LOCALHOST.")
 
 
 def test_the_host_names_a_bind_accepts() -> None:
