@@ -2159,6 +2159,7 @@ def test_the_host_header_must_name_this_server() -> None:
         "localhost:87a5",
         "localhost:-8765",
         "localhost:000008765",  # more than 5 digits
+        "localhost:008765",  # 6 digits
         "10.0.0.1:8765",
         socket.gethostname() + ":8765",  # only on a wildcard bind
         "x" * 300,
