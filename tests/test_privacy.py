@@ -2449,7 +2449,7 @@ def test_sigma_for_target_steps_up_at_most_20_fold_per_evaluation(
     sigma = _sigma(1.0)
     assert 0.99 <= 100.0 / sigma <= 1.0
     assert asked[:2] == [1.0, 20.0]  # ε/target = 100 at σ = 1: capped at 16, x 1.25
-    ups = [b / a for a, b in zip(asked, asked[1:]) if b > a]
+    ups = [b / a for a, b in zip(asked, asked[1:], strict=False) if b > a]
     assert ups and max(ups) <= 20.0
 
 
@@ -2479,7 +2479,9 @@ def test_sigma_for_target_refuses_a_sigma_past_1e5(monkeypatch: pytest.MonkeyPat
     """σ = 1, 20, 400, 8000 (ε/target capped at 16), then 8000 x 10.00004 x 1.25 = 100000.4:
     past the 1e5 limit, refused without asking the accountant about it."""
     asked = _fake_accountant(monkeypatch, lambda s: 80000.32 / s)
-    with pytest.raises(PrivacyError, match=r"^no noise multiplier up to 1e5 reaches target ε = 1\.0$"):
+    with pytest.raises(
+        PrivacyError, match=r"^no noise multiplier up to 1e5 reaches target ε = 1\.0$"
+    ):
         _sigma(1.0)
     assert asked == [1.0, 20.0, 400.0, 8000.0]
 
@@ -2502,9 +2504,7 @@ def test_sigma_for_target_ends_at_a_probe_that_meets_the_target_exactly(
 ) -> None:
     """ε = 100/σ, reported as exactly the target within 1e-9 of σ = 100: the bracket is
     [20, 125] after σ = 1, 20, 125, and the secant's probe near 100 ends the search."""
-    asked = _fake_accountant(
-        monkeypatch, lambda s: 1.0 if abs(s - 100.0) < 1e-7 else 100.0 / s
-    )
+    asked = _fake_accountant(monkeypatch, lambda s: 1.0 if abs(s - 100.0) < 1e-7 else 100.0 / s)
     sigma = _sigma(1.0)
     assert asked[:3] == [1.0, 20.0, pytest.approx(125.0)] and len(asked) == 4
     assert sigma == asked[-1] and abs(sigma - 100.0) < 1e-7
