@@ -937,6 +937,7 @@ def test_max_steps_within_asks_its_accountant_about_the_history_after_the_prior(
 
     def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
         asked.append((name, list(history)))
+        assert len(asked) <= 9, "the bisection does not converge"  # 2 + ceil(log2(100))
         return sum(k for _, _, k in history) / 10  # 0.1 per step
 
     monkeypatch.setattr(privacy, "_epsilon", epsilon)
@@ -1114,6 +1115,7 @@ def test_plan_noise_asks_the_sections_accountant_and_stops_at_a_target_already_r
 
     def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
         asked.append(name)
+        assert len(asked) <= 60, "the search does not converge"
         return sum(q * k / s for s, q, k in history)  # 0.1 per step at σ = 1, q = 0.1
 
     monkeypatch.setattr(accounting, "_epsilon", epsilon)
