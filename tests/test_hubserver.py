@@ -2159,6 +2159,7 @@ def test_the_host_header_must_name_this_server() -> None:
         "localhost:87a5",
         "localhost:-8765",
         "localhost:000008765",  # more than 5 digits
+        "localhost:008765",  # 6 digits
         "10.0.0.1:8765",
         socket.gethostname() + ":8765",  # only on a wildcard bind
         "x" * 300,
@@ -2166,6 +2167,16 @@ def test_the_host_header_must_name_this_server() -> None:
         _refused_host(policy, host)
     assert _policy(port=80).check_host("localhost") is None
     assert _policy(port=80).check_host("[::1]") is None
+    # A bracketed (IPv6) host must be closed once, followed by nothing or ":port"; on port 80
+    # the default port would otherwise make these pass.
+    from hubtune.hubserver.guard import _split_authority
+
+    for authority in ("[::1", "[::1]]", "[::1]]:80", "[::1]x", "[::1]80"):
+        assert _split_authority(authority, default_port=80) is None, authority
+        _refused_host(_policy(port=80), authority)
+    # Without a port too, the name is lower-cased and loses its trailing dot (only that).
+    assert _split_authority(" .Hub.Example. ", default_port=80) == (".hub.example", 80)
+    _policy(port=80).check_host("LOCALHOST.")
 
 
 def test_the_host_names_a_bind_accepts() -> None:
@@ -2397,6 +2408,14 @@ def test_body_lines_and_their_limit() -> None:
     from hubtune.hubserver.body import COPY_CHUNK
     from hubtune.hubserver.storage import HubError
 
+    # One call at a time first, so that a reader which stops consuming its buffer, or reads
+    # past its end, fails here instead of making the list() calls below endless.
+    reader = _reader(b"a\nbc\n\nd")
+    assert reader.next_line() == b"a"
+    assert reader.next_line() == b"bc"
+    assert reader.next_line() == b""
+    assert reader.next_line() == b"d"
+    assert reader.next_line() is None
     assert list(_reader(b"a\nbc\n\nd").lines()) == [b"a", b"bc", b"", b"d"]
     assert list(_reader(b"a\n").lines()) == [b"a"]
     assert list(_reader(b"").lines()) == []

@@ -937,6 +937,7 @@ def test_max_steps_within_asks_its_accountant_about_the_history_after_the_prior(
 
     def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
         asked.append((name, list(history)))
+        assert len(asked) <= 9, "the bisection does not converge"  # 2 + ceil(log2(100))
         return sum(k for _, _, k in history) / 10  # 0.1 per step
 
     monkeypatch.setattr(privacy, "_epsilon", epsilon)
@@ -1114,6 +1115,7 @@ def test_plan_noise_asks_the_sections_accountant_and_stops_at_a_target_already_r
 
     def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
         asked.append(name)
+        assert len(asked) <= 60, "the search does not converge"
         return sum(q * k / s for s, q, k in history)  # 0.1 per step at σ = 1, q = 0.1
 
     monkeypatch.setattr(accounting, "_epsilon", epsilon)
@@ -2302,3 +2304,275 @@ def test_non_finite_weights_after_the_last_step_of_an_epoch_stop_it(
         r"The last good checkpoint is kept\.$",
     ):
         _epoch(_Const(64), logical=64, physical=64, lr=float("inf"), monkeypatch=monkeypatch)
+
+
+def test_max_steps_within_bisects_in_few_accountant_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ε is a full accountant computation: the search asks at most 2 + ceil(log2(upper))
+    times, and never for a negative number of steps (a bisection that stops halving would
+    otherwise loop for ever; the fake accountant refuses the extra call instead)."""
+    from hubtune.privacy import accounting
+
+    calls = 0
+    budget = 0
+
+    def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+        nonlocal calls
+        calls += 1
+        assert calls <= budget, "the bisection does not converge"
+        assert all(k >= 0 for *_, k in history), history
+        return sum(k for *_, k in history) / 10  # 0.1 per step
+
+    monkeypatch.setattr(accounting, "_epsilon", epsilon)
+    for upper in (2, 3, 7, 8, 100, 1000, 12_345):
+        for fits in sorted({0, 1, upper // 3, upper // 2, upper - 1}):
+            calls, budget = 0, 2 + math.ceil(math.log2(upper))
+            got = accounting.max_steps_within(
+                accountant="rdp",
+                prior=[],
+                sigma=1.0,
+                q=0.1,
+                delta=1e-5,
+                target=fits / 10 + 0.05,
+                upper=upper,
+            )
+            assert got == fits, (upper, fits)
+
+
+def test_read_later_copies_gpu_flags_to_the_host_behind_an_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU the flags are copied to the host without blocking, an event is recorded after
+    the copy, and reading them waits for that event first (a stand-in tensor on a "cuda"
+    device and a stand-in event: the branch's calls, on this CPU-only machine)."""
+    from hubtune.privacy import loop
+
+    calls: list[Any] = []
+
+    class Event:
+        def __init__(self) -> None:
+            calls.append("event")
+
+        def record(self) -> None:
+            calls.append("record")
+
+        def synchronize(self) -> None:
+            calls.append("synchronize")
+
+    class GpuFlags:
+        device = torch.device("cuda", 0)
+
+        def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append(("to", args, kwargs))
+            return torch.tensor([False, True])
+
+        def tolist(self) -> list[bool]:
+            raise AssertionError("flags on a GPU are read from their host copy")
+
+    monkeypatch.setattr(loop.torch.cuda, "Event", Event)
+    read = loop._read_later(GpuFlags())  # type: ignore[arg-type]
+    assert calls == [("to", ("cpu",), {"non_blocking": True}), "event", "record"]
+    assert read() == [False, True]
+    assert calls[3:] == ["synchronize"]
+    # Flags on the CPU are read directly.
+    cpu = torch.tensor([True, False])
+    assert loop._read_later(cpu)() == [True, False]
+
+
+def test_plan_noise_accepts_a_rate_exactly_at_the_tolerance() -> None:
+    """A recorded rate at most 1e-12 from q is the same rate (the bound included); 2e-12 - 1e-12
+    is exactly 1e-12 in binary floating point, 3e-12 - 1e-12 is past it."""
+    from hubtune.privacy.accounting import NoisePlan, SpentBudget, plan_noise
+
+    fixed = _section(noise_multiplier=1.0, target_epsilon=None)
+    assert 2e-12 - 1e-12 == 1e-12
+    at = SpentBudget(history=[(1.0, 2e-12, 5)], sigma=1.0, planned_steps=10, max_steps=10)
+    assert plan_noise(
+        section=fixed, prior=[], spent=at, q=1e-12, planned_steps=20, delta=1e-5
+    ) == NoisePlan(1.0, 20, 20)
+    past = SpentBudget(history=[(1.0, 3e-12, 5)], sigma=1.0, planned_steps=10, max_steps=10)
+    with pytest.raises(PrivacyError, match=r"the data or batch size changed"):
+        plan_noise(section=fixed, prior=[], spent=past, q=1e-12, planned_steps=20, delta=1e-5)
+
+
+def test_sigma_for_target_logs_how_many_accountant_evaluations_it_took(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hubtune.privacy import accounting
+
+    asked: list[float] = []
+
+    def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+        asked.append(history[-1][0])
+        return 4.0 / history[-1][0]  # ε = 4 / σ
+
+    monkeypatch.setattr(accounting, "_epsilon", epsilon)
+    caplog.set_level("DEBUG", logger="hubtune.privacy.accounting")
+    sigma = accounting.sigma_for_target(
+        accountant="rdp", prior=[], q=0.1, steps=10, delta=1e-5, target=2.0
+    )
+    assert 1.99 <= 4.0 / sigma <= 2.0 and len(asked) > 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"privacy: σ = {sigma:.6g} after {len(asked)} accountant evaluations"
+    ]
+
+
+def _fake_accountant(
+    monkeypatch: pytest.MonkeyPatch, epsilon_at: Callable[[float], float], *, most: int = 60
+) -> list[float]:
+    """Replace the accountant by ε = epsilon_at(σ); the σ asked are recorded, and a search that
+    asks more than ``most`` times fails at once instead of running on."""
+    from hubtune.privacy import accounting
+
+    asked: list[float] = []
+
+    def epsilon(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+        asked.append(history[-1][0])
+        assert len(asked) <= most, f"no convergence after {most} accountant calls: {asked[-5:]}"
+        return epsilon_at(history[-1][0])
+
+    monkeypatch.setattr(accounting, "_epsilon", epsilon)
+    return asked
+
+
+def _sigma(target: float) -> float:
+    from hubtune.privacy import accounting
+
+    return accounting.sigma_for_target(
+        accountant="rdp", prior=[], q=0.1, steps=10, delta=1e-5, target=target
+    )
+
+
+def test_sigma_for_target_steps_up_at_most_20_fold_per_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bracket steps σ by ε/target x 1.25, with ε/target capped at 16: never more than 20x
+    in one step (far jumps are slow to account), and it stops once it is under the target."""
+    asked = _fake_accountant(monkeypatch, lambda s: 100.0 / s)
+    sigma = _sigma(1.0)
+    assert 0.99 <= 100.0 / sigma <= 1.0
+    assert asked[:2] == [1.0, 20.0]  # ε/target = 100 at σ = 1: capped at 16, x 1.25
+    ups = [b / a for a, b in zip(asked, asked[1:], strict=False) if b > a]
+    assert ups and max(ups) <= 20.0
+
+
+def test_sigma_for_target_when_a_step_meets_the_target_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # σ = 1 (the first one asked) gives exactly the target: it is the answer.
+    asked = _fake_accountant(monkeypatch, lambda s: 4.0 / s)
+    assert _sigma(4.0) == 1.0
+    # A step up lands exactly on the target (ε = 20/σ, σ = 1 -> 20): found in two evaluations.
+    asked = _fake_accountant(monkeypatch, lambda s: 20.0 / s)
+    assert _sigma(1.0) == 20.0 and asked == [1.0, 20.0]
+
+
+def test_sigma_for_target_counts_an_epsilon_of_zero_as_under_the_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An accountant may answer ε = 0 (no loss at all) for enough noise: that is under any
+    target (its log is not taken), and the search narrows down to the crossing."""
+    asked = _fake_accountant(monkeypatch, lambda s: max(0.0, 6.0 / s - 1.0))
+    sigma = _sigma(1.0)
+    assert 0.99 <= 6.0 / sigma - 1.0 <= 1.0
+    assert any(6.0 / s - 1.0 <= 0.0 for s in asked)  # a σ with ε = 0 was asked
+
+
+def test_sigma_for_target_refuses_a_sigma_past_1e5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """σ = 1, 20, 400, 8000 (ε/target capped at 16), then 8000 x 10.00004 x 1.25 = 100000.4:
+    past the 1e5 limit, refused without asking the accountant about it."""
+    asked = _fake_accountant(monkeypatch, lambda s: 80000.32 / s)
+    with pytest.raises(
+        PrivacyError, match=r"^no noise multiplier up to 1e5 reaches target ε = 1\.0$"
+    ):
+        _sigma(1.0)
+    assert asked == [1.0, 20.0, 400.0, 8000.0]
+
+
+def test_sigma_for_target_steps_down_to_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubtune.privacy.accounting import MIN_SIGMA
+
+    # ε a little under the target at σ = 1: one step down, by ε/target x 0.8, brackets it.
+    asked = _fake_accountant(monkeypatch, lambda s: 0.9 / s)
+    sigma = _sigma(1.0)
+    assert 0.99 <= 0.9 / sigma <= 1.0
+    assert asked[:2] == [1.0, pytest.approx(0.72)]
+    # Far under the target even at the floor: MIN_SIGMA, asked once, and the search ends there.
+    asked = _fake_accountant(monkeypatch, lambda s: 0.001 / s)
+    assert _sigma(1.0) == MIN_SIGMA and asked == [1.0, MIN_SIGMA]
+
+
+def test_sigma_for_target_ends_at_a_probe_that_meets_the_target_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ε = 100/σ, reported as exactly the target within 1e-9 of σ = 100: the bracket is
+    [20, 125] after σ = 1, 20, 125, and the secant's probe near 100 ends the search."""
+    asked = _fake_accountant(monkeypatch, lambda s: 1.0 if abs(s - 100.0) < 1e-7 else 100.0 / s)
+    sigma = _sigma(1.0)
+    assert asked[:3] == [1.0, 20.0, pytest.approx(125.0)] and len(asked) == 4
+    assert sigma == asked[-1] and abs(sigma - 100.0) < 1e-7
+
+
+@pytest.mark.parametrize(
+    ("curve", "most"),
+    [
+        (lambda s: 100.0 / s, 5),  # a power law: the secant in log-log is exact
+        (lambda s: 100.0 / s + 0.5, 5),
+        (lambda s: 100.0 / s**0.5 + 0.2, 8),
+        (lambda s: 100.0 / s**2, 11),
+        (lambda s: 2.0 / s**1.5 + 0.1, 4),
+        (lambda s: 0.5 / s**2, 4),
+        # ε under the target at σ = 1: the bracket steps down first.
+        (lambda s: 0.8 / s**0.5, 3),
+        (lambda s: 0.5 / s, 3),
+        (lambda s: max(0.5 / s - 0.5, 0.0), 6),
+        # Curves on which the Illinois halving of the stale end decides the count.
+        (lambda s: max(30.0 / s**2 - 0.5, 0.0), 12),
+        (lambda s: 5.0 / s**1.5, 5),
+        (lambda s: max(2.0 / s**2 - 0.5, 0.0), 5),
+        (lambda s: 5.0 / s**2 + 0.5, 6),
+        (lambda s: 2.0 / s**2 + 0.5, 6),
+        (lambda s: 5.0 / s**3 + 0.5, 6),
+    ],
+)
+def test_sigma_for_target_lands_under_the_target_in_few_evaluations_on_smooth_curves(
+    monkeypatch: pytest.MonkeyPatch, curve: Callable[[float], float], most: int
+) -> None:
+    """Each evaluation is a full PRV computation: the regula falsi (Illinois) needs no more than
+    these on smooth ε(σ) curves, and its answer is never above the target."""
+    asked = _fake_accountant(monkeypatch, curve)
+    sigma = _sigma(1.0)
+    assert 0.99 <= curve(sigma) <= 1.0
+    assert len(asked) <= most, asked
+
+
+@pytest.mark.parametrize(
+    ("curve", "jump", "most"),
+    [
+        (lambda s: math.inf if s < 0.5 else 0.45 / s, 0.5, 22),  # unbounded below σ = 0.5
+        (lambda s: 2.0 if s < 3.3 else 0.5, 3.3, 26),
+    ],
+)
+def test_sigma_for_target_narrows_a_jump_across_the_target_to_its_upper_side(
+    monkeypatch: pytest.MonkeyPatch, curve: Callable[[float], float], jump: float, most: int
+) -> None:
+    """ε that jumps across the target (never within the tolerance): the search stops once the
+    bracket is 1e-6 x σ wide and answers its upper end, under the target."""
+    asked = _fake_accountant(monkeypatch, curve)
+    sigma = _sigma(1.0)
+    assert curve(sigma) <= 1.0 and jump <= sigma <= jump * (1 + 2e-6)
+    assert len(asked) <= most, asked
+
+
+def test_the_rdp_memo_is_bounded_and_used() -> None:
+    """The memo of Opacus' per-order RDP holds at most 2**16 entries (a long process must not
+    grow it without bound), and a repeated (q, σ, α) is answered from it."""
+    from opacus.accountants.analysis import rdp
+
+    from hubtune.privacy.accounting import _memoize_rdp_orders
+
+    _memoize_rdp_orders()
+    assert rdp._compute_rdp.cache_info().maxsize == 1 << 16
+    rdp._compute_rdp(0.1, 0.9, 1.5)
+    hits = rdp._compute_rdp.cache_info().hits
+    rdp._compute_rdp(0.1, 0.9, 1.5)
+    assert rdp._compute_rdp.cache_info().hits == hits + 1
