@@ -79,6 +79,18 @@ def test_run_reports_data_errors_without_traceback(tiny_bert: Path, tmp_path: Pa
     assert "not among the labels" in out.stderr and "Traceback" not in out.stderr
 
 
+def _launch(recipe: Path, *, processes: int) -> subprocess.CompletedProcess[str]:
+    """`accelerate launch --num_processes N --cpu -m hubtune run RECIPE`, which must succeed."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate CLI not installed next to this Python"
+    command = [accelerate, "launch", "--num_processes", str(processes), "--cpu", "-m", "hubtune"]
+    out = subprocess.run(
+        [*command, "run", str(recipe)], capture_output=True, text=True, env=_env(), timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
 @pytest.mark.slow
 def test_the_lbfgs_head_under_two_processes_is_the_single_process_head(
     tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
@@ -87,22 +99,12 @@ def test_the_lbfgs_head_under_two_processes_is_the_single_process_head(
     import torch
     from safetensors.torch import load_file
 
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    assert accelerate, "accelerate CLI not installed next to this Python"
     heads = []
     for processes in ("1", "2"):
         spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / processes)
         spec["audit"] = {"enabled": False}
         path = _write_recipe(tmp_path / f"r{processes}.yaml", spec)
-        out = subprocess.run(
-            [accelerate, "launch", "--num_processes", processes, "--cpu", "-m", "hubtune", "run"]
-            + [str(path)],
-            capture_output=True,
-            text=True,
-            env=_env(),
-            timeout=600,
-        )
-        assert out.returncode == 0, out.stderr[-4000:]
+        out = _launch(path, processes=int(processes))
         assert "head fitted to convergence (L-BFGS)" in out.stdout
         run_dir = tmp_path / processes / "tiny"
         run = json.loads((run_dir / "run.json").read_text())
@@ -116,20 +118,10 @@ def test_the_lbfgs_head_under_two_processes_is_the_single_process_head(
 def test_accelerate_launch_two_cpu_processes(
     tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
 ) -> None:
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    assert accelerate, "accelerate CLI not installed next to this Python"
     spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / "runs", name="lora", r=4)
     spec["train"]["epochs"] = 2
     spec["train"]["log_with"] = ["tensorboard"]
-    path = _write_recipe(tmp_path / "r.yaml", spec)
-    out = subprocess.run(
-        [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "hubtune", "run", str(path)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
+    out = _launch(_write_recipe(tmp_path / "r.yaml", spec), processes=2)
     assert out.stdout.count("outputs:") == 1  # one process speaks
     run_dir = tmp_path / "runs" / "tiny"
     run = json.loads((run_dir / "run.json").read_text())
