@@ -2370,6 +2370,8 @@ def test_chunked_bodies_are_decoded_and_malformed_ones_refused() -> None:
         (b"3\r\nabcX\r\n0\r\n\r\n", "chunk data not followed by CRLF"),
         (b"3\r\nabc\r\r\n0\r\n\r\n", "chunk data not followed by CRLF"),
         (b"3\r\nabc\r\n0\r\n" + b"T: x\r\n" * 100 + b"\r\n", "too many trailer lines"),
+        # one trailer line over the line limit is refused, not read as several lines
+        (b"3\r\nabc\r\n0\r\nT: " + b"x" * 1100 + b"\r\n\r\n", "trailer line longer than 1024 bytes"),
     ):
         reader = _reader(raw, chunked=True)
         with pytest.raises(HubError) as info:
@@ -2379,9 +2381,13 @@ def test_chunked_bodies_are_decoded_and_malformed_ones_refused() -> None:
             f"Malformed chunked body: {message}",
         ), raw
         assert reader.broken
-    for raw in (b"", b"5\r\nab"):
+    # Cut short (the client went away), not malformed: mid-data, before a chunk's CRLF, before
+    # the next size line.
+    for raw in (b"", b"5\r\nab", b"3\r\nabc", b"3\r\nabc\r\n"):
+        reader = _reader(raw, chunked=True)
         with pytest.raises(ConnectionError, match=r"^request body ended early$"):
-            _reader(raw, chunked=True).read_all()
+            reader.read_all()
+        assert not reader.broken, raw
 
 
 def test_sized_bodies_stop_at_their_length_and_at_the_limits() -> None:
@@ -2648,9 +2654,9 @@ def test_percent_encoded_repo_paths_are_checked_decoded() -> None:
 
 
 def test_chunked_framing_reads_no_more_than_its_bounds() -> None:
-    """Size and CRLF lines are read with a bound, hex sizes of several digits, a long trailer
-    line counts against the trailer limit, and a bare LF ends the trailers (the bytes after
-    it belong to the next request)."""
+    """Size and CRLF lines are read with a bound, hex sizes of several digits, a trailer line
+    over the line limit is refused after 1 KiB, and a bare LF ends the trailers (the bytes
+    after it belong to the next request)."""
     import io
 
     from hubtune.hubserver.body import BodyReader, Framing
@@ -2676,8 +2682,11 @@ def test_chunked_framing_reads_no_more_than_its_bounds() -> None:
     assert body.read_all() == b"" and stream.tell() == 3
     long_trailer = b"0\r\n" + b"T" * 2000 + b"\r\n" + b"T: x\r\n" * 98 + b"\r\n"
     body, stream = reader(long_trailer)
-    with pytest.raises(HubError, match=r"^Malformed chunked body: too many trailer lines$"):
-        body.read_all()  # 1 KiB per read: the long line counts twice
+    with pytest.raises(
+        HubError, match=r"^Malformed chunked body: trailer line longer than 1024 bytes$"
+    ):
+        body.read_all()
+    assert stream.tell() == 3 + 1024  # the long line is read 1 KiB at most
 
 
 def test_own_origin_on_port_80() -> None:

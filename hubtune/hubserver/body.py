@@ -110,7 +110,10 @@ class BodyReader:
         return int(match.group(1), 16)
 
     def _end_of_chunk(self) -> None:
-        if self._rfile.readline(3) not in (b"\r\n", b"\n"):
+        end = self._rfile.readline(3)
+        if not end:  # the client went away after the chunk's data: not malformed, cut short
+            raise ConnectionError("request body ended early")
+        if end not in (b"\r\n", b"\n"):
             raise self._bad("chunk data not followed by CRLF")
 
     def _read_chunked(self) -> bytes:
@@ -121,6 +124,8 @@ class BodyReader:
                     trailer = self._rfile.readline(_SIZE_LINE_MAX)
                     if trailer in (b"\r\n", b"\n", b""):
                         break
+                    if not trailer.endswith(b"\n"):  # one line, not several pieces of it
+                        raise self._bad(f"trailer line longer than {_SIZE_LINE_MAX} bytes")
                 else:
                     raise self._bad("too many trailer lines")
                 self._done = True
