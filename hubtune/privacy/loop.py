@@ -161,7 +161,8 @@ def stop_if_nonfinite(model: Any, read: Callable[[], list[bool]], epoch: int, st
         )
     if weights_bad:
         bad = [
-            n
+            # the model's own names, not those of Opacus' wrapper (GradSampleModule._module)
+            n.removeprefix("_module.")
             for n, p in model.named_parameters()
             if p.requires_grad and not torch.isfinite(p).all()
         ]
