@@ -10,7 +10,9 @@ the kept epoch and the wall time. Configurations:
 ``freeze``   frozen backbone, head fitted to convergence on cached features (``method.name=freeze``,
              ``unfreeze_top_k=0``, ``head_fit=auto``: L-BFGS);
 ``topk``     the top 2 blocks unfrozen on the prefix cache (``unfreeze_top_k=2``, 3 epochs);
-``full``     full fine-tuning (lr 5e-5, 1 epoch: what fits a CPU budget).
+``full``     full fine-tuning (lr 5e-5, 1 epoch: what fits a CPU budget);
+``shipped_native``, ``freeze_native``: the same with ``model.pooling=native`` (the architecture's
+             own head; ``auto`` takes a sentence-transformers model's mean pooling).
 
 Every run goes through the public API (``load_recipe`` + ``run_recipe``) with outputs in a work
 folder, no checkpoints, no trackers, no audit and no push. Results:
@@ -51,6 +53,13 @@ CONFIGS: dict[str, list[str]] = {
         "train.warmup_ratio=0.1",
     ],
     "full": ["method={name: full}", "train.epochs=1", "train.lr=5e-5", "train.warmup_ratio=0.1"],
+    # The same with the architecture's own head (BERT: pooler on [CLS]) instead of model.pooling:
+    # auto, which takes a sentence-transformers model's mean pooling.
+    "shipped_native": ["model.pooling=native"],
+    "freeze_native": [
+        "method={name: freeze, unfreeze_top_k: 0, head_fit: auto}",
+        "model.pooling=native",
+    ],
 }
 
 

@@ -565,6 +565,28 @@ def _classical(run_info: RunInfo) -> dict[str, Any] | None:
     }
 
 
+_POOLING_WORDS = {
+    "mean": "the mean of the encoder's token states (padding left out)",
+    "cls": "the first token's state (no pooler layer)",
+    "max": "the per-dimension maximum of the encoder's token states",
+    "mean_sqrt_len": "the sum of the encoder's token states over the square root of their number",
+}
+
+
+def _pooling_sentence(pooling: dict[str, str] | None) -> str | None:
+    """What the head reads, in words (None: no record, image models)."""
+    if not pooling:
+        return None
+    mode, source = pooling.get("mode", "native"), _md(pooling.get("source", ""))
+    if mode == "native":
+        return f"the architecture's own classification head ({source})"
+    return (
+        f"{_POOLING_WORDS.get(mode, _md(mode))}, from {source}. This needs hubtune's small "
+        "classifier class, `modeling_pooled.py` (torch and transformers only), which is saved beside "
+        "the weights: load with `trust_remote_code=True` and read that file first"
+    )
+
+
 def _hyperparameters(
     recipe: dict[str, Any], ledger: Ledger | None, run_info: RunInfo | None = None
 ) -> list[tuple[str, str]]:
@@ -879,6 +901,7 @@ def build_card(
         if run_info.selected_epoch
         else None,
         "hyperparameters": _hyperparameters(recipe, ledger, run_info),
+        "pooling": _pooling_sentence(run_info.pooling),
         **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,
         "membership": _membership(audit),

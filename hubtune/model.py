@@ -11,6 +11,9 @@ from hubtune.recipe import ModelSection
 
 __all__ = [
     "GROUPNORM_FILE",
+    "POOLING_ATTR",
+    "choose_pooling",
+    "is_pooled_model",
     "load_classifier",
     "load_image_classifier",
     "load_saved_image_model",
@@ -25,9 +28,18 @@ logger = logging.getLogger(__name__)
 
 
 def load_classifier(
-    resolved: ResolvedModel, section: ModelSection, *, label_names: list[str]
+    resolved: ResolvedModel,
+    section: ModelSection,
+    *,
+    label_names: list[str],
+    method_name: str = "freeze",
 ) -> tuple[Any, Any, list[str]]:
-    """Load tokenizer and ``AutoModelForSequenceClassification`` from a resolved folder.
+    """Load tokenizer and sequence classifier from a resolved folder.
+
+    The classifier is transformers' ``AutoModelForSequenceClassification`` (``native``
+    pooling), or :class:`hubtune.modeling_pooled.HubtunePooledForSequenceClassification` when
+    :func:`choose_pooling` picks another pooling. Which one, and why, is in
+    :data:`POOLING_ATTR` on the returned model (run.json's ``pooling``).
 
     Returns:
         ``(tokenizer, model, newly_initialized)``: the names of parameters the checkpoint did
@@ -43,8 +55,133 @@ def load_classifier(
         tokenizer.pad_token = tokenizer.eos_token
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    model, newly = _from_pretrained(AutoModelForSequenceClassification, resolved, config, section)
+    choice = choose_pooling(resolved.local_dir, section.pooling, method_name=method_name)
+    if choice["mode"] == "native":
+        auto_class: Any = AutoModelForSequenceClassification
+    else:
+        from hubtune.modeling_pooled import (
+            HubtunePooledConfig,
+            HubtunePooledForSequenceClassification,
+        )
+
+        encoder = {k: v for k, v in config.to_dict().items() if k not in _LABEL_KEYS}
+        config = HubtunePooledConfig(
+            encoder=encoder,
+            pooling=choice["mode"],
+            classifier_dropout=_dropout_of(config),
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            pad_token_id=config.pad_token_id,
+        )
+        auto_class = HubtunePooledForSequenceClassification
+    model, newly = _from_pretrained(auto_class, resolved, config, section)
+    setattr(model, POOLING_ATTR, choice)
+    logger.info("model: pooling %s (%s)", choice["mode"], choice["source"])
     return tokenizer, model, newly
+
+
+# On a loaded classifier: {"mode", "source"}, how its head pools the token states and why.
+POOLING_ATTR = "hubtune_pooling"
+# What the encoder's configuration must not carry into HubtunePooledConfig.encoder: the labels
+# and transformers' own bookkeeping belong to the outer configuration.
+_LABEL_KEYS = {
+    "num_labels",
+    "id2label",
+    "label2id",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "auto_map",
+    "problem_type",
+}
+SENTENCE_TRANSFORMERS_POOLING = "sentence_transformers.models.Pooling"
+
+
+POOLED_MODEL_TYPE = "hubtune_pooled"
+
+
+def is_pooled_model(folder: str | Path) -> bool:
+    """Whether the saved model in ``folder`` is hubtune's pooled classifier (loads with
+    ``trust_remote_code=True``, its code beside the weights)."""
+    import json
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type") == POOLED_MODEL_TYPE
+
+
+def _dropout_of(config: Any) -> float:
+    """The dropout the architecture's own head would use (BERT: classifier_dropout or hidden)."""
+    for name in ("classifier_dropout", "hidden_dropout_prob", "seq_classif_dropout", "dropout"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.1
+
+
+def sentence_transformers_pooling(folder: Path) -> tuple[str, str] | None:
+    """``(mode, source)`` from a sentence-transformers model's own pooling config, or None.
+
+    ``modules.json`` names the ``Pooling`` module's folder (usually ``1_Pooling``); its
+    ``config.json`` says which pooling the model was trained with. A config that turns on
+    several modes at once (their concatenation) or none is not one hubtune reproduces: None,
+    with a warning.
+    """
+    import json
+
+    modules_file = Path(folder) / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        entry = next(m for m in modules if m.get("type") == SENTENCE_TRANSFORMERS_POOLING)
+        relative = f"{entry.get('path') or ''}/config.json".lstrip("/")
+        config = json.loads((Path(folder) / relative).read_text(encoding="utf-8"))
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError) as exc:
+        logger.warning("%s: no usable sentence-transformers pooling config (%s)", folder, exc)
+        return None
+    modes = [
+        mode
+        for mode in ("cls", "mean", "max", "mean_sqrt_len")
+        if config.get(
+            f"pooling_mode_{mode}_token" if mode == "cls" else f"pooling_mode_{mode}_tokens"
+        )
+    ]
+    if len(modes) != 1:
+        logger.warning(
+            "%s: %s turns on %s pooling modes %s; hubtune reproduces exactly one: using native pooling",
+            folder,
+            relative,
+            len(modes),
+            modes,
+        )
+        return None
+    return modes[0], f"{relative} of the base model (sentence-transformers)"
+
+
+def choose_pooling(folder: Path, requested: str, *, method_name: str) -> dict[str, str]:
+    """How the classifier pools, and why: ``{"mode", "source"}`` (run.json's ``pooling``).
+
+    ``auto`` takes the model's own sentence-transformers pooling, except under LoRA, whose
+    adapter is loaded onto the base model's stock classifier (native pooling) wherever it goes.
+    """
+    if requested != "auto":
+        return {"mode": requested, "source": "model.pooling in the recipe"}
+    shipped = sentence_transformers_pooling(folder)
+    if shipped is None:
+        return {
+            "mode": "native",
+            "source": "the architecture's own head (no pooling config shipped)",
+        }
+    mode, source = shipped
+    if method_name == "lora":
+        return {
+            "mode": "native",
+            "source": f"LoRA adapters load onto the stock classifier, so not the {mode} pooling of {source}",
+        }
+    return {"mode": mode, "source": source}
 
 
 def _labelled_config(resolved: ResolvedModel, label_names: list[str], trust: bool) -> Any:

@@ -91,6 +91,16 @@ class ModelSection(_Strict):
         description="Run modelling code from the repo. Needs `revision` pinned to a commit SHA.",
     )
     max_length: int = Field(128, ge=8, le=8192, description="Tokenizer truncation length.")
+    pooling: Literal["auto", "native", "mean", "cls", "max", "mean_sqrt_len"] = Field(
+        "auto",
+        description="Text: how the token states become one vector for the head. `auto`: the "
+        "model's own sentence-transformers pooling when it ships one (`1_Pooling/config.json`, "
+        "e.g. mean for all-MiniLM-L6-v2), else `native`; `native`: the architecture's own "
+        "sequence-classification head as transformers builds it (BERT: pooler on [CLS]); `mean`, "
+        "`cls`, `max`, `mean_sqrt_len`: that pooling of the encoder's last states (the saved model "
+        "then loads with trust_remote_code=True; its code ships beside the weights). LoRA keeps "
+        "`native` (auto) or refuses another.",
+    )
     image_size: int | None = Field(
         None,
         ge=16,
@@ -103,6 +113,15 @@ class ModelSection(_Strict):
         if self.image_size is not None and TASKS[self.task].input_kind != "image":
             images = " or ".join(n for n, t in TASKS.items() if t.input_kind == "image")
             raise ValueError(f"model.image_size applies to task: {images} only")
+        return self
+
+    @model_validator(mode="after")
+    def _pooling_needs_text(self) -> ModelSection:
+        if self.pooling != "auto" and TASKS[self.task].input_kind != "text":
+            raise ValueError(
+                f"model.pooling applies to text tasks; {self.task} uses the image model's own head. "
+                "Remove model.pooling."
+            )
         return self
 
     @model_validator(mode="after")
@@ -495,6 +514,17 @@ class Recipe(_Strict):
             raise ValueError(
                 f"train.group_by_length batches text by token count; {self.model.task} has no lengths. "
                 "Remove it."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pooling_fits_the_method(self) -> Recipe:
+        if self.method.name == "lora" and self.model.pooling not in ("auto", "native"):
+            raise ValueError(
+                f"model.pooling: {self.model.pooling} with method.name: lora is refused: the adapter is "
+                "loaded onto the stock classifier of its base model, which pools natively, so the pushed "
+                "adapter would predict differently from the run. Use model.pooling: auto or native with "
+                "LoRA, or method.name: freeze or full for another pooling."
             )
         return self
 

@@ -357,6 +357,9 @@ class RunInfo(_Record):
     data: DataRecord = Field(default_factory=DataRecord)
     method: dict[str, Any] = Field(default_factory=dict)
     newly_initialized: list[str] = Field(default_factory=list)
+    # Text: how the head pools token states, {"mode", "source"} (hubtune.model.choose_pooling);
+    # None: image models, or runs before pooling was recorded (native).
+    pooling: dict[str, str] | None = None
     feature_cache: dict[str, Any] = Field(default_factory=dict)
     outputs: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)

@@ -42,7 +42,7 @@ from hubtune.io import atomic_dir, atomic_write_json, atomic_write_text
 from hubtune.launch import resolve_mixed_precision, use_cpu
 from hubtune.loop import LengthGroupedBatches, plain_epoch, predict
 from hubtune.methods import MethodPlan, apply_method
-from hubtune.model import GROUPNORM_FILE, save_processor
+from hubtune.model import GROUPNORM_FILE, POOLING_ATTR, save_processor
 from hubtune.prefix import example_lengths
 from hubtune.privacy import PrivacyError, compute_epsilons, prior_history
 from hubtune.privacy.engine import (
@@ -231,7 +231,9 @@ def _load(run: _Run) -> _Loaded:
         logger.info(
             "data: %s rows kept %s, dropped %s", data.fingerprint[:12], data.rows_kept, data.dropped
         )
-    processor, model, newly = task.load(resolved, recipe.model, label_names=data.label_names)
+    processor, model, newly = task.load(
+        resolved, recipe.model, label_names=data.label_names, method_name=recipe.method.name
+    )
     plan = apply_method(
         model,
         recipe.method,
@@ -279,11 +281,19 @@ def _inputs(run: _Run, loaded: _Loaded) -> TrainingInputs:
         for split, frame in frames.items()
     }
 
+    # What the head reads also depends on how token states are pooled (model.pooling), which
+    # the weights and inputs do not say: two runs of one model with another pooling must not
+    # share a cache.
+    pooling = getattr(loaded.plan.model, POOLING_ATTR, None)
+
     def key(split: str, cut: str) -> str:
         frame = frames[split]
         return cache_key(
             model_sha=loaded.resolved.sha,
-            inputs=task.cache_inputs(frame, recipe, loaded.processor),
+            inputs={
+                **task.cache_inputs(frame, recipe, loaded.processor),
+                **({"pooling": pooling["mode"]} if pooling else {}),
+            },
             rows=len(frame),
             cut=cut,
         )
@@ -874,6 +884,7 @@ def _write_run_info(
             **({"head_fit": _head_fit(recipe, plan)} if hasattr(recipe.method, "head_fit") else {}),
         },
         "newly_initialized": loaded.newly,
+        "pooling": getattr(plan.model, POOLING_ATTR, None),
         "feature_cache": inputs.info,
         "outputs": {"model_dir": plan.output_dir},
         "timings": run.timings,

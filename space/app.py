@@ -206,7 +206,9 @@ def load_classifier(
         base_model = auto_model.from_pretrained(base, use_safetensors=True, **extra)
         model = PeftModel.from_pretrained(base_model, folder)
     else:
-        model = auto_model.from_pretrained(folder, use_safetensors=True)
+        model = auto_model.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=_is_pooled_classifier(folder)
+        )
     tokenizer = (
         _image_processor(folder) if images else transformers.AutoTokenizer.from_pretrained(folder)
     )
@@ -215,6 +217,33 @@ def load_classifier(
         model.to("cuda")
     max_length = int(config.get("max_length") or DEFAULT_MAX_LENGTH)
     return Classifier(model, tokenizer, _labels(config, model.config), max_length, images=images)
+
+
+# hubtune's classifier that pools token states as the base model was trained (mean pooling for
+# sentence-transformers models): its modelling file, modeling_pooled.py, is saved beside the
+# weights and named by config.json's auto_map.
+POOLED_MODEL_TYPE = "hubtune_pooled"
+POOLED_CODE = "modeling_pooled.py"
+
+
+def _is_pooled_classifier(folder: Path) -> bool:
+    """Whether to load the model's own code: only hubtune's pooled classifier, from its own file.
+
+    The model folder comes from the model repo at the pinned revision this Space names, so the
+    code that runs is the file hubtune pushed with the weights; any other model loads with
+    transformers' built-in classes only.
+    """
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != POOLED_MODEL_TYPE:
+        return False
+    auto_map = config.get("auto_map") or {}
+    named = {str(ref).split(".", 1)[0] + ".py" for ref in auto_map.values()}
+    if named != {POOLED_CODE} or not (folder / POOLED_CODE).is_file():
+        raise ValueError(
+            f"{folder}: a {POOLED_MODEL_TYPE} model must ship its code as {POOLED_CODE} and name only "
+            f"that file in config.json's auto_map (found {sorted(named)})"
+        )
+    return True
 
 
 def _image_processor(folder: Path) -> Any:

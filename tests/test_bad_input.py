@@ -271,6 +271,14 @@ def unknown_select_metric(i: Inputs) -> list[str]:
     return i.recipe(train={"select_metric": "f1"})
 
 
+def mean_pooling_with_lora(i: Inputs) -> list[str]:
+    return [*i.recipe(method={"name": "lora"}), "model.pooling=mean"]
+
+
+def unknown_pooling(i: Inputs) -> list[str]:
+    return [*i.recipe(), "model.pooling=average"]
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -325,6 +333,8 @@ ROWS: list[Row] = [
     *both("policy-requirement-not-a-bool", policy_requirement_not_a_bool, r"r\.yaml:\d+: audit\.policy: \S+needs\.yaml: invalid audit policy\n +thresholds\.require_fairness_check: Input should be a valid boolean"),
     *both("lbfgs-head-under-privacy", lbfgs_head_under_privacy, r"method\.head_fit: lbfgs is not differentially private .*Use head_fit: auto or sgd"),
     *both("unknown-select-metric", unknown_select_metric, r"train\.select_metric: Input should be 'accuracy', 'macro_f1' or 'loss'"),
+    *both("mean-pooling-with-lora", mean_pooling_with_lora, r"model\.pooling: mean with method\.name: lora is refused: .*Use model\.pooling: auto or native with LoRA"),
+    *both("unknown-pooling", unknown_pooling, r"model\.pooling: Input should be 'auto', 'native', 'mean', 'cls', 'max' or 'mean_sqrt_len'"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
 ]  # fmt: skip
 

@@ -40,6 +40,8 @@ B = len(TEXTS)
 NO_DROPOUT = {
     "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
     "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    # hubtune's pooled classifier (model.pooling: mean): the encoder's dropouts, and the head's
+    "bert-mean": {"classifier_dropout": 0.0},
 }
 
 
@@ -53,9 +55,19 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def _model(folder: Path, arch: str, method: Any, *, seed: int = 0) -> tuple[nn.Module, Any]:
     """A float64 classifier with ``method`` applied, every dropout off, in training mode."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=2, **NO_DROPOUT[arch]
-    )
+    if arch == "bert-mean":
+        from hubtune.modeling_pooled import (
+            HubtunePooledConfig,
+            HubtunePooledForSequenceClassification,
+        )
+
+        encoder = transformers.AutoConfig.from_pretrained(folder, **NO_DROPOUT["bert"]).to_dict()
+        config = HubtunePooledConfig(encoder=encoder, num_labels=2, **NO_DROPOUT[arch])
+        model = HubtunePooledForSequenceClassification.from_pretrained(folder, config=config)
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=2, **NO_DROPOUT[arch]
+        )
     plan = apply_method(model, method, lr=0.1)
     model = plan.model
     for module in model.modules():
@@ -143,6 +155,8 @@ CASES = {
     ),
     "freeze-top1-bert": ("tiny_bert", "bert", FreezeMethod(name="freeze", unfreeze_top_k=1), False),
     "full-bert": ("tiny_bert", "bert", FullMethod(name="full"), True),
+    # mean pooling over the kept tokens: padding must not leak into another example's gradient
+    "full-bert-mean": ("tiny_bert", "bert-mean", FullMethod(name="full"), True),
     # trainable transformers Conv1D: no Opacus grad/norm sampler, so the functorch fallback
     "full-gpt2": ("tiny_gpt2", "gpt2", FullMethod(name="full"), True),
 }

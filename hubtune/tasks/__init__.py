@@ -28,7 +28,8 @@ class Task:
     input_kind: str  # "text" or "image": which data columns feed the model
     title: str  # the Hub's task name, e.g. "Text Classification"
     space_widget: str  # the Space app's input: "textbox" or "image"
-    # (resolved model, model section, *, label_names) -> (preprocessor, model, newly initialised)
+    # (resolved model, model section, *, label_names, method_name) -> (preprocessor, model,
+    # newly initialised)
     load: Callable[..., tuple[Any, Any, list[str]]]
     # (preprocessor, frame, recipe, *, train) -> a Dataset of {"...inputs", "labels", "idx"}
     encode: Callable[..., Any]

@@ -18,7 +18,9 @@ from hubtune.tasks.snippets import lora_base_lines, model_location
 __all__ = ["TASK", "load_snippet"]
 
 
-def _load(resolved: Any, section: Any, *, label_names: list[str]) -> tuple[Any, Any, list[str]]:
+def _load(
+    resolved: Any, section: Any, *, label_names: list[str], method_name: str
+) -> tuple[Any, Any, list[str]]:
     from hubtune.model import load_image_classifier
 
     return load_image_classifier(resolved, section, label_names=label_names)

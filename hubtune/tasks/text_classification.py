@@ -18,10 +18,12 @@ from hubtune.tasks.snippets import lora_base_lines, model_location
 __all__ = ["TASK", "Encoded", "collator", "encode", "load_snippet", "pipeline_snippet"]
 
 
-def _load(resolved: Any, section: Any, *, label_names: list[str]) -> tuple[Any, Any, list[str]]:
+def _load(
+    resolved: Any, section: Any, *, label_names: list[str], method_name: str
+) -> tuple[Any, Any, list[str]]:
     from hubtune.model import load_classifier
 
-    return load_classifier(resolved, section, label_names=label_names)
+    return load_classifier(resolved, section, label_names=label_names, method_name=method_name)
 
 
 class Encoded:
@@ -90,6 +92,8 @@ def load_snippet(
     max_length: int = 128,
 ) -> str:
     """A Python snippet that loads the model and classifies a text."""
+    from hubtune.model import is_pooled_model
+
     where, kw = model_location(run_dir=run_dir, repo_id=repo_id, revision=revision, lora=lora)
     lines = [
         "import torch",
@@ -103,6 +107,12 @@ def load_snippet(
     lines.append(f"tokenizer = AutoTokenizer.from_pretrained(model_id{kw})")
     if lora:
         lines += lora_base_lines(base, label_names, "AutoModelForSequenceClassification", kw)
+    elif is_pooled_model(run_dir / "model"):
+        # hubtune's pooled classifier: its code (modeling_pooled.py) is in the model folder.
+        lines.append(
+            "model = AutoModelForSequenceClassification.from_pretrained("
+            f"model_id{kw}, trust_remote_code=True).eval()"
+        )
     else:
         lines.append(
             f"model = AutoModelForSequenceClassification.from_pretrained(model_id{kw}).eval()"
