@@ -590,6 +590,7 @@ class ComparisonRecord(_Record):
 
     other_run: str | None = None
     slices: list[ComparisonSlice] = Field(default_factory=list)
+    note: str | None = None  # why there are no slices (a test split below min_group_size)
 
 
 class AuditRecord(_Record):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -1008,3 +1009,678 @@ def test_unknown_sensitive_column_is_a_clear_error() -> None:
 def test_slice_spec_name() -> None:
     assert SliceSpec(("sex", "age")).name == "sex × age"
     assert math.isnan(float(class_rates(np.zeros((2, 2)))["tpr"][1]))
+
+
+# --------------------------------------------------------------------------- compare_fairness
+
+# Two runs' predictions on the same rows, per group: {(label, this run's, other run's): rows}.
+# Binary (positive label id 1). Group a has exactly 30 rows (the default min_group_size).
+#   a: this TP 8, FN 2, FP 4, TN 16; other TP 5, FN 5, FP 2, TN 18.
+#   b: this TP 10, FN 10, FP 0, TN 20; other TP 20, FN 0, FP 10, TN 10.
+PAIRED = {
+    "a": {(1, 1, 1): 5, (1, 1, 0): 3, (1, 0, 0): 2, (0, 1, 1): 2, (0, 1, 0): 2, (0, 0, 0): 16},
+    "b": {(1, 1, 1): 10, (1, 0, 1): 10, (0, 0, 1): 10, (0, 0, 0): 10},
+}
+# (this, other) per group and metric, by hand from the counts above.
+PAIRED_EXPECTED = {
+    "a": {
+        "accuracy": (24 / 30, 23 / 30),
+        "selection_rate": (12 / 30, 7 / 30),
+        "tpr": (8 / 10, 5 / 10),
+        "fpr": (4 / 20, 2 / 20),
+        "fnr": (2 / 10, 5 / 10),
+        "precision": (8 / 12, 5 / 7),
+        "f1": (16 / 22, 10 / 17),
+    },
+    "b": {
+        "accuracy": (30 / 40, 30 / 40),
+        "selection_rate": (10 / 40, 30 / 40),
+        "tpr": (10 / 20, 20 / 20),
+        "fpr": (0 / 20, 10 / 20),
+        "fnr": (10 / 20, 0 / 20),
+        "precision": (10 / 10, 20 / 30),
+        "f1": (20 / 30, 40 / 50),
+    },
+}
+
+
+def _paired_runs(
+    cells: dict[str, dict[tuple[int, int, int], int]], *, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two runs' predictions frames on the same rows (``row_id``), the second in another order."""
+    records = []
+    for group, counts in cells.items():
+        for (label, mine, theirs), k in counts.items():
+            records += [{"group": group, "label_id": label, "this": mine, "other": theirs}] * k
+    frame = pd.DataFrame(records).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    frame["row_id"] = np.arange(len(frame))
+    this = frame.drop(columns="other").rename(columns={"this": "prediction_id"})
+    other = frame.drop(columns="this").rename(columns={"other": "prediction_id"})
+    other = other.sample(frac=1.0, random_state=seed + 1).reset_index(drop=True)
+    return this, other
+
+
+def _change(this: float, other: float) -> dict[str, object]:
+    return {
+        "this": pytest.approx(this, abs=EXACT),
+        "other": pytest.approx(other, abs=EXACT),
+        "change": pytest.approx(this - other, abs=EXACT),
+        "ci": None,
+    }
+
+
+def test_compare_fairness_binary_values_are_exact() -> None:
+    """Each group's metrics under both runs and their difference, from hand-counted rows."""
+    this, other = _paired_runs(PAIRED)
+    result = compare_fairness(
+        this, other, label_names=BINARY, sensitive=["group"], metrics=ALL_METRICS, n_boot=0
+    )
+    assert result["rows"] == 70
+    assert result["ci_level"] is None  # no resamples, no interval level
+    assert list(result) == ["rows", "ci_level", "slices"]
+    assert len(result["slices"]) == 1
+    spec = result["slices"][0]
+    assert list(spec) == ["name", "groups"]
+    assert spec["name"] == "group"
+    assert [g["name"] for g in spec["groups"]] == ["a", "b"]
+    keys = ["accuracy", "selection_rate", "tpr", "fpr", "fnr", "precision", "f1"]  # no count
+    for entry in spec["groups"]:
+        name = entry["name"]
+        # Group a has exactly min_group_size (30) rows: it is shown.
+        assert list(entry) == ["name", "suppressed", "count", "metrics"]
+        assert entry["suppressed"] is False
+        assert entry["count"] == {"a": 30, "b": 40}[name]
+        assert list(entry["metrics"]) == keys
+        for k in keys:
+            assert entry["metrics"][k] == _change(*PAIRED_EXPECTED[name][k]), (name, k)
+    assert spec["groups"][1]["metrics"]["selection_rate"]["change"] == pytest.approx(-0.5)
+
+    # positive_label='neg': TPR becomes the true negative rate, selection the share of 'neg'.
+    flipped = compare_fairness(
+        this,
+        other,
+        label_names=BINARY,
+        sensitive=["group"],
+        metrics=["selection_rate", "tpr"],
+        positive_label="neg",
+        n_boot=0,
+    )
+    groups = _groups(flipped)
+    assert groups["a"]["metrics"] == {
+        "selection_rate": _change(18 / 30, 23 / 30),
+        "tpr": _change(16 / 20, 18 / 20),
+    }
+    assert groups["b"]["metrics"] == {
+        "selection_rate": _change(30 / 40, 10 / 40),
+        "tpr": _change(20 / 20, 10 / 20),
+    }
+
+
+def test_compare_fairness_min_group_size_boundary() -> None:
+    """A group of exactly min_group_size rows is shown; one row more in the threshold hides it."""
+    this, other = _paired_runs(PAIRED)
+    kwargs = {"label_names": BINARY, "sensitive": ["group"], "metrics": ["accuracy"], "n_boot": 0}
+    shown = compare_fairness(this, other, **kwargs)  # default min_group_size=30
+    assert [(g["name"], g["suppressed"]) for g in shown["slices"][0]["groups"]] == [
+        ("a", False),
+        ("b", False),
+    ]
+    hidden = compare_fairness(this, other, min_group_size=31, **kwargs)
+    # a is small (30 < 31); b would give it away by subtraction from the 70 rows.
+    assert hidden["slices"][0]["groups"] == [
+        {"name": "a", "suppressed": True, "metrics": None},
+        {"name": "b", "suppressed": True, "metrics": None},
+    ]
+    assert hidden["rows"] == 70
+
+
+# Multi-class (LABELS3) paired rows, small enough to count by hand. In g2, run 'this' never
+# predicts 'high' for a true 'high' row (the last confusion cell of the last group is empty).
+PAIRED3 = {
+    "g1": {
+        (0, 0, 0): 4,
+        (0, 1, 0): 1,
+        (1, 1, 1): 3,
+        (1, 1, 2): 1,
+        (2, 2, 2): 2,
+        (2, 0, 1): 1,
+    },
+    "g2": {(0, 0, 0): 3, (0, 0, 1): 1, (1, 1, 1): 2, (1, 0, 1): 1, (2, 1, 2): 2},
+}
+PAIRED3_EXPECTED = {
+    "g1": {
+        "accuracy": (10 / 12, 10 / 12),
+        "selection_rate[low]": (5 / 12, 5 / 12),
+        "selection_rate[mid]": (5 / 12, 4 / 12),
+        "selection_rate[high]": (2 / 12, 3 / 12),
+        "tpr": ((4 / 5 + 4 / 4 + 2 / 3) / 3, (5 / 5 + 3 / 4 + 2 / 3) / 3),
+    },
+    "g2": {
+        "accuracy": (6 / 9, 8 / 9),
+        "selection_rate[low]": (5 / 9, 3 / 9),
+        "selection_rate[mid]": (4 / 9, 4 / 9),
+        "selection_rate[high]": (0 / 9, 2 / 9),
+        "tpr": ((4 / 4 + 2 / 3 + 0 / 2) / 3, (3 / 4 + 3 / 3 + 2 / 2) / 3),
+    },
+}
+
+
+def test_compare_fairness_multiclass_values_and_paired_intervals() -> None:
+    """Three labels: per-class selection rates and macro TPR under both runs, exactly; the
+    intervals are those of the paired per-resample differences."""
+    this, other = _paired_runs(PAIRED3)
+    kwargs = {
+        "label_names": LABELS3,
+        "sensitive": ["group"],
+        "metrics": ["accuracy", "selection_rate", "tpr"],
+        "min_group_size": 1,
+    }
+    result = compare_fairness(this, other, n_boot=0, **kwargs)
+    groups = _groups(result)
+    assert list(groups) == ["g1", "g2"]
+    assert [groups[g]["count"] for g in groups] == [12, 9]
+    for name, expected in PAIRED3_EXPECTED.items():
+        assert list(groups[name]["metrics"]) == list(expected)
+        for k, (mine, theirs) in expected.items():
+            assert groups[name]["metrics"][k] == _change(mine, theirs), (name, k)
+
+    n_boot, seed = 40, 7
+    boots = compare_fairness(this, other, n_boot=n_boot, seed=seed, ci_level=0.9, **kwargs)
+    assert boots["ci_level"] == 0.9
+    joined = this.merge(other, on="row_id", suffixes=("", "_other"))
+    group = (joined["group"] == "g2").to_numpy().astype(np.int64)
+    y = joined["label_id"].to_numpy()
+    replicates = {}
+    for which, column in (("this", "prediction_id"), ("other", "prediction_id_other")):
+        codes = (group * 3 + y) * 3 + joined[column].to_numpy()
+        boot = _bootstrap(codes, cells=2, num_labels=3, n_boot=n_boot, seed=seed + 1)
+        replicates[which] = group_metrics(boot, positive=None, label_names=LABELS3)
+    for i, name in enumerate(["g1", "g2"]):
+        entry = _groups(boots)[name]["metrics"]
+        for k in PAIRED3_EXPECTED[name]:
+            assert entry[k]["change"] == groups[name]["metrics"][k]["change"]
+            diff = replicates["this"][k][:, i] - replicates["other"][k][:, i]
+            lo, hi = np.nanquantile(diff, [0.05, 0.95])
+            if np.mean(~np.isnan(diff)) >= 0.9:
+                assert entry[k]["ci"] == pytest.approx([lo, hi], abs=EXACT), (name, k)
+            else:
+                assert entry[k]["ci"] is None, (name, k)
+    assert _groups(boots)["g1"]["metrics"]["accuracy"]["ci"] is not None
+
+    with pytest.raises(
+        ValueError,
+        match=re.escape("positive_label applies to binary tasks only; this task has 3 labels"),
+    ):
+        compare_fairness(this, other, positive_label="mid", n_boot=0, **kwargs)
+
+
+def test_compare_fairness_paired_bootstrap_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both runs are resampled with the same rows (slice k: seed + 1 + k), 1000 times at 95% by
+    default, and each interval is that of the per-resample difference this - other."""
+    this, other = _paired_runs(PAIRED)
+    site = np.where(this["row_id"] % 3 == 0, "north", "south")
+    this = this.assign(site=site)
+    calls: list[tuple[int, int, int, np.ndarray]] = []
+    real = fairness._bootstrap
+
+    def recording(
+        codes: np.ndarray, *, cells: int, num_labels: int, n_boot: int, seed: int
+    ) -> np.ndarray:
+        out = real(codes, cells=cells, num_labels=num_labels, n_boot=n_boot, seed=seed)
+        calls.append((seed, n_boot, cells, out))
+        return out
+
+    monkeypatch.setattr(fairness, "_bootstrap", recording)
+    metrics = ["accuracy", "selection_rate", "tpr"]
+    result = compare_fairness(
+        this,
+        other,
+        label_names=BINARY,
+        sensitive=["group", "site"],
+        metrics=metrics,
+        intersections=False,
+        min_group_size=1,
+    )
+    assert result["ci_level"] == 0.95
+    assert [s["name"] for s in result["slices"]] == ["group", "site"]
+    assert [c[:3] for c in calls] == [(1, 1000, 2), (1, 1000, 2), (2, 1000, 2), (2, 1000, 2)]
+    checked = 0
+    for index, spec in enumerate(result["slices"]):
+        mine, theirs = (
+            group_metrics(calls[2 * index + j][3], positive=1, label_names=BINARY) for j in (0, 1)
+        )
+        for i, entry in enumerate(spec["groups"]):
+            for k in metrics:
+                diff = mine[k][:, i] - theirs[k][:, i]
+                lo, hi = np.quantile(diff, [0.025, 0.975])
+                assert entry["metrics"][k]["ci"] == pytest.approx([lo, hi], abs=EXACT)
+                assert lo <= entry["metrics"][k]["change"] <= hi
+                checked += 1
+    assert checked == 12
+    # The change in group b's selection rate is -0.5 (10/40 vs 30/40): its interval is negative.
+    assert _groups(result)["b"]["metrics"]["selection_rate"]["ci"][1] < 0
+
+
+def test_compare_fairness_intersections_and_suppressed_groups() -> None:
+    """Default intersections add A × B; suppressed groups are listed by name only, in order."""
+    cells: dict[tuple[str, ...], int] = {
+        ("x", "u"): 60,
+        ("x", "v"): 50,
+        ("x", "w"): 3,
+        ("y", "u"): 55,
+        ("y", "v"): 45,
+        ("y", "w"): 40,
+        ("z", "u"): 50,
+        ("z", "v"): 50,
+        ("z", "w"): 50,
+    }
+    frame = _frame_from_cells(cells, ["A", "B"], seed=2)
+    this = frame.assign(row_id=np.arange(len(frame)))
+    other = this.assign(prediction_id=1 - this["prediction_id"])  # always the opposite
+    kwargs = {"label_names": BINARY, "sensitive": ["A", "B"], "metrics": ["accuracy"]}
+    result = compare_fairness(this, other, n_boot=0, **kwargs)
+    assert result["rows"] == 403
+    assert [s["name"] for s in result["slices"]] == ["A", "B", "A × B"]
+    assert [[g["name"] for g in s["groups"]] for s in result["slices"][:2]] == [
+        ["x", "y", "z"],
+        ["u", "v", "w"],
+    ]
+    cross = result["slices"][2]["groups"]
+    shown = {"y & u", "z & v"}  # the x & w cell (3 rows) costs the rest of the table
+    assert [g["name"] for g in cross] == [f"{a} & {b}" for a in "xyz" for b in "uvw"]
+    for entry in cross:
+        name = entry["name"]
+        if name in shown:
+            continue
+        assert entry == {"name": name, "suppressed": True, "metrics": None}
+    for entry in cross:
+        if entry["name"] not in shown:
+            continue
+        a, b = entry["name"].split(" & ")
+        rows = this[(this["A"] == a) & (this["B"] == b)]
+        accuracy = float(np.mean(rows["label_id"] == rows["prediction_id"]))
+        assert entry == {
+            "name": entry["name"],
+            "suppressed": False,
+            "count": cells[(a, b)],
+            "metrics": {"accuracy": _change(accuracy, 1 - accuracy)},
+        }
+    assert [[g["count"] for g in s["groups"]] for s in result["slices"][:2]] == [
+        [113, 140, 150],
+        [165, 145, 93],
+    ]
+
+    without = compare_fairness(this, other, n_boot=0, intersections=False, **kwargs)
+    assert [s["name"] for s in without["slices"]] == ["A", "B"]
+
+
+def test_compare_fairness_missing_values_group() -> None:
+    """Missing sensitive values form the '(missing)' group, or the one named missing_label."""
+    this, other = _paired_runs(PAIRED)
+    lost = pd.concat(
+        [
+            this.index[this["group"] == "a"][:3].to_series(),
+            this.index[this["group"] == "b"][:2].to_series(),
+        ]
+    )
+    this.loc[lost.to_numpy(), "group"] = None  # 3 rows of a and 2 of b lose their group
+    kwargs = {"label_names": BINARY, "sensitive": ["group"], "metrics": ["accuracy"], "n_boot": 0}
+    result = compare_fairness(this, other, min_group_size=1, **kwargs)
+    assert [(g["name"], g["count"]) for g in result["slices"][0]["groups"]] == [
+        ("(missing)", 5),
+        ("a", 27),
+        ("b", 38),
+    ]
+    custom = compare_fairness(this, other, min_group_size=1, missing_label="unknown", **kwargs)
+    assert [(g["name"], g["count"]) for g in custom["slices"][0]["groups"]] == [
+        ("a", 27),
+        ("b", 38),
+        ("unknown", 5),
+    ]
+
+
+def test_compare_fairness_rejects_runs_on_different_rows() -> None:
+    """Runs on different rows, duplicated row ids or different true labels are clear errors."""
+    this, other = _paired_runs(PAIRED)
+    kwargs = {"label_names": BINARY, "sensitive": ["group"], "metrics": ["accuracy"], "n_boot": 0}
+    extra = pd.concat([other, other.iloc[:1].assign(row_id=70)], ignore_index=True)
+    for mine, theirs, sizes in ((this, extra, "70 vs 71"), (extra, this, "71 vs 70")):
+        message = (
+            f"the two runs were tested on different rows ({sizes}, 70 shared); "
+            "compare runs of the same data, split and seed"
+        )
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            compare_fairness(mine, theirs, **kwargs)
+    duplicated = this.assign(row_id=this["row_id"].where(this["row_id"] != 1, 0))
+    with pytest.raises(pd.errors.MergeError, match="not a one-to-one merge"):
+        compare_fairness(duplicated, other, **kwargs)
+    relabelled = other.assign(
+        label_id=np.where(other["row_id"] == 3, 1 - other["label_id"], other["label_id"])
+    )
+    message = "the two runs disagree on the true labels of the same rows"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        compare_fairness(this, relabelled, **kwargs)
+
+
+def test_compare_fairness_accepts_float_ids_and_empty_runs() -> None:
+    """Label and prediction ids stored as floats (a nullable parquet column) count as integers;
+    runs with no rows give empty slices rather than an error."""
+    this, other = _paired_runs(PAIRED)
+    kwargs = {"label_names": BINARY, "sensitive": ["group"], "metrics": ["accuracy"], "n_boot": 0}
+    as_float = {"label_id": float, "prediction_id": float}
+    result = compare_fairness(this.astype(as_float), other.astype(as_float), **kwargs)
+    assert result == compare_fairness(this, other, **kwargs)
+    assert _groups(result)["a"]["metrics"]["accuracy"] == _change(24 / 30, 23 / 30)
+
+    empty = this.iloc[:0]
+    assert compare_fairness(empty, other.iloc[:0], **kwargs, min_group_size=0) == {
+        "rows": 0,
+        "ci_level": None,
+        "slices": [{"name": "group", "groups": []}],
+    }
+
+
+def test_compare_fairness_of_a_test_split_below_the_group_minimum_shows_no_group() -> None:
+    """With fewer test rows than min_group_size every group is smaller still: as audit_fairness
+    does, the comparison publishes no group (it used to show each with its count and metrics)."""
+    this, other = _paired_runs(PAIRED)
+    small_this = this.iloc[::5]  # 14 rows, both groups in it
+    small_other = other[other["row_id"].isin(small_this["row_id"])]
+    assert set(small_this["group"]) == {"a", "b"}
+    kwargs = {"label_names": BINARY, "sensitive": ["group"], "metrics": ["accuracy"], "n_boot": 0}
+    assert compare_fairness(small_this, small_other, **kwargs) == {
+        "rows": 14,
+        "ci_level": None,
+        "slices": [],
+        "note": "the test split has 14 rows, fewer than min_group_size=30: no group-level comparison",
+    }
+    # at the minimum, groups are judged one by one again (both are below 14 here: suppressed)
+    at_minimum = compare_fairness(small_this, small_other, **kwargs, min_group_size=14)
+    assert "note" not in at_minimum
+    assert [g["suppressed"] for g in at_minimum["slices"][0]["groups"]] == [True, True]
+    # no sensitive column: nothing to hide, no note
+    assert "note" not in compare_fairness(small_this, small_other, **{**kwargs, "sensitive": []})
+
+
+def test_gap_and_ci_helpers_leave_undefined_values_out() -> None:
+    """_gap is NaN for a row with fewer than two defined values (row by row, not overall);
+    _ci gives no interval when either end is undefined."""
+    values = np.array([[0.2, np.nan, 0.5], [np.nan, 0.3, np.nan], [np.nan] * 3])
+    gap = fairness._gap(values)
+    assert gap[0] == pytest.approx(0.3, abs=EXACT)
+    assert np.isnan(gap[1]) and np.isnan(gap[2])
+    assert fairness._ci(np.array([np.nan, 0.5])) is None
+    assert fairness._ci(np.array([0.1, np.nan])) is None
+    assert fairness._ci(np.array([[0.1, 0.2], [0.3, 0.4]]), 1) == [0.2, 0.4]
+    assert fairness._ci(None, 0) is None
+
+
+def test_gap_interval_needs_two_defined_groups_per_resample() -> None:
+    """Group b has one positive row: in about a third of the resamples it has none, so its TPR
+    and the TPR gap are undefined there and the gap gets no interval (accuracy's gap does)."""
+    frame = _binary_frame({"a": (30, 10, 5, 55), "b": (1, 0, 10, 39)})
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy", "tpr"], n_boot=200
+    )
+    gaps = result["slices"][0]["disparities"]["largest_gap"]
+    assert gaps["tpr"]["value"] == pytest.approx(1.0 - 0.75, abs=EXACT)
+    assert gaps["tpr"]["ci"] is None
+    group = (frame["group"] == "b").to_numpy().astype(np.int64)
+    codes = (group * 2 + frame["label_id"].to_numpy()) * 2 + frame["prediction_id"].to_numpy()
+    boot = _bootstrap(codes, cells=2, num_labels=2, n_boot=200, seed=1)
+    accuracy = group_metrics(boot, positive=1, label_names=BINARY)["accuracy"]
+    expected = np.quantile(np.abs(accuracy[:, 0] - accuracy[:, 1]), [0.025, 0.975])
+    assert gaps["accuracy"]["ci"] == pytest.approx(expected, abs=EXACT)
+
+
+def test_bootstrap_counts_are_integers() -> None:
+    """Resampled confusion counts are integer counts of whole rows."""
+    codes = np.array([0, 3, 5, 6, 7, 7])
+    boot = _bootstrap(codes, cells=2, num_labels=2, n_boot=5, seed=0)
+    assert boot.dtype == np.int64
+    assert boot.shape == (5, 2, 2, 2)
+    assert (boot.sum((1, 2, 3)) == len(codes)).all()
+
+
+def test_two_group_disparity_intervals_match_a_direct_computation() -> None:
+    """Two groups where the FPR gap, not the TPR gap, sets equalized odds: the parity ratio is
+    reported, and every disparity interval is that of the per-resample disparity computed
+    directly from the resampled counts."""
+    frame = _binary_frame({"a": (30, 10, 5, 55), "b": (20, 20, 40, 20)})
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=200
+    )
+    disparities = result["slices"][0]["disparities"]
+    assert disparities["demographic_parity_ratio"]["value"] == pytest.approx(35 / 60, abs=EXACT)
+    assert disparities["demographic_parity_difference"]["value"] == pytest.approx(
+        60 / 100 - 35 / 100, abs=EXACT
+    )
+    assert disparities["equalized_odds_difference"]["value"] == pytest.approx(
+        40 / 60 - 5 / 60, abs=EXACT
+    )
+    group = (frame["group"] == "b").to_numpy().astype(np.int64)
+    codes = (group * 2 + frame["label_id"].to_numpy()) * 2 + frame["prediction_id"].to_numpy()
+    boot = _bootstrap(codes, cells=2, num_labels=2, n_boot=200, seed=1).astype(float)
+    tp, fn, fp, tn = boot[..., 1, 1], boot[..., 1, 0], boot[..., 0, 1], boot[..., 0, 0]
+    sr = (tp + fp) / (tp + fn + fp + tn)
+    tpr, fpr = tp / (tp + fn), fp / (fp + tn)
+    direct = {
+        "demographic_parity_difference": np.abs(sr[:, 0] - sr[:, 1]),
+        "demographic_parity_ratio": sr.min(1) / sr.max(1),
+        "equalized_odds_difference": np.maximum(
+            np.abs(tpr[:, 0] - tpr[:, 1]), np.abs(fpr[:, 0] - fpr[:, 1])
+        ),
+    }
+    for name, replicates in direct.items():
+        expected = np.quantile(replicates, [0.025, 0.975])
+        assert disparities[name]["ci"] == pytest.approx(expected, abs=EXACT), name
+    # The FPR gap sets equalized odds in the resamples too: its interval is well above the
+    # TPR gap's (0.25).
+    assert disparities["equalized_odds_difference"]["ci"][0] > 0.4
+
+
+def test_multiclass_disparity_intervals_with_more_groups_than_classes() -> None:
+    """Four groups, three classes: demographic parity's interval takes the worst class of each
+    resample over all groups (the counts of groups and classes are not confused)."""
+    cms = {**CMS3, "g4": np.array([[12, 5, 3], [6, 10, 4], [2, 2, 16]])}
+    frame = _frame_from_confusion(cms)
+    n_boot, seed = 60, 4
+    result = audit_fairness(
+        frame,
+        label_names=LABELS3,
+        sensitive=["group"],
+        metrics=["accuracy"],
+        n_boot=n_boot,
+        seed=seed,
+    )
+    disparities = result["slices"][0]["disparities"]
+    group = frame["group"].map({"g1": 0, "g2": 1, "g3": 2, "g4": 3}).to_numpy()
+    codes = (group * 3 + frame["label_id"].to_numpy()) * 3 + frame["prediction_id"].to_numpy()
+    boot = _bootstrap(codes, cells=4, num_labels=3, n_boot=n_boot, seed=seed + 1)
+    sr = boot.sum(-2) / boot.sum((-1, -2))[..., None]  # [n_boot, group, class]
+    worst = (sr.max(1) - sr.min(1)).max(-1)
+    expected = np.quantile(worst, [0.025, 0.975])
+    assert disparities["demographic_parity_difference"]["ci"] == pytest.approx(expected, abs=EXACT)
+
+
+def test_undefined_metric_values_are_reported_as_none() -> None:
+    """A group with no true positives has no TPR, FNR or precision: the value is None (JSON
+    null), not NaN, in the audit and in the comparison."""
+    frame = _binary_frame({"a": (30, 10, 5, 55), "b": (0, 0, 0, 40)})
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["group"], metrics=ALL_METRICS, n_boot=0
+    )
+    values = _values(_groups(result)["b"])
+    assert values == {
+        "accuracy": 1.0,
+        "selection_rate": 0.0,
+        "tpr": None,
+        "fpr": 0.0,
+        "fnr": None,
+        "precision": None,
+        "f1": None,
+        "count": 40,
+    }
+    runs = frame.assign(row_id=np.arange(len(frame)))
+    compared = compare_fairness(
+        runs, runs, label_names=BINARY, sensitive=["group"], metrics=["tpr", "fpr"], n_boot=0
+    )
+    assert _groups(compared)["b"]["metrics"] == {
+        "tpr": {"this": None, "other": None, "change": None, "ci": None},
+        "fpr": {"this": 0.0, "other": 0.0, "change": 0.0, "ci": None},
+    }
+
+
+def test_div_and_class_rates_edge_cases() -> None:
+    """_div broadcasts and is NaN (without a warning) where the denominator is 0; class_rates
+    does not overflow counts given as small integers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fairness._div(np.array(3.0), np.array([0.0, 2.0, 4.0]))
+        assert np.isnan(out[0]) and list(out[1:]) == [1.5, 0.75]
+        assert np.isnan(fairness._div(np.array([1.0, 0.0]), np.array([0.0, 0.0]))).all()
+        rates = class_rates(np.array([[3, 0], [0, 0]]))
+        assert np.isnan(rates["tpr"][1]) and rates["tpr"][0] == 1.0
+    cm = np.array([[150, 10], [20, 150]], dtype=np.uint8)
+    f1 = class_rates(cm)["f1"]
+    assert f1 == pytest.approx([300 / 330, 300 / 330], abs=EXACT)
+
+
+def test_interval_at_exactly_ninety_percent_defined() -> None:
+    """A metric defined in exactly 90% of the resamples still gets an interval."""
+    replicates = np.append(np.arange(9.0), np.nan)  # 9 of 10 defined
+    assert fairness._interval(replicates, 0.8) == pytest.approx([0.8, 7.2], abs=EXACT)
+
+
+def test_suppression_with_long_group_names_and_at_the_row_threshold() -> None:
+    """Group names longer than a character are matched whole; a split of exactly
+    min_group_size rows is audited (and its small groups hidden); no sensitive column means no
+    slices."""
+    frame = _binary_frame(
+        {
+            "group_a": (30, 10, 5, 55),  # 100
+            "group_b": (20, 20, 10, 30),  # 80
+            "group_c": (40, 20, 20, 40),  # 120
+            "group_d": (5, 0, 0, 0),  # 5
+        }
+    )
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=0
+    )
+    assert [(g["name"], g.get("suppression")) for g in result["slices"][0]["groups"]] == [
+        ("group_a", None),
+        ("group_b", "complementary"),
+        ("group_c", None),
+        ("group_d", "small"),
+    ]
+    runs = frame.assign(row_id=np.arange(len(frame)))
+    compared = compare_fairness(
+        runs, runs, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=0
+    )
+    assert [(g["name"], g["suppressed"]) for g in compared["slices"][0]["groups"]] == [
+        ("group_a", False),
+        ("group_b", True),
+        ("group_c", False),
+        ("group_d", True),
+    ]
+
+    # Exactly 30 rows with min_group_size=30: audited, and both groups (20 and 10) hidden as
+    # small.
+    exact = _binary_frame({"a": (10, 5, 2, 3), "b": (4, 2, 1, 3)})
+    result = audit_fairness(
+        exact, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=0
+    )
+    assert "note" not in result
+    assert [(g["name"], g.get("suppression")) for g in result["slices"][0]["groups"]] == [
+        ("a", "small"),
+        ("b", "small"),
+    ]
+
+    alone = audit_fairness(frame, label_names=BINARY, sensitive=[], metrics=["accuracy"], n_boot=0)
+    assert alone["slices"] == [] and alone["missing"] == {}
+    assert alone["overall"]["accuracy"]["value"] == pytest.approx(
+        (85 + 50 + 80 + 5) / 305, abs=EXACT
+    )
+    assert compare_fairness(
+        runs, runs, label_names=BINARY, sensitive=[], metrics=["accuracy"], n_boot=0
+    ) == {"rows": 305, "ci_level": None, "slices": []}
+
+
+def test_complementary_cell_is_on_the_small_cells_line_in_three_columns() -> None:
+    """In a 2 × 2 × 2 table the complementary cell is the smallest of those that differ from
+    the small cell in one column (its line), not the smallest cell overall."""
+    cell_counts = {
+        ("a0", "b0", "c0"): 3,  # small
+        ("a1", "b0", "c0"): 60,  # one column away
+        ("a0", "b1", "c0"): 50,  # one column away, the smallest such
+        ("a0", "b0", "c1"): 70,  # one column away
+        ("a1", "b1", "c0"): 45,  # two columns away
+        ("a1", "b0", "c1"): 40,  # two columns away, the smallest cell but the small one
+        ("a0", "b1", "c1"): 55,  # two columns away
+        ("a1", "b1", "c1"): 35,  # three columns away
+    }
+    spec = SliceSpec(("A", "B", "C"))
+    hidden = suppress(
+        cell_counts=cell_counts, slices=[spec], all_columns=("A", "B", "C"), min_group_size=30
+    )
+    assert hidden == {
+        ("A × B × C", ("a0", "b0", "c0")): "small",
+        ("A × B × C", ("a0", "b1", "c0")): "complementary",
+    }
+
+
+def test_parity_ratio_interval_uses_the_positive_class_only() -> None:
+    """With high selection rates the ratio for the negative class would be far lower; the
+    interval is that of the positive class's min / max selection rate per resample."""
+    frame = _binary_frame({"a": (40, 0, 20, 40), "b": (50, 0, 40, 10)})  # sr 0.6 and 0.9
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=100
+    )
+    ratio = result["slices"][0]["disparities"]["demographic_parity_ratio"]
+    assert ratio["value"] == pytest.approx(0.6 / 0.9, abs=EXACT)
+    group = (frame["group"] == "b").to_numpy().astype(np.int64)
+    codes = (group * 2 + frame["label_id"].to_numpy()) * 2 + frame["prediction_id"].to_numpy()
+    boot = _bootstrap(codes, cells=2, num_labels=2, n_boot=100, seed=1)
+    sr = boot[..., 1].sum(-1) / boot.sum((-1, -2))  # positive predictions / rows
+    expected = np.quantile(sr.min(1) / sr.max(1), [0.025, 0.975])
+    assert ratio["ci"] == pytest.approx(expected, abs=EXACT)
+
+
+def test_multiclass_audit_when_the_last_cell_is_empty() -> None:
+    """Three labels, and the last group never predicts the last class for its true rows: the
+    confusion counts keep their full 3 × 3 shape."""
+    this, _ = _paired_runs(PAIRED3)
+    result = audit_fairness(
+        this,
+        label_names=LABELS3,
+        sensitive=["group"],
+        metrics=["accuracy", "tpr"],
+        min_group_size=1,
+        n_boot=0,
+    )
+    groups = _groups(result)
+    assert list(groups) == ["g1", "g2"]
+    for name in ("g1", "g2"):
+        expected = {k: PAIRED3_EXPECTED[name][k][0] for k in ("accuracy", "tpr")}
+        assert _values(groups[name]) == pytest.approx(expected, abs=EXACT), name
+
+
+def test_largest_gap_names_intersection_groups_and_skips_count_first() -> None:
+    """'count' listed first does not stop the gaps; an intersection's highest and lowest groups
+    are named 'a & b'."""
+    cells = {("x", "u"): 40, ("x", "v"): 35, ("y", "u"): 45, ("y", "v"): 50}
+    frame = _frame_from_cells(cells, ["A", "B"], seed=3)
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["A", "B"], metrics=["count", "accuracy"], n_boot=0
+    )
+    assert [s["name"] for s in result["slices"]] == ["A", "B", "A × B"]
+    for spec in result["slices"]:
+        accuracy = {g["name"]: g["metrics"]["accuracy"]["value"] for g in spec["groups"]}
+        gap = spec["disparities"]["largest_gap"]
+        assert list(gap) == ["accuracy"]
+        assert gap["accuracy"]["highest"] == max(accuracy, key=accuracy.__getitem__)
+        assert gap["accuracy"]["lowest"] == min(accuracy, key=accuracy.__getitem__)
+        assert gap["accuracy"]["value"] == pytest.approx(
+            max(accuracy.values()) - min(accuracy.values()), abs=EXACT
+        )
+    assert set(_groups(result, 2)) == {"x & u", "x & v", "y & u", "y & v"}

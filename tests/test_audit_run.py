@@ -417,3 +417,25 @@ def test_an_audit_that_checked_nothing_is_not_applicable_never_pass(tmp_path: Pa
         "thresholds: {require_fairness_check: true, max_metric_gap: {accuracy: 0.9}}\n",
     )
     assert run_audit(fair, policy=both)["verdict"]["status"] == "pass"
+
+
+def test_a_comparison_on_too_few_rows_shows_no_group_and_says_why(tmp_path: Path) -> None:
+    """A twin comparison on fewer test rows than the policy's group minimum publishes no group
+    (each would describe fewer people than the minimum), and both reports say why."""
+    from hubtune.audit.report import render_reports
+
+    predictions = synthetic_predictions({"a": 10, "b": 10}, {"a": 0.9, "b": 0.6})
+    this = make_fake_run(
+        tmp_path / "runs" / "this", predictions, label_names=["neg", "pos"], sensitive=["group"]
+    )
+    twin = make_fake_run(
+        tmp_path / "runs" / "twin", predictions, label_names=["neg", "pos"], sensitive=["group"]
+    )
+    audit = run_audit(this, policy="default", compare=twin)
+    comparison = audit["comparison"]
+    assert comparison["slices"] == [] and comparison["rows"] == 20
+    note = "the test split has 20 rows, fewer than min_group_size=30: no group-level comparison"
+    assert comparison["note"] == note
+    html, markdown = render_reports(audit, charts_dir=tmp_path / "charts")
+    assert f"No per-group comparison: {note}." in markdown
+    assert f"<p>No per-group comparison: {note}.</p>" in html

@@ -2371,7 +2371,10 @@ def test_chunked_bodies_are_decoded_and_malformed_ones_refused() -> None:
         (b"3\r\nabc\r\r\n0\r\n\r\n", "chunk data not followed by CRLF"),
         (b"3\r\nabc\r\n0\r\n" + b"T: x\r\n" * 100 + b"\r\n", "too many trailer lines"),
         # one trailer line over the line limit is refused, not read as several lines
-        (b"3\r\nabc\r\n0\r\nT: " + b"x" * 1100 + b"\r\n\r\n", "trailer line longer than 1024 bytes"),
+        (
+            b"3\r\nabc\r\n0\r\nT: " + b"x" * 1100 + b"\r\n\r\n",
+            "trailer line longer than 1024 bytes",
+        ),
     ):
         reader = _reader(raw, chunked=True)
         with pytest.raises(HubError) as info:

@@ -568,7 +568,9 @@ def test_non_finite_gradients_under_dp_stop_the_run(
     """A finite loss with NaN gradients (d√u at u = 0, times 0) stops the run at that step."""
     recipe = Recipe.model_validate(_spec(tiny_bert, dp_csv, tmp_path, epochs=1))
     calls = _poison_training_loss(monkeypatch, lambda n: n == 5, grad_only=True)
-    with pytest.raises(RunError, match=r"non-finite weights after step [0-9]+ \(.+\); stopped") as err:
+    with pytest.raises(
+        RunError, match=r"non-finite weights after step [0-9]+ \(.+\); stopped"
+    ) as err:
         run_recipe(recipe)
     assert "_module." not in str(err.value)  # the model's names, not Opacus' wrapper's
     assert calls["n"] >= 5

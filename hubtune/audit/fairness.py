@@ -704,6 +704,14 @@ def compare_fairness(
         "ci_level": ci_level if n_boot else None,
         "slices": [],
     }
+    if sensitive and len(joined) < min_group_size:
+        # As in audit_fairness: with fewer test rows than the smallest group allowed, every
+        # group is smaller still, and its changes would describe a handful of people.
+        out["note"] = (
+            f"the test split has {len(joined)} rows, fewer than min_group_size={min_group_size}: "
+            "no group-level comparison"
+        )
+        return out
     for slice_index, spec in enumerate(slices):
         columns = list(spec.columns)
         group_keys = [

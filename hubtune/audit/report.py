@@ -539,6 +539,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
             "other": comp["other_run"],
             "other_dp": comp["other_privacy"]["statement"],
             "slices": comp_slices,
+            "note": comp.get("note"),
         }
     canaries = audit.get("canaries")
     return {
