@@ -231,3 +231,46 @@ def test_runs_that_pool_differently_never_share_cached_features(
     assert not any(run("native", "a").values())
     assert not any(run("mean", "b").values())  # before the fix: every split a hit
     assert all(run("auto", "c").values())  # auto is mean here: the same features
+
+
+def test_a_pushed_pooled_model_downloads_with_its_code_and_reproduces_the_run(
+    mean_bert: Path, tmp_path: Path
+) -> None:
+    """Pushed to the local endpoint: the repo carries modeling_pooled.py, and the download,
+    loaded as the card says, gives the run's test predictions."""
+    import pandas as pd
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hubtune.data import load_data
+    from hubtune.hub import hub_endpoint
+    from hubtune.pipeline import run_recipe
+
+    from .test_push import _pushing_spec
+
+    csv = tmp_path / "reviews.csv"
+    make_sentiment_frame(300).to_csv(csv, index=False)
+    root = tmp_path / "hub"
+    spec = _pushing_spec(mean_bert, csv, tmp_path, root)
+    spec["push"]["space_id"] = None
+    recipe = Recipe.model_validate(spec)
+    result = run_recipe(recipe)
+    assert result.push is not None
+    commit = result.push["commit"]
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+    with hub_endpoint("local", local_root=root) as url:
+        files = set(HfApi(endpoint=url).list_repo_files("local-user/tiny", revision=commit))
+        assert {"config.json", "model.safetensors", "modeling_pooled.py"} <= files
+        kwargs = {"revision": commit, "cache_dir": tmp_path / "dl"}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            "local-user/tiny", trust_remote_code=True, **kwargs
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained("local-user/tiny", **kwargs)
+    assert type(model).__name__ == "HubtunePooledForSequenceClassification"
+    test = load_data(recipe.data, seed=recipe.seed).splits["test"]
+    with torch.no_grad():
+        batch = tokenizer(
+            list(test["text"]), padding=True, truncation=True, max_length=32, return_tensors="pt"
+        )
+        probs = torch.softmax(model(**batch).logits, -1).numpy()
+    assert abs(probs[:, 1] - predictions["prob_pos"].to_numpy()).max() < 1e-5
