@@ -12,7 +12,8 @@ the kept epoch and the wall time. Configurations:
 ``topk``     the top 2 blocks unfrozen on the prefix cache (``unfreeze_top_k=2``, 3 epochs);
 ``full``     full fine-tuning (lr 5e-5, 1 epoch: what fits a CPU budget);
 ``shipped_native``, ``freeze_native``: the same with ``model.pooling=native`` (the architecture's
-             own head; ``auto`` takes a sentence-transformers model's mean pooling).
+             own head; ``auto`` takes a sentence-transformers model's mean pooling);
+``shipped_mean``: the recipe with ``model.pooling=mean``.
 
 Every run goes through the public API (``load_recipe`` + ``run_recipe``) with outputs in a work
 folder, no checkpoints, no trackers, no audit and no push. Results:
@@ -56,6 +57,7 @@ CONFIGS: dict[str, list[str]] = {
     # The same with the architecture's own head (BERT: pooler on [CLS]) instead of model.pooling:
     # auto, which takes a sentence-transformers model's mean pooling.
     "shipped_native": ["model.pooling=native"],
+    "shipped_mean": ["model.pooling=mean"],
     "freeze_native": [
         "method={name: freeze, unfreeze_top_k: 0, head_fit: auto}",
         "model.pooling=native",
