@@ -492,3 +492,173 @@ def test_canary_audit_reports_every_field_at_the_asked_confidence() -> None:
         "method": "one-run auditing (Steinke, Nasr & Jagielski 2023), loss scores, top/bottom quarter guessed",
         "exceeds_dp_epsilon": bound > 2.0,
     }
+
+
+# --------------------------------------------------------------------------- exact small cases
+
+
+@pytest.mark.parametrize(
+    ("member_losses", "nonmember_losses"),
+    [([0.0, 5.0], [1.0, 1.0]), ([1.0, 1.0], [0.0, 5.0])],
+)
+def test_bootstrap_resamples_every_member_and_every_non_member(
+    member_losses: list[float], nonmember_losses: list[float]
+) -> None:
+    """The smallest audit allowed (2 members, 2 non-members) runs, and the bootstrap draws every
+    row: with one row of a pair above the other pair and one below, a resample's AUC is 0, 1/2
+    or 1 (by how often the first row is drawn), so the 95% interval is exactly [0, 1]."""
+    result = loss_threshold_attack(
+        np.array(member_losses),
+        np.array(nonmember_losses),
+        fpr_levels=[0.5],
+        epsilon=None,
+        delta=None,
+        n_boot=200,
+    )
+    assert (result["members"], result["nonmembers"]) == (2, 2)
+    assert result["auc"] == {"value": 0.5, "ci": [0.0, 1.0]}
+    (entry,) = result["at_fpr"]
+    assert (entry["members_evaluated"], entry["nonmembers_evaluated"]) == (2, 1)
+
+
+def test_attack_is_reproducible_from_its_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bootstrap is drawn from the attack's seed (0 and 1000 resamples by default): the same
+    seed gives the same resamples, another seed other ones."""
+    rng = np.random.default_rng(7)
+    members, nonmembers = rng.normal(0.0, 1.0, 30), rng.normal(0.5, 1.0, 30)
+    first = membership._bootstrap_auc(-members, -nonmembers, n_boot=100, seed=3)
+    assert np.array_equal(first, membership._bootstrap_auc(-members, -nonmembers, n_boot=100, seed=3))
+    assert not np.array_equal(
+        first, membership._bootstrap_auc(-members, -nonmembers, n_boot=100, seed=4)
+    )
+
+    calls: list[dict[str, int]] = []
+
+    def spy(member_scores: np.ndarray, nonmember_scores: np.ndarray, **kwargs: int) -> np.ndarray:
+        calls.append(kwargs)
+        return np.linspace(0.0, 1.0, kwargs["n_boot"])
+
+    monkeypatch.setattr(membership, "_bootstrap_auc", spy)
+    default = loss_threshold_attack(
+        members, nonmembers, fpr_levels=[0.1], epsilon=None, delta=None
+    )
+    explicit = loss_threshold_attack(
+        members, nonmembers, fpr_levels=[0.1], epsilon=None, delta=None, n_boot=1000, seed=0
+    )
+    assert calls == [{"n_boot": 1000, "seed": 0}] * 2
+    assert default == explicit  # the same half split of the non-members, too
+
+
+def test_attack_reads_losses_as_floats() -> None:
+    """Unsigned integer losses (which would wrap round if negated in their own type) give the
+    same audit as the same losses as floats."""
+    members, nonmembers = np.array([0, 2], dtype=np.uint8), np.array([1, 3], dtype=np.uint8)
+
+    def attack(m: np.ndarray, n: np.ndarray) -> dict:
+        return loss_threshold_attack(m, n, fpr_levels=[0.5], epsilon=1.0, delta=1e-5, n_boot=50)
+
+    as_ints = attack(members, nonmembers)
+    assert as_ints["auc"]["value"] == 0.75  # 3 of the 4 member/non-member pairs ordered right
+    assert as_ints == attack(members.astype(float), nonmembers.astype(float))
+
+
+def test_canary_audit_counts_unbalanced_inclusion_and_a_tied_epsilon_is_not_exceeded() -> None:
+    """9 of 12 canaries included, every guess right; a claimed ε equal to the lower bound is
+    not exceeded (the bound must be strictly above it), one just under it is."""
+    included = np.arange(12) < 9
+    losses = np.where(included, 0.1, 3.0)
+    bound = epsilon_lower_bound_one_run(12, 6, 6, delta=1e-5)
+    assert bound > 0.3
+
+    def audit(epsilon: float) -> dict:
+        return canary_audit(losses, included, included, num_labels=2, delta=1e-5, epsilon=epsilon)
+
+    result = audit(bound)
+    assert (result["included"], result["guesses"], result["right_guesses"]) == (9, 6, 6)
+    assert result["epsilon_lower_bound"] == bound
+    assert result["exceeds_dp_epsilon"] is False
+    assert result["memorised"] == {
+        "included_predicted_own_label": 9,
+        "included": 9,
+        "excluded_predicted_own_label": 0,
+        "excluded": 3,
+        "chance_rate": 0.5,
+    }
+    assert audit(bound - 1e-9)["exceeds_dp_epsilon"] is True
+
+
+def test_canary_audit_reads_losses_as_numbers_and_flags_as_booleans() -> None:
+    """Losses given as decimal text are ordered as numbers ("10" is the highest, not "9"), and
+    any non-zero flag counts as one True."""
+    as_text = canary_audit(
+        ["10", "9", "0.5", "0.25"],
+        np.array([0, 3, 1, 1]),
+        np.array([0, 2, 0, 7]),
+        num_labels=2,
+        delta=1e-5,
+        epsilon=None,
+    )
+    # Guessed in: the 0.25 canary (included); guessed out: the 10 canary (excluded).
+    assert as_text["right_guesses"] == 2
+    assert as_text["memorised"]["included_predicted_own_label"] == 2
+    assert as_text == canary_audit(
+        np.array([10.0, 9.0, 0.5, 0.25]),
+        np.array([False, True, True, True]),
+        np.array([False, True, False, True]),
+        num_labels=2,
+        delta=1e-5,
+        epsilon=None,
+    )
+
+
+def test_clopper_pearson_with_one_trial() -> None:
+    """One trial: the interval is [0, 1 - alpha/2] after a failure and [alpha/2, 1] after a
+    success (Beta(1, 1) is uniform, so its quantiles are the tail probabilities)."""
+    assert clopper_pearson(0, 1, 0.05) == pytest.approx((0.0, 0.975), abs=1e-15)
+    assert clopper_pearson(1, 1, 0.1) == pytest.approx((0.05, 1.0), abs=1e-15)
+
+
+def test_non_member_split_is_drawn_from_seed_plus_one() -> None:
+    """The calibration half is the first half of a permutation drawn with seed + 1 (the
+    bootstrap has the seed itself), so a seed's audit numbers stay reproducible.
+
+    Non-member i has loss i and member i loss i + 0.5; at FPR levels 0.2 ... 0.8 the thresholds
+    are the four lowest calibration losses c_0 < ... < c_3, so level j has TP = c_j and
+    FP = c_j - j (the non-members below c_j, all held out)."""
+    for seed, calibration in ((0, [0, 1, 4, 7, 8]), (1, [0, 2, 6, 7, 9])):
+        assert sorted(np.random.default_rng(seed + 1).permutation(10)[:5]) == calibration
+        result = loss_threshold_attack(
+            np.arange(10) + 0.5,
+            np.arange(10.0),
+            fpr_levels=[0.2, 0.4, 0.6, 0.8],
+            epsilon=None,
+            delta=None,
+            n_boot=0,
+            seed=seed,
+        )
+        entries = result["at_fpr"]
+        assert [e["tpr"] * 10 for e in entries] == pytest.approx(calibration[:4], abs=1e-12)
+        expected_fp = [c - j for j, c in enumerate(calibration[:4])]
+        assert [e["fpr"] * 5 for e in entries] == pytest.approx(expected_fp, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("r", "v", "eps", "delta", "expected"),
+    [
+        # q = 1/2, Bin(2, q) = [1, 2, 1]/4: beta = 1/4, alpha = max(P[1]/1, P[0..1]/2) = 1/2.
+        (2, 2, 0.0, 0.01, 1 / 4 + 1 / 2 * 0.01 * 2 * 10),
+        # Bin(4, 1/2) = [1, 4, 6, 4, 1]/16: beta = 1/16, alpha = P[2..3]/2 = 5/16 (i = 2 is
+        # the largest of 4/16, 10/32, 14/48, 15/64).
+        (4, 4, 0.0, 0.01, 1 / 16 + 5 / 16 * 0.01 * 2 * 10),
+        # q = 1/(1 + e^-ln 3) = 3/4, Bin(2, q) = [1, 6, 9]/16: beta = 9/16, alpha = 6/16.
+        (2, 2, math.log(3), 0.01, 9 / 16 + 6 / 16 * 0.01 * 2 * 10),
+        (2, 1, math.log(3), 0.0, 15 / 16),  # without δ it is P[Bin(2, 3/4) >= 1]
+        (2, 2, math.log(3), 0.1, 1.0),  # 9/16 + 6/16 * 0.1 * 20 = 1.3125, capped at 1
+    ],
+)
+def test_p_value_of_the_one_run_audit_by_hand(
+    r: int, v: int, eps: float, delta: float, expected: float
+) -> None:
+    """Theorem 3 of Steinke et al. (2023): P = beta + alpha·δ·2m with beta = P[Bin(r, q) >= v],
+    q = e^ε/(1 + e^ε) and alpha = max over i = 1..v of P[v - i <= Bin(r, q) < v] / i; m = 10."""
+    assert _p_value_dp_audit(10, r, v, eps, delta) == pytest.approx(expected, rel=1e-12)
