@@ -527,7 +527,9 @@ def test_attack_is_reproducible_from_its_seed(monkeypatch: pytest.MonkeyPatch) -
     rng = np.random.default_rng(7)
     members, nonmembers = rng.normal(0.0, 1.0, 30), rng.normal(0.5, 1.0, 30)
     first = membership._bootstrap_auc(-members, -nonmembers, n_boot=100, seed=3)
-    assert np.array_equal(first, membership._bootstrap_auc(-members, -nonmembers, n_boot=100, seed=3))
+    assert np.array_equal(
+        first, membership._bootstrap_auc(-members, -nonmembers, n_boot=100, seed=3)
+    )
     assert not np.array_equal(
         first, membership._bootstrap_auc(-members, -nonmembers, n_boot=100, seed=4)
     )
@@ -539,9 +541,7 @@ def test_attack_is_reproducible_from_its_seed(monkeypatch: pytest.MonkeyPatch) -
         return np.linspace(0.0, 1.0, kwargs["n_boot"])
 
     monkeypatch.setattr(membership, "_bootstrap_auc", spy)
-    default = loss_threshold_attack(
-        members, nonmembers, fpr_levels=[0.1], epsilon=None, delta=None
-    )
+    default = loss_threshold_attack(members, nonmembers, fpr_levels=[0.1], epsilon=None, delta=None)
     explicit = loss_threshold_attack(
         members, nonmembers, fpr_levels=[0.1], epsilon=None, delta=None, n_boot=1000, seed=0
     )
@@ -662,3 +662,202 @@ def test_p_value_of_the_one_run_audit_by_hand(
     """Theorem 3 of Steinke et al. (2023): P = beta + alpha·δ·2m with beta = P[Bin(r, q) >= v],
     q = e^ε/(1 + e^ε) and alpha = max over i = 1..v of P[v - i <= Bin(r, q) < v] / i; m = 10."""
     assert _p_value_dp_audit(10, r, v, eps, delta) == pytest.approx(expected, rel=1e-12)
+
+
+def _assert_same(actual: object, expected: object) -> None:
+    """Equal structure, keys, strings, flags and None; floats equal to 1e-12 (relative)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict)
+        assert sorted(actual) == sorted(expected)
+        for key in expected:
+            _assert_same(actual[key], expected[key])
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected)
+        for a, e in zip(actual, expected, strict=True):
+            _assert_same(a, e)
+    elif isinstance(expected, float):
+        assert type(actual) is float and actual == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    else:
+        assert type(actual) is type(expected) and actual == expected
+
+
+def test_attack_report_by_hand() -> None:
+    """Every field of the report on a small case worked out by hand (ci_level 0.8, 3 levels).
+
+    Non-members have losses 0 1 2 3 4 4 6 7 8 9; with seed 0 the calibration half is rows
+    0 1 4 7 8 (losses 0 1 4 7 8) and the held-out half the losses 2 3 4 6 9. At FPR levels
+    0.2, 0.4, 0.6 the thresholds are the calibration losses 0, 1 and 4 (the "higher" 0.8, 0.6,
+    0.4 quantiles of their scores). 17 members have loss 0.5, then one each 3, 4 and 6: TP is
+    0, 17, 18 of 20 and FP 0, 0, 2 of 5 (a loss equal to the threshold is not called a member).
+    """
+    members = np.r_[np.full(17, 0.5), 3.0, 4.0, 6.0]
+    nonmembers = np.array([0, 1, 2, 3, 4, 4, 6, 7, 8, 9], dtype=float)
+    delta, tail = 0.01, 0.2 / (2 * 3)  # each corrected end: alpha / (2 * levels)
+
+    def shown(k: int, n: int) -> list[float]:  # the uncorrected 80% interval
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.8, method="exact")
+        return [ci.low, ci.high]
+
+    tpr_low = _one_sided(17, 20, 0, 5, tail)[0]  # the best level: TP 17 of 20, FP 0 of 5
+    fpr_high = 1 - tail ** (1 / 5)
+    best_tpr_low = tail ** (1 / 20)  # a perfect attack: 20 of 20 members, 0 of 5 non-members
+
+    def attack(epsilon: float | None, delta: float | None) -> dict:
+        return loss_threshold_attack(
+            members,
+            nonmembers,
+            fpr_levels=[0.2, 0.4, 0.6],
+            epsilon=epsilon,
+            delta=delta,
+            n_boot=0,
+            ci_level=0.8,
+            seed=0,
+        )
+
+    def entry(level: float, tp: int, fp: int, **dp: object) -> dict:
+        return {
+            "target_fpr": level,
+            "fpr": fp / 5,
+            "fpr_ci": shown(fp, 5),
+            "tpr": tp / 20,
+            "tpr_ci": shown(tp, 20),
+            "members_evaluated": 20,
+            "nonmembers_evaluated": 5,
+            **dp,
+        }
+
+    # AUC: 17 members beat 9 non-members each; the members at 3, 4, 6 beat 6, 4, 3 and tie
+    # 1, 2, 1: (153 + 6.5 + 5 + 3.5) / 200.
+    without_dp = {
+        "attack": "loss threshold (Yeom et al. 2018)",
+        "members": 20,
+        "nonmembers": 10,
+        "auc": {"value": 0.84, "ci": None},
+        "mean_loss": {"members": 1.075, "nonmembers": 4.4},
+        "at_fpr": [entry(0.2, 0, 0), entry(0.4, 17, 0), entry(0.6, 18, 2)],
+        "epsilon_lower_bound": math.log(tpr_low / fpr_high),
+        "max_provable_epsilon": math.log(best_tpr_low / fpr_high),
+        "confidence": 0.8,
+        "interpretation": "a lower bound from one attack: a model that passes may still leak to a stronger attacker",
+    }
+    _assert_same(attack(None, None), without_dp)
+
+    epsilon_lower = math.log((tpr_low - delta) / fpr_high)
+    assert 0.2 < epsilon_lower < 0.3
+    bound = math.exp(0.2) * 0.4 + delta
+    with_dp = without_dp | {
+        "at_fpr": [
+            entry(0.2, 0, 0, dp_bound_tpr=delta, beats_dp_bound=False),
+            entry(0.4, 17, 0, dp_bound_tpr=delta, beats_dp_bound=True),
+            entry(0.6, 18, 2, dp_bound_tpr=bound, beats_dp_bound=False),
+        ],
+        "epsilon_lower_bound": epsilon_lower,
+        "max_provable_epsilon": math.log((best_tpr_low - delta) / fpr_high),
+        "dp_epsilon": 0.2,
+        "dp_delta": delta,
+        "can_refute_dp_epsilon": True,
+        "beats_dp_bound": True,
+    }
+    _assert_same(attack(0.2, delta), with_dp)
+
+    # ε = 1: e·0.4 + δ > 1 is capped at 1; nothing is refuted and nothing could be.
+    generous = attack(1.0, delta)
+    assert [e["dp_bound_tpr"] for e in generous["at_fpr"]] == [delta, delta, 1.0]
+    assert [e["beats_dp_bound"] for e in generous["at_fpr"]] == [False, False, False]
+    assert generous["beats_dp_bound"] is False
+    assert generous["can_refute_dp_epsilon"] is False
+    assert generous["epsilon_lower_bound"] == pytest.approx(epsilon_lower, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "confidence"),
+    [
+        (4, 4, 0.9),  # every canary guessed (r = m)
+        (4, 4, 0.8),
+        (40, 20, 0.95),  # a bound between 1 and 2
+        (1, 1, 0.4),  # one guess: the bound is log(0.6 / 0.4)
+        # The p-value at ε = 1 (q = 1/(1 + e^-1)) is exactly 1 - confidence: ε = 1 is not
+        # rejected, and the bound is the largest representable step below it.
+        (1, 1, 1 - 1 / (1 + math.exp(-1))),
+    ],
+)
+def test_one_run_bound_with_every_guess_right_by_hand(m: int, r: int, confidence: float) -> None:
+    """δ = 0 and all r guesses right: the p-value is P[Bin(r, q) = r] = q^r, so the bound is
+    log(q / (1 - q)) at q = (1 - confidence)^(1/r). Forty bisection steps over [0, ⌈ε⌉] find
+    it from below to within ⌈ε⌉·2^-40: that ε is rejected, ε plus one step is not."""
+    p = 1 - confidence
+    bound = epsilon_lower_bound_one_run(m, r, r, delta=0.0, confidence=confidence)
+    q = p ** (1 / r)
+    assert bound == pytest.approx(math.log(q / (1 - q)), abs=1e-11)
+    step = 2.0**-40 * max(1, math.ceil(bound))
+    assert _p_value_dp_audit(m, r, r, bound, 0.0) < p
+    assert _p_value_dp_audit(m, r, r, bound + step, 0.0) >= p
+
+
+def test_attack_flags_need_the_bound_strictly_beaten() -> None:
+    """The data of test_attack_report_by_hand. A claimed (ε, δ) whose bound e^ε·FPR_high + δ
+    equals the best level's TPR_low exactly is not beaten; an infinite ε is never beaten and
+    bounds the TPR by 1."""
+    members = np.r_[np.full(17, 0.5), 3.0, 4.0, 6.0]
+    nonmembers = np.array([0, 1, 2, 3, 4, 4, 6, 7, 8, 9], dtype=float)
+    bonferroni = (1 - 0.8) / 3
+    tpr_low = clopper_pearson(17, 20, bonferroni)[0]  # level 0.4: TP 17 of 20, FP 0 of 5
+    fpr_high = clopper_pearson(0, 5, bonferroni)[1]
+    delta = tpr_low - math.exp(0.1) * fpr_high
+    assert math.exp(0.1) * fpr_high + delta == tpr_low and 0.05 < delta < 0.1
+
+    def attack(epsilon: float) -> dict:
+        return loss_threshold_attack(
+            members,
+            nonmembers,
+            fpr_levels=[0.2, 0.4, 0.6],
+            epsilon=epsilon,
+            delta=delta,
+            n_boot=0,
+            ci_level=0.8,
+            seed=0,
+        )
+
+    assert [e["beats_dp_bound"] for e in attack(0.1)["at_fpr"]] == [False, False, False]
+    assert [e["beats_dp_bound"] for e in attack(0.1 - 1e-9)["at_fpr"]] == [False, True, False]
+    unbounded = attack(math.inf)
+    assert [e["dp_bound_tpr"] for e in unbounded["at_fpr"]] == [1.0, 1.0, 1.0]
+    assert [e["beats_dp_bound"] for e in unbounded["at_fpr"]] == [False, False, False]
+    assert unbounded["beats_dp_bound"] is False
+    assert unbounded["can_refute_dp_epsilon"] is False
+
+
+def test_attack_compares_a_claimed_epsilon_without_delta_and_at_the_audit_power() -> None:
+    """The data of test_attack_report_by_hand. With an ε but no δ the levels carry no flags,
+    yet the ε lower bound (δ taken as 0) is still compared with the claim; a claimed ε equal
+    to the audit's power (max_provable_epsilon) cannot be refuted, one just under it can."""
+    members = np.r_[np.full(17, 0.5), 3.0, 4.0, 6.0]
+    nonmembers = np.array([0, 1, 2, 3, 4, 4, 6, 7, 8, 9], dtype=float)
+
+    def attack(epsilon: float, delta: float | None) -> dict:
+        return loss_threshold_attack(
+            members,
+            nonmembers,
+            fpr_levels=[0.2, 0.4, 0.6],
+            epsilon=epsilon,
+            delta=delta,
+            n_boot=0,
+            ci_level=0.8,
+            seed=0,
+        )
+
+    pure = attack(0.1, None)
+    tail = 0.2 / 6
+    expected = math.log(_one_sided(17, 20, 0, 5, tail)[0] / (1 - tail ** (1 / 5)))
+    assert pure["epsilon_lower_bound"] == pytest.approx(expected, rel=1e-12)
+    assert 0.25 < expected < 0.3
+    assert all("beats_dp_bound" not in e and "dp_bound_tpr" not in e for e in pure["at_fpr"])
+    assert (pure["dp_epsilon"], pure["dp_delta"]) == (0.1, None)
+    assert pure["beats_dp_bound"] is True
+    assert attack(0.5, None)["beats_dp_bound"] is False
+    assert attack(pure["epsilon_lower_bound"], None)["beats_dp_bound"] is False  # not beyond
+
+    power = attack(0.1, 1e-3)["max_provable_epsilon"]
+    assert power == pytest.approx(math.log((tail ** (1 / 20) - 1e-3) / (1 - tail ** (1 / 5))))
+    assert attack(power, 1e-3)["can_refute_dp_epsilon"] is False
+    assert attack(power - 1e-9, 1e-3)["can_refute_dp_epsilon"] is True
