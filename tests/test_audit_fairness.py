@@ -1684,3 +1684,143 @@ def test_largest_gap_names_intersection_groups_and_skips_count_first() -> None:
             max(accuracy.values()) - min(accuracy.values()), abs=EXACT
         )
     assert set(_groups(result, 2)) == {"x & u", "x & v", "y & u", "y & v"}
+
+
+# --------------------------------------------------------------------------- report fields
+
+TWO_GROUPS = {"a": (30, 10, 5, 55), "b": (20, 20, 10, 50)}  # 100 rows each
+
+
+def test_report_fields_without_bootstrap_and_with_two_reportable_groups() -> None:
+    """n_boot=0: no interval level or method; exactly two reportable groups get disparities."""
+    frame = _binary_frame(TWO_GROUPS)
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=0
+    )
+    assert result["label_names"] == ["neg", "pos"]
+    assert result["min_group_size"] == 30
+    assert result["n_boot"] == 0
+    assert result["ci_level"] is None
+    assert result["bootstrap"] is None
+    spec = result["slices"][0]
+    assert spec["columns"] == ["group"]
+    assert spec["reportable_groups"] == 2
+    assert spec["disparities_note"] is None
+    assert spec["disparities"]["demographic_parity_difference"]["value"] == pytest.approx(
+        0.35 - 0.30, abs=EXACT
+    )
+
+
+def test_report_fields_with_bootstrap_and_per_class_precision_interval() -> None:
+    """With resamples: the method is named, 'count' has no interval, and each class's
+    precision interval is the declared quantiles of its resampled precision."""
+    frame = _binary_frame(TWO_GROUPS)
+    result = audit_fairness(
+        frame,
+        label_names=BINARY,
+        sensitive=["group"],
+        metrics=["count", "accuracy"],
+        n_boot=40,
+        ci_level=0.9,
+    )
+    assert result["ci_level"] == 0.9
+    assert result["bootstrap"] == "percentile, whole test rows resampled with replacement"
+    assert result["overall"]["count"] == {"value": 200, "ci": None}
+    codes = frame["label_id"].to_numpy() * 2 + frame["prediction_id"].to_numpy()
+    boot = _bootstrap(codes, cells=1, num_labels=2, n_boot=40, seed=0)[:, 0]
+    for k, entry in enumerate(result["per_class"]):
+        precision = boot[:, k, k] / boot[:, :, k].sum(-1)
+        assert set(entry["precision"]) == {"value", "ci"}
+        assert entry["precision"]["ci"] == pytest.approx(
+            np.quantile(precision, [0.05, 0.95]), abs=EXACT
+        )
+
+
+def test_fewer_than_two_reportable_groups_note_is_exact() -> None:
+    frame = _binary_frame({"a": (30, 10, 5, 55), "b": (2, 1, 1, 1)})
+    result = audit_fairness(
+        frame, label_names=BINARY, sensitive=["group"], metrics=["accuracy"], n_boot=0
+    )
+    assert (
+        result["slices"][0]["disparities_note"]
+        == "fewer than two reportable groups: no disparities can be shown"
+    )
+
+
+def test_default_resample_count_is_one_thousand() -> None:
+    frame = _binary_frame(TWO_GROUPS)
+    result = audit_fairness(frame, label_names=BINARY, sensitive=[], metrics=["accuracy"])
+    assert result["n_boot"] == 1000
+
+
+def test_audit_accepts_float_ids() -> None:
+    """Ids stored as floats (a nullable parquet column) give the same audit as integers."""
+    frame = _binary_frame(TWO_GROUPS)
+    kwargs = {"label_names": BINARY, "sensitive": ["group"], "metrics": ALL_METRICS, "n_boot": 20}
+    as_float = frame.astype({"label_id": float, "prediction_id": float})
+    assert audit_fairness(as_float, **kwargs) == audit_fairness(frame, **kwargs)
+
+
+def test_each_slice_draws_with_its_own_seed() -> None:
+    """Slice i resamples with seed + 1 + i: the second slice of a seed-0 audit is the first
+    slice of a seed-1 audit of that column alone."""
+    cells = {("x", "u"): 40, ("x", "v"): 35, ("y", "u"): 45, ("y", "v"): 50}
+    frame = _frame_from_cells(cells, ["A", "B"], seed=3)
+    kwargs = {"label_names": BINARY, "metrics": ["accuracy", "tpr"], "n_boot": 30}
+    both = audit_fairness(frame, sensitive=["A", "B"], intersections=False, seed=0, **kwargs)
+    alone = audit_fairness(frame, sensitive=["B"], seed=1, **kwargs)
+    assert both["slices"][1] == alone["slices"][0]
+    assert both["slices"][1]["groups"][0]["metrics"]["accuracy"]["ci"] is not None
+
+
+def test_overall_counts_keep_their_shape_when_the_last_cells_are_empty() -> None:
+    """No row in the last confusion cells: the overall counts are still K × K."""
+    binary = audit_fairness(
+        _binary_frame({"a": (0, 10, 0, 30)}),
+        label_names=BINARY,
+        sensitive=[],
+        metrics=["accuracy", "precision"],
+        n_boot=0,
+    )
+    assert binary["overall"]["accuracy"]["value"] == pytest.approx(0.75, abs=EXACT)
+    assert binary["overall"]["precision"]["value"] is None
+    cm = np.array([[5, 1, 0], [1, 5, 0], [2, 1, 0]])
+    multi = audit_fairness(
+        _frame_from_confusion({"g": cm}),
+        label_names=["x", "y", "z"],
+        sensitive=[],
+        metrics=["accuracy"],
+        n_boot=0,
+    )
+    assert multi["overall"]["accuracy"]["value"] == pytest.approx(10 / 15, abs=EXACT)
+    assert [c["support"] for c in multi["per_class"]] == [6, 6, 3]
+
+
+def test_suppression_threshold_counts_each_row_once() -> None:
+    """A group of min_group_size rows is shown; one of fewer is hidden with a complementary
+    group (the smallest other one)."""
+    spec = SliceSpec(("G",))
+    kwargs = {"slices": [spec], "all_columns": ("G",), "min_group_size": 30}
+    assert suppress(cell_counts={("a",): 30, ("b",): 50, ("c",): 60}, **kwargs) == {}
+    assert suppress(cell_counts={("a",): 20, ("b",): 50, ("c",): 60}, **kwargs) == {
+        ("G", ("a",)): "small",
+        ("G", ("b",)): "complementary",
+    }
+
+
+def test_complementary_group_from_another_slice_when_the_slice_is_exhausted() -> None:
+    """A's only other group is hidden and a0 is still the overall minus a1's published cells:
+    the next group hidden comes from another slice."""
+    cell_counts = {("a0", "b0"): 10, ("a0", "b1"): 10, ("a1", "b0"): 40, ("a1", "b1"): 50}
+    slices = [SliceSpec(("A",)), SliceSpec(("B",)), SliceSpec(("A", "B"))]
+    hidden = suppress(
+        cell_counts=cell_counts, slices=slices, all_columns=("A", "B"), min_group_size=30
+    )
+    assert hidden == {
+        ("A", ("a0",)): "small",
+        ("A × B", ("a0", "b0")): "small",
+        ("A × B", ("a0", "b1")): "small",
+        ("A", ("a1",)): "complementary",
+        ("A × B", ("a1", "b0")): "complementary",
+        ("A × B", ("a1", "b1")): "complementary",
+    }
