@@ -46,7 +46,8 @@ from benchlib import (
 
 CONFIGS: dict[str, list[str]] = {
     "shipped": [],
-    "freeze": ["method={name: freeze, unfreeze_top_k: 0, head_fit: auto}"],
+    # model.pooling=auto: the model's own pooling (mean for MiniLM), whatever the recipe pins
+    "freeze": ["method={name: freeze, unfreeze_top_k: 0, head_fit: auto}", "model.pooling=auto"],
     "topk": [
         "method={name: freeze, unfreeze_top_k: 2, backbone_lr: 0.0002}",
         "train.epochs=3",
