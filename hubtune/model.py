@@ -173,7 +173,7 @@ def choose_pooling(folder: Path, requested: str, *, method_name: str) -> dict[st
     if shipped is None:
         return {
             "mode": "native",
-            "source": "the architecture's own head (no pooling config shipped)",
+            "source": "the model ships no sentence-transformers pooling config",
         }
     mode, source = shipped
     if method_name == "lora":
