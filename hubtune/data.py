@@ -111,6 +111,7 @@ class PreparedData:
                     self.label_names[k]: int(v) for k, v in sorted(Counter(frame["label"]).items())
                 }
                 for name, frame in self.splits.items()
+                if "label" in frame
             },
         }
 
@@ -256,9 +257,12 @@ def _needed_columns(section: DataSection, task: str) -> list[str]:
     cols = section.columns
     if TASKS[task].input_kind == "image":
         inputs = [cols.image]
+    elif cols.prompt and cols.completion:
+        inputs = [cols.prompt, cols.completion]
     else:
         inputs = [cols.text] + ([cols.text_pair] if cols.text_pair else [])
-    return [*inputs, cols.label, *cols.sensitive]
+    labels = [cols.label] if TASKS[task].has_labels else []
+    return [*inputs, *labels, *cols.sensitive]
 
 
 def _check_utf8(path: Path) -> None:
@@ -674,7 +678,7 @@ def _carve(
         frame,
         test_size=size,
         random_state=seed,
-        stratify=_stratify(frame["label"]) if stratify else None,
+        stratify=_stratify(frame["label"]) if stratify and "label" in frame else None,
     )
     return keep, carved
 
@@ -685,7 +689,7 @@ def _subset(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
     # An exact row count: a fraction (limit / n) is rounded up by scikit-learn and could keep
     # limit + 1 rows. Stratified unless one side would be smaller than the number of classes.
     dropped = len(frame) - limit
-    stratify = min(limit, dropped) >= frame["label"].nunique()
+    stratify = "label" in frame and min(limit, dropped) >= frame["label"].nunique()
     if limit <= dropped:
         _, kept = _carve(frame, int(limit), seed, stratify=stratify)
     else:
@@ -773,27 +777,38 @@ def load_data(
         DataError: missing columns, unknown label values, empty splits.
     """
     images = TASKS[task].input_kind == "image"
+    labelled = TASKS[task].has_labels
     needed = _needed_columns(section, task)
     raw = _load_raw(section, needed)
     cols = section.columns
     source_dir = Path(section.source).expanduser()
     base = source_dir if source_dir.is_dir() else source_dir.parent
-    text_columns = (
-        [cols.image] if images else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
-    )
+    # (source column, our column) of the model's text inputs
+    if cols.prompt and cols.completion:
+        text_inputs = [(cols.prompt, "prompt"), (cols.completion, "completion")]
+    else:
+        text_inputs = [(cols.text, "text")] + (
+            [(cols.text_pair, "text_pair")] if cols.text_pair else []
+        )
+    text_columns = [cols.image] if images else [source for source, _ in text_inputs]
     for name, frame in raw.items():
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise DataError(
                 f"split {name!r} has no column(s) {missing}; it has {list(frame.columns)}. "
-                f"Map your column names under data.columns ({'image' if images else 'text'}, label, sensitive)."
+                f"Map your column names under data.columns ({'image' if images else 'text'}"
+                f"{', label' if labelled else ''}, sensitive)."
             )
     chosen = {wanted: _pick_split(raw, wanted, section) for wanted in SPLITS}
     if chosen["train"] is None:
         raise DataError(
             f"no training split found in the source (it has {sorted(raw)}); set data.splits.train"
         )
-    names = _label_names({k: raw[v] for k, v in chosen.items() if v}, cols.label, section)
+    names = (
+        _label_names({k: raw[v] for k, v in chosen.items() if v}, cols.label, section)
+        if labelled
+        else []
+    )
 
     rows_read: dict[str, int] = {}
     dropped: dict[str, dict[str, int]] = {}
@@ -816,22 +831,23 @@ def load_data(
             if gone.any():
                 reasons[f"missing text ({column})"] = int(gone.sum())
             keep &= ~gone
-        gone = frame[cols.label].isna() & keep
-        if gone.any():
-            reasons["missing label"] = int(gone.sum())
-        keep &= ~gone
+        if labelled:
+            gone = frame[cols.label].isna() & keep
+            if gone.any():
+                reasons["missing label"] = int(gone.sum())
+            keep &= ~gone
         frame = frame[keep]
         out = pd.DataFrame({"row_id": [f"{source_name}:{i}" for i in frame.index]})
         if images:
             out["image"] = encoded[keep].to_numpy()
         else:
-            out["text"] = frame[cols.text].astype(str).to_numpy()
-        if cols.text_pair:
-            out["text_pair"] = frame[cols.text_pair].astype(str).to_numpy()
-        classlabels = raw[source_name].attrs.get("classlabels", {}).get(cols.label)
-        out["label"] = _encode_labels(
-            frame[cols.label].reset_index(drop=True), names, classlabels, wanted
-        ).to_numpy()
+            for source, ours in text_inputs:
+                out[ours] = frame[source].astype(str).to_numpy()
+        if labelled:
+            classlabels = raw[source_name].attrs.get("classlabels", {}).get(cols.label)
+            out["label"] = _encode_labels(
+                frame[cols.label].reset_index(drop=True), names, classlabels, wanted
+            ).to_numpy()
         for column in cols.sensitive:
             # Missing sensitive values stay missing (None): the audit counts them as their own group.
             values = frame[column].to_numpy(dtype=object)
@@ -865,7 +881,7 @@ def load_data(
         raise DataError(
             "the test split is empty; the run must report test metrics. Set data.split.test > 0"
         )
-    present = set(clean["train"]["label"])
+    present = set(clean["train"]["label"]) if labelled else {0, 1}
     if len(present) < 2:
         raise DataError(
             f"the training split has only label(s) {[names[i] for i in present]} after cleaning"
@@ -873,7 +889,7 @@ def load_data(
     prepared = PreparedData(
         splits=clean,
         label_names=names,
-        text_columns=["image"] if images else ["text"] + (["text_pair"] if cols.text_pair else []),
+        text_columns=["image"] if images else [ours for _, ours in text_inputs],
         sensitive_columns=list(cols.sensitive),
         rows_read=rows_read,
         dropped=dropped,
@@ -881,7 +897,9 @@ def load_data(
         source_splits=dict(chosen),
     )
     # The fingerprint identifies the user's data, so it is taken before canaries go in.
-    prepared.fingerprint = _fingerprint(clean, ["row_id", *prepared.text_columns, "label"])
+    prepared.fingerprint = _fingerprint(
+        clean, ["row_id", *prepared.text_columns, *(["label"] if labelled else [])]
+    )
     if canaries:
         prepared.canaries = make_canaries(
             canaries,

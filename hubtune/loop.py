@@ -106,15 +106,26 @@ def plain_epoch(
 
 @torch.no_grad()
 def predict(
-    accelerator: Any, model: Any, loader: DataLoader, forward: Callable[..., torch.Tensor]
+    accelerator: Any,
+    model: Any,
+    loader: DataLoader,
+    forward: Callable[..., torch.Tensor],
+    *,
+    reduce: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for a whole split, gathered from every process, in row order."""
+    """Logits and labels for a whole split, gathered from every process, in row order.
+
+    With ``reduce`` (the task's), each batch's logits and labels are first reduced to
+    per-example figures (a language model's logits are too large to keep for a split).
+    """
     model.eval()
     all_logits, all_labels, all_idx = [], [], []
     for batch in loader:
         idx = batch.pop("idx")
         labels = batch.pop("labels")
         logits = forward(model, batch)
+        if reduce is not None:
+            logits, labels = reduce(logits, labels)
         logits, labels, idx = accelerator.gather_for_metrics((logits.float(), labels, idx))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())

@@ -217,6 +217,45 @@ def _from_pretrained(
     return model, newly
 
 
+def load_causal_lm(resolved: ResolvedModel, section: ModelSection) -> tuple[Any, Any, list[str]]:
+    """Load the tokenizer and ``AutoModelForCausalLM`` from a resolved folder.
+
+    A tokenizer without a pad token (GPT-2) pads with its end-of-text token; padded positions
+    are masked out of attention and loss, so which id fills them does not matter.
+
+    Returns:
+        ``(tokenizer, model, newly_initialized)``: a language model keeps its own head, so a
+        checkpoint that lacks a tensor is refused rather than trained from random values.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from hubtune.errors import InputError
+
+    trust = section.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(resolved.local_dir, trust_remote_code=trust)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    config = AutoConfig.from_pretrained(resolved.local_dir, trust_remote_code=trust)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    model, info = AutoModelForCausalLM.from_pretrained(
+        resolved.local_dir,
+        config=config,
+        trust_remote_code=trust,
+        use_safetensors=None if section.allow_pickle else True,
+        output_loading_info=True,
+    )
+    missing = sorted(set(info.get("missing_keys", [])))
+    if missing:
+        raise InputError(
+            f"the checkpoint in {resolved.local_dir} lacks {len(missing)} tensor(s) of "
+            f"{type(model).__name__} ({', '.join(missing[:5])}); a language model is fine-tuned from "
+            "complete pretrained weights. Check model.id (is it a causal language model?)."
+        )
+    return tokenizer, model, []
+
+
 def load_image_classifier(
     resolved: ResolvedModel, section: ModelSection, *, label_names: list[str]
 ) -> tuple[Any, Any, list[str]]:

@@ -190,15 +190,12 @@ def _push(recipe: Recipe) -> dict[str, Any]:
 def format_summary(result: RunResult) -> str:
     """The lines the CLI prints at the end of a run."""
     test = result.metrics["test"]
-    base = result.metrics["majority_baseline"]
     return "\n".join(
         [
             f"outputs:   {result.run_dir.resolve()}",
-            f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
-            f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
-            f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
+            *_test_lines(result.metrics),
             *_selection_lines(result.metrics),
-            *_classical_lines(result.metrics, test["accuracy"]),
+            *_classical_lines(result.metrics, test.get("accuracy", 0.0)),
             *privacy_lines(result.run_dir),
             *_audit_lines(result),
             *(
@@ -211,6 +208,21 @@ def format_summary(result: RunResult) -> str:
             ),
         ]
     )
+
+
+def _test_lines(metrics: dict[str, Any]) -> list[str]:
+    test = metrics["test"]
+    if "perplexity" in test:  # a language model
+        return [
+            f"test:      token loss {test['loss']:.4f}  perplexity {test['perplexity']:.2f}  "
+            f"next-token accuracy {test['accuracy']:.4f}  exact match {test['exact_match']:.4f}"
+        ]
+    base = metrics["majority_baseline"]
+    return [
+        f"test:      accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}",
+        f"baseline:  accuracy {base['accuracy']:.4f}  (always predicting '{base['label']}')",
+        f"gain:      {100 * (test['accuracy'] - base['accuracy']):+.1f} accuracy points over the baseline",
+    ]
 
 
 def _selection_lines(metrics: dict[str, Any]) -> list[str]:

@@ -141,15 +141,35 @@ class ColumnsSection(_Strict):
     text_pair: str | None = Field(None, description="Optional second text column (sentence pairs).")
     image: str = Field("image", description="Image column (task: image-classification).")
     label: str = "label"
+    prompt: str | None = Field(
+        None,
+        description="Text generation: the prompt column (with `completion`; the loss covers the "
+        "completion only). Omitted: plain text from `text`, every token in the loss.",
+    )
+    completion: str | None = Field(
+        None, description="Text generation: the completion column (with `prompt`)."
+    )
     sensitive: list[str] = Field(
         default_factory=list,
         description="Columns carried to predictions for audits; never fed to the model.",
     )
 
     @model_validator(mode="after")
+    def _prompt_with_completion(self) -> ColumnsSection:
+        if (self.prompt is None) != (self.completion is None):
+            given, missing = ("prompt", "completion") if self.prompt else ("completion", "prompt")
+            raise ValueError(
+                f"columns.{given} is set without columns.{missing}: prompt + completion data needs "
+                f"both (or neither, for plain text in columns.text). Add columns.{missing}."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sensitive_not_model_input(self) -> ColumnsSection:
-        inputs = {self.text, self.image, self.label} | (
-            {self.text_pair} if self.text_pair else set()
+        inputs = (
+            {self.text, self.image, self.label}
+            | ({self.text_pair} if self.text_pair else set())
+            | ({self.prompt, self.completion} if self.prompt and self.completion else set())
         )
         clash = sorted(inputs & set(self.sensitive))
         if clash:
@@ -515,6 +535,43 @@ class Recipe(_Strict):
                 f"train.group_by_length batches text by token count; {self.model.task} has no lengths. "
                 "Remove it."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _generation_fits(self) -> Recipe:
+        generation = not TASKS[self.model.task].has_labels
+        cols = self.data.columns
+        if not generation:
+            if cols.prompt:
+                raise ValueError(
+                    "data.columns.prompt/completion are for model.task: text-generation; a classifier "
+                    "reads data.columns.text (and text_pair). Remove them."
+                )
+            return self
+        problems = []
+        if cols.text_pair:
+            problems.append("data.columns.text_pair is for classifiers; remove it")
+        if self.data.labels is not None:
+            problems.append("data.labels: a language model has no classes; remove it")
+        if self.model.pooling != "auto":
+            problems.append("model.pooling is for classifiers; remove it")
+        if self.method.name == "freeze" and not getattr(self.method, "unfreeze_top_k", 0):
+            problems.append(
+                "method.name: freeze with no unfreeze_top_k leaves a language model nothing to learn "
+                "(its output layer is its own, often tied to the input embeddings); set "
+                "method.unfreeze_top_k >= 1, or use lora or full"
+            )
+        if self.train.select_metric == "macro_f1":
+            problems.append(
+                "train.select_metric: macro_f1 is a classifier's; use loss (or accuracy: next-token)"
+            )
+        if self.audit.canaries:
+            problems.append(
+                "audit.canaries: the random-label canaries of the one-run audit are for classifiers; "
+                "a language model's canary-exposure audit is not built yet. Set audit.canaries: 0"
+            )
+        if problems:
+            raise ValueError("model.task: text-generation: " + "; ".join(problems) + ".")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ __all__ = [
     "FairnessRecord",
     "MembershipRecord",
     "Metrics",
+    "GENERATION_COLUMNS",
     "PREDICTION_COLUMNS",
     "PolicyRecord",
     "Predictions",
@@ -138,6 +139,9 @@ def read_parquet(path: Path) -> tuple[Any, dict[str, Any]]:
 # columns and every sensitive column (a task adds its own: classification writes the label
 # names and one ``prob_<label>`` column per label).
 PREDICTION_COLUMNS = ("row_id", "label_id", "prediction_id")
+# A language model's test rows (model.task: text-generation): each example's mean token loss,
+# its labelled tokens, the share of them that are the greedy next token, and whether all are.
+GENERATION_COLUMNS = ("row_id", "loss", "tokens", "token_accuracy", "exact_match")
 
 
 @dataclass
@@ -148,10 +152,12 @@ class Predictions:
     frame: Any  # pandas.DataFrame
     label_names: list[str]
     sensitive_columns: list[str]
+    kind: str = "classification"  # or "generation" (GENERATION_COLUMNS)
 
     def missing_columns(self) -> list[str]:
         """The columns the schema asks for that the frame lacks."""
-        wanted = [*PREDICTION_COLUMNS, *self.sensitive_columns]
+        schema = GENERATION_COLUMNS if self.kind == "generation" else PREDICTION_COLUMNS
+        wanted = [*schema, *self.sensitive_columns]
         return [c for c in wanted if c not in self.frame.columns]
 
 
@@ -166,6 +172,7 @@ def write_predictions(run_dir: Path, predictions: Predictions) -> None:
         {
             "label_names": predictions.label_names,
             "sensitive_columns": predictions.sensitive_columns,
+            "kind": predictions.kind,
         },
     )
 
@@ -191,6 +198,7 @@ def read_predictions(run_dir: Path, *, label_names: list[str] | None = None) -> 
         frame=frame,
         label_names=[str(n) for n in meta.get("label_names") or label_names or []],
         sensitive_columns=[str(c) for c in meta.get("sensitive_columns") or []],
+        kind=str(meta.get("kind") or "classification"),
     )
     missing = predictions.missing_columns()
     if missing:

@@ -285,6 +285,10 @@ def _inputs(run: _Run, loaded: _Loaded) -> TrainingInputs:
     # the weights and inputs do not say: two runs of one model with another pooling must not
     # share a cache.
     pooling = getattr(loaded.plan.model, POOLING_ATTR, None)
+    if not task.caches_features and (loaded.plan.cache_features or loaded.plan.cache_prefix):
+        loaded.plan.cache_features = loaded.plan.cache_prefix = False
+        if run.main:
+            logger.info("feature cache: off (not implemented for %s)", task.name)
 
     def key(split: str, cut: str) -> str:
         frame = frames[split]
@@ -302,7 +306,9 @@ def _inputs(run: _Run, loaded: _Loaded) -> TrainingInputs:
         accelerator=run.accelerator,
         plan=loaded.plan,
         encoded=encoded,
-        labels={split: frame["label"].to_numpy() for split, frame in frames.items()},
+        labels={
+            split: frame["label"].to_numpy() for split, frame in frames.items() if "label" in frame
+        },
         keys=key,
         collate=task.collate(loaded.processor),
         batch_size=recipe.train.eval_batch_size,
@@ -418,6 +424,8 @@ def _private_setup(
             device=accelerator.device,
             prior_history=prior_history(loaded.resolved.local_dir),
             spent=run.spent,
+            criterion=loaded.task.criterion() if loaded.task.criterion else None,
+            loss_fn=loaded.task.loss,
         )
     except PrivacyError as exc:
         raise RunError(f"privacy: {exc}") from None
@@ -626,7 +634,9 @@ def _end_epoch(
 ) -> None:
     """Evaluate on the validation split, log, and write the epoch's checkpoint."""
     accelerator, recipe = run.accelerator, run.recipe
-    logits, labels = predict(accelerator, setup.module, setup.val_loader, inputs.forward)
+    logits, labels = predict(
+        accelerator, setup.module, setup.val_loader, inputs.forward, reduce=loaded.task.reduce
+    )
     val = loaded.task.metrics(logits, labels, len(loaded.data.label_names))
     record: dict[str, Any] = {
         "epoch": epoch + 1,
@@ -645,13 +655,12 @@ def _end_epoch(
     scalars = {k: v for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))}
     accelerator.log(scalars, step=epoch + 1)
     if run.main:
+        shown = ("loss", "accuracy", "macro_f1", "perplexity", "exact_match")
         logger.info(
-            "epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_macro_f1 %.4f%s",
+            "epoch %d: train_loss %.4f %s%s",
             epoch + 1,
             record["train_loss"],
-            val["loss"],
-            val["accuracy"],
-            val["macro_f1"],
+            " ".join(f"val_{k} {val[k]:.4f}" for k in shown if k in val),
             f" epsilon {record['epsilon']:.3f}" if "epsilon" in record else "",
         )
     if recipe.train.checkpoint:
@@ -680,11 +689,18 @@ def _finish(
             "weights: %s", describe_selection({**selection.to_json(), "of": len(setup.history)})
         )
     t0 = time.perf_counter()
-    logits, labels = predict(accelerator, setup.module, setup.test_loader, inputs.forward)
+    logits, labels = predict(
+        accelerator, setup.module, setup.test_loader, inputs.forward, reduce=task.reduce
+    )
     test = task.metrics(logits, labels, len(data.label_names))
-    train_labels = data.splits["train"]["label"].to_numpy()
-    majority = int(np.bincount(train_labels, minlength=len(data.label_names)).argmax())
-    baseline = float((labels.numpy() == majority).mean())
+    majority_baseline: dict[str, Any] = {}
+    if task.has_labels:
+        train_labels = data.splits["train"]["label"].to_numpy()
+        majority = int(np.bincount(train_labels, minlength=len(data.label_names)).argmax())
+        majority_baseline = {
+            "label": data.label_names[majority],
+            "accuracy": float((labels.numpy() == majority).mean()),
+        }
     run.timings["test_s"] = time.perf_counter() - t0
     membership = None
     if recipe.audit.enabled:
@@ -700,7 +716,7 @@ def _finish(
         )
     metrics = {
         "test": test,
-        "majority_baseline": {"label": data.label_names[majority], "accuracy": baseline},
+        "majority_baseline": majority_baseline,
         "history": setup.history,
         "selected_epoch": {**selection.to_json(), "of": len(setup.history)}
         if selection.epoch is not None
@@ -780,15 +796,23 @@ def _membership_scores(
                     dataset, batch_size=recipe.train.eval_batch_size, collate_fn=inputs.collate
                 )
             )
-            logits, labels = predict(accelerator, module, loader, inputs.forward)
+            logits, labels = predict(
+                accelerator, module, loader, inputs.forward, reduce=loaded.task.reduce
+            )
         losses = loaded.task.example_losses(logits, labels).numpy()
+        if loaded.task.has_labels:
+            right = (logits.argmax(-1) == labels).numpy()
+        else:  # a language model "predicts" an example when it reproduces it greedily
+            from hubtune.tasks.text_generation import EXACT
+
+            right = logits[:, EXACT].numpy().astype(bool)
         part = pd.DataFrame(
             {
                 "row_id": frame["row_id"].to_numpy(),
                 "split": split,
                 "member": split == "train",
                 "loss": losses.astype("float64"),
-                "predicts_label": (logits.argmax(-1) == labels).numpy(),
+                "predicts_label": right,
             }
         )
         if split == "canaries":
@@ -835,6 +859,7 @@ def _write_run_dir(
             loaded.task.predictions(data, *test_outputs),
             label_names=list(data.label_names),
             sensitive_columns=list(data.sensitive_columns),
+            kind="classification" if loaded.task.has_labels else "generation",
         ),
     )
     atomic_write_text(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))

@@ -10,6 +10,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # huggingface_hub, transformers and datasets read these once, at import: set them before any
 # test module imports them, so nothing in the suite can reach a hub or a user's cache or token.
@@ -122,6 +123,81 @@ def make_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
     GPT2Model(config).save_pretrained(folder, safe_serialization=True)
     _save_tokenizer(folder)
     return folder
+
+
+LM_SPECIALS = ["<|endoftext|>", "<unk>"]
+
+
+def _save_lm_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer with GPT-2's end-of-text token as bos, eos and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = LM_SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL + list("0123456789") + ["my", "number"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+    ).save_pretrained(folder)
+
+
+LM_VOCAB = len(LM_SPECIALS + WORDS_POS + WORDS_NEG + WORDS_FILL) + 12
+
+
+def make_tiny_causal_lm(folder: Path, arch: str = "gpt2", *, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 causal LM: GPT-2 (Conv1D, tied embeddings) or LLaMA (RMSNorm,
+    rotary embeddings, untied output layer), with a word-level tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if arch == "gpt2":
+        model: Any = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=LM_VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
+    else:
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=LM_VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+                tie_word_embeddings=False,
+            )
+        )
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_lm_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gpt2-lm"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama-lm"), "llama")
 
 
 @pytest.fixture(scope="session")

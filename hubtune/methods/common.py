@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 # Names transformers uses for the classification head of *ForSequenceClassification models.
-HEAD_NAMES = ("classifier", "score", "classification_head", "logits_proj", "head", "fc")
+HEAD_NAMES = ("classifier", "score", "classification_head", "logits_proj", "head", "fc", "lm_head")
 
 
 @dataclass
@@ -60,6 +60,9 @@ class MethodPlan:
     eval_modules: list[str] = field(default_factory=list)
     # Where the run saves what trained: "model" (the whole model) or "adapter" (peft adapters).
     output_dir: str = "model"
+    # A language model whose output layer is its input embedding (one tensor used twice): what
+    # the method did with it, for run.json and the card (None: not a tied language model).
+    tied_embeddings: str | None = None
 
     def train_mode(self, model: nn.Module) -> None:
         """Put ``model`` in training mode, except the frozen parts listed in ``eval_modules``."""
@@ -84,6 +87,7 @@ class MethodPlan:
             "prefix_cache": self.cache_prefix,
             "unfrozen_blocks": self.unfrozen_blocks,
             "lora_target_modules": self.lora_target_modules,
+            "tied_embeddings": self.tied_embeddings,
             "batchnorm_in_eval_mode": len(
                 [
                     n
@@ -283,6 +287,27 @@ def param_group(
 
 def is_image_model(model: nn.Module) -> bool:
     return getattr(model, "main_input_name", None) == "pixel_values"
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A transformers causal language model (``*ForCausalLM``, GPT-2's ``*LMHeadModel``)."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def tied_output_embedding(model: nn.Module) -> str | None:
+    """The name of the input embedding that a language model's output layer shares, or None."""
+    head = getattr(model, "lm_head", None)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if not isinstance(head, nn.Module) or not callable(get_embeddings):
+        return None
+    embedding = get_embeddings()
+    if not isinstance(embedding, nn.Module) or head.weight is not embedding.weight:
+        return None
+    for name, module in model.named_modules():
+        if module is embedding:
+            return name
+    return None
 
 
 def make_plan(name: str, model: nn.Module, groups: list[dict[str, Any]], head: str) -> MethodPlan:

@@ -80,6 +80,7 @@ def apply(
         frozen_subtrees,
         make_plan,
         param_group,
+        tied_output_embedding,
         to_groupnorm,
         under,
     )
@@ -142,4 +143,10 @@ def apply(
     plan.cache_features = bool(method.feature_cache and not method.unfreeze_top_k and head_only)
     plan.cache_prefix = bool(method.feature_cache and method.unfreeze_top_k)
     plan.unfrozen_blocks = unfrozen
+    tied = tied_output_embedding(model)
+    if tied is not None:
+        plan.tied_embeddings = (
+            f"lm_head shares {tied}.weight (tied); frozen, since training it would also change "
+            "the input embeddings below the frozen blocks"
+        )
     return plan

@@ -42,6 +42,7 @@ def apply(
         frozen_batchnorms,
         make_plan,
         param_group,
+        tied_output_embedding,
         to_groupnorm,
     )
 
@@ -59,4 +60,10 @@ def apply(
     plan = make_plan("full", model, groups, head)
     plan.eval_modules = frozen_batchnorms(model)
     plan.groupnorm_replaced = swapped
+    tied = tied_output_embedding(model)
+    if tied is not None:
+        plan.tied_embeddings = (
+            f"lm_head shares {tied}.weight (tied); trained as one tensor used twice (input and "
+            "output), its gradient the sum of both uses"
+        )
     return plan

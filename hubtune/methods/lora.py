@@ -66,6 +66,7 @@ def apply(
         find_blocks,
         frozen_batchnorms,
         frozen_subtrees,
+        is_causal_lm,
         is_image_model,
         make_plan,
         param_group,
@@ -92,13 +93,17 @@ def apply(
             "layers_to_transform": list(range(len(blocks) - method.adapt_top_k, len(blocks))),
             "layers_pattern": container.rsplit(".", 1)[-1],
         }
+    causal = is_causal_lm(model)
+    task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
     config = LoraConfig(
-        task_type=None if is_image_model(model) else TaskType.SEQ_CLS,
+        task_type=None if is_image_model(model) else task_type,
         r=method.r,
         lora_alpha=method.alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=method.dropout,
         target_modules=method.target_modules or default_lora_targets(model),
-        modules_to_save=[head],
+        # A language model keeps its own output layer (often the input embedding itself):
+        # only the adapters train, and only they are saved.
+        modules_to_save=None if causal else [head],
         base_model_name_or_path=base_model_name_or_path,
         revision=base_model_revision,
         **layers,
@@ -115,6 +120,8 @@ def apply(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     plan = make_plan("lora", peft_model, param_group("lora+head", params, lr, weight_decay), head)
     plan.lora_target_modules = targets
+    if causal:
+        plan.tied_embeddings = _tied_note(model, "frozen, as LoRA keeps every pretrained tensor")
     plan.cache_prefix = method.feature_cache
     plan.output_dir = "adapter"  # the run saves the adapter, not the whole model
     # BatchNorm stays frozen under LoRA, and a frozen BatchNorm runs in eval mode.
@@ -129,6 +136,13 @@ def apply(
             if not any(under(n, a) for a in adapted) and n not in plan.eval_modules
         ]
     return plan
+
+
+def _tied_note(model: nn.Module, what: str) -> str | None:
+    from hubtune.methods.common import tied_output_embedding
+
+    name = tied_output_embedding(model)
+    return None if name is None else f"lm_head shares {name}.weight (tied); {what}"
 
 
 # LoRA targets for image models peft has no defaults for: timm models by class, transformers'

@@ -222,6 +222,8 @@ class PrivacyRun:
     generator_state: _GeneratorState | None = None
     num_processes: int = 1
     stopped_by_budget: bool = False
+    # The task's mean loss (logits, labels); None: cross-entropy over class labels.
+    loss_fn: Any = None
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -310,6 +312,8 @@ def prepare_private(
     device: torch.device,
     prior_history: list[tuple[float, float, int]] | None = None,
     spent: SpentBudget | None = None,
+    criterion: nn.Module | None = None,
+    loss_fn: Any = None,
 ) -> PrivacyRun:
     """Wrap model, optimizer and a Poisson data loader with Opacus, and fix the budget.
 
@@ -319,6 +323,10 @@ def prepare_private(
         prior_history: The base model's earlier DP training (its ε keeps counting).
         spent: What an interrupted run being resumed already spent (its checkpoint's record);
             the noise for the remaining steps is planned from it, never from the first plan.
+        criterion: The task's loss as a module with a ``reduction`` attribute, which ghost
+            clipping asks for one loss per example (default: cross-entropy over class labels).
+        loss_fn: The task's mean loss ``(logits, labels)``, for the preflight (default:
+            cross-entropy over class labels).
 
     Raises:
         PrivacyError: the configuration would not give the guarantee it claims.
@@ -384,7 +392,7 @@ def prepare_private(
         poisson_sampling=True,
         clipping="flat",
         grad_sample_mode=section.grad_sample_mode,
-        criterion=nn.CrossEntropyLoss(),
+        criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
         **kwargs,
     )
     if section.grad_sample_mode == "ghost":
@@ -430,6 +438,7 @@ def prepare_private(
         prior_history=list(prior_history or []),
         generator_state=_GeneratorState(sampling_generator, noise_generator),
         num_processes=num_processes,
+        loss_fn=loss_fn,
     )
 
 
@@ -501,7 +510,7 @@ def _check_per_sample_gradients(
                 f"{None if norms is None else tuple(norms.shape)} for a batch of {size}"
             )
     else:
-        torch.nn.functional.cross_entropy(logits, labels).backward()
+        (run.loss_fn or torch.nn.functional.cross_entropy)(logits, labels).backward()
         bad = []
         for name, param in model.named_parameters():
             if not param.requires_grad:

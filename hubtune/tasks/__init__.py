@@ -54,13 +54,28 @@ class Task:
     # (prepared data, seed) -> (each test row's predicted label id, record): a model without
     # pretraining on the same split (hubtune.baselines); None: the task has none
     classical_baseline: Callable[..., tuple[Any, dict[str, Any]]] | None = None
+    # Whether examples have a class label (classifiers) or are their own target (generation).
+    has_labels: bool = True
+    # (logits, labels) -> (per-example figures, per-example labels) for one evaluation batch, so
+    # that a whole split's outputs stay small (a language model's logits are [B, T, vocab]);
+    # None: the logits and labels themselves. metrics, example_losses and predictions take what
+    # this returns.
+    reduce: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    # () -> the loss as a module with a ``reduction`` attribute, for Opacus' ghost clipping;
+    # None: cross-entropy over class labels.
+    criterion: Callable[[], Any] | None = None
+    # Whether a frozen part's outputs may be cached (feature or prefix cache).
+    caches_features: bool = True
 
 
 def _registry() -> dict[str, Task]:
     from hubtune.tasks.image_classification import TASK as IMAGE_CLASSIFICATION
     from hubtune.tasks.text_classification import TASK as TEXT_CLASSIFICATION
+    from hubtune.tasks.text_generation import TASK as TEXT_GENERATION
 
-    return {task.name: task for task in (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)}
+    return {
+        task.name: task for task in (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, TEXT_GENERATION)
+    }
 
 
 TASKS: dict[str, Task] = _registry()

@@ -1,0 +1,363 @@
+"""Text generation (``model.task: text-generation``): a causal language model and its tokenizer.
+
+**Examples.** One row is one example and one privacy unit. A row is either plain text
+(``data.columns.text``: the loss covers every token) or a prompt and its completion
+(``data.columns.prompt`` + ``data.columns.completion``: the loss covers the completion tokens
+only, the prompt is context). Each example is ``[bos] tokens [eos]`` (``bos`` only where the
+tokenizer has one), truncated to ``model.max_length``; a prompt that leaves no room for its
+completion is cut from the left, so the completion keeps at least one token.
+
+**No packing.** Examples are never concatenated into shared chunks: each row of a batch is one
+example, padded on the right, with an attention mask, so an example's loss never sees another
+example's tokens and, under DP, per-example clipping clips one example (never a chunk of
+several). Batches of similar lengths (``train.group_by_length``; DP: every Poisson batch is
+length-sorted) keep the padding small instead.
+
+**Loss.** The mean token cross-entropy of each example (its labelled tokens), averaged over the
+batch: one example weighs the same whatever its length, which is what per-example clipping
+assumes. :class:`SequenceLoss` is that loss as an ``nn.Module`` with a ``reduction``
+attribute, so Opacus' ghost clipping can ask it for one loss per example.
+
+**Outputs.** Evaluation never gathers ``[batch, length, vocabulary]`` logits: :func:`reduce`
+turns each batch into per-example figures (summed token loss, labelled tokens, correct greedy
+next tokens, whether every labelled token is the greedy one), from which the metrics (token
+loss, perplexity, next-token accuracy, exact match) and the per-example losses of the
+membership audit come. Exact match is the share of examples whose labelled tokens are all the
+model's greedy choice under teacher forcing, which is exactly the share whose greedy
+continuation of the prompt reproduces the completion (and its end-of-text token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hubtune.tasks.snippets import model_location
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from hubtune.data import PreparedData
+
+__all__ = [
+    "IGNORE",
+    "TASK",
+    "Examples",
+    "criterion",
+    "collator",
+    "encode",
+    "example_losses",
+    "loss",
+    "metrics",
+    "predictions",
+    "reduce",
+]
+
+IGNORE = -100  # label of a token the loss does not cover (prompt, padding)
+# Columns of reduce()'s per-example figures.
+LOSS_SUM, TOKENS, CORRECT, EXACT = range(4)
+
+
+def _load(
+    resolved: Any, section: Any, *, label_names: list[str], method_name: str
+) -> tuple[Any, Any, list[str]]:
+    from hubtune.model import load_causal_lm
+
+    return load_causal_lm(resolved, section)
+
+
+class Examples:
+    """Tokenised examples (a map-style data set): ``input_ids`` and the loss's ``labels``."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[list[int]]):
+        self.encodings = {"input_ids": input_ids}
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.encodings["input_ids"][i], "labels": self.labels[i], "idx": i}
+
+
+def _special(tokenizer: Any) -> tuple[list[int], list[int]]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return bos, eos
+
+
+def encode(
+    tokenizer: Any,
+    *,
+    texts: list[str] | None = None,
+    prompts: list[str] | None = None,
+    completions: list[str] | None = None,
+    max_length: int,
+) -> Examples:
+    """Tokenise plain texts, or prompts with their completions (see the module docstring)."""
+    bos, eos = _special(tokenizer)
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    if texts is not None:
+        for tokens in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            row = (bos + list(tokens) + eos)[:max_length]
+            ids.append(row)
+            labels.append(row[:])
+        return Examples(ids, labels)
+    assert prompts is not None and completions is not None
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        target = (list(completion) + eos)[: max_length - len(bos) - 1]  # room for 1 prompt token
+        context = (bos + list(prompt))[-(max_length - len(target)) :]
+        if bos and context[0] != bos[0]:  # cut from the left: keep the start marker
+            context = bos + context[len(bos) :]
+        ids.append(context + target)
+        labels.append([IGNORE] * len(context) + target)
+    return Examples(ids, labels)
+
+
+def _encode_split(tokenizer: Any, frame: Any, recipe: Any, *, train: bool) -> Examples:
+    if "prompt" in frame:
+        return encode(
+            tokenizer,
+            prompts=frame["prompt"].tolist(),
+            completions=frame["completion"].tolist(),
+            max_length=recipe.model.max_length,
+        )
+    return encode(tokenizer, texts=frame["text"].tolist(), max_length=recipe.model.max_length)
+
+
+def collator(tokenizer: Any) -> Any:
+    """Pad a list of examples on the right: ``input_ids``, ``attention_mask``, ``labels``."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n] = torch.tensor(item["input_ids"])
+            mask[row, :n] = 1
+            labels[row, :n] = torch.tensor(item["labels"])
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "idx": torch.tensor([item["idx"] for item in items]),
+        }
+
+    return collate
+
+
+def _cache_inputs(frame: Any, recipe: Any, processor: Any = None) -> dict[str, Any]:
+    import pandas as pd
+
+    columns = [c for c in ("text", "prompt", "completion") if c in frame]
+    texts = hashlib.sha256(
+        pd.util.hash_pandas_object(frame[columns], index=False).to_numpy().tobytes()
+    )
+    return {"texts": texts.hexdigest(), "max_length": recipe.model.max_length}
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each next-token loss (float32, 0 where not labelled) and the labelled-token mask."""
+    import torch.nn.functional as F
+
+    shifted = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    losses = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view(target.shape)
+    return losses, mask
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean token loss of each example (0 for an example with no labelled token)."""
+    losses, mask = _token_losses(logits, labels)
+    return losses.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _sequence_loss_module() -> Any:
+    from torch import nn
+
+    class SequenceLoss(nn.Module):
+        """Per-example mean token loss, reduced over the batch by ``reduction`` (``none``: one per
+        example, which Opacus' ghost clipping asks for)."""
+
+        def __init__(self, reduction: str = "mean"):
+            super().__init__()
+            self.reduction = reduction
+
+        def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            per_example = sequence_losses(logits, labels)
+            if self.reduction == "none":
+                return per_example
+            return per_example.sum() if self.reduction == "sum" else per_example.mean()
+
+    return SequenceLoss
+
+
+def criterion() -> Any:
+    """The training loss as a module with a ``reduction`` attribute (Opacus' ghost clipping)."""
+    return _sequence_loss_module()()
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss: each example's mean token loss, averaged over the batch."""
+    return sequence_losses(logits, labels).mean()
+
+
+def reduce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's per-example figures ``[B, 4]`` (summed loss, tokens, correct, all correct) and
+    each example's labelled-token count, in place of its logits and labels."""
+    import torch
+
+    losses, mask = _token_losses(logits, labels)
+    tokens = mask.sum(1)
+    correct = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask).sum(1)
+    figures = torch.stack(
+        [
+            losses.sum(1),
+            tokens.float(),
+            correct.float(),
+            ((correct == tokens) & (tokens > 0)).float(),
+        ],
+        dim=1,
+    )
+    return figures, tokens
+
+
+def example_losses(figures: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The mean token loss of each example (the membership audit's scores)."""
+    return figures[:, LOSS_SUM] / figures[:, TOKENS].clamp(min=1)
+
+
+def metrics(figures: torch.Tensor, tokens: torch.Tensor, num_labels: int = 0) -> dict[str, float]:
+    """Token loss, perplexity, next-token accuracy and exact match over a whole split.
+
+    ``loss`` is per token (all labelled tokens of the split pooled), as perplexity is usually
+    reported; ``sequence_loss`` is the mean of the examples' own mean losses (what training
+    minimises); ``accuracy`` is the share of labelled tokens that are the greedy next token.
+    """
+    import math
+
+    total = float(figures[:, TOKENS].sum())
+    token_loss = float(figures[:, LOSS_SUM].sum()) / max(total, 1.0)
+    return {
+        "loss": token_loss,
+        "perplexity": math.exp(min(token_loss, 700.0)),
+        "sequence_loss": float(example_losses(figures, tokens).mean()) if len(tokens) else 0.0,
+        "accuracy": float(figures[:, CORRECT].sum()) / max(total, 1.0),
+        "exact_match": float(figures[:, EXACT].mean()) if len(tokens) else 0.0,
+        "tokens": total,
+    }
+
+
+def predictions(data: PreparedData, figures: torch.Tensor, tokens: torch.Tensor) -> pd.DataFrame:
+    """The test split, one row per example: ``row_id``, ``loss`` (mean token loss), ``tokens``,
+    ``token_accuracy``, ``exact_match`` and every sensitive column (the audit's contract)."""
+    import pandas as pd
+
+    test = data.splits["test"]
+    counts = figures[:, TOKENS].clamp(min=1)
+    frame = pd.DataFrame(
+        {
+            "row_id": test["row_id"].to_numpy(),
+            "loss": example_losses(figures, tokens).numpy().astype("float64"),
+            "tokens": tokens.numpy().astype("int64"),
+            "token_accuracy": (figures[:, CORRECT] / counts).numpy().astype("float64"),
+            "exact_match": figures[:, EXACT].numpy().astype(bool),
+        }
+    )
+    for column in data.sensitive_columns:
+        frame[column] = test[column].to_numpy()
+    return frame
+
+
+def load_snippet(
+    *,
+    run_dir: Path,
+    repo_id: str | None,
+    revision: str | None,
+    lora: bool,
+    base: dict[str, Any],
+    label_names: list[str],
+    max_length: int = 128,
+) -> str:
+    """A Python snippet that loads the model and continues a prompt."""
+    where, kw = model_location(run_dir=run_dir, repo_id=repo_id, revision=revision, lora=lora)
+    auto = "AutoPeftModelForCausalLM" if lora else "AutoModelForCausalLM"
+    lines = ["from transformers import AutoTokenizer"]
+    lines.append(
+        "from peft import AutoPeftModelForCausalLM"
+        if lora
+        else "from transformers import AutoModelForCausalLM"
+    )
+    lines += [
+        "",
+        *where.rstrip("\n").split("\n"),
+        f"tokenizer = AutoTokenizer.from_pretrained(model_id{kw})",
+        f"model = {auto}.from_pretrained(model_id{kw}).eval()",
+        "",
+        f'inputs = tokenizer("Replace this with a prompt", return_tensors="pt", truncation=True, '
+        f"max_length={max_length})",
+        "output = model.generate(**inputs, max_new_tokens=40, do_sample=False)",
+        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_snippet(*, repo_id: str, label_names: list[str]) -> str:
+    """A ``transformers.pipeline`` call for a pushed model or LoRA adapter."""
+    return (
+        "\n".join(
+            [
+                "from transformers import pipeline",
+                "",
+                f'generator = pipeline("text-generation", model={json.dumps(repo_id)})',
+                'print(generator("Replace this with a prompt", max_new_tokens=40, do_sample=False))',
+            ]
+        )
+        + "\n"
+    )
+
+
+def _task() -> Any:
+    from hubtune.tasks import Task
+
+    return Task(
+        name="text-generation",
+        input_kind="text",
+        title="Text Generation",
+        space_widget="textbox",
+        load=_load,
+        encode=_encode_split,
+        collate=collator,
+        cache_inputs=_cache_inputs,
+        loss=loss,
+        example_losses=example_losses,
+        metrics=metrics,
+        predictions=predictions,
+        load_snippet=load_snippet,
+        pipeline_snippet=pipeline_snippet,
+        classical_baseline=None,
+        has_labels=False,
+        reduce=reduce,
+        criterion=criterion,
+        caches_features=False,
+    )
+
+
+TASK = _task()
