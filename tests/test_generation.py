@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hubtune.recipe import Recipe
+from hubtune.recipe import LoraMethod, Recipe
 from hubtune.tasks import text_generation as tg
 
 from .conftest import WORDS_FILL, WORDS_NEG, WORDS_POS
@@ -202,3 +202,190 @@ def test_a_language_model_trains_and_writes_its_run(
 
 def tg_vocab(model_dir: Path) -> int:
     return transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+
+
+# --------------------------------------------------------------------------- DP gradients
+
+LM_TEXTS = ["the movie was good", "bad", "it is so really awful quite", "my number is 4 2"]
+
+
+def _lm_model(folder: Path, method: object, *, seed: int = 0) -> tuple[torch.nn.Module, object]:
+    """A float64 causal LM with ``method`` applied, dropout off, in training mode."""
+    from hubtune.methods import apply_method
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    plan = apply_method(model, method, lr=0.1)
+    model = plan.model.double()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # lora_B starts at 0, which would make every lora_A gradient 0
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    model.train()
+    return model, plan
+
+
+def _lm_batch(folder: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    from hubtune.privacy import add_position_ids
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    examples = tg.encode(tok, texts=LM_TEXTS, max_length=32)
+    batch = tg.collator(tok)([examples[i] for i in range(len(LM_TEXTS))])
+    batch.pop("idx")
+    labels = batch.pop("labels")
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == len(LM_TEXTS)  # every example padded differently
+    return add_position_ids(batch), labels
+
+
+def _lm_reference(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each example alone, unpadded, its own loss differentiated by plain autograd."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = []
+    for i in range(len(labels)):
+        n = int(batch["attention_mask"][i].sum())
+        single = {k: v[i : i + 1, :n] for k, v in batch.items()}
+        loss = tg.sequence_losses(model(**single).logits, labels[i : i + 1, :n]).sum()
+        grads.append(torch.autograd.grad(loss, [p for _, p in named]))
+    out = {name: torch.stack([g[j] for g in grads]) for j, (name, _) in enumerate(named)}
+    for name, g in out.items():
+        assert g.abs().max() > 0, f"{name}: zero reference gradient (the check would be vacuous)"
+    return out
+
+
+LM_CASES = {
+    "gpt2-lora": ("gpt2", {"name": "lora", "r": 4, "dropout": 0.0}),
+    "gpt2-full": ("gpt2", {"name": "full"}),  # Conv1D, tied input/output embedding
+    "llama-lora": ("llama", {"name": "lora", "r": 4, "dropout": 0.0}),
+    "llama-full": ("llama", {"name": "full"}),  # RMSNorm, rotary embeddings, untied head
+    "llama-top1": ("llama", {"name": "freeze", "unfreeze_top_k": 1}),
+}
+
+
+def _lm_case(request: pytest.FixtureRequest, case: str):  # type: ignore[no-untyped-def]
+    from pydantic import TypeAdapter
+
+    from hubtune.recipe import Method
+
+    arch, spec = LM_CASES[case]
+    folder = request.getfixturevalue(f"tiny_{arch}_lm")
+    model, plan = _lm_model(folder, TypeAdapter(Method).validate_python(spec))
+    return model, plan, *_lm_batch(folder)
+
+
+@pytest.mark.parametrize("case", list(LM_CASES))
+def test_per_sequence_grad_sample_is_each_examples_gradient(
+    request: pytest.FixtureRequest, case: str
+) -> None:
+    """Opacus (hooks) on a padded batch with hubtune's loss = each example's own gradient."""
+    model, plan, batch, labels = _lm_case(request, case)
+    if case.startswith("gpt2"):
+        assert plan.tied_embeddings is not None and "transformer.wte" in plan.tied_embeddings
+    reference = _lm_reference(model, batch, labels)
+    scale = max(float(g.abs().max()) for g in reference.values())
+    gsm = opacus.GradSampleModule(model, loss_reduction="mean")
+    tg.loss(gsm(**batch).logits, labels).backward()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        torch.testing.assert_close(
+            param.grad_sample,
+            reference[name],
+            rtol=1e-7,
+            atol=1e-9 * scale,
+            msg=lambda m: f"{name}: {m}",
+        )
+
+
+def _ghost_norms(model: torch.nn.Module, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example gradient norms as ghost clipping computes them, with hubtune's criterion."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", max_grad_norm=1e6, use_ghost_clipping=True
+    )
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(trained, lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        expected_batch_size=len(labels),
+        loss_reduction="mean",
+    )
+    criterion = DPLossFastGradientClipping(gsm, optimizer, tg.criterion(), "mean")
+    criterion(gsm(**batch).logits, labels).backward()
+    return gsm.per_sample_gradient_norms
+
+
+@pytest.mark.parametrize("case", ["gpt2-lora", "llama-lora", "llama-full"])
+def test_ghost_clipping_norms_are_each_examples_gradient_norm(
+    request: pytest.FixtureRequest, case: str
+) -> None:
+    model, _, batch, labels = _lm_case(request, case)
+    reference = _lm_reference(model, batch, labels)
+    squares = [g.reshape(g.shape[0], -1).pow(2).sum(1) for g in reference.values()]
+    expected = torch.stack(squares).sum(0).sqrt()
+    torch.testing.assert_close(_ghost_norms(model, batch, labels), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_ghost_clipping_of_a_tied_embedding_is_refused_by_name(tiny_gpt2_lm: Path) -> None:
+    """GPT-2's output layer is its input embedding: ghost clipping cannot norm one tensor used
+    twice, so the preflight refuses and names the way out (hooks, or LoRA)."""
+    from hubtune.privacy import PrivacyError
+    from hubtune.privacy.engine import refuse_shared_trained_tensors
+    from hubtune.recipe import FullMethod
+
+    model, _ = _lm_model(tiny_gpt2_lm, FullMethod(name="full"))
+    batch, labels = _lm_batch(tiny_gpt2_lm)
+    with pytest.raises(NotImplementedError, match="tying"):  # what Opacus would do
+        _ghost_norms(model, batch, labels)
+    with pytest.raises(
+        PrivacyError, match=r"cannot clip transformer\.wte\.weight.*grad_sample_mode: hooks"
+    ):
+        refuse_shared_trained_tensors(model)
+    model, _ = _lm_model(tiny_gpt2_lm, LoraMethod(name="lora", r=4, dropout=0.0))
+    refuse_shared_trained_tensors(model)  # the tied embedding is frozen under LoRA: no refusal
+
+
+opacus = pytest.importorskip("opacus")
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "mode"),
+    [("gpt2", {"name": "lora", "r": 4}, "hooks"), ("llama", {"name": "full"}, "ghost")],
+)
+def test_dp_training_of_a_language_model_spends_what_it_reports(
+    request: pytest.FixtureRequest, tmp_path: Path, lm_csv: Path, arch: str, method: dict, mode: str
+) -> None:
+    """DP-SGD end to end: Poisson batches of whole examples, per-sequence clipping, and a ledger
+    whose ε the accountant recomputes from the recorded steps."""
+    from hubtune.pipeline import run_recipe
+    from hubtune.privacy import compute_epsilons
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}_lm")
+    spec = lm_recipe(model_dir, lm_csv, tmp_path / "runs", **method)
+    spec["privacy"] = {
+        "enabled": True,
+        "target_epsilon": 8.0,
+        "logical_batch_size": 32,
+        "physical_batch_size": 8,
+        "grad_sample_mode": mode,
+    }
+    result = run_recipe(Recipe.model_validate(spec))
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    assert ledger["epsilon"] <= 8.0 + 1e-9 and ledger["grad_sample_mode"] == mode
+    history = [tuple(h) for h in ledger["history"]]
+    assert compute_epsilons(history, ledger["delta"])["prv"] == pytest.approx(
+        ledger["epsilon"], rel=1e-6
+    )
+    assert math.isfinite(result.metrics["test"]["perplexity"])

@@ -57,10 +57,54 @@ __all__ = [
     "forward_takes_position_ids",
     "out_of_place",
     "prepare_private",
+    "refuse_shared_trained_tensors",
     "refuse_trainable_batchnorm",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def respect_padding_idx() -> None:
+    """Make Opacus' per-example gradients (and ghost norms) of ``nn.Embedding`` honour ``padding_idx``.
+
+    PyTorch never updates an embedding's ``padding_idx`` row (its gradient is 0), but Opacus
+    1.6's embedding grad and norm samplers ignore ``padding_idx``: a token that is also the pad
+    token (LLaMA-style configurations where pad = bos, or pad = eos) got a per-example gradient
+    that autograd says is 0, so DP training moved a row that non-private training keeps, and
+    per-example norms counted it. The wrappers zero the backprops at the positions whose token
+    is ``padding_idx`` before Opacus' own samplers run, which gives exactly autograd's
+    gradients (tests/test_generation.py compares them with one-example references). The
+    clipping bound never depended on this (norms and sums use the same vectors); the fidelity
+    did. Idempotent; registered when this module is imported.
+    """
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+        GradSampleModuleFastGradientClipping,
+    )
+    from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
+
+    def wrap(original: Any) -> Any:
+        if getattr(original, "hubtune_padding_idx", False):
+            return original
+
+        def sampler(layer: nn.Embedding, activations: Any, backprops: torch.Tensor) -> Any:
+            if layer.padding_idx is not None:
+                tokens = activations[0]
+                backprops = backprops.masked_fill((tokens == layer.padding_idx).unsqueeze(-1), 0)
+            return original(layer, activations, backprops)
+
+        sampler.hubtune_padding_idx = True  # type: ignore[attr-defined]
+        return sampler
+
+    grad = GradSampleModule.GRAD_SAMPLERS.get(nn.Embedding)
+    if grad is not None:
+        register_grad_sampler(nn.Embedding)(wrap(grad))
+    norm = GradSampleModuleFastGradientClipping.NORM_SAMPLERS.get(nn.Embedding)
+    if norm is not None:
+        register_norm_sampler(nn.Embedding)(wrap(norm))
+
+
+respect_padding_idx()
 
 
 class _GeneratorState:
@@ -123,6 +167,32 @@ def check_modules(model: nn.Module) -> None:
         raise PrivacyError(
             "Opacus cannot compute per-example gradients for this model: "
             + "; ".join(map(str, errors))
+        )
+
+
+def refuse_shared_trained_tensors(model: nn.Module) -> None:
+    """Ghost clipping: refuse a trained tensor that two layers use (tied embeddings).
+
+    Ghost clipping computes each layer's per-example gradient norm separately and adds their
+    squares, which misses the cross term of one tensor used twice (GPT-2's output layer is its
+    input embedding); Opacus itself stops with NotImplementedError. Hooks mode sums both uses
+    per example (tests/test_generation.py checks it against one-example gradients).
+    """
+    users: dict[int, list[str]] = {}
+    names: dict[int, str] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                users.setdefault(id(param), []).append(module_name or "(model)")
+                names.setdefault(id(param), f"{module_name}.{param_name}".lstrip("."))
+    shared = {names[k]: v for k, v in users.items() if len(v) > 1}
+    if shared:
+        name, layers = next(iter(shared.items()))
+        raise PrivacyError(
+            f"privacy.grad_sample_mode: ghost cannot clip {name}: one trained tensor used by "
+            f"{len(layers)} layers ({', '.join(layers)}; tied input/output embeddings), whose "
+            "per-example norm ghost clipping does not compute. Use privacy.grad_sample_mode: hooks "
+            "(it sums both uses per example), or method.name: lora (the embeddings stay frozen)."
         )
 
 
@@ -355,6 +425,8 @@ def prepare_private(
         )
     model.train()  # the training loop puts frozen sub-modules back in eval mode each epoch
     check_modules(model)
+    if section.grad_sample_mode == "ghost":
+        refuse_shared_trained_tensors(model)
     out_of_place(model)
     q = sample_rate_for(n, section.logical_batch_size)
     plan = plan_noise(
