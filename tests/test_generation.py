@@ -301,7 +301,7 @@ def test_per_sequence_grad_sample_is_each_examples_gradient(
             reference[name],
             rtol=1e-7,
             atol=1e-9 * scale,
-            msg=lambda m: f"{name}: {m}",
+            msg=lambda m, name=name: f"{name}: {m}",
         )
 
 
