@@ -570,6 +570,11 @@ class Recipe(_Strict):
                 "audit.canaries: the random-label canaries of the one-run audit are for classifiers; "
                 "a language model's canary-exposure audit is not built yet. Set audit.canaries: 0"
             )
+        if self.audit.compare_nonprivate:
+            problems.append(
+                "audit.compare_nonprivate compares classifier groups; for a language model it is not "
+                "built yet. Remove it"
+            )
         if problems:
             raise ValueError("model.task: text-generation: " + "; ".join(problems) + ".")
         return self

@@ -389,3 +389,42 @@ def test_dp_training_of_a_language_model_spends_what_it_reports(
         ledger["epsilon"], rel=1e-6
     )
     assert math.isfinite(result.metrics["test"]["perplexity"])
+
+
+def test_a_language_model_run_is_audited_per_group_and_for_membership(
+    tiny_gpt2_lm: Path, tmp_path: Path
+) -> None:
+    """The audit of a language model: per-group loss and perplexity with intervals, the loss gap
+    judged against the policy, and membership inference on per-sequence losses."""
+    from hubtune.pipeline import format_summary, run_recipe
+
+    frame = make_lm_frame(240)
+    # group b's texts are longer and use rarer words: a real per-group quality gap
+    frame.loc[frame["group"] == "b", "text"] += " quite nasty awful really"
+    path = tmp_path / "lm.csv"
+    frame.to_csv(path, index=False)
+    spec = lm_recipe(tiny_gpt2_lm, path, tmp_path / "runs")
+    spec["audit"] = {"enabled": True, "policy": "default"}
+    spec["data"]["split"] = {"validation": 0.1, "test": 0.3}
+    result = run_recipe(Recipe.model_validate(spec))
+    audit = json.loads((result.run_dir / "audit" / "audit.json").read_text())
+    fairness = audit["fairness"]
+    assert fairness["task"] == "generation"
+    group_slice = next(s for s in fairness["slices"] if s["name"] == "group")
+    shown = {g["name"]: g for g in group_slice["groups"] if not g["suppressed"]}
+    assert set(shown) == {"a", "b"}
+    for group in shown.values():
+        loss = group["metrics"]["loss"]
+        assert loss["ci"][0] <= loss["value"] <= loss["ci"][1]
+        assert group["metrics"]["perplexity"]["value"] == pytest.approx(math.exp(loss["value"]))
+    gap = group_slice["disparities"]["largest_gap"]["loss"]
+    values = [g["metrics"]["loss"]["value"] for g in shown.values()]
+    assert gap["value"] == pytest.approx(max(values) - min(values))
+    checks = [c for c in audit["verdict"]["checks"] if c["check"] == "mean token loss gap"]
+    assert checks and checks[0]["threshold"] == 0.25
+    assert checks[0]["passed"] is (gap["value"] <= 0.25)
+    assert not any("equalized" in c["check"] for c in audit["verdict"]["checks"])
+    assert "auc" in audit["membership"]
+    report = (result.run_dir / "audit" / "report.html").read_text()
+    assert "perplexity" in report
+    assert "membership inference: AUC" in format_summary(result)

@@ -99,6 +99,22 @@ class Thresholds(_Strict):
     )
 
 
+class GenerationThresholds(_Strict):
+    """Limits for language models (model.task: text-generation); classifiers ignore them."""
+
+    max_loss_gap: float | None = Field(
+        None,
+        gt=0,
+        description="Ceiling on the largest gap in mean token loss (nats) between reportable groups "
+        "of a sensitive column; exp(gap) is the ratio of their perplexities (0.25: at most 28% higher).",
+    )
+    max_perplexity: float | None = Field(
+        None,
+        gt=1,
+        description="Ceiling on every reportable group's test perplexity.",
+    )
+
+
 class MembershipPolicy(_Strict):
     """The empirical privacy audit (loss-threshold membership inference)."""
 
@@ -149,6 +165,11 @@ class AuditPolicy(_Strict):
         description="estimate: judge point estimates; ci_bound: judge the pessimistic end of each interval.",
     )
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    generation: GenerationThresholds = Field(
+        default_factory=GenerationThresholds,
+        description="Language models: per-group loss and perplexity limits (the classifier "
+        "thresholds above do not apply to them).",
+    )
     membership: MembershipPolicy = Field(default_factory=MembershipPolicy)
 
     @field_validator("metrics")

@@ -109,6 +109,11 @@ _METRIC_LABELS = {
     "demographic_parity_difference": "Demographic parity difference",
     "demographic_parity_ratio": "Demographic parity ratio",
     "equalized_odds_difference": "Equalized odds difference",
+    # language models
+    "loss": "Loss",
+    "perplexity": "Perplexity",
+    "sequence_loss": "Sequence loss",
+    "exact_match": "Exact match",
 }
 
 
@@ -575,9 +580,50 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
         "mia_skipped": membership.get("skipped"),
         "canaries": canaries,
         "comparison": comparison,
-        "glossary": GLOSSARY,
+        "glossary": GENERATION_GLOSSARY if fairness.get("task") == "generation" else GLOSSARY,
         "fmt": _fmt,
     }
+
+
+# A language model's audit: its own metrics first, then the shared privacy terms (no classifier
+# rates, which it does not report).
+_CLASSIFIER_TERMS = {
+    "Accuracy",
+    "Selection rate",
+    "TPR (true-positive rate, recall)",
+    "FPR (false-positive rate)",
+    "FNR (false-negative rate)",
+    "Precision",
+    "F1",
+    "Demographic parity difference",
+    "Demographic parity ratio",
+    "Equalized odds difference",
+}
+GENERATION_GLOSSARY: list[tuple[str, str]] = [
+    GLOSSARY[0],
+    (
+        "Loss (mean token loss)",
+        "How surprised the model is by the next token of a group's text, in nats, averaged over all "
+        "of that group's tokens. Lower is better.",
+    ),
+    (
+        "Perplexity",
+        "e to the loss: roughly how many equally likely tokens the model hesitates between at each "
+        "step. A group with higher perplexity is served worse (its text is less probable to the model).",
+    ),
+    ("Sequence loss", "The mean over examples of each example's own mean token loss."),
+    (
+        "Exact match",
+        "Share of examples whose every labelled token is the model's greedy choice: its greedy "
+        "continuation reproduces the example (for prompt + completion data, the completion).",
+    ),
+    (
+        "Loss gap",
+        "The largest difference in mean token loss between two reportable groups; e to the gap is "
+        "the ratio of their perplexities.",
+    ),
+    *[entry for entry in GLOSSARY[1:] if entry[0] not in _CLASSIFIER_TERMS],
+]
 
 
 def render_reports(audit: dict[str, Any], *, charts_dir: Path) -> tuple[str, str]:

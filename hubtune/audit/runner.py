@@ -142,6 +142,9 @@ def _verdict(
 ) -> dict[str, Any]:
     """Judge every check the policy sets: pass, fail, not evaluable or not informative.
 
+    A language model's run (``fairness["task"] == "generation"``) is judged on the policy's
+    ``generation`` limits; the classifier thresholds do not apply to it (a note says so).
+
     Long on purpose: every check a policy can set is judged here, in the order the report
     lists them, so the verdict's rules can be read in one place.
     """
@@ -171,6 +174,15 @@ def _verdict(
         notes.append(fairness.get("note") or "no sensitive columns declared: no fairness checks")
         if declared:  # groups exist but none can be shown: every limit is judged "not evaluable"
             slices = [{"name": " × ".join(declared), "disparities": {}, "groups": []}]
+    generation = fairness.get("task") == "generation"
+    if generation:
+        checks += _generation_checks(policy, slices)
+        if _classifier_limits(t):
+            notes.append(
+                "the policy's classifier thresholds (parity, equalized odds, per-class rates, "
+                "metric gaps) do not apply to a language model; its generation limits do"
+            )
+        slices = []  # the classifier loops below have nothing to judge
     for sl in slices:
         d = sl["disparities"]
         scope = sl["name"]
@@ -243,7 +255,7 @@ def _verdict(
         ("precision", t.min_class_precision),
     ]
     for rate, limit in class_floors:
-        if limit is None:
+        if limit is None or generation:
             continue
         for entry in fairness.get("per_class") or []:
             checks.append(
@@ -293,6 +305,55 @@ def _verdict(
         "not_informative": [f"{c['check']} ({c['scope']})" for c in uninformative],
         "notes": notes,
     }
+
+
+def _classifier_limits(t: Any) -> bool:
+    return any(
+        v is not None
+        for v in (
+            t.max_demographic_parity_difference,
+            t.min_demographic_parity_ratio,
+            t.max_equalized_odds_difference,
+            t.min_class_recall,
+            t.min_class_precision,
+        )
+    ) or bool(t.max_metric_gap or t.min_group_metric)
+
+
+def _generation_checks(policy: AuditPolicy, slices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A language model's per-group limits: the loss gap per slice, each group's perplexity."""
+    g = policy.generation
+    checks = []
+    for sl in slices:
+        if g.max_loss_gap is not None:
+            entry = (sl["disparities"].get("largest_gap") or {}).get("loss") or {}
+            checks.append(
+                _judge(
+                    "mean token loss gap",
+                    value=entry.get("value"),
+                    ci=entry.get("ci"),
+                    threshold=g.max_loss_gap,
+                    kind="max",
+                    policy=policy,
+                    scope=sl["name"],
+                )
+            )
+        if g.max_perplexity is not None:
+            shown = [x for x in sl["groups"] if not x["suppressed"]]
+            for group in shown or [{"name": "(no reportable group)", "metrics": {}}]:
+                entry = group["metrics"].get("perplexity") or {}
+                checks.append(
+                    _judge(
+                        "perplexity",
+                        value=entry.get("value"),
+                        ci=entry.get("ci"),
+                        threshold=g.max_perplexity,
+                        kind="max",
+                        policy=policy,
+                        scope=f"{sl['name']} = {group['name']}",
+                    )
+                )
+    return checks
 
 
 def _dp_bound_check(membership: dict[str, Any], canaries: dict[str, Any] | None) -> dict[str, Any]:
@@ -421,7 +482,21 @@ def run_audit(
         "min_group_size": loaded.min_group_size,
         "missing_label": loaded.missing_label,
     }
-    fairness = audit_fairness(predictions, **group_settings)
+    if written.kind == "generation":
+        from hubtune.audit.generation import audit_generation_groups
+
+        fairness = audit_generation_groups(
+            predictions,
+            sensitive=sensitive,
+            intersections=loaded.intersections,
+            n_boot=loaded.n_boot,
+            ci_level=loaded.ci_level,
+            seed=loaded.seed,
+            min_group_size=loaded.min_group_size,
+            missing_label=loaded.missing_label,
+        )
+    else:
+        fairness = audit_fairness(predictions, **group_settings)
     privacy = _privacy_section(run_dir)
     membership, canaries = _membership(run_dir, loaded, privacy, len(label_names))
     comparison = None
