@@ -86,6 +86,9 @@ class PreparedData:
     # was read from (None: carved from the training data), so the model card can say so.
     source: dict[str, Any] = field(default_factory=dict)
     source_splits: dict[str, str | None] = field(default_factory=dict)
+    # Language models: the Secret-Sharer canaries (canary_id, repetitions, secret), whose copies
+    # are also in ``splits["train"]``. None without them.
+    exposure_canaries: pd.DataFrame | None = None
 
     @property
     def rows_kept(self) -> dict[str, int]:
@@ -99,6 +102,13 @@ class PreparedData:
             else {
                 "count": len(self.canaries),
                 "in_training": int(self.canaries["included"].sum()),
+            },
+            "exposure_canaries": None
+            if self.exposure_canaries is None
+            else {
+                "canaries": len(self.exposure_canaries),
+                "training_rows": int(self.exposure_canaries["repetitions"].sum()),
+                "repetitions": sorted({int(k) for k in self.exposure_canaries["repetitions"]}),
             },
             "label_names": self.label_names,
             "source": self.source,

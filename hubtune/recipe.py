@@ -391,6 +391,41 @@ class PrivacySection(_Strict):
         return self
 
 
+class ExposureSection(_Strict):
+    """Secret-Sharer canaries for a language model (see hubtune/audit/exposure.py)."""
+
+    per_repetition: int = Field(4, ge=1, le=100, description="Canaries at each repetition count.")
+    repetitions: list[int] = Field(
+        default_factory=lambda: [1, 4, 16],
+        description="How many copies of a canary go into training (each copy its own example).",
+    )
+    digits: int = Field(
+        6,
+        ge=2,
+        le=12,
+        description="Secret length in digits: the candidate space has 10**digits secrets.",
+    )
+    prefix: str = Field(
+        "my account number is", min_length=1, description="The text before the secret."
+    )
+    samples: int = Field(
+        5000,
+        ge=100,
+        le=1_000_000,
+        description="Candidates sampled to estimate a rank when 10**digits is too many to score "
+        "(up to 20,000 are scored exactly).",
+    )
+
+    @field_validator("repetitions")
+    @classmethod
+    def _repetitions(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 or k > 1000 for k in value) or len(set(value)) != len(value):
+            raise ValueError(
+                "repetitions: distinct copy counts between 1 and 1000, e.g. [1, 4, 16]"
+            )
+        return sorted(value)
+
+
 class AuditSection(_Strict):
     """The fairness and privacy audit that runs after training (see audits/README.md)."""
 
@@ -409,6 +444,11 @@ class AuditSection(_Strict):
         5000,
         ge=10,
         description="Training rows scored for the membership-inference audit (a seeded sample when there are more).",
+    )
+    exposure: ExposureSection | None = Field(
+        None,
+        description="Language models: plant random secrets (canaries) in training and measure "
+        "how far the model exposes them (Carlini et al. 2019); null: no canaries.",
     )
     compare_nonprivate: bool = Field(
         False,
@@ -542,6 +582,11 @@ class Recipe(_Strict):
         generation = not TASKS[self.model.task].has_labels
         cols = self.data.columns
         if not generation:
+            if self.audit.exposure is not None:
+                raise ValueError(
+                    "audit.exposure plants secrets for a language model (model.task: text-generation); "
+                    "a classifier's canaries are audit.canaries. Remove audit.exposure."
+                )
             if cols.prompt:
                 raise ValueError(
                     "data.columns.prompt/completion are for model.task: text-generation; a classifier "

@@ -65,6 +65,7 @@ __all__ = [
     "AUDIT_JSON",
     "CARD_DIR",
     "CHECKPOINTS_DIR",
+    "EXPOSURE_FILE",
     "MEMBERSHIP_FILE",
     "METRICS_FILE",
     "PREDICTIONS_FILE",
@@ -86,6 +87,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
 MEMBERSHIP_FILE = "membership_scores.parquet"  # per-example losses: local only, never pushed
+EXPOSURE_FILE = "exposure.json"  # language models: each canary's rank and exposure (no secrets)
 PRIVACY_LEDGER = "privacy.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 AUDIT_DIR = "audit"

@@ -56,6 +56,7 @@ from hubtune.privacy.loop import check_restored_budget, dp_epoch, dp_preflight, 
 from hubtune.progress import OnStep, StepInfo
 from hubtune.recipe import Recipe, recipe_to_yaml
 from hubtune.rundir import (
+    EXPOSURE_FILE,
     MEMBERSHIP_FILE,
     PRIVACY_FILE,
     PRIVACY_LEDGER,
@@ -227,6 +228,20 @@ def _load(run: _Run) -> _Loaded:
             canaries=recipe.audit.canaries if recipe.audit.enabled else 0,
             task=recipe.model.task,
         )
+    exposure = recipe.audit.exposure if recipe.audit.enabled else None
+    if exposure is not None:
+        from hubtune.audit.exposure import make_exposure_canaries
+
+        data.exposure_canaries, rows = make_exposure_canaries(
+            per_repetition=exposure.per_repetition,
+            repetitions=exposure.repetitions,
+            digits=exposure.digits,
+            prefix=exposure.prefix,
+            seed=recipe.seed,
+            columns=data.text_columns,
+            sensitive=data.sensitive_columns,
+        )
+        data.splits["train"] = pd.concat([data.splits["train"], rows], ignore_index=True)
     if run.main:
         logger.info(
             "data: %s rows kept %s, dropped %s", data.fingerprint[:12], data.rows_kept, data.dropped
@@ -707,6 +722,11 @@ def _finish(
         t0 = time.perf_counter()
         membership = _membership_scores(run, loaded, inputs, setup.module, (logits, labels))
         run.timings["membership_s"] = time.perf_counter() - t0
+    exposure = None
+    if run.main and data.exposure_canaries is not None:
+        t0 = time.perf_counter()
+        exposure = _exposure(run, loaded)
+        run.timings["exposure_s"] = time.perf_counter() - t0
     dp = setup.dp
     if dp is not None and dp.stopped_by_budget and run.main:
         logger.warning(
@@ -732,6 +752,8 @@ def _finish(
     if run.main:
         ledger = _ledger(loaded, setup)
         _write_run_dir(run, loaded, inputs, setup, ledger, metrics, (logits, labels), membership)
+        if exposure is not None:
+            atomic_write_json(run.run_dir / EXPOSURE_FILE, exposure)
         run.timings["total_s"] = time.perf_counter() - t_start
         _write_run_info(run, loaded, inputs, setup, ledger, metrics, recipe_source)
         if (run.run_dir / "checkpoints").exists() and not recipe.train.checkpoint:
@@ -757,6 +779,34 @@ def _classical_baseline(
     assert task.classical_baseline is not None
     predicted, record = task.classical_baseline(data, seed)
     return {**record, **compare(logits.argmax(-1).numpy(), predicted, truth, seed=seed)}
+
+
+def _exposure(run: _Run, loaded: _Loaded) -> dict[str, Any]:
+    """Each Secret-Sharer canary's rank and exposure under the kept weights (hubtune.audit.exposure)."""
+    from hubtune.audit.exposure import measure_exposure
+
+    section = run.recipe.audit.exposure
+    assert section is not None and loaded.data.exposure_canaries is not None
+    per_canary = measure_exposure(
+        loaded.plan.model,
+        loaded.processor,
+        loaded.data.exposure_canaries,
+        prefix=section.prefix,
+        digits=section.digits,
+        samples=section.samples,
+        seed=run.recipe.seed,
+        device=run.accelerator.device,
+        batch_size=max(64, run.recipe.train.eval_batch_size),
+    )
+    logger.info(
+        "exposure: %s",
+        ", ".join(f"{c['repetitions']}x {c['exposure']:.1f} bits" for c in per_canary),
+    )
+    return {
+        "digits": section.digits,
+        "prefix_words": len(section.prefix.split()),
+        "per_canary": per_canary,
+    }
 
 
 @torch.no_grad()

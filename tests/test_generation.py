@@ -428,3 +428,91 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(
     report = (result.run_dir / "audit" / "report.html").read_text()
     assert "perplexity" in report
     assert "membership inference: AUC" in format_summary(result)
+
+
+# --------------------------------------------------------------------------- canary exposure
+
+
+def test_dp_exposure_bound_is_group_privacy_of_the_copies() -> None:
+    from hubtune.audit.exposure import dp_exposure_bound
+
+    one = dp_exposure_bound(epsilon=1.0, delta=1e-5, repetitions=1, digits=12)
+    assert one == pytest.approx(1 / math.log(2) + math.log2(1 / (0.05 - 1e-5)))
+    four = dp_exposure_bound(epsilon=1.0, delta=1e-5, repetitions=4, digits=12)
+    assert four == pytest.approx(4 / math.log(2) + math.log2(1 / (0.05 - 4 * math.exp(3) * 1e-5)))
+    # capped at the most any canary can reach; None when the group's δ is no longer small
+    assert dp_exposure_bound(epsilon=8.0, delta=1e-5, repetitions=1, digits=4) == pytest.approx(
+        math.log2(1e4)
+    )
+    assert dp_exposure_bound(epsilon=8.0, delta=1e-5, repetitions=16, digits=6) is None
+
+
+def test_exposure_canaries_are_memorised_by_repetition_and_ranked_exactly(
+    tiny_gpt2_lm: Path, tmp_path: Path
+) -> None:
+    """A canary trained on 16 times is exposed far more than one seen once, and its exact rank
+    agrees with log-perplexities computed independently (transformers' own loss)."""
+    from hubtune.pipeline import run_recipe
+
+    lm_csv = tmp_path / "lm.csv"
+    make_lm_frame(80).to_csv(lm_csv, index=False)
+    spec = lm_recipe(tiny_gpt2_lm, lm_csv, tmp_path / "runs", name="full")
+    spec["train"].update(epochs=10, lr=0.01, select_epoch="last")
+    spec["audit"] = {
+        "enabled": True,
+        "exposure": {
+            "per_repetition": 3,
+            "repetitions": [1, 16],
+            "digits": 3,
+            "prefix": "my number is",
+        },
+    }
+    result = run_recipe(Recipe.model_validate(spec))
+    run_info = json.loads((result.run_dir / "run.json").read_text())
+    assert run_info["data"]["exposure_canaries"] == {
+        "canaries": 6,
+        "training_rows": 51,
+        "repetitions": [1, 16],
+    }
+    measured = json.loads((result.run_dir / "exposure.json").read_text())["per_canary"]
+    assert all(c["method"] == "exact" and "secret" not in c for c in measured)
+    by = {k: [c["exposure"] for c in measured if c["repetitions"] == k] for k in (1, 16)}
+    assert min(by[16]) > max(by[1]) and sum(by[16]) / 3 > 6.0, by
+    audit = json.loads((result.run_dir / "audit" / "audit.json").read_text())
+    levels = {lv["repetitions"]: lv for lv in audit["exposure"]["levels"]}
+    assert levels[16]["max_exposure"] == pytest.approx(max(by[16]))
+    assert levels[16]["dp_bound"] is None  # trained without DP: nothing bounds it
+    report = (result.run_dir / "audit" / "report.md").read_text()
+    assert "Secret-Sharer canaries" in report
+
+    # Independently: the rank of the best-exposed canary from transformers' own mean loss.
+    from hubtune.audit.exposure import make_exposure_canaries
+
+    canaries, _ = make_exposure_canaries(
+        per_repetition=3,
+        repetitions=[1, 16],
+        digits=3,
+        prefix="my number is",
+        seed=0,
+        columns=["text"],
+        sensitive=["group"],
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(result.run_dir / "model").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(result.run_dir / "model")
+
+    def secret_nats(secret: str) -> float:
+        full = tok(f"<|endoftext|> my number is {secret}", return_tensors="pt")["input_ids"]
+        head = tok("<|endoftext|> my number is", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            a = model(input_ids=full, labels=full).loss.item() * (full.shape[1] - 1)
+            b = model(input_ids=head, labels=head).loss.item() * (head.shape[1] - 1)
+        return a - b
+
+    best = max(measured, key=lambda c: c["exposure"])
+    secret = canaries.set_index("canary_id").loc[best["canary_id"], "secret"]
+    assert secret_nats(secret) == pytest.approx(best["log_perplexity"], abs=1e-3)
+    others = [" ".join(f"{i:03d}") for i in range(1000)]
+    beaten = sum(
+        secret_nats(s) < best["log_perplexity"] - 1e-6 for s in others[:200] if s != secret
+    )
+    assert beaten <= best["rank"] - 1  # the first 200 candidates alone beat it no more often

@@ -113,6 +113,12 @@ class GenerationThresholds(_Strict):
         gt=1,
         description="Ceiling on every reportable group's test perplexity.",
     )
+    max_canary_exposure: float | None = Field(
+        None,
+        gt=0,
+        description="Ceiling (bits) on the highest exposure of any Secret-Sharer canary "
+        "(audit.exposure); an unseen canary's expected exposure is 1.44 bits.",
+    )
 
 
 class MembershipPolicy(_Strict):

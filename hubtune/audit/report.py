@@ -579,6 +579,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
         "mia": mia,
         "mia_skipped": membership.get("skipped"),
         "canaries": canaries,
+        "exposure": audit.get("exposure"),
         "comparison": comparison,
         "glossary": GENERATION_GLOSSARY if fairness.get("task") == "generation" else GLOSSARY,
         "fmt": _fmt,

@@ -32,6 +32,7 @@ from hubtune.privacy import VOID_REASON, guarantee_is_void
 from hubtune.rundir import (
     AUDIT_DIR,
     AUDIT_JSON,
+    EXPOSURE_FILE,
     MEMBERSHIP_FILE,
     PREDICTIONS_FILE,
     PRIVACY_LEDGER,
@@ -39,6 +40,7 @@ from hubtune.rundir import (
     RUN_FILE,
     Predictions,
     RunDirError,
+    read_json,
     read_predictions,
 )
 
@@ -139,6 +141,7 @@ def _verdict(
     membership: dict[str, Any] | None,
     canaries: dict[str, Any] | None,
     privacy: dict[str, Any] | None = None,
+    exposure: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Judge every check the policy sets: pass, fail, not evaluable or not informative.
 
@@ -269,6 +272,8 @@ def _verdict(
                     scope=f"class = {entry['label']}",
                 )
             )
+    if exposure is not None:
+        checks += _exposure_checks(policy, exposure)
     if membership is not None and "auc" in membership:
         if t.max_membership_auc is not None:
             checks.append(
@@ -356,6 +361,41 @@ def _generation_checks(policy: AuditPolicy, slices: list[dict[str, Any]]) -> lis
     return checks
 
 
+def _exposure_checks(policy: AuditPolicy, exposure: dict[str, Any]) -> list[dict[str, Any]]:
+    """Secret-Sharer canaries: the highest exposure per repetition count, against the policy's
+    ceiling and against what the run's DP guarantee allows."""
+    checks = []
+    for level in exposure["levels"]:
+        scope = f"canaries repeated {level['repetitions']}x"
+        if policy.generation.max_canary_exposure is not None:
+            checks.append(
+                _judge(
+                    "canary exposure (bits)",
+                    value=level["max_exposure"],
+                    ci=None,
+                    threshold=policy.generation.max_canary_exposure,
+                    kind="max",
+                    policy=policy,
+                    scope=scope,
+                )
+            )
+        if policy.thresholds.fail_if_attack_beats_dp_bound and level.get("dp_bound") is not None:
+            check = _judge(
+                "canary exposure within the DP bound",
+                value=level["max_exposure"],
+                ci=None,
+                threshold=level["dp_bound"],
+                kind="max",
+                policy=policy,
+                scope=scope,
+            )
+            check["rule"] = (
+                f"≤ {level['dp_bound']:.1f} bits (what (ε, δ)-DP allows for {level['repetitions']} copies)"
+            )
+            checks.append(check)
+    return checks
+
+
 def _dp_bound_check(membership: dict[str, Any], canaries: dict[str, Any] | None) -> dict[str, Any]:
     """Did the attacks prove more privacy loss than the claimed ε, and could they have?
 
@@ -430,6 +470,22 @@ def _membership(
     return membership, canaries
 
 
+def _exposure(run_dir: Path, privacy: dict[str, Any]) -> dict[str, Any] | None:
+    """The Secret-Sharer canaries' exposure per repetition count, beside what DP allows."""
+    from hubtune.audit.exposure import summarise_exposure
+
+    measured = read_json(run_dir / EXPOSURE_FILE)
+    if measured is None:
+        return None
+    dp = bool(privacy.get("dp")) and not privacy.get("guarantee_void")
+    return summarise_exposure(
+        measured["per_canary"],
+        digits=int(measured["digits"]),
+        epsilon=privacy.get("epsilon") if dp else None,
+        delta=privacy.get("delta") if dp else None,
+    )
+
+
 def run_audit(
     run_dir: str | Path,
     *,
@@ -499,6 +555,7 @@ def run_audit(
         fairness = audit_fairness(predictions, **group_settings)
     privacy = _privacy_section(run_dir)
     membership, canaries = _membership(run_dir, loaded, privacy, len(label_names))
+    exposure = _exposure(run_dir, privacy)
     comparison = None
     if compare is not None:
         other_dir = Path(compare)
@@ -515,6 +572,7 @@ def run_audit(
         membership if membership and "auc" in membership else None,
         canaries,
         privacy,
+        exposure,
     )
     audit: dict[str, Any] = {
         "schema_version": AUDIT_SCHEMA_VERSION,
@@ -538,6 +596,7 @@ def run_audit(
         "fairness": fairness,
         "membership": membership,
         "canaries": canaries,
+        "exposure": exposure,
         "comparison": comparison,
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -1,0 +1,255 @@
+"""Canary exposure of a language model (Carlini et al. 2019, "The Secret Sharer").
+
+**Canaries.** Before training, random secrets of a fixed format ("my account number is
+7 3 9 1 5 0") are put into the training split, some once, some several times (default 1, 4
+and 16 copies, each copy its own example). The secret space ``R`` is every string of
+``digits`` digits, ``|R| = 10**digits``.
+
+**Exposure.** After training, each canary's secret is ranked among the candidates of ``R`` by
+the model's log-perplexity of the secret after the prefix (the sum of its digits' token
+losses): ``exposure = log2 |R| - log2 rank``. An unmemorised canary ranks in the middle
+(exposure about 1 bit); a memorised one first (exposure ``log2 |R|``, 19.9 bits for 6 digits).
+Where ``|R|`` is small enough, every candidate is scored and the rank is exact; otherwise the
+rank is estimated from ``samples`` uniformly drawn candidates (the paper's sampling estimate),
+with a Clopper-Pearson interval on the share of candidates the canary beats, so exposure has
+an interval too (and only a lower bound when no sampled candidate scores better).
+
+**What DP bounds.** Under (ε, δ)-DP for one example, the ``k`` copies of a canary are a group
+of ``k`` examples: (kε, k·e^{(k-1)ε}·δ)-DP. A canary the model never saw has a uniformly random
+rank, so ``P(exposure ≥ x) = 2^-x``; the group guarantee then gives
+``P(exposure ≥ x) ≤ e^{kε}·2^-x + δ_k`` for the trained one. :func:`dp_exposure_bound` reports
+the exposure that DP allows with 95% probability: ``x* = log2(e^{kε} / (0.05 − δ_k))`` (capped
+at ``log2 |R|``). Exposure above it is evidence that the guarantee does not hold.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "canary_texts",
+    "dp_exposure_bound",
+    "make_exposure_canaries",
+    "measure_exposure",
+    "summarise_exposure",
+]
+
+# Exact ranks up to this many candidates; above it, the sampling estimate.
+EXACT_LIMIT = 20_000
+
+
+def _secret_text(digits: np.ndarray) -> str:
+    return " ".join(str(int(d)) for d in digits)
+
+
+def make_exposure_canaries(
+    *,
+    per_repetition: int,
+    repetitions: list[int],
+    digits: int,
+    prefix: str,
+    seed: int,
+    columns: list[str],
+    sensitive: list[str],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The canaries (one row each) and the training rows that carry them (one per copy).
+
+    Args:
+        columns: The run's text columns: ``["text"]``, or ``["prompt", "completion"]`` (then the
+            prefix is the prompt and the secret the completion).
+    """
+    rng = np.random.default_rng([seed, 0x5EC2E7])
+    canaries, rows = [], []
+    for copies in repetitions:
+        for i in range(per_repetition):
+            secret = _secret_text(rng.integers(0, 10, size=digits))
+            # "canary:" rows are never scored as members by the membership audit
+            canary_id = f"canary:exposure:{copies}x:{i}"
+            canaries.append({"canary_id": canary_id, "repetitions": copies, "secret": secret})
+            for copy in range(copies):
+                row: dict[str, Any] = {"row_id": f"{canary_id}:{copy}"}
+                if columns == ["prompt", "completion"]:
+                    row.update(prompt=prefix, completion=" " + secret)
+                else:
+                    row["text"] = f"{prefix} {secret}"
+                row.update({c: None for c in sensitive})
+                rows.append(row)
+    return pd.DataFrame(canaries), pd.DataFrame(rows)
+
+
+def canary_texts(prefix: str, secrets: list[str]) -> list[str]:
+    return [f"{prefix} {s}" for s in secrets]
+
+
+def _secret_losses(
+    model: Any, tokenizer: Any, prefix: str, secrets: list[str], *, device: Any, batch_size: int
+) -> np.ndarray:
+    """Each secret's log-perplexity after the prefix: the summed loss of its tokens (nats)."""
+    import torch
+    import torch.nn.functional as F
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    head = bos + tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    out = np.empty(len(secrets))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(secrets), batch_size):
+        chunk = secrets[start : start + batch_size]
+        encoded = tokenizer([f"{prefix} {s}" for s in chunk], add_special_tokens=False)["input_ids"]
+        ids = [bos + list(e) for e in encoded]
+        for row in ids:
+            if row[: len(head)] != head:  # the prefix must tokenise the same inside the text
+                raise ValueError(
+                    f"the tokenizer splits the canary prefix {prefix!r} differently inside the "
+                    "canary text; choose a prefix that ends at a word boundary"
+                )
+        width = max(len(r) for r in ids)
+        x = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for r, row in enumerate(ids):
+            x[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
+        target = x[:, 1:].to(device)
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        ).view(target.shape)
+        keep = mask[:, 1:].to(device).clone()
+        keep[:, : len(head) - 1] = 0  # the prefix's own tokens are context, not the secret
+        out[start : start + len(chunk)] = (losses * keep).sum(1).cpu().numpy()
+    return out
+
+
+def _clopper_pearson(k: int, n: int, level: float) -> tuple[float, float]:
+    from scipy.stats import beta
+
+    alpha = 1 - level
+    low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+def measure_exposure(
+    model: Any,
+    tokenizer: Any,
+    canaries: pd.DataFrame,
+    *,
+    prefix: str,
+    digits: int,
+    samples: int,
+    seed: int,
+    device: Any = "cpu",
+    batch_size: int = 256,
+    ci_level: float = 0.95,
+) -> list[dict[str, Any]]:
+    """Each canary's rank among the candidate secrets and its exposure (with an interval).
+
+    Every canary is compared with the same candidates: all of ``R`` when
+    ``10**digits <= EXACT_LIMIT`` (exact ranks), else ``samples`` uniform draws from ``R``.
+    """
+    model.eval()
+    space = 10**digits
+    exact = space <= EXACT_LIMIT
+    if exact:
+        grid = np.array(list(np.ndindex(*(10,) * digits)), dtype=np.int64)
+        candidates = [_secret_text(g) for g in grid]
+    else:
+        rng = np.random.default_rng([seed, 0xE8905])
+        candidates = [_secret_text(rng.integers(0, 10, size=digits)) for _ in range(samples)]
+    scores = _secret_losses(
+        model, tokenizer, prefix, candidates, device=device, batch_size=batch_size
+    )
+    secrets = canaries["secret"].tolist()
+    own = _secret_losses(model, tokenizer, prefix, secrets, device=device, batch_size=batch_size)
+    bits = math.log2(space)
+    results = []
+    for (_, canary), loss in zip(canaries.iterrows(), own, strict=True):
+        is_self = np.array([c == canary["secret"] for c in candidates])
+        better = int(np.sum((scores < loss) & ~is_self))
+        entry: dict[str, Any] = {
+            "canary_id": canary["canary_id"],
+            "repetitions": int(canary["repetitions"]),
+            "log_perplexity": float(loss),
+            "method": "exact" if exact else "sampled",
+        }
+        if exact:
+            rank = 1 + better
+            entry.update(rank=rank, exposure=bits - math.log2(rank), exposure_ci=None)
+        else:
+            m = len(candidates) - int(is_self.sum())
+            low, high = _clopper_pearson(better, m, ci_level)
+            rank = 1 + better / m * (space - 1)
+            entry.update(
+                rank=rank,
+                exposure=bits - math.log2(rank),
+                # a higher share of better candidates means a worse rank: the interval flips
+                exposure_ci=[
+                    bits - math.log2(1 + high * (space - 1)),
+                    bits - math.log2(1 + low * (space - 1)),
+                ],
+                candidates_beaten_by=better,
+                candidates_sampled=m,
+            )
+        results.append(entry)
+    return results
+
+
+def dp_exposure_bound(
+    *, epsilon: float, delta: float, repetitions: int, digits: int, probability: float = 0.05
+) -> float | None:
+    """The exposure a k-times-repeated canary reaches with probability at most ``probability``
+    under (ε, δ)-DP for one example (group privacy for k copies); None when δ_k is too large."""
+    k = repetitions
+    group_delta = k * math.exp((k - 1) * epsilon) * delta
+    if group_delta >= probability:
+        return None
+    bound = k * epsilon / math.log(2) + math.log2(1 / (probability - group_delta))
+    return min(bound, math.log2(10**digits))
+
+
+def summarise_exposure(
+    per_canary: list[dict[str, Any]],
+    *,
+    digits: int,
+    epsilon: float | None,
+    delta: float | None,
+) -> dict[str, Any]:
+    """Exposure per repetition count (mean, min, max over canaries) beside what DP allows."""
+    levels = []
+    for k in sorted({c["repetitions"] for c in per_canary}):
+        values = np.array([c["exposure"] for c in per_canary if c["repetitions"] == k])
+        # Bonferroni over the level's canaries: any one above the bound is a 5% event under DP.
+        bound = (
+            dp_exposure_bound(
+                epsilon=epsilon,
+                delta=delta or 0.0,
+                repetitions=k,
+                digits=digits,
+                probability=0.05 / len(values),
+            )
+            if epsilon is not None
+            else None
+        )
+        levels.append(
+            {
+                "repetitions": k,
+                "canaries": len(values),
+                "mean_exposure": float(values.mean()),
+                "min_exposure": float(values.min()),
+                "max_exposure": float(values.max()),
+                "dp_bound": bound,
+                "beats_dp_bound": None if bound is None else bool(values.max() > bound),
+            }
+        )
+    return {
+        "digits": digits,
+        "max_exposure": math.log2(10**digits),
+        "chance_exposure": 1 / math.log(2),  # E[-log2 U], U uniform: an unseen canary
+        "method": per_canary[0]["method"] if per_canary else None,
+        "levels": levels,
+        "per_canary": [{k: v for k, v in c.items() if k != "secret"} for c in per_canary],
+    }
