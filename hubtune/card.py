@@ -663,6 +663,7 @@ def _card_data(
     fairness_block: dict[str, Any],
 ) -> ModelCardData:
     """The card's YAML metadata: what the Hub indexes (tags, model-index, base model, blocks)."""
+    generation = not get_task(task).has_labels
     tags = ["hubtune", task, method_name]
     if lora:
         tags.append("lora")
@@ -686,8 +687,9 @@ def _card_data(
             metric_args={"average": "macro"} if key == "macro_f1" else None,
         )
         for key, metric, label in (
-            ("accuracy", "accuracy", "Accuracy"),
-            ("macro_f1", "f1", "Macro F1"),
+            (("perplexity", "perplexity", "Perplexity"), ("loss", "loss", "Token loss"))
+            if generation
+            else (("accuracy", "accuracy", "Accuracy"), ("macro_f1", "f1", "Macro F1"))
         )
         if test.get(key) is not None
     ]
@@ -700,7 +702,7 @@ def _card_data(
         license=license_name,
         pipeline_tag=task,
         tags=tags,
-        metrics=["accuracy", "f1"],
+        metrics=["perplexity"] if generation else ["accuracy", "f1"],
         base_model_relation="adapter" if lora else "finetune",
         privacy=privacy_block,
         fairness=fairness_block,
@@ -891,7 +893,13 @@ def build_card(
         "canaries": data.canaries,
         "license": license_name,
         "license_from_recipe": bool(recipe.get("license")),
-        "test": {k: _num(test.get(k), 4) for k in ("accuracy", "macro_f1", "loss")},
+        "generation": not get_task(task).has_labels,
+        "test": {
+            k: _num(test.get(k), 4)
+            for k in ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "tokens")
+        },
+        "tied_embeddings": method.get("tied_embeddings"),
+        "exposure_canaries": data.exposure_canaries,
         "baseline": {
             "label": _md(run_info.majority_baseline.get("label", "")),
             "accuracy": _num(run_info.majority_baseline.get("accuracy"), 4),

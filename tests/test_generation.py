@@ -429,6 +429,29 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(
     assert "perplexity" in report
     assert "membership inference: AUC" in format_summary(result)
 
+    # The model card is a language model's: its metrics, no labels, a load snippet that runs.
+    import contextlib
+    import io
+    import os
+
+    from hubtune.card import write_card
+
+    card = write_card(result.run_dir).read_text()
+    assert "pipeline_tag: text-generation" in card and "type: perplexity" in card
+    assert "A causal language model" in card and "Tied embeddings:" in card
+    assert "classifier" not in card.split("---", 2)[2] and "Labels, in class-index order" not in card
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "AutoPeftModelForCausalLM" in code
+    here = os.getcwd()
+    os.chdir(result.run_dir.parent)  # the snippet names the run's adapter/ folder relative to it
+    try:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "card-snippet", "exec"), {})
+    finally:
+        os.chdir(here)
+    assert printed.getvalue().strip()  # it generated text
+
 
 # --------------------------------------------------------------------------- canary exposure
 
