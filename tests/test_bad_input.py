@@ -279,6 +279,23 @@ def unknown_pooling(i: Inputs) -> list[str]:
     return [*i.recipe(), "model.pooling=average"]
 
 
+def prompt_without_completion(i: Inputs) -> list[str]:
+    return [
+        *i.recipe(),
+        "model.task=text-generation",
+        "data.labels=null",
+        "data.columns.prompt=text",
+    ]
+
+
+def language_model_with_nothing_to_train(i: Inputs) -> list[str]:
+    return [*i.recipe(), "model.task=text-generation", "data.labels=null"]
+
+
+def exposure_canaries_on_a_classifier(i: Inputs) -> list[str]:
+    return [*i.recipe(), "audit.exposure={digits: 4}"]
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -335,6 +352,9 @@ ROWS: list[Row] = [
     *both("unknown-select-metric", unknown_select_metric, r"train\.select_metric: Input should be 'accuracy', 'macro_f1' or 'loss'"),
     *both("mean-pooling-with-lora", mean_pooling_with_lora, r"model\.pooling: mean with method\.name: lora is refused: .*Use model\.pooling: auto or native with LoRA"),
     *both("unknown-pooling", unknown_pooling, r"model\.pooling: Input should be 'auto', 'native', 'mean', 'cls', 'max' or 'mean_sqrt_len'"),
+    *both("prompt-without-completion", prompt_without_completion, r"data\.columns: .*columns\.prompt is set without columns\.completion: .*Add columns\.completion"),
+    *both("language-model-with-nothing-to-train", language_model_with_nothing_to_train, r"model\.task: text-generation: method\.name: freeze with no unfreeze_top_k leaves a language model nothing to learn.*set method\.unfreeze_top_k >= 1, or use lora or full"),
+    *both("exposure-canaries-on-a-classifier", exposure_canaries_on_a_classifier, r"audit\.exposure plants secrets for a language model .*Remove audit\.exposure"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
 ]  # fmt: skip
 

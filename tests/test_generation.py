@@ -439,7 +439,9 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(
     card = write_card(result.run_dir).read_text()
     assert "pipeline_tag: text-generation" in card and "type: perplexity" in card
     assert "A causal language model" in card and "Tied embeddings:" in card
-    assert "classifier" not in card.split("---", 2)[2] and "Labels, in class-index order" not in card
+    assert (
+        "classifier" not in card.split("---", 2)[2] and "Labels, in class-index order" not in card
+    )
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
     assert "AutoPeftModelForCausalLM" in code
     here = os.getcwd()

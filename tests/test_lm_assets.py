@@ -259,3 +259,52 @@ def test_cli_prepare_reuses_an_intact_build(
     assert result.exit_code == 0, result.output
     assert "reused" in result.output and f"{lm.TINY_LM_REPO}@" in result.output
     assert _files(folder) == before
+
+
+@pytest.mark.slow
+def test_the_shipped_generate_dp_recipe_runs_on_the_published_model(
+    built: tuple[Path, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recipes/generate-dp.yaml end to end, offline: the tiny build and RedditBias pulled from
+    the local Hub by repo id, DP-LoRA with canaries, audit and card."""
+    import json
+
+    from hubtune import load_recipe, run_recipe
+    from hubtune.card import write_card
+    from hubtune.prepare import prepare
+    from hubtune.seed import QUICKSTART_DATA_REPO, seed_quickstart
+
+    monkeypatch.setattr(lm, "_DEFAULT", TINY)
+    root = tmp_path / "hub"
+    lm.seed_tiny_lm(root=root, model_dir=built[0])
+    prepare("redditbias", output_dir=tmp_path / "redditbias")
+    shas = seed_quickstart(root=root, data_dir=tmp_path / "redditbias")
+    recipe_path = Path(__file__).parents[1] / "recipes" / "generate-dp.yaml"
+    assert shas[QUICKSTART_DATA_REPO] in recipe_path.read_text()
+    recipe = load_recipe(
+        recipe_path,
+        overrides=[
+            f"hub.local_root={root}",
+            f"output_dir={tmp_path / 'runs'}",
+            "data.limit.train=600",
+            "data.limit.validation=100",
+            "data.limit.test=200",
+            "model.max_length=48",
+            "privacy.logical_batch_size=64",
+            "train.epochs=1",
+            "train.log_with=[]",
+            "audit.exposure.per_repetition=2",
+            "audit.exposure.samples=300",
+        ],
+    )
+    result = run_recipe(recipe)
+    ledger = json.loads((result.run_dir / "privacy.json").read_text())
+    assert ledger["epsilon"] <= 8.0
+    audit = json.loads((result.run_dir / "audit" / "audit.json").read_text())
+    levels = {lv["repetitions"]: lv for lv in audit["exposure"]["levels"]}
+    assert set(levels) == {1, 4, 16} and audit["exposure"]["method"] == "sampled"
+    assert levels[1]["dp_bound"] is not None  # one copy: (8, δ)-DP bounds its exposure
+    assert levels[16]["dp_bound"] is None  # 16 copies: group privacy at 16ε bounds nothing
+    assert {g["name"] for s in audit["fairness"]["slices"] for g in s["groups"]} >= {"female"}
+    card = write_card(result.run_dir).read_text()
+    assert "differential-privacy" in card and "pipeline_tag: text-generation" in card
