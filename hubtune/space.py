@@ -72,6 +72,9 @@ CONFIG_FILE = "space_config.json"
 SPACE_GRADIO_VERSION = "6.31.0"
 SPACE_PYTHON_VERSION = "3.11"
 DEFAULT_MAX_INPUT_CHARS = 2000
+DEFAULT_MAX_NEW_TOKENS = (
+    40  # text generation: tokens a visitor gets per prompt (the app caps it at 128)
+)
 CONFIG_SCHEMA_VERSION = 1
 COPIED_FILES = ("app.py",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -142,10 +145,11 @@ def _common_config(run_dir: Path, info: RunInfo, recipe: dict[str, Any]) -> dict
         raise SpaceError(
             f"{run_dir}: the model classifies text pairs; the Space template takes one text"
         )
-    labels = info.data.label_names or (recipe.get("data") or {}).get("labels")
-    if not labels:
-        raise SpaceError(f"{run_dir}: run.json records no label names")
     task = str((recipe.get("model") or {}).get("task") or "text-classification")
+    generation = not get_task(task).has_labels
+    labels = info.data.label_names or (recipe.get("data") or {}).get("labels") or []
+    if not labels and not generation:
+        raise SpaceError(f"{run_dir}: run.json records no label names")
     if (run_dir / "model" / GROUPNORM_FILE).exists():
         raise SpaceError(
             f"{run_dir}: this model's BatchNorm layers were replaced by GroupNorm (method.batchnorm: "
@@ -156,8 +160,9 @@ def _common_config(run_dir: Path, info: RunInfo, recipe: dict[str, Any]) -> dict
     return {
         "schema_version": CONFIG_SCHEMA_VERSION,
         "task": task,
-        "title": f"{name} classifier"[:60],
+        "title": f"{name} {'text generator' if generation else 'classifier'}"[:60],
         "labels": [str(label) for label in labels],
+        **({"max_new_tokens": DEFAULT_MAX_NEW_TOKENS} if generation else {}),
         "max_input_chars": DEFAULT_MAX_INPUT_CHARS,
         "max_length": int((recipe.get("model") or {}).get("max_length") or 128),
         "metric_names": _metric_names(run_dir),

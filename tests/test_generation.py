@@ -391,13 +391,12 @@ def test_dp_training_of_a_language_model_spends_what_it_reports(
     assert math.isfinite(result.metrics["test"]["perplexity"])
 
 
-def test_a_language_model_run_is_audited_per_group_and_for_membership(
-    tiny_gpt2_lm: Path, tmp_path: Path
-) -> None:
-    """The audit of a language model: per-group loss and perplexity with intervals, the loss gap
-    judged against the policy, and membership inference on per-sequence losses."""
-    from hubtune.pipeline import format_summary, run_recipe
+@pytest.fixture(scope="module")
+def audited_lm_run(tiny_gpt2_lm: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One audited LoRA run of the tiny GPT-2 (shared by the audit, card and Space tests)."""
+    from hubtune.pipeline import run_recipe
 
+    tmp_path = tmp_path_factory.mktemp("audited-lm")
     frame = make_lm_frame(240)
     # group b's texts are longer and use rarer words: a real per-group quality gap
     frame.loc[frame["group"] == "b", "text"] += " quite nasty awful really"
@@ -406,7 +405,15 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(
     spec = lm_recipe(tiny_gpt2_lm, path, tmp_path / "runs")
     spec["audit"] = {"enabled": True, "policy": "default"}
     spec["data"]["split"] = {"validation": 0.1, "test": 0.3}
-    result = run_recipe(Recipe.model_validate(spec))
+    return run_recipe(Recipe.model_validate(spec))
+
+
+def test_a_language_model_run_is_audited_per_group_and_for_membership(audited_lm_run) -> None:  # type: ignore[no-untyped-def]
+    """The audit of a language model: per-group loss and perplexity with intervals, the loss gap
+    judged against the policy, and membership inference on per-sequence losses."""
+    from hubtune.pipeline import format_summary
+
+    result = audited_lm_run
     audit = json.loads((result.run_dir / "audit" / "audit.json").read_text())
     fairness = audit["fairness"]
     assert fairness["task"] == "generation"
@@ -426,16 +433,20 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(
     assert not any("equalized" in c["check"] for c in audit["verdict"]["checks"])
     assert "auc" in audit["membership"]
     report = (result.run_dir / "audit" / "report.html").read_text()
-    assert "perplexity" in report
+    assert "Perplexity" in report and "Per label" not in report
     assert "membership inference: AUC" in format_summary(result)
 
-    # The model card is a language model's: its metrics, no labels, a load snippet that runs.
+
+def test_a_language_models_card_has_its_metrics_and_a_load_snippet_that_runs(
+    audited_lm_run,
+) -> None:  # type: ignore[no-untyped-def]
     import contextlib
     import io
     import os
 
     from hubtune.card import write_card
 
+    result = audited_lm_run
     card = write_card(result.run_dir).read_text()
     assert "pipeline_tag: text-generation" in card and "type: perplexity" in card
     assert "A causal language model" in card and "Tied embeddings:" in card
@@ -453,6 +464,67 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(
     finally:
         os.chdir(here)
     assert printed.getvalue().strip()  # it generated text
+
+
+def test_the_space_generates_through_gradio_client_and_in_a_browser(audited_lm_run) -> None:  # type: ignore[no-untyped-def]
+    """The Gradio demo of a language model: prompt -> greedy continuation (bounded), the same
+    continuation the model gives directly, input limits enforced server-side, no foreign hosts."""
+    import socket
+
+    from gradio_client import Client
+
+    from hubtune.space import build_space_demo, load_app
+
+    from .conftest import chromium
+
+    result = audited_lm_run
+    app = load_app()
+    demo = build_space_demo(source=result.run_dir)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app.launch(
+        demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+    )
+    url = f"http://127.0.0.1:{port}/"
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(result.run_dir / "adapter").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(result.run_dir / "adapter")
+    prompt = "the movie was"
+    batch = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=40, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+    expected = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    foreign: list[str] = []
+    try:
+        client = Client(url, verbose=False)
+        assert client.predict(prompt, api_name="/generate") == expected
+        with pytest.raises(Exception, match="accepts at most 2000"):
+            client.predict("x" * 2001, api_name="/generate")
+        with chromium() as browser:
+            page = browser.new_page()
+            page.on(
+                "request",
+                lambda r: (
+                    None if r.url.startswith((url, "data:", "blob:")) else foreign.append(r.url)
+                ),
+            )
+            page.goto(url)
+            page.locator("#input-text textarea").fill(prompt)
+            page.locator("#generate-button").click()
+            completion = page.locator("#completion textarea")
+            page.wait_for_function(
+                "el => el.value.length > 0", arg=completion.element_handle(), timeout=60_000
+            )
+            assert completion.input_value() == expected
+            page.get_by_role("tab", name="Privacy & fairness").click()
+            page.locator("#privacy-fairness").get_by_text("Perplexity").first.wait_for()
+    finally:
+        demo.close()
+    assert not foreign, f"the page requested other hosts: {foreign}"
 
 
 # --------------------------------------------------------------------------- canary exposure
