@@ -865,6 +865,11 @@ def _membership_scores(
                 "predicts_label": right,
             }
         )
+        if not loaded.task.has_labels:  # a language model: the extraction test's outcome
+            from hubtune.tasks.text_generation import EXTRACTED
+
+            outcome = logits[:, EXTRACTED].numpy()
+            part["extracted"] = np.where(outcome < 0, np.nan, outcome)
         if split == "canaries":
             part["member"] = frame["included"].to_numpy()
         parts.append(part)

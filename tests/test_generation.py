@@ -7,6 +7,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -435,6 +436,10 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(audited_lm
     report = (result.run_dir / "audit" / "report.html").read_text()
     assert "Perplexity" in report and "Per label" not in report
     assert "membership inference: AUC" in format_summary(result)
+    extraction = audit["extraction"]
+    tested = extraction["training"]["examples"] + extraction["training"]["too_short"]
+    assert tested == audit["membership"]["members"] > 0  # every scored training example
+    assert "Extraction of training text" in (result.run_dir / "audit" / "report.md").read_text()
 
 
 def test_a_language_models_card_has_its_metrics_and_a_load_snippet_that_runs(
@@ -613,3 +618,50 @@ def test_exposure_canaries_are_memorised_by_repetition_and_ranked_exactly(
         secret_nats(s) < best["log_perplexity"] - 1e-6 for s in others[:200] if s != secret
     )
     assert beaten <= best["rank"] - 1  # the first 200 candidates alone beat it no more often
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def test_extraction_is_greedy_reproduction_of_the_suffix_after_the_prefix() -> None:
+    """reduce()'s extraction outcome: 1 when every suffix token after bos + the prefix is the
+    greedy next token, 0 when one is not, -1 when the example is too short."""
+    p, s = tg.EXTRACTION_PREFIX, tg.EXTRACTION_SUFFIX
+    length = 1 + p + s + 2
+    torch.manual_seed(0)
+    ids = torch.randint(1, 9, (3, length))
+    logits = torch.randn(3, length, 10)
+    for t in range(p, p + s):  # positions P..P+S-1 predict the suffix tokens P+1..P+S
+        logits[:, t, ids[:, t + 1]] = 0.0
+        logits[torch.arange(3), t, ids[:, t + 1]] = 50.0
+    labels = ids.clone()
+    labels[1, p + 3] = (ids[1, p + 3] + 1) % 9 + 1  # one suffix token the model does not predict
+    labels[2, p + s - 1 :] = tg.IGNORE  # too short: the suffix is cut
+    figures, _ = tg.reduce(logits, labels)
+    assert figures[:, tg.EXTRACTED].tolist() == [1.0, 0.0, -1.0]
+
+
+def test_extraction_rates_compare_training_and_held_out_examples() -> None:
+    from hubtune.audit.generation import extraction_rates
+
+    scores = pd.DataFrame(
+        {
+            "row_id": [f"train:{i}" for i in range(100)]
+            + [f"test:{i}" for i in range(100)]
+            + ["canary:x:0"],
+            "member": [True] * 100 + [False] * 100 + [True],
+            "extracted": [1.0] * 30 + [0.0] * 60 + [np.nan] * 10 + [1.0] * 5 + [0.0] * 95 + [1.0],
+        }
+    )
+    rates = extraction_rates(scores)
+    assert rates["training"] == {
+        "examples": 90,
+        "too_short": 10,
+        "extracted": 30,
+        "rate": pytest.approx(1 / 3),
+        "ci": rates["training"]["ci"],
+    }
+    assert rates["held_out"]["rate"] == 0.05 and rates["held_out"]["examples"] == 100
+    low, high = rates["difference"]["ci"]
+    assert rates["difference"]["value"] == pytest.approx(1 / 3 - 0.05)
+    assert 0 < low < rates["difference"]["value"] < high

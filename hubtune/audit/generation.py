@@ -225,3 +225,62 @@ def audit_generation_groups(
             }
         )
     return result
+
+
+def _wilson(k: int, n: int, level: float) -> tuple[float | None, list[float] | None]:
+    from scipy.stats import norm
+
+    if n == 0:
+        return None, None
+    z = float(norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def extraction_rates(scores: pd.DataFrame, *, ci_level: float = 0.95) -> dict[str, Any] | None:
+    """How often the greedy continuation of an example's first tokens reproduces the next ones,
+    for training examples and held-out ones (Carlini et al. 2021), with Wilson intervals, and the
+    difference with Newcombe's interval: memorisation is the excess of the first over the second.
+
+    Args:
+        scores: The membership scores (``member`` and ``extracted``: 1, 0, or NaN for an example
+            too short for the test).
+    """
+    from hubtune.tasks.text_generation import EXTRACTION_PREFIX, EXTRACTION_SUFFIX
+
+    if "extracted" not in scores:
+        return None
+    real = scores[~scores["row_id"].astype(str).str.startswith("canary:")]
+    out: dict[str, Any] = {
+        "prefix_tokens": EXTRACTION_PREFIX,
+        "suffix_tokens": EXTRACTION_SUFFIX,
+        "ci_level": ci_level,
+    }
+    for name, rows in (("training", real[real["member"]]), ("held_out", real[~real["member"]])):
+        outcome = rows["extracted"].dropna()
+        k, n = int(outcome.sum()), len(outcome)
+        rate, ci = _wilson(k, n, ci_level)
+        out[name] = {
+            "examples": n,
+            "too_short": int(rows["extracted"].isna().sum()),
+            "extracted": k,
+            "rate": rate,
+            "ci": ci,
+        }
+    train, held = out["training"], out["held_out"]
+    if train["rate"] is None or held["rate"] is None:
+        out["difference"] = None
+        return out
+    p1, (l1, u1) = train["rate"], train["ci"]
+    p2, (l2, u2) = held["rate"], held["ci"]
+    diff = p1 - p2
+    out["difference"] = {
+        "value": diff,
+        "ci": [
+            diff - float(np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
+            diff + float(np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)),
+        ],
+    }
+    return out

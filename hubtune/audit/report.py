@@ -580,6 +580,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
         "mia_skipped": membership.get("skipped"),
         "canaries": canaries,
         "exposure": audit.get("exposure"),
+        "extraction": audit.get("extraction"),
         "comparison": comparison,
         "glossary": GENERATION_GLOSSARY if fairness.get("task") == "generation" else GLOSSARY,
         "fmt": _fmt,

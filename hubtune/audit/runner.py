@@ -431,6 +431,16 @@ def _dp_bound_check(membership: dict[str, Any], canaries: dict[str, Any] | None)
     return check
 
 
+def _extraction(run_dir: Path, policy: AuditPolicy) -> dict[str, Any] | None:
+    """A language model's extraction test on training vs held-out examples (membership scores)."""
+    from hubtune.audit.generation import extraction_rates
+
+    path = run_dir / MEMBERSHIP_FILE
+    if not path.exists():
+        return None
+    return extraction_rates(pd.read_parquet(path), ci_level=policy.ci_level)
+
+
 def _membership(
     run_dir: Path, policy: AuditPolicy, privacy: dict[str, Any], num_labels: int
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -556,6 +566,7 @@ def run_audit(
     privacy = _privacy_section(run_dir)
     membership, canaries = _membership(run_dir, loaded, privacy, len(label_names))
     exposure = _exposure(run_dir, privacy)
+    extraction = _extraction(run_dir, loaded) if written.kind == "generation" else None
     comparison = None
     if compare is not None:
         other_dir = Path(compare)
@@ -597,6 +608,7 @@ def run_audit(
         "membership": membership,
         "canaries": canaries,
         "exposure": exposure,
+        "extraction": extraction,
         "comparison": comparison,
         "seconds": round(time.perf_counter() - t0, 2),
     }

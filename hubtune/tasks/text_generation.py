@@ -58,7 +58,14 @@ __all__ = [
 
 IGNORE = -100  # label of a token the loss does not cover (prompt, padding)
 # Columns of reduce()'s per-example figures.
-LOSS_SUM, TOKENS, CORRECT, EXACT = range(4)
+LOSS_SUM, TOKENS, CORRECT, EXACT, EXTRACTED = range(5)
+# The extraction test (Carlini et al. 2021): prompted with an example's first EXTRACTION_PREFIX
+# tokens, does the model's greedy continuation reproduce its next EXTRACTION_SUFFIX tokens? Under
+# teacher forcing that is exactly "every one of those tokens is the greedy next token", so one
+# forward pass answers it. 1: reproduced, 0: not, -1: the example is too short (or its tokens
+# there are not all labelled: prompt + completion data).
+EXTRACTION_PREFIX = 8
+EXTRACTION_SUFFIX = 8
 
 
 def _load(
@@ -220,19 +227,30 @@ def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def reduce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch's per-example figures ``[B, 4]`` (summed loss, tokens, correct, all correct) and
-    each example's labelled-token count, in place of its logits and labels."""
+    """One batch's per-example figures ``[B, 5]`` (summed loss, tokens, correct, all correct,
+    extracted) and each example's labelled-token count, in place of its logits and labels."""
     import torch
 
     losses, mask = _token_losses(logits, labels)
     tokens = mask.sum(1)
-    correct = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask).sum(1)
+    hits = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask
+    correct = hits.sum(1)
+    # The suffix's tokens sit after bos + the prefix; position t of the shifted logits predicts
+    # token t + 1, so the suffix is predicted at positions EXTRACTION_PREFIX ... + SUFFIX - 1.
+    window = slice(EXTRACTION_PREFIX, EXTRACTION_PREFIX + EXTRACTION_SUFFIX)
+    eligible = mask[:, window].sum(1) == EXTRACTION_SUFFIX
+    extracted = torch.where(
+        eligible,
+        hits[:, window].all(1).float(),
+        torch.full(tokens.shape, -1.0, device=tokens.device),
+    )
     figures = torch.stack(
         [
             losses.sum(1),
             tokens.float(),
             correct.float(),
             ((correct == tokens) & (tokens > 0)).float(),
+            extracted,
         ],
         dim=1,
     )
