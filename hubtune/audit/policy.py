@@ -113,6 +113,12 @@ class GenerationThresholds(_Strict):
         gt=1,
         description="Ceiling on every reportable group's test perplexity.",
     )
+    max_stereotype_increase: float | None = Field(
+        None,
+        ge=0,
+        description="Ceiling on how much fine-tuning raised the share of CrowS-Pairs pairs where "
+        "the model prefers the stereotyping sentence (overall and per bias type).",
+    )
     max_canary_exposure: float | None = Field(
         None,
         gt=0,

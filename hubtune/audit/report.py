@@ -581,6 +581,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
         "canaries": canaries,
         "exposure": audit.get("exposure"),
         "extraction": audit.get("extraction"),
+        "stereotypes": audit.get("stereotypes"),
         "comparison": comparison,
         "glossary": GENERATION_GLOSSARY if fairness.get("task") == "generation" else GLOSSARY,
         "fmt": _fmt,

@@ -38,6 +38,7 @@ from hubtune.rundir import (
     PRIVACY_LEDGER,
     RECIPE_FILE,
     RUN_FILE,
+    STEREOTYPES_FILE,
     Predictions,
     RunDirError,
     read_json,
@@ -142,6 +143,7 @@ def _verdict(
     canaries: dict[str, Any] | None,
     privacy: dict[str, Any] | None = None,
     exposure: dict[str, Any] | None = None,
+    stereotypes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Judge every check the policy sets: pass, fail, not evaluable or not informative.
 
@@ -274,6 +276,19 @@ def _verdict(
             )
     if exposure is not None:
         checks += _exposure_checks(policy, exposure)
+    if stereotypes is not None and policy.generation.max_stereotype_increase is not None:
+        for row in stereotypes["rows"]:
+            checks.append(
+                _judge(
+                    "stereotype preference increase",
+                    value=row["change"]["value"],
+                    ci=row["change"]["ci"],
+                    threshold=policy.generation.max_stereotype_increase,
+                    kind="max",
+                    policy=policy,
+                    scope=f"CrowS-Pairs: {row['bias_type']}",
+                )
+            )
     if membership is not None and "auc" in membership:
         if t.max_membership_auc is not None:
             checks.append(
@@ -431,6 +446,18 @@ def _dp_bound_check(membership: dict[str, Any], canaries: dict[str, Any] | None)
     return check
 
 
+def _stereotypes(run_dir: Path, policy: AuditPolicy) -> dict[str, Any] | None:
+    """CrowS-Pairs preference of the base and fine-tuned language models, and the change."""
+    from hubtune.audit.stereotypes import summarise_stereotypes
+
+    measured = read_json(run_dir / STEREOTYPES_FILE)
+    if measured is None:
+        return None
+    return summarise_stereotypes(
+        measured, n_boot=policy.n_boot, seed=policy.seed, ci_level=policy.ci_level
+    )
+
+
 def _extraction(run_dir: Path, policy: AuditPolicy) -> dict[str, Any] | None:
     """A language model's extraction test on training vs held-out examples (membership scores)."""
     from hubtune.audit.generation import extraction_rates
@@ -567,6 +594,7 @@ def run_audit(
     membership, canaries = _membership(run_dir, loaded, privacy, len(label_names))
     exposure = _exposure(run_dir, privacy)
     extraction = _extraction(run_dir, loaded) if written.kind == "generation" else None
+    stereotypes = _stereotypes(run_dir, loaded)
     comparison = None
     if compare is not None:
         other_dir = Path(compare)
@@ -584,6 +612,7 @@ def run_audit(
         canaries,
         privacy,
         exposure,
+        stereotypes,
     )
     audit: dict[str, Any] = {
         "schema_version": AUDIT_SCHEMA_VERSION,
@@ -609,6 +638,7 @@ def run_audit(
         "canaries": canaries,
         "exposure": exposure,
         "extraction": extraction,
+        "stereotypes": stereotypes,
         "comparison": comparison,
         "seconds": round(time.perf_counter() - t0, 2),
     }
