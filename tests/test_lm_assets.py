@@ -295,6 +295,10 @@ def test_the_shipped_generate_dp_recipe_runs_on_the_published_model(
             "train.log_with=[]",
             "audit.exposure.per_repetition=2",
             "audit.exposure.samples=300",
+            "push.enabled=true",
+            "push.repo_id=local-user/generate-dp",
+            "push.space_id=local-user/generate-dp-demo",
+            "push.allow_failing_audit=true",  # the tiny build's audit may fail; the flow is tested
         ],
     )
     result = run_recipe(recipe)
@@ -306,5 +310,43 @@ def test_the_shipped_generate_dp_recipe_runs_on_the_published_model(
     assert levels[1]["dp_bound"] is not None  # one copy: (8, δ)-DP bounds its exposure
     assert levels[16]["dp_bound"] is None  # 16 copies: group privacy at 16ε bounds nothing
     assert {g["name"] for s in audit["fairness"]["slices"] for g in s["groups"]} >= {"female"}
+    # the tiny build's context (64 tokens) cannot take every CrowS-Pairs sentence: left out, said
+    assert (
+        audit["stereotypes"]["left_out"] > 0
+        and "context (64 tokens)" in audit["stereotypes"]["left_out_reason"]
+    )
     card = write_card(result.run_dir).read_text()
     assert "differential-privacy" in card and "pipeline_tag: text-generation" in card
+
+    # The pushed adapter, downloaded by repo id from the local endpoint, generates what the run's
+    # own adapter generates: with AutoPeftModelForCausalLM and with pipeline("text-generation").
+    import torch
+    from huggingface_hub import HfApi
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer, pipeline
+
+    from hubtune.hub import hub_endpoint
+
+    assert result.push is not None and result.push["space_id"] == "local-user/generate-dp-demo"
+    prompt = "the president said that"
+    local = AutoPeftModelForCausalLM.from_pretrained(result.run_dir / "adapter").eval()
+    tok = AutoTokenizer.from_pretrained(result.run_dir / "adapter")
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = local.generate(
+            **ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+    expected = tok.decode(out[0], skip_special_tokens=True)
+    with hub_endpoint("local", local_root=root) as url:
+        assert HfApi(endpoint=url).model_info("local-user/generate-dp").sha == result.push["commit"]
+        pushed = AutoPeftModelForCausalLM.from_pretrained(
+            "local-user/generate-dp", cache_dir=tmp_path / "download"
+        ).eval()
+        with torch.no_grad():
+            again = pushed.generate(
+                **ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+        assert tok.decode(again[0], skip_special_tokens=True) == expected
+        generator = pipeline("text-generation", model="local-user/generate-dp")
+        text = generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    assert text == expected

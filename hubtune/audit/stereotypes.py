@@ -71,15 +71,44 @@ def _log_likelihoods(
 def measure_stereotypes(
     models: dict[str, Any], tokenizer: Any, *, device: Any = "cpu", batch_size: int = 64
 ) -> dict[str, Any]:
-    """Each model's choice on every pair (True: it prefers the stereotyping sentence)."""
+    """Each model's choice on every pair (True: it prefers the stereotyping sentence; None: a
+    sentence of the pair is longer than the model's context, so the pair is left out)."""
     pairs = load_crows_pairs()
-    texts_more, texts_less = pairs["sent_more"].tolist(), pairs["sent_less"].tolist()
-    prefers = {}
+    context = _context_length(next(iter(models.values())))
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    lengths = [
+        bos + max(len(a), len(b))
+        for a, b in zip(
+            tokenizer(pairs["sent_more"].tolist(), add_special_tokens=False)["input_ids"],
+            tokenizer(pairs["sent_less"].tolist(), add_special_tokens=False)["input_ids"],
+            strict=True,
+        )
+    ]
+    keep = [context is None or n <= context for n in lengths]
+    kept = pairs[keep]
+    texts_more, texts_less = kept["sent_more"].tolist(), kept["sent_less"].tolist()
+    prefers: dict[str, list[bool | None]] = {}
     for name, model in models.items():
         more = _log_likelihoods(model, tokenizer, texts_more, device=device, batch_size=batch_size)
         less = _log_likelihoods(model, tokenizer, texts_less, device=device, batch_size=batch_size)
-        prefers[name] = [bool(x) for x in more > less]
-    return {"source": SOURCE, "bias_type": pairs["bias_type"].tolist(), "prefers": prefers}
+        chosen = iter(bool(x) for x in more > less)
+        prefers[name] = [next(chosen) if k else None for k in keep]
+    return {
+        "source": SOURCE,
+        "bias_type": pairs["bias_type"].tolist(),
+        "prefers": prefers,
+        "too_long": len(keep) - sum(keep),
+        "context": context,
+    }
+
+
+def _context_length(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
@@ -96,9 +125,10 @@ def summarise_stereotypes(
 ) -> dict[str, Any]:
     """Preference rates per bias type (and overall) of the base and fine-tuned models, and the
     change with a paired percentile-bootstrap interval over pairs."""
-    types = np.array(measured["bias_type"], dtype=object)
-    base = np.array(measured["prefers"]["base"], dtype=float)
-    tuned = np.array(measured["prefers"]["fine_tuned"], dtype=float)
+    scored = np.array([x is not None for x in measured["prefers"]["base"]])
+    types = np.array(measured["bias_type"], dtype=object)[scored]
+    base = np.array([x for x in measured["prefers"]["base"] if x is not None], dtype=float)
+    tuned = np.array([x for x in measured["prefers"]["fine_tuned"] if x is not None], dtype=float)
     rng = np.random.default_rng([seed, 0xC505])
     alpha = (1 - ci_level) / 2
     rows = []
@@ -106,6 +136,8 @@ def summarise_stereotypes(
         where = np.ones(len(types), bool) if name == "all" else types == name
         b, t = base[where], tuned[where]
         n = len(b)
+        if n == 0:  # every pair of this type was too long for the model
+            continue
         change = float(t.mean() - b.mean())
         draws = rng.integers(0, n, size=(n_boot, n)) if n_boot else None
         boot = (t[draws].mean(1) - b[draws].mean(1)) if draws is not None else None
@@ -128,4 +160,8 @@ def summarise_stereotypes(
         "metric": "share of pairs where the model gives the stereotyping sentence the higher "
         "log-likelihood (0.5: no preference)",
         "rows": rows,
+        "left_out": int((~scored).sum()),
+        "left_out_reason": f"longer than the model's context ({measured.get('context')} tokens)"
+        if (~scored).any()
+        else None,
     }
