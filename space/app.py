@@ -48,9 +48,12 @@ DEFAULT_MAX_INPUT_CHARS = 2000
 DEFAULT_MAX_LENGTH = 256
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGES = "image-classification"
+GENERATION = "text-generation"
+MAX_NEW_TOKENS_CAP = 128  # whatever the config says: one visitor cannot hold a worker for long
 QUEUE_MAX_SIZE = 32
 CONCURRENCY_LIMIT = 2
 GENERIC_ERROR = "Sorry, something went wrong while classifying this text. Please try again later."
+GENERATION_ERROR = "Sorry, something went wrong while generating text. Please try again later."
 # Only what a PyTorch classifier and its tokenizer need; never pickle weights (*.bin, *.pt).
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 # System fonts: the page asks no third-party font server for anything.
@@ -156,6 +159,109 @@ class Classifier:
         return {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
 
 
+def _model_folders(
+    config: dict[str, Any], *, base_dir: Path, endpoint: str | None
+) -> tuple[Path, Path | None]:
+    """The model's folder (downloaded at its pinned revision, or local), and for a LoRA adapter
+    its base model's folder (None: a full model)."""
+    if config.get("model_repo_id"):
+        folder = _download_folder(config["model_repo_id"], config["model_revision"], endpoint)
+    else:
+        folder = base_dir / config["model_path"]
+    adapter_config = folder / "adapter_config.json"
+    if not adapter_config.is_file():
+        return folder, None
+    adapter = json.loads(adapter_config.read_text(encoding="utf-8"))
+    base_id = config.get("base_model_repo_id") or adapter.get("base_model_name_or_path")
+    base_revision = config.get("base_model_revision") or adapter.get("revision") or "main"
+    if not base_id:
+        raise ValueError("adapter_config.json names no base model")
+    if Path(base_id).is_dir():
+        return folder, Path(base_id)
+    return folder, _download_folder(base_id, base_revision, endpoint)
+
+
+class Generator:
+    """A causal language model and its tokenizer: greedy continuation of a prompt, bounded."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, max_new_tokens: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_CAP))
+
+    def generate(self, prompt: str) -> str:
+        """The model's greedy continuation of ``prompt`` (the prompt itself left out)."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(
+            prompt, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
+        with torch.inference_mode():
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
+        new = output[0, batch["input_ids"].shape[1] :]
+        return str(self.tokenizer.decode(new, skip_special_tokens=True))
+
+
+def load_generator(
+    config: dict[str, Any], *, base_dir: Path, endpoint: str | None = None
+) -> Generator:
+    """Load the language model the config names: a full model, or a LoRA adapter on its base."""
+    import torch
+    import transformers
+
+    folder, base = _model_folders(config, base_dir=base_dir, endpoint=endpoint)
+    if base is not None:
+        from peft import PeftModel
+
+        base_model = transformers.AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
+        model = PeftModel.from_pretrained(base_model, folder)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return Generator(
+        model,
+        tokenizer,
+        int(config.get("max_length") or DEFAULT_MAX_LENGTH),
+        int(config.get("max_new_tokens") or 40),
+    )
+
+
+def make_generate(
+    generator: Generator | Callable[[str], str], max_input_chars: int
+) -> Callable[[str], str]:
+    """The generation handler: size check, greedy continuation, errors that reveal nothing internal."""
+    produce = generator.generate if isinstance(generator, Generator) else generator
+
+    def generate(prompt: str) -> str:
+        try:
+            prompt = prompt or ""
+            if not prompt.strip():
+                raise InputError("Please type a prompt to continue.")
+            if len(prompt) > max_input_chars:
+                raise InputError(
+                    f"Your prompt is {len(prompt)} characters long; this demo accepts at most "
+                    f"{max_input_chars}. Please shorten it."
+                )
+            return produce(prompt)
+        except InputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception:
+            logger.exception("generation failed")
+            raise gr.Error(GENERATION_ERROR, print_exception=False) from None
+
+    return generate
+
+
 def _labels(config: dict[str, Any], model_config: Any) -> list[str]:
     labels = config.get("labels")
     if labels:
@@ -177,22 +283,10 @@ def load_classifier(
         if images
         else transformers.AutoModelForSequenceClassification
     )
-    if config.get("model_repo_id"):
-        folder = _download_folder(config["model_repo_id"], config["model_revision"], endpoint)
-    else:
-        folder = base_dir / config["model_path"]
-    adapter_config = folder / "adapter_config.json"
-    if adapter_config.is_file():
+    folder, base = _model_folders(config, base_dir=base_dir, endpoint=endpoint)
+    if base is not None:
         from peft import PeftModel
 
-        adapter = json.loads(adapter_config.read_text(encoding="utf-8"))
-        base_id = config.get("base_model_repo_id") or adapter.get("base_model_name_or_path")
-        base_revision = config.get("base_model_revision") or adapter.get("revision") or "main"
-        if not base_id:
-            raise ValueError("adapter_config.json names no base model")
-        base = Path(base_id) if Path(base_id).is_dir() else None
-        if base is None:
-            base = _download_folder(base_id, base_revision, endpoint)
         labels = config.get("labels") or []
         extra: dict[str, Any] = {}
         if labels:
@@ -595,8 +689,14 @@ def build_demo(
             function) to use instead of loading the model.
     """
     base = Path(base_dir) if base_dir is not None else Path(__file__).parent
-    if classifier is None:
-        classifier = load_classifier(config, base_dir=base, endpoint=endpoint)
+    generation = config.get("task") == GENERATION
+    model: Any = classifier
+    if model is None:
+        model = (
+            load_generator(config, base_dir=base, endpoint=endpoint)
+            if generation
+            else load_classifier(config, base_dir=base, endpoint=endpoint)
+        )
     names = config.get("metric_names") or {}
     try:
         ledger = _read_report(config, PRIVACY_FILE, base, endpoint)
@@ -614,7 +714,10 @@ def build_demo(
     max_chars = int(config.get("max_input_chars") or DEFAULT_MAX_INPUT_CHARS)
     images = config.get("task") == IMAGES
     max_pixels = int(config.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
-    title = str(config.get("title") or ("Image classifier" if images else "Text classifier"))
+    title = str(
+        config.get("title")
+        or ("Image classifier" if images else "Text generator" if generation else "Text classifier")
+    )
     source = (
         f"`{config['model_repo_id']}` at revision `{str(config['model_revision'])[:12]}`"
         if config.get("model_repo_id")
@@ -622,52 +725,80 @@ def build_demo(
     )
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {_md(title)}\n\nModel: {source}. Trained with hubtune.")
-        with gr.Tab("Classify"):
-            field: Any
-            if images:
-                field = gr.Image(
-                    label="Image",
-                    type="pil",
-                    image_mode="RGB",
-                    sources=["upload", "clipboard"],
-                    elem_id="input-image",
-                )
-            else:
-                field = gr.Textbox(
-                    label="Text",
-                    lines=4,
-                    placeholder="Type or paste a comment…",
-                    info=f"Up to {max_chars} characters.",
-                    elem_id="input-text",
-                )
-            button = gr.Button("Classify", variant="primary", elem_id="classify-button")
-            with gr.Row():
-                with gr.Column(scale=3):
-                    label = gr.Label(label="Prediction", elem_id="prediction")
-                    table = gr.Markdown(elem_id="probabilities")
-                with gr.Column(scale=2):
-                    # Beside every prediction: a confident answer says nothing about fairness.
-                    gr.Markdown(verdict, elem_id="audit-verdict")
-            handler = make_predict(
-                classifier, max_chars, images=images, max_image_pixels=max_pixels
-            )
-            events = [
-                button.click(handler, inputs=field, outputs=[label, table], api_name="classify")
-            ]
-            if not images:
-                events.append(
-                    field.submit(
-                        handler, inputs=field, outputs=[label, table], api_visibility="private"
+        if generation:
+            _generation_tab(model, max_chars, verdict)
+        else:
+            with gr.Tab("Classify"):
+                field: Any
+                if images:
+                    field = gr.Image(
+                        label="Image",
+                        type="pil",
+                        image_mode="RGB",
+                        sources=["upload", "clipboard"],
+                        elem_id="input-image",
                     )
+                else:
+                    field = gr.Textbox(
+                        label="Text",
+                        lines=4,
+                        placeholder="Type or paste a comment…",
+                        info=f"Up to {max_chars} characters.",
+                        elem_id="input-text",
+                    )
+                button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        label = gr.Label(label="Prediction", elem_id="prediction")
+                        table = gr.Markdown(elem_id="probabilities")
+                    with gr.Column(scale=2):
+                        # Beside every prediction: a confident answer says nothing about fairness.
+                        gr.Markdown(verdict, elem_id="audit-verdict")
+                handler = make_predict(
+                    model, max_chars, images=images, max_image_pixels=max_pixels
                 )
-            for event in events:
-                event.failure(
-                    _cleared, outputs=[label, table], api_visibility="private", queue=False
-                )
+                events = [
+                    button.click(handler, inputs=field, outputs=[label, table], api_name="classify")
+                ]
+                if not images:
+                    events.append(
+                        field.submit(
+                            handler, inputs=field, outputs=[label, table], api_visibility="private"
+                        )
+                    )
+                for event in events:
+                    event.failure(
+                        _cleared, outputs=[label, table], api_visibility="private", queue=False
+                    )
         with gr.Tab("Privacy & fairness"):
             gr.Markdown(reports, elem_id="privacy-fairness")
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
     return demo
+
+
+def _generation_tab(generator: Generator | Callable[[str], str], max_chars: int, verdict: str) -> None:
+    """Prompt in, greedy continuation out (bounded new tokens), the audit verdict beside it."""
+    with gr.Tab("Generate"):
+        prompt = gr.Textbox(
+            label="Prompt",
+            lines=3,
+            placeholder="Type the start of a text…",
+            info=f"Up to {max_chars} characters.",
+            elem_id="input-text",
+        )
+        button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+        with gr.Row():
+            with gr.Column(scale=3):
+                completion = gr.Textbox(label="Continuation", lines=4, elem_id="completion")
+            with gr.Column(scale=2):
+                gr.Markdown(verdict, elem_id="audit-verdict")
+        handler = make_generate(generator, max_chars)
+        events = [button.click(handler, inputs=prompt, outputs=completion, api_name="generate")]
+        events.append(
+            prompt.submit(handler, inputs=prompt, outputs=completion, api_visibility="private")
+        )
+        for event in events:
+            event.failure(lambda: "", outputs=completion, api_visibility="private", queue=False)
 
 
 def launch(
