@@ -66,6 +66,7 @@ __all__ = [
     "CARD_DIR",
     "CHECKPOINTS_DIR",
     "EXPOSURE_FILE",
+    "SAMPLES_FILE",
     "STEREOTYPES_FILE",
     "MEMBERSHIP_FILE",
     "METRICS_FILE",
@@ -90,6 +91,7 @@ PREDICTIONS_FILE = "predictions.parquet"
 MEMBERSHIP_FILE = "membership_scores.parquet"  # per-example losses: local only, never pushed
 EXPOSURE_FILE = "exposure.json"  # language models: each canary's rank and exposure (no secrets)
 STEREOTYPES_FILE = "stereotypes.json"  # language models: CrowS-Pairs choices, base vs fine-tuned
+SAMPLES_FILE = "samples.json"  # language models: greedy continuations of a fixed prompt set
 PRIVACY_LEDGER = "privacy.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 AUDIT_DIR = "audit"

@@ -62,6 +62,7 @@ from hubtune.rundir import (
     PRIVACY_LEDGER,
     RECIPE_FILE,
     RUN_FILE,
+    SAMPLES_FILE,
     STEREOTYPES_FILE,
     Metrics,
     Predictions,
@@ -728,6 +729,16 @@ def _finish(
         t0 = time.perf_counter()
         exposure = _exposure(run, loaded)
         run.timings["exposure_s"] = time.perf_counter() - t0
+    samples = None
+    if run.main and not task.has_labels:
+        from hubtune.tasks.text_generation import SAMPLE_PROMPTS, generate_samples
+
+        prompts = list(SAMPLE_PROMPTS)
+        if recipe.audit.exposure is not None and recipe.audit.exposure.prefix not in prompts:
+            prompts.append(recipe.audit.exposure.prefix)
+        samples = generate_samples(
+            loaded.plan.model, loaded.processor, prompts, device=accelerator.device
+        )
     stereotypes = None
     if run.main and not task.has_labels and recipe.audit.enabled and recipe.audit.stereotypes:
         t0 = time.perf_counter()
@@ -762,6 +773,11 @@ def _finish(
             atomic_write_json(run.run_dir / EXPOSURE_FILE, exposure)
         if stereotypes is not None:
             atomic_write_json(run.run_dir / STEREOTYPES_FILE, stereotypes)
+        if samples is not None:
+            atomic_write_json(
+                run.run_dir / SAMPLES_FILE,
+                {"decoding": "greedy", "max_new_tokens": 30, "samples": samples},
+            )
         run.timings["total_s"] = time.perf_counter() - t_start
         _write_run_info(run, loaded, inputs, setup, ledger, metrics, recipe_source)
         if (run.run_dir / "checkpoints").exists() and not recipe.train.checkpoint:

@@ -199,6 +199,19 @@ def test_a_language_model_trains_and_writes_its_run(
     )
     summary = format_summary(result)
     assert "perplexity" in summary and "accuracy 0." in summary
+    # samples.json: greedy continuations of the fixed prompts, as the saved model gives them
+    samples = json.loads((result.run_dir / "samples.json").read_text())["samples"]
+    assert [x["prompt"] for x in samples] == list(tg.SAMPLE_PROMPTS)
+    folder = result.run_dir / ("adapter" if (result.run_dir / "adapter").exists() else "model")
+    if folder.name == "adapter":
+        from peft import AutoPeftModelForCausalLM
+
+        saved = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    else:
+        saved = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    again = tg.generate_samples(saved, tok, ["I think that"], device="cpu")
+    assert again[0] == samples[1]
 
 
 def tg_vocab(model_dir: Path) -> int:

@@ -304,6 +304,44 @@ def predictions(data: PreparedData, figures: torch.Tensor, tokens: torch.Tensor)
     return frame
 
 
+# What every language-model run continues, so runs can be compared by reading: neutral openings,
+# and the opening of the memorisation canaries (audit.exposure adds the recipe's own prefix).
+SAMPLE_PROMPTS = ("The", "I think that", "In my opinion,", "My account number is")
+SAMPLE_NEW_TOKENS = 30
+
+
+def generate_samples(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    device: Any,
+    max_new_tokens: int = SAMPLE_NEW_TOKENS,
+) -> list[dict[str, str]]:
+    """Greedy continuations of ``prompts`` (``{"prompt", "continuation"}``), one at a time."""
+    import torch
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor(
+            [bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device
+        )
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+        out.append({"prompt": prompt, "continuation": str(text)})
+    return out
+
+
 def load_snippet(
     *,
     run_dir: Path,
