@@ -1334,7 +1334,7 @@ def _fake_run(model: nn.Module, criterion: Any = None) -> Any:
     optimizer = SimpleNamespace(
         zero_grad=lambda set_to_none: zeroed.append(set_to_none), zeroed=zeroed
     )
-    return SimpleNamespace(model=model, criterion=criterion, optimizer=optimizer)
+    return SimpleNamespace(model=model, criterion=criterion, optimizer=optimizer, loss_fn=None)
 
 
 def test_preflight_names_tensors_without_per_example_gradients() -> None:

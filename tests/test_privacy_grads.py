@@ -265,7 +265,7 @@ def test_hooks_without_position_ids_position_grad_sample_is_the_batch_gradient(
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    run = types.SimpleNamespace(model=gsm, criterion=None, optimizer=optimizer)
+    run = types.SimpleNamespace(model=gsm, criterion=None, optimizer=optimizer, loss_fn=None)
     with pytest.raises(PrivacyError, match=r"position_embeddings\.weight: \(1, 64, 32\)"):
         check_per_sample_gradients(run, {**batch, "labels": LABELS}, _forward)
     optimizer.zero_grad(set_to_none=True)
