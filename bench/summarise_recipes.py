@@ -80,6 +80,7 @@ def summarise(files: list[str]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    notes = [f"- {n}" for n in summary.get("notes") or []]
     table = md_table(
         [
             "recipe",
@@ -128,6 +129,7 @@ def markdown(summary: dict[str, Any]) -> str:
             "",
             *sources,
             "",
+            *(["## Notes", "", *notes, ""] if notes else []),
         ]
     )
 
@@ -136,8 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", help="result names under bench/results (no suffix)")
     parser.add_argument("--name", default="recipes_summary")
+    parser.add_argument("--note", action="append", default=[], help="a note for the summary")
     args = parser.parse_args()
-    summary = summarise(args.files)
+    summary = {**summarise(args.files), "notes": args.note}
     write_results(args.name, summary, markdown(summary))
 
 
