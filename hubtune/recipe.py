@@ -80,7 +80,8 @@ class ModelSection(_Strict):
         "text-classification",
         description="One of: " + ", ".join(TASKS) + " (text-classification: "
         "AutoModelForSequenceClassification + tokenizer; image-classification: "
-        "AutoModelForImageClassification + image processor; ViT, ResNet, ConvNeXt, timm models).",
+        "AutoModelForImageClassification + image processor; ViT, ResNet, ConvNeXt, timm models; "
+        "text-generation: AutoModelForCausalLM + tokenizer; GPT-2, LLaMA, Qwen, Mistral).",
     )
     allow_pickle: bool = Field(
         False,
