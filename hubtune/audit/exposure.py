@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "canary_texts",
     "dp_exposure_bound",
     "make_exposure_canaries",
     "measure_exposure",
@@ -79,10 +78,6 @@ def make_exposure_canaries(
                 row.update({c: None for c in sensitive})
                 rows.append(row)
     return pd.DataFrame(canaries), pd.DataFrame(rows)
-
-
-def canary_texts(prefix: str, secrets: list[str]) -> list[str]:
-    return [f"{prefix} {s}" for s in secrets]
 
 
 def _secret_losses(

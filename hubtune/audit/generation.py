@@ -31,7 +31,7 @@ import pandas as pd
 
 from hubtune.audit.fairness import _ci, _group_features, _interval, _num
 
-__all__ = ["GENERATION_METRICS", "audit_generation_groups"]
+__all__ = ["GENERATION_METRICS", "audit_generation_groups", "extraction_rates", "wilson"]
 
 GENERATION_METRICS = ("loss", "perplexity", "sequence_loss", "exact_match", "count")
 
@@ -227,7 +227,8 @@ def audit_generation_groups(
     return result
 
 
-def _wilson(k: int, n: int, level: float) -> tuple[float | None, list[float] | None]:
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float | None, list[float] | None]:
+    """The share k/n and its Wilson score interval at ``level`` (None, None when n is 0)."""
     from scipy.stats import norm
 
     if n == 0:
@@ -261,7 +262,7 @@ def extraction_rates(scores: pd.DataFrame, *, ci_level: float = 0.95) -> dict[st
     for name, rows in (("training", real[real["member"]]), ("held_out", real[~real["member"]])):
         outcome = rows["extracted"].dropna()
         k, n = int(outcome.sum()), len(outcome)
-        rate, ci = _wilson(k, n, ci_level)
+        rate, ci = wilson(k, n, ci_level)
         out[name] = {
             "examples": n,
             "too_short": int(rows["extracted"].isna().sum()),

@@ -15,11 +15,12 @@ same pairs for both models), so a reviewer sees whether fine-tuning made it wors
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from hubtune.audit.generation import wilson
 
 __all__ = ["CROWS_PAIRS_FILE", "load_crows_pairs", "measure_stereotypes", "summarise_stereotypes"]
 
@@ -111,15 +112,6 @@ def _context_length(model: Any) -> int | None:
     return None
 
 
-def _wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
-    if n == 0:
-        return None
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
 def summarise_stereotypes(
     measured: dict[str, Any], *, n_boot: int = 1000, seed: int = 0, ci_level: float = 0.95
 ) -> dict[str, Any]:
@@ -145,8 +137,11 @@ def summarise_stereotypes(
             {
                 "bias_type": name,
                 "pairs": n,
-                "base": {"value": float(b.mean()), "ci": _wilson(int(b.sum()), n)},
-                "fine_tuned": {"value": float(t.mean()), "ci": _wilson(int(t.sum()), n)},
+                "base": {"value": float(b.mean()), "ci": wilson(int(b.sum()), n, ci_level)[1]},
+                "fine_tuned": {
+                    "value": float(t.mean()),
+                    "ci": wilson(int(t.sum()), n, ci_level)[1],
+                },
                 "change": {
                     "value": change,
                     "ci": [float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))]
