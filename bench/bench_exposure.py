@@ -149,7 +149,13 @@ def markdown(payload: dict[str, Any]) -> str:
         [
             "# Canary exposure against ε",
             "",
-            f"Recipe `{payload['recipe']}`. Exposure in bits: {top:.1f} means the secret is ranked "
+            f"Recipe `{payload['recipe']}`"
+            + (
+                " with " + ", ".join(f"`{o}`" for o in payload.get("overrides") or [])
+                if payload.get("overrides")
+                else ""
+            )
+            + ". Exposure in bits: {top:.1f} means the secret is ranked "
             "first among all candidates; about 1.44 is what a secret the model never saw gets. "
             "'DP allows' is the exposure the run's (ε, δ)-DP guarantee allows that many copies with "
             "95% probability (group privacy; hubtune.audit.exposure)."
@@ -176,6 +182,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--note", action="append", default=[])
     parser.add_argument("--keep", default=None, help="keep run folders here")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run (repeatable), e.g. method.name=full",
+    )
     args = parser.parse_args()
     if args.quick:
         args.epsilons, args.seeds = ["inf", "8"], args.seeds[:1]
@@ -185,13 +199,20 @@ def main() -> None:
         **result_head("exposure_vs_epsilon", script="bench_exposure.py", quick=args.quick),
         "recipe": args.recipe,
         "runs": [],
+        "overrides": args.overrides,
         "notes": args.note,
     }
     with workspace(args.keep) as folder:
         for seed in args.seeds:
             for epsilon in args.epsilons:
                 payload["runs"].append(
-                    run_one(recipe_path, epsilon, seed, folder, QUICK if args.quick else [])
+                    run_one(
+                        recipe_path,
+                        epsilon,
+                        seed,
+                        folder,
+                        [*(QUICK if args.quick else []), *args.overrides],
+                    )
                 )
                 write_results(args.name, payload, markdown(payload))  # after every run
 
