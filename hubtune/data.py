@@ -269,10 +269,32 @@ def _needed_columns(section: DataSection, task: str) -> list[str]:
         inputs = [cols.image]
     elif cols.prompt and cols.completion:
         inputs = [cols.prompt, cols.completion]
+    elif cols.messages:
+        inputs = [cols.messages]
     else:
         inputs = [cols.text] + ([cols.text_pair] if cols.text_pair else [])
     labels = [cols.label] if TASKS[task].has_labels else []
     return [*inputs, *labels, *cols.sensitive]
+
+
+def _conversations(values: pd.Series, split: str) -> pd.Series:
+    """Each conversation as canonical JSON text (missing stays missing); DataError names the row."""
+    from hubtune.tasks.chat import ConversationError, canonical, parse_conversation
+
+    out: list[str | None] = []
+    for index, value in values.items():
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            out.append(None)
+            continue
+        try:
+            out.append(canonical(parse_conversation(value)))
+        except ConversationError as exc:
+            raise DataError(
+                f"split {split!r}, row {index}: data.columns.messages ({values.name!r}) is not a chat "
+                f'conversation: {exc}. Each value must be a list of {{"role": ..., "content": ...}} '
+                "messages (or its JSON text) with at least one assistant message."
+            ) from None
+    return pd.Series(out, index=values.index, dtype=object, name=values.name)
 
 
 def _check_utf8(path: Path) -> None:
@@ -796,6 +818,8 @@ def load_data(
     # (source column, our column) of the model's text inputs
     if cols.prompt and cols.completion:
         text_inputs = [(cols.prompt, "prompt"), (cols.completion, "completion")]
+    elif cols.messages:
+        text_inputs = [(cols.messages, "messages")]
     else:
         text_inputs = [(cols.text, "text")] + (
             [(cols.text_pair, "text_pair")] if cols.text_pair else []
@@ -836,6 +860,10 @@ def load_data(
             for reason, count in problem.dropna().value_counts().sort_index().items():
                 reasons[f"{reason} ({cols.image})"] = int(count)
             keep &= problem.isna()
+        if cols.messages:  # canonical JSON text; a malformed conversation is an error, not a drop
+            frame = frame.assign(
+                **{cols.messages: _conversations(frame[cols.messages], source_name)}
+            )
         for column in [] if images else text_columns:
             gone = _is_missing(frame[column]) & keep
             if gone.any():

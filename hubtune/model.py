@@ -236,6 +236,12 @@ def load_causal_lm(resolved: ResolvedModel, section: ModelSection) -> tuple[Any,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    if section.chat_template is not None:  # saved with the tokenizer, so the pushed model has it
+        from hubtune.tasks.chat import CHATML
+
+        tokenizer.chat_template = (
+            CHATML if section.chat_template == "chatml" else section.chat_template
+        )
     config = AutoConfig.from_pretrained(resolved.local_dir, trust_remote_code=trust)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id

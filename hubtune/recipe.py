@@ -92,6 +92,12 @@ class ModelSection(_Strict):
         description="Run modelling code from the repo. Needs `revision` pinned to a commit SHA.",
     )
     max_length: int = Field(128, ge=8, le=8192, description="Tokenizer truncation length.")
+    chat_template: str | None = Field(
+        None,
+        description="Text generation with data.columns.messages: the Jinja chat template that renders "
+        "a conversation, for a tokenizer that has none (or to replace its own); it is saved with "
+        "the pushed tokenizer. `chatml`: the ChatML format (<|im_start|>role ... <|im_end|>).",
+    )
     pooling: Literal["auto", "native", "mean", "cls", "max", "mean_sqrt_len"] = Field(
         "auto",
         description="Text: how the token states become one vector for the head. `auto`: the "
@@ -150,6 +156,12 @@ class ColumnsSection(_Strict):
     completion: str | None = Field(
         None, description="Text generation: the completion column (with `prompt`)."
     )
+    messages: str | None = Field(
+        None,
+        description="Text generation: a column of chat conversations (lists of {role, content}, or "
+        "their JSON text), rendered by the tokenizer's chat template (or model.chat_template); the "
+        "loss covers the assistant's turns. Instead of `text` or `prompt` + `completion`.",
+    )
     sensitive: list[str] = Field(
         default_factory=list,
         description="Columns carried to predictions for audits; never fed to the model.",
@@ -163,6 +175,11 @@ class ColumnsSection(_Strict):
                 f"columns.{given} is set without columns.{missing}: prompt + completion data needs "
                 f"both (or neither, for plain text in columns.text). Add columns.{missing}."
             )
+        if self.messages and self.prompt:
+            raise ValueError(
+                "columns.messages and columns.prompt/completion are two shapes of the same data; "
+                "give one: messages for chat conversations, prompt + completion for single turns."
+            )
         return self
 
     @model_validator(mode="after")
@@ -171,6 +188,7 @@ class ColumnsSection(_Strict):
             {self.text, self.image, self.label}
             | ({self.text_pair} if self.text_pair else set())
             | ({self.prompt, self.completion} if self.prompt and self.completion else set())
+            | ({self.messages} if self.messages else set())
         )
         clash = sorted(inputs & set(self.sensitive))
         if clash:
@@ -267,6 +285,12 @@ class DataSection(_Strict):
     )
     augment: AugmentSection | None = Field(
         None, description="Train-only image augmentations (task: image-classification)."
+    )
+    loss_on: Literal["completion", "all"] = Field(
+        "completion",
+        description="Text generation with prompt + completion or messages: which tokens the loss "
+        "covers. `completion`: the completion (the assistant's turns); `all`: the prompt (every "
+        "turn) too. Plain text always has every token in the loss.",
     )
 
     @field_validator("labels")
@@ -593,10 +617,21 @@ class Recipe(_Strict):
                     "audit.exposure plants secrets for a language model (model.task: text-generation); "
                     "a classifier's canaries are audit.canaries. Remove audit.exposure."
                 )
-            if cols.prompt:
+            if cols.prompt or cols.messages:
+                given = "prompt/completion" if cols.prompt else "messages"
                 raise ValueError(
-                    "data.columns.prompt/completion are for model.task: text-generation; a classifier "
+                    f"data.columns.{given} are for model.task: text-generation; a classifier "
                     "reads data.columns.text (and text_pair). Remove them."
+                )
+            if self.model.chat_template is not None:
+                raise ValueError(
+                    "model.chat_template renders chat conversations for model.task: text-generation; "
+                    "remove it."
+                )
+            if self.data.loss_on != "completion":  # (the default is written by resolved recipes)
+                raise ValueError(
+                    "data.loss_on chooses a language model's loss tokens (model.task: text-generation); "
+                    "remove it."
                 )
             return self
         problems = []
@@ -619,7 +654,13 @@ class Recipe(_Strict):
         if self.audit.canaries:
             problems.append(
                 "audit.canaries: the random-label canaries of the one-run audit are for classifiers; "
-                "a language model's canary-exposure audit is not built yet. Set audit.canaries: 0"
+                "a language model's are the Secret-Sharer canaries of audit.exposure. Set "
+                "audit.canaries: 0"
+            )
+        if self.model.chat_template is not None and not cols.messages:
+            problems.append(
+                "model.chat_template renders data.columns.messages, which is not set; remove it or "
+                "give data.columns.messages"
             )
         if self.audit.compare_nonprivate:
             problems.append(

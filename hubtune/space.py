@@ -162,7 +162,18 @@ def _common_config(run_dir: Path, info: RunInfo, recipe: dict[str, Any]) -> dict
         "task": task,
         "title": f"{name} {'text generator' if generation else 'classifier'}"[:60],
         "labels": [str(label) for label in labels],
-        **({"max_new_tokens": DEFAULT_MAX_NEW_TOKENS} if generation else {}),
+        **(
+            {
+                "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+                # chat: the demo's prompt is a user message rendered by the pushed tokenizer's
+                # chat template, as the model was trained; text: [bos] + the prompt's tokens
+                "prompt_format": "chat"
+                if ((recipe.get("data") or {}).get("columns") or {}).get("messages")
+                else "text",
+            }
+            if generation
+            else {}
+        ),
         "max_input_chars": DEFAULT_MAX_INPUT_CHARS,
         "max_length": int((recipe.get("model") or {}).get("max_length") or 128),
         "metric_names": _metric_names(run_dir),

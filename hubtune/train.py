@@ -737,7 +737,11 @@ def _finish(
         if recipe.audit.exposure is not None and recipe.audit.exposure.prefix not in prompts:
             prompts.append(recipe.audit.exposure.prefix)
         samples = generate_samples(
-            loaded.plan.model, loaded.processor, prompts, device=accelerator.device
+            loaded.plan.model,
+            loaded.processor,
+            prompts,
+            device=accelerator.device,
+            chat=data.text_columns == ["messages"],
         )
     stereotypes = None
     if run.main and not task.has_labels and recipe.audit.enabled and recipe.audit.stereotypes:
@@ -844,6 +848,7 @@ def _exposure(run: _Run, loaded: _Loaded) -> dict[str, Any]:
         seed=run.recipe.seed,
         device=run.accelerator.device,
         batch_size=max(64, run.recipe.train.eval_batch_size),
+        chat=loaded.data.text_columns == ["messages"],
     )
     logger.info(
         "exposure: %s",

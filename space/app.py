@@ -184,20 +184,46 @@ def _model_folders(
 class Generator:
     """A causal language model and its tokenizer: greedy continuation of a prompt, bounded."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, max_new_tokens: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_length: int,
+        max_new_tokens: int,
+        prompt_format: str = "text",
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_CAP))
+        if prompt_format not in ("text", "chat"):
+            raise ValueError(f"unknown prompt_format {prompt_format!r}")
+        if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format chat needs a tokenizer with a chat template")
+        self.prompt_format = prompt_format
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids the model continues, built as in training: ``[bos] prompt`` for text, the chat
+        template's rendering of one user message (with the generation prompt) for chat; the
+        last ``max_length`` of them."""
+        tok = self.tokenizer
+        if self.prompt_format == "chat":
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            ids = bos + list(tok(prompt, add_special_tokens=False)["input_ids"])
+        return ids[-self.max_length :]
 
     def generate(self, prompt: str) -> str:
         """The model's greedy continuation of ``prompt`` (the prompt itself left out)."""
         import torch
 
         device = next(self.model.parameters()).device
-        batch = self.tokenizer(
-            prompt, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
+        ids = torch.tensor([self.prompt_ids(prompt)], device=device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.inference_mode():
             output = self.model.generate(
                 **batch,
@@ -233,6 +259,7 @@ def load_generator(
         tokenizer,
         int(config.get("max_length") or DEFAULT_MAX_LENGTH),
         int(config.get("max_new_tokens") or 40),
+        str(config.get("prompt_format") or "text"),
     )
 
 
@@ -754,9 +781,7 @@ def build_demo(
                     with gr.Column(scale=2):
                         # Beside every prediction: a confident answer says nothing about fairness.
                         gr.Markdown(verdict, elem_id="audit-verdict")
-                handler = make_predict(
-                    model, max_chars, images=images, max_image_pixels=max_pixels
-                )
+                handler = make_predict(model, max_chars, images=images, max_image_pixels=max_pixels)
                 events = [
                     button.click(handler, inputs=field, outputs=[label, table], api_name="classify")
                 ]
@@ -776,7 +801,9 @@ def build_demo(
     return demo
 
 
-def _generation_tab(generator: Generator | Callable[[str], str], max_chars: int, verdict: str) -> None:
+def _generation_tab(
+    generator: Generator | Callable[[str], str], max_chars: int, verdict: str
+) -> None:
     """Prompt in, greedy continuation out (bounded new tokens), the audit verdict beside it."""
     with gr.Tab("Generate"):
         prompt = gr.Textbox(

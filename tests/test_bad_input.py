@@ -292,6 +292,19 @@ def language_model_with_nothing_to_train(i: Inputs) -> list[str]:
     return [*i.recipe(), "model.task=text-generation", "data.labels=null"]
 
 
+def malformed_conversation(i: Inputs) -> list[str]:
+    return [
+        *i.recipe(method={"name": "lora"}),
+        "model.task=text-generation",
+        "data.labels=null",
+        "data.columns.messages=text",
+    ]
+
+
+def messages_and_prompt(i: Inputs) -> list[str]:
+    return [*malformed_conversation(i), "data.columns.prompt=text", "data.columns.completion=text"]
+
+
 def exposure_canaries_on_a_classifier(i: Inputs) -> list[str]:
     return [*i.recipe(), "audit.exposure={digits: 4}"]
 
@@ -354,6 +367,9 @@ ROWS: list[Row] = [
     *both("unknown-pooling", unknown_pooling, r"model\.pooling: Input should be 'auto', 'native', 'mean', 'cls', 'max' or 'mean_sqrt_len'"),
     *both("prompt-without-completion", prompt_without_completion, r"data\.columns: .*columns\.prompt is set without columns\.completion: .*Add columns\.completion"),
     *both("language-model-with-nothing-to-train", language_model_with_nothing_to_train, r"model\.task: text-generation: method\.name: freeze with no unfreeze_top_k leaves a language model nothing to learn.*set method\.unfreeze_top_k >= 1, or use lora or full"),
+    Row("malformed-conversation", malformed_conversation, "run", 2, r"split 'train', row \d+: data\.columns\.messages \('text'\) is not a chat conversation: not JSON .*Each value must be a list of \{\"role\": \.\.\., \"content\": \.\.\.\} messages"),
+    Row("malformed-conversation", malformed_conversation, "validate", 0, r": ok \(lora"),
+    *both("messages-and-prompt", messages_and_prompt, r"columns\.messages and columns\.prompt/completion are two shapes of the same data; give one"),
     *both("exposure-canaries-on-a-classifier", exposure_canaries_on_a_classifier, r"audit\.exposure plants secrets for a language model .*Remove audit\.exposure"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
 ]  # fmt: skip

@@ -150,7 +150,7 @@ def test_generation_recipes_refuse_what_does_not_apply(tiny_gpt2_lm: Path, tmp_p
     cases = {
         "unfreeze_top_k >= 1": {"method": {"name": "freeze"}},
         "macro_f1 is a classifier's": {"train": {**base["train"], "select_metric": "macro_f1"}},
-        "canary-exposure audit is not built yet": {"audit": {"canaries": 8}},
+        "Secret-Sharer canaries of audit.exposure": {"audit": {"canaries": 8}},
         "a language model has no classes": {"data": {**base["data"], "labels": ["a", "b"]}},
     }
     for message, change in cases.items():
@@ -519,7 +519,9 @@ def test_the_space_generates_through_gradio_client_and_in_a_browser(audited_lm_r
     model = AutoPeftModelForCausalLM.from_pretrained(result.run_dir / "adapter").eval()
     tok = transformers.AutoTokenizer.from_pretrained(result.run_dir / "adapter")
     prompt = "the movie was"
-    batch = tok(prompt, return_tensors="pt")
+    ids = torch.tensor([tg.prompt_ids(tok, prompt, chat=False)])  # [bos] prompt, as in training
+    assert ids[0, 0] == tok.bos_token_id
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         out = model.generate(
             **batch, max_new_tokens=40, do_sample=False, pad_token_id=tok.eos_token_id

@@ -58,8 +58,9 @@ def make_exposure_canaries(
     """The canaries (one row each) and the training rows that carry them (one per copy).
 
     Args:
-        columns: The run's text columns: ``["text"]``, or ``["prompt", "completion"]`` (then the
-            prefix is the prompt and the secret the completion).
+        columns: The run's text columns: ``["text"]``, ``["prompt", "completion"]`` (then the
+            prefix is the prompt and the secret the completion) or ``["messages"]`` (a user
+            message, the prefix, answered by the assistant with the secret).
     """
     rng = np.random.default_rng([seed, 0x5EC2E7])
     canaries, rows = [], []
@@ -73,6 +74,15 @@ def make_exposure_canaries(
                 row: dict[str, Any] = {"row_id": f"{canary_id}:{copy}"}
                 if columns == ["prompt", "completion"]:
                     row.update(prompt=prefix, completion=" " + secret)
+                elif columns == ["messages"]:
+                    from hubtune.tasks.chat import canonical
+
+                    row["messages"] = canonical(
+                        [
+                            {"role": "user", "content": prefix},
+                            {"role": "assistant", "content": secret},
+                        ]
+                    )
                 else:
                     row["text"] = f"{prefix} {secret}"
                 row.update({c: None for c in sensitive})
@@ -81,20 +91,43 @@ def make_exposure_canaries(
 
 
 def _secret_losses(
-    model: Any, tokenizer: Any, prefix: str, secrets: list[str], *, device: Any, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prefix: str,
+    secrets: list[str],
+    *,
+    device: Any,
+    batch_size: int,
+    chat: bool = False,
 ) -> np.ndarray:
-    """Each secret's log-perplexity after the prefix: the summed loss of its tokens (nats)."""
+    """Each secret's log-perplexity after the prefix: the summed loss of its tokens (nats).
+
+    ``chat``: the prefix is a user message and the secret the assistant's answer, rendered by
+    the tokenizer's chat template as in training (hubtune.tasks.chat)."""
     import torch
     import torch.nn.functional as F
 
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    head = bos + tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    if chat:
+        from hubtune.tasks.chat import generation_prefix
+
+        head = tokenizer(generation_prefix(tokenizer, prefix), add_special_tokens=False)[
+            "input_ids"
+        ]
+    else:
+        head = bos + tokenizer(prefix, add_special_tokens=False)["input_ids"]
     out = np.empty(len(secrets))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(secrets), batch_size):
         chunk = secrets[start : start + batch_size]
-        encoded = tokenizer([f"{prefix} {s}" for s in chunk], add_special_tokens=False)["input_ids"]
-        ids = [bos + list(e) for e in encoded]
+        if chat:  # the answer is its own piece of the rendering, tokenised on its own in training
+            answers = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            ids = [list(head) + list(a) for a in answers]
+        else:
+            encoded = tokenizer([f"{prefix} {s}" for s in chunk], add_special_tokens=False)[
+                "input_ids"
+            ]
+            ids = [bos + list(e) for e in encoded]
         for row in ids:
             if row[: len(head)] != head:  # the prefix must tokenise the same inside the text
                 raise ValueError(
@@ -140,6 +173,7 @@ def measure_exposure(
     device: Any = "cpu",
     batch_size: int = 256,
     ci_level: float = 0.95,
+    chat: bool = False,
 ) -> list[dict[str, Any]]:
     """Each canary's rank among the candidate secrets and its exposure (with an interval).
 
@@ -156,10 +190,12 @@ def measure_exposure(
         rng = np.random.default_rng([seed, 0xE8905])
         candidates = [_secret_text(rng.integers(0, 10, size=digits)) for _ in range(samples)]
     scores = _secret_losses(
-        model, tokenizer, prefix, candidates, device=device, batch_size=batch_size
+        model, tokenizer, prefix, candidates, device=device, batch_size=batch_size, chat=chat
     )
     secrets = canaries["secret"].tolist()
-    own = _secret_losses(model, tokenizer, prefix, secrets, device=device, batch_size=batch_size)
+    own = _secret_losses(
+        model, tokenizer, prefix, secrets, device=device, batch_size=batch_size, chat=chat
+    )
     bits = math.log2(space)
     results = []
     for (_, canary), loss in zip(canaries.iterrows(), own, strict=True):

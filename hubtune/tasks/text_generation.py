@@ -3,9 +3,13 @@
 **Examples.** One row is one example and one privacy unit. A row is either plain text
 (``data.columns.text``: the loss covers every token) or a prompt and its completion
 (``data.columns.prompt`` + ``data.columns.completion``: the loss covers the completion tokens
-only, the prompt is context). Each example is ``[bos] tokens [eos]`` (``bos`` only where the
-tokenizer has one), truncated to ``model.max_length``; a prompt that leaves no room for its
-completion is cut from the left, so the completion keeps at least one token.
+only, the prompt is context) or a chat conversation (``data.columns.messages``: rendered by the
+chat template, the loss covers the assistant's turns; see :mod:`hubtune.tasks.chat`).
+``data.loss_on: all`` puts the prompt (every turn) in the loss too. Each plain or prompt +
+completion example is ``[bos] tokens [eos]`` (``bos`` only where the tokenizer has one; a chat
+template writes its own markers), truncated to ``model.max_length``; a prompt that leaves no
+room for its completion is cut from the left, so the completion keeps at least one token, and a
+conversation too long to keep its first answer is cut from the left likewise.
 
 **No packing.** Examples are never concatenated into shared chunks: each row of a batch is one
 example, padded on the right, with an attention mask, so an example's loss never sees another
@@ -96,18 +100,56 @@ def _special(tokenizer: Any) -> tuple[list[int], list[int]]:
     return bos, eos
 
 
+def _fit(pieces: list[tuple[list[int], bool]], max_length: int) -> tuple[list[int], list[int]]:
+    """A conversation's tokens and labels, cut to ``max_length``: from the right when the first
+    ``max_length`` tokens hold a labelled one, else from the left so the first labelled piece
+    keeps as much of itself (and then of its context) as fits."""
+    ids = [t for tokens, _ in pieces for t in tokens]
+    labels = [t if labelled else IGNORE for tokens, labelled in pieces for t in tokens]
+    if len(ids) <= max_length or any(x != IGNORE for x in labels[:max_length]):
+        return ids[:max_length], labels[:max_length]
+    first = next(i for i, x in enumerate(labels) if x != IGNORE)
+    start = max(0, first - max(1, max_length // 2))
+    return ids[start : start + max_length], labels[start : start + max_length]
+
+
+def _encode_conversations(
+    tokenizer: Any, conversations: list[str], *, max_length: int, loss_on: str
+) -> Examples:
+    from hubtune.tasks.chat import parse_conversation, segments
+
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for raw in conversations:
+        pieces = [
+            (tokenizer(text, add_special_tokens=False)["input_ids"], labelled or loss_on == "all")
+            for text, labelled in segments(tokenizer, parse_conversation(raw))
+        ]
+        row, target = _fit(pieces, max_length)
+        ids.append(row)
+        labels.append(target)
+    return Examples(ids, labels)
+
+
 def encode(
     tokenizer: Any,
     *,
     texts: list[str] | None = None,
     prompts: list[str] | None = None,
     completions: list[str] | None = None,
+    conversations: list[str] | None = None,
     max_length: int,
+    loss_on: str = "completion",
 ) -> Examples:
-    """Tokenise plain texts, or prompts with their completions (see the module docstring)."""
+    """Tokenise plain texts, prompts with their completions, or chat conversations (see the
+    module docstring). ``loss_on: all`` puts the prompt (the non-assistant turns) in the loss too."""
     bos, eos = _special(tokenizer)
     ids: list[list[int]] = []
     labels: list[list[int]] = []
+    if conversations is not None:
+        return _encode_conversations(
+            tokenizer, conversations, max_length=max_length, loss_on=loss_on
+        )
     if texts is not None:
         for tokens in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             row = (bos + list(tokens) + eos)[:max_length]
@@ -123,17 +165,26 @@ def encode(
         if bos and context[0] != bos[0]:  # cut from the left: keep the start marker
             context = bos + context[len(bos) :]
         ids.append(context + target)
-        labels.append([IGNORE] * len(context) + target)
+        prompt_labels = [IGNORE] * len(context) if loss_on == "completion" else context
+        labels.append(prompt_labels + target)
     return Examples(ids, labels)
 
 
 def _encode_split(tokenizer: Any, frame: Any, recipe: Any, *, train: bool) -> Examples:
+    if "messages" in frame:
+        return encode(
+            tokenizer,
+            conversations=frame["messages"].tolist(),
+            max_length=recipe.model.max_length,
+            loss_on=recipe.data.loss_on,
+        )
     if "prompt" in frame:
         return encode(
             tokenizer,
             prompts=frame["prompt"].tolist(),
             completions=frame["completion"].tolist(),
             max_length=recipe.model.max_length,
+            loss_on=recipe.data.loss_on,
         )
     return encode(tokenizer, texts=frame["text"].tolist(), max_length=recipe.model.max_length)
 
@@ -167,11 +218,16 @@ def collator(tokenizer: Any) -> Any:
 def _cache_inputs(frame: Any, recipe: Any, processor: Any = None) -> dict[str, Any]:
     import pandas as pd
 
-    columns = [c for c in ("text", "prompt", "completion") if c in frame]
+    columns = [c for c in ("text", "prompt", "completion", "messages") if c in frame]
     texts = hashlib.sha256(
         pd.util.hash_pandas_object(frame[columns], index=False).to_numpy().tobytes()
     )
-    return {"texts": texts.hexdigest(), "max_length": recipe.model.max_length}
+    return {
+        "texts": texts.hexdigest(),
+        "max_length": recipe.model.max_length,
+        "loss_on": recipe.data.loss_on,
+        "chat_template": recipe.model.chat_template,
+    }
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +366,20 @@ SAMPLE_PROMPTS = ("The", "I think that", "In my opinion,", "My account number is
 SAMPLE_NEW_TOKENS = 30
 
 
+def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
+    """The token ids a prompt is continued from, as in training: ``[bos] prompt`` for plain text
+    and prompt + completion data, the chat template's rendering of one user message (with the
+    generation prompt) for chat data."""
+    if chat:
+        from hubtune.tasks.chat import generation_prefix
+
+        return list(
+            tokenizer(generation_prefix(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        )
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 def generate_samples(
     model: Any,
     tokenizer: Any,
@@ -317,18 +387,17 @@ def generate_samples(
     *,
     device: Any,
     max_new_tokens: int = SAMPLE_NEW_TOKENS,
+    chat: bool = False,
 ) -> list[dict[str, str]]:
-    """Greedy continuations of ``prompts`` (``{"prompt", "continuation"}``), one at a time."""
+    """Greedy continuations of ``prompts`` (``{"prompt", "continuation"}``), one at a time;
+    ``chat``: each prompt is a user message, and the continuation the assistant's answer."""
     import torch
 
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
     out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for prompt in prompts:
-        ids = torch.tensor(
-            [bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device
-        )
+        ids = torch.tensor([prompt_ids(tokenizer, prompt, chat=chat)], device=device)
         with torch.no_grad():
             generated = model.generate(
                 input_ids=ids,
