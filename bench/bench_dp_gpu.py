@@ -14,6 +14,11 @@ Run on a GPU machine (one call, a few minutes):
     python bench/bench_dp_gpu.py --methods lora --batch 128 --physical 192 --out bench/results/dp_gpu_b128
 Smoke test anywhere (tiny models, CPU ok):
     python bench/bench_dp_gpu.py --smoke --out /tmp/dp_gpu_smoke
+Causal language models (``gpt2-lm``: GPT-2 small, tied embeddings; ``llama-125m``: a
+LLaMA-style ~125M config), next-token loss per sequence (hubtune's text-generation loss), with
+``--seq 256``:
+    python bench/bench_dp_gpu.py --models gpt2-lm,llama-125m --methods lora --seq 256 \
+        --batch 64 --physical 72 --out bench/results/dp_gpu_lm
 Fixed per-step cost (real depth, width 16; CPU):
     python bench/bench_dp_gpu.py --overhead --models bert-base --methods lora --steps 60 \
         --physical 48 --out bench/results/dp_overhead_cpu_p48
@@ -56,6 +61,46 @@ VARIANTS: dict[str, tuple[str | None, str | None]] = {  # label: (grad_sample_mo
 }
 
 
+# Causal language models: the loss is hubtune's text-generation loss (each sequence's mean
+# token loss), the labels the input ids.
+LM_MODELS = ("gpt2-lm", "llama-125m")
+
+
+def is_lm(name: str) -> bool:
+    return name in LM_MODELS
+
+
+def lm_config(name: str, size: str) -> Any:
+    """GPT-2 small (124M, Conv1D, tied embeddings) or a LLaMA-style ~125M config (RMSNorm,
+    rotary embeddings, SwiGLU, untied head); ``smoke``/``overhead``: same depth rules as the
+    classifiers."""
+    from transformers import GPT2Config, LlamaConfig
+
+    tiny = size in ("smoke", "overhead")
+    width = 64 if size == "smoke" else 16
+    depth = 2 if size == "smoke" else 12
+    if name == "gpt2-lm":
+        if tiny:
+            return GPT2Config(n_embd=width, n_layer=depth, n_head=2, vocab_size=1000,
+                              n_positions=512, pad_token_id=0)  # fmt: skip
+        return GPT2Config(pad_token_id=50256)
+    if tiny:
+        return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth,
+                           num_attention_heads=2, num_key_value_heads=2, vocab_size=1000,
+                           max_position_embeddings=512, pad_token_id=0)  # fmt: skip
+    return LlamaConfig(  # ~125M: 12 x 768, SwiGLU 2048, 32k vocabulary, untied
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
 def model_config(name: str, size: str) -> Any:
     """The model's config: ``real`` sizes, ``smoke`` (2 tiny layers) or ``overhead``.
 
@@ -66,6 +111,8 @@ def model_config(name: str, size: str) -> Any:
     """
     from transformers import BertConfig, GPT2Config, RobertaConfig
 
+    if is_lm(name):
+        return lm_config(name, size)
     if size in ("smoke", "overhead"):
         width = 64 if size == "smoke" else 16
         depth = (
@@ -108,7 +155,7 @@ def model_config(name: str, size: str) -> Any:
 
 
 def build(name: str, method: str, size: str, device: torch.device) -> Any:
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from hubtune.methods import apply_method
     from hubtune.recipe import FullMethod, LoraMethod
@@ -116,19 +163,21 @@ def build(name: str, method: str, size: str, device: torch.device) -> Any:
     torch.manual_seed(0)
     config = model_config(name, size)
     config.hidden_dropout_prob = getattr(config, "hidden_dropout_prob", 0.1)
-    model = AutoModelForSequenceClassification.from_config(config)
+    auto: Any = AutoModelForCausalLM if is_lm(name) else AutoModelForSequenceClassification
+    model = auto.from_config(config)
     spec = LoraMethod(name="lora", r=8) if method == "lora" else FullMethod(name="full")
     plan = apply_method(model, spec, lr=1e-4 if method == "lora" else 2e-5)
     return plan, config
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Random token ids; fixed length, so every mode sees the same work per example."""
+    """Random token ids; fixed length, so every mode sees the same work per example. ``lm``:
+    the labels are the ids themselves (next-token prediction)."""
 
-    def __init__(self, n: int, vocab: int, seed: int = 0):
+    def __init__(self, n: int, vocab: int, seed: int = 0, lm: bool = False):
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(5, vocab - 1, (n, SEQ), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.labels = self.ids if lm else torch.randint(0, 2, (n,), generator=g)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -141,14 +190,24 @@ class Synthetic(torch.utils.data.Dataset):
         }
 
 
+LM_RUN = False  # set by measure(): the model being timed is a causal LM
+
+
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    if not items:
+    if not items:  # an empty Poisson batch
         return {
             "input_ids": torch.zeros(0, SEQ, dtype=torch.long),
             "attention_mask": torch.zeros(0, SEQ, dtype=torch.long),
-            "labels": torch.zeros(0, dtype=torch.long),
+            "labels": torch.zeros((0, SEQ) if LM_RUN else (0,), dtype=torch.long),
         }
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def lm_criterion() -> Any:
+    """hubtune's text-generation loss (a module with ``reduction``, as ghost clipping needs)."""
+    from hubtune.tasks.text_generation import criterion
+
+    return criterion()
 
 
 def sync(device: torch.device) -> None:
@@ -196,7 +255,12 @@ def clock(device: torch.device) -> float:
 
 
 def run_nondp(
-    plan: Any, dataset: Synthetic, device: torch.device, steps: int, warmup: int
+    plan: Any,
+    dataset: Synthetic,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    criterion: Any = None,
 ) -> tuple[float, int, int]:
     model = plan.model.to(device).train()
     optimizer = torch.optim.AdamW(plan.param_groups)
@@ -209,7 +273,7 @@ def run_nondp(
         if i == warmup:
             start = clock(device)
         batch = next(it)
-        train_step(model, optimizer, batch, device)
+        train_step(model, optimizer, batch, device, criterion)
         if i >= warmup:
             seen += len(batch["labels"])
     return seen / (clock(device) - start), seen, steps
@@ -223,14 +287,16 @@ def run_dp(
     warmup: int,
     mode: str,
     path: str,
+    lm_loss: Any = None,
 ) -> tuple[float, int, int]:
-    """DP through hubtune (path='hubtune') or a plain Opacus loop (path='opacus')."""
+    """DP through hubtune (path='hubtune') or a plain Opacus loop (path='opacus').
+    ``lm_loss``: a causal LM's loss module (else cross-entropy on class labels)."""
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     optimizer = torch.optim.AdamW(plan.param_groups)
     if path == "hubtune":
-        return _run_hubtune(plan, optimizer, dataset, device, steps, warmup, mode)
+        return _run_hubtune(plan, optimizer, dataset, device, steps, warmup, mode, lm_loss)
     engine = PrivacyEngine(accountant="prv")
     base = torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate)
     out = engine.make_private(
@@ -241,12 +307,12 @@ def run_dp(
         max_grad_norm=1.0,
         poisson_sampling=True,
         grad_sample_mode=mode,
-        criterion=torch.nn.CrossEntropyLoss(),
+        criterion=lm_loss if lm_loss is not None else torch.nn.CrossEntropyLoss(),
     )
     if mode == "ghost":
         model, dp_optimizer, criterion, loader = out
     else:
-        (model, dp_optimizer, loader), criterion = out, None
+        (model, dp_optimizer, loader), criterion = out, lm_loss
     model.train()
     logical, seen, start, physical = 0, 0, 0.0, 0
     with BatchMemoryManager(
@@ -274,6 +340,7 @@ def _run_hubtune(
     steps: int,
     warmup: int,
     mode: str,
+    lm_loss: Any = None,
 ) -> tuple[float, int, int]:
     """Time hubtune's DP setup and its own epoch loop (``hubtune.privacy.loop.dp_epoch``), as ``hubtune run``.
 
@@ -304,6 +371,7 @@ def _run_hubtune(
         epochs=1,
         num_processes=1,
         device=device,
+        **({"criterion": lm_loss, "loss_fn": lm_loss} if lm_loss is not None else {}),
     )
     needs_position_ids = forward_takes_position_ids(plan.model)  # the model, not Opacus' wrapper
     os.environ.setdefault("HUBTUNE_PROGRESS", "0")
@@ -325,6 +393,7 @@ def _run_hubtune(
             step=run.steps_taken,
             initial=initial,
             needs_position_ids=needs_position_ids,
+            loss_fn=lm_loss,
         )
         return seen, sizes
 
@@ -358,14 +427,17 @@ def measure(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
+    global LM_RUN
+    LM_RUN = is_lm(name)
     plan, config = build(name, method, size, device)
-    dataset = Synthetic(BATCH * 200, config.vocab_size)
+    dataset = Synthetic(BATCH * 200, config.vocab_size, lm=LM_RUN)
+    lm_loss = lm_criterion() if LM_RUN else None
     try:
         if mode is None:
-            rate, seen, passes = run_nondp(plan, dataset, device, steps, warmup)
+            rate, seen, passes = run_nondp(plan, dataset, device, steps, warmup, lm_loss)
         else:
             rate, seen, passes = run_dp(
-                plan, dataset, device, steps, warmup, mode, path or "hubtune"
+                plan, dataset, device, steps, warmup, mode, path or "hubtune", lm_loss
             )
         error = None
     except Exception as exc:  # report, keep measuring the others
@@ -431,7 +503,12 @@ def main() -> None:
         help="time each variant this many times, round-robin; rows give the median and range",
     )
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--models", default="bert-base,roberta-large,gpt2")
+    parser.add_argument(
+        "--models",
+        default="bert-base,roberta-large,gpt2",
+        help="classifiers: bert-base, roberta-large, gpt2; causal LMs: " + ", ".join(LM_MODELS),
+    )
+    parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (tokens)")
     parser.add_argument("--methods", default="lora,full", help="lora and/or full")
     parser.add_argument(
         "--batch",
@@ -459,8 +536,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     size = "smoke" if args.smoke else "overhead" if args.overhead else "real"
-    if args.overhead:
-        SEQ = 16
+    SEQ = 16 if args.overhead else args.seq
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
     set_say_tag("bench-dp-gpu")
     machine: dict[str, Any] = {

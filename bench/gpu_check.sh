@@ -4,8 +4,9 @@
 #
 #     run(command="bash bench/gpu_check.sh", timeout_s=600)
 #
-# Results land in $OUT (the device tool brings them back; at most 8 files) or, without $OUT,
-# in bench/results/. Copy the .md/.json pairs into bench/results/ and commit them.
+# Results land in $OUT (the device tool brings back at most 8 files, so with $OUT set they are
+# also packed into one $OUT/gpu_check.tar: `tar -xf gpu_check.tar -C bench/results`) or,
+# without $OUT, in bench/results/. Commit the .md/.json pairs in bench/results/.
 #
 # What it measures (bench/bench_dp_gpu.py; bf16 autocast, sequence 128):
 #   dp_gpu_lora_b512   LoRA, expected Poisson batch 512, the batch sizes DP-SGD trains with,
@@ -15,6 +16,10 @@
 #   dp_gpu_lora_rl256  the same for RoBERTa-large at batch 256 (cap 282), which fits in 78 GiB.
 #   dp_gpu_b32         batch 32 (cap 48), LoRA and full fine-tuning, all three models: the
 #                      small-batch regime, where the fixed per-step cost dominates.
+#   dp_gpu_lm          causal language models (issue 16): GPT-2 small (tied embeddings) and a
+#                      LLaMA-style ~125M config, sequence 256, LoRA, expected batch 64 (cap
+#                      72), hubtune's per-sequence loss: non-DP vs DP-LoRA hooks / ghost vs a
+#                      plain Opacus loop, samples/s and peak memory.
 # Before them, a CUDA run of the DP correctness tests (per-example gradients, steps, ledger).
 # Each part has its own time limit; the benchmark rewrites its result files after every run,
 # so a part cut off by its limit still leaves the rows it measured.
@@ -40,7 +45,7 @@ py=${PYTHON:-python}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
     "$py" -c "import torch, transformers, peft, opacus; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); print('transformers', transformers.__version__, 'peft', peft.__version__, 'opacus', opacus.__version__)"
     if [[ ${#smoke[@]} == 0 ]]; then
-        HUBTUNE_PROGRESS=0 timeout 120 "$py" -m pytest -q -p no:cacheprovider \
+        HUBTUNE_PROGRESS=0 timeout 90 "$py" -m pytest -q -p no:cacheprovider \
             tests/test_privacy_grads.py tests/test_privacy.py -m "not slow" -k "not kill_9 and not two_processes" 2>&1 | tail -5
     fi
 } >"$out/gpu_check_env.txt" 2>&1 || status=1
@@ -60,8 +65,14 @@ bench() {
 
 bench dp_gpu_lora_b512 120 --models bert-base,gpt2 --methods lora --batch 512 --physical 563 \
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
-bench dp_gpu_lora_rl256 100 --models roberta-large --methods lora --batch 256 --physical 282 \
+bench dp_gpu_lora_rl256 80 --models roberta-large --methods lora --batch 256 --physical 282 \
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
-bench dp_gpu_b32 210 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
+bench dp_gpu_b32 150 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
     --physical 48 --steps 30 --warmup 5
+bench dp_gpu_lm 120 --models gpt2-lm,llama-125m --methods lora --seq 256 --batch 64 \
+    --physical 72 --steps 15 --warmup 3 --variants "DP hooks,DP ghost,plain Opacus hooks"
+if [[ -n ${OUT:-} ]]; then  # one file back, whatever the number of parts
+    (cd "$out" && tar -cf gpu_check.tar --exclude gpu_check.tar ./*.md ./*.json gpu_check_env.txt \
+        && find . -maxdepth 1 -type f ! -name gpu_check.tar -delete)
+fi
 exit $status
