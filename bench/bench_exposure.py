@@ -155,7 +155,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 if payload.get("overrides")
                 else ""
             )
-            + ". Exposure in bits: {top:.1f} means the secret is ranked "
+            + f". Exposure in bits: {top:.1f} means the secret is ranked "
             "first among all candidates; about 1.44 is what a secret the model never saw gets. "
             "'DP allows' is the exposure the run's (ε, δ)-DP guarantee allows that many copies with "
             "95% probability (group privacy; hubtune.audit.exposure)."
