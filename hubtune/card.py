@@ -33,6 +33,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hubtune.audit.policy import PUBLISHABLE
 from hubtune.audit.public import not_covered_by_dp
+from hubtune.audit.report import anonymization_context
 from hubtune.hub import upstream_copy
 from hubtune.io import atomic_write_text
 from hubtune.privacy import guarantee_is_void
@@ -900,6 +901,7 @@ def build_card(
         },
         "tied_embeddings": method.get("tied_embeddings"),
         "exposure_canaries": data.exposure_canaries,
+        "anonymization": anonymization_context(data.anonymization),
         "baseline": {
             "label": _md(run_info.majority_baseline.get("label", "")),
             "accuracy": _num(run_info.majority_baseline.get("accuracy"), 4),

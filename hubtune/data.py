@@ -89,6 +89,31 @@ class PreparedData:
     # Language models: the Secret-Sharer canaries (canary_id, repetitions, secret), whose copies
     # are also in ``splits["train"]``. None without them.
     exposure_canaries: pd.DataFrame | None = None
+    # data.anonymize: what was found and scrubbed, and what a second scan still finds (see
+    # anonymize_splits); None without it. ``scrubber`` scrubs rows added later (canaries).
+    anonymization: dict[str, Any] | None = None
+    scrubber: Any = None
+
+    def scrub_added(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Rows added after loading (audit canaries) through the same scrubber as the data, so
+        scrubbing acts on them as on the user's rows; counted in ``anonymization``."""
+        if self.scrubber is None or self.anonymization is None:
+            return frame
+        frame = frame.copy()
+        original = frame[self.text_columns].copy()
+        gone = pd.Series(False, index=frame.index)
+        for column in self.text_columns:
+            texts = _texts_of(frame, column)
+            gone |= pd.Series(
+                _put_texts(frame, column, self.scrubber.scrub(texts)), index=frame.index
+            )
+        changed = int((frame[self.text_columns] != original).any(axis=1).sum())
+        self.anonymization["canary_rows"] = {
+            "rows": len(frame),
+            "changed": changed - int(gone.sum()),
+            "dropped": int(gone.sum()),
+        }
+        return frame[~gone]
 
     @property
     def rows_kept(self) -> dict[str, int]:
@@ -116,6 +141,7 @@ class PreparedData:
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
             "dropped": self.dropped,
+            "anonymization": self.anonymization,
             "label_counts": {
                 name: {
                     self.label_names[k]: int(v) for k, v in sorted(Counter(frame["label"]).items())
@@ -295,6 +321,148 @@ def _conversations(values: pd.Series, split: str) -> pd.Series:
                 "messages (or its JSON text) with at least one assistant message."
             ) from None
     return pd.Series(out, index=values.index, dtype=object, name=values.name)
+
+
+def _texts_of(frame: pd.DataFrame, column: str) -> list[str]:
+    """The scrubbable texts of a column: the cells, or every message's content (messages)."""
+    if column != "messages":
+        return frame[column].astype(str).tolist()
+    return [m["content"] for cell in frame[column] for m in json.loads(cell)]
+
+
+def _put_texts(frame: pd.DataFrame, column: str, texts: list[str | None]) -> list[bool]:
+    """Write scrubbed texts back (in ``_texts_of``'s order); which rows lost a value (drop)."""
+    if column != "messages":
+        frame[column] = [t if t is not None else "" for t in texts]
+        return [t is None for t in texts]
+    from hubtune.tasks.chat import canonical
+
+    cells, gone, at = [], [], 0
+    for cell in frame[column]:
+        messages = json.loads(cell)
+        lost = False
+        for message in messages:
+            new = texts[at]
+            at += 1
+            lost |= new is None
+            message["content"] = new if new is not None else ""
+        cells.append(canonical(messages))
+        gone.append(lost)
+    frame[column] = cells
+    return gone
+
+
+def _per_text(frame: pd.DataFrame, column: str, per_row: list[bool]) -> list[bool]:
+    """A per-row flag repeated for each of the row's texts (messages: one per message)."""
+    if column != "messages":
+        return per_row
+    return [
+        flag for cell, flag in zip(frame[column], per_row, strict=True) for _ in json.loads(cell)
+    ]
+
+
+def anonymize_splits(
+    clean: dict[str, pd.DataFrame],
+    section: Any,
+    columns: list[str],
+    *,
+    seed: int,
+    dropped: dict[str, dict[str, int]],
+) -> tuple[dict[str, Any], Any]:
+    """Scrub ``columns`` of every split in place (``data.anonymize``; hubtune.pii), then scan the
+    scrubbed text again. Returns the run.json record and the scrubber (for rows added later).
+
+    The record: the settings and the detector (NER model, or why names are not detected);
+    ``before``: values found per entity and rows with any; ``rows_changed`` / ``rows_dropped``;
+    ``after``: what a second scan of the scrubbed rows still finds (leaving out hubtune's own
+    tags, masks and synthetic values) and ``residual_rate``, the share of rows with any.
+    """
+    import time
+
+    from hubtune.pii import Detector, Scrubber, scan_texts
+
+    start = time.perf_counter()
+    detector = Detector(section.entities, patterns=section.patterns, min_score=section.min_score)
+    scrubber = Scrubber(
+        detector,
+        action=section.action,
+        replace_with=section.replace_with,
+        consistent=section.consistent,
+        seed=seed,
+    )
+    before: list[dict[str, Any]] = []
+    after: list[dict[str, Any]] = []
+    changed = dropped_rows = 0
+    for name, frame in clean.items():
+        frame = frame.copy()
+        texts = {c: _texts_of(frame, c) for c in columns}
+        spans = {c: detector.detect(t) for c, t in texts.items()}
+        before.append(scan_texts(detector, texts, examples=0, spans=spans))
+        gone = pd.Series(False, index=frame.index)
+        original = frame[columns].copy()
+        residual: dict[str, list[list[Any]]] = {}
+        for column in columns:
+            scrubbed = scrubber.scrub(texts[column], spans[column])
+            regions = scrubber.regions
+            gone |= pd.Series(_put_texts(frame, column, scrubbed), index=frame.index)
+            residual[column] = scrubber.residual(scrubbed, regions)
+        changed += int((frame[columns] != original).any(axis=1).sum())
+        if gone.any():
+            dropped.setdefault(name, {})["personal data (data.anonymize: drop_row)"] = int(
+                gone.sum()
+            )
+            dropped_rows += int(gone.sum())
+            keep = [not g for g in _per_text(frame, columns[0], gone.tolist())]
+            residual = {
+                c: [r for r, k in zip(v, keep, strict=True) if k] for c, v in residual.items()
+            }
+            frame = frame[~gone]
+        kept = {c: _texts_of(frame, c) for c in columns}
+        after.append(scan_texts(detector, kept, examples=0, spans=residual))
+        clean[name] = frame
+    rows_after = sum(a["rows"] for a in after)
+    residual_rows = sum(a["rows_affected"] for a in after)
+    record = {
+        **scrubber.settings(),
+        "not_detected": detector.undetectable(),
+        "before": _sum_scans(before),
+        "rows_changed": changed - dropped_rows,
+        "rows_dropped": dropped_rows,
+        "after": _sum_scans(after),
+        "residual_rows": residual_rows,
+        "residual_rate": residual_rows / rows_after if rows_after else 0.0,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    logger.info(
+        "data.anonymize: %d values in %d rows found, %d rows changed, %d dropped; residual rate %.4f",
+        sum(e["count"] or 0 for e in record["before"]["entities"].values()),
+        record["before"]["rows_affected"],
+        record["rows_changed"],
+        dropped_rows,
+        record["residual_rate"],
+    )
+    return record, scrubber
+
+
+def _sum_scans(scans: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several splits' (or columns') scans as one: counts add up; None stays None."""
+    rows = sum(s["rows"] for s in scans)
+    affected = sum(s["rows_affected"] for s in scans)
+    entities: dict[str, dict[str, Any]] = {}
+    for scan in scans:
+        for entity, entry in scan["entities"].items():
+            total = entities.setdefault(entity, {"count": 0, "rows": 0})
+            if entry["count"] is None:
+                total.update(count=None, rows=None)
+            elif total["count"] is not None:
+                total["count"] += entry["count"]
+                total["rows"] += entry["rows"]
+    return {
+        "rows": rows,
+        "rows_affected": affected,
+        "share_affected": affected / rows if rows else 0.0,
+        "entities": entities,
+    }
 
 
 def _check_utf8(path: Path) -> None:
@@ -898,6 +1066,13 @@ def load_data(
             logger.warning("data: dropped %d %s rows: %s", count, wanted, reason)
         clean[wanted] = out
 
+    anonymization, scrubber = None, None
+    if section.anonymize is not None and section.anonymize.enabled:
+        if images:
+            raise DataError("data.anonymize scrubs text; remove it for images")
+        anonymization, scrubber = anonymize_splits(
+            clean, section.anonymize, [ours for _, ours in text_inputs], seed=seed, dropped=dropped
+        )
     train = clean["train"]
     if "test" not in clean:
         train, clean["test"] = _carve(train, section.split.test, seed, section.split.stratify)
@@ -933,6 +1108,8 @@ def load_data(
         dropped=dropped,
         source=_source_info(section),
         source_splits=dict(chosen),
+        anonymization=anonymization,
+        scrubber=scrubber,
     )
     # The fingerprint identifies the user's data, so it is taken before canaries go in.
     prepared.fingerprint = _fingerprint(

@@ -29,6 +29,8 @@ from hubtune.methods import METHODS, default_lr
 from hubtune.methods.freeze import FreezeMethod
 from hubtune.methods.full import FullMethod
 from hubtune.methods.lora import LoraMethod
+from hubtune.pii import ENTITIES as PII_ENTITIES
+from hubtune.pii import check_patterns as check_pii_patterns
 from hubtune.schema import StrictModel
 from hubtune.tasks import TASKS
 
@@ -256,6 +258,55 @@ class AugmentSection(_Strict):
         )
 
 
+class AnonymizeSection(_Strict):
+    """Detect personal data in the text inputs and scrub it before splitting, caching and
+    training (hubtune.pii: Presidio with a spaCy English model, plus hubtune's recognisers)."""
+
+    enabled: bool = True
+    entities: list[str] = Field(
+        default_factory=lambda: list(PII_ENTITIES),
+        description="What to scrub: " + ", ".join(PII_ENTITIES) + ", and the names of `patterns`.",
+    )
+    action: Literal["mask", "replace", "drop_row"] = Field(
+        "replace",
+        description="mask: every character of a value becomes *; replace: see replace_with; "
+        "drop_row: rows with any detected value are left out.",
+    )
+    replace_with: Literal["type_tag", "synthetic"] = Field(
+        "type_tag",
+        description="For action: replace. type_tag: <PERSON>, <EMAIL>, ...; synthetic: a realistic "
+        "fake value (Faker, seeded by the run).",
+    )
+    consistent: bool = Field(
+        True,
+        description="synthetic: the same original value gets the same fake value throughout the "
+        "run (the mapping is kept in memory only, never written).",
+    )
+    min_score: float = Field(
+        0.4, ge=0.0, le=1.0, description="Detections scoring below it are left in the text."
+    )
+    patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Your own regular expressions, name -> regex (e.g. employee_id: 'E[0-9]{6}'); "
+        "add their names to `entities` (they are added by default).",
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> AnonymizeSection:
+        check_pii_patterns(self.patterns)
+        if "entities" not in self.model_fields_set:
+            self.entities = [*self.entities, *(n for n in self.patterns if n not in self.entities)]
+        unknown = sorted(set(self.entities) - set(PII_ENTITIES) - set(self.patterns))
+        if unknown:
+            raise ValueError(
+                f"entities {unknown} are unknown; known: {', '.join(PII_ENTITIES)}, and the names "
+                "of data.anonymize.patterns"
+            )
+        if not self.entities:
+            raise ValueError("entities is empty: name what to scrub, or set enabled: false")
+        return self
+
+
 class DataSection(_Strict):
     """Where the labelled examples come from and how to read them."""
 
@@ -285,6 +336,12 @@ class DataSection(_Strict):
     )
     augment: AugmentSection | None = Field(
         None, description="Train-only image augmentations (task: image-classification)."
+    )
+    anonymize: AnonymizeSection | None = Field(
+        None,
+        description="Scrub personal data (names, e-mails, phones, cards, IBANs, IPs, URLs, places, "
+        "dates of birth, handles, your regexes) from the text before splitting and training; "
+        "counts before/after go to run.json, the audit and the card.",
     )
     loss_on: Literal["completion", "all"] = Field(
         "completion",
@@ -598,6 +655,11 @@ class Recipe(_Strict):
         images = TASKS[self.model.task].input_kind == "image"
         if images and self.data.columns.text_pair:
             raise ValueError(f"data.columns.text_pair is for text; remove it for {self.model.task}")
+        if images and self.data.anonymize is not None and self.data.anonymize.enabled:
+            raise ValueError(
+                f"data.anonymize scrubs personal data from text; {self.model.task} has none to scrub. "
+                "Remove it."
+            )
         if self.data.augment is not None and self.data.augment.active and not images:
             raise ValueError(f"data.augment is for images, not model.task: {self.model.task}")
         if self.train.group_by_length and images:

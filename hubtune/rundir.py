@@ -344,6 +344,7 @@ class DataRecord(_Record):
     label_counts: dict[str, Any] = Field(default_factory=dict)
     canaries: dict[str, Any] | None = None
     exposure_canaries: dict[str, Any] | None = None  # language models (audit.exposure)
+    anonymization: dict[str, Any] | None = None  # data.anonymize (data.anonymize_splits)
 
 
 class AuditSummary(_Record):

@@ -243,6 +243,7 @@ def _load(run: _Run) -> _Loaded:
             columns=data.text_columns,
             sensitive=data.sensitive_columns,
         )
+        rows = data.scrub_added(rows)  # data.anonymize acts on the canaries as on the data
         data.splits["train"] = pd.concat([data.splits["train"], rows], ignore_index=True)
     if run.main:
         logger.info(

@@ -93,6 +93,13 @@ class Thresholds(_Strict):
         True,
         description="Fail when the membership attack is significantly stronger than the run's (ε, δ) allows.",
     )
+    max_residual_pii_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Ceiling on the share of training rows in which a second scan of the scrubbed "
+        "text still finds personal data (data.anonymize); a run without data.anonymize fails it.",
+    )
     require_fairness_check: bool = Field(
         False,
         description="Fail when no fairness limit applies to the run (no sensitive column declared, or no limit set for them); otherwise such an audit is 'not applicable', never 'pass'.",

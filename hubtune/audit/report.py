@@ -378,6 +378,47 @@ def _beats_cell(level: dict[str, Any]) -> str:
     return "YES: guarantee broken" if beats else "no"
 
 
+def anonymization_context(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """data.anonymize for the report: how, by what, and per entity the values found before and
+    still found after scrubbing ("not detected" where the detector could not look)."""
+    if record is None:
+        return None
+    before, after = record["before"], record["after"]
+
+    def count(entry: dict[str, Any] | None) -> str:
+        if entry is None:
+            return "-"
+        return "not detected" if entry.get("count") is None else f"{entry['count']:,}"
+
+    how = {
+        "mask": "masked (every character replaced by *)",
+        "drop_row": "rows with any detected value dropped",
+    }.get(record["action"]) or (
+        "replaced by a type tag (<PERSON>, <EMAIL>, ...)"
+        if record["replace_with"] == "type_tag"
+        else "replaced by realistic synthetic values"
+        + (" (the same original, the same fake)" if record.get("consistent") else "")
+    )
+    ner = record.get("ner") or {}
+    return {
+        "how": how,
+        "ner": ner.get("model") if ner.get("available") else None,
+        "ner_problem": None if ner.get("available") else ner.get("problem"),
+        "min_score": record.get("min_score"),
+        "rows": before["rows"],
+        "rows_affected": before["rows_affected"],
+        "rows_changed": record["rows_changed"],
+        "rows_dropped": record["rows_dropped"],
+        "residual_rows": record["residual_rows"],
+        "residual_rate": f"{100 * record['residual_rate']:.2f}%",
+        "not_detected": record.get("not_detected") or [],
+        "entities": [
+            {"entity": e, "before": count(entry), "after": count(after["entities"].get(e))}
+            for e, entry in before["entities"].items()
+        ],
+    }
+
+
 def _context(audit: dict[str, Any]) -> dict[str, Any]:
     """Everything both report templates show, from audit.json, formatted.
 
@@ -580,6 +621,7 @@ def _context(audit: dict[str, Any]) -> dict[str, Any]:
         "mia_skipped": membership.get("skipped"),
         "canaries": canaries,
         "exposure": audit.get("exposure"),
+        "anonymization": anonymization_context(audit.get("anonymization")),
         "extraction": audit.get("extraction"),
         "stereotypes": audit.get("stereotypes"),
         "comparison": comparison,

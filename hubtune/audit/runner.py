@@ -144,6 +144,7 @@ def _verdict(
     privacy: dict[str, Any] | None = None,
     exposure: dict[str, Any] | None = None,
     stereotypes: dict[str, Any] | None = None,
+    anonymization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Judge every check the policy sets: pass, fail, not evaluable or not informative.
 
@@ -274,6 +275,8 @@ def _verdict(
                     scope=f"class = {entry['label']}",
                 )
             )
+    if t.max_residual_pii_rate is not None:
+        checks.append(_residual_pii_check(policy, anonymization))
     if exposure is not None:
         checks += _exposure_checks(policy, exposure)
     if stereotypes is not None and policy.generation.max_stereotype_increase is not None:
@@ -374,6 +377,48 @@ def _generation_checks(policy: AuditPolicy, slices: list[dict[str, Any]]) -> lis
                     )
                 )
     return checks
+
+
+def _residual_pii_check(
+    policy: AuditPolicy, anonymization: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The share of rows in which a second scan of the scrubbed text still finds personal data;
+    a run that did not scrub fails (nothing measured the rate), and so does one whose detector
+    could not see an entity it was asked to scrub (NER model missing)."""
+    limit = policy.thresholds.max_residual_pii_rate
+    assert limit is not None
+    if anonymization is None:
+        return {
+            "check": "residual personal data",
+            "scope": "training text",
+            "value": None,
+            "ci": None,
+            "judged_on": "run.json",
+            "judged_value": None,
+            "threshold": limit,
+            "rule": f"≤ {limit:.2%} of rows after data.anonymize",
+            "passed": False,
+            "margin": None,
+            "note": "data.anonymize was not enabled, so the training text was neither scrubbed nor "
+            "scanned; enable it in the recipe",
+        }
+    check = _judge(
+        "residual personal data",
+        value=anonymization["residual_rate"],
+        ci=None,
+        threshold=limit,
+        kind="max",
+        policy=policy,
+        scope="training text (every split) after data.anonymize",
+    )
+    blind = anonymization.get("not_detected") or []
+    if blind:
+        check.update(
+            passed=False,
+            note=f"{', '.join(blind)} could not be detected (no NER model), so the rate is not "
+            "measured for them",
+        )
+    return check
 
 
 def _exposure_checks(policy: AuditPolicy, exposure: dict[str, Any]) -> list[dict[str, Any]]:
@@ -605,6 +650,7 @@ def run_audit(
             "other_privacy": _privacy_section(other_dir),
             **compare_fairness(predictions, other, **group_settings),
         }
+    anonymization = (run_info.get("data") or {}).get("anonymization")
     verdict = _verdict(
         loaded,
         fairness,
@@ -613,6 +659,7 @@ def run_audit(
         privacy,
         exposure,
         stereotypes,
+        anonymization,
     )
     audit: dict[str, Any] = {
         "schema_version": AUDIT_SCHEMA_VERSION,
@@ -639,6 +686,7 @@ def run_audit(
         "exposure": exposure,
         "extraction": extraction,
         "stereotypes": stereotypes,
+        "anonymization": anonymization,
         "comparison": comparison,
         "seconds": round(time.perf_counter() - t0, 2),
     }
