@@ -7,6 +7,8 @@ pixels for images; fitted by every run on the same split) and the paired compari
 the kept epoch and the wall time. Configurations:
 
 ``shipped``  the recipe as shipped;
+``scrubbed``, ``scrubbed_synthetic``: the recipe with personal data scrubbed before splitting
+             (``data.anonymize``: type tags, or consistent synthetic values);
 ``freeze``   frozen backbone, head fitted to convergence on cached features (``method.name=freeze``,
              ``unfreeze_top_k=0``, ``head_fit=auto``: L-BFGS);
 ``topk``     the top 2 blocks unfrozen on the prefix cache (``unfreeze_top_k=2``, 3 epochs);
@@ -48,6 +50,9 @@ from benchlib import (
 
 CONFIGS: dict[str, list[str]] = {
     "shipped": [],
+    # The recipe with personal data scrubbed first (data.anonymize; type tags or fake values)
+    "scrubbed": ["data.anonymize={}"],
+    "scrubbed_synthetic": ["data.anonymize={replace_with: synthetic}"],
     # model.pooling=auto: the model's own pooling (mean for MiniLM), whatever the recipe pins
     "freeze": ["method={name: freeze, unfreeze_top_k: 0, head_fit: auto}", "model.pooling=auto"],
     "topk": [

@@ -481,14 +481,25 @@ class ExposureSection(_Strict):
         default_factory=lambda: [1, 4, 16],
         description="How many copies of a canary go into training (each copy its own example).",
     )
+    shape: Literal["digits", "phone", "email"] = Field(
+        "digits",
+        description="What a secret looks like: digits (spaced, 'my account number is 7 3 9 1 5 0'); "
+        "phone ('(212) 739-1502', 7 random digits: set digits: 7); email (`digits` random letters "
+        "@example.com). phone and email are shaped like personal data, so data.anonymize scrubs "
+        "them as it would real values.",
+    )
     digits: int = Field(
         6,
         ge=2,
         le=12,
-        description="Secret length in digits: the candidate space has 10**digits secrets.",
+        description="Secret length: digits (shape digits, phone) or letters (shape email); the "
+        "candidate space has 10**digits (digits), 8*10**6 (phone) or 26**digits (email) secrets.",
     )
     prefix: str = Field(
-        "my account number is", min_length=1, description="The text before the secret."
+        "my account number is",
+        min_length=1,
+        description="The text before the secret (default for phone: 'my phone number is'; email: "
+        "'my email is').",
     )
     samples: int = Field(
         5000,
@@ -506,6 +517,14 @@ class ExposureSection(_Strict):
                 "repetitions: distinct copy counts between 1 and 1000, e.g. [1, 4, 16]"
             )
         return sorted(value)
+
+    @model_validator(mode="after")
+    def _shape_fits(self) -> ExposureSection:
+        if self.shape == "phone" and self.digits != 7:
+            raise ValueError("shape: phone draws 7 random digits ((212) NXX-XXXX); set digits: 7")
+        if "prefix" not in self.model_fields_set and self.shape != "digits":
+            self.prefix = {"phone": "my phone number is", "email": "my email is"}[self.shape]
+        return self
 
 
 class AuditSection(_Strict):

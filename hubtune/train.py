@@ -242,6 +242,7 @@ def _load(run: _Run) -> _Loaded:
             seed=recipe.seed,
             columns=data.text_columns,
             sensitive=data.sensitive_columns,
+            shape=exposure.shape,
         )
         rows = data.scrub_added(rows)  # data.anonymize acts on the canaries as on the data
         data.splits["train"] = pd.concat([data.splits["train"], rows], ignore_index=True)
@@ -850,6 +851,7 @@ def _exposure(run: _Run, loaded: _Loaded) -> dict[str, Any]:
         device=run.accelerator.device,
         batch_size=max(64, run.recipe.train.eval_batch_size),
         chat=loaded.data.text_columns == ["messages"],
+        shape=section.shape,
     )
     logger.info(
         "exposure: %s",
@@ -857,6 +859,7 @@ def _exposure(run: _Run, loaded: _Loaded) -> dict[str, Any]:
     )
     return {
         "digits": section.digits,
+        "shape": section.shape,
         "prefix_words": len(section.prefix.split()),
         "per_canary": per_canary,
     }

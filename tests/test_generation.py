@@ -562,15 +562,15 @@ def test_the_space_generates_through_gradio_client_and_in_a_browser(audited_lm_r
 def test_dp_exposure_bound_is_group_privacy_of_the_copies() -> None:
     from hubtune.audit.exposure import dp_exposure_bound
 
-    one = dp_exposure_bound(epsilon=1.0, delta=1e-5, repetitions=1, digits=12)
+    one = dp_exposure_bound(epsilon=1.0, delta=1e-5, repetitions=1, space=10**12)
     assert one == pytest.approx(1 / math.log(2) + math.log2(1 / (0.05 - 1e-5)))
-    four = dp_exposure_bound(epsilon=1.0, delta=1e-5, repetitions=4, digits=12)
+    four = dp_exposure_bound(epsilon=1.0, delta=1e-5, repetitions=4, space=10**12)
     assert four == pytest.approx(4 / math.log(2) + math.log2(1 / (0.05 - 4 * math.exp(3) * 1e-5)))
     # capped at the most any canary can reach; None when the group's δ is no longer small
-    assert dp_exposure_bound(epsilon=8.0, delta=1e-5, repetitions=1, digits=4) == pytest.approx(
+    assert dp_exposure_bound(epsilon=8.0, delta=1e-5, repetitions=1, space=10**4) == pytest.approx(
         math.log2(1e4)
     )
-    assert dp_exposure_bound(epsilon=8.0, delta=1e-5, repetitions=16, digits=6) is None
+    assert dp_exposure_bound(epsilon=8.0, delta=1e-5, repetitions=16, space=10**6) is None
 
 
 def test_exposure_canaries_are_memorised_by_repetition_and_ranked_exactly(

@@ -285,3 +285,54 @@ def test_scan_command_reports_counts_and_writes_json_and_html(tmp_path: Path) ->
     assert "person         not detected" in blind.output
     missing = CliRunner().invoke(app, ["data", "scan", str(source), "-c", "body"])
     assert missing.exit_code == 2 and "has no column(s) ['body']" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("shape", "length", "space"), [("phone", 7, 8 * 10**6), ("email", 6, 26**6)]
+)
+def test_pii_shaped_canaries_are_what_the_detector_finds(
+    detector: pii.Detector, shape: str, length: int, space: int
+) -> None:
+    from hubtune.audit.exposure import make_exposure_canaries, secret_space
+    from hubtune.recipe import ExposureSection
+
+    section = ExposureSection(shape=shape, digits=length)
+    assert section.prefix == {"phone": "my phone number is", "email": "my email is"}[shape]
+    assert secret_space(shape, length) == space
+    canaries, rows = make_exposure_canaries(
+        per_repetition=5, repetitions=[1], digits=length, prefix=section.prefix, seed=0,
+        columns=["text"], sensitive=[], shape=shape,
+    )  # fmt: skip
+    found = detector.detect(rows["text"].tolist())
+    for text, secret, spans in zip(rows["text"], canaries["secret"], found, strict=True):
+        assert [(s.entity, text[s.start : s.end]) for s in spans] == [(shape, secret)]
+    with pytest.raises(ValueError, match="set digits: 7"):
+        ExposureSection(shape="phone", digits=6)
+
+
+def test_scrubbing_reaches_the_canaries_and_their_exposure_is_still_measured(
+    tiny_gpt2_lm: Path, tmp_path: Path
+) -> None:
+    """With data.anonymize on, e-mail-shaped canaries are scrubbed like real addresses before
+    training, so the audit measures what scrubbing leaves of them (the issue's side by side)."""
+    from hubtune.pipeline import run_recipe
+
+    from .test_generation import lm_recipe, make_lm_frame
+
+    csv = tmp_path / "lm.csv"
+    make_lm_frame(60).to_csv(csv, index=False)
+    spec = lm_recipe(tiny_gpt2_lm, csv, tmp_path / "runs")
+    spec["data"]["anonymize"] = {"entities": ["email"]}
+    spec["audit"] = {
+        "enabled": True,
+        "stereotypes": False,
+        "exposure": {"shape": "email", "digits": 2, "per_repetition": 2, "repetitions": [1, 4]},
+    }
+    result = run_recipe(Recipe.model_validate(spec))
+    record = json.loads((result.run_dir / "run.json").read_text())["data"]["anonymization"]
+    assert record["canary_rows"] == {"rows": 10, "changed": 10, "dropped": 0}
+    exposure = json.loads((result.run_dir / "exposure.json").read_text())
+    assert exposure["shape"] == "email" and len(exposure["per_canary"]) == 4
+    assert all(c["method"] == "exact" for c in exposure["per_canary"])  # 26**2 candidates
+    report = (result.run_dir / "audit" / "report.md").read_text()
+    assert "e-mail addresses, 2 random letters @example.com" in report and "676 possible" in report

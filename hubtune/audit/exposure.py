@@ -2,8 +2,11 @@
 
 **Canaries.** Before training, random secrets of a fixed format ("my account number is
 7 3 9 1 5 0") are put into the training split, some once, some several times (default 1, 4
-and 16 copies, each copy its own example). The secret space ``R`` is every string of
-``digits`` digits, ``|R| = 10**digits``.
+and 16 copies, each copy its own example). The secret space ``R`` is every string of the
+format: ``digits`` spaced digits (``|R| = 10**digits``), or, shaped like personal data so that
+scrubbing (``data.anonymize``) acts on them as on real values, a phone number
+``(212) NXX-XXXX`` (``shape: phone``, ``|R| = 8 * 10**6``) or an e-mail address of ``digits``
+random lower-case letters at example.com (``shape: email``, ``|R| = 26**digits``).
 
 **Exposure.** After training, each canary's secret is ranked among the candidates of ``R`` by
 the model's log-perplexity of the secret after the prefix (the sum of its digits' token
@@ -41,8 +44,57 @@ __all__ = [
 EXACT_LIMIT = 20_000
 
 
-def _secret_text(digits: np.ndarray) -> str:
-    return " ".join(str(int(d)) for d in digits)
+SHAPES = ("digits", "phone", "email")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _alphabets(shape: str, length: int) -> list[str]:
+    """The symbols each position of a secret draws from."""
+    if shape == "digits":
+        return ["0123456789"] * length
+    if shape == "phone":  # a North American exchange starts 2-9
+        if length != 7:
+            raise ValueError("a phone-shaped canary has 7 random digits ((212) NXX-XXXX)")
+        return ["23456789"] + ["0123456789"] * 6
+    if shape == "email":
+        return [_LETTERS] * length
+    raise ValueError(f"unknown canary shape {shape!r}; known: {SHAPES}")
+
+
+def secret_space(shape: str, length: int) -> int:
+    """``|R|``: how many secrets the format has."""
+    return math.prod(len(a) for a in _alphabets(shape, length))
+
+
+def _render(shape: str, symbols: str) -> str:
+    if shape == "digits":
+        return " ".join(symbols)
+    if shape == "phone":
+        return f"(212) {symbols[:3]}-{symbols[3:]}"
+    return f"{symbols}@example.com"
+
+
+def _draw(rng: np.random.Generator, shape: str, length: int) -> str:
+    return _render(
+        shape, "".join(a[int(rng.integers(0, len(a)))] for a in _alphabets(shape, length))
+    )
+
+
+def _every_secret(shape: str, length: int) -> list[str]:
+    alphabets = _alphabets(shape, length)
+    return [
+        _render(shape, "".join(a[i] for a, i in zip(alphabets, index, strict=True)))
+        for index in np.ndindex(*(len(a) for a in alphabets))
+    ]
+
+
+def describe_shape(shape: str, length: int) -> str:
+    """The canaries' format in words, for reports."""
+    if shape == "phone":
+        return "phone numbers, (212) NXX-XXXX"
+    if shape == "email":
+        return f"e-mail addresses, {length} random letters @example.com"
+    return f'"account numbers" of {length} digits'
 
 
 def make_exposure_canaries(
@@ -54,6 +106,7 @@ def make_exposure_canaries(
     seed: int,
     columns: list[str],
     sensitive: list[str],
+    shape: str = "digits",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The canaries (one row each) and the training rows that carry them (one per copy).
 
@@ -66,7 +119,7 @@ def make_exposure_canaries(
     canaries, rows = [], []
     for copies in repetitions:
         for i in range(per_repetition):
-            secret = _secret_text(rng.integers(0, 10, size=digits))
+            secret = _draw(rng, shape, digits)
             # "canary:" rows are never scored as members by the membership audit
             canary_id = f"canary:exposure:{copies}x:{i}"
             canaries.append({"canary_id": canary_id, "repetitions": copies, "secret": secret})
@@ -174,21 +227,21 @@ def measure_exposure(
     batch_size: int = 256,
     ci_level: float = 0.95,
     chat: bool = False,
+    shape: str = "digits",
 ) -> list[dict[str, Any]]:
     """Each canary's rank among the candidate secrets and its exposure (with an interval).
 
     Every canary is compared with the same candidates: all of ``R`` when
-    ``10**digits <= EXACT_LIMIT`` (exact ranks), else ``samples`` uniform draws from ``R``.
+    ``|R| <= EXACT_LIMIT`` (exact ranks), else ``samples`` uniform draws from ``R``.
     """
     model.eval()
-    space = 10**digits
+    space = secret_space(shape, digits)
     exact = space <= EXACT_LIMIT
     if exact:
-        grid = np.array(list(np.ndindex(*(10,) * digits)), dtype=np.int64)
-        candidates = [_secret_text(g) for g in grid]
+        candidates = _every_secret(shape, digits)
     else:
         rng = np.random.default_rng([seed, 0xE8905])
-        candidates = [_secret_text(rng.integers(0, 10, size=digits)) for _ in range(samples)]
+        candidates = [_draw(rng, shape, digits) for _ in range(samples)]
     scores = _secret_losses(
         model, tokenizer, prefix, candidates, device=device, batch_size=batch_size, chat=chat
     )
@@ -213,10 +266,10 @@ def measure_exposure(
         else:
             m = len(candidates) - int(is_self.sum())
             low, high = _clopper_pearson(better, m, ci_level)
-            rank = 1 + better / m * (space - 1)
+            estimated = 1 + better / m * (space - 1)
             entry.update(
-                rank=rank,
-                exposure=bits - math.log2(rank),
+                rank=estimated,
+                exposure=bits - math.log2(estimated),
                 # a higher share of better candidates means a worse rank: the interval flips
                 exposure_ci=[
                     bits - math.log2(1 + high * (space - 1)),
@@ -230,7 +283,7 @@ def measure_exposure(
 
 
 def dp_exposure_bound(
-    *, epsilon: float, delta: float, repetitions: int, digits: int, probability: float = 0.05
+    *, epsilon: float, delta: float, repetitions: int, space: int, probability: float = 0.05
 ) -> float | None:
     """The exposure a k-times-repeated canary reaches with probability at most ``probability``
     under (ε, δ)-DP for one example (group privacy for k copies); None when δ_k is too large."""
@@ -239,7 +292,7 @@ def dp_exposure_bound(
     if group_delta >= probability:
         return None
     bound = k * epsilon / math.log(2) + math.log2(1 / (probability - group_delta))
-    return min(bound, math.log2(10**digits))
+    return min(bound, math.log2(space))
 
 
 def summarise_exposure(
@@ -248,6 +301,7 @@ def summarise_exposure(
     digits: int,
     epsilon: float | None,
     delta: float | None,
+    shape: str = "digits",
 ) -> dict[str, Any]:
     """Exposure per repetition count (mean, min, max over canaries) beside what DP allows."""
     levels = []
@@ -259,7 +313,7 @@ def summarise_exposure(
                 epsilon=epsilon,
                 delta=delta or 0.0,
                 repetitions=k,
-                digits=digits,
+                space=secret_space(shape, digits),
                 probability=0.05 / len(values),
             )
             if epsilon is not None
@@ -278,7 +332,10 @@ def summarise_exposure(
         )
     return {
         "digits": digits,
-        "max_exposure": math.log2(10**digits),
+        "shape": shape,
+        "description": describe_shape(shape, digits),
+        "space": secret_space(shape, digits),
+        "max_exposure": math.log2(secret_space(shape, digits)),
         "chance_exposure": 1 / math.log(2),  # E[-log2 U], U uniform: an unseen canary
         "method": per_canary[0]["method"] if per_canary else None,
         "levels": levels,

@@ -563,6 +563,7 @@ def _exposure(run_dir: Path, privacy: dict[str, Any]) -> dict[str, Any] | None:
     return summarise_exposure(
         measured["per_canary"],
         digits=int(measured["digits"]),
+        shape=str(measured.get("shape") or "digits"),
         epsilon=privacy.get("epsilon") if dp else None,
         delta=privacy.get("delta") if dp else None,
     )
