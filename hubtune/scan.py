@@ -42,8 +42,11 @@ def _recipe_texts(target: str) -> tuple[str, dict[str, list[str]]] | None:
             return None
     if TASKS[recipe.model.task].input_kind == "image":
         raise ScanError(f"{target}: model.task {recipe.model.task} has no text to scan")
+    from hubtune.hub import hub_endpoint
+
     section = recipe.data.model_copy(update={"anonymize": None})
-    data = load_data(section, seed=recipe.seed, task=recipe.model.task)
+    with hub_endpoint(recipe.hub.endpoint, local_root=recipe.hub.local_root):  # as a run reads it
+        data = load_data(section, seed=recipe.seed, task=recipe.model.task)
     texts: dict[str, list[str]] = {}
     for column in data.text_columns:
         texts[column] = [t for split in data.splits.values() for t in _texts_of(split, column)]

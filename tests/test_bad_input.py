@@ -305,6 +305,14 @@ def messages_and_prompt(i: Inputs) -> list[str]:
     return [*malformed_conversation(i), "data.columns.prompt=text", "data.columns.completion=text"]
 
 
+def unknown_pii_entity(i: Inputs) -> list[str]:
+    return [*i.recipe(), "data.anonymize={entities: [ssn]}"]
+
+
+def invalid_pii_pattern(i: Inputs) -> list[str]:
+    return [*i.recipe(), "data.anonymize={patterns: {ticket: 'T[0-9'}}"]
+
+
 def exposure_canaries_on_a_classifier(i: Inputs) -> list[str]:
     return [*i.recipe(), "audit.exposure={digits: 4}"]
 
@@ -370,6 +378,8 @@ ROWS: list[Row] = [
     Row("malformed-conversation", malformed_conversation, "run", 2, r"split 'train', row \d+: data\.columns\.messages \('text'\) is not a chat conversation: not JSON .*Each value must be a list of \{\"role\": \.\.\., \"content\": \.\.\.\} messages"),
     Row("malformed-conversation", malformed_conversation, "validate", 0, r": ok \(lora"),
     *both("messages-and-prompt", messages_and_prompt, r"columns\.messages and columns\.prompt/completion are two shapes of the same data; give one"),
+    *both("unknown-pii-entity", unknown_pii_entity, r"data\.anonymize: entities \['ssn'\] are unknown; known: person, email, phone"),
+    *both("invalid-pii-pattern", invalid_pii_pattern, r"data\.anonymize: data\.anonymize\.patterns\.ticket: 'T\[0-9' is not a valid regular expression"),
     *both("exposure-canaries-on-a-classifier", exposure_canaries_on_a_classifier, r"audit\.exposure plants secrets for a language model .*Remove audit\.exposure"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
 ]  # fmt: skip

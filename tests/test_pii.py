@@ -268,7 +268,10 @@ def test_a_run_records_scrubbing_and_a_policy_gates_on_the_residual(
     assert not audit["verdict"]["passed"]
 
 
-def test_scan_command_reports_counts_and_writes_json_and_html(tmp_path: Path) -> None:
+def test_scan_command_reports_counts_and_writes_json_and_html(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    import yaml
     from typer.testing import CliRunner
 
     from hubtune.cli import app
@@ -283,6 +286,26 @@ def test_scan_command_reports_counts_and_writes_json_and_html(tmp_path: Path) ->
     assert (out / "scan.html").read_text().count("<tr>") == 1 + len(pii.ENTITIES)
     blind = CliRunner().invoke(app, ["data", "scan", str(source), "-o", str(out), "--no-ner"])
     assert "person         not detected" in blind.output
+    # a recipe: its data as a run reads it (columns mapped, rows cleaned), its own scrubbing off
+    recipe = tmp_path / "r.yaml"
+    pd.DataFrame(
+        {"body": ["mail jane.doe@example.com", "", "fine"] * 10, "label": ["a", "a", "b"] * 10}
+    ).to_csv(tmp_path / "body.csv", index=False)
+    spec = {
+        "name": "r",
+        "model": {"id": str(tiny_bert)},
+        "data": {
+            "source": str(tmp_path / "body.csv"),
+            "columns": {"text": "body"},
+            "anonymize": {},
+        },
+        "method": {"name": "freeze"},
+    }
+    recipe.write_text(yaml.safe_dump(spec))
+    by_recipe = CliRunner().invoke(app, ["data", "scan", str(recipe), "-o", str(out)])
+    assert by_recipe.exit_code == 0, by_recipe.output
+    assert "recipe r" in by_recipe.output and "20 rows" in by_recipe.output  # empty rows dropped
+    assert json.loads((out / "scan.json").read_text())["entities"]["email"]["count"] == 10
     missing = CliRunner().invoke(app, ["data", "scan", str(source), "-c", "body"])
     assert missing.exit_code == 2 and "has no column(s) ['body']" in missing.output
 
