@@ -50,13 +50,19 @@ QUICK = [
 
 
 def run_one(
-    recipe_path: Path, epsilon: str, seed: int, folder: Path, extra: list[str]
+    recipe_path: Path,
+    epsilon: str,
+    seed: int,
+    folder: Path,
+    extra: list[str],
+    arm: str = "",
 ) -> dict[str, Any]:
     from hubtune import load_recipe, run_recipe
 
     private = epsilon != "inf"
+    slug = "".join(c if c.isalnum() else "-" for c in arm)
     overrides = [
-        f"name=eps-{epsilon}-seed-{seed}",
+        f"name=eps-{epsilon}-seed-{seed}{'-' + slug if slug else ''}",
         f"output_dir={yaml_str(folder)}",
         f"seed={seed}",
         "train.checkpoint=false",
@@ -77,6 +83,10 @@ def run_one(
     ledger_path = result.run_dir / "privacy.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else None
     row = {
+        "arm": arm,
+        "anonymization": (
+            json.loads((result.run_dir / "run.json").read_text())["data"].get("anonymization") or {}
+        ).get("canary_rows"),
         "epsilon_target": epsilon,
         "epsilon": ledger["epsilon"] if ledger else None,
         "seed": seed,
@@ -96,7 +106,7 @@ def run_one(
         "wall_s": wall,
     }
     say(
-        f"epsilon {epsilon} seed {seed}: perplexity {row['perplexity']:.1f}, exposure "
+        f"{arm + ': ' if arm else ''}epsilon {epsilon} seed {seed}: perplexity {row['perplexity']:.1f}, exposure "
         + ", ".join(f"{k}x {v['mean_exposure']:.1f}" for k, v in row["exposure"].items())
         + f", {fmt_s(wall)}"
     )
@@ -114,8 +124,10 @@ def _exposure_cell(row: dict[str, Any], copies: str) -> str:
 def markdown(payload: dict[str, Any]) -> str:
     rows = payload["runs"]
     copies = sorted({c for r in rows for c in r["exposure"]}, key=int)
+    scrubbed = any(r.get("anonymization") for r in rows)
     table = md_table(
         [
+            *(["arm"] if any(r.get("arm") for r in rows) else []),
             "ε (target)",
             "ε (spent)",
             "seed",
@@ -123,10 +135,12 @@ def markdown(payload: dict[str, Any]) -> str:
             *[f"exposure {c}x, bits: mean [min, max]" for c in copies],
             "extraction: training / held out",
             "MIA AUC",
+            *(["canary rows scrubbed"] if scrubbed else []),
             "wall",
         ],
         [
             [
+                *([r.get("arm") or "-"] if any(x.get("arm") for x in rows) else []),
                 r["epsilon_target"],
                 "-" if r["epsilon"] is None else f"{r['epsilon']:.3f}",
                 r["seed"],
@@ -139,6 +153,16 @@ def markdown(payload: dict[str, Any]) -> str:
                     for k in ("training", "held_out")
                 ),
                 "-" if not r["membership_auc"] else f"{r['membership_auc']['value']:.3f}",
+                *(
+                    [
+                        "-"
+                        if not r.get("anonymization")
+                        else f"{r['anonymization']['changed'] + r['anonymization']['dropped']}"
+                        f" of {r['anonymization']['rows']}"
+                    ]
+                    if scrubbed
+                    else []
+                ),
                 fmt_s(r["wall_s"]),
             ]
             for r in rows
@@ -183,6 +207,15 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[])
     parser.add_argument("--keep", default=None, help="keep run folders here")
     parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="a configuration to run at every ε and seed (repeatable): its name, '=', and its "
+        "recipe overrides separated by ';' (e.g. 'scrubbed=data.anonymize={entities: [email]}'); "
+        "default: one arm, the recipe with --set",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -200,20 +233,25 @@ def main() -> None:
         "recipe": args.recipe,
         "runs": [],
         "overrides": args.overrides,
+        "arms": args.arm,
         "notes": args.note,
     }
     with workspace(args.keep) as folder:
+        arms = [a.partition("=") for a in args.arm] or [("", "", "")]
         for seed in args.seeds:
-            for epsilon in args.epsilons:
-                payload["runs"].append(
-                    run_one(
-                        recipe_path,
-                        epsilon,
-                        seed,
-                        folder,
-                        [*(QUICK if args.quick else []), *args.overrides],
+            for arm, _, arm_overrides in arms:
+                for epsilon in args.epsilons:
+                    extra = [o.strip() for o in arm_overrides.split(";") if o.strip()]
+                    payload["runs"].append(
+                        run_one(
+                            recipe_path,
+                            epsilon,
+                            seed,
+                            folder,
+                            [*(QUICK if args.quick else []), *args.overrides, *extra],
+                            arm,
+                        )
                     )
-                )
                 write_results(args.name, payload, markdown(payload))  # after every run
 
 

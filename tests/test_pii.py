@@ -258,6 +258,12 @@ def test_a_run_records_scrubbing_and_a_policy_gates_on_the_residual(
     assert "Personal data in the training text" in report and "Still found after" in report
     html = (result.run_dir / "audit" / "report.html").read_text()
     assert 'id="anonymization"' in html
+    from hubtune.card import build_card
+
+    card = str(build_card(result.run_dir))
+    assert "### Personal data scrubbed before training" in card
+    assert "replaced by realistic synthetic values (the same original, the same fake)" in card
+    assert "| phone | 20 | 0 |" in card and "555-0199" not in card
 
     # The same policy fails a run that never scrubbed, and says why.
     run["data"]["anonymization"] = None
