@@ -252,7 +252,7 @@ def main() -> None:
                             arm,
                         )
                     )
-                write_results(args.name, payload, markdown(payload))  # after every run
+                    write_results(args.name, payload, markdown(payload))  # after every run
 
 
 if __name__ == "__main__":
