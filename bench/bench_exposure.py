@@ -121,6 +121,78 @@ def _exposure_cell(row: dict[str, Any], copies: str) -> str:
     return f"{level['mean_exposure']:.1f} [{level['min_exposure']:.1f}, {level['max_exposure']:.1f}]{bound}"
 
 
+def _summary(rows: list[dict[str, Any]], copies: list[str]) -> list[str]:
+    """Over seeds, per arm and ε: mean perplexity, and per copy count the mean of the canaries'
+    mean exposure with the lowest and highest single canary (only with several seeds)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("arm") or "", r["epsilon_target"]), []).append(r)
+    if all(len(g) < 2 for g in groups.values()):
+        return []
+    arms = any(arm for arm, _ in groups)
+    body = []
+    for (arm, eps), runs in groups.items():
+        cells = []
+        for c in copies:
+            levels = [r["exposure"][c] for r in runs if c in r["exposure"]]
+            if not levels:
+                cells.append("-")
+                continue
+            mean = sum(lv["mean_exposure"] for lv in levels) / len(levels)
+            low = min(lv["min_exposure"] for lv in levels)
+            high = max(lv["max_exposure"] for lv in levels)
+            bounds = [lv["dp_bound"] for lv in levels if lv["dp_bound"] is not None]
+            allowed = f" (DP allows {min(bounds):.1f})" if bounds else ""
+            cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]{allowed}")
+        train = [
+            r["extraction"]["training"]["rate"]
+            for r in runs
+            if (r["extraction"].get("training") or {}).get("examples")
+        ]
+        held = [
+            r["extraction"]["held_out"]["rate"]
+            for r in runs
+            if (r["extraction"].get("held_out") or {}).get("examples")
+        ]
+        aucs = [r["membership_auc"]["value"] for r in runs if r.get("membership_auc")]
+        body.append(
+            [
+                *([arm or "-"] if arms else []),
+                eps,
+                str(len(runs)),
+                f"{sum(r['perplexity'] for r in runs) / len(runs):.1f}",
+                *cells,
+                "-"
+                if not train
+                else f"{sum(train) / len(train):.4f} / {sum(held) / len(held):.4f}",
+                "-" if not aucs else f"{sum(aucs) / len(aucs):.3f}",
+            ]
+        )
+    return [
+        "## Over seeds",
+        "",
+        "Per ε: the mean over seeds of test perplexity, of each repetition count's mean canary "
+        "exposure [the lowest and highest single canary of any seed] (and the smallest exposure "
+        "the guarantee allows, over seeds), of the extraction rates and of the membership AUC.",
+        "",
+        *md_table(
+            [
+                *(["arm"] if arms else []),
+                "ε (target)",
+                "seeds",
+                "test perplexity",
+                *[f"exposure {c}x, bits" for c in copies],
+                "extraction: training / held out",
+                "MIA AUC",
+            ],
+            body,
+        ),
+        "",
+        "## Every run",
+        "",
+    ]
+
+
 def markdown(payload: dict[str, Any]) -> str:
     rows = payload["runs"]
     copies = sorted({c for r in rows for c in r["exposure"]}, key=int)
@@ -186,6 +258,7 @@ def markdown(payload: dict[str, Any]) -> str:
             if top
             else "",
             "",
+            *_summary(rows, copies),
             *table,
             "",
             *report_footer(
