@@ -100,17 +100,10 @@ class PreparedData:
         if self.scrubber is None or self.anonymization is None:
             return frame
         frame = frame.copy()
-        original = frame[self.text_columns].copy()
-        gone = pd.Series(False, index=frame.index)
-        for column in self.text_columns:
-            texts = _texts_of(frame, column)
-            gone |= pd.Series(
-                _put_texts(frame, column, self.scrubber.scrub(texts)), index=frame.index
-            )
-        changed = int((frame[self.text_columns] != original).any(axis=1).sum())
+        gone, changed, _ = _scrub_columns(frame, self.text_columns, self.scrubber)
         self.anonymization["canary_rows"] = {
             "rows": len(frame),
-            "changed": changed - int(gone.sum()),
+            "changed": changed,
             "dropped": int(gone.sum()),
         }
         return frame[~gone]
@@ -352,6 +345,26 @@ def _put_texts(frame: pd.DataFrame, column: str, texts: list[str | None]) -> lis
     return gone
 
 
+def _scrub_columns(
+    frame: pd.DataFrame, columns: list[str], scrubber: Any, spans: dict[str, Any] | None = None
+) -> tuple[pd.Series, int, dict[str, tuple[list[str | None], list[Any]]]]:
+    """Scrub ``columns`` of ``frame`` in place (``spans``: detections already made, per column).
+
+    Returns the rows to drop (``drop_row``), how many kept rows changed, and each column's
+    scrubbed texts with where the scrubber wrote its own values (for the residual scan).
+    """
+    original = frame[columns].copy()
+    gone = pd.Series(False, index=frame.index)
+    written: dict[str, tuple[list[str | None], list[Any]]] = {}
+    for column in columns:
+        texts = _texts_of(frame, column)
+        scrubbed = scrubber.scrub(texts, None if spans is None else spans[column])
+        written[column] = (scrubbed, scrubber.regions)
+        gone |= pd.Series(_put_texts(frame, column, scrubbed), index=frame.index)
+    changed = int(((frame[columns] != original).any(axis=1) & ~gone).sum())
+    return gone, changed, written
+
+
 def _per_text(frame: pd.DataFrame, column: str, per_row: list[bool]) -> list[bool]:
     """A per-row flag repeated for each of the row's texts (messages: one per message)."""
     if column != "messages":
@@ -398,15 +411,9 @@ def anonymize_splits(
         texts = {c: _texts_of(frame, c) for c in columns}
         spans = {c: detector.detect(t) for c, t in texts.items()}
         before.append(scan_texts(detector, texts, examples=0, spans=spans))
-        gone = pd.Series(False, index=frame.index)
-        original = frame[columns].copy()
-        residual: dict[str, list[list[Any]]] = {}
-        for column in columns:
-            scrubbed = scrubber.scrub(texts[column], spans[column])
-            regions = scrubber.regions
-            gone |= pd.Series(_put_texts(frame, column, scrubbed), index=frame.index)
-            residual[column] = scrubber.residual(scrubbed, regions)
-        changed += int((frame[columns] != original).any(axis=1).sum())
+        gone, n_changed, written = _scrub_columns(frame, columns, scrubber, spans)
+        changed += n_changed
+        residual = {c: scrubber.residual(*written[c]) for c in columns}
         if gone.any():
             dropped.setdefault(name, {})["personal data (data.anonymize: drop_row)"] = int(
                 gone.sum()
@@ -426,7 +433,7 @@ def anonymize_splits(
         **scrubber.settings(),
         "not_detected": detector.undetectable(),
         "before": _sum_scans(before),
-        "rows_changed": changed - dropped_rows,
+        "rows_changed": changed,
         "rows_dropped": dropped_rows,
         "after": _sum_scans(after),
         "residual_rows": residual_rows,

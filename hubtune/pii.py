@@ -440,6 +440,7 @@ class Scrubber:
     seed: int = 0
     _fakes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _faker: Any = field(default=None, repr=False)
+    _engine: Any = field(default=None, repr=False)
     # Where the last scrub() call put its own values (masks, tags, fakes), per text.
     regions: list[list[tuple[int, int]]] = field(default_factory=list, repr=False)
 
@@ -479,9 +480,9 @@ class Scrubber:
                 operators[entity] = OperatorConfig(
                     "custom", {"lambda": lambda value, e=entity: self._fake(e, value)}
                 )
-        result = AnonymizerEngine().anonymize(
-            text=text, analyzer_results=results, operators=operators
-        )
+        if self._engine is None:  # one engine for every text (built once per scrubber)
+            self._engine = AnonymizerEngine()
+        result = self._engine.anonymize(text=text, analyzer_results=results, operators=operators)
         return str(result.text), sorted((int(i.start), int(i.end)) for i in result.items)
 
     def _fake(self, entity: str, original: str) -> str:
