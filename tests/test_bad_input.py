@@ -305,6 +305,22 @@ def messages_and_prompt(i: Inputs) -> list[str]:
     return [*malformed_conversation(i), "data.columns.prompt=text", "data.columns.completion=text"]
 
 
+def chat_template_without_messages(i: Inputs) -> list[str]:
+    return [
+        *i.recipe(method={"name": "lora"}),
+        "model.task=text-generation",
+        "data.labels=null",
+        "model.chat_template=chatml",
+    ]
+
+
+def phone_canaries_of_the_wrong_length(i: Inputs) -> list[str]:
+    return [
+        *chat_template_without_messages(i)[:-1],
+        "audit.exposure={shape: phone, digits: 6}",
+    ]
+
+
 def unknown_pii_entity(i: Inputs) -> list[str]:
     return [*i.recipe(), "data.anonymize={entities: [ssn]}"]
 
@@ -378,6 +394,8 @@ ROWS: list[Row] = [
     Row("malformed-conversation", malformed_conversation, "run", 2, r"split 'train', row \d+: data\.columns\.messages \('text'\) is not a chat conversation: not JSON .*Each value must be a list of \{\"role\": \.\.\., \"content\": \.\.\.\} messages"),
     Row("malformed-conversation", malformed_conversation, "validate", 0, r": ok \(lora"),
     *both("messages-and-prompt", messages_and_prompt, r"columns\.messages and columns\.prompt/completion are two shapes of the same data; give one"),
+    *both("chat-template-without-messages", chat_template_without_messages, r"model\.chat_template renders data\.columns\.messages, which is not set; remove it or give data\.columns\.messages"),
+    *both("phone-canaries-of-the-wrong-length", phone_canaries_of_the_wrong_length, r"audit\.exposure: .*shape: phone draws 7 random digits .*set digits: 7"),
     *both("unknown-pii-entity", unknown_pii_entity, r"data\.anonymize: entities \['ssn'\] are unknown; known: person, email, phone"),
     *both("invalid-pii-pattern", invalid_pii_pattern, r"data\.anonymize: data\.anonymize\.patterns\.ticket: 'T\[0-9' is not a valid regular expression"),
     *both("exposure-canaries-on-a-classifier", exposure_canaries_on_a_classifier, r"audit\.exposure plants secrets for a language model .*Remove audit\.exposure"),
