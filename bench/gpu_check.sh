@@ -2,7 +2,10 @@
 # The GPU check for DP (issue 3), prepared to run as ONE call on a lent device machine
 # (H100 or H200, at most ~9 minutes; nothing is downloaded: models are built from configs):
 #
-#     run(command="bash bench/gpu_check.sh", timeout_s=600)
+#     bash bench/gpu_wheels.sh     # here, once: the wheels the machine lacks (opacus, datasets, ...)
+#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# With .whl/ present, they are installed into /tmp/site there first (no network needed).
 #
 # Results land in $OUT (the device tool brings back at most 8 files, so with $OUT set they are
 # also packed into one $OUT/gpu_check.tar: `tar -xf gpu_check.tar -C bench/results`) or,
@@ -25,7 +28,7 @@
 # so a part cut off by its limit still leaves the rows it measured.
 #
 # GPU_CHECK_SMOKE=1 runs the same script with tiny models on any machine (a syntax check);
-# PYTHON picks the interpreter (default: python).
+# PYTHON picks the interpreter (default: python, else python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
@@ -37,7 +40,11 @@ if [[ ${GPU_CHECK_SMOKE:-0} == 1 ]]; then
     mkdir -p "$out"
 fi
 status=0
-py=${PYTHON:-python}
+py=${PYTHON:-$(command -v python || command -v python3)}
+if [[ -d .whl && ${#smoke[@]} == 0 ]]; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 {
     date -u
@@ -46,7 +53,8 @@ py=${PYTHON:-python}
     "$py" -c "import torch, transformers, peft, opacus; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); print('transformers', transformers.__version__, 'peft', peft.__version__, 'opacus', opacus.__version__)"
     if [[ ${#smoke[@]} == 0 ]]; then
         HUBTUNE_PROGRESS=0 timeout 90 "$py" -m pytest -q -p no:cacheprovider \
-            tests/test_privacy_grads.py tests/test_privacy.py -m "not slow" -k "not kill_9 and not two_processes" 2>&1 | tail -5
+            -rf tests/test_privacy_grads.py tests/test_privacy.py -m "not slow" \
+            -k "not kill_9 and not two_processes" 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | tail -60
     fi
 } >"$out/gpu_check_env.txt" 2>&1 || status=1
 cat "$out/gpu_check_env.txt"
@@ -67,7 +75,7 @@ bench dp_gpu_lora_b512 120 --models bert-base,gpt2 --methods lora --batch 512 --
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
 bench dp_gpu_lora_rl256 80 --models roberta-large --methods lora --batch 256 --physical 282 \
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
-bench dp_gpu_b32 150 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
+bench dp_gpu_b32 200 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
     --physical 48 --steps 30 --warmup 5
 bench dp_gpu_lm 120 --models gpt2-lm,llama-125m --methods lora --seq 256 --batch 64 \
     --physical 72 --steps 15 --warmup 3 --variants "DP hooks,DP ghost,plain Opacus hooks"
