@@ -22,6 +22,9 @@ LLaMA-style ~125M config), next-token loss per sequence (hubtune's text-generati
 Fixed per-step cost (real depth, width 16; CPU):
     python bench/bench_dp_gpu.py --overhead --models bert-base --methods lora --steps 60 \
         --physical 48 --out bench/results/dp_overhead_cpu_p48
+Operators per logical step (``--overhead`` sizes, a CPU profile of the timed window; default
+models bert-base and gpt2, 2 warm-up and 3 profiled logical steps; a few minutes on 2 cores):
+    python bench/bench_dp_gpu.py --ops --physical 48 --out bench/results/dp_ops_cpu
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import time
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -491,22 +497,35 @@ def main() -> None:
         help="real depth at width 16 and sequence 16: times the fixed per-step cost (CPU ok)",
     )
     parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="at the --overhead sizes, count the operators each variant dispatches per logical "
+        "step (a CPU torch.profiler trace of the timed window), the ones that would make the "
+        "host wait for a GPU, and what hubtune's path runs that a plain Opacus loop does not "
+        "(default models bert-base,gpt2; --steps 3 --warmup 2)",
+    )
+    parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help="comma-separated subset of: " + ", ".join(VARIANTS) + " (non-DP always runs)",
     )
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed logical steps (15; --ops: 3)"
+    )
     parser.add_argument(
         "--repeats",
         type=int,
         default=1,
         help="time each variant this many times, round-robin; rows give the median and range",
     )
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up logical steps (3; --ops: 2)"
+    )
     parser.add_argument(
         "--models",
-        default="bert-base,roberta-large,gpt2",
-        help="classifiers: bert-base, roberta-large, gpt2; causal LMs: " + ", ".join(LM_MODELS),
+        default=None,
+        help="classifiers: bert-base, roberta-large, gpt2 (default: all three; --ops: bert-base "
+        "and gpt2); causal LMs: " + ", ".join(LM_MODELS),
     )
     parser.add_argument("--seq", type=int, default=SEQ, help="sequence length (tokens)")
     parser.add_argument("--methods", default="lora,full", help="lora and/or full")
@@ -535,9 +554,14 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    size = "smoke" if args.smoke else "overhead" if args.overhead else "real"
-    SEQ = 16 if args.overhead else args.seq
-    steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
+    size = "smoke" if args.smoke else "overhead" if args.overhead or args.ops else "real"
+    SEQ = 16 if args.overhead or args.ops else args.seq
+    models = args.models or ("bert-base,gpt2" if args.ops else "bert-base,roberta-large,gpt2")
+    default_steps, default_warmup = (3, 2) if args.ops else (15, 3)
+    steps = args.steps if args.steps is not None else default_steps
+    warmup = args.warmup if args.warmup is not None else default_warmup
+    if args.smoke:
+        steps, warmup = 3, 1
     set_say_tag("bench-dp-gpu")
     machine: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0)
@@ -562,8 +586,16 @@ def main() -> None:
             "repeats": args.repeats,  # per variant, round-robin
         },
     }
+    if args.ops:
+        machine["settings"]["profile"] = (
+            "torch.profiler, CPU activity, record_shapes off, with_stack on"
+        )
+        ops_main(
+            Path(args.out), machine, models, args.methods, args.variants, device, steps, warmup
+        )
+        return
     runs = []
-    for name in args.models.split(","):
+    for name in models.split(","):
         for method in args.methods.split(","):
             wanted = {"non-DP", *args.variants.split(",")}
             # Repeats go round the variants (A B C, A B C, ...), so a slow spell of a shared
@@ -676,6 +708,520 @@ def gpu_markdown(
         ],
         table,
     )
+    lines += ["", *machine_section(machine.get("host") or {}, style="items")]
+    lines += ["", *command_section(command)]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- --ops
+# Operators each variant dispatches per logical step, from a CPU profile of exactly the
+# window the timing modes time (the two calls of ``clock`` in run_nondp, run_dp and
+# _run_hubtune), so hubtune's per-epoch setup inside that window is counted too.
+
+# Operators that read a device tensor's value on the host (so a GPU would drain its queue
+# first). On a CPU they are ordinary operators: each is listed with the function that ran it,
+# and those under the DataLoader (the Poisson sampler, collation) work on host tensors.
+SYNC_OPS = (
+    "aten::_local_scalar_dense",  # item(), float(), int(), bool() of a tensor
+    "aten::nonzero",
+    "aten::equal",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+)
+# Python-level Tensor methods that copy a tensor's values to the host and show no aten
+# operator for a CPU tensor (counted from the profile's Python events; ``item`` is counted as
+# its ``_local_scalar_dense``).
+SYNC_METHODS = ("tolist", "cpu", "numpy")
+# Leaf operators that launch no kernel on a GPU (views, metadata, allocation): the rest of the
+# leaves is the "compute" count, a proxy for kernel launches.
+NO_KERNEL = {
+    f"aten::{op}"
+    for op in (
+        *("as_strided", "view", "reshape", "_reshape_alias", "_unsafe_view", "expand"),
+        *("expand_as", "t", "transpose", "permute", "unsqueeze", "squeeze", "slice", "select"),
+        *("narrow", "split", "split_with_sizes", "chunk", "unbind", "alias", "detach"),
+        *("detach_", "lift_fresh", "resolve_conj", "resolve_neg", "empty", "empty_like"),
+        *("empty_strided", "is_same_size", "size", "stride", "numel", "dim", "is_nonzero"),
+        *("item", "to", "contiguous", "view_as", "flatten", "unflatten", "result_type"),
+        *("_has_compatible_shallow_copy_type", "broadcast_tensors"),
+    )
+}
+_PY_FRAME = re.compile(r"^(?P<path>.*?\.py)\((?P<line>\d+)\): (?P<func>.*)$")
+_SITE_PARTS = (
+    "hubtune/",
+    "bench_dp_gpu.py",
+    "opacus/",
+    "peft/",
+    "transformers/",
+    "accelerate/",
+    "torch/utils/data/",
+    "torch/optim/",
+)
+_DATA = "enumerate(DataLoader)"  # the DataLoader's record_function around each __next__
+# The DataLoader's __next__ as a Python frame: what data loading runs under (in the profiler's
+# own tree the record_function above is a sibling of the Python frames it encloses).
+_DATA_FRAME = re.compile(r"torch/utils/data/dataloader\.py\(\d+\): __next__$")
+
+
+class _ProfiledWindow:
+    """Stands in for ``clock`` during an --ops run: the timed window's first call starts a CPU
+    profile, the second stops it. On a GPU, CUDA's sync debug mode is on in between, and each
+    synchronising call it warns about is recorded with the Python line that made it."""
+
+    def __init__(self) -> None:
+        self.profile: Any = None
+        self.done = False
+        self.cuda_syncs: Counter[str] = Counter()
+        self._warnings: Any = None
+        self._caught: list[Any] = []
+
+    def __call__(self, device: torch.device) -> float:
+        if self.profile is None:
+            sync(device)
+            self.profile = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU],
+                record_shapes=False,
+                with_stack=True,  # Python frames in the event tree: who dispatched each op
+            )
+            self.profile.start()
+            if device.type == "cuda":
+                self._warnings = warnings.catch_warnings(record=True)
+                self._caught = self._warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+        elif not self.done:
+            self.close()
+            sync(device)
+        return time.perf_counter()
+
+    def close(self) -> None:
+        """End the window (also after an error inside it)."""
+        if self.profile is None or self.done:
+            return
+        if self._warnings is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._warnings.__exit__(None, None, None)
+            for w in self._caught:
+                if "synchroniz" in str(w.message):
+                    self.cuda_syncs[f"{w.filename}:{w.lineno}"] += 1
+        self.profile.stop()
+        self.done = True
+
+
+def _site(name: str) -> str | None:
+    """``hubtune/privacy/loop.py:dp_epoch`` for a Python event of one of the files that matter."""
+    m = _PY_FRAME.match(name)
+    if m is None:
+        return None
+    path = m["path"]
+    for part in _SITE_PARTS:
+        at = path.find(part)
+        if at >= 0:
+            short = path[at:] if part != "bench_dp_gpu.py" else "bench/bench_dp_gpu.py"
+            return f"{short}:{m['func']}@{m['line']}"
+    return None
+
+
+def _event_tree(profile: Any) -> tuple[list[Any], Any]:
+    """The profile's events as a tree: (roots, children of a node). The profiler's own tree
+    (a C++ walk) when this torch has it, else ``profile.events()`` (slow with Python frames:
+    ~30 s for a few GPT-2 steps)."""
+    results = getattr(profile.profiler, "kineto_results", None)
+    tree = getattr(results, "experimental_event_tree", None)
+    if tree is not None:
+        return list(tree()), lambda ev: ev.children
+    events = profile.events()
+    return [ev for ev in events if ev.cpu_parent is None], lambda ev: ev.cpu_children
+
+
+def count_ops(profile: Any) -> dict[str, Any]:
+    """Counts over one profile: top-level, all and compute aten operators, by name; the
+    possible host reads; each op's dispatching function (``site``). Data loading (ops under
+    the DataLoader's ``__next__``: the Poisson sampler, ``__getitem__``, collation) is counted
+    apart: on a GPU it works on host tensors."""
+    roots, children = _event_tree(profile)
+    out: dict[str, Any] = {
+        part: {"top": Counter(), "all": Counter(), "compute": Counter()}
+        for part in ("step", "data")
+    }
+    sites: dict[str, Counter[str]] = defaultdict(Counter)  # top-level step op -> its sites
+    host_reads: dict[str, Counter[str]] = {"step": Counter(), "data": Counter()}
+    batches = 0  # DataLoader __next__ calls inside the window
+    # depth-first, carrying (under the DataLoader, under an aten op, under a host-read op,
+    # innermost function); a host read inside another (the CPU unique_dim kernel calls
+    # aten::equal per row) is the outer one's implementation and is not counted
+    todo: list[tuple[Any, bool, bool, bool, str | None]] = [
+        (ev, False, False, False, None) for ev in roots
+    ]
+    while todo:
+        ev, in_data, aten_above, in_read, site = todo.pop()
+        name = ev.name
+        kids = children(ev)
+        part = "data" if in_data else "step"
+        is_aten = name.startswith("aten::")
+        if name.startswith(_DATA):
+            batches += 1
+        elif name.startswith("<built-in method ") and " of Tensor object" in name:
+            method = name.split()[2]
+            if method in SYNC_METHODS:
+                host_reads[part][f"Tensor.{method} ({site or '?'})"] += 1
+        elif is_aten:
+            counts = out[part]
+            counts["all"][name] += 1
+            if not aten_above:
+                counts["top"][name] += 1
+                if part == "step":
+                    sites[name][site or "?"] += 1
+            if name not in NO_KERNEL and not any(k.name.startswith("aten::") for k in kids):
+                counts["compute"][name] += 1
+            if name in SYNC_OPS and not in_read:
+                host_reads[part][f"{name} ({site or '?'})"] += 1
+        if kids:
+            state = (
+                in_data or name.startswith(_DATA) or _DATA_FRAME.search(name) is not None,
+                aten_above or is_aten,
+                in_read or name in SYNC_OPS,
+                _site(name) or site,
+            )
+            todo.extend((kid, *state) for kid in kids)
+    return {**out, "sites": sites, "host_reads": host_reads, "batches_drawn": batches}
+
+
+def measure_ops(
+    name: str,
+    method: str,
+    label: str,
+    mode: str | None,
+    path: str | None,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """``measure`` at the overhead size with the timed window profiled instead of timed."""
+    global clock
+    window = _ProfiledWindow()
+    timer, clock = clock, window
+    try:
+        run = measure(name, method, label, mode, path, "overhead", device, steps, warmup)
+    finally:
+        clock = timer
+        closed = window.done
+        window.close()
+    if not closed:
+        run["error"] = run["error"] or "the timed window was never closed"
+        return {**run, "steps": steps, "counts": None}
+    counts = count_ops(window.profile)
+    window.profile = None
+    cuda_syncs = dict(window.cuda_syncs.most_common()) if device.type == "cuda" else None
+    return {**run, "steps": steps, "counts": counts, "cuda_syncs": cuda_syncs}
+
+
+def _per_step(counter: Counter[str], steps: int) -> float:
+    return sum(counter.values()) / steps
+
+
+def ops_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per logical step: operators (top-level, all, compute), the ratio to non-DP, host reads."""
+    rows = []
+    for run in runs:
+        c, steps = run["counts"], run["steps"]
+        row = {k: run[k] for k in ("model", "method", "variant", "error")}
+        if c is None:
+            rows.append(row)
+            continue
+        row |= {
+            "passes_per_step": run["physical_steps"] / steps,
+            "top_level": _per_step(c["step"]["top"], steps),
+            "all_aten": _per_step(c["step"]["all"], steps),
+            "compute": _per_step(c["step"]["compute"], steps),
+            "data_loading_all_aten": _per_step(c["data"]["all"], steps),
+            "batches_drawn": c["batches_drawn"],  # in the whole window
+            "host_reads": sum(c["host_reads"]["step"].values()) / steps,
+            "host_reads_by_site": {k: v / steps for k, v in c["host_reads"]["step"].most_common()},
+            "data_loading_host_reads_by_site": {
+                k: v / steps for k, v in c["host_reads"]["data"].most_common()
+            },
+            "cuda_syncs_by_line": run.get("cuda_syncs"),  # GPU only: sync debug mode warnings
+        }
+        rows.append(row)
+    for row in rows:
+        base = next(
+            (
+                r
+                for r in rows
+                if (r["model"], r["method"], r["variant"])
+                == (row["model"], row["method"], "non-DP")
+                and "top_level" in r
+            ),
+            None,
+        )
+        if base is not None and "top_level" in row:
+            row["top_level_vs_nondp"] = row["top_level"] / base["top_level"]
+            row["all_aten_vs_nondp"] = row["all_aten"] / base["all_aten"]
+    return rows
+
+
+# The two loops' own bodies (batch to the device, forward, loss, backward, step): one row in
+# the by-function comparison, so that it shows what each loop runs beyond the other.
+_LOOP_BODIES = (
+    "hubtune/privacy/loop.py:dp_epoch@",
+    "hubtune/privacy/loop.py:_cross_entropy@",
+    "hubtune/privacy/loop.py:<dictcomp>@",
+    "bench/bench_dp_gpu.py:train_step@",
+    "bench/bench_dp_gpu.py:forward_loss@",
+    "bench/bench_dp_gpu.py:<dictcomp>@",
+)
+LOOP_BODY = "loop body (hubtune: dp_epoch; plain: train_step, forward_loss)"
+
+
+def _loop_body(site: str) -> str:
+    return LOOP_BODY if site.startswith(_LOOP_BODIES) else site
+
+
+def ops_diffs(runs: list[dict[str, Any]], top: int = 10) -> list[dict[str, Any]]:
+    """For each model, method and DP mode: the top-level step operators whose count per logical
+    step differs most between hubtune's path and the plain Opacus loop, with the functions that
+    dispatched the larger side."""
+    diffs = []
+    by_key = {(r["model"], r["method"], r["variant"]): r for r in runs if r.get("counts")}
+    for (model, method, variant), ours in by_key.items():
+        if not variant.startswith("DP "):
+            continue
+        plain = by_key.get((model, method, "plain Opacus " + variant.removeprefix("DP ")))
+        if plain is None:
+            continue
+        a, b = ours["counts"]["step"]["top"], plain["counts"]["step"]["top"]
+        sa, sb = ours["steps"], plain["steps"]
+        names = set(a) | set(b)
+        delta = {n: a[n] / sa - b[n] / sb for n in names}
+        ranked = sorted(names, key=lambda n: (-abs(delta[n]), n))[:top]
+        rows = []
+        for n in ranked:
+            larger = ours if delta[n] > 0 else plain
+            where = larger["counts"]["sites"][n]
+            total = sum(where.values()) or 1
+            rows.append(
+                {
+                    "op": n,
+                    "hubtune": a[n] / sa,
+                    "plain": b[n] / sb,
+                    "delta": delta[n],
+                    "sites_of_larger": {k: round(v / total, 3) for k, v in where.most_common(3)},
+                }
+            )
+        # where hubtune's extra operators come from, by dispatching function
+        site_a: Counter[str] = Counter()
+        site_b: Counter[str] = Counter()
+        for where in ours["counts"]["sites"].values():
+            site_a.update({_loop_body(k): v for k, v in where.items()})
+        for where in plain["counts"]["sites"].values():
+            site_b.update({_loop_body(k): v for k, v in where.items()})
+        site_delta = {k: site_a[k] / sa - site_b[k] / sb for k in set(site_a) | set(site_b)}
+        by_site = [
+            {"site": k, "hubtune": site_a[k] / sa, "plain": site_b[k] / sb, "delta": d}
+            for k, d in sorted(site_delta.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:top]
+        ]
+        diffs.append(
+            {
+                "model": model,
+                "method": method,
+                "mode": variant.removeprefix("DP "),
+                "top_level_delta": sum(delta.values()),
+                "ops": rows,
+                "sites": by_site,
+            }
+        )
+    return diffs
+
+
+def ops_main(
+    out: Path,
+    machine: dict[str, Any],
+    models: str,
+    methods: str,
+    variants: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> None:
+    wanted = {"non-DP", *variants.split(",")}
+    runs = []
+    for name in models.split(","):
+        for method in methods.split(","):
+            for label, (mode, path) in VARIANTS.items():
+                if label not in wanted:
+                    continue
+                began = time.perf_counter()
+                run = measure_ops(name, method, label, mode, path, device, steps, warmup)
+                run["wall_s"] = time.perf_counter() - began
+                runs.append(run)
+                print(
+                    json.dumps(
+                        {k: v for k, v in run.items() if k not in ("counts", "samples_per_s")}
+                    ),
+                    flush=True,
+                )
+                save_ops(out, runs, machine, steps, warmup)
+    print(save_ops(out, runs, machine, steps, warmup), end="")
+
+
+def save_ops(
+    out: Path, runs: list[dict[str, Any]], machine: dict[str, Any], steps: int, warmup: int
+) -> str:
+    command = command_line("bench_dp_gpu.py")
+    rows = ops_rows(runs)
+    diffs = ops_diffs(runs)
+    text = ops_markdown(machine, rows, diffs, steps=steps, warmup=warmup, command=command)
+    # the full per-operator counts, per run (top-level and all, step and data loading)
+    detail = [
+        {
+            **{k: r[k] for k in ("model", "method", "variant", "steps", "physical_steps")},
+            "per_step": None
+            if r.get("counts") is None
+            else {
+                part: {
+                    kind: {n: v / r["steps"] for n, v in r["counts"][part][kind].most_common()}
+                    for kind in ("top", "all")
+                }
+                for part in ("step", "data")
+            },
+        }
+        for r in runs
+    ]
+    payload = {
+        "machine": machine,
+        "command": command,
+        "rows": rows,
+        "diffs": diffs,
+        "runs": detail,
+    }
+    write_results(out.name, payload, text, results_dir=out.parent)
+    return text
+
+
+def ops_markdown(
+    machine: dict[str, Any],
+    rows: list[dict[str, Any]],
+    diffs: list[dict[str, Any]],
+    *,
+    steps: int,
+    warmup: int,
+    command: str,
+) -> str:
+    s = machine["settings"]
+    lines = [
+        f"# Operators per logical DP step on {machine['device']} (real depth, width 16, "
+        f"sequence {s['seq_len']})",
+        "",
+        f"torch {machine['torch']}, {json.dumps(machine['versions'])}; {json.dumps(s)}",
+        "",
+        f"Each variant runs as in the timing modes ({warmup} warm-up logical steps), and the "
+        f"window those modes time ({steps} logical steps; for hubtune a second `dp_epoch` call, "
+        "so its per-epoch setup is inside) is profiled with torch.profiler (CPU activity, "
+        "record_shapes off, with_stack on). Counts are per logical step, of the operators the "
+        "training step dispatches; data loading (operators under the DataLoader's `__next__`: "
+        "Poisson sampling, `__getitem__`, collation; host tensors even on a GPU) is counted "
+        "apart. **top-level**: `aten::` events with no `aten::` event above them (what Python "
+        "code, autograd and hooks dispatch); **all**: every `aten::` event, nested ones too; "
+        "**compute**: leaf `aten::` events that are not views, metadata or allocations (a proxy "
+        "for GPU kernel launches). **host reads**: operators that read a tensor's value on the "
+        "host (`_local_scalar_dense` = item/float/bool, `nonzero`, `equal`, `masked_select`, "
+        "`unique`) and `Tensor.tolist/item/cpu/numpy` calls: on a GPU each one waits for the "
+        "queued work if its tensor is on the device. On a CPU a device-to-host `to`/`copy_` "
+        "cannot be told apart from other copies, and CUDA-only code (pinned copies, "
+        "`torch.cuda.Event`) does not run at all. On a CPU, AdamW runs per tensor and reads "
+        "each step count with `.item()`; on a GPU it runs `foreach` and its step counts are "
+        "host tensors (no wait): the same in every variant. `_foreach_*` operators run as one "
+        "multi-tensor kernel on a GPU but fall back to per-tensor loops on a CPU, so they count "
+        "once in top-level and per tensor in all/compute. **batches drawn**: DataLoader "
+        "`__next__` calls inside the window.",
+        "",
+    ]
+    table = []
+    for r in rows:
+        if "top_level" not in r:
+            table.append([r["model"], r["method"], r["variant"], *["-"] * 7, r["error"] or ""])
+            continue
+        table.append(
+            [
+                r["model"],
+                r["method"],
+                r["variant"],
+                f"{r['passes_per_step']:.2f}",
+                str(r["batches_drawn"]),
+                f"{r['top_level']:.0f}",
+                f"{r.get('top_level_vs_nondp', float('nan')):.2f}",
+                f"{r['all_aten']:.0f}",
+                f"{r['compute']:.0f}",
+                f"{r['host_reads']:.2f}",
+                r["error"] or "",
+            ]
+        )
+    lines += md_table(
+        [
+            "model",
+            "method",
+            "variant",
+            "passes / step",
+            "batches drawn",
+            "top-level aten / step",
+            "× non-DP",
+            "all aten / step",
+            "compute / step",
+            "host reads / step",
+            "note",
+        ],
+        table,
+    )
+    lines += ["", "## Host reads per logical step (operator or method, dispatching function)", ""]
+    for r in rows:
+        if "top_level" not in r:
+            continue
+        reads = "; ".join(f"{k} x{v:.2f}" for k, v in r["host_reads_by_site"].items()) or "none"
+        lines.append(f"- {r['model']} {r['method']} {r['variant']}: {reads}")
+        if r.get("cuda_syncs_by_line") is not None:
+            syncs = "; ".join(f"{k} x{v}" for k, v in r["cuda_syncs_by_line"].items()) or "none"
+            lines.append(f"  - CUDA sync debug mode, whole window: {syncs}")
+    data_reads = sorted({k for r in rows for k in r.get("data_loading_host_reads_by_site", {})})
+    if data_reads:
+        lines += [
+            "",
+            "Host reads under the DataLoader (host tensors on a GPU too, so no wait): "
+            + "; ".join(data_reads)
+            + ".",
+        ]
+    for d in diffs:
+        lines += [
+            "",
+            f"## {d['model']} {d['method']} {d['mode']}: hubtune vs plain Opacus "
+            f"({d['top_level_delta']:+.0f} top-level operators per logical step)",
+            "",
+        ]
+        lines += md_table(
+            ["operator", "hubtune / step", "plain / step", "Δ", "dispatched by (larger side)"],
+            [
+                [
+                    o["op"],
+                    f"{o['hubtune']:.2f}",
+                    f"{o['plain']:.2f}",
+                    f"{o['delta']:+.2f}",
+                    "; ".join(f"{k} ({v:.0%})" for k, v in o["sites_of_larger"].items()),
+                ]
+                for o in d["ops"]
+            ],
+        )
+        lines += ["", "By dispatching function (top-level operators per logical step):", ""]
+        lines += md_table(
+            ["function", "hubtune", "plain", "Δ"],
+            [
+                [x["site"], f"{x['hubtune']:.2f}", f"{x['plain']:.2f}", f"{x['delta']:+.2f}"]
+                for x in d["sites"]
+            ],
+        )
     lines += ["", *machine_section(machine.get("host") or {}, style="items")]
     lines += ["", *command_section(command)]
     return "\n".join(lines) + "\n"

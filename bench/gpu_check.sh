@@ -19,6 +19,8 @@
 #   dp_gpu_lora_rl256  the same for RoBERTa-large at batch 256 (cap 282), which fits in 78 GiB.
 #   dp_gpu_b32         batch 32 (cap 48), LoRA and full fine-tuning, all three models: the
 #                      small-batch regime, where the fixed per-step cost dominates.
+#   dp_gpu_order       BERT-base LoRA at batch 32, hubtune vs the plain loop three times
+#                      round-robin: does the first DP variant in a process pay for new shapes?
 #   dp_gpu_lm          causal language models (issue 16): GPT-2 small (tied embeddings) and a
 #                      LLaMA-style ~125M config, sequence 256, LoRA, expected batch 64 (cap
 #                      72), hubtune's per-sequence loss: non-DP vs DP-LoRA hooks / ghost vs a
@@ -52,7 +54,7 @@ fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
     "$py" -c "import torch, transformers, peft, opacus; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); print('transformers', transformers.__version__, 'peft', peft.__version__, 'opacus', opacus.__version__)"
     if [[ ${#smoke[@]} == 0 ]]; then
-        HUBTUNE_PROGRESS=0 timeout 90 "$py" -m pytest -q -p no:cacheprovider \
+        HUBTUNE_PROGRESS=0 timeout 75 "$py" -m pytest -q -p no:cacheprovider \
             -rf tests/test_privacy_grads.py tests/test_privacy.py -m "not slow" \
             -k "not kill_9 and not two_processes" 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | tail -60
     fi
@@ -71,13 +73,17 @@ bench() {
     rm -f "$out/$name.log"
 }
 
-bench dp_gpu_lora_b512 120 --models bert-base,gpt2 --methods lora --batch 512 --physical 563 \
+bench dp_gpu_lora_b512 110 --models bert-base,gpt2 --methods lora --batch 512 --physical 563 \
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
 bench dp_gpu_lora_rl256 80 --models roberta-large --methods lora --batch 256 --physical 282 \
     --steps 20 --warmup 4 --variants "DP hooks,DP ghost,plain Opacus hooks"
-bench dp_gpu_b32 200 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
+# Run order (hubtune's DP rows always ran right after non-DP, the plain loop's last): the same
+# two variants three times round-robin, so a first-run cost (new Poisson batch shapes) shows.
+bench dp_gpu_order 60 --models bert-base --methods lora --batch 32 --physical 48 --steps 30 \
+    --warmup 5 --variants "DP hooks,plain Opacus hooks" --repeats 3
+bench dp_gpu_b32 150 --models bert-base,roberta-large,gpt2 --methods lora,full --batch 32 \
     --physical 48 --steps 30 --warmup 5
-bench dp_gpu_lm 120 --models gpt2-lm,llama-125m --methods lora --seq 256 --batch 64 \
+bench dp_gpu_lm 100 --models gpt2-lm,llama-125m --methods lora --seq 256 --batch 64 \
     --physical 72 --steps 15 --warmup 3 --variants "DP hooks,DP ghost,plain Opacus hooks"
 if [[ -n ${OUT:-} ]]; then  # one file back, whatever the number of parts
     (cd "$out" && tar -cf gpu_check.tar --exclude gpu_check.tar ./*.md ./*.json gpu_check_env.txt \
