@@ -62,6 +62,17 @@ CONFIGS: dict[str, list[str]] = {
         "train.warmup_ratio=0.1",
     ],
     "full": ["method={name: full}", "train.epochs=1", "train.lr=5e-5", "train.warmup_ratio=0.1"],
+    # Full fine-tuning at three learning rates, 2 epochs: forgetting against the learning rate
+    # (checks.forgetting, on by default for text: the "forgetting" column).
+    **{
+        f"full_lr{lr}": [
+            "method={name: full}",
+            "train.epochs=2",
+            f"train.lr={lr}",
+            "train.warmup_ratio=0.1",
+        ]
+        for lr in ("1e-5", "1e-4", "1e-3")
+    },
     # The same with the architecture's own head (BERT: pooler on [CLS]) instead of model.pooling:
     # auto, which takes a sentence-transformers model's mean pooling.
     "shipped_native": ["model.pooling=native"],
@@ -102,7 +113,9 @@ def wilson(accuracy: float, n: int, z: float = 1.959964) -> list[float]:
     return [centre - half, centre + half]
 
 
-def run_one(recipe_name: str, config: str, seed: int, folder: Path) -> dict[str, Any]:
+def run_one(
+    recipe_name: str, config: str, seed: int, folder: Path, extra: list[str] | None = None
+) -> dict[str, Any]:
     from hubtune import load_recipe, run_recipe
     from hubtune.rundir import read_run_info
 
@@ -116,6 +129,7 @@ def run_one(recipe_name: str, config: str, seed: int, folder: Path) -> dict[str,
         "audit.enabled=false",
         "push.enabled=false",
         *config_overrides(recipe_name, config),
+        *(extra or []),
     ]
     recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", overrides=overrides)
     start = time.perf_counter()
@@ -130,7 +144,7 @@ def run_one(recipe_name: str, config: str, seed: int, folder: Path) -> dict[str,
         "recipe": recipe_name,
         "config": config,
         "seed": seed,
-        "overrides": config_overrides(recipe_name, config),
+        "overrides": [*config_overrides(recipe_name, config), *(extra or [])],
         "test_rows": rows,
         "accuracy": accuracy,
         "accuracy_ci": wilson(accuracy, rows),
@@ -142,6 +156,8 @@ def run_one(recipe_name: str, config: str, seed: int, folder: Path) -> dict[str,
         "difference_ci": (classical.get("model_minus_baseline") or {}).get("ci"),
         "outcome": classical.get("outcome"),
         "selected_epoch": result.metrics.get("selected_epoch"),
+        "forgetting": result.metrics.get("forgetting"),
+        "train_rows": info.data.rows_kept.get("train"),
         "wall_s": wall,
         "timings": info.timings,
     }
@@ -159,6 +175,16 @@ def _fmt_ci(value: float | None, ci: list[float] | None, signed: bool = False) -
     return f"{value:{spec}}" + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
 
 
+def _fmt_forgetting(forgetting: dict[str, Any] | None) -> str:
+    if not forgetting:
+        return "-"
+    topics = forgetting["topic_neighbours"]
+    return (
+        f"{forgetting['similarity_preserved']:.3f} "
+        f"({topics['before']:.3f} -> {topics['after']:.3f})"
+    )
+
+
 def markdown(payload: dict[str, Any]) -> str:
     rows = payload["runs"]
     table = md_table(
@@ -172,6 +198,7 @@ def markdown(payload: dict[str, Any]) -> str:
             "model - classical [95% CI]",
             "outcome",
             "kept",
+            "forgetting: similarity kept (topic nbrs before -> after)",
             "wall",
         ],
         [
@@ -185,6 +212,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 _fmt_ci(r["difference"], r["difference_ci"], signed=True),
                 r["outcome"] or "-",
                 (r["selected_epoch"] or {}).get("epoch", "-"),
+                _fmt_forgetting(r.get("forgetting")),
                 fmt_s(r["wall_s"]),
             ]
             for r in rows
@@ -208,7 +236,9 @@ def markdown(payload: dict[str, Any]) -> str:
             *table,
             "",
             "Configurations (overrides on top of the recipe; every run also has train.checkpoint=false, "
-            "train.log_with=[], audit.enabled=false, push.enabled=false, seed=SEED):",
+            "train.log_with=[], audit.enabled=false, push.enabled=false, seed=SEED"
+            + (f", and {' '.join(payload['set'])}" if payload.get("set") else "")
+            + "):",
             "",
             configs,
             "",
@@ -229,19 +259,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--note", action="append", default=[], help="a note for the report")
     parser.add_argument("--keep", default=None, help="keep run folders here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every run (e.g. data.limit.train=1000); repeatable",
+    )
     args = parser.parse_args()
     setup_environment(threads=args.threads)
     payload = {
         **result_head("recipes_vs_baselines", script="bench_recipes.py", quick=False),
         "runs": [],
         "notes": args.note,
+        "set": args.set,
     }
     start = time.perf_counter()
     with workspace(args.keep) as folder:
         for recipe_name in args.recipes:
             for seed in args.seeds:
                 for config in args.configs:
-                    payload["runs"].append(run_one(recipe_name, config, seed, folder / recipe_name))
+                    payload["runs"].append(
+                        run_one(recipe_name, config, seed, folder / recipe_name, args.set)
+                    )
                     payload["total_s"] = time.perf_counter() - start
                     write_results(args.name, payload, markdown(payload))  # after every run
 

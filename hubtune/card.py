@@ -551,6 +551,38 @@ def _membership(audit: AuditRecord | None) -> dict[str, Any] | None:
     return view
 
 
+def _postprocessing(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``hubtune mitigate``'s record, as the card shows it (per-group accuracy before/after)."""
+    if not record:
+        return None
+    test = record.get("test") or {}
+    return {
+        "constraint": _md(str(record.get("constraint", "")).replace("_", " ")),
+        "original_run": _md(record.get("original_run", "")),
+        "sensitive": [_md(c) for c in record.get("sensitive") or []],
+        "validation_rows": _num((record.get("fitted_on") or {}).get("rows")),
+        "randomized": bool(record.get("randomized")),
+        "before": _num((test.get("before") or {}).get("accuracy"), 4),
+        "after": _num((test.get("after") or {}).get("accuracy"), 4),
+        "groups": [
+            (
+                _md(group),
+                _num(row.get("rows")),
+                _num(row.get("before"), 4),
+                _num(row.get("after"), 4),
+            )
+            for group, row in (test.get("accuracy_by_group") or {}).items()
+        ],
+        "gap": {
+            "measure": _md((record.get("expected_gap") or {}).get("measure", "")),
+            "validation": _num((record.get("expected_gap") or {}).get("validation"), 3),
+            "test": _num((record.get("expected_gap") or {}).get("test"), 3),
+        },
+        "deployment": _md(record.get("deployment", "")),
+        "notes": [_md(n) for n in record.get("notes") or []],
+    }
+
+
 def _classical(run_info: RunInfo) -> dict[str, Any] | None:
     """The classical baseline (a model without pretraining on the same split), for the card."""
     from hubtune.baselines import summary
@@ -912,6 +944,14 @@ def build_card(
         else None,
         "hyperparameters": _hyperparameters(recipe, ledger, run_info),
         "pooling": _pooling_sentence(run_info.pooling),
+        "postprocessing": _postprocessing(run_info.postprocessing),
+        "forgetting": {
+            "rho": _num(run_info.forgetting["similarity_preserved"], 3),
+            "before": _num(run_info.forgetting["topic_neighbours"]["before"], 3),
+            "after": _num(run_info.forgetting["topic_neighbours"]["after"], 3),
+        }
+        if run_info.forgetting
+        else None,
         **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,
         "membership": _membership(audit),

@@ -250,6 +250,89 @@ def audit(
 
 
 @app.command()
+def mitigate(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A complete run of a binary classifier, e.g. runs/quickstart.")
+    ],
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method", help="Mitigation method: threshold (Fairlearn's ThresholdOptimizer)."
+        ),
+    ] = "threshold",
+    constraint: Annotated[
+        str | None,
+        typer.Option(
+            "--constraint",
+            help="equalized_odds or demographic_parity; default: the one the audit policy bounds.",
+        ),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy", help="Audit policy name or path; default: the run's audit.policy."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="The new run directory; default RUN_DIR-METHOD.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Post-process a run whose fairness audit failed, re-audit it, write it as a new run.
+
+    Fits one decision threshold per group on the validation split (Fairlearn's
+    ThresholdOptimizer under the policy's constraint), applies it to the test split, audits the
+    result against the original run, and writes RUN_DIR-threshold/ with postprocess.json (the
+    rule), a new audit and a card stating the post-processing and its accuracy cost per group.
+    The rule needs each input's group at prediction time: where that is unknown it cannot be
+    deployed, and the card says so. Exit status: 0 the new audit passes, 3 it does not, 2
+    unusable input.
+    """
+    _setup_logging(verbose)
+    from hubtune.audit import AuditError, PolicyError
+    from hubtune.audit.policy import PUBLISHABLE
+    from hubtune.mitigate import MitigationError
+    from hubtune.mitigate import mitigate as run_mitigation
+
+    try:
+        result = run_mitigation(
+            run_dir,
+            method=method,
+            constraint=constraint,
+            policy=policy,
+            out=out,
+            overwrite=overwrite,
+        )
+    except (MitigationError, AuditError, PolicyError, FileNotFoundError) as exc:
+        _fail(f"hubtune mitigate: {exc}")
+        return
+    record, verdict = result["postprocessing"], result["audit"]["verdict"]
+    test = record["test"]
+    typer.echo(
+        f"post-processing: {record['method']} ({record['constraint']}), fitted on "
+        f"{record['fitted_on']['rows']} validation rows"
+    )
+    typer.echo(
+        f"test accuracy:   {test['before']['accuracy']:.4f} -> {test['after']['accuracy']:.4f}"
+    )
+    for group, row in test["accuracy_by_group"].items():
+        typer.echo(f"  {group}: {row['before']:.4f} -> {row['after']:.4f} ({row['rows']} rows)")
+    for check in verdict["checks"]:
+        mark = {True: "pass", False: "FAIL", None: "n/a "}[check["passed"]]
+        typer.echo(
+            f"  {mark}  {check['check']} [{check['scope']}]: {check['judged_value']!s:.6} {check['rule']}"
+        )
+    typer.echo(f"verdict:         {verdict['status'].upper().replace('_', ' ')}")
+    typer.echo(f"deployment:      {record['deployment']}")
+    typer.echo(f"run:             {Path(result['run_dir']).resolve()}")
+    if verdict["status"] not in PUBLISHABLE:
+        raise typer.Exit(3)
+
+
+@app.command()
 def card(
     run_dir: Annotated[Path, typer.Argument(help="A complete run directory.")],
     repo_id: Annotated[

@@ -196,6 +196,7 @@ def format_summary(result: RunResult) -> str:
             *_test_lines(result.metrics),
             *_selection_lines(result.metrics),
             *_classical_lines(result.metrics, test.get("accuracy", 0.0)),
+            *_forgetting_lines(result.metrics),
             *privacy_lines(result.run_dir),
             *_audit_lines(result),
             *(
@@ -230,6 +231,18 @@ def _selection_lines(metrics: dict[str, Any]) -> list[str]:
 
     selected = metrics.get("selected_epoch")
     return [f"weights:   {describe(selected)}"] if selected else []
+
+
+def _forgetting_lines(metrics: dict[str, Any]) -> list[str]:
+    forgetting = metrics.get("forgetting")
+    if not forgetting:
+        return []
+    topics = forgetting["topic_neighbours"]
+    return [
+        f"forgetting: general-sentence similarities kept at rank correlation "
+        f"{forgetting['similarity_preserved']:.3f} with the pretrained encoder (same-topic "
+        f"neighbours {topics['before']:.3f} -> {topics['after']:.3f}; forgetting.json)"
+    ]
 
 
 def _classical_lines(metrics: dict[str, Any], accuracy: float) -> list[str]:

@@ -34,6 +34,7 @@ from hubtune.rundir import (
     AUDIT_FILE,
     AUDIT_JSON,
     CARD_DIR,
+    POSTPROCESS_FILE,
     PRIVACY_FILE,
     PRIVACY_LEDGER,
     RECIPE_FILE,
@@ -81,7 +82,7 @@ def pushed_files(run_dir: Path) -> dict[str, Path]:
         for path in sorted(audit.rglob("*")):
             if path.is_file():
                 files[f"audit/{path.relative_to(audit).as_posix()}"] = path
-    for name in (PRIVACY_LEDGER, RECIPE_FILE):
+    for name in (PRIVACY_LEDGER, RECIPE_FILE, POSTPROCESS_FILE):
         if (run_dir / name).exists():
             files[name] = run_dir / name
     return files

@@ -634,6 +634,17 @@ class PushSection(_Strict):
         return self
 
 
+class ChecksSection(_Strict):
+    """Checks of the transfer itself: what fine-tuning cost the pretrained model."""
+
+    forgetting: bool = Field(
+        True,
+        description="Text classifiers: how well the fine-tuned encoder keeps the pretrained one's "
+        "similarities of general sentences (hubtune.forgetting; writes forgetting.json). Cheap: "
+        "120 sentences through the base and the fine-tuned encoder.",
+    )
+
+
 class Recipe(_Strict):
     """A complete, validated hubtune recipe."""
 
@@ -655,6 +666,7 @@ class Recipe(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     privacy: PrivacySection | None = None
     audit: AuditSection = Field(default_factory=AuditSection)
+    checks: ChecksSection = Field(default_factory=ChecksSection)
     hub: HubSection = Field(default_factory=HubSection)
     push: PushSection = Field(default_factory=PushSection)
 

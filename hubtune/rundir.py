@@ -8,6 +8,10 @@ once, so a stage that writes a file and the stages that read it cannot drift apa
 ``run.json``               the run's record; written last, so its presence marks a complete run
 ``metrics.json``           test metrics, majority baseline, per-epoch history
 ``predictions.parquet``    test predictions in the task's schema (the audit's input)
+``validation_predictions.parquet``  the same for the validation split (classifiers; the input
+                           of ``hubtune mitigate``); local only, never pushed
+``forgetting.json``        text classifiers: what fine-tuning kept of the encoder's general behaviour
+``postprocess.json``       a mitigated run's per-group decision rule (``hubtune mitigate``)
 ``membership_scores.parquet``  per-example losses for the membership audit; never published
 ``privacy.json``           the DP ledger (DP runs)
 ``recipe.resolved.yaml``   the recipe that ran, defaults filled in
@@ -66,11 +70,14 @@ __all__ = [
     "CARD_DIR",
     "CHECKPOINTS_DIR",
     "EXPOSURE_FILE",
+    "FORGETTING_FILE",
     "SAMPLES_FILE",
     "STEREOTYPES_FILE",
     "MEMBERSHIP_FILE",
     "METRICS_FILE",
     "PREDICTIONS_FILE",
+    "POSTPROCESS_FILE",
+    "VALIDATION_PREDICTIONS_FILE",
     "PRIVACY_FILE",
     "PRIVACY_LEDGER",
     "RECIPE_FILE",
@@ -88,9 +95,12 @@ __all__ = [
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
+VALIDATION_PREDICTIONS_FILE = "validation_predictions.parquet"  # classifiers; never pushed
+POSTPROCESS_FILE = "postprocess.json"  # a mitigated run's per-group thresholds
 MEMBERSHIP_FILE = "membership_scores.parquet"  # per-example losses: local only, never pushed
 EXPOSURE_FILE = "exposure.json"  # language models: each canary's rank and exposure (no secrets)
 STEREOTYPES_FILE = "stereotypes.json"  # language models: CrowS-Pairs choices, base vs fine-tuned
+FORGETTING_FILE = "forgetting.json"  # text classifiers: hubtune.forgetting's figures
 SAMPLES_FILE = "samples.json"  # language models: greedy continuations of a fixed prompt set
 PRIVACY_LEDGER = "privacy.json"
 RECIPE_FILE = "recipe.resolved.yaml"
@@ -167,13 +177,15 @@ class Predictions:
         return [c for c in wanted if c not in self.frame.columns]
 
 
-def write_predictions(run_dir: Path, predictions: Predictions) -> None:
-    """Write ``predictions.parquet`` atomically, refusing a frame that breaks the schema."""
+def write_predictions(
+    run_dir: Path, predictions: Predictions, *, name: str = PREDICTIONS_FILE
+) -> None:
+    """Write ``predictions.parquet`` (or ``name``) atomically, refusing a frame that breaks the schema."""
     missing = predictions.missing_columns()
     if missing:
         raise ValueError(f"the predictions frame lacks the columns {missing} (task bug)")
     write_parquet(
-        run_dir / PREDICTIONS_FILE,
+        run_dir / name,
         predictions.frame,
         {
             "label_names": predictions.label_names,
@@ -183,17 +195,20 @@ def write_predictions(run_dir: Path, predictions: Predictions) -> None:
     )
 
 
-def read_predictions(run_dir: Path, *, label_names: list[str] | None = None) -> Predictions | None:
-    """The run's test predictions, or None when the file is missing.
+def read_predictions(
+    run_dir: Path, *, label_names: list[str] | None = None, name: str = PREDICTIONS_FILE
+) -> Predictions | None:
+    """The run's test predictions (or those in ``name``), or None when the file is missing.
 
     Args:
         run_dir: The run directory.
         label_names: The labels to assume when the file does not record them (older runs).
+        name: The file: :data:`PREDICTIONS_FILE` or :data:`VALIDATION_PREDICTIONS_FILE`.
 
     Raises:
         RunDirError: The file cannot be read or lacks columns of the schema.
     """
-    path = run_dir / PREDICTIONS_FILE
+    path = run_dir / name
     if not path.exists():
         return None
     try:
@@ -386,6 +401,9 @@ class RunInfo(_Record):
     selected_epoch: dict[str, Any] | None = None  # hubtune.selection (None: older runs)
     privacy: dict[str, Any] = Field(default_factory=dict)
     audit: AuditSummary | None = None
+    forgetting: dict[str, Any] | None = None  # hubtune.forgetting (None: not measured)
+    # hubtune mitigate: the post-processing that made this run from another (None: none)
+    postprocessing: dict[str, Any] | None = None
     pushes: list[dict[str, Any]] = Field(default_factory=list)
 
     @property
@@ -450,6 +468,7 @@ class Metrics(_Record):
     classical_baseline: dict[str, Any] | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)
     selected_epoch: dict[str, Any] | None = None  # hubtune.selection (None: older runs)
+    forgetting: dict[str, Any] | None = None  # hubtune.forgetting (None: not measured)
 
 
 class Estimate(_Record):

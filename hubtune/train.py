@@ -57,6 +57,7 @@ from hubtune.progress import OnStep, StepInfo
 from hubtune.recipe import Recipe, recipe_to_yaml
 from hubtune.rundir import (
     EXPOSURE_FILE,
+    FORGETTING_FILE,
     MEMBERSHIP_FILE,
     PRIVACY_FILE,
     PRIVACY_LEDGER,
@@ -64,6 +65,7 @@ from hubtune.rundir import (
     RUN_FILE,
     SAMPLES_FILE,
     STEREOTYPES_FILE,
+    VALIDATION_PREDICTIONS_FILE,
     Metrics,
     Predictions,
     privacy_summary,
@@ -721,10 +723,18 @@ def _finish(
             "accuracy": float((labels.numpy() == majority).mean()),
         }
     run.timings["test_s"] = time.perf_counter() - t0
+    validation = None
+    if task.has_labels:  # the kept weights' validation outputs: post-processing fits on them
+        validation = predict(
+            accelerator, setup.module, setup.val_loader, inputs.forward, reduce=task.reduce
+        )
     membership = None
     if recipe.audit.enabled:
         t0 = time.perf_counter()
-        membership = _membership_scores(run, loaded, inputs, setup.module, (logits, labels))
+        computed = {"test": (logits, labels)}
+        if validation is not None:
+            computed["validation"] = validation
+        membership = _membership_scores(run, loaded, inputs, setup.module, computed)
         run.timings["membership_s"] = time.perf_counter() - t0
     exposure = None
     if run.main and data.exposure_canaries is not None:
@@ -750,6 +760,11 @@ def _finish(
         t0 = time.perf_counter()
         stereotypes = _stereotypes(run, loaded)
         run.timings["stereotypes_s"] = time.perf_counter() - t0
+    forgetting = None
+    if run.main and recipe.checks.forgetting and recipe.model.task == "text-classification":
+        t0 = time.perf_counter()
+        forgetting = _forgetting(run, loaded)
+        run.timings["forgetting_s"] = time.perf_counter() - t0
     dp = setup.dp
     if dp is not None and dp.stopped_by_budget and run.main:
         logger.warning(
@@ -771,14 +786,23 @@ def _finish(
         run.timings["classical_baseline_s"] = time.perf_counter() - t0
         if classical is not None:
             metrics["classical_baseline"] = classical
+    if forgetting is not None:
+        metrics["forgetting"] = {
+            "similarity_preserved": forgetting["similarity_preserved"],
+            "topic_neighbours": forgetting["topic_neighbours"],
+        }
     accelerator.wait_for_everyone()
     if run.main:
         ledger = _ledger(loaded, setup)
-        _write_run_dir(run, loaded, inputs, setup, ledger, metrics, (logits, labels), membership)
+        _write_run_dir(
+            run, loaded, inputs, setup, ledger, metrics, (logits, labels), validation, membership
+        )
         if exposure is not None:
             atomic_write_json(run.run_dir / EXPOSURE_FILE, exposure)
         if stereotypes is not None:
             atomic_write_json(run.run_dir / STEREOTYPES_FILE, stereotypes)
+        if forgetting is not None:
+            atomic_write_json(run.run_dir / FORGETTING_FILE, forgetting)
         if samples is not None:
             atomic_write_json(
                 run.run_dir / SAMPLES_FILE,
@@ -834,6 +858,30 @@ def _stereotypes(run: _Run, loaded: _Loaded) -> dict[str, Any]:
     return measured
 
 
+def _forgetting(run: _Run, loaded: _Loaded) -> dict[str, Any]:
+    """The fine-tuned encoder against the pretrained one (loaded afresh from its pinned files) on
+    general sentences (hubtune.forgetting)."""
+    from transformers import AutoModel
+
+    from hubtune.forgetting import measure_forgetting
+
+    device = run.accelerator.device
+    base = AutoModel.from_pretrained(
+        loaded.resolved.local_dir,
+        trust_remote_code=run.recipe.model.trust_remote_code,
+        use_safetensors=None if run.recipe.model.allow_pickle else True,
+    ).to(device)
+    measured = measure_forgetting(
+        base=base,
+        fine_tuned=loaded.plan.model,
+        tokenizer=loaded.processor,
+        device=device,
+        max_length=run.recipe.model.max_length,
+    )
+    del base
+    return measured
+
+
 def _exposure(run: _Run, loaded: _Loaded) -> dict[str, Any]:
     """Each Secret-Sharer canary's rank and exposure under the kept weights (hubtune.audit.exposure)."""
     from hubtune.audit.exposure import measure_exposure
@@ -871,13 +919,14 @@ def _membership_scores(
     loaded: _Loaded,
     inputs: TrainingInputs,
     module: Any,
-    test_outputs: tuple[torch.Tensor, torch.Tensor],
+    computed: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> pd.DataFrame:
     """Per-example losses of training rows (members), held-out rows and canaries.
 
     Members are a seeded sample of at most ``audit.membership_rows`` real training rows
     (canaries are scored separately); non-members are every validation and test row.
-    ``test_outputs`` are the test split's (logits, labels), already computed for the metrics.
+    ``computed``: the (logits, labels) of splits already predicted (test, and validation for
+    classifiers), which are not predicted again.
     """
     recipe, data, accelerator = run.recipe, loaded.data, run.accelerator
     train_rows = data.splits["train"]
@@ -894,8 +943,8 @@ def _membership_scores(
         sources.append(("canaries", inputs.datasets["canaries"], data.canaries))
     parts = []
     for split, dataset, frame in sources:
-        if split == "test":
-            logits, labels = test_outputs
+        if split in computed:
+            logits, labels = computed[split]
         else:
             loader = accelerator.prepare(
                 DataLoader(
@@ -940,9 +989,11 @@ def _write_run_dir(
     ledger: dict[str, Any] | None,
     metrics: dict[str, Any],
     test_outputs: tuple[torch.Tensor, torch.Tensor],
+    validation_outputs: tuple[torch.Tensor, torch.Tensor] | None,
     membership: pd.DataFrame | None,
 ) -> None:
-    """Weights (with the ledger beside them), metrics, predictions, ledger, resolved recipe."""
+    """Weights (with the ledger beside them), metrics, predictions (test, and validation for
+    classifiers), ledger, resolved recipe."""
     recipe, plan, data = run.recipe, loaded.plan, loaded.data
     run_dir = run.run_dir
     cached = plan.cache_features or inputs.info.get("kind") == "prefix" or setup.dp is not None
@@ -973,6 +1024,16 @@ def _write_run_dir(
             kind="classification" if loaded.task.has_labels else "generation",
         ),
     )
+    if validation_outputs is not None:
+        write_predictions(
+            run_dir,
+            Predictions(
+                loaded.task.predictions(data, *validation_outputs, split="validation"),
+                label_names=list(data.label_names),
+                sensitive_columns=list(data.sensitive_columns),
+            ),
+            name=VALIDATION_PREDICTIONS_FILE,
+        )
     atomic_write_text(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
     if membership is not None:
         write_parquet(
@@ -1029,6 +1090,7 @@ def _write_run_info(
         "majority_baseline": metrics["majority_baseline"],
         "classical_baseline": metrics.get("classical_baseline"),
         "selected_epoch": metrics.get("selected_epoch"),
+        "forgetting": metrics.get("forgetting"),
         "privacy": privacy_summary(ledger) if ledger is not None else {"enabled": False},
     }
     atomic_write_json(run.run_dir / RUN_FILE, run_info)

@@ -350,6 +350,30 @@ def both(name: str, setup: Setup, message: str) -> list[Row]:
     return [Row(name, setup, "run", 2, message), Row(name, setup, "validate", 2, message)]
 
 
+def _fake_run(inputs: Inputs, labels: list[str]) -> Path:
+    frame = pd.DataFrame(
+        {"label_id": [0, 1, 1, 0], "prediction_id": [0, 1, 0, 0], "group": ["a", "b", "a", "b"]}
+    )
+    return make_fake_run(inputs.run_dir, frame, label_names=labels, sensitive=["group"])
+
+
+def mitigate_without_validation_predictions(inputs: Inputs) -> list[str]:
+    return [str(_fake_run(inputs, ["neg", "pos"]))]
+
+
+def mitigate_three_classes(inputs: Inputs) -> list[str]:
+    return [str(_fake_run(inputs, ["x", "y", "z"]))]
+
+
+def mitigate_not_a_run(inputs: Inputs) -> list[str]:
+    inputs.run_dir.mkdir(parents=True)
+    return [str(inputs.run_dir)]
+
+
+def mitigate_unknown_constraint(inputs: Inputs) -> list[str]:
+    return [str(_fake_run(inputs, ["neg", "pos"])), "--constraint", "parity"]
+
+
 ROWS: list[Row] = [
     *both("empty-csv", empty_csv, r"data file \S+data\.csv is empty \(0 bytes\)\. It needs the columns text, label, group"),
     *both("header-only-csv", header_only_csv, r"data file \S+data\.csv has a header but no rows"),
@@ -400,6 +424,10 @@ ROWS: list[Row] = [
     *both("invalid-pii-pattern", invalid_pii_pattern, r"data\.anonymize: data\.anonymize\.patterns\.ticket: 'T\[0-9' is not a valid regular expression"),
     *both("exposure-canaries-on-a-classifier", exposure_canaries_on_a_classifier, r"audit\.exposure plants secrets for a language model .*Remove audit\.exposure"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
+    Row("mitigate-without-validation-predictions", mitigate_without_validation_predictions, "mitigate", 2, r"hubtune mitigate: \S+tiny has no validation_predictions\.parquet: .*re-run the training"),
+    Row("mitigate-three-classes", mitigate_three_classes, "mitigate", 2, r"hubtune mitigate: \S+tiny: threshold post-processing is defined for two classes .*this run has 3"),
+    Row("mitigate-not-a-run", mitigate_not_a_run, "mitigate", 2, r"hubtune mitigate: \S+tiny is not a complete run \(no run\.json\)"),
+    Row("mitigate-unknown-constraint", mitigate_unknown_constraint, "mitigate", 2, r"hubtune mitigate: --constraint must be one of \['equalized_odds', 'demographic_parity'\], not 'parity'"),
 ]  # fmt: skip
 
 

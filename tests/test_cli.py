@@ -138,9 +138,13 @@ def test_accelerate_launch_two_cpu_processes(
         "predictions.parquet",
         "recipe.resolved.yaml",
         "run.json",
+        "validation_predictions.parquet",
     ]
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
     assert len(predictions) == run["data"]["rows_kept"]["test"] and predictions["row_id"].is_unique
+    validation = pd.read_parquet(run_dir / "validation_predictions.parquet")
+    assert len(validation) == run["data"]["rows_kept"]["validation"]
+    assert validation["row_id"].is_unique
     # The membership scores gathered from both ranks hold every scored row exactly once.
     scores = pd.read_parquet(run_dir / "membership_scores.parquet")
     assert scores["row_id"].is_unique

@@ -73,6 +73,18 @@ def test_freeze_with_feature_cache(tiny_bert: Path, sentiment_csv: Path, tmp_pat
     assert (
         predictions["prediction_id"] == predictions[["prob_neg", "prob_pos"]].to_numpy().argmax(1)
     ).all()
+    # The kept weights' validation predictions (hubtune mitigate fits on them): every validation
+    # row once, in the same schema, and as accurate as the kept epoch was on validation.
+    validation = pd.read_parquet(run_dir / "validation_predictions.parquet")
+    assert list(validation.columns) == list(predictions.columns)
+    assert len(validation) == run["data"]["rows_kept"]["validation"]
+    assert validation["row_id"].is_unique and validation["row_id"].str.startswith("train:").all()
+    assert not set(validation["row_id"]) & set(predictions["row_id"])
+    kept = result.metrics["selected_epoch"]["epoch"]
+    val_accuracy = next(h for h in result.metrics["history"] if h["epoch"] == kept)["val_accuracy"]
+    assert (validation["label_id"] == validation["prediction_id"]).mean() == pytest.approx(
+        val_accuracy, abs=1e-9
+    )
     # The saved model, loaded the ordinary way, reproduces the cached-feature predictions.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

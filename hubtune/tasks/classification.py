@@ -53,13 +53,16 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict
     }
 
 
-def predictions(data: PreparedData, logits: torch.Tensor, labels: torch.Tensor) -> pd.DataFrame:
-    """The test split's predictions in the audit's schema (see the module docstring)."""
+def predictions(
+    data: PreparedData, logits: torch.Tensor, labels: torch.Tensor, split: str = "test"
+) -> pd.DataFrame:
+    """A split's predictions in the audit's schema (see the module docstring): the test split's
+    for the audit, the validation split's for post-processing (``hubtune mitigate``)."""
     import numpy as np
     import pandas as pd
     import torch
 
-    test = data.splits["test"]
+    test = data.splits[split]
     probs = torch.softmax(logits.float(), dim=-1).numpy()
     predicted = probs.argmax(-1)
     names = np.array(data.label_names, dtype=object)
