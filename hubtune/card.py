@@ -551,6 +551,22 @@ def _membership(audit: AuditRecord | None) -> dict[str, Any] | None:
     return view
 
 
+def _scratch(run_info: RunInfo) -> dict[str, Any] | None:
+    """The negative-transfer check (the same architecture from scratch), for the card."""
+    from hubtune.baselines import verdict_text
+
+    scratch = run_info.scratch_baseline
+    accuracy = run_info.test.get("accuracy")
+    if not scratch or accuracy is None:
+        return None
+    return {
+        "name": _md(scratch["name"]),
+        "accuracy": _num(scratch.get("accuracy"), 4),
+        "verdict": _md(verdict_text(float(accuracy), {**scratch, "name": "from scratch"})),
+        "negative_transfer": bool(scratch.get("negative_transfer")),
+    }
+
+
 def _postprocessing(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """``hubtune mitigate``'s record, as the card shows it (per-group accuracy before/after)."""
     if not record:
@@ -945,6 +961,7 @@ def build_card(
         "hyperparameters": _hyperparameters(recipe, ledger, run_info),
         "pooling": _pooling_sentence(run_info.pooling),
         "postprocessing": _postprocessing(run_info.postprocessing),
+        "scratch": _scratch(run_info),
         "forgetting": {
             "rho": _num(run_info.forgetting["similarity_preserved"], 3),
             "before": _num(run_info.forgetting["topic_neighbours"]["before"], 3),

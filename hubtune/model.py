@@ -200,7 +200,12 @@ def _labelled_config(resolved: ResolvedModel, label_names: list[str], trust: boo
 def _from_pretrained(
     auto_class: Any, resolved: ResolvedModel, config: Any, section: ModelSection
 ) -> tuple[Any, list[str]]:
-    """The model with the recipe's labels, and the tensors the checkpoint did not have."""
+    """The model with the recipe's labels, and the tensors the checkpoint did not have (all of
+    them with ``model.init: random``: the architecture alone, initialised afresh)."""
+    if section.init == "random":
+        model = auto_class.from_config(config, trust_remote_code=section.trust_remote_code)
+        logger.info("model: random initialisation (model.init: random); no pretrained weights")
+        return model, sorted(name for name, _ in model.named_parameters())
     model, info = auto_class.from_pretrained(
         resolved.local_dir,
         config=config,
@@ -245,6 +250,9 @@ def load_causal_lm(resolved: ResolvedModel, section: ModelSection) -> tuple[Any,
     config = AutoConfig.from_pretrained(resolved.local_dir, trust_remote_code=trust)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
+    if section.init == "random":
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        return tokenizer, model, sorted(name for name, _ in model.named_parameters())
     model, info = AutoModelForCausalLM.from_pretrained(
         resolved.local_dir,
         config=config,

@@ -14,6 +14,7 @@ stage imports a later one or this module.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 
 from hubtune.errors import RunError
-from hubtune.io import atomic_write_text
+from hubtune.io import atomic_write_json, atomic_write_text
 from hubtune.privacy import VOID_REASON, guarantee_is_void
 from hubtune.progress import OnStep
 from hubtune.recipe import Recipe
@@ -89,7 +90,10 @@ def run_recipe(
             if recipe.audit.enabled and recipe.audit.compare_nonprivate
             else None
         )
+        scratch = scratch_twin(recipe) if recipe.checks.negative_transfer else None
         main = _release_processes()
+        if main and scratch is not None:
+            trained.metrics["scratch_baseline"] = record_scratch_baseline(recipe, scratch)
         result = RunResult(trained.run_dir, trained.metrics, trained.resumed_from_epoch)
         if main and recipe.audit.enabled:
             result.audit = _audit(recipe, twin)
@@ -106,7 +110,6 @@ def nonprivate_twin(recipe: Recipe) -> Path:
     ``<name>-nonprivate`` beside the run, trained in-process through the same entry point
     (on every process of a launch). A twin trained earlier from the same recipe is reused.
     """
-    from hubtune.train import train
 
     spec = recipe.model_dump(mode="json")
     spec.update(
@@ -120,16 +123,97 @@ def nonprivate_twin(recipe: Recipe) -> Path:
         # The same solver as the private run (DP-SGD's epochs, without the noise), so the
         # comparison measures privacy, not L-BFGS against SGD.
         spec["method"]["head_fit"] = "sgd"
+    return _train_twin(spec, what="the non-private twin", of=recipe.name, stage="audit")
+
+
+def _train_twin(spec: dict[str, Any], *, what: str, of: str, stage: str) -> Path:
+    """Train the recipe ``spec`` in-process (every process of a launch), or reuse its run when
+    an earlier one was trained from the same spec (``twin-source.yaml`` beside it)."""
+    from hubtune.train import train
+
     twin = Recipe.model_validate(spec)
     text = yaml.safe_dump(spec, sort_keys=False)
     source = twin.run_dir / TWIN_SOURCE
     if (twin.run_dir / RUN_FILE).exists() and source.exists() and source.read_text() == text:
-        logger.info("audit: reusing the non-private twin %s", twin.run_dir)
+        logger.info("%s: reusing %s %s", stage, what, twin.run_dir)
         return twin.run_dir
-    logger.info("audit: training the non-private twin %s", twin.run_dir)
-    train(twin, overwrite=True, recipe_source=f"non-private twin of {recipe.name}")
+    logger.info("%s: training %s %s", stage, what, twin.run_dir)
+    train(twin, overwrite=True, recipe_source=f"{what} of {of}")
     atomic_write_text(source, text)
     return twin.run_dir
+
+
+def scratch_twin(recipe: Recipe) -> Path:
+    """Train (or reuse) the same architecture from random initialisation on the same split.
+
+    ``<name>-scratch`` beside the run: ``model.init: random``, full fine-tuning at
+    ``checks.scratch_lr`` for ``checks.scratch_epochs`` (default the recipe's), the recipe's
+    data, seed (so the same split) and privacy settings; no audit, no checks, no push. Trained
+    on every process of a launch, through the same entry point; reused when the recipe is
+    unchanged.
+    """
+
+    spec = recipe.model_dump(mode="json")
+    train_section = {**spec["train"], "lr": recipe.checks.scratch_lr}
+    if recipe.checks.scratch_epochs is not None:
+        train_section["epochs"] = recipe.checks.scratch_epochs
+    spec.update(
+        name=f"{recipe.name}-scratch",
+        description=f"{recipe.name}'s architecture from random initialisation (negative-transfer check).",
+        model={**spec["model"], "init": "random"},
+        method={"name": "full"},
+        train=train_section,
+        audit={
+            **spec["audit"],
+            "enabled": False,
+            "canaries": 0,
+            "compare_nonprivate": False,
+            "exposure": None,
+        },
+        checks={**spec["checks"], "negative_transfer": False, "forgetting": False},
+        push={**spec["push"], "enabled": False},
+    )
+    return _train_twin(spec, what="the from-scratch twin", of=recipe.name, stage="checks")
+
+
+def record_scratch_baseline(recipe: Recipe, scratch: Path) -> dict[str, Any]:
+    """Compare the run's test predictions with the from-scratch model's (paired bootstrap) and
+    record it in metrics.json and run.json (``scratch_baseline``)."""
+    from hubtune.baselines import compare
+    from hubtune.rundir import METRICS_FILE, read_predictions
+
+    ours, theirs = read_predictions(recipe.run_dir), read_predictions(scratch)
+    if ours is None or theirs is None or ours.kind != "classification":
+        raise RunError(f"negative-transfer check: no classification predictions in {scratch}")
+    if ours.frame["row_id"].tolist() != theirs.frame["row_id"].tolist():
+        raise RunError(
+            f"negative-transfer check: {scratch} was tested on other rows than {recipe.run_dir}; "
+            "delete it and run again"
+        )
+    scratch_recipe = (
+        yaml.safe_load((scratch / TWIN_SOURCE).read_text())
+        if (scratch / TWIN_SOURCE).exists()
+        else {}
+    )
+    epochs = ((scratch_recipe or {}).get("train") or {}).get("epochs", recipe.train.epochs)
+    labels = ours.frame["label_id"].to_numpy()
+    record = {
+        "name": f"same architecture from random initialisation (full fine-tuning, lr "
+        f"{recipe.checks.scratch_lr:g}, {epochs} epochs)",
+        "run": scratch.name,
+        **compare(
+            ours.frame["prediction_id"].to_numpy(),
+            theirs.frame["prediction_id"].to_numpy(),
+            labels,
+            seed=recipe.seed,
+        ),
+    }
+    for name in (METRICS_FILE, RUN_FILE):
+        path = recipe.run_dir / name
+        content = json.loads(path.read_text())
+        content["scratch_baseline"] = record
+        atomic_write_json(path, content)
+    return record
 
 
 def _release_processes() -> bool:
@@ -197,6 +281,7 @@ def format_summary(result: RunResult) -> str:
             *_selection_lines(result.metrics),
             *_classical_lines(result.metrics, test.get("accuracy", 0.0)),
             *_forgetting_lines(result.metrics),
+            *_scratch_lines(result.metrics, test.get("accuracy", 0.0)),
             *privacy_lines(result.run_dir),
             *_audit_lines(result),
             *(
@@ -231,6 +316,16 @@ def _selection_lines(metrics: dict[str, Any]) -> list[str]:
 
     selected = metrics.get("selected_epoch")
     return [f"weights:   {describe(selected)}"] if selected else []
+
+
+def _scratch_lines(metrics: dict[str, Any], accuracy: float) -> list[str]:
+    from hubtune.baselines import verdict_text
+
+    scratch = metrics.get("scratch_baseline")
+    if not scratch:
+        return []
+    line = verdict_text(accuracy, {**scratch, "name": "from scratch"})
+    return [f"scratch:   {line} ({scratch['name']}; run {scratch['run']})"]
 
 
 def _forgetting_lines(metrics: dict[str, Any]) -> list[str]:

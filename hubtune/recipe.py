@@ -110,6 +110,12 @@ class ModelSection(_Strict):
         "then loads with trust_remote_code=True; its code ships beside the weights). LoRA keeps "
         "`native` (auto) or refuses another.",
     )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="`random`: the same architecture with freshly initialised weights (seeded "
+        "by the recipe), nothing read from the checkpoint but its configuration and tokenizer or "
+        "processor: a model trained from scratch (the negative-transfer check's baseline).",
+    )
     image_size: int | None = Field(
         None,
         ge=16,
@@ -635,7 +641,21 @@ class PushSection(_Strict):
 
 
 class ChecksSection(_Strict):
-    """Checks of the transfer itself: what fine-tuning cost the pretrained model."""
+    """Checks of the transfer itself: did pretraining help, and what did fine-tuning cost it."""
+
+    negative_transfer: bool = Field(
+        False,
+        description="Also train the same architecture from random initialisation (full "
+        "fine-tuning, `<name>-scratch` beside the run, the recipe's privacy settings) and compare "
+        "its test accuracy with this model's (paired bootstrap): flags negative transfer when the "
+        "pretrained model does not beat it beyond the interval. Costs a second training.",
+    )
+    scratch_lr: float = Field(
+        1e-4, gt=0, description="Learning rate of the from-scratch model (negative_transfer)."
+    )
+    scratch_epochs: int | None = Field(
+        None, ge=1, description="Its epochs; default: the recipe's train.epochs."
+    )
 
     forgetting: bool = Field(
         True,
@@ -678,6 +698,16 @@ class Recipe(_Strict):
             raise ValueError(
                 "privacy with train.mixed_precision: fp16 is refused: the fp16 GradScaler rescales and skips steps "
                 "behind the DP optimizer's back. Use bf16 (autocast only) or no."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _random_init_trains_everything(self) -> Recipe:
+        if self.model.init == "random" and self.method.name != "full":
+            raise ValueError(
+                f"model.init: random starts every weight from scratch, so there is nothing "
+                f"pretrained to freeze or adapt; method.name: {self.method.name} would train "
+                "random features. Use method: {name: full}."
             )
         return self
 

@@ -402,6 +402,7 @@ class RunInfo(_Record):
     privacy: dict[str, Any] = Field(default_factory=dict)
     audit: AuditSummary | None = None
     forgetting: dict[str, Any] | None = None  # hubtune.forgetting (None: not measured)
+    scratch_baseline: dict[str, Any] | None = None  # checks.negative_transfer (hubtune.pipeline)
     # hubtune mitigate: the post-processing that made this run from another (None: none)
     postprocessing: dict[str, Any] | None = None
     pushes: list[dict[str, Any]] = Field(default_factory=list)
@@ -469,6 +470,7 @@ class Metrics(_Record):
     history: list[dict[str, Any]] = Field(default_factory=list)
     selected_epoch: dict[str, Any] | None = None  # hubtune.selection (None: older runs)
     forgetting: dict[str, Any] | None = None  # hubtune.forgetting (None: not measured)
+    scratch_baseline: dict[str, Any] | None = None  # checks.negative_transfer (hubtune.pipeline)
 
 
 class Estimate(_Record):

@@ -835,6 +835,15 @@ def _classical_baseline(
     return {**record, **compare(logits.argmax(-1).numpy(), predicted, truth, seed=seed)}
 
 
+def _fresh_base(auto_class: Any, run: _Run, loaded: _Loaded) -> Any:
+    """The pretrained model loaded afresh from its pinned files, on the run's device."""
+    return auto_class.from_pretrained(
+        loaded.resolved.local_dir,
+        trust_remote_code=run.recipe.model.trust_remote_code,
+        use_safetensors=None if run.recipe.model.allow_pickle else True,
+    ).to(run.accelerator.device)
+
+
 def _stereotypes(run: _Run, loaded: _Loaded) -> dict[str, Any]:
     """CrowS-Pairs choices of the base model (loaded afresh from its pinned files) and of the
     fine-tuned one (hubtune.audit.stereotypes)."""
@@ -843,11 +852,7 @@ def _stereotypes(run: _Run, loaded: _Loaded) -> dict[str, Any]:
     from hubtune.audit.stereotypes import measure_stereotypes
 
     device = run.accelerator.device
-    base = AutoModelForCausalLM.from_pretrained(
-        loaded.resolved.local_dir,
-        trust_remote_code=run.recipe.model.trust_remote_code,
-        use_safetensors=None if run.recipe.model.allow_pickle else True,
-    ).to(device)
+    base = _fresh_base(AutoModelForCausalLM, run, loaded)
     measured = measure_stereotypes(
         {"base": base, "fine_tuned": loaded.plan.model},
         loaded.processor,
@@ -866,11 +871,7 @@ def _forgetting(run: _Run, loaded: _Loaded) -> dict[str, Any]:
     from hubtune.forgetting import measure_forgetting
 
     device = run.accelerator.device
-    base = AutoModel.from_pretrained(
-        loaded.resolved.local_dir,
-        trust_remote_code=run.recipe.model.trust_remote_code,
-        use_safetensors=None if run.recipe.model.allow_pickle else True,
-    ).to(device)
+    base = _fresh_base(AutoModel, run, loaded)
     measured = measure_forgetting(
         base=base,
         fine_tuned=loaded.plan.model,

@@ -333,6 +333,14 @@ def exposure_canaries_on_a_classifier(i: Inputs) -> list[str]:
     return [*i.recipe(), "audit.exposure={digits: 4}"]
 
 
+def random_init_with_frozen_backbone(i: Inputs) -> list[str]:
+    return [*i.recipe(), "model.init=random"]
+
+
+def scratch_lr_zero(i: Inputs) -> list[str]:
+    return [*i.recipe(), "checks.negative_transfer=true", "checks.scratch_lr=0"]
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -422,6 +430,8 @@ ROWS: list[Row] = [
     *both("phone-canaries-of-the-wrong-length", phone_canaries_of_the_wrong_length, r"audit\.exposure: .*shape: phone draws 7 random digits .*set digits: 7"),
     *both("unknown-pii-entity", unknown_pii_entity, r"data\.anonymize: entities \['ssn'\] are unknown; known: person, email, phone"),
     *both("invalid-pii-pattern", invalid_pii_pattern, r"data\.anonymize: data\.anonymize\.patterns\.ticket: 'T\[0-9' is not a valid regular expression"),
+    *both("random-init-with-frozen-backbone", random_init_with_frozen_backbone, r"model\.init: random starts every weight from scratch, so there is nothing pretrained to freeze or adapt; method\.name: freeze .*Use method: \{name: full\}"),
+    *both("scratch-lr-zero", scratch_lr_zero, r"checks\.scratch_lr: Input should be greater than 0"),
     *both("exposure-canaries-on-a-classifier", exposure_canaries_on_a_classifier, r"audit\.exposure plants secrets for a language model .*Remove audit\.exposure"),
     *both("remote-code-from-folder-pinned-by-sha", remote_code_from_folder_pinned_by_sha, r"r\.yaml:\d+: model: trust_remote_code: true runs the Python code in the local folder"),
     Row("mitigate-without-validation-predictions", mitigate_without_validation_predictions, "mitigate", 2, r"hubtune mitigate: \S+tiny has no validation_predictions\.parquet: .*re-run the training"),

@@ -114,3 +114,97 @@ def test_a_run_records_it_and_a_frozen_backbone_forgets_nothing(
     off["checks"] = {"forgetting": False}
     quiet = run_recipe(Recipe.model_validate(off))
     assert not (quiet.run_dir / "forgetting.json").exists()
+
+
+def test_negative_transfer_check_trains_the_architecture_from_scratch(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
+    """checks.negative_transfer: `<name>-scratch` is the same architecture from random weights,
+    tested on the same rows, and the recorded comparison is the paired bootstrap of the two
+    prediction files."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from hubtune.baselines import compare
+    from hubtune.pipeline import run_recipe
+    from hubtune.recipe import Recipe
+
+    from .conftest import recipe_dict
+
+    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / "runs")
+    spec["train"]["epochs"] = 1
+    spec["checks"] = {"negative_transfer": True, "scratch_lr": 0.001, "scratch_epochs": 2}
+    result = run_recipe(Recipe.model_validate(spec))
+    scratch = tmp_path / "runs" / "tiny-scratch"
+    scratch_run = json.loads((scratch / "run.json").read_text())
+    assert scratch_run["method"]["method"] == "full"
+    assert len(json.loads((scratch / "metrics.json").read_text())["history"]) == 2
+    # Random weights: no backbone tensor equals the pretrained checkpoint's.
+    pretrained = {
+        k if k.startswith("bert.") else f"bert.{k}": v
+        for k, v in load_file(tiny_bert / "model.safetensors").items()
+    }
+    trained = load_file(scratch / "model" / "model.safetensors")
+    shared = [k for k in trained if k in pretrained and trained[k].shape == pretrained[k].shape]
+    assert shared and not any(torch.equal(trained[k], pretrained[k]) for k in shared)
+    ours = pd.read_parquet(result.run_dir / "predictions.parquet")
+    theirs = pd.read_parquet(scratch / "predictions.parquet")
+    assert ours["row_id"].tolist() == theirs["row_id"].tolist()
+    expected = compare(
+        ours["prediction_id"].to_numpy(),
+        theirs["prediction_id"].to_numpy(),
+        ours["label_id"].to_numpy(),
+        seed=0,
+    )
+    for where in ("run.json", "metrics.json"):
+        recorded = json.loads((result.run_dir / where).read_text())["scratch_baseline"]
+        assert recorded["accuracy"] == pytest.approx(expected["accuracy"])
+        assert recorded["model_minus_baseline"] == expected["model_minus_baseline"]
+        assert recorded["negative_transfer"] == expected["negative_transfer"]
+        assert recorded["name"].startswith("same architecture from random initialisation")
+    report = (result.run_dir / "audit" / "report.md").read_text()
+    assert "**Negative-transfer check:**" in report
+    from hubtune.card import write_card
+
+    card = write_card(result.run_dir).read_text()
+    assert "**Negative-transfer check** (same architecture from random initialisation" in card
+    assert "| Same architecture trained from scratch, same split |" in card
+
+
+def test_random_init_is_refused_with_a_method_that_keeps_pretrained_weights(
+    tiny_bert: Path, sentiment_csv: Path, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from hubtune.recipe import Recipe
+
+    from .conftest import recipe_dict
+
+    spec = recipe_dict(tiny_bert, sentiment_csv, tmp_path / "runs")
+    spec["model"]["init"] = "random"
+    with pytest.raises(
+        ValidationError, match="model.init: random starts every weight from scratch"
+    ):
+        Recipe.model_validate(spec)
+
+
+def test_random_init_reads_only_the_architecture(tiny_bert: Path) -> None:
+    from hubtune.hub import resolve_model
+    from hubtune.model import load_classifier
+    from hubtune.recipe import ModelSection
+
+    resolved = resolve_model(str(tiny_bert), revision="main", allow_pickle=False)
+    section = ModelSection(id=str(tiny_bert), pooling="native")
+    _, pretrained, newly_pretrained = load_classifier(resolved, section, label_names=["a", "b"])
+    random_section = section.model_copy(update={"init": "random"})
+    torch.manual_seed(1)
+    _, first, newly = load_classifier(resolved, random_section, label_names=["a", "b"])
+    torch.manual_seed(1)
+    _, second, _ = load_classifier(resolved, random_section, label_names=["a", "b"])
+    assert newly_pretrained == ["classifier.bias", "classifier.weight"]
+    assert newly == sorted(n for n, _ in first.named_parameters())  # every tensor is new
+    matrices = {n: p for n, p in pretrained.named_parameters() if p.ndim > 1}
+    for name, tensor in first.named_parameters():
+        assert torch.equal(tensor, dict(second.named_parameters())[name])  # seeded
+        if name in matrices and not name.startswith("classifier"):
+            assert not torch.equal(tensor, matrices[name]), name

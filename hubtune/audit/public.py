@@ -130,6 +130,11 @@ def not_covered_by_dp(audit: dict[str, Any]) -> list[str]:
             "The canary audit's figures are computed on the inserted random canaries (no real "
             "data) without noise."
         )
+    if (audit.get("run") or {}).get("scratch_baseline"):
+        lines.append(
+            "The from-scratch baseline's accuracy comes from a second model trained on the same "
+            "rows (its own DP guarantee, not this model's; published figures of both compose)."
+        )
     if (audit.get("run") or {}).get("classical_baseline"):
         lines.append(
             "The classical baseline's accuracy comes from a model (without pretraining) trained "

@@ -677,6 +677,9 @@ def run_audit(
             "classical_baseline": baselines.summary(
                 run_info.get("classical_baseline"), (run_info.get("test") or {}).get("accuracy")
             ),
+            "scratch_baseline": baselines.summary(
+                run_info.get("scratch_baseline"), (run_info.get("test") or {}).get("accuracy")
+            ),
         },
         "policy": {"source": str(chosen), "digest": digest, **loaded.model_dump(mode="json")},
         "verdict": verdict,
