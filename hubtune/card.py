@@ -551,6 +551,25 @@ def _membership(audit: AuditRecord | None) -> dict[str, Any] | None:
     return view
 
 
+def _forgetting(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The forgetting check's figures as the card states them (encoder or language model)."""
+    if not record:
+        return None
+    if "perplexity" in record:
+        return {
+            "lm": True,
+            "before": _num(record["perplexity"]["before"], 1),
+            "after": _num(record["perplexity"]["after"], 1),
+            "ratio": _num(record["ratio"], 2),
+        }
+    return {
+        "lm": False,
+        "rho": _num(record["similarity_preserved"], 3),
+        "before": _num(record["topic_neighbours"]["before"], 3),
+        "after": _num(record["topic_neighbours"]["after"], 3),
+    }
+
+
 def _scratch(run_info: RunInfo) -> dict[str, Any] | None:
     """The negative-transfer check (the same architecture from scratch), for the card."""
     from hubtune.baselines import verdict_text
@@ -962,13 +981,7 @@ def build_card(
         "pooling": _pooling_sentence(run_info.pooling),
         "postprocessing": _postprocessing(run_info.postprocessing),
         "scratch": _scratch(run_info),
-        "forgetting": {
-            "rho": _num(run_info.forgetting["similarity_preserved"], 3),
-            "before": _num(run_info.forgetting["topic_neighbours"]["before"], 3),
-            "after": _num(run_info.forgetting["topic_neighbours"]["after"], 3),
-        }
-        if run_info.forgetting
-        else None,
+        "forgetting": _forgetting(run_info.forgetting),
         **_privacy_context(privacy_block, ledger),
         "fairness": fairness_view,
         "membership": _membership(audit),

@@ -15,9 +15,12 @@ tokens), and the check reports:
   general sentences by what they are about?).
 
 A frozen backbone gives exactly 1 and unchanged neighbours (tested), so the check cannot report
-forgetting where no weight moved. Text classifiers only, for now: image models (agreement with
-the base model's ImageNet predictions) and language models (perplexity on general text) are not
-measured yet, and the record says so.
+forgetting where no weight moved.
+
+Language models (``text-generation``): the perplexity of the same sentences (each encoded as
+training encodes text, ``[bos] tokens [eos]``) under the pretrained and the fine-tuned model,
+and their ratio: how much worse the fine-tuned model predicts general English. Image models
+(agreement with the base model's ImageNet predictions) are not measured yet.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["REFERENCE_FILE", "encoder_of", "measure_forgetting", "reference_sentences"]
+__all__ = [
+    "REFERENCE_FILE",
+    "encoder_of",
+    "measure_forgetting",
+    "measure_lm_forgetting",
+    "reference_sentences",
+]
 
 REFERENCE_FILE = Path(__file__).parent / "assets" / "reference_sentences.json"
 
@@ -137,4 +146,44 @@ def measure_forgetting(
         "pretrained vs fine-tuned encoder (mean-pooled last layer)",
         "reference": f"hubtune/assets/{REFERENCE_FILE.name} ({len(set(topics))} topics)",
         **compare(before, after, topics),
+    }
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any, tokenizer: Any, sentences: tuple[str, ...] | list[str], *, device: Any
+) -> float:
+    """exp(mean next-token loss) over every token of the sentences, each ``[bos] tokens [eos]``."""
+    was_training = model.training
+    model.eval()
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    total, count = 0.0, 0
+    try:
+        for sentence in sentences:
+            ids = bos + tokenizer(sentence, add_special_tokens=False)["input_ids"] + eos
+            batch = torch.tensor([ids], device=device)
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum")
+            total += float(loss)
+            count += len(ids) - 1
+    finally:
+        model.train(was_training)
+    return float(np.exp(total / count))
+
+
+def measure_lm_forgetting(
+    *, base: Any, fine_tuned: Any, tokenizer: Any, device: Any
+) -> dict[str, Any]:
+    """Perplexity of the reference sentences under the pretrained and the fine-tuned language
+    model (peft-wrapped or not): ``{"perplexity": {"before", "after"}, "ratio", ...}``."""
+    sentences, topics = reference_sentences()
+    before = perplexity(base, tokenizer, sentences, device=device)
+    after = perplexity(fine_tuned, tokenizer, sentences, device=device)
+    return {
+        "measure": "perplexity of general sentences, pretrained vs fine-tuned language model",
+        "reference": f"hubtune/assets/{REFERENCE_FILE.name} ({len(set(topics))} topics)",
+        "perplexity": {"before": before, "after": after},
+        "ratio": after / before,
+        "sentences": len(sentences),
     }

@@ -332,6 +332,12 @@ def _forgetting_lines(metrics: dict[str, Any]) -> list[str]:
     forgetting = metrics.get("forgetting")
     if not forgetting:
         return []
+    if "perplexity" in forgetting:
+        ppl = forgetting["perplexity"]
+        return [
+            f"forgetting: perplexity of general sentences {ppl['before']:.1f} pretrained -> "
+            f"{ppl['after']:.1f} fine-tuned ({forgetting['ratio']:.2f}x; forgetting.json)"
+        ]
     topics = forgetting["topic_neighbours"]
     return [
         f"forgetting: general-sentence similarities kept at rank correlation "

@@ -660,8 +660,9 @@ class ChecksSection(_Strict):
     forgetting: bool = Field(
         True,
         description="Text classifiers: how well the fine-tuned encoder keeps the pretrained one's "
-        "similarities of general sentences (hubtune.forgetting; writes forgetting.json). Cheap: "
-        "120 sentences through the base and the fine-tuned encoder.",
+        "similarities of general sentences; language models: their perplexity, before and after "
+        "(hubtune.forgetting; writes forgetting.json). Cheap: 120 sentences through the base and "
+        "the fine-tuned model.",
     )
 
 

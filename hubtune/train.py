@@ -761,7 +761,7 @@ def _finish(
         stereotypes = _stereotypes(run, loaded)
         run.timings["stereotypes_s"] = time.perf_counter() - t0
     forgetting = None
-    if run.main and recipe.checks.forgetting and recipe.model.task == "text-classification":
+    if run.main and recipe.checks.forgetting and recipe.model.task in FORGETTING_TASKS:
         t0 = time.perf_counter()
         forgetting = _forgetting(run, loaded)
         run.timings["forgetting_s"] = time.perf_counter() - t0
@@ -787,10 +787,8 @@ def _finish(
         if classical is not None:
             metrics["classical_baseline"] = classical
     if forgetting is not None:
-        metrics["forgetting"] = {
-            "similarity_preserved": forgetting["similarity_preserved"],
-            "topic_neighbours": forgetting["topic_neighbours"],
-        }
+        keys = ("similarity_preserved", "topic_neighbours", "perplexity", "ratio")
+        metrics["forgetting"] = {k: forgetting[k] for k in keys if k in forgetting}
     accelerator.wait_for_everyone()
     if run.main:
         ledger = _ledger(loaded, setup)
@@ -863,14 +861,25 @@ def _stereotypes(run: _Run, loaded: _Loaded) -> dict[str, Any]:
     return measured
 
 
-def _forgetting(run: _Run, loaded: _Loaded) -> dict[str, Any]:
-    """The fine-tuned encoder against the pretrained one (loaded afresh from its pinned files) on
-    general sentences (hubtune.forgetting)."""
-    from transformers import AutoModel
+FORGETTING_TASKS = ("text-classification", "text-generation")
 
-    from hubtune.forgetting import measure_forgetting
+
+def _forgetting(run: _Run, loaded: _Loaded) -> dict[str, Any]:
+    """The fine-tuned model against the pretrained one (loaded afresh from its pinned files) on
+    general sentences (hubtune.forgetting): encoders' similarities, or language models'
+    perplexity."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from hubtune.forgetting import measure_forgetting, measure_lm_forgetting
 
     device = run.accelerator.device
+    if not loaded.task.has_labels:
+        base = _fresh_base(AutoModelForCausalLM, run, loaded)
+        measured = measure_lm_forgetting(
+            base=base, fine_tuned=loaded.plan.model, tokenizer=loaded.processor, device=device
+        )
+        del base
+        return measured
     base = _fresh_base(AutoModel, run, loaded)
     measured = measure_forgetting(
         base=base,

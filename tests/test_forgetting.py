@@ -208,3 +208,29 @@ def test_random_init_reads_only_the_architecture(tiny_bert: Path) -> None:
         assert torch.equal(tensor, dict(second.named_parameters())[name])  # seeded
         if name in matrices and not name.startswith("classifier"):
             assert not torch.equal(tensor, matrices[name]), name
+
+
+def test_language_model_perplexity_is_transformers_own_loss(tiny_gpt2_lm: Path) -> None:
+    """perplexity(): exp of the token-weighted mean of transformers' own next-token loss over
+    [bos] tokens [eos] encodings; identical models give a ratio of exactly 1."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hubtune.forgetting import measure_lm_forgetting, perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_lm).eval()
+    sentences = ["The cat slept in the sun.", "Rain is expected tomorrow afternoon."]
+    total, count = 0.0, 0
+    for sentence in sentences:
+        ids = [tokenizer.bos_token_id, *tokenizer(sentence)["input_ids"], tokenizer.eos_token_id]
+        batch = torch.tensor([ids])
+        with torch.no_grad():
+            total += float(model(input_ids=batch, labels=batch).loss) * (len(ids) - 1)
+        count += len(ids) - 1
+    assert perplexity(model, tokenizer, sentences, device="cpu") == pytest.approx(
+        math.exp(total / count), rel=1e-6
+    )
+    same = measure_lm_forgetting(base=model, fine_tuned=model, tokenizer=tokenizer, device="cpu")
+    assert same["ratio"] == 1.0 and same["sentences"] == 120

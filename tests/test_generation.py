@@ -212,6 +212,20 @@ def test_a_language_model_trains_and_writes_its_run(
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     again = tg.generate_samples(saved, tok, ["I think that"], device="cpu")
     assert again[0] == samples[1]
+    # The forgetting check: general sentences' perplexity under the base and the saved model.
+    from hubtune.forgetting import perplexity, reference_sentences
+
+    forgetting = json.loads((result.run_dir / "forgetting.json").read_text())
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    sentences, _ = reference_sentences()
+    assert forgetting["perplexity"]["before"] == pytest.approx(
+        perplexity(base, tok, sentences, device="cpu"), rel=1e-6
+    )
+    assert forgetting["perplexity"]["after"] == pytest.approx(
+        perplexity(saved, tok, sentences, device="cpu"), rel=1e-4
+    )
+    assert result.metrics["forgetting"]["ratio"] == pytest.approx(forgetting["ratio"])
+    assert "forgetting: perplexity of general sentences" in summary
 
 
 def tg_vocab(model_dir: Path) -> int:
