@@ -247,6 +247,40 @@ def _copy_weights(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link)
 
 
+def _write_mitigated_run(
+    run_dir: Path,
+    out: Path,
+    *,
+    run_info: dict[str, Any],
+    predictions: Predictions,
+    postprocess: dict[str, Any],
+    record: dict[str, Any],
+) -> None:
+    """The new run folder, atomically: the original's weights (hard links) and kept files, the
+    post-processed predictions, the rule, metrics and run.json (last: a complete run)."""
+    after_summary = record["test"]["after"]
+    with atomic_dir(out) as tmp:
+        for name in _KEPT:
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, tmp / name)
+        for weights in ("model", "adapter"):
+            if (run_dir / weights).is_dir():
+                _copy_weights(run_dir / weights, tmp / weights)
+        write_predictions(tmp, predictions)
+        atomic_write_json(tmp / POSTPROCESS_FILE, postprocess)
+        metrics = read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).exists() else {}
+        metrics["before_postprocessing"] = {"test": dict(metrics.get("test") or {})}
+        metrics["test"] = {**(metrics.get("test") or {}), **after_summary}
+        atomic_write_json(tmp / METRICS_FILE, metrics)
+        info = dict(run_info)
+        info.pop("audit", None)
+        info["name"] = out.name
+        info["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        info["test"] = {**(info.get("test") or {}), **after_summary}
+        info["postprocessing"] = record
+        atomic_write_json(tmp / RUN_FILE, info)  # last: a complete run
+
+
 def mitigate_threshold(
     *,
     run_dir: Path,
@@ -432,47 +466,27 @@ def mitigate_threshold(
             "guarantee does not cover (as for the choice of the kept epoch)"
         )
 
-    with atomic_dir(out) as tmp:
-        for name in _KEPT:
-            if (run_dir / name).exists():
-                shutil.copy2(run_dir / name, tmp / name)
-        for weights in ("model", "adapter"):
-            if (run_dir / weights).is_dir():
-                _copy_weights(run_dir / weights, tmp / weights)
-        write_predictions(
-            tmp,
-            Predictions(
-                after,
-                label_names=test.label_names,
-                sensitive_columns=test.sensitive_columns,
-            ),
-        )
-        atomic_write_json(
-            tmp / POSTPROCESS_FILE,
-            {
-                "format": "hubtune.postprocess/1",
-                "how": "P(predict positive_label) = p0*[score op0 threshold0] + p1*[score op1 "
-                "threshold1] for the input's group, score = the model's probability of "
-                "positive_label; draw the prediction from that probability",
-                "positive_label": test.label_names[positive],
-                "sensitive": sensitive,
-                "group_separator": " × ",
-                "missing_label": loaded.missing_label,
-                "constraint": constraint,
-                "rule": rule,
-            },
-        )
-        metrics = read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).exists() else {}
-        metrics["before_postprocessing"] = {"test": dict(metrics.get("test") or {})}
-        metrics["test"] = {**(metrics.get("test") or {}), **after_summary}
-        atomic_write_json(tmp / METRICS_FILE, metrics)
-        info = dict(run_info)
-        info.pop("audit", None)
-        info["name"] = out.name
-        info["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        info["test"] = {**(info.get("test") or {}), **after_summary}
-        info["postprocessing"] = record
-        atomic_write_json(tmp / RUN_FILE, info)  # last: a complete run
+    _write_mitigated_run(
+        run_dir,
+        out,
+        run_info=run_info,
+        predictions=Predictions(
+            after, label_names=test.label_names, sensitive_columns=test.sensitive_columns
+        ),
+        postprocess={
+            "format": "hubtune.postprocess/1",
+            "how": "P(predict positive_label) = p0*[score op0 threshold0] + p1*[score op1 "
+            "threshold1] for the input's group, score = the model's probability of "
+            "positive_label; draw the prediction from that probability",
+            "positive_label": test.label_names[positive],
+            "sensitive": sensitive,
+            "group_separator": " × ",
+            "missing_label": loaded.missing_label,
+            "constraint": constraint,
+            "rule": rule,
+        },
+        record=record,
+    )
     return record
 
 
