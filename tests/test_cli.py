@@ -132,6 +132,7 @@ def test_accelerate_launch_two_cpu_processes(
         "adapter",
         "audit",
         "checkpoints",
+        "forgetting.json",
         "logs",
         "membership_scores.parquet",
         "metrics.json",
