@@ -190,12 +190,7 @@ def record_scratch_baseline(recipe: Recipe, scratch: Path) -> dict[str, Any]:
             f"negative-transfer check: {scratch} was tested on other rows than {recipe.run_dir}; "
             "delete it and run again"
         )
-    scratch_recipe = (
-        yaml.safe_load((scratch / TWIN_SOURCE).read_text())
-        if (scratch / TWIN_SOURCE).exists()
-        else {}
-    )
-    epochs = ((scratch_recipe or {}).get("train") or {}).get("epochs", recipe.train.epochs)
+    epochs = recipe.checks.scratch_epochs or recipe.train.epochs  # as scratch_twin trains
     labels = ours.frame["label_id"].to_numpy()
     record = {
         "name": f"same architecture from random initialisation (full fine-tuning, lr "
